@@ -1,0 +1,133 @@
+"""BERT WordPiece tokenisation through the Rust `tokenizers` library, with character offsets.
+
+Reads either an HF `tokenizer.json` or a Google/NVIDIA `vocab.txt` (plus a lower-case flag). No torch here:
+the SQuAD pipeline imports this module and stays torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import decoders as tk_decoders
+from tokenizers.models import WordPiece
+
+SPECIAL_TOKENS = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+
+
+class BertTokenizer:
+    """A WordPiece tokenizer that never truncates or pads on its own (the SQuAD windows do that)."""
+
+    def __init__(self, backend: Tokenizer, do_lower_case: bool = True):
+        backend.no_truncation()
+        backend.no_padding()
+        self.backend = backend
+        self.do_lower_case = do_lower_case
+        vocab = backend.get_vocab()
+        missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer vocabulary lacks the special tokens {missing}")
+        self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
+        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
+        self.vocab_size = backend.get_vocab_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of everything that decides token ids and offsets (used as a cache key)."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+
+    def tokenize(self, texts: list[str]):
+        """Encode many texts in parallel, without special tokens: a list of `tokenizers.Encoding`
+        (`.ids`, `.offsets` as (start, end) character positions into the original text)."""
+        return self.backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def encode_pair(self, question: str, context: str) -> dict:
+        """`[CLS] question [SEP] context [SEP]` with token type ids and character offsets
+        (offsets index into the question for segment 0 and into the context for segment 1)."""
+        enc = self.backend.encode(question, context, add_special_tokens=True)
+        return {"input_ids": enc.ids, "token_type_ids": enc.type_ids, "offsets": enc.offsets}
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the HF tokenizer files (`tokenizer.json`, `vocab.txt`, configs) into `directory`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        vocab = sorted(self.backend.get_vocab().items(), key=lambda kv: kv[1])
+        (d / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
+                  "model_max_length": 512, **SPECIAL_TOKENS}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+
+
+def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
+    vocab: dict[str, int] = {}
+    with open(vocab_file, encoding="utf-8") as f:
+        for line in f:
+            token = line.rstrip("\n")
+            if token and token not in vocab:
+                vocab[token] = len(vocab)
+    if not vocab:
+        raise ValueError(f"{vocab_file}: empty vocabulary")
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    # Google's BasicTokenizer: clean text, split CJK characters, lower-case and strip accents when uncased.
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls_id, sep_id = vocab.get("[CLS]"), vocab.get("[SEP]")
+    if cls_id is None or sep_id is None:
+        raise ValueError(f"{vocab_file}: vocabulary lacks [CLS] or [SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tok.decoder = tk_decoders.WordPiece(prefix="##")
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
+    """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`.
+
+    `do_lower_case` applies to `vocab.txt` only; by default it is read from `tokenizer_config.json`
+    when present, else guessed from the name ("cased" and not "uncased" means cased), else True.
+    """
+    p = Path(path)
+    if p.is_dir():
+        json_file, vocab_file = p / "tokenizer.json", p / "vocab.txt"
+        config_file = p / "tokenizer_config.json"
+    elif p.is_file():
+        json_file = p if p.suffix == ".json" else None
+        vocab_file = None if json_file else p
+        config_file = p.parent / "tokenizer_config.json"
+    else:
+        raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
+    if do_lower_case is None and config_file.is_file():
+        do_lower_case = json.loads(config_file.read_text()).get("do_lower_case")
+    if json_file is not None and json_file.is_file():
+        try:
+            backend = Tokenizer.from_file(str(json_file))
+        except Exception as e:  # the Rust error is long; keep the first line
+            raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+        norm = json.loads(backend.to_str()).get("normalizer") or {}
+        lower = norm.get("lowercase", True if do_lower_case is None else do_lower_case)
+        return BertTokenizer(backend, do_lower_case=bool(lower))
+    if vocab_file is not None and vocab_file.is_file():
+        if do_lower_case is None:
+            name = str(p).lower()
+            do_lower_case = not ("cased" in name and "uncased" not in name)
+        return BertTokenizer(_from_vocab(vocab_file, do_lower_case), do_lower_case=do_lower_case)
+    raise FileNotFoundError(f"{p}: no tokenizer.json or vocab.txt found")
