@@ -66,8 +66,12 @@ class BertTokenizer:
         self.backend.save(str(d / "tokenizer.json"))
         vocab = sorted(self.backend.get_vocab().items(), key=lambda kv: kv[1])
         (d / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
-        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
-                  "model_max_length": 512, **SPECIAL_TOKENS}
+        config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": self.do_lower_case,
+            "model_max_length": 512,
+            **SPECIAL_TOKENS,
+        }
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
 

@@ -1,0 +1,244 @@
+"""Load and save BERT question-answering weights: HF folders and NVIDIA DeepLearningExamples `.pt` files.
+
+Loading is strict. The QA head is the only thing allowed to be missing (a pretrained encoder gets a fresh
+head); weights the QA model has no use for (pooler, pretraining heads) are dropped with a note; every other
+missing, unexpected or mis-shaped key is an error that lists them, grouped by layer.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import BertConfig
+from .model import BertForQuestionAnswering
+
+# Key renames from other layouts to ours, applied in order (converters as data).
+KEY_RENAMES = [
+    (r"^module\.", ""),  # saved from a DDP-wrapped model
+    (r"^_orig_mod\.", ""),  # saved from a torch.compile'd model
+    (r"^(embeddings|encoder|pooler)\.", r"bert.\1."),  # BertModel weights without the `bert.` prefix
+    (r"\.dense_act\.", ".dense."),  # NVIDIA fuses bias+GELU in `LinearActivation` named dense_act
+    (r"\.gamma$", ".weight"),  # LayerNorm names of checkpoints converted from TensorFlow
+    (r"\.beta$", ".bias"),
+]
+# Keys present in BERT checkpoints that question answering does not use: dropped with a one-line note.
+UNUSED = re.compile(r"^(bert\.pooler\.|cls\.)")
+# Buffers some HF versions save; they are recomputed, not learned.
+BUFFERS = re.compile(r"^bert\.embeddings\.(position_ids|token_type_ids)$")
+QA_HEAD = {"qa_outputs.weight", "qa_outputs.bias"}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILES = ("config.json", "bert_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def _rename(key: str) -> str:
+    for pattern, repl in KEY_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _group(keys) -> list[str]:
+    """Collapse `encoder.layer.<i>.` into one line per parameter name, with the layer indices."""
+    groups = defaultdict(list)
+    for k in keys:
+        m = re.match(r"^(.*\.layer\.)(\d+)(\..*)$", k)
+        if m:
+            groups[m.group(1) + "{}" + m.group(3)].append(int(m.group(2)))
+        else:
+            groups[k] = []
+    lines = []
+    for name, layers in sorted(groups.items()):
+        if layers:
+            layers.sort()
+            if len(layers) == 1:
+                span = str(layers[0])
+            elif layers == list(range(layers[0], layers[-1] + 1)):
+                span = f"{layers[0]}-{layers[-1]}"
+            else:
+                span = ",".join(map(str, layers))
+            name = name.format(span) + (f" ({len(layers)} layers)" if len(layers) > 1 else "")
+        lines.append(name)
+    return lines
+
+
+def _read_pickle(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path}: this checkpoint holds pickled Python objects beyond tensors; loading it can run code. "
+                "If you trust its source, pass trust_pickle=True (CLI: --trust-pickle)"
+            ) from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first})"
+        ) from None
+
+
+def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    else:
+        sd = _read_pickle(path, trust_pickle)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]  # NVIDIA: {"model", "optimizer", "grad_scaler", "epoch", ...}
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (nor a dict with a 'model' state dict)")
+    return sd
+
+
+def _find(path: Path, config) -> tuple[Path, BertConfig]:
+    """Resolve (weights file, config) from a folder or a file plus an optional config/path."""
+    if path.is_dir():
+        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder")
+        folder = path
+    elif path.is_file():
+        weights, folder = path, path.parent
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if config is None:
+        config = next((folder / f for f in CONFIG_FILES if (folder / f).is_file()), None)
+        if config is None:
+            raise CheckpointError(
+                f"{path}: no {' or '.join(CONFIG_FILES)} beside the weights; pass config= (CLI: --config)"
+            )
+    if isinstance(config, str) and config in ("base", "large"):
+        config = BertConfig.preset(config)
+    elif not isinstance(config, BertConfig):
+        config = BertConfig.from_json(config)
+    return weights, config
+
+
+def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str = "checkpoint"):
+    """Rename `sd` into our keys and check it against `expected` (name -> tensor).
+
+    Returns (state_dict, notes, missing_qa_head). Raises CheckpointError listing every problem.
+    """
+    out, dropped = {}, []
+    for k, v in sd.items():
+        k = _rename(k)
+        if BUFFERS.match(k):
+            continue
+        if UNUSED.match(k):
+            dropped.append(k)
+            continue
+        out[k] = v
+    notes = []
+    word = "bert.embeddings.word_embeddings.weight"
+    if word in out and word in expected:
+        rows, want = out[word].shape[0], expected[word].shape[0]
+        # NVIDIA pads the vocabulary to a multiple of 8 rows for tensor cores (30522 -> 30528).
+        if rows > want and rows == -(-want // 8) * 8:
+            out[word] = out[word][:want]
+            notes.append(f"word embedding padded to {rows} rows, sliced back to the vocabulary's {want}")
+    if dropped:
+        prefixes = sorted({".".join(k.split(".")[:2]) for k in dropped})
+        notes.append(f"dropped {len(dropped)} weights question answering does not use ({', '.join(prefixes)})")
+    missing = sorted(set(expected) - set(out))
+    unexpected = sorted(set(out) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(out) & set(expected)
+        if out[k].shape != expected[k].shape
+    )
+    missing_head = QA_HEAD.issubset(missing)
+    if missing_head:
+        missing = [k for k in missing if k not in QA_HEAD]
+    problems = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            lines = _group(keys) if title != "mis-shaped" else keys
+            shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+            problems.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match the BERT model of its config "
+            f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}):\n  "
+            + "\n  ".join(problems)
+        )
+    return out, notes, missing_head
+
+
+def load_model(
+    path: str | os.PathLike,
+    config: BertConfig | str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    attn_implementation: str = "sdpa",
+    verbose: bool = True,
+) -> BertForQuestionAnswering:
+    """Load a `BertForQuestionAnswering` from an HF folder, a safetensors/bin file or an NVIDIA `.pt`.
+
+    `config` is a BertConfig, a path to a config.json, or a preset name; by default the `config.json` or
+    `bert_config.json` beside the weights.
+    """
+    weights, config = _find(Path(path), config)
+    sd = read_state_dict(weights, trust_pickle)
+    with torch.device("meta"):
+        expected = BertForQuestionAnswering(config, attn_implementation).state_dict()
+    sd, notes, missing_head = convert_state_dict(sd, config, expected, source=str(weights))
+    model = BertForQuestionAnswering(config, attn_implementation)
+    if missing_head:
+        notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
+    model.load_state_dict(sd, strict=not missing_head)
+    if verbose:
+        for note in notes:
+            print(f"bertqa: {weights.name}: {note}")
+    return model.to(device)
+
+
+def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:
+    """The plain model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None):
+    """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
+    that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling and
+    renamed into place, so an existing folder is replaced whole or not at all."""
+    model = _unwrap(model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.config.to_json(tmp / "config.json")
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

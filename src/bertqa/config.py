@@ -1,0 +1,74 @@
+"""BertConfig: the architecture, read from and written to HuggingFace `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # uncased WordPiece vocabulary of Google's BERT release
+    hidden_size: int = 768  # width of every token vector
+    num_hidden_layers: int = 12  # transformer blocks
+    num_attention_heads: int = 12  # heads per block; hidden_size must divide by it
+    intermediate_size: int = 3072  # feed-forward width
+    hidden_act: str = "gelu"  # "gelu" = erf form (HF, Google); "gelu_new"/"gelu_tanh" = tanh form (NVIDIA)
+    hidden_dropout_prob: float = 0.1  # dropout after embeddings, attention output and feed-forward
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
+    max_position_embeddings: int = 512  # longest sequence the position table covers
+    type_vocab_size: int = 2  # segment ids (question = 0, context = 1)
+    layer_norm_eps: float = 1e-12  # as in Google's BERT
+    initializer_range: float = 0.02  # std of the normal init of fresh weights (the QA head)
+    pad_token_id: int = 0
+    # Keys of the source config.json we do not model but write back unchanged.
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+
+    @classmethod
+    def preset(cls, name: str) -> BertConfig:
+        """`base` or `large`: the BERT paper's sizes, as in the seed recipe's table."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config must be a JSON object")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**self.extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+PRESETS = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}

