@@ -1,0 +1,189 @@
+"""Read and validate SQuAD v1.1 / v2.0 JSON files into `Example`s.
+
+Every problem with a file is a `SquadFormatError` whose message is one line naming the file, where in it
+(question id, or article/paragraph index when the id itself is unusable) and what is wrong, so that a
+user can fix the file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertqa.squad.download import download_squad  # noqa: F401  (re-exported: "squad data" includes getting it)
+
+log = logging.getLogger(__name__)
+
+# How far (in characters, either side) a training answer may be from its stated `answer_start` and still
+# be re-anchored to its closest occurrence. Offsets in hand-edited or converted SQuAD files are typically
+# off by a few characters (whitespace or markup removed before the answer); a larger shift more likely
+# points at a different mention of the same words, which would teach the wrong span.
+REALIGN_WINDOW = 64
+
+
+class SquadFormatError(ValueError):
+    """A SQuAD file that cannot be read as SQuAD (the message is one line)."""
+
+
+@dataclass
+class Example:
+    """One question about one context.
+
+    For evaluation `answers` holds every gold answer text (the official scripts take the max over them);
+    for training only the first answer is kept, re-anchored to the context, since it is the only label.
+    """
+
+    qid: str
+    question: str
+    context: str
+    answers: list[str]
+    answer_starts: list[int]
+    is_impossible: bool = False
+    title: str = ""
+    plausible_answers: list[str] = field(default_factory=list)  # v2.0 only: what annotators half-found
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    """Parse a JSON file, turning every way it can fail into a one-line error naming the file."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file") from None
+    except OSError as e:
+        raise SquadFormatError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise SquadFormatError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+
+
+def is_squad_v2(path_or_json) -> bool:
+    """True for a SQuAD v2.0 file: its version says so or any question carries `is_impossible`."""
+    doc = path_or_json if isinstance(path_or_json, dict) else load_json(path_or_json)
+    if str(doc.get("version", "")).lstrip("v").startswith("2"):
+        return True
+    for article in doc.get("data") or []:
+        for paragraph in (article or {}).get("paragraphs") or []:
+            for qa in (paragraph or {}).get("qas") or []:
+                if isinstance(qa, dict) and "is_impossible" in qa:
+                    return True
+    return False
+
+
+# Users read JSON, so name JSON's types rather than Python's.
+_JSON_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+def _expect(value, kind: type, what: str, where: str, path):
+    """Type check one field; a JSON true/false is never accepted as a number."""
+    if value is None:
+        raise SquadFormatError(f"{path}: {where}: '{what}' is missing")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SquadFormatError(
+            f"{path}: {where}: '{what}' must be a JSON {_JSON_TYPE[kind]}, "
+            f"not {_JSON_TYPE.get(type(value), type(value).__name__)}"
+        )
+    return value
+
+
+def _realign(context: str, text: str, start: int) -> int | None:
+    """Position of `text` in `context` closest to `start` (within REALIGN_WINDOW), or None."""
+    lo = max(0, start - REALIGN_WINDOW)
+    hi = min(len(context), start + len(text) + REALIGN_WINDOW)
+    best = None
+    pos = context.find(text, lo, hi)
+    while pos != -1:
+        if best is None or abs(pos - start) < abs(best - start):
+            best = pos
+        pos = context.find(text, pos + 1, hi)
+    return best
+
+
+def _read_answers(qa: dict, key: str, where: str, path) -> tuple[list[str], list[int]]:
+    answers = qa.get(key, [])
+    _expect(answers, list, key, where, path)
+    texts, starts = [], []
+    for j, ans in enumerate(answers):
+        _expect(ans, dict, f"{key}[{j}]", where, path)
+        texts.append(_expect(ans.get("text"), str, f"{key}[{j}].text", where, path))
+        starts.append(_expect(ans.get("answer_start"), int, f"{key}[{j}].answer_start", where, path))
+    return texts, starts
+
+
+def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None = None) -> list[Example]:
+    """Read a SQuAD v1.1 or v2.0 file.
+
+    Training: the first answer is the label; when its text is not at `answer_start` it is moved to the
+    closest occurrence nearby, else the question is skipped (counted, and logged once with the first ids).
+    Evaluation never drops or edits a question: the official metrics only look at answer texts.
+    `report`, when given, is filled with counts: questions, realigned, skipped, skipped_ids.
+    """
+    return parse_squad(load_json(path), path, is_training, report)
+
+
+def parse_squad(doc, path, is_training: bool, report: dict | None = None) -> list[Example]:
+    """`read_squad` on an already parsed JSON document (`path` only names it in errors)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
+    examples: list[Example] = []
+    seen: set[str] = set()
+    realigned, skipped = 0, []
+    for a, article in enumerate(doc["data"]):
+        where = f"article {a}"
+        _expect(article, dict, "data[]", where, path)
+        title = article.get("title", "")
+        _expect(title, str, "title", where, path)
+        _expect(article.get("paragraphs"), list, "paragraphs", where, path)
+        for p, paragraph in enumerate(article["paragraphs"]):
+            where = f"article {a} paragraph {p}"
+            _expect(paragraph, dict, "paragraphs[]", where, path)
+            context = _expect(paragraph.get("context"), str, "context", where, path)
+            _expect(paragraph.get("qas"), list, "qas", where, path)
+            for q, qa in enumerate(paragraph["qas"]):
+                where = f"article {a} paragraph {p} question {q}"
+                _expect(qa, dict, "qas[]", where, path)
+                qid = _expect(qa.get("id"), str, "id", where, path)
+                where = f"question id {qid!r}"
+                if qid in seen:
+                    raise SquadFormatError(f"{path}: {where}: duplicate question id")
+                seen.add(qid)
+                question = _expect(qa.get("question"), str, "question", where, path)
+                impossible = _expect(qa.get("is_impossible", False), bool, "is_impossible", where, path)
+                texts, starts = _read_answers(qa, "answers", where, path)
+                plausible, _ = _read_answers(qa, "plausible_answers", where, path)
+                if impossible and texts:
+                    raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
+                if not impossible and not texts:
+                    raise SquadFormatError(f"{path}: {where}: no answers and not marked is_impossible")
+                if is_training and not impossible:
+                    text, start = texts[0], starts[0]
+                    if not text.strip():
+                        skipped.append(qid)
+                        continue
+                    if start < 0 or context[start : start + len(text)] != text:  # (a negative start would wrap)
+                        start = _realign(context, text, start)
+                        if start is None:
+                            skipped.append(qid)
+                            continue
+                        realigned += 1
+                    texts, starts = [text], [start]
+                examples.append(Example(qid, question, context, texts, starts, impossible, title, plausible))
+    if skipped:
+        log.warning(
+            "%s: skipped %d of %d training questions whose answer is blank or not in the context near answer_start "
+            "(first ids: %s)",
+            path,
+            len(skipped),
+            len(seen),
+            ", ".join(skipped[:5]),
+        )
+    if report is not None:
+        report.update(questions=len(seen), realigned=realigned, skipped=len(skipped), skipped_ids=skipped)
+    return examples

@@ -1,0 +1,297 @@
+"""SQuAD examples -> fixed-length model windows, the way Google's and NVIDIA's `run_squad.py` build them.
+
+Each window is `[CLS] question [SEP] context window [SEP] [PAD]...`: the question truncated to
+`max_query_length` tokens, then as much of the context as fits in `max_seq_length`, windows starting every
+`doc_stride` context tokens until one reaches the end of the context. A context token seen by several
+windows is "max-context" in the one where it has the most tokens on its shorter side; post-processing
+only accepts answer starts there.
+
+Tokenisation is one batched call into the Rust `tokenizers` library (each distinct context once, every
+question once); the windows are then numpy slicing, never a Python loop over characters or tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from bertqa.squad.data import Example
+from bertqa.squad.download import sha256_file
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout or the meaning of any array changes, so older caches are never read.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Features:
+    """N windows of length L = max_seq_length, as numpy arrays (row i of every array is window i)."""
+
+    input_ids: np.ndarray  # (N, L) int32, padded with the tokenizer's [PAD] id
+    token_type_ids: np.ndarray  # (N, L) int8: 1 on the context window and its closing [SEP]
+    lengths: np.ndarray  # (N,) int32 real tokens; the attention mask is arange(L) < lengths[:, None]
+    start_positions: np.ndarray  # (N,) int32 answer start token; 0 ([CLS]) if not wholly in this window
+    end_positions: np.ndarray  # (N,) int32 answer end token (inclusive); 0 likewise
+    example_index: np.ndarray  # (N,) int32 index of the window's example in the list given to featurize
+    offsets: np.ndarray  # (N, L, 2) int32 [start, end) characters in the context; -1 off the context
+    max_context: np.ndarray  # (N, L) bool: context tokens for which this window gives the most context
+    params: dict = field(default_factory=dict)
+
+    ARRAYS = ("input_ids", "token_type_ids", "lengths", "start_positions", "end_positions",
+              "example_index", "offsets", "max_context")  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def attention_mask(self) -> np.ndarray:
+        return np.arange(self.max_seq_length) < self.lengths[:, None]  # (N, L) bool
+
+    def select(self, indices) -> Features:
+        """A subset of the windows (example_index still refers to the original examples)."""
+        return Features(**{name: getattr(self, name)[indices] for name in self.ARRAYS}, params=self.params)
+
+
+def _check_params(max_seq_length, doc_stride, max_query_length) -> None:
+    for name, value in (("max_seq_length", max_seq_length), ("doc_stride", doc_stride),
+                        ("max_query_length", max_query_length)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    shortest = max_seq_length - max_query_length - 3  # [CLS], [SEP], [SEP]
+    if shortest < 1:
+        raise ValueError(
+            f"max_seq_length {max_seq_length} leaves no room for context after a {max_query_length}-token "
+            f"question and 3 special tokens"
+        )
+    if doc_stride > shortest:
+        raise ValueError(
+            f"doc_stride {doc_stride} is longer than the shortest context window ({shortest} = max_seq_length "
+            f"- max_query_length - 3): windows would leave context tokens unseen"
+        )
+
+
+def _pointers(lengths) -> np.ndarray:
+    """Start of each segment in a concatenation, plus the total: ptr[i]:ptr[i+1] is segment i."""
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def _concat(encodings, with_offsets: bool = False):
+    """Segment pointers, token ids and (optionally) (n, 2) character offsets of many encodings, as flat
+    int32 arrays built straight from the Python lists without a per-token loop."""
+    ptr = _pointers([len(e) for e in encodings])
+    n = int(ptr[-1])
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int32, n)
+    if not with_offsets:
+        return ptr, ids
+    pairs = chain.from_iterable(chain.from_iterable(e.offsets for e in encodings))
+    return ptr, ids, np.fromiter(pairs, np.int32, 2 * n).reshape(n, 2)
+
+
+def featurize(
+    examples: list[Example],
+    tokenizer,
+    max_seq_length: int = 384,
+    doc_stride: int = 128,
+    max_query_length: int = 64,
+    is_training: bool = False,
+) -> Features:
+    """Windows for every example (see the module docstring). Labels come from each example's first
+    answer whenever it has one, so evaluation windows carry labels too (for an evaluation loss);
+    `is_training` additionally insists that every answerable example has an answer."""
+    _check_params(max_seq_length, doc_stride, max_query_length)
+    L, stride = int(max_seq_length), int(doc_stride)
+    t0 = time.perf_counter()
+
+    # Many questions share a context (about 5 in SQuAD): tokenise each distinct context once, and all
+    # contexts and questions in a single batch so the Rust side runs them in parallel.
+    context_id: dict[str, int] = {}
+    ctx_of_ex = np.array([context_id.setdefault(ex.context, len(context_id)) for ex in examples], np.int64)
+    encodings = tokenizer.tokenize(list(context_id) + [ex.question for ex in examples])
+    n_ctx = len(context_id)
+    ctx_ptr, ctx_ids, ctx_offsets = _concat(encodings[:n_ctx], with_offsets=True)
+    q_ptr, q_ids = _concat(encodings[n_ctx:])
+
+    # Per example: question length after truncation, context length T, window length W and count K.
+    # Windows start at 0, stride, 2*stride, ... and stop at the first that reaches the end (as Google's).
+    n_ex = len(examples)
+    q_len = np.minimum(np.diff(q_ptr), max_query_length)
+    T = np.diff(ctx_ptr)[ctx_of_ex]
+    W = L - q_len - 3
+    K = 1 + np.maximum(0, -(-(T - W) // stride))  # ceil division; an empty context still gets one window
+
+    # Per window (row): its example, position among the example's windows, and its context slice.
+    ex_of_row = np.repeat(np.arange(n_ex), K)
+    first_row = _pointers(K)[:-1]
+    win_start = (np.arange(len(ex_of_row)) - first_row[ex_of_row]) * stride
+    win_len = np.minimum(W[ex_of_row], T[ex_of_row] - win_start)
+    c0 = q_len[ex_of_row] + 2  # first context column, after [CLS] question [SEP]
+    lengths = c0 + win_len + 1
+    N = len(ex_of_row)
+
+    input_ids = np.full((N, L), tokenizer.pad_id, np.int32)
+    offsets = np.full((N, L, 2), -1, np.int32)
+    input_ids[:, 0] = tokenizer.cls_id
+    rows = np.arange(N)
+    input_ids[rows, c0 - 1] = tokenizer.sep_id
+    input_ids[rows, lengths - 1] = tokenizer.sep_id
+    cs = ctx_ptr[ctx_of_ex][ex_of_row] + win_start  # window start in the flat context arrays
+    qs = q_ptr[:-1][ex_of_row]
+    for i, (q, a, n, c) in enumerate(zip(c0 - 2, cs, win_len, c0, strict=True)):
+        input_ids[i, 1 : q + 1] = q_ids[qs[i] : qs[i] + q]
+        input_ids[i, c : c + n] = ctx_ids[a : a + n]
+        offsets[i, c : c + n] = ctx_offsets[a : a + n]
+    col = np.arange(L)
+    in_window = (col >= c0[:, None]) & (col < (c0 + win_len)[:, None])  # (N, L) context columns
+    token_type_ids = (in_window | (col == (lengths - 1)[:, None])).astype(np.int8)
+
+    # Max context: a context token in one window has it trivially; fix up examples with several windows.
+    max_context = in_window.copy()
+    for e in np.flatnonzero(K > 1):
+        r = slice(first_row[e], first_row[e] + K[e])
+        _max_context_rows(max_context[r], win_start[r], win_len[r], c0[r], int(T[e]))
+
+    start_positions, end_positions = _labels(
+        examples, ctx_of_ex, ctx_ptr, ctx_offsets, ex_of_row, win_start, win_len, c0, is_training
+    )
+    params = {"max_seq_length": L, "doc_stride": stride, "max_query_length": int(max_query_length),
+              "is_training": bool(is_training), "tokenizer": tokenizer.fingerprint}  # fmt: skip
+    log.info("featurised %d examples into %d windows in %.2f s", n_ex, N, time.perf_counter() - t0)
+    return Features(
+        input_ids=input_ids,
+        token_type_ids=token_type_ids,
+        lengths=lengths.astype(np.int32),
+        start_positions=start_positions,
+        end_positions=end_positions,
+        example_index=ex_of_row.astype(np.int32),
+        offsets=offsets,
+        max_context=max_context,
+        params=params,
+    )
+
+
+def _max_context_rows(mask: np.ndarray, starts, lens, c0, T: int) -> None:
+    """Keep, for each context token, only the window maximising min(left, right) + 0.01 * window length
+    (Google's `_check_is_max_context`; the first window wins a tie, as np.argmax does)."""
+    p = np.arange(T)
+    left = p[None, :] - starts[:, None]  # (K, T) tokens before p in each window
+    right = (starts + lens - 1)[:, None] - p[None, :]  # (K, T) tokens after p
+    score = np.where((left >= 0) & (right >= 0), np.minimum(left, right) + 0.01 * lens[:, None], -np.inf)
+    best = np.argmax(score, axis=0)  # (T,)
+    for k in range(len(starts)):
+        s, n, c = starts[k], lens[k], c0[k]
+        mask[k, c : c + n] = best[s : s + n] == k
+
+
+def _labels(examples, ctx_of_ex, ctx_ptr, ctx_offsets, ex_of_row, win_start, win_len, c0, is_training):
+    """Start/end token of the first answer in each window: the smallest run of context tokens touching
+    the answer's characters [a, b), i.e. from the first token ending after a to the last starting before
+    b. Windows that do not hold the whole run, and impossible questions, point at [CLS] (0)."""
+    n_ex = len(examples)
+    answerable = np.zeros(n_ex, bool)
+    a = np.zeros(n_ex, np.int64)
+    b = np.zeros(n_ex, np.int64)
+    for i, ex in enumerate(examples):
+        if ex.is_impossible:
+            continue
+        text, start = (ex.answers[0], ex.answer_starts[0]) if ex.answers else ("", -1)
+        # Evaluation files may carry answer_starts that do not point at the text (the official metric
+        # never looks at them): such windows just get no label. Training labels must be right.
+        if start >= 0 and ex.context[start : start + len(text)] == text:
+            answerable[i], a[i], b[i] = True, start, start + len(text)
+        elif is_training:
+            raise ValueError(f"question id {ex.qid!r}: the first answer is not in the context at answer_start")
+    # One searchsorted over all contexts at once: key = context id * M + character position, which is
+    # sorted because each context's token offsets are non-decreasing and contexts follow each other.
+    M = max((len(ex.context) for ex in examples), default=0) + 1
+    tok_ctx = np.repeat(np.arange(len(ctx_ptr) - 1), np.diff(ctx_ptr))
+    base = ctx_of_ex * M
+    first = np.searchsorted(tok_ctx * M + ctx_offsets[:, 1], base + a, side="right")
+    last = np.searchsorted(tok_ctx * M + ctx_offsets[:, 0], base + b, side="left") - 1
+    first -= ctx_ptr[ctx_of_ex]  # local token index within the context
+    last -= ctx_ptr[ctx_of_ex]
+    answerable &= first <= last  # an answer of only whitespace has no token
+
+    s, e = first[ex_of_row], last[ex_of_row]
+    inside = answerable[ex_of_row] & (s >= win_start) & (e < win_start + win_len)
+    start = np.where(inside, s - win_start + c0, 0).astype(np.int32)
+    end = np.where(inside, e - win_start + c0, 0).astype(np.int32)
+    return start, end
+
+
+# ---- on-disk cache
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(featurize).parameters.items() if p.default is not p.empty}
+
+
+def _cache_key(data_path, examples, tokenizer, params: dict) -> str:
+    """Everything the features depend on: the data file's bytes, which examples (and which answer
+    positions, since reading may re-anchor them), the tokenizer, every parameter, this code's format."""
+    ex_hash = hashlib.sha256()
+    for ex in examples:
+        ex_hash.update(f"{ex.qid}\t{ex.answer_starts[:1]}\t{ex.is_impossible}\n".encode())
+    key = {
+        "format": FORMAT_VERSION,
+        "data_sha256": sha256_file(data_path),
+        "examples": ex_hash.hexdigest(),
+        "tokenizer": tokenizer.fingerprint,
+        "params": params,
+    }
+    return json.dumps(key, sort_keys=True)
+
+
+def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Features:
+    """`featurize(examples, tokenizer, **params)`, cached in `cache_dir` (None: no cache).
+
+    The cache file name is a hash of the full key and the key itself is stored inside and compared, so
+    a changed data file, tokenizer or parameter (defaults included) is a miss, never a stale hit.
+    """
+    unknown = set(params) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"load_features() got unknown parameters {sorted(unknown)}")
+    params = {**_DEFAULTS, **params}  # spelling out a default must give the same key as leaving it out
+    if cache_dir is None:
+        return featurize(examples, tokenizer, **params)
+    _check_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
+    key = _cache_key(data_path, examples, tokenizer, {k: int(v) for k, v in params.items()})
+    path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    log.info("features from cache %s", path)
+                    arrays = {name: z[name] for name in Features.ARRAYS}
+                    return Features(**arrays, params=json.loads(str(z["params"])))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            log.warning("%s: unreadable feature cache (%s); rebuilding it", path, e)
+    features = featurize(examples, tokenizer, **params)
+    _save_atomic(path, features, key)
+    return features
+
+
+def _save_atomic(path: Path, features: Features, key: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".squad-features-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            arrays = {name: getattr(features, name) for name in Features.ARRAYS}
+            np.savez(f, key=np.array(key), params=np.array(json.dumps(features.params)), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,177 @@
+"""Start/end logits of every window -> the n-best answer spans of every example -> predictions.
+
+Per example, over all its windows: the top `n_best_size` start and end positions, spans that lie in the
+context, start at a max-context token, end at or after the start and are at most `max_answer_length`
+tokens long; score = start logit + end logit; the text is cut from the original context by character
+offsets; probabilities are a softmax over the n-best. SQuAD v2.0 adds the null answer, scored as the
+lowest [CLS] start + end over the example's windows, which wins when it beats the best span by more than
+`null_score_diff_threshold`.
+
+One difference from Google's/NVIDIA's code, on purpose: positions that can never start (or end) an answer
+are masked before the top-n is taken, not filtered after, so a window always offers n real candidates.
+The best span is the same whenever it is within their top n; the n-best list can only be longer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bertqa.squad.data import Example
+from bertqa.squad.features import Features
+
+
+def _softmax(scores: list[float]) -> list[float]:
+    # At most n_best + 1 values: plain Python beats numpy's per-call overhead here.
+    top = max(scores)
+    exps = [math.exp(x - top) for x in scores]
+    total = sum(exps)
+    return [x / total for x in exps]
+
+
+def _ranked(columns: list[np.ndarray], lo: int, hi: int, chunk: int):
+    """Rows lo..hi of some candidate columns as Python tuples, converted a chunk at a time: an example
+    usually needs only its first n-best candidates, not the hundreds it may have."""
+    for a in range(lo, hi, chunk):
+        yield from zip(*(c[a : min(a + chunk, hi)].tolist() for c in columns), strict=True)
+
+
+def _candidates(features: Features, start, end, n_best_size: int, max_answer_length: int):
+    """Every valid (window, start, end) pair built from each window's top-n starts and ends, as flat
+    arrays sorted by example, then score (highest first)."""
+    width = start.shape[1]
+    in_context = features.offsets[:, :width, 0] >= 0  # (N, W)
+    start = np.where(in_context & features.max_context[:, :width], start, -np.inf)
+    end = np.where(in_context, end, -np.inf)
+    n = min(n_best_size, width)
+    top_s = np.argpartition(-start, n - 1, axis=1)[:, :n]  # (N, n), unordered
+    top_e = np.argpartition(-end, n - 1, axis=1)[:, :n]
+    s_logit = np.take_along_axis(start, top_s, axis=1)
+    e_logit = np.take_along_axis(end, top_e, axis=1)
+    score = s_logit[:, :, None] + e_logit[:, None, :]  # (N, n, n): every start with every end
+    span = top_e[:, None, :] - top_s[:, :, None] + 1
+    rows, i, j = np.nonzero(np.isfinite(score) & (span >= 1) & (span <= max_answer_length))
+    cand = {
+        "row": rows,
+        "start": top_s[rows, i],
+        "end": top_e[rows, j],
+        "start_logit": s_logit[rows, i],
+        "end_logit": e_logit[rows, j],
+        "score": score[rows, i, j],
+        "example": features.example_index[rows],
+    }
+    cand["char_start"] = features.offsets[rows, cand["start"], 0]
+    cand["char_end"] = features.offsets[rows, cand["end"], 1]
+    # Two stable sorts (faster than a lexsort over five keys); ties keep np.nonzero's (row, start, end)
+    # order, so the result is deterministic.
+    order = np.argsort(-cand["score"], kind="stable")
+    order = order[np.argsort(cand["example"][order], kind="stable")]
+    return {k: v[order] for k, v in cand.items()}
+
+
+def postprocess(
+    examples: list[Example],
+    features: Features,
+    start_logits,
+    end_logits,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    version_2: bool = False,
+    null_score_diff_threshold: float = 0.0,
+):
+    """Returns (predictions qid -> text, nbest qid -> [{text, probability, start_logit, end_logit}],
+    null_odds qid -> null score - best span score, or None unless `version_2`).
+
+    `start_logits`/`end_logits` are (N, L') for the N windows of `features`, L' <= L: batches padded to
+    their longest window may be narrower than max_seq_length; columns beyond L' are treated as padding.
+    An example with no valid span predicts "" (Google's code writes the word "empty").
+    """
+    start = np.asarray(start_logits, dtype=np.float64)
+    end = np.asarray(end_logits, dtype=np.float64)
+    N, L = len(features), features.max_seq_length
+    if start.shape != end.shape or start.ndim != 2 or start.shape[0] != N or not 1 <= start.shape[1] <= L:
+        raise ValueError(
+            f"logits must both be (N={N}, L'<={L}) for the features' windows, got start {start.shape} "
+            f"and end {end.shape}"
+        )
+    if n_best_size < 1 or max_answer_length < 1:
+        raise ValueError(f"n_best_size ({n_best_size}) and max_answer_length ({max_answer_length}) must be >= 1")
+    counts = np.bincount(features.example_index, minlength=len(examples))
+    if len(counts) > len(examples) or not counts.all():
+        raise ValueError(
+            f"features do not match the {len(examples)} examples (pass the very list they were built from)"
+        )
+
+    cand = _candidates(features, start, end, n_best_size, max_answer_length)
+    bounds = np.searchsorted(cand["example"], np.arange(len(examples) + 1)).tolist()
+    columns = [cand[k] for k in ("char_start", "char_end", "start_logit", "end_logit")]
+
+    if version_2:
+        # Null score: [CLS] start + end, the lowest over the example's windows (Google's choice: the
+        # window least sure that there is an answer is the most sure that there is none).
+        null = start[:, 0] + end[:, 0]
+        by_null = np.lexsort((null, features.example_index))
+        null_row = by_null[np.searchsorted(features.example_index[by_null], np.arange(len(examples)))]
+
+    predictions, nbest, null_odds = {}, {}, {} if version_2 else None
+    for e, ex in enumerate(examples):
+        entries, seen = [], set()
+        for char_start, char_end, start_logit, end_logit in _ranked(columns, bounds[e], bounds[e + 1], 2 * n_best_size):
+            if len(entries) == n_best_size:
+                break
+            text = ex.context[char_start:char_end]
+            # The same text at two places (a repeated phrase) is one answer: keep its best score only.
+            if text in seen:
+                continue
+            seen.add(text)
+            entries.append({"text": text, "start_logit": start_logit, "end_logit": end_logit})
+        best = entries[0] if entries else None
+        if version_2:
+            row = null_row[e]
+            null_entry = {"text": "", "start_logit": float(start[row, 0]), "end_logit": float(end[row, 0])}
+            null_score = null_entry["start_logit"] + null_entry["end_logit"]
+            # The null answer takes its place in the ranking; it stays even when it ranks below the n-best.
+            at = sum(1 for x in entries if x["start_logit"] + x["end_logit"] >= null_score)
+            entries.insert(at, null_entry)
+            if len(entries) > n_best_size and at < n_best_size:
+                entries.pop()
+            odds = null_score - (best["start_logit"] + best["end_logit"]) if best else float("inf")
+            null_odds[ex.qid] = odds
+            predictions[ex.qid] = "" if odds > null_score_diff_threshold else best["text"]
+        else:
+            predictions[ex.qid] = best["text"] if best else ""
+        if not entries:
+            entries = [{"text": "", "start_logit": 0.0, "end_logit": 0.0}]
+        probs = _softmax([x["start_logit"] + x["end_logit"] for x in entries])
+        nbest[ex.qid] = [{"text": x["text"], "probability": p, "start_logit": x["start_logit"],
+                          "end_logit": x["end_logit"]} for x, p in zip(entries, probs, strict=True)]  # fmt: skip
+    return predictions, nbest, null_odds
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=4, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
+    """Write predictions.json, nbest_predictions.json and (v2.0) null_odds.json, each atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"predictions.json": predictions, "nbest_predictions.json": nbest}
+    if null_odds is not None:
+        files["null_odds.json"] = null_odds
+    for name, obj in files.items():
+        _write_json_atomic(out / name, obj)
+    return [out / name for name in files]

@@ -1,0 +1,120 @@
+"""SQuAD download against a local HTTP server on 127.0.0.1 (no test touches the network)."""
+
+import hashlib
+import http.server
+import re
+import threading
+
+import pytest
+
+from bertqa.squad.download import SQUAD_FILES, SQUAD_SHA256, download_squad
+
+FILES = {
+    "train-v1.1.json": b'{"version": "1.1", "data": []}' + b" " * 5000,
+    "dev-v1.1.json": b'{"version": "1.1", "data": [{"paragraphs": []}]}',
+}
+SUMS = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves FILES with Range support; `cut_after` sends only that many bytes and drops the connection;
+    `ignore_range` answers 200 with the whole file, as servers without Range support do."""
+
+    log, cut_after, ignore_range = [], None, False
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        type(self).log.append((name, self.headers.get("Range")))
+        if name not in FILES:
+            self.send_error(404)
+            return
+        data = FILES[name]
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(m.group(1)) if m and not self.ignore_range else 0
+        if start >= len(data) and m:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if self.cut_after is not None:
+            body = body[: self.cut_after]
+            self.close_connection = True
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Handler.log, Handler.cut_after, Handler.ignore_range = [], None, False
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/dataset/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_published_checksums_are_pinned():
+    assert set(SQUAD_SHA256) == {n for names in SQUAD_FILES.values() for n in names}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in SQUAD_SHA256.values())
+
+
+def test_download_verifies_and_skips_when_present(server, tmp_path):
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert [p.name for p in paths] == ["train-v1.1.json", "dev-v1.1.json"]
+    assert all(p.read_bytes() == FILES[p.name] for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]
+    Handler.log.clear()
+    download_squad("v1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert Handler.log == []  # already there and verified: nothing fetched
+
+
+def test_checksum_mismatch_keeps_nothing(server, tmp_path):
+    bad = {**SUMS, "dev-v1.1.json": "0" * 64}
+    with pytest.raises(ValueError, match="dev-v1.1.json: sha256 mismatch") as err:
+        download_squad("1.1", tmp_path, base_url=server, checksums=bad)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-v1.1.json"]  # no dev file, no .part
+
+
+def test_interrupted_download_resumes_with_range(server, tmp_path):
+    Handler.cut_after = 1000
+    with pytest.raises(OSError, match="run again to resume"):
+        download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    part = tmp_path / "train-v1.1.json.part"
+    assert part.read_bytes() == FILES["train-v1.1.json"][:1000]
+    assert not (tmp_path / "train-v1.1.json").exists()  # a half file never looks complete
+    Handler.cut_after, Handler.log = None, []
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert Handler.log[0] == ("train-v1.1.json", "bytes=1000-")
+    assert paths[0].read_bytes() == FILES["train-v1.1.json"] and not part.exists()
+
+
+@pytest.mark.parametrize("ignore_range", [False, True])
+def test_resume_from_part_file(server, tmp_path, ignore_range):
+    Handler.ignore_range = ignore_range  # a 200 reply restarts the file instead of appending
+    data = FILES["dev-v1.1.json"]
+    (tmp_path / "dev-v1.1.json.part").write_bytes(data[:10])
+    download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert (tmp_path / "dev-v1.1.json").read_bytes() == data
+    # A .part that is already whole gets 416 from the server and is just verified and renamed.
+    (tmp_path / "dev-v1.1.json").unlink()
+    (tmp_path / "dev-v1.1.json.part").write_bytes(data)
+    download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert (tmp_path / "dev-v1.1.json").read_bytes() == data
+
+
+def test_errors(server, tmp_path):
+    with pytest.raises(ValueError, match="unknown SQuAD version '3.0'"):
+        download_squad("3.0", tmp_path)
+    with pytest.raises(OSError, match="HTTP 404"):
+        download_squad("2.0", tmp_path, base_url=server)
+    assert list(tmp_path.iterdir()) == []

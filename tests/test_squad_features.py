@@ -1,0 +1,271 @@
+"""Windows, labels, max-context flags and the feature cache, checked on every question of the real
+SQuAD training sample plus a small-window configuration that forces many overlapping windows."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from bertqa.squad import features as features_module
+from bertqa.squad.data import Example, read_squad
+from bertqa.squad.features import Features, featurize, load_features
+from bertqa.tokenizer import load_tokenizer
+
+SMALL = {"max_seq_length": 64, "doc_stride": 16, "max_query_length": 16}
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_dir):
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def train(squad_dir):
+    return read_squad(squad_dir / "train-subset.json", is_training=True)
+
+
+@pytest.fixture(scope="module", params=["default", "small"])
+def case(request, train, tok):
+    """(examples, features, params): all 11,877 questions at 384/128/64, or 600 at 64/16/16."""
+    if request.param == "default":
+        return train, featurize(train, tok, is_training=True), {}
+    examples = train[:600]
+    return examples, featurize(examples, tok, is_training=True, **SMALL), SMALL
+
+
+def google_windows(n_tokens, window, stride):
+    """Google's run_squad.py doc spans: (start, length) pairs."""
+    spans, start = [], 0
+    while start < n_tokens:
+        length = min(n_tokens - start, window)
+        spans.append((start, length))
+        if start + length == n_tokens:
+            break
+        start += min(length, stride)
+    return spans
+
+
+def google_is_max_context(spans, k, position):
+    best, best_score = None, None
+    for i, (start, length) in enumerate(spans):
+        end = start + length - 1
+        if not start <= position <= end:
+            continue
+        score = min(position - start, end - position) + 0.01 * length
+        if best_score is None or score > best_score:
+            best, best_score = i, score
+    return best == k
+
+
+def context_columns(f: Features, i: int) -> np.ndarray:
+    return np.flatnonzero(f.offsets[i, :, 0] >= 0)
+
+
+def test_layout_and_limits(case, tok):
+    examples, f, params = case
+    L = params.get("max_seq_length", 384)
+    max_q = params.get("max_query_length", 64)
+    assert f.input_ids.shape == (len(f), L) and f.offsets.shape == (len(f), L, 2)
+    assert f.input_ids.dtype == np.int32 and f.lengths.dtype == np.int32 and f.max_context.dtype == bool
+    assert np.all(f.lengths <= L) and np.all(f.input_ids[:, 0] == tok.cls_id)
+    rows = np.arange(len(f))
+    assert np.all(f.input_ids[rows, f.lengths - 1] == tok.sep_id)
+    first_sep = np.argmax(f.input_ids == tok.sep_id, axis=1)
+    assert np.all(first_sep - 1 <= max_q)  # question tokens between [CLS] and the first [SEP]
+    col = np.arange(L)
+    assert np.all(f.input_ids[col >= f.lengths[:, None]] == tok.pad_id)
+    context = (col > first_sep[:, None]) & (col < (f.lengths - 1)[:, None])
+    assert np.array_equal(f.offsets[:, :, 0] >= 0, context)
+    assert np.array_equal(f.token_type_ids == 1, context | (col == (f.lengths - 1)[:, None]))
+    assert np.all(f.max_context <= context)
+    assert np.array_equal(f.attention_mask(), col < f.lengths[:, None])
+    # The question part is the question's tokens, truncated to max_query_length.
+    for i in rows[:: max(1, len(f) // 500)]:
+        q = tok.tokenize([examples[f.example_index[i]].question])[0].ids[:max_q]
+        assert f.input_ids[i, 1 : first_sep[i]].tolist() == q
+
+
+def test_windows_cover_context_and_max_context_is_unique(case, tok):
+    """Every context token is in some window, gets max-context in exactly one, and the windows and the
+    flags are those of Google's run_squad.py (checked one by one where there are several windows)."""
+    examples, f, params = case
+    L = params.get("max_seq_length", 384)
+    stride = params.get("doc_stride", 128)
+    contexts = sorted({ex.context for ex in examples})
+    enc = dict(zip(contexts, tok.tokenize(contexts), strict=True))
+    bounds = np.searchsorted(f.example_index, np.arange(len(examples) + 1))
+    multi = 0
+    for e, ex in enumerate(examples):
+        rows = range(bounds[e], bounds[e + 1])
+        want = np.array(enc[ex.context].offsets, np.int32).reshape(-1, 2)
+        q_len = int(np.argmax(f.input_ids[rows[0]] == tok.sep_id)) - 1
+        spans = google_windows(len(want), L - q_len - 3, stride) or [(0, 0)]
+        assert len(spans) == len(rows), ex.qid
+        assert spans[-1][0] + spans[-1][1] == len(want)  # stride <= window, so no gaps before the end
+        for (start, length), i in zip(spans, rows, strict=True):
+            assert np.array_equal(f.offsets[i, context_columns(f, i)], want[start : start + length]), ex.qid
+        flagged = np.concatenate([f.offsets[i][f.max_context[i]] for i in rows])
+        assert np.array_equal(flagged, want), ex.qid  # every token, in order, exactly once
+        if len(rows) > 1:
+            multi += 1
+            for k, ((start, length), i) in enumerate(zip(spans, rows, strict=True)):
+                expected = [google_is_max_context(spans, k, start + j) for j in range(length)]
+                assert f.max_context[i, context_columns(f, i)].tolist() == expected, ex.qid
+    print(f"{len(examples)} examples, {len(f)} windows, {multi} examples with several windows")
+    assert multi > 50
+
+
+def test_labels_are_the_smallest_covering_span(case):
+    examples, f, _ = case
+    labelled = np.flatnonzero(f.start_positions > 0)
+    on_boundaries = exact_text = 0
+    for i in labelled:
+        ex = examples[f.example_index[i]]
+        a = ex.answer_starts[0]
+        b = a + len(ex.answers[0])
+        s, e = f.start_positions[i], f.end_positions[i]
+        cols = context_columns(f, i)
+        assert cols[0] <= s <= e <= cols[-1]
+        starts, ends = f.offsets[i, :, 0], f.offsets[i, :, 1]
+        # Covers the answer, and dropping either end token would not.
+        assert starts[s] <= a and ends[e] >= b, ex.qid
+        assert ends[s] > a and starts[e] < b, ex.qid
+        assert s == cols[0] or ends[s - 1] <= a, ex.qid
+        assert e == cols[-1] or starts[e + 1] >= b, ex.qid
+        if starts[s] == a and ends[e] == b:
+            on_boundaries += 1
+            exact_text += ex.context[starts[s] : ends[e]] == ex.answers[0]
+    # Windows without a label must not hold the whole answer (and every answer lands in some window).
+    has_label = np.zeros(len(examples), bool)
+    has_label[f.example_index[labelled]] = True
+    assert has_label.all()
+    print(f"{len(labelled)} labelled windows; {on_boundaries} answers on token boundaries, "
+          f"{exact_text} of those decode to the exact answer text")  # fmt: skip
+    assert exact_text == on_boundaries and on_boundaries > 0.97 * len(labelled)
+
+
+def test_unlabelled_windows_do_not_hold_the_answer(case):
+    examples, f, _ = case
+    for i in np.flatnonzero(f.start_positions == 0)[:3000]:
+        ex = examples[f.example_index[i]]
+        a, b = ex.answer_starts[0], ex.answer_starts[0] + len(ex.answers[0])
+        cols = context_columns(f, i)
+        starts, ends = f.offsets[i, cols, 0], f.offsets[i, cols, 1]
+        assert not (starts[0] <= a and ends[-1] >= b), ex.qid
+
+
+def test_small_edge_cases(tok):
+    long_q = "why " * 100
+    examples = [
+        Example("imp", "Is it?", "Some context here.", [], [], is_impossible=True),
+        Example("long", long_q, "Tiny.", ["Tiny"], [0]),
+        Example("empty", "Q?", "   ", [], [], is_impossible=True),
+        Example("eval", "Q?", "A B C", ["B"], [7]),  # a wrong start in an evaluation file: no label
+    ]
+    f = featurize(examples, tok, max_seq_length=80, doc_stride=8, max_query_length=10)
+    assert f.example_index.tolist() == [0, 1, 2, 3]  # every example has a window, even with no context
+    assert f.start_positions.tolist() == [0, 12, 0, 0] and f.end_positions.tolist() == [0, 12, 0, 0]
+    assert f.lengths[1] == 1 + 10 + 1 + 1 + 1 + 1  # [CLS] 10 question tokens [SEP] tiny . [SEP]
+    assert f.lengths[2] == 1 + 2 + 1 + 0 + 1
+    with pytest.raises(ValueError, match="question id 'eval': the first answer is not in the context"):
+        featurize(examples, tok, max_seq_length=80, doc_stride=8, max_query_length=10, is_training=True)
+    assert len(f.select([1, 3])) == 2 and f.select([1, 3]).example_index.tolist() == [1, 3]
+    empty = featurize([], tok)
+    assert empty.input_ids.shape == (0, 384)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"doc_stride": 400}, "doc_stride 400 is longer than the shortest context window"),
+        ({"max_seq_length": 60, "max_query_length": 64}, "max_seq_length 60 leaves no room"),
+        ({"max_seq_length": 0}, "max_seq_length must be a positive integer"),
+        ({"doc_stride": 1.5}, "doc_stride must be a positive integer"),
+        ({"max_query_length": True}, "max_query_length must be a positive integer"),
+    ],
+)
+def test_invalid_parameters(tok, params, message):
+    with pytest.raises(ValueError, match=message) as err:
+        featurize([], tok, **params)
+    assert "\n" not in str(err.value)
+
+
+# ---- cache
+
+
+@pytest.fixture
+def small_file(tmp_path, squad_dir):
+    """The first two articles of dev-a.json, as a file the cache can hash."""
+    doc = json.loads((squad_dir / "dev-a.json").read_text())
+    doc["data"] = doc["data"][:2]
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def same(a: Features, b: Features) -> bool:
+    return all(np.array_equal(getattr(a, n), getattr(b, n)) for n in Features.ARRAYS) and a.params == b.params
+
+
+def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    examples = read_squad(small_file, is_training=False)
+    first = load_features(small_file, examples, tok, cache, doc_stride=100)
+    assert len(list(cache.glob("*.npz"))) == 1 and same(first, featurize(examples, tok, doc_stride=100))
+
+    def no_featurize(*args, **kwargs):
+        raise AssertionError("cache miss")
+
+    with monkeypatch.context() as m:
+        m.setattr(features_module, "featurize", no_featurize)
+        assert same(load_features(small_file, examples, tok, cache, doc_stride=100), first)
+        # Spelling out a default is the same key.
+        load_features(small_file, examples, tok, cache, doc_stride=100, max_seq_length=384)
+
+    # Each change is a miss that writes its own file.
+    load_features(small_file, examples, tok, cache, doc_stride=64)
+    load_features(small_file, examples, tok, cache, doc_stride=100, is_training=True)
+    load_features(small_file, examples[:-1], tok, cache, doc_stride=100)
+    load_features(small_file, examples, _lowercase_off(tok, tmp_path), cache, doc_stride=100)
+    # A changed data file is a miss even when it reads as the same examples.
+    small_file.write_text(json.dumps(json.loads(small_file.read_text()), indent=1))
+    assert same(load_features(small_file, examples, tok, cache, doc_stride=100), first)
+    assert len(list(cache.glob("*.npz"))) == 6
+    assert load_features(small_file, examples, tok, None).params["doc_stride"] == 128  # no cache: no file
+    assert len(list(cache.iterdir())) == 6
+
+
+def _lowercase_off(tok, tmp_path):
+    """The same vocabulary without lower-casing: a different tokenizer, so a different fingerprint."""
+    spec = json.loads(tok.backend.to_str())
+    spec["normalizer"]["lowercase"] = False
+    path = tmp_path / "cased" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(spec))
+    other = load_tokenizer(path)
+    assert other.fingerprint != tok.fingerprint
+    return other
+
+
+def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    examples = read_squad(small_file, is_training=False)
+
+    def broken_savez(f, **arrays):
+        f.write(b"PK half a zip")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", broken_savez)
+        with pytest.raises(OSError, match="disk full"):
+            load_features(small_file, examples, tok, cache)
+    assert list(cache.iterdir()) == []  # neither a final file nor a temporary one
+
+    good = load_features(small_file, examples, tok, cache)
+    (path,) = cache.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:1000])  # e.g. a copy cut short
+    with caplog.at_level(logging.WARNING):
+        again = load_features(small_file, examples, tok, cache)
+    assert same(again, good) and "unreadable feature cache" in caplog.text
+    assert again.params["max_seq_length"] == 384

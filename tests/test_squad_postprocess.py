@@ -1,0 +1,202 @@
+"""Logits -> n-best spans -> predictions, with logits placed by hand on known spans."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bertqa.squad.data import Example, read_squad
+from bertqa.squad.features import featurize
+from bertqa.squad.metrics import evaluate_v1
+from bertqa.squad.postprocess import postprocess, write_predictions
+from bertqa.tokenizer import load_tokenizer
+
+# "0 1 2 ... 99": every number is one token, so token n is the word n and windows are easy to read.
+WORDS = [str(n) for n in range(100)]
+CONTEXT = " ".join(WORDS)
+CHAR = np.cumsum([0] + [len(w) + 1 for w in WORDS[:-1]])  # character start of word n
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_dir):
+    return load_tokenizer(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    """One example over 100 tokens in windows of 27 context tokens every 8 (max_seq_length 32)."""
+    ex = [Example("q", "what ?", CONTEXT, ["17 18"], [int(CHAR[17])])]
+    f = featurize(ex, tok, max_seq_length=32, doc_stride=8, max_query_length=8)
+    assert f.lengths.max() == 32 and len(f) > 5
+    return ex, f
+
+
+def col(f, row, n):
+    """Column of word n in window `row` (None when that window does not hold it)."""
+    hit = np.flatnonzero(f.offsets[row, :, 0] == CHAR[n])
+    return int(hit[0]) if len(hit) else None
+
+
+def windows_with(f, n):
+    return [r for r in range(len(f)) if col(f, r, n) is not None]
+
+
+def max_context_window(f, n):
+    (row,) = [r for r in windows_with(f, n) if f.max_context[r, col(f, r, n)]]
+    return row
+
+
+def logits(f, *spans):
+    """Logits of -100 except the (row, start word, end word, start logit, end logit) placements, so that
+    a placed start or end never wins by pairing with an unplaced one."""
+    start, end = np.full(f.input_ids.shape, -100.0, np.float32), np.full(f.input_ids.shape, -100.0, np.float32)
+    for row, s, e, sl, el in spans:
+        start[row, col(f, row, s)] = sl
+        end[row, col(f, row, e)] = el
+    return start, end
+
+
+def test_known_span_comes_back(setup):
+    ex, f = setup
+    row = max_context_window(f, 17)
+    preds, nbest, null_odds = postprocess(ex, f, *logits(f, (row, 17, 19, 5.0, 4.0)))
+    assert preds == {"q": "17 18 19"} and null_odds is None
+    top = nbest["q"][0]
+    assert top == {"text": "17 18 19", "probability": top["probability"], "start_logit": 5.0, "end_logit": 4.0}
+    assert len(nbest["q"]) == 20
+    assert sum(x["probability"] for x in nbest["q"]) == pytest.approx(1.0)
+    scores = [x["start_logit"] + x["end_logit"] for x in nbest["q"]]
+    assert scores == sorted(scores, reverse=True)
+    assert len({x["text"] for x in nbest["q"]}) == 20
+
+
+def test_a_repeated_phrase_is_one_answer(tok):
+    context = "red fox and red fox"
+    ex = [Example("r", "what ?", context, [], [])]
+    f = featurize(ex, tok)
+    cols = np.flatnonzero(f.offsets[0, :, 0] >= 0)  # red fox and red fox
+    start, end = np.full((1, 384), -100.0), np.full((1, 384), -100.0)
+    start[0, cols[[0, 3]]] = [1.0, 3.0]
+    end[0, cols[[1, 4]]] = [1.0, 2.0]
+    preds, nbest, _ = postprocess(ex, f, start, end)
+    texts = [x["text"] for x in nbest["r"]]
+    assert preds["r"] == "red fox" and texts.count("red fox") == 1
+    assert nbest["r"][0]["start_logit"] == 3.0 and nbest["r"][0]["end_logit"] == 2.0
+
+
+def test_answer_in_the_overlap_is_taken_from_its_max_context_window(setup):
+    ex, f = setup
+    rows = windows_with(f, 30)
+    best = max_context_window(f, 30)
+    assert len(rows) >= 3 and best != rows[0]  # in the overlap of several windows, max-context in a later one
+    others = [r for r in rows if r != best]
+    # The start scores higher where 30 is not max-context, but it may not start an answer there.
+    start, end = logits(f, (best, 30, 31, 3.0, 3.0), *[(r, 30, 31, 9.0, 9.0) for r in others])
+    preds, nbest, _ = postprocess(ex, f, start, end)
+    assert preds["q"] == "30 31"
+    assert nbest["q"][0]["start_logit"] == 3.0 and nbest["q"][0]["end_logit"] == 3.0
+
+
+def test_max_context_filter_falls_back_to_a_valid_span(setup):
+    ex, f = setup
+    best = max_context_window(f, 30)
+    other = next(r for r in windows_with(f, 30) if r != best)
+    valid = max_context_window(f, 50)
+    start, end = logits(f, (other, 30, 31, 20.0, 20.0), (valid, 50, 51, 2.0, 2.0))
+    preds, _, _ = postprocess(ex, f, start, end)
+    assert preds["q"] == "50 51"
+
+
+def test_max_answer_length_and_order(setup):
+    ex, f = setup
+    row = max_context_window(f, 10)
+    far = max_context_window(f, 60)
+    start, end = logits(f, (row, 10, 20, 9.0, 9.0), (far, 60, 61, 2.0, 2.0))
+    assert postprocess(ex, f, start, end, max_answer_length=30)[0]["q"] == " ".join(WORDS[10:21])
+    assert postprocess(ex, f, start, end, max_answer_length=11)[0]["q"] == " ".join(WORDS[10:21])
+    assert postprocess(ex, f, start, end, max_answer_length=10)[0]["q"] == "60 61"
+    # An end before the start is never a span.
+    start, end = logits(f, (row, 20, 12, 9.0, 9.0), (far, 60, 61, 2.0, 2.0))
+    assert postprocess(ex, f, start, end)[0]["q"] == "60 61"
+
+
+def test_no_valid_span_predicts_empty(setup):
+    ex, f = setup
+    start, end = logits(f)
+    start[:], end[:] = -1.0, -1.0
+    for r in range(len(f)):  # in every window the only end candidate lies before the only start
+        end[r, np.flatnonzero(f.offsets[r, :, 0] >= 0)[0]] = 5.0
+        start[r, np.flatnonzero(f.max_context[r])[-1]] = 5.0
+    preds, nbest, _ = postprocess(ex, f, start, end, n_best_size=1)
+    assert preds["q"] == "" and nbest["q"] == [{"text": "", "probability": 1.0, "start_logit": 0.0, "end_logit": 0.0}]
+
+
+def test_version_2_null_decision(setup):
+    ex, f = setup
+    row = max_context_window(f, 40)
+    start, end = logits(f, (row, 40, 41, 4.0, 4.0))  # best span 8.0
+    start[:, 0] = end[:, 0] = 6.0  # null 12 in every window ...
+    start[2, 0] = end[2, 0] = 5.0  # ... but the lowest over the windows counts: 10
+    preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
+    assert odds == {"q": pytest.approx(2.0)} and preds["q"] == ""
+    null = [x for x in nbest["q"] if x["text"] == ""]
+    assert null == [{"text": "", "probability": null[0]["probability"], "start_logit": 5.0, "end_logit": 5.0}]
+    assert nbest["q"][0]["text"] == "" and len(nbest["q"]) == 20
+    assert postprocess(ex, f, start, end, version_2=True, null_score_diff_threshold=2.5)[0]["q"] == "40 41"
+    start[2, 0] = end[2, 0] = 3.0  # null 6 < 8: the span wins; the null entry ranks below it
+    preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
+    assert preds["q"] == "40 41" and odds["q"] == pytest.approx(-2.0)
+    assert nbest["q"][0]["text"] == "40 41" and "" in [x["text"] for x in nbest["q"]]
+    # A null that ranks below the n-best is still listed.
+    start[2, 0] = end[2, 0] = -50.0
+    nbest = postprocess(ex, f, start, end, version_2=True, n_best_size=3)[1]["q"]
+    assert len(nbest) == 4 and nbest[-1]["text"] == ""
+
+
+def test_narrower_logits_and_bad_shapes(setup):
+    ex, f = setup
+    row = max_context_window(f, 17)
+    start, end = logits(f, (row, 17, 19, 5.0, 4.0))
+    width = col(f, row, 19)  # the end word falls just outside the logits
+    preds, _, _ = postprocess(ex, f, start[:, :width], end[:, :width])
+    assert preds["q"] != "17 18 19" and preds["q"].startswith("17")
+    with pytest.raises(ValueError, match="logits must both be"):
+        postprocess(ex, f, start, end[:, :10])
+    with pytest.raises(ValueError, match="logits must both be"):
+        postprocess(ex, f, start[:-1], end[:-1])
+    with pytest.raises(ValueError, match="features do not match the 2 examples"):
+        postprocess(ex * 2, f, start, end)
+
+
+def test_labels_as_logits_reproduce_the_answers(minilm_dir, squad_dir):
+    """End to end on dev-a.json: logits that point at the labelled spans give back the gold answers."""
+    tok = load_tokenizer(minilm_dir)
+    examples = read_squad(squad_dir / "dev-a.json", is_training=False)
+    f = featurize(examples, tok)
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=f.input_ids.shape).astype(np.float32)
+    end = rng.normal(size=f.input_ids.shape).astype(np.float32)
+    labelled = np.flatnonzero(f.start_positions > 0)
+    start[labelled, f.start_positions[labelled]] += 20
+    end[labelled, f.end_positions[labelled]] += 20
+    t0 = time.perf_counter()
+    preds, nbest, _ = postprocess(examples, f, start, end)
+    seconds = time.perf_counter() - t0
+    data = json.loads((squad_dir / "dev-a.json").read_text())["data"]
+    result = evaluate_v1(data, preds)
+    print(f"postprocess of {len(f)} windows in {seconds:.2f} s; {result}")
+    assert result["exact_match"] > 99.0 and result["f1"] > 99.5
+    assert len(preds) == len(examples) and all(len(v) == 20 for v in nbest.values())
+
+
+def test_write_predictions(tmp_path, setup):
+    ex, f = setup
+    start, end = logits(f)
+    preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
+    paths = write_predictions(tmp_path / "out", preds, nbest, odds)
+    assert [p.name for p in paths] == ["predictions.json", "nbest_predictions.json", "null_odds.json"]
+    assert json.loads(paths[0].read_text()) == preds and json.loads(paths[2].read_text()) == odds
+    assert json.loads(paths[1].read_text()) == nbest
+    paths = write_predictions(tmp_path / "v1", preds, nbest)
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["nbest_predictions.json", "predictions.json"]
