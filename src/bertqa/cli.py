@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -40,9 +41,103 @@ def cmd_download(args):
         print(f"bertqa: {path}")
 
 
+def _config(cls, args, renames=None):
+    import dataclasses
+
+    renames = renames or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {renames.get(k, k): v for k, v in vars(args).items() if renames.get(k, k) in names}
+    if values.get("cache_dir") == "none":
+        values["cache_dir"] = None
+    elif values.get("cache_dir") is None:
+        values.pop("cache_dir", None)
+    return cls(**{k: v for k, v in values.items() if v is not None or k == "cache_dir"})
+
+
+def cmd_train(args):
+    from .train import TrainConfig, train
+
+    train(_config(TrainConfig, args, {"batch_size": "train_batch_size", "eval_batch_size": "batch_size"}))
+
+
+def cmd_evaluate(args):
+    from .train import EvalConfig, evaluate
+
+    evaluate(_config(EvalConfig, args))
+
+
+def _add_common(p, batch_help):
+    from .infer import PRECISIONS
+
+    p.add_argument("--model", required=True, help="HF folder, .safetensors/.bin, or NVIDIA .pt checkpoint")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--batch-size", type=int, help=batch_help)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, tf32 (TF32 matmuls), bf16 or fp16 (autocast; fp16 with a gradient scaler)",
+    )
+    p.add_argument("--device", help="any torch device (cuda, cuda:1, cpu, xpu, mps, ...); default: the accelerator")
+    p.add_argument("--max-seq-length", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--max-query-length", type=int, default=64)
+    p.add_argument("--n-best-size", type=int, default=20)
+    p.add_argument("--max-answer-length", type=int, default=30)
+    p.add_argument(
+        "--version-2-with-negative",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SQuAD v2.0 null answers (default: detected from the data)",
+    )
+    p.add_argument("--null-score-diff-threshold", type=float, default=0.0)
+    p.add_argument("--cache-dir", help="features cache (default ~/.cache/bertqa/features; 'none' disables it)")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the full usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bertqa", description="Fine-tune and evaluate BERT on SQuAD.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="bertqa", description="Fine-tune and evaluate BERT on SQuAD.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="fine-tune on SQuAD (torchrun -m bertqa train ... for several devices)")
+    _add_common(t, "training batch per device and micro-step (default 8)")
+    t.add_argument("--train-file", required=True)
+    t.add_argument("--predict-file", help="evaluate on this SQuAD file after training")
+    t.add_argument("--max-train-examples", type=int, help="use only the first N training questions")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--eval-batch-size", type=int, help="inference batch per device (default 32)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--warmup", type=float, default=0.1, help="proportion of steps warming up")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch windows of similar length together (default; less padding, same windows per epoch)",
+    )
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--tensorboard", action="store_true", help="log scalars to OUTPUT_DIR/tensorboard")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="predict and score a SQuAD file")
+    _add_common(e, "inference batch per device (default 32)")
+    e.add_argument("--predict-file", required=True)
+    e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("convert", help="convert any recognised checkpoint into an HF folder")
     c.add_argument("src", help="HF folder, .safetensors/.bin file, or NVIDIA DeepLearningExamples .pt")
@@ -78,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -85,3 +181,13 @@ def main(argv=None) -> int:
         print(f"bertqa: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _setup_logging() -> None:
+    """Our modules' notes on stderr as `bertqa: ...`, without turning on every library's INFO logging."""
+    logger = logging.getLogger("bertqa")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("bertqa: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -1,0 +1,91 @@
+"""torchrun environment, process-group set-up and tear-down, and rank-0 helpers.
+
+One process per device; `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK. Without them this is a world of one
+and nothing here touches `torch.distributed`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def default_device() -> str:
+    """The accelerator if one is present, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
+    type is given the local rank as its index."""
+    name = name or default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, local_rank)
+    return device
+
+
+@contextmanager
+def distributed(device_name: str | None = None, timeout_s: float = 1800):
+    """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world == 1:
+        yield Dist(0, 1, 0, device)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # NCCL on CUDA, gloo elsewhere; an out-of-tree backend registers its own name for its device type.
+    backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
+    if backend is None:
+        backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        yield Dist(rank, world, local_rank, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_gather_objects(d: Dist, obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,463 @@
+"""Fine-tuning and evaluation on SQuAD: one device, or many through torchrun (DDP).
+
+The recipe is NVIDIA DeepLearningExamples' `run_squad.py` (itself Google's): AdamW, weight decay 0.01 except
+bias and LayerNorm, linear warmup then linear decay to 0, global grad-norm clip 1.0, loss = mean of the start
+and end cross-entropies. Throughput counts features processed over the wall time of the loop, as they do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .checkpoint import load_model, save_pretrained
+from .distributed import Dist, all_gather_objects, barrier, distributed
+from .infer import predict_logits, set_precision, shard, to_batch
+from .squad.data import is_squad_v2, read_squad
+from .squad.features import load_features
+from .squad.metrics import evaluate_v1, evaluate_v2
+from .squad.postprocess import postprocess, write_predictions
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("bertqa")
+CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
+GROUP_CHUNK = 64  # batches sorted together by --group-by-length
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bertqa", "features")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    model: str  # anything load_model reads
+    predict_file: str  # SQuAD JSON to evaluate on
+    output_dir: str  # predictions, summary.json
+    batch_size: int = 32  # per device, for inference
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
+    device: str | None = None  # default: the accelerator if present, else cpu
+    max_seq_length: int = 384  # NVIDIA/Google SQuAD defaults
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    version_2_with_negative: bool | None = None  # None: detect from the data
+    null_score_diff_threshold: float = 0.0
+    cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
+    attention: str = "sdpa"  # sdpa | eager
+    trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
+    progress: bool = True  # progress bars on rank 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig(EvalConfig):
+    predict_file: str | None = None  # evaluate at the end when given
+    train_file: str  # SQuAD JSON to fine-tune on
+    max_train_examples: int | None = None  # use only the first N questions (demos, smoke tests)
+    epochs: float = 2.0  # NVIDIA recipe: 2 epochs
+    max_steps: int | None = None  # overrides epochs when set
+    train_batch_size: int = 8  # per device and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-5
+    warmup: float = 0.1  # proportion of steps with linear warm-up
+    weight_decay: float = 0.01  # not on bias / LayerNorm
+    max_grad_norm: float = 1.0  # global norm clip; 0 = off
+    group_by_length: bool = True  # batch windows of similar length (less padding); False = plain shuffle
+    seed: int = 42
+    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    resume: bool = False  # continue from OUTPUT/checkpoint.pt
+    log_every: int = 10  # steps between metrics.jsonl lines
+    tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
+
+
+def _flag(cfg: EvalConfig, name: str) -> str:
+    """The command-line flag of a config field (`bertqa train` calls its batch sizes differently)."""
+    if isinstance(cfg, TrainConfig):
+        name = {"train_batch_size": "batch_size", "batch_size": "eval_batch_size"}.get(name, name)
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: EvalConfig) -> None:
+    """One-line errors for bad values, before anything is loaded or written."""
+    for name in ("batch_size", "train_batch_size", "grad_accum", "log_every", "n_best_size", "max_answer_length",
+                 "max_steps", "max_train_examples"):  # fmt: skip
+        value = getattr(cfg, name, 1)  # fields of TrainConfig alone are absent from an EvalConfig
+        if value is None and name in ("max_steps", "max_train_examples"):
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_flag(cfg, name)} must be a positive integer, got {value}")
+    if isinstance(cfg, TrainConfig):
+        if not cfg.train_file:
+            raise ValueError("--train-file is required")
+        if not (cfg.epochs > 0 or cfg.max_steps):
+            raise ValueError(f"--epochs must be positive, got {cfg.epochs}")
+        if cfg.lr <= 0 or not 0 <= cfg.warmup <= 1 or cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+            raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
+        if cfg.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0, got {cfg.save_every}")
+    for name in ("train_file", "predict_file"):
+        path = getattr(cfg, name, None)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+    if not Path(cfg.model).exists():
+        raise FileNotFoundError(f"--model {cfg.model}: no such file or folder")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0 to 1 over warmup_steps, then linear decay to 0 at total_steps (NVIDIA's
+    `warmup_linear` and HF's `get_linear_schedule_with_warmup` alike)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith(".bias") or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel exists for CUDA (and some other accelerators); the foreach path elsewhere.
+    fused = device.type in ("cuda", "xpu", "mps")
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, lengths=None) -> np.ndarray:
+    """(steps, global_batch) feature indices of one epoch: a seeded shuffle, the last batch topped up from
+    the start of the shuffle so every rank always gets a full batch (as DistributedSampler pads).
+
+    With `lengths`, windows of similar length are batched together: the shuffle is cut into chunks of
+    GROUP_CHUNK batches, each chunk sorted by length, and the order of the batches shuffled again. On
+    SQuAD (mean window 162 of 384 tokens) this halves the padded tokens a random batch carries."""
+    rng = np.random.default_rng([seed, epoch])
+    steps = math.ceil(n / global_batch)
+    idx = np.resize(rng.permutation(n), steps * global_batch)
+    if lengths is None:
+        return idx.reshape(steps, global_batch)
+    chunk = global_batch * GROUP_CHUNK
+    for i in range(0, len(idx), chunk):
+        part = idx[i : i + chunk]
+        idx[i : i + chunk] = part[np.argsort(lengths[part], kind="stable")]
+    return idx.reshape(steps, global_batch)[rng.permutation(steps)]
+
+
+def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None):
+    """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it."""
+    examples = read_squad(path, is_training=is_training)
+    if limit:
+        examples = examples[:limit]
+    params = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
+                  max_query_length=cfg.max_query_length, is_training=is_training)  # fmt: skip
+    features = None
+    if d.is_main:
+        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    barrier(d)
+    if not d.is_main:
+        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    return examples, features
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_evaluation(model, tokenizer, cfg: EvalConfig, d: Dist, autocast, out_dir: Path | None) -> dict:
+    """Evaluate on cfg.predict_file, sharded over ranks; rank 0 gathers, post-processes, scores and writes
+    the predictions. Returns the metrics (with inference time and throughput) on every rank."""
+    examples, features = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
+    v2 = cfg.version_2_with_negative
+    if v2 is None:
+        v2 = is_squad_v2(cfg.predict_file)
+    mine = shard(len(features), d.rank, d.world_size)
+    barrier(d)
+    t0 = time.perf_counter()
+    start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, autocast, cfg.progress and d.is_main)
+    barrier(d)
+    infer_time = time.perf_counter() - t0
+    parts = all_gather_objects(d, (start, end))
+    result = {}
+    if d.is_main:
+        start = np.concatenate([p[0] for p in parts])
+        end = np.concatenate([p[1] for p in parts])
+        preds, nbest, null_odds = postprocess(
+            examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
+        )
+        dataset = json.loads(Path(cfg.predict_file).read_text(encoding="utf-8"))["data"]
+        if v2:
+            scores = dict(evaluate_v2(dataset, preds, null_odds))
+            result = {"exact_match": scores["exact"], "f1": scores["f1"], **scores}
+        else:
+            result = evaluate_v1(dataset, preds)
+        result = {"e2e_inference_time": infer_time, "inference_sequences_per_second": len(features) / infer_time,
+                  "eval_features": len(features), **result}  # fmt: skip
+        if out_dir is not None:
+            write_predictions(out_dir, preds, nbest, null_odds if v2 else None)
+    return all_gather_objects(d, result)[0]
+
+
+def startup_line(d: Dist, precision: str, attention: str) -> str:
+    sdpa = "sdpa (flash/memory-efficient kernels where the device has them)" if attention == "sdpa" else attention
+    return f"bertqa: device {d.device}, precision {precision}, attention {sdpa}, world size {d.world_size}"
+
+
+def finish(summary: dict, out_dir: Path) -> dict:
+    write_json_atomic(out_dir / "summary.json", summary)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    validate(cfg)
+    with distributed(cfg.device) as d:
+        autocast = set_precision(cfg.precision, d.device)
+        tokenizer = load_tokenizer(cfg.model if Path(cfg.model).is_dir() else Path(cfg.model).parent)
+        model = load_model(cfg.model, device=d.device, trust_pickle=cfg.trust_pickle,
+                           attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
+        if d.is_main:
+            print(startup_line(d, cfg.precision, cfg.attention), flush=True)
+        out_dir = Path(cfg.output_dir)
+        if d.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        summary = run_evaluation(model, tokenizer, cfg, d, autocast, out_dir if d.is_main else None)
+        if d.is_main:
+            finish(summary, out_dir)
+        return summary
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist) -> None:
+    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
+    Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
+    rngs = all_gather_objects(d, _rng_state(d.device))
+    if not d.is_main:
+        return
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "rng": rngs,
+        "world_size": d.world_size,
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard scalars) on rank 0."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, append: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.file = open(self.path, "a" if append else "w")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> bool:
+    """Loss and learning-rate curves from metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["loss"] for r in rows])
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange")
+    ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return True
+
+
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Fine-tune, save OUTPUT/model, evaluate when cfg.predict_file is set; returns the summary.
+
+    `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any)."""
+    validate(cfg)
+    with distributed(cfg.device) as d:
+        return _train(cfg, d, on_step)
+
+
+def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
+    autocast = set_precision(cfg.precision, d.device)
+    torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
+    model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else Path(cfg.model).parent
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(cfg.model, device=d.device, trust_pickle=cfg.trust_pickle,
+                       attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
+    _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
+
+    global_batch = cfg.train_batch_size * cfg.grad_accum * d.world_size
+    steps_per_epoch = math.ceil(len(features) / global_batch)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup_steps = int(cfg.warmup * total_steps)
+    optimizer = build_optimizer(model, cfg, d.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.precision == "fp16" else None
+
+    out_dir = Path(cfg.output_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    start_step = 0
+    torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
+    if cfg.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["world_size"] != d.world_size:
+            raise ValueError(f"{ckpt_path}: saved with world size {state['world_size']}, resumed with {d.world_size}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][d.rank], d.device)
+        start_step = state["step"]
+        if d.is_main:
+            print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
+    elif cfg.resume and d.is_main:
+        print(f"bertqa: --resume: no {ckpt_path} yet, starting from the beginning", flush=True)
+
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(startup_line(d, cfg.precision, cfg.attention), flush=True)
+        print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
+              f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
+              flush=True)  # fmt: skip
+    metrics = MetricsLog(out_dir, cfg.tensorboard, append=start_step > 0) if d.is_main else None
+    ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
+    loss_sum = torch.zeros((), device=d.device)
+    final_loss = float("nan")
+    batches, batches_epoch = None, -1
+    t0 = time.perf_counter()
+    for step in range(start_step, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            lengths = features.lengths if cfg.group_by_length else None
+            batches = epoch_batches(len(features), global_batch, cfg.seed, epoch, lengths)
+            batches_epoch = epoch
+        # This step's rows: (grad_accum, world, per-device batch); this rank takes its column.
+        rows = batches[i].reshape(cfg.grad_accum, d.world_size, cfg.train_batch_size)[:, d.rank]
+        step_loss = torch.zeros((), device=d.device)
+        for a in range(cfg.grad_accum):
+            batch = to_batch(features, rows[a], d.device, with_labels=True)
+            last = a == cfg.grad_accum - 1
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = ddp.no_sync() if d.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = ddp(**batch).loss / cfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        loss_sum += step_loss
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == total_steps:
+            # The only host syncs of the loop: loss averaged over the steps since the last line and the ranks.
+            n_steps = done % cfg.log_every or cfg.log_every
+            if d.enabled:
+                torch.distributed.all_reduce(loss_sum)
+                torch.distributed.all_reduce(step_loss)
+            avg = loss_sum.item() / n_steps / d.world_size
+            final_loss = step_loss.item() / d.world_size
+            loss_sum.zero_()
+            elapsed = time.perf_counter() - t0
+            seq_s = (done - start_step) * global_batch / elapsed
+            if d.is_main:
+                metrics.log({"step": done, "epoch": done / steps_per_epoch, "loss": avg, "lr": lr,
+                             "sequences_per_second": seq_s})  # fmt: skip
+                bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d)
+        if on_step is not None:
+            on_step(done, step_loss)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    train_time = time.perf_counter() - t0
+    bar.close()
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d)
+    trained = (total_steps - start_step) * global_batch
+    summary = {"e2e_train_time": train_time,
+               "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
+               "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
+               "world_size": d.world_size, "precision": cfg.precision}  # fmt: skip
+    if d.is_main:
+        metrics.close()
+        run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    if cfg.predict_file:
+        summary.update(run_evaluation(model, tokenizer, cfg, d, autocast, out_dir if d.is_main else None))
+    if d.is_main:
+        finish(summary, out_dir)
+    return summary

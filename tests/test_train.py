@@ -1,0 +1,195 @@
+"""Fine-tuning and evaluation end to end on a tiny model and a few real SQuAD questions."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertqa.train import EvalConfig, TrainConfig, evaluate, lr_factor, train
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def small_squad(squad_dir, tmp_path_factory):
+    """A few real paragraphs: train from train-subset.json, predict from dev-a.json (all answers kept)."""
+    out = tmp_path_factory.mktemp("squad")
+    for src, dst, n_par in (("train-subset.json", "train.json", 4), ("dev-a.json", "dev.json", 3)):
+        doc = json.loads((squad_dir / src).read_text())
+        article = doc["data"][0]
+        doc["data"] = [{**article, "paragraphs": article["paragraphs"][:n_par]}]
+        (out / dst).write_text(json.dumps(doc))
+    return out / "train.json", out / "dev.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_nodrop(tiny_dir, tmp_path_factory):
+    """The tiny model without dropout, so runs with different batch layouts compute the same thing."""
+    out = tmp_path_factory.mktemp("nodrop")
+    for p in tiny_dir.iterdir():
+        shutil.copy(p, out / p.name)
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def cfg_for(model, squad, out, **kw):
+    train_file, dev_file = squad
+    base = dict(model=str(model), train_file=str(train_file), output_dir=str(out), max_seq_length=128,
+                doc_stride=64, max_query_length=32, train_batch_size=4, lr=1e-3, warmup=0.1, max_steps=6,
+                log_every=1, cache_dir=None, progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:11])) and all(a > b for a, b in zip(f[10:], f[11:]))
+    assert f[99] == pytest.approx(1 / 90) and lr_factor(100, 10, 100) == 0.0
+
+
+def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squad, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(cfg_for(tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=str(small_squad[1])))
+    printed = capsys.readouterr().out
+    assert "device cpu, precision fp32, attention sdpa" in printed and "world size 1" in printed
+    assert json.loads(printed.strip().splitlines()[-1]) == summary  # the summary is stdout's last line
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    for key in ("e2e_train_time", "training_sequences_per_second", "final_loss", "e2e_inference_time",
+                "inference_sequences_per_second", "exact_match", "f1"):  # fmt: skip
+        assert key in summary, key
+    assert json.loads((out / "summary.json").read_text()) == summary
+    preds = json.loads((out / "predictions.json").read_text())
+    nbest = json.loads((out / "nbest_predictions.json").read_text())
+    dev = json.loads(small_squad[1].read_text())["data"]
+    qids = {q["id"] for a in dev for p in a["paragraphs"] for q in p["qas"]}
+    assert set(preds) == set(nbest) == qids
+    # The saved model is an HF folder that transformers loads, with the run's config beside it.
+    hf = transformers.BertForQuestionAnswering.from_pretrained(str(out / "model"))
+    ours = load_file(str(out / "model" / "model.safetensors"))
+    assert torch.equal(hf.qa_outputs.weight, ours["qa_outputs.weight"])
+    assert json.loads((out / "model" / "run_config.json").read_text())["lr"] == 3e-3
+    pytest.importorskip("matplotlib")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
+    out = tmp_path / "eval"
+    summary = evaluate(EvalConfig(model=str(tiny_dir), predict_file=str(small_squad[1]), output_dir=str(out),
+                                  max_seq_length=128, doc_stride=64, max_query_length=32, batch_size=5,
+                                  cache_dir=None, progress=False))  # fmt: skip
+    r = run_cli("score", small_squad[1], out / "predictions.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"exact_match": summary["exact_match"], "f1": summary["f1"]}
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, small_squad, tmp_path):
+    # Dropout stays on (the tiny model has 0.1), so this also checks that the RNG state is restored.
+    full = tmp_path / "full"
+    train(cfg_for(tiny_dir, small_squad, full, save_every=2, grad_accum=2))
+
+    def crash(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint at step 4, before the one at 6
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2), on_step=crash)
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 4
+    train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, resume=True))
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(part / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_jsonl(part / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 5, 6]  # step 5 was logged, then redone after the resume
+    full_losses = {r["step"]: r["loss"] for r in read_jsonl(full / "metrics.jsonl")}
+    assert read_jsonl(part / "metrics.jsonl")[-1]["loss"] == pytest.approx(full_losses[6], abs=0)
+
+
+def test_fp16_runs_with_a_gradient_scaler(tiny_dir, small_squad, tmp_path):
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    except RuntimeError as e:
+        pytest.skip(f"fp16 autocast unsupported on this CPU build: {e}")
+    summary = train(cfg_for(tiny_dir, small_squad, tmp_path / "fp16", precision="fp16", max_steps=3))
+    assert summary["precision"] == "fp16" and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+
+
+def run_cli(*args, env=None, module=("-m", "bertqa")):
+    return subprocess.run([sys.executable, *module, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)  # fmt: skip
+
+
+def common_args(model, squad, out):
+    return ["--model", model, "--train-file", squad[0], "--output-dir", out, "--max-seq-length", 128,
+            "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--train-file": "missing.json"}, "missing.json: no such file"),
+        ({"--model": "no/such/model"}, "no/such/model: no such file or folder"),
+        ({"--batch-size": 0}, "--batch-size must be a positive integer"),
+        ({"--precision": "fp8"}, "invalid choice: 'fp8'"),
+        ({"--max-seq-length": 20}, "leaves no room for context"),
+    ],
+)
+def test_bad_arguments_exit_with_one_line_and_write_nothing(change, message, tiny_dir, small_squad, tmp_path):
+    args = common_args(tiny_dir, small_squad, tmp_path / "out") + ["--max-steps", 1]
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    r = run_cli("train", *args)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def torchrun(nproc, *args):
+    return run_cli(*args, module=("-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "bertqa"),
+                   env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = common_args(tiny_nodrop, small_squad, None)[2:]  # without --model/--output-dir
+    args = ["--model", tiny_nodrop, "--max-steps", 4, "--log-every", 1, *base, "--predict-file", small_squad[1]]
+    r1 = run_cli("train", *args, "--output-dir", one, "--batch-size", 8, "--device", "cpu")
+    assert r1.returncode == 0, r1.stderr
+    r2 = torchrun(2, "train", *args, "--output-dir", two, "--batch-size", 4, "--device", "cpu")
+    assert r2.returncode == 0, r2.stderr
+    assert "world size 2" in r2.stdout and r2.stdout.count("world size") == 1  # rank 0 alone prints
+    l1 = [r["loss"] for r in read_jsonl(one / "metrics.jsonl")]
+    l2 = [r["loss"] for r in read_jsonl(two / "metrics.jsonl")]
+    assert l1 == pytest.approx(l2, abs=1e-5)  # 2 x 4 per device == 1 x 8
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["world_size"] == 2 and s2["final_loss"] == pytest.approx(s1["final_loss"], abs=1e-5)
+    # Evaluation sharded over two ranks and gathered gives exactly one process's predictions and metrics.
+    ev1, ev2 = tmp_path / "ev1", tmp_path / "ev2"
+    eval_args = ["--model", one / "model", "--predict-file", small_squad[1], "--max-seq-length", 128,
+                 "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress",
+                 "--batch-size", 3]  # fmt: skip
+    assert run_cli("evaluate", *eval_args, "--output-dir", ev1).returncode == 0
+    r = torchrun(2, "evaluate", *eval_args, "--output-dir", ev2)
+    assert r.returncode == 0, r.stderr
+    assert (ev1 / "predictions.json").read_text() == (ev2 / "predictions.json").read_text()
+    m1, m2 = (json.loads((d / "summary.json").read_text()) for d in (ev1, ev2))
+    assert (m1["exact_match"], m1["f1"]) == (m2["exact_match"], m2["f1"])
