@@ -66,6 +66,23 @@ def cmd_evaluate(args):
     evaluate(_config(EvalConfig, args))
 
 
+def cmd_ask(args):
+    from .checkpoint import load_model
+    from .distributed import resolve_device
+    from .infer import answer
+    from .tokenizer import load_tokenizer
+
+    if args.context_file:
+        args.context = Path(args.context_file).read_text(encoding="utf-8")
+    if args.context is None:
+        raise UsageError("give the text with --context or --context-file")
+    device = resolve_device(args.device)
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    model = load_model(args.model, device=device, verbose=False)
+    result = answer(model, load_tokenizer(model_dir), args.question, args.context, device)
+    print(json.dumps(result) if args.json else result["answer"])
+
+
 def _add_common(p, batch_help):
     from .infer import PRECISIONS
 
@@ -162,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pred_file")
     s.add_argument("--na-prob-file", help="v2.0: no-answer probabilities (null_odds.json)")
     s.set_defaults(func=cmd_score)
+
+    a = sub.add_parser("ask", help="answer a question about a text with a fine-tuned model")
+    a.add_argument("--model", required=True)
+    a.add_argument("--question", required=True)
+    a.add_argument("--context", help="the text to find the answer in")
+    a.add_argument("--context-file", help="read the text from this file instead")
+    a.add_argument("--device", help="default: the accelerator if present")
+    a.add_argument("--json", action="store_true", help="print the answer and its probability as JSON")
+    a.set_defaults(func=cmd_ask)
 
     d = sub.add_parser("download", help="download a dataset with checksum verification")
     d.add_argument("dataset", choices=["squad"])

@@ -93,3 +93,21 @@ def shard(n: int, rank: int, world_size: int) -> np.ndarray:
     """Contiguous, near-equal slices of range(n), one per rank."""
     bounds = np.linspace(0, n, world_size + 1).round().astype(int)
     return np.arange(bounds[rank], bounds[rank + 1])
+
+
+def answer(model, tokenizer, question: str, context: str, device="cpu", max_seq_length: int = 384,
+           doc_stride: int = 128, max_query_length: int = 64, n_best_size: int = 20,
+           max_answer_length: int = 30) -> dict:  # fmt: skip
+    """The best answer span to `question` in `context` (of any length: it is windowed as SQuAD is).
+    Returns {"answer", "probability"} (the probability within the n-best list)."""
+    from .squad.data import Example
+    from .squad.features import featurize
+    from .squad.postprocess import postprocess
+
+    if not question.strip() or not context.strip():
+        raise ValueError("question and context must both be non-empty")
+    examples = [Example("q", question, context, [], [])]
+    features = featurize(examples, tokenizer, max_seq_length, doc_stride, max_query_length)
+    start, end = predict_logits(model, features, np.arange(len(features)), 8, torch.device(device))
+    preds, nbest, _ = postprocess(examples, features, start, end, n_best_size, max_answer_length)
+    return {"answer": preds["q"], "probability": nbest["q"][0]["probability"] if nbest["q"] else 0.0}

@@ -217,7 +217,15 @@ def startup_line(d: Dist, precision: str, attention: str) -> str:
 
 
 def finish(summary: dict, out_dir: Path) -> dict:
+    """Write summary.json; print a readable line, then the summary as stdout's last line."""
     write_json_atomic(out_dir / "summary.json", summary)
+    parts = [f"{k} {summary[k]:.2f}" for k in ("exact_match", "f1") if k in summary]
+    for key, name in (("training_sequences_per_second", "training"), ("inference_sequences_per_second", "inference")):
+        if key in summary:
+            parts.append(f"{name} {summary[key]:.1f} seq/s")
+    if "final_loss" in summary:
+        parts.append(f"final loss {summary['final_loss']:.4f}")
+    print("bertqa: " + ", ".join(parts), flush=True)
     print(json.dumps(summary), flush=True)
     return summary
 

