@@ -118,6 +118,12 @@ def test_nvidia_checkpoint_loads_to_the_same_outputs(hf_qa_dir, real_batch, tmp_
         load_model(bare)
     again = load_model(bare, config=hf_qa_dir / "config.json").eval()
     assert torch.equal(qa_logits(again, real_batch)[0], qa_logits(ours, real_batch)[0])
+    # An NVIDIA folder (one .pt beside bert_config.json) loads by its folder name too.
+    folder = tmp_path / "nvidia"
+    folder.mkdir()
+    pt.rename(folder / pt.name)
+    shutil.copy(hf_qa_dir / "config.json", folder / "bert_config.json")
+    assert torch.equal(qa_logits(load_model(folder).eval(), real_batch)[0], qa_logits(ours, real_batch)[0])
 
 
 def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
@@ -168,11 +174,13 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "full.pt")
     (tmp_path / "cut.pt").write_bytes(pt.read_bytes()[:100_000])
     (tmp_path / "notes.pt").write_text("these are my notes, not a checkpoint\n")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)  # no trust_pickle advice for garbage
     torch.save([1, 2, 3], tmp_path / "list.pt")
     for name, pattern in [
         ("cut.safetensors", "not a readable safetensors"),
         ("cut.pt", "not a readable PyTorch checkpoint: truncated"),
         ("notes.pt", "not a readable PyTorch checkpoint"),
+        ("noise.pt", "not a readable PyTorch checkpoint"),
         ("list.pt", "not a state dict"),
     ]:
         with pytest.raises(CheckpointError, match=pattern) as e:

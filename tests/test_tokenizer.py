@@ -90,3 +90,11 @@ def test_bad_tokenizer_inputs(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match="lacks"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_vocab_ids_are_line_numbers(tmp_path):
+    # Google's and HF's loaders give a token the id of its line, blank lines counting.
+    (tmp_path / "vocab.txt").write_text("[PAD]\n\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n")
+    tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True)
+    assert tok.tokenize(["Hello world"])[0].ids == [5, 6]
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id) == (0, 2, 3, 4)

@@ -1,5 +1,6 @@
 """Fine-tuning and evaluation end to end on a tiny model and a few real SQuAD questions."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -60,7 +61,12 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squad, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = train(cfg_for(tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=str(small_squad[1])))
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    summary = train(
+        cfg_for(
+            tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=str(small_squad[1]), tensorboard=tensorboard
+        )
+    )
     printed = capsys.readouterr().out
     assert "device cpu, precision fp32, attention sdpa" in printed and "world size 1" in printed
     assert json.loads(printed.strip().splitlines()[-1]) == summary  # the summary is stdout's last line
@@ -80,6 +86,8 @@ def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squ
     ours = load_file(str(out / "model" / "model.safetensors"))
     assert torch.equal(hf.qa_outputs.weight, ours["qa_outputs.weight"])
     assert json.loads((out / "model" / "run_config.json").read_text())["lr"] == 3e-3
+    if tensorboard:
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     pytest.importorskip("matplotlib")
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -94,10 +102,38 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     assert json.loads(r.stdout) == {"exact_match": summary["exact_match"], "f1": summary["f1"]}
 
 
+def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
+    doc = json.loads(small_squad[1].read_text())
+    doc["version"] = "v2.0"
+    for q in doc["data"][0]["paragraphs"][0]["qas"]:  # the first paragraph's questions become unanswerable
+        q.update(is_impossible=True, plausible_answers=q["answers"], answers=[])
+    v2 = tmp_path / "dev-v2.json"
+    v2.write_text(json.dumps(doc))
+    out = tmp_path / "eval"
+    summary = evaluate(EvalConfig(model=str(tiny_dir), predict_file=str(v2), output_dir=str(out),
+                                  max_seq_length=128, doc_stride=64, max_query_length=32, cache_dir=None,
+                                  progress=False))  # fmt: skip
+    n_impossible = len(doc["data"][0]["paragraphs"][0]["qas"])
+    assert summary["NoAns_total"] == n_impossible and summary["HasAns_total"] > 0
+    null_odds = json.loads((out / "null_odds.json").read_text())
+    r = run_cli("score", v2, out / "predictions.json", "--na-prob-file", out / "null_odds.json")
+    assert r.returncode == 0, r.stderr
+    with_odds = json.loads(r.stdout)
+    assert set(null_odds) == set(json.loads((out / "predictions.json").read_text()))
+    assert (with_odds["best_exact"], with_odds["best_f1"]) == (summary["best_exact"], summary["best_f1"])
+    # EM/F1 are those of predictions.json as written, whatever the size of the null odds.
+    plain = json.loads(run_cli("score", v2, out / "predictions.json").stdout)
+    assert (plain["exact"], plain["f1"], plain["NoAns_exact"]) == (
+        summary["exact"],
+        summary["f1"],
+        summary["NoAns_exact"],
+    )
+
+
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, small_squad, tmp_path):
     # Dropout stays on (the tiny model has 0.1), so this also checks that the RNG state is restored.
     full = tmp_path / "full"
-    train(cfg_for(tiny_dir, small_squad, full, save_every=2, grad_accum=2))
+    train(cfg_for(tiny_dir, small_squad, full, save_every=2, grad_accum=2, log_every=1))
 
     def crash(step, loss):
         if step == 5:
@@ -105,16 +141,20 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2), on_step=crash)
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3), on_step=crash)
     assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 4
-    train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, resume=True))
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(seed 42 -> 7\)"):
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, seed=7, resume=True))
+    summary = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(part / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in read_jsonl(part / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5, 5, 6]  # step 5 was logged, then redone after the resume
-    full_losses = {r["step"]: r["loss"] for r in read_jsonl(full / "metrics.jsonl")}
-    assert read_jsonl(part / "metrics.jsonl")[-1]["loss"] == pytest.approx(full_losses[6], abs=0)
+    per_step = {r["step"]: r["loss"] for r in read_jsonl(full / "metrics.jsonl")}
+    rows = read_jsonl(part / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 6]  # nothing logged after the checkpoint is kept twice
+    assert rows[0]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3)) / 3, rel=1e-6)
+    assert rows[1]["loss"] == pytest.approx((per_step[5] + per_step[6]) / 2, rel=1e-6)  # the steps since resuming
+    assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 
 def test_fp16_runs_with_a_gradient_scaler(tiny_dir, small_squad, tmp_path):
@@ -126,7 +166,8 @@ def test_fp16_runs_with_a_gradient_scaler(tiny_dir, small_squad, tmp_path):
     summary = train(cfg_for(tiny_dir, small_squad, tmp_path / "fp16", precision="fp16", max_steps=3))
     assert summary["precision"] == "fp16" and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)["scaler"]
-    assert scaler is not None and scaler["scale"] > 0
+    # The scaler took part in every step: its growth tracker counts the steps with finite gradients.
+    assert scaler is not None and scaler["_growth_tracker"] + (scaler["scale"] < 65536.0) > 0
 
 
 def run_cli(*args, env=None, module=("-m", "bertqa")):
@@ -147,6 +188,9 @@ def common_args(model, squad, out):
         ({"--batch-size": 0}, "--batch-size must be a positive integer"),
         ({"--precision": "fp8"}, "invalid choice: 'fp8'"),
         ({"--max-seq-length": 20}, "leaves no room for context"),
+        ({"--max-seq-length": 600}, "exceeds the model's 512 position embeddings"),
+        ({"--device": "cuda:7"}, "--device cuda:7: not usable here"),
+        ({"--predict-file": "nowhere.json"}, "nowhere.json: no such file"),
     ],
 )
 def test_bad_arguments_exit_with_one_line_and_write_nothing(change, message, tiny_dir, small_squad, tmp_path):
@@ -161,6 +205,18 @@ def test_bad_arguments_exit_with_one_line_and_write_nothing(change, message, tin
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_bad_input_writes_nothing(tiny_dir, small_squad, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": 3, "qas": []}]}]}')
+    args = ["--model", tiny_dir, "--output-dir", tmp_path / "out", "--cache-dir", "none", "--no-progress"]
+    for extra, message in ((["--predict-file", bad], "article 0 paragraph 0"),
+                           (["--predict-file", small_squad[1], "--batch-size", -1], "--batch-size must be")):  # fmt: skip
+        r = run_cli("evaluate", *args, *extra)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def torchrun(nproc, *args):

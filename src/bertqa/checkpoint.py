@@ -79,7 +79,8 @@ def _read_pickle(path: Path, trust_pickle: bool):
     except FileNotFoundError:
         raise
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        # Only a readable pickle that names a Python global is worth unpickling in full; garbage is not.
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: this checkpoint holds pickled Python objects beyond tensors; loading it can run code. "
                 "If you trust its source, pass trust_pickle=True (CLI: --trust-pickle)"
@@ -112,7 +113,13 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
     if path.is_dir():
         weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights is None:
-            raise CheckpointError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder")
+            pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+            if len(pickles) != 1:
+                raise CheckpointError(
+                    f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "
+                    f"({len(pickles)} found); name the weights file itself"
+                )
+            weights = pickles[0]  # an NVIDIA checkpoint folder: ckpt.pt + bert_config.json + vocab.txt
         folder = path
     elif path.is_file():
         weights, folder = path, path.parent

@@ -18,7 +18,7 @@ def cmd_convert(args):
     from .tokenizer import load_tokenizer
 
     src = Path(args.src)
-    tok_source = args.vocab or (src if src.is_dir() else src.parent)
+    tok_source = args.vocab or src
     model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
     try:
         tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case)
@@ -42,16 +42,16 @@ def cmd_download(args):
 
 
 def _config(cls, args, renames=None):
+    """A config dataclass from the parsed flags; a flag left unset keeps the dataclass default."""
     import dataclasses
 
     renames = renames or {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {renames.get(k, k): v for k, v in vars(args).items() if renames.get(k, k) in names}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {renames.get(k, k): v for k, v in vars(args).items()}
+    values = {k: v for k, v in values.items() if k in fields and v is not None}
     if values.get("cache_dir") == "none":
         values["cache_dir"] = None
-    elif values.get("cache_dir") is None:
-        values.pop("cache_dir", None)
-    return cls(**{k: v for k, v in values.items() if v is not None or k == "cache_dir"})
+    return cls(**values)
 
 
 def cmd_train(args):
@@ -77,9 +77,8 @@ def cmd_ask(args):
     if args.context is None:
         raise UsageError("give the text with --context or --context-file")
     device = resolve_device(args.device)
-    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     model = load_model(args.model, device=device, verbose=False)
-    result = answer(model, load_tokenizer(model_dir), args.question, args.context, device)
+    result = answer(model, load_tokenizer(args.model), args.question, args.context, device)
     print(json.dumps(result) if args.json else result["answer"])
 
 
@@ -87,6 +86,7 @@ def _add_common(p, batch_help):
     from .infer import PRECISIONS
 
     p.add_argument("--model", required=True, help="HF folder, .safetensors/.bin, or NVIDIA .pt checkpoint")
+    p.add_argument("--config", help="config.json for weights that have none beside them, or a preset (base, large)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, help=batch_help)
     p.add_argument(

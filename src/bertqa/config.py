@@ -45,6 +45,8 @@ class BertConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
+        if extra.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {extra['position_embedding_type']!r} is not supported")
         return cls(**known, extra=extra)
 
     @classmethod

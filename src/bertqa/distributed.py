@@ -6,6 +6,7 @@ and nothing here touches `torch.distributed`.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name!r}: {e}") from None
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, local_rank)
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"--device {name}: not usable here ({first})") from None
     return device
 
 
@@ -61,6 +67,8 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
+    if rank != 0:
+        logging.getLogger("bertqa").setLevel(logging.ERROR)  # notes once, from rank 0
     if world == 1:
         yield Dist(0, 1, 0, device)
         return

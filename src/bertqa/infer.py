@@ -52,13 +52,14 @@ def _cpu_has_native(precision: str) -> bool:
 def to_batch(features, idx: np.ndarray, device: torch.device, with_labels: bool = False) -> dict:
     """Rows `idx` of the features as tensors, trimmed to the longest real sequence among them (dynamic
     padding: a batch of short windows costs what short windows cost)."""
-    T = int(features.lengths[idx].max())
-    mask = np.arange(T) < features.lengths[idx, None]
+    lengths = features.lengths[idx]
+    T = int(lengths.max())
     batch = {
         "input_ids": torch.from_numpy(features.input_ids[idx, :T].astype(np.int64)),
         "token_type_ids": torch.from_numpy(features.token_type_ids[idx, :T].astype(np.int64)),
-        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
     }
+    if (lengths < T).any():  # decided here on the host, so the model never syncs to ask
+        batch["attention_mask"] = torch.from_numpy((np.arange(T) < lengths[:, None]).astype(np.int64))
     if with_labels:
         batch["start_positions"] = torch.from_numpy(features.start_positions[idx].astype(np.int64))
         batch["end_positions"] = torch.from_numpy(features.end_positions[idx].astype(np.int64))

@@ -162,10 +162,8 @@ class BertModel(nn.Module):
         """input_ids, token_type_ids, attention_mask: (B, T); returns the last hidden state (B, T, C)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = None
-        # An all-ones mask is no mask: passing None lets SDPA pick its fastest (flash) kernel.
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = attend
+        # Callers pass None when nothing is padded: SDPA then picks its fastest (flash) kernel.
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 
 
@@ -187,9 +185,6 @@ class BertForQuestionAnswering(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-
-    def reset_qa_head(self):
-        self._init_weights(self.qa_outputs)
 
     def set_attention(self, attn_implementation: str):
         if attn_implementation not in ATTENTION:

@@ -79,10 +79,9 @@ class BertTokenizer:
 def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
     vocab: dict[str, int] = {}
     with open(vocab_file, encoding="utf-8") as f:
-        for line in f:
-            token = line.rstrip("\n")
-            if token and token not in vocab:
-                vocab[token] = len(vocab)
+        # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
     if not vocab:
         raise ValueError(f"{vocab_file}: empty vocabulary")
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
@@ -104,12 +103,15 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
-    """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`.
+    """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
+    or a weights file (the tokenizer beside it).
 
     `do_lower_case` applies to `vocab.txt` only; by default it is read from `tokenizer_config.json`
     when present, else guessed from the name ("cased" and not "uncased" means cased), else True.
     """
     p = Path(path)
+    if p.is_file() and p.suffix not in (".json", ".txt"):
+        p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
         json_file, vocab_file = p / "tokenizer.json", p / "vocab.txt"
         config_file = p / "tokenizer_config.json"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
-import logging
 import math
 import os
 import time
@@ -25,13 +25,12 @@ from tqdm import tqdm
 from .checkpoint import load_model, save_pretrained
 from .distributed import Dist, all_gather_objects, barrier, distributed
 from .infer import predict_logits, set_precision, shard, to_batch
-from .squad.data import is_squad_v2, read_squad
+from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
-from .squad.postprocess import postprocess, write_predictions
+from .squad.postprocess import postprocess, write_json_atomic, write_predictions
 from .tokenizer import load_tokenizer
 
-log = logging.getLogger("bertqa")
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 GROUP_CHUNK = 64  # batches sorted together by --group-by-length
 
@@ -57,6 +56,7 @@ class EvalConfig:
     null_score_diff_threshold: float = 0.0
     cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
     attention: str = "sdpa"  # sdpa | eager
+    config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
     trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
     progress: bool = True  # progress bars on rank 0
 
@@ -107,6 +107,8 @@ def validate(cfg: EvalConfig) -> None:
             raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
         if cfg.save_every < 0:
             raise ValueError(f"--save-every must be >= 0, got {cfg.save_every}")
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
     for name in ("train_file", "predict_file"):
         path = getattr(cfg, name, None)
         if path and not Path(path).is_file():
@@ -156,10 +158,14 @@ def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, lengths=None
 
 
 def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None):
-    """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it."""
-    examples = read_squad(path, is_training=is_training)
+    """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it.
+    Returns (parsed JSON, examples, features)."""
+    doc = load_json(path)
+    examples = parse_squad(doc, path, is_training=is_training)
     if limit:
         examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{path}: no usable questions")
     params = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
                   max_query_length=cfg.max_query_length, is_training=is_training)  # fmt: skip
     features = None
@@ -168,22 +174,28 @@ def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist,
     barrier(d)
     if not d.is_main:
         features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
-    return examples, features
+    return doc, examples, features
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def score(doc: dict, preds: dict, null_odds: dict | None) -> dict:
+    """Official EM/F1 of the predictions as written; on v2.0 data also the HasAns/NoAns breakdown and, from
+    the null odds, the best thresholds (`best_*`), as the official script reports them."""
+    if not is_squad_v2(doc):
+        return evaluate_v1(doc["data"], preds)
+    scores = dict(evaluate_v2(doc["data"], preds))
+    if null_odds is not None:
+        best = evaluate_v2(doc["data"], preds, null_odds)
+        scores.update({k: v for k, v in best.items() if k.startswith("best_")})
+    return {"exact_match": scores["exact"], **scores}
 
 
-def run_evaluation(model, tokenizer, cfg: EvalConfig, d: Dist, autocast, out_dir: Path | None) -> dict:
-    """Evaluate on cfg.predict_file, sharded over ranks; rank 0 gathers, post-processes, scores and writes
-    the predictions. Returns the metrics (with inference time and throughput) on every rank."""
-    examples, features = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
+def run_evaluation(model, data, cfg: EvalConfig, d: Dist, autocast, out_dir: Path | None) -> dict:
+    """Evaluate on `data` (from load_examples_and_features), sharded over ranks; rank 0 gathers,
+    post-processes, scores and writes the predictions. Returns the metrics on every rank."""
+    doc, examples, features = data
     v2 = cfg.version_2_with_negative
     if v2 is None:
-        v2 = is_squad_v2(cfg.predict_file)
+        v2 = is_squad_v2(doc)
     mine = shard(len(features), d.rank, d.world_size)
     barrier(d)
     t0 = time.perf_counter()
@@ -198,17 +210,24 @@ def run_evaluation(model, tokenizer, cfg: EvalConfig, d: Dist, autocast, out_dir
         preds, nbest, null_odds = postprocess(
             examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
         )
-        dataset = json.loads(Path(cfg.predict_file).read_text(encoding="utf-8"))["data"]
-        if v2:
-            scores = dict(evaluate_v2(dataset, preds, null_odds))
-            result = {"exact_match": scores["exact"], "f1": scores["f1"], **scores}
-        else:
-            result = evaluate_v1(dataset, preds)
         result = {"e2e_inference_time": infer_time, "inference_sequences_per_second": len(features) / infer_time,
-                  "eval_features": len(features), **result}  # fmt: skip
+                  "eval_features": len(features), **score(doc, preds, null_odds)}  # fmt: skip
         if out_dir is not None:
-            write_predictions(out_dir, preds, nbest, null_odds if v2 else None)
+            write_predictions(out_dir, preds, nbest, null_odds)
     return all_gather_objects(d, result)[0]
+
+
+def load(cfg: EvalConfig, d: Dist):
+    """Tokenizer and model, checked against the window length before anything is written."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
+                       attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
+    if cfg.max_seq_length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-length {cfg.max_seq_length} exceeds the model's {model.config.max_position_embeddings} "
+            "position embeddings"
+        )
+    return tokenizer, model
 
 
 def startup_line(d: Dist, precision: str, attention: str) -> str:
@@ -218,12 +237,13 @@ def startup_line(d: Dist, precision: str, attention: str) -> str:
 
 def finish(summary: dict, out_dir: Path) -> dict:
     """Write summary.json; print a readable line, then the summary as stdout's last line."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "summary.json", summary)
     parts = [f"{k} {summary[k]:.2f}" for k in ("exact_match", "f1") if k in summary]
     for key, name in (("training_sequences_per_second", "training"), ("inference_sequences_per_second", "inference")):
         if key in summary:
             parts.append(f"{name} {summary[key]:.1f} seq/s")
-    if "final_loss" in summary:
+    if summary.get("final_loss") is not None:
         parts.append(f"final loss {summary['final_loss']:.4f}")
     print("bertqa: " + ", ".join(parts), flush=True)
     print(json.dumps(summary), flush=True)
@@ -234,15 +254,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     validate(cfg)
     with distributed(cfg.device) as d:
         autocast = set_precision(cfg.precision, d.device)
-        tokenizer = load_tokenizer(cfg.model if Path(cfg.model).is_dir() else Path(cfg.model).parent)
-        model = load_model(cfg.model, device=d.device, trust_pickle=cfg.trust_pickle,
-                           attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
+        tokenizer, model = load(cfg, d)
+        data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
         if d.is_main:
             print(startup_line(d, cfg.precision, cfg.attention), flush=True)
         out_dir = Path(cfg.output_dir)
-        if d.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        summary = run_evaluation(model, tokenizer, cfg, d, autocast, out_dir if d.is_main else None)
+        summary = run_evaluation(model, data, cfg, d, autocast, out_dir if d.is_main else None)
         if d.is_main:
             finish(summary, out_dir)
         return summary
@@ -261,7 +278,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
+                    final_loss: float | None) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     rngs = all_gather_objects(d, _rng_state(d.device))
@@ -273,6 +291,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
+        "final_loss": final_loss,
         "rng": rngs,
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
@@ -282,12 +301,32 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
     os.replace(tmp, path)
 
 
+# What decides the data order, the schedule and the model: a resumed run must agree on all of it.
+RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
+               "lr", "warmup", "weight_decay", "seed", "group_by_length", "max_seq_length", "doc_stride",
+               "max_query_length", "precision")  # fmt: skip
+
+
+def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
+    saved = json.loads(state["config"])
+    diff = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if state["world_size"] != d.world_size:
+        diff.append(f"world size {state['world_size']} -> {d.world_size}")
+    if diff:
+        raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)}); use another --output-dir")
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard scalars) on rank 0."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool, append: bool):
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if append else "w")
+        # On resume keep the lines up to the checkpoint; steps logged after it are redone.
+        kept = []
+        if resume_step and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        self.file = open(self.path, "w")
+        self.file.writelines(line + "\n" for line in kept)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -346,11 +385,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
     autocast = set_precision(cfg.precision, d.device)
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
-    model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else Path(cfg.model).parent
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(cfg.model, device=d.device, trust_pickle=cfg.trust_pickle,
-                       attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
-    _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
+    tokenizer, model = load(cfg, d)
+    _, _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
+    # The evaluation file is read and checked now, not discovered to be broken after training.
+    eval_data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d) if cfg.predict_file else None
 
     global_batch = cfg.train_batch_size * cfg.grad_accum * d.world_size
     steps_per_epoch = math.ceil(len(features) / global_batch)
@@ -362,12 +400,12 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
 
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
-    start_step = 0
+    start_step, final_loss = 0, None
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
     if cfg.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["world_size"] != d.world_size:
-            raise ValueError(f"{ckpt_path}: saved with world size {state['world_size']}, resumed with {d.world_size}")
+        check_resumable(ckpt_path, state, cfg, d)
+        final_loss = state.get("final_loss")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -386,14 +424,14 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
         print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
-    metrics = MetricsLog(out_dir, cfg.tensorboard, append=start_step > 0) if d.is_main else None
+    metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
     ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
 
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
     loss_sum = torch.zeros((), device=d.device)
-    final_loss = float("nan")
+    steps_since_log = 0
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -428,17 +466,18 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         loss_sum += step_loss
+        steps_since_log += 1
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
             # The only host syncs of the loop: loss averaged over the steps since the last line and the ranks.
-            n_steps = done % cfg.log_every or cfg.log_every
             if d.enabled:
                 torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(step_loss)
-            avg = loss_sum.item() / n_steps / d.world_size
+            avg = loss_sum.item() / steps_since_log / d.world_size
             final_loss = step_loss.item() / d.world_size
             loss_sum.zero_()
+            steps_since_log = 0
             elapsed = time.perf_counter() - t0
             seq_s = (done - start_step) * global_batch / elapsed
             if d.is_main:
@@ -446,14 +485,14 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
                              "sequences_per_second": seq_s})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d)
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss)
         if on_step is not None:
             on_step(done, step_loss)
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d)
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss)
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
@@ -464,8 +503,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
         run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
         save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
-    if cfg.predict_file:
-        summary.update(run_evaluation(model, tokenizer, cfg, d, autocast, out_dir if d.is_main else None))
+    if eval_data is not None:
+        summary.update(run_evaluation(model, eval_data, cfg, d, autocast, out_dir if d.is_main else None))
     if d.is_main:
         finish(summary, out_dir)
     return summary

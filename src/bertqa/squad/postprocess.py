@@ -153,7 +153,8 @@ def postprocess(
     return predictions, nbest, null_odds
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: `path` is never half written."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -173,5 +174,5 @@ def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dic
     if null_odds is not None:
         files["null_odds.json"] = null_odds
     for name, obj in files.items():
-        _write_json_atomic(out / name, obj)
+        write_json_atomic(out / name, obj)
     return [out / name for name in files]
