@@ -10,7 +10,7 @@ PRECISION=tf32
 if [ "${1:-}" = "--amp" ]; then PRECISION=${AMP_PRECISION:-bf16}; shift; fi
 CHECKPOINT=${CHECKPOINT:-$DATA_PATH/checkpoint}
 OUTPUT_DIR=${OUTPUT_DIR:-results/squad_1gpu_$PRECISION}
-BERTQA=${BERTQA:-bertqa}
+BERTQA=${BERTQA:-bertqa}  # run_squad_8gpu.sh sets it to a torchrun launch
 $BERTQA train \
   --model "$CHECKPOINT" \
   --train-file "$DATA_PATH/squad/train-v1.1.json" \

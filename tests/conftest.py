@@ -4,6 +4,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Shared 2-core machines: a slow moment must not fail a property test on its per-example deadline.
+settings.register_profile("bertqa", deadline=None)
+settings.load_profile("bertqa")
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD_DIR = ROOT.parent / "shared" / "data" / "squad-v1.1"
