@@ -217,7 +217,7 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, autocast, out_dir: Pat
     return all_gather_objects(d, result)[0]
 
 
-def load(cfg: EvalConfig, d: Dist):
+def load_tokenizer_and_model(cfg: EvalConfig, d: Dist):
     """Tokenizer and model, checked against the window length before anything is written."""
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
@@ -254,7 +254,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     validate(cfg)
     with distributed(cfg.device) as d:
         autocast = set_precision(cfg.precision, d.device)
-        tokenizer, model = load(cfg, d)
+        tokenizer, model = load_tokenizer_and_model(cfg, d)
         data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
         if d.is_main:
             print(startup_line(d, cfg.precision, cfg.attention), flush=True)
@@ -385,7 +385,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
     autocast = set_precision(cfg.precision, d.device)
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
-    tokenizer, model = load(cfg, d)
+    tokenizer, model = load_tokenizer_and_model(cfg, d)
     _, _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
     # The evaluation file is read and checked now, not discovered to be broken after training.
     eval_data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d) if cfg.predict_file else None
