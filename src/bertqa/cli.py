@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import PRECISIONS
+
 
 class UsageError(ValueError):
     """A bad command-line value, reported as one line."""
@@ -61,39 +63,70 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .train import EvalConfig, evaluate
+    from .evaluate import EvalConfig, evaluate
 
     evaluate(_config(EvalConfig, args))
 
 
+def cmd_predict(args):
+    from .evaluate import PredictConfig, predict
+
+    predict(_config(PredictConfig, args, {"input": "predict_file"}))
+
+
+def _format_answers(result, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(result, ensure_ascii=False)
+    answers = result if isinstance(result, list) else [result]
+    return "\t".join(a["answer"] for a in answers)
+
+
 def cmd_ask(args):
-    from .checkpoint import load_model
-    from .distributed import resolve_device
-    from .infer import answer
-    from .tokenizer import load_tokenizer
+    from .qa import QuestionAnswerer
 
+    if (args.context is None) == (args.context_file is None):
+        raise UsageError("give the text with exactly one of --context or --context-file")
     if args.context_file:
-        args.context = Path(args.context_file).read_text(encoding="utf-8")
-    if args.context is None:
-        raise UsageError("give the text with --context or --context-file")
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device, verbose=False)
-    result = answer(model, load_tokenizer(args.model), args.question, args.context, device)
-    print(json.dumps(result) if args.json else result["answer"])
+        try:
+            args.context = Path(args.context_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--context-file {args.context_file}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise UsageError(f"--context-file {args.context_file}: {e.strerror}") from None
+    qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision)
+    params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
+                  max_answer_len=args.max_answer_length)  # fmt: skip
+    if args.question is not None:
+        print(_format_answers(qa(args.question, args.context, **params), args.json), flush=True)
+        return
+    if sys.stdin.isatty():  # typed questions: answer each as it comes
+        for line in sys.stdin:
+            if line.strip():
+                print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
+        return
+    questions = [line.strip() for line in sys.stdin.read().splitlines()]
+    for n, q in enumerate(questions, 1):
+        if not q:
+            raise UsageError(f"stdin line {n}: empty question (one question per line)")
+    if not questions:
+        raise UsageError("no --question and nothing on stdin (one question per line)")
+    # One batch: the context is tokenised once and the windows of all questions share forward passes.
+    for result in qa(questions, args.context, **params):
+        print(_format_answers(result, args.json))
 
 
-def _add_common(p, batch_help):
-    from .infer import PRECISIONS
-
+def _add_common(p, batch_help, output_dir: bool = True):
     p.add_argument("--model", required=True, help="HF folder, .safetensors/.bin, or NVIDIA .pt checkpoint")
     p.add_argument("--config", help="config.json for weights that have none beside them, or a preset (base, large)")
-    p.add_argument("--output-dir", required=True)
+    if output_dir:
+        p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, help=batch_help)
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32, tf32 (TF32 matmuls), bf16 or fp16 (autocast; fp16 with a gradient scaler)",
+        help="auto (bf16 where the device has native bf16, else tf32 on CUDA, else fp32), fp32, tf32 (TF32 "
+        "matmuls), bf16 or fp16 (autocast; fp16 with a gradient scaler)",
     )
     p.add_argument("--device", help="any torch device (cuda, cuda:1, cpu, xpu, mps, ...); default: the accelerator")
     p.add_argument("--max-seq-length", type=int, default=384)
@@ -180,13 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--na-prob-file", help="v2.0: no-answer probabilities (null_odds.json)")
     s.set_defaults(func=cmd_score)
 
-    a = sub.add_parser("ask", help="answer a question about a text with a fine-tuned model")
+    pr = sub.add_parser("predict", help="predictions (n-best, null odds) for a SQuAD file, answers not needed")
+    _add_common(pr, "inference batch per device (default 32)", output_dir=False)
+    pr.add_argument("--input", required=True, help="SQuAD v1.1 / v2.0 JSON; answers may be absent")
+    pr.add_argument(
+        "--output", required=True, help="predictions JSON; PRED.nbest.json (and PRED.null_odds.json) beside"
+    )
+    pr.set_defaults(func=cmd_predict)
+
+    a = sub.add_parser("ask", help="answer questions about a text with a fine-tuned model")
     a.add_argument("--model", required=True)
-    a.add_argument("--question", required=True)
+    a.add_argument("--question", help="the question (default: read questions from stdin, one per line)")
     a.add_argument("--context", help="the text to find the answer in")
     a.add_argument("--context-file", help="read the text from this file instead")
+    a.add_argument("--top-k", type=int, default=1, help="the K best distinct answers")
+    a.add_argument("--max-answer-length", type=int, default=30, help="longest answer, in tokens")
+    a.add_argument("--handle-impossible-answer", action="store_true", help="allow 'no answer' (SQuAD v2.0 models)")
     a.add_argument("--device", help="default: the accelerator if present")
-    a.add_argument("--json", action="store_true", help="print the answer and its probability as JSON")
+    a.add_argument("--precision", choices=PRECISIONS, default="auto")
+    a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
     a.set_defaults(func=cmd_ask)
 
     d = sub.add_parser("download", help="download a dataset with checksum verification")

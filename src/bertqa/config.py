@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Precisions every command takes. Here, not in runtime.py, so that building the CLI never imports torch.
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+
 
 @dataclass
 class BertConfig:

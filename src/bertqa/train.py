@@ -12,53 +12,29 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .checkpoint import load_model, save_pretrained
-from .distributed import Dist, all_gather_objects, barrier, distributed
-from .infer import predict_logits, set_precision, shard, to_batch
-from .squad.data import is_squad_v2, load_json, parse_squad
-from .squad.features import load_features
-from .squad.metrics import evaluate_v1, evaluate_v2
-from .squad.postprocess import postprocess, write_json_atomic, write_predictions
-from .tokenizer import load_tokenizer
+from .batching import epoch_batches, to_batch
+from .checkpoint import save_pretrained
+from .distributed import Dist, all_gather_objects, distributed
+from .evaluate import (
+    EvalConfig,
+    finish,
+    load_examples_and_features,
+    load_tokenizer_and_model,
+    run_evaluation,
+    startup_line,
+)
+from .files import atomic_path
+from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
-GROUP_CHUNK = 64  # batches sorted together by --group-by-length
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bertqa", "features")
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    model: str  # anything load_model reads
-    predict_file: str  # SQuAD JSON to evaluate on
-    output_dir: str  # predictions, summary.json
-    batch_size: int = 32  # per device, for inference
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
-    device: str | None = None  # default: the accelerator if present, else cpu
-    max_seq_length: int = 384  # NVIDIA/Google SQuAD defaults
-    doc_stride: int = 128
-    max_query_length: int = 64
-    n_best_size: int = 20
-    max_answer_length: int = 30
-    version_2_with_negative: bool | None = None  # None: detect from the data
-    null_score_diff_threshold: float = 0.0
-    cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
-    attention: str = "sdpa"  # sdpa | eager
-    config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
-    trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
-    progress: bool = True  # progress bars on rank 0
 
 
 @dataclass(kw_only=True)
@@ -81,40 +57,21 @@ class TrainConfig(EvalConfig):
     log_every: int = 10  # steps between metrics.jsonl lines
     tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
 
+    FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
+    POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
 
-def _flag(cfg: EvalConfig, name: str) -> str:
-    """The command-line flag of a config field (`bertqa train` calls its batch sizes differently)."""
-    if isinstance(cfg, TrainConfig):
-        name = {"train_batch_size": "batch_size", "batch_size": "eval_batch_size"}.get(name, name)
-    return "--" + name.replace("_", "-")
-
-
-def validate(cfg: EvalConfig) -> None:
-    """One-line errors for bad values, before anything is loaded or written."""
-    for name in ("batch_size", "train_batch_size", "grad_accum", "log_every", "n_best_size", "max_answer_length",
-                 "max_steps", "max_train_examples"):  # fmt: skip
-        value = getattr(cfg, name, 1)  # fields of TrainConfig alone are absent from an EvalConfig
-        if value is None and name in ("max_steps", "max_train_examples"):
-            continue
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{_flag(cfg, name)} must be a positive integer, got {value}")
-    if isinstance(cfg, TrainConfig):
-        if not cfg.train_file:
+    def validate(self) -> None:
+        super().validate()
+        if not self.train_file:
             raise ValueError("--train-file is required")
-        if not (cfg.epochs > 0 or cfg.max_steps):
-            raise ValueError(f"--epochs must be positive, got {cfg.epochs}")
-        if cfg.lr <= 0 or not 0 <= cfg.warmup <= 1 or cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        if not (self.epochs > 0 or self.max_steps):
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.lr <= 0 or not 0 <= self.warmup <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
-        if cfg.save_every < 0:
-            raise ValueError(f"--save-every must be >= 0, got {cfg.save_every}")
-        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
-    for name in ("train_file", "predict_file"):
-        path = getattr(cfg, name, None)
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
-    if not Path(cfg.model).exists():
-        raise FileNotFoundError(f"--model {cfg.model}: no such file or folder")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -138,151 +95,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, lengths=None) -> np.ndarray:
-    """(steps, global_batch) feature indices of one epoch: a seeded shuffle, the last batch topped up from
-    the start of the shuffle so every rank always gets a full batch (as DistributedSampler pads).
-
-    With `lengths`, windows of similar length are batched together: the shuffle is cut into chunks of
-    GROUP_CHUNK batches, each chunk sorted by length, and the order of the batches shuffled again. On
-    SQuAD (mean window 162 of 384 tokens) this halves the padded tokens a random batch carries."""
-    rng = np.random.default_rng([seed, epoch])
-    steps = math.ceil(n / global_batch)
-    idx = np.resize(rng.permutation(n), steps * global_batch)
-    if lengths is None:
-        return idx.reshape(steps, global_batch)
-    chunk = global_batch * GROUP_CHUNK
-    for i in range(0, len(idx), chunk):
-        part = idx[i : i + chunk]
-        idx[i : i + chunk] = part[np.argsort(lengths[part], kind="stable")]
-    return idx.reshape(steps, global_batch)[rng.permutation(steps)]
-
-
-def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None):
-    """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it.
-    Returns (parsed JSON, examples, features)."""
-    doc = load_json(path)
-    examples = parse_squad(doc, path, is_training=is_training)
-    if limit:
-        examples = examples[:limit]
-    if not examples:
-        raise ValueError(f"{path}: no usable questions")
-    params = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
-                  max_query_length=cfg.max_query_length, is_training=is_training)  # fmt: skip
-    features = None
-    if d.is_main:
-        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
-    barrier(d)
-    if not d.is_main:
-        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
-    return doc, examples, features
-
-
-def score(doc: dict, preds: dict, null_odds: dict | None) -> dict:
-    """Official EM/F1 of the predictions as written; on v2.0 data also the HasAns/NoAns breakdown and, from
-    the null odds, the best thresholds (`best_*`), as the official script reports them."""
-    if not is_squad_v2(doc):
-        return evaluate_v1(doc["data"], preds)
-    scores = dict(evaluate_v2(doc["data"], preds))
-    if null_odds is not None:
-        best = evaluate_v2(doc["data"], preds, null_odds)
-        scores.update({k: v for k, v in best.items() if k.startswith("best_")})
-    return {"exact_match": scores["exact"], **scores}
-
-
-def run_evaluation(model, data, cfg: EvalConfig, d: Dist, autocast, out_dir: Path | None) -> dict:
-    """Evaluate on `data` (from load_examples_and_features), sharded over ranks; rank 0 gathers,
-    post-processes, scores and writes the predictions. Returns the metrics on every rank."""
-    doc, examples, features = data
-    v2 = cfg.version_2_with_negative
-    if v2 is None:
-        v2 = is_squad_v2(doc)
-    mine = shard(len(features), d.rank, d.world_size)
-    barrier(d)
-    t0 = time.perf_counter()
-    start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, autocast, cfg.progress and d.is_main)
-    barrier(d)
-    infer_time = time.perf_counter() - t0
-    parts = all_gather_objects(d, (start, end))
-    result = {}
-    if d.is_main:
-        start = np.concatenate([p[0] for p in parts])
-        end = np.concatenate([p[1] for p in parts])
-        preds, nbest, null_odds = postprocess(
-            examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
-        )
-        result = {"e2e_inference_time": infer_time, "inference_sequences_per_second": len(features) / infer_time,
-                  "eval_features": len(features), **score(doc, preds, null_odds)}  # fmt: skip
-        if out_dir is not None:
-            write_predictions(out_dir, preds, nbest, null_odds)
-    return all_gather_objects(d, result)[0]
-
-
-def load_tokenizer_and_model(cfg: EvalConfig, d: Dist):
-    """Tokenizer and model, checked against the window length before anything is written."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
-                       attn_implementation=cfg.attention, verbose=d.is_main)  # fmt: skip
-    if cfg.max_seq_length > model.config.max_position_embeddings:
-        raise ValueError(
-            f"--max-seq-length {cfg.max_seq_length} exceeds the model's {model.config.max_position_embeddings} "
-            "position embeddings"
-        )
-    return tokenizer, model
-
-
-def startup_line(d: Dist, precision: str, attention: str) -> str:
-    sdpa = "sdpa (flash/memory-efficient kernels where the device has them)" if attention == "sdpa" else attention
-    return f"bertqa: device {d.device}, precision {precision}, attention {sdpa}, world size {d.world_size}"
-
-
-def finish(summary: dict, out_dir: Path) -> dict:
-    """Write summary.json; print a readable line, then the summary as stdout's last line."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "summary.json", summary)
-    parts = [f"{k} {summary[k]:.2f}" for k in ("exact_match", "f1") if k in summary]
-    for key, name in (("training_sequences_per_second", "training"), ("inference_sequences_per_second", "inference")):
-        if key in summary:
-            parts.append(f"{name} {summary[key]:.1f} seq/s")
-    if summary.get("final_loss") is not None:
-        parts.append(f"final loss {summary['final_loss']:.4f}")
-    print("bertqa: " + ", ".join(parts), flush=True)
-    print(json.dumps(summary), flush=True)
-    return summary
-
-
-def evaluate(cfg: EvalConfig) -> dict:
-    validate(cfg)
-    with distributed(cfg.device) as d:
-        autocast = set_precision(cfg.precision, d.device)
-        tokenizer, model = load_tokenizer_and_model(cfg, d)
-        data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
-        if d.is_main:
-            print(startup_line(d, cfg.precision, cfg.attention), flush=True)
-        out_dir = Path(cfg.output_dir)
-        summary = run_evaluation(model, data, cfg, d, autocast, out_dir if d.is_main else None)
-        if d.is_main:
-            finish(summary, out_dir)
-        return summary
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
                     final_loss: float | None) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
-    rngs = all_gather_objects(d, _rng_state(d.device))
+    rngs = all_gather_objects(d, rng_state(d.device))
     if not d.is_main:
         return
     state = {
@@ -296,9 +113,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
@@ -366,10 +182,9 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
     ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return True
 
 
@@ -377,15 +192,16 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Fine-tune, save OUTPUT/model, evaluate when cfg.predict_file is set; returns the summary.
 
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any)."""
-    validate(cfg)
+    cfg.validate()
     with distributed(cfg.device) as d:
-        return _train(cfg, d, on_step)
+        precision = Precision.resolve(cfg.precision, d.device)
+        with precision.scope():
+            return _train(cfg, d, precision, on_step)
 
 
-def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
-    autocast = set_precision(cfg.precision, d.device)
+def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
-    tokenizer, model = load_tokenizer_and_model(cfg, d)
+    tokenizer, model = load_tokenizer_and_model(cfg, d, for_inference=False)
     _, _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
     # The evaluation file is read and checked now, not discovered to be broken after training.
     eval_data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d) if cfg.predict_file else None
@@ -396,7 +212,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
     warmup_steps = int(cfg.warmup * total_steps)
     optimizer = build_optimizer(model, cfg, d.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(d.device.type) if cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
 
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
@@ -411,7 +227,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][d.rank], d.device)
+        set_rng_state(state["rng"][d.rank], d.device)
         start_step = state["step"]
         if d.is_main:
             print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
@@ -420,7 +236,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
 
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(startup_line(d, cfg.precision, cfg.attention), flush=True)
+        print(startup_line(d, precision, cfg.attention), flush=True)
         print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
@@ -449,7 +265,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = ddp.no_sync() if d.enabled and not last else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with precision.autocast():
                     loss = ddp(**batch).loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.detach()
@@ -488,8 +304,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss)
         if on_step is not None:
             on_step(done, step_loss)
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)
+    synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
     save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss)
@@ -497,14 +312,14 @@ def _train(cfg: TrainConfig, d: Dist, on_step) -> dict:
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
-               "world_size": d.world_size, "precision": cfg.precision}  # fmt: skip
+               "world_size": d.world_size, "precision": precision.name}  # fmt: skip
     if d.is_main:
         metrics.close()
         run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
         save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
-        summary.update(run_evaluation(model, eval_data, cfg, d, autocast, out_dir if d.is_main else None))
+        summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
     if d.is_main:
         finish(summary, out_dir)
     return summary

@@ -128,8 +128,11 @@ def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None =
     return parse_squad(load_json(path), path, is_training, report)
 
 
-def parse_squad(doc, path, is_training: bool, report: dict | None = None) -> list[Example]:
-    """`read_squad` on an already parsed JSON document (`path` only names it in errors)."""
+def parse_squad(
+    doc, path, is_training: bool, report: dict | None = None, require_answers: bool = True
+) -> list[Example]:
+    """`read_squad` on an already parsed JSON document (`path` only names it in errors). With
+    `require_answers=False` (prediction) a question may come without answers."""
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
     examples: list[Example] = []
@@ -160,7 +163,7 @@ def parse_squad(doc, path, is_training: bool, report: dict | None = None) -> lis
                 plausible, _ = _read_answers(qa, "plausible_answers", where, path)
                 if impossible and texts:
                     raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
-                if not impossible and not texts:
+                if not impossible and not texts and (require_answers or is_training):
                     raise SquadFormatError(f"{path}: {where}: no answers and not marked is_impossible")
                 if is_training and not impossible:
                     text, start = texts[0], starts[0]

@@ -16,8 +16,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertqa.files import atomic_path
 from bertqa.squad.data import Example
 from bertqa.squad.download import sha256_file
 
@@ -279,19 +278,7 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             log.warning("%s: unreadable feature cache (%s); rebuilding it", path, e)
     features = featurize(examples, tokenizer, **params)
-    _save_atomic(path, features, key)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see half a cache
+        arrays = {name: getattr(features, name) for name in Features.ARRAYS}
+        np.savez(f, key=np.array(key), params=np.array(json.dumps(features.params)), **arrays)
     return features
-
-
-def _save_atomic(path: Path, features: Features, key: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".squad-features-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arrays = {name: getattr(features, name) for name in Features.ARRAYS}
-            np.savez(f, key=np.array(key), params=np.array(json.dumps(features.params)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -14,14 +14,12 @@ The best span is the same whenever it is within their top n; the n-best list can
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bertqa.files import write_json
 from bertqa.squad.data import Example
 from bertqa.squad.features import Features
 
@@ -41,7 +39,7 @@ def _ranked(columns: list[np.ndarray], lo: int, hi: int, chunk: int):
         yield from zip(*(c[a : min(a + chunk, hi)].tolist() for c in columns), strict=True)
 
 
-def _candidates(features: Features, start, end, n_best_size: int, max_answer_length: int):
+def span_candidates(features: Features, start, end, n_best_size: int, max_answer_length: int):
     """Every valid (window, start, end) pair built from each window's top-n starts and ends, as flat
     arrays sorted by example, then score (highest first)."""
     width = start.shape[1]
@@ -107,7 +105,7 @@ def postprocess(
             f"features do not match the {len(examples)} examples (pass the very list they were built from)"
         )
 
-    cand = _candidates(features, start, end, n_best_size, max_answer_length)
+    cand = span_candidates(features, start, end, n_best_size, max_answer_length)
     bounds = np.searchsorted(cand["example"], np.arange(len(examples) + 1)).tolist()
     columns = [cand[k] for k in ("char_start", "char_end", "start_logit", "end_logit")]
 
@@ -153,19 +151,6 @@ def postprocess(
     return predictions, nbest, null_odds
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: `path` is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
     """Write predictions.json, nbest_predictions.json and (v2.0) null_odds.json, each atomically."""
     out = Path(output_dir)
@@ -174,5 +159,5 @@ def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dic
     if null_odds is not None:
         files["null_odds.json"] = null_odds
     for name, obj in files.items():
-        write_json_atomic(out / name, obj)
+        write_json(out / name, obj)
     return [out / name for name in files]

@@ -1,0 +1,237 @@
+"""The `evaluate` and `predict` commands: a SQuAD file -> windows -> logits (sharded over ranks) -> n-best
+predictions, scored with the official metrics (`evaluate`) or not (`predict`, for files without answers).
+
+Training calls into this module for its final evaluation; nothing here imports the training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_model
+from .distributed import Dist, all_gather_objects, barrier, distributed
+from .files import write_json
+from .inference import predict_logits, shard
+from .runtime import Precision
+from .squad.data import is_squad_v2, load_json, parse_squad
+from .squad.features import load_features
+from .squad.metrics import evaluate_v1, evaluate_v2
+from .squad.postprocess import postprocess, write_predictions
+from .tokenizer import load_tokenizer
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bertqa", "features")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    model: str  # anything load_model reads
+    predict_file: str  # SQuAD JSON to evaluate on
+    output_dir: str  # predictions, summary.json
+    batch_size: int = 32  # per device, for inference
+    precision: str = "fp32"  # auto | fp32 | tf32 | bf16 | fp16
+    device: str | None = None  # default: the accelerator if present, else cpu
+    max_seq_length: int = 384  # NVIDIA/Google SQuAD defaults
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    version_2_with_negative: bool | None = None  # None: detect from the data
+    null_score_diff_threshold: float = 0.0
+    cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
+    attention: str = "sdpa"  # sdpa | eager
+    config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
+    trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
+    progress: bool = True  # progress bars on rank 0
+
+    # Fields whose command-line flag is not their name with dashes.
+    FLAGS = {}
+    POSITIVE = ("batch_size", "n_best_size", "max_answer_length")
+
+    def flag(self, name: str) -> str:
+        return self.FLAGS.get(name, "--" + name.replace("_", "-"))
+
+    def validate(self) -> None:
+        """One-line errors for bad values, before anything is loaded or written."""
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "max_train_examples"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.flag(name)} must be a positive integer, got {value}")
+        for name in ("train_file", "predict_file"):
+            path = getattr(self, name, None)
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{self.flag(name)} {path}: no such file")
+        if not Path(self.model).exists():
+            raise FileNotFoundError(f"--model {self.model}: no such file or folder")
+
+
+@dataclass(kw_only=True)
+class PredictConfig(EvalConfig):
+    """`bertqa predict`: the evaluation path without scoring, for files that may carry no answers."""
+
+    predict_file: str  # the SQuAD JSON to answer (--input)
+    output_dir: str = ""  # unused
+    output: str  # predictions JSON; n-best and null odds beside it
+    FLAGS = {"predict_file": "--input"}
+
+
+def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None,
+                               require_answers: bool = True):  # fmt: skip
+    """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it.
+    Returns (parsed JSON, examples, features)."""
+    doc = load_json(path)
+    examples = parse_squad(doc, path, is_training=is_training, require_answers=require_answers)
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{path}: no usable questions")
+    params = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
+                  max_query_length=cfg.max_query_length, is_training=is_training)  # fmt: skip
+    features = None
+    if d.is_main:
+        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    barrier(d)
+    if not d.is_main:
+        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    return doc, examples, features
+
+
+def score(doc: dict, preds: dict, null_odds: dict | None) -> dict:
+    """Official EM/F1 of the predictions as written; on v2.0 data also the HasAns/NoAns breakdown and, from
+    the null odds, the best thresholds (`best_*`), as the official script reports them."""
+    if not is_squad_v2(doc):
+        return evaluate_v1(doc["data"], preds)
+    scores = dict(evaluate_v2(doc["data"], preds))
+    if null_odds is not None:
+        best = evaluate_v2(doc["data"], preds, null_odds)
+        scores.update({k: v for k, v in best.items() if k.startswith("best_")})
+    return {"exact_match": scores["exact"], **scores}
+
+
+def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
+    """Logits of every window of `data` (from load_examples_and_features), sharded over the ranks; rank 0
+    gathers and post-processes. Returns (predictions, nbest, null_odds, timing) on rank 0, None elsewhere."""
+    doc, examples, features = data
+    v2 = cfg.version_2_with_negative
+    if v2 is None:
+        v2 = is_squad_v2(doc)
+    mine = shard(len(features), d.rank, d.world_size)
+    barrier(d)
+    t0 = time.perf_counter()
+    progress = cfg.progress and d.is_main
+    start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, precision.autocast(), progress)
+    barrier(d)
+    infer_time = time.perf_counter() - t0
+    parts = all_gather_objects(d, (start, end))
+    if not d.is_main:
+        return None
+    start = np.concatenate([p[0] for p in parts])
+    end = np.concatenate([p[1] for p in parts])
+    preds, nbest, null_odds = postprocess(
+        examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
+    )
+    timing = {"e2e_inference_time": infer_time, "inference_sequences_per_second": len(features) / infer_time,
+              "eval_features": len(features)}  # fmt: skip
+    return preds, nbest, null_odds, timing
+
+
+def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, out_dir: Path | None) -> dict:
+    """Predict and score `data`; rank 0 writes the predictions into `out_dir`. Returns the metrics on every
+    rank."""
+    result = {}
+    out = run_inference(model, data, cfg, d, precision)
+    if out is not None:
+        preds, nbest, null_odds, timing = out
+        result = {**timing, **score(data[0], preds, null_odds)}
+        if out_dir is not None:
+            write_predictions(out_dir, preds, nbest, null_odds)
+    return all_gather_objects(d, result)[0]
+
+
+def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = True):
+    """Tokenizer and model, checked against the window length before anything is written. For inference the
+    checkpoint must hold a fine-tuned QA head."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
+                       attn_implementation=cfg.attention, verbose=d.is_main,
+                       require_qa_head=for_inference)  # fmt: skip
+    if cfg.max_seq_length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-length {cfg.max_seq_length} exceeds the model's {model.config.max_position_embeddings} "
+            "position embeddings"
+        )
+    return tokenizer, model
+
+
+def startup_line(d: Dist, precision: Precision, attention: str) -> str:
+    sdpa = "sdpa (flash/memory-efficient kernels where the device has them)" if attention == "sdpa" else attention
+    return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
+
+
+def finish(summary: dict, out_dir: Path) -> dict:
+    """Write summary.json; print a readable line, then the summary as stdout's last line."""
+    write_json(out_dir / "summary.json", summary)
+    parts = [f"{k} {summary[k]:.2f}" for k in ("exact_match", "f1") if k in summary]
+    for key, name in (("training_sequences_per_second", "training"), ("inference_sequences_per_second", "inference")):
+        if key in summary:
+            parts.append(f"{name} {summary[key]:.1f} seq/s")
+    if summary.get("final_loss") is not None:
+        parts.append(f"final loss {summary['final_loss']:.4f}")
+    print("bertqa: " + ", ".join(parts), flush=True)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    cfg.validate()
+    with distributed(cfg.device) as d:
+        precision = Precision.resolve(cfg.precision, d.device)
+        with precision.scope():
+            tokenizer, model = load_tokenizer_and_model(cfg, d)
+            data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
+            if d.is_main:
+                print(startup_line(d, precision, cfg.attention), flush=True)
+            out_dir = Path(cfg.output_dir)
+            summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
+            if d.is_main:
+                finish(summary, out_dir)
+            return summary
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
+    nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
+    cfg.validate()
+    output = Path(cfg.output)
+    if output.suffix != ".json":
+        raise ValueError(f"--output {output}: must end in .json")
+    with distributed(cfg.device) as d:
+        precision = Precision.resolve(cfg.precision, d.device)
+        with precision.scope():
+            tokenizer, model = load_tokenizer_and_model(cfg, d)
+            data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d, require_answers=False)
+            if d.is_main:
+                print(startup_line(d, precision, cfg.attention), flush=True)
+            out = run_inference(model, data, cfg, d, precision)
+            if out is None:
+                return {}
+            preds, nbest, null_odds, timing = out
+            write_json(output, preds)
+            write_json(output.with_suffix(".nbest.json"), nbest)
+            if null_odds is not None:
+                write_json(output.with_suffix(".null_odds.json"), null_odds)
+            summary = {**timing, "questions": len(preds), "predictions": str(output)}
+            print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
+                  "windows/s)", flush=True)  # fmt: skip
+            print(json.dumps(summary), flush=True)
+            return summary

@@ -1,0 +1,46 @@
+"""Batched inference over SQuAD windows: features -> start/end logits, sorted by length, sharded over ranks.
+
+Evaluation, prediction, the Python API and the server all run the model through here; none of them imports
+the training code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .batching import to_batch
+
+
+@torch.no_grad()
+def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False):
+    """Start and end logits (len(indices), L) float32 of the given feature rows; positions beyond a batch's
+    trimmed length hold -inf (never a candidate)."""
+    model.eval()
+    L = features.max_seq_length
+    indices = np.asarray(indices)
+    start = np.full((len(indices), L), -np.inf, dtype=np.float32)
+    end = np.full((len(indices), L), -np.inf, dtype=np.float32)
+    # Sorting by length groups similar windows, so dynamic padding wastes little; results go back in place.
+    order = np.argsort(features.lengths[indices], kind="stable")
+    bar = tqdm(total=len(indices), desc="evaluate", unit="seq", disable=not progress, dynamic_ncols=True)
+    for i in range(0, len(order), batch_size):
+        pos = order[i : i + batch_size]
+        batch = to_batch(features, indices[pos], device)
+        with autocast or contextlib.nullcontext():
+            s, e, _ = model(**batch)
+        T = s.shape[1]
+        start[pos, :T] = s.float().cpu().numpy()
+        end[pos, :T] = e.float().cpu().numpy()
+        bar.update(len(pos))
+    bar.close()
+    return start, end
+
+
+def shard(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Contiguous, near-equal slices of range(n), one per rank."""
+    bounds = np.linspace(0, n, world_size + 1).round().astype(int)
+    return np.arange(bounds[rank], bounds[rank + 1])

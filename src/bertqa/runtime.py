@@ -1,0 +1,130 @@
+"""Device and precision: which precision to run in (and why), as a scoped setting that restores what it
+changed; device synchronisation and RNG state for any accelerator, CUDA or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import PRECISIONS
+
+log = logging.getLogger("bertqa")
+
+# CPU features with real bf16 / fp16 matmul instructions. Without them oneDNN emulates the type, which ran
+# over 100x slower than fp32 on an AVX2-only EPYC (0.9 vs 160 GFLOP/s); plain AVX-512 emulates it too.
+CPU_NATIVE = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_features() -> dict:
+    """The CPU's feature flags as torch's cpuinfo reports them ({} where this torch cannot tell)."""
+    try:
+        return dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+def native_precision(precision: str, device: torch.device, features: dict | None = None) -> tuple[bool, str]:
+    """Whether `device` runs bf16/fp16 matmuls natively, and the evidence, in words."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        # bf16 tensor cores arrived with Ampere (8.0); fp16 ones with Volta (7.0).
+        native = major >= (8 if precision == "bf16" else 7)
+        return native, f"CUDA compute capability {major}.{minor}"
+    if device.type == "cpu":
+        features = cpu_features() if features is None else features
+        have = [f for f in CPU_NATIVE[precision] if features.get(f)]
+        if have:
+            return True, f"CPU has {'/'.join(have)}"
+        return False, f"CPU lacks {' and '.join(CPU_NATIVE[precision])}"
+    return False, f"{device.type}: native {precision} support unknown"
+
+
+@dataclass
+class Precision:
+    """A resolved precision: fp32, tf32 (TF32 matmuls), bf16 or fp16 (autocast; weights stay fp32)."""
+
+    name: str
+    device: torch.device
+    reason: str = "asked for"
+
+    @classmethod
+    def resolve(cls, requested: str | None, device: torch.device, features: dict | None = None) -> Precision:
+        """`auto` (or None): bf16 where the device has native bf16 matmuls, else TF32 on CUDA, else fp32.
+        An explicit choice is kept, with a warning when it would be emulated."""
+        device = torch.device(device)
+        requested = requested or "auto"
+        if requested not in PRECISIONS:
+            raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
+        if requested != "auto":
+            if requested in ("bf16", "fp16") and device.type == "cpu":
+                native, why = native_precision(requested, device, features)
+                if not native:
+                    log.warning("%s: %s will be emulated, far slower than fp32", why, requested)
+            return cls(requested, device)
+        native, why = native_precision("bf16", device, features)
+        if native:
+            return cls("bf16", device, f"auto: {why}, native bf16 matmuls")
+        if device.type == "cuda":
+            return cls("tf32", device, f"auto: {why}, no bf16 tensor cores, TF32 matmuls")
+        return cls("fp32", device, f"auto: {why}, so no native bf16")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    def autocast(self):
+        """The context to run forward passes under (a no-op for fp32 / tf32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Set the float32 matmul precision this precision implies (TF32 or not) and put back what was there."""
+        tf32 = self.name == "tf32"
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision())  # fmt: skip
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        try:
+            yield self
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+            torch.set_float32_matmul_precision(saved[2])
+
+    def describe(self) -> str:
+        return self.name if self.reason == "asked for" else f"{self.name} ({self.reason})"
+
+
+def _module(device: torch.device):
+    """torch's module for an accelerator type (torch.cuda, torch.xpu, torch.mps, an out-of-tree backend's
+    registered module such as torch.gcu), or None for the CPU."""
+    return None if device.type == "cpu" else getattr(torch, device.type, None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timing boundary); nothing to do on the CPU."""
+    mod = _module(device)
+    if mod is not None and hasattr(mod, "synchronize"):
+        mod.synchronize()
+
+
+def rng_state(device: torch.device) -> dict:
+    """The CPU generator's state and the device's own, whatever the accelerator."""
+    state = {"cpu": torch.get_rng_state()}
+    mod = _module(device)
+    if mod is not None and hasattr(mod, "get_rng_state"):
+        state[device.type] = mod.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    mod = _module(device)
+    if device.type in state and mod is not None and hasattr(mod, "set_rng_state"):
+        mod.set_rng_state(state[device.type])
