@@ -11,6 +11,7 @@ settings.register_profile("bertqa", deadline=None)
 settings.load_profile("bertqa")
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
 SQUAD_DIR = ROOT.parent / "shared" / "data" / "squad-v1.1"
 
 
@@ -52,3 +53,21 @@ def tiny_dir(tmp_path_factory, minilm_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (out / name).write_bytes((minilm_dir / name).read_bytes())
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_squad():
+    """Our own small SQuAD v1.1 file (tests/data/tiny-squad.json): 5 paragraphs, 20 questions."""
+    return DATA / "tiny-squad.json"
+
+
+@pytest.fixture(scope="session")
+def qa_model_dir(tmp_path_factory, minilm_dir, tiny_squad):
+    """all-MiniLM-L6-v2 fine-tuned on tiny-squad.json until it answers those questions (about 30 s)."""
+    from bertqa.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("qa-model")
+    train(TrainConfig(model=str(minilm_dir), train_file=str(tiny_squad), output_dir=str(out), max_seq_length=128,
+                      doc_stride=64, max_query_length=32, train_batch_size=10, lr=2e-4, warmup=0.1, max_steps=50,
+                      precision="fp32", log_every=10, cache_dir=None, progress=False))  # fmt: skip
+    return out / "model"

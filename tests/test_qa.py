@@ -1,0 +1,220 @@
+"""QuestionAnswerer, `bertqa ask` and `bertqa predict` with a model fine-tuned in the test session."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bertqa.checkpoint import CheckpointError
+from bertqa.qa import QuestionAnswerer, rank_answers
+from bertqa.squad.data import Example
+from bertqa.squad.features import featurize
+from bertqa.squad.postprocess import postprocess
+
+FILLER = "The weather stayed mild that season, and the market opened every morning at the usual hour. " * 40
+
+
+def questions(path):
+    doc = json.loads(path.read_text())
+    return [(q["question"], p["context"], q["answers"][0]["text"], q["id"])
+            for a in doc["data"] for p in a["paragraphs"] for q in p["qas"]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qa(qa_model_dir):
+    return QuestionAnswerer.from_pretrained(qa_model_dir, device="cpu", precision="fp32")
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_answers_the_questions_it_was_fine_tuned_on(qa, tiny_squad):
+    for question, context, gold, _ in questions(tiny_squad):
+        r = qa(question, context)
+        assert set(r) == {"score", "start", "end", "answer"}
+        assert r["answer"] == gold and context[r["start"] : r["end"]] == gold
+        assert 0.5 < r["score"] <= 1.0
+
+
+def test_an_answer_only_in_a_late_window_of_a_long_context(qa, tiny_squad):
+    question, context, gold, _ = questions(tiny_squad)[13]  # "Where was Lysander Finch born?"
+    long = FILLER + context + " " + FILLER[:300]
+    n_windows = len(featurize([Example("q", question, long, [], [])], qa.tokenizer, 128, 64, 32))
+    assert n_windows > 10
+    r = qa(question, long, max_seq_len=128, doc_stride=64, max_question_len=32)
+    assert (
+        r["answer"] == gold and long[r["start"] : r["end"]] == gold and r["start"] == len(FILLER) + context.index(gold)
+    )
+    # One softmax over every context token of every window: the top 5 over all windows are ranked together.
+    top = qa(question, long, top_k=5, max_seq_len=128, doc_stride=64, max_question_len=32)
+    assert top[0] == r and sum(a["score"] for a in top) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("k", [5, 25])
+def test_top_k_gives_k_distinct_answers_best_first(qa, tiny_squad, k):
+    question, context, gold, _ = questions(tiny_squad)[0]
+    answers = qa(question, context, top_k=k)
+    assert len(answers) == k and len({a["answer"] for a in answers}) == k  # k > 20 needs a wider search
+    assert all(context[a["start"] : a["end"]] == a["answer"] for a in answers)
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-6
+    assert answers[0] == qa(question, context)
+
+
+def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
+    qs = questions(tiny_squad)
+    single = [qa(q, c, top_k=2) for q, c, _, _ in qs]
+    batched = qa([q for q, *_ in qs], [c for _, c, *_ in qs], top_k=2)
+    for one, many in zip(single, batched, strict=True):
+        assert [(a["answer"], a["start"], a["end"]) for a in one] == [(a["answer"], a["start"], a["end"]) for a in many]
+        assert [a["score"] for a in one] == pytest.approx([a["score"] for a in many], abs=1e-5)
+    # Many questions about one context: a list with one answer each.
+    context = qs[0][1]
+    same = [q for q, c, *_ in qs if c == context]
+    assert [r["answer"] for r in qa(same, context)] == [qa(q, context)["answer"] for q in same]
+    assert qa({"question": qs[0][0], "context": context}) == qa(qs[0][0], context)  # the pipeline's dict form
+
+
+def hf_pipeline_answer(model, tokenizer, question, context, max_answer_len=30):
+    """The removed HF pipeline's decoding for a context that fits one window, written out: softmax over the
+    context tokens (everything else masked), P(start) * P(end) over spans end >= start, length <= max."""
+    enc = tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
+    in_context = np.array([s == 1 for s in enc.sequence_ids(0)])
+    probs = []
+    for logits in (out.start_logits[0].numpy(), out.end_logits[0].numpy()):
+        x = np.where(in_context, logits.astype(np.float64), -10000.0)
+        x = np.exp(x - x.max())
+        probs.append(x / x.sum())
+    outer = np.tril(np.triu(probs[0][:, None] * probs[1][None, :]), max_answer_len - 1)
+    s, e = np.unravel_index(outer.argmax(), outer.shape)
+    offsets = enc["offset_mapping"][0]
+    start, end = int(offsets[s][0]), int(offsets[e][1])
+    return {"score": float(outer[s, e]), "start": start, "end": end, "answer": context[start:end]}
+
+
+def test_scores_match_the_hf_pipeline_on_one_window(qa, qa_model_dir, tiny_squad):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertForQuestionAnswering.from_pretrained(str(qa_model_dir)).eval()
+    tokenizer = transformers.BertTokenizerFast(tokenizer_file=str(qa_model_dir / "tokenizer.json"))
+    for question, context, _, _ in questions(tiny_squad)[:8]:
+        ours, ref = qa(question, context), hf_pipeline_answer(model, tokenizer, question, context)
+        assert (ours["answer"], ours["start"], ours["end"]) == (ref["answer"], ref["start"], ref["end"])
+        assert ours["score"] == pytest.approx(ref["score"], rel=1e-4)
+
+
+def test_handle_impossible_answer_applies_the_v2_null_rule(tiny_dir, tiny_squad):
+    """The null answer wins exactly where evaluate's SQuAD v2.0 rule (threshold 0) predicts no answer."""
+    from bertqa.inference import predict_logits
+
+    qa = QuestionAnswerer.from_pretrained(tiny_dir, device="cpu", precision="fp32")
+    qs = questions(tiny_squad)
+    examples = [Example(qid, q, c, [], []) for q, c, _, qid in qs]
+    features = featurize(examples, qa.tokenizer, 64, 16, 32)  # short windows: several per context
+    start, end = predict_logits(qa.model, features, np.arange(len(features)), 32, qa.device)
+    answers = qa([q for q, *_ in qs], [c for _, c, *_ in qs], handle_impossible_answer=True, max_seq_len=64,
+                 doc_stride=16, max_question_len=32)  # fmt: skip
+    assert rank_answers(examples, features, start, end, 1, 30, True) == [[a] for a in answers]
+    # Make [CLS] likelier in every window of some examples, by amounts around the best span's margin.
+    rng = np.random.default_rng(0)
+    boost = rng.uniform(-2, 12, len(examples))[features.example_index]
+    start[:, 0] += boost
+    end[:, 0] += boost
+    preds, _, _ = postprocess(examples, features, start, end, 20, 30, version_2=True)
+    ranked = rank_answers(examples, features, start, end, 2, 30, True)
+    nulls = [r[0]["answer"] == "" for r in ranked]
+    assert nulls == [preds[qid] == "" for *_, qid in qs]
+    assert 0 < sum(nulls) < len(nulls)
+    # The null answer is one of the ranked answers, never a duplicate, and the runner-up is a real span.
+    assert all(r[1]["answer"] != "" for r in ranked if r[0]["answer"] == "")
+
+
+def test_bad_input_is_a_one_line_value_error(qa):
+    cases = [
+        (dict(question="", context="Some text."), "question is empty"),
+        (dict(question="Who?", context="   "), "context is empty"),
+        (dict(question=3, context="Some text."), "question must be a string"),
+        (dict(question=["a?", "b?"], context=["x", "y", "z"]), "2 questions but 3 contexts"),
+        (dict(question="Who?", context="Some text.", top_k=0), "top_k must be a positive integer"),
+        (dict(question="Who?", context="Some text.", max_seq_len=1024), "exceeds the model's 512"),
+        (dict(question="Who?", context="Some text.", max_seq_len=100, max_question_len=64), "leaves fewer than"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            qa(**kwargs)
+
+
+def test_a_checkpoint_without_a_qa_head_is_refused(minilm_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
+        QuestionAnswerer.from_pretrained(minilm_dir, device="cpu")
+    for args in (["ask", "--model", minilm_dir, "--question", "Who?", "--context", "Nobody."],
+                 ["evaluate", "--model", minilm_dir, "--predict-file", minilm_dir / "config.json", "--output-dir",
+                  tmp_path / "out"]):  # fmt: skip
+        r = run_cli(*args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and "no fine-tuned question-answering head" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
+    qs = questions(tiny_squad)
+    question, context, gold, _ = qs[4]
+    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context", context, "--precision", "fp32")
+    assert r.returncode == 0 and r.stdout == gold + "\n", r.stderr
+    (tmp_path / "context.txt").write_text(context)
+    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "context.txt",
+                "--json", "--top-k", 3)  # fmt: skip
+    answers = json.loads(r.stdout)
+    assert (
+        len(answers) == 3 and answers[0]["answer"] == gold and context[answers[0]["start"] : answers[0]["end"]] == gold
+    )
+    # Questions from stdin: one answer per line, in order.
+    same = [(q, g) for q, c, g, _ in qs if c == context]
+    r = run_cli("ask", "--model", qa_model_dir, "--context", context, stdin="".join(q + "\n" for q, _ in same))
+    assert r.returncode == 0 and r.stdout.splitlines() == [g for _, g in same], r.stderr
+    for args, message in ((["--question", "Who?"], "exactly one of --context or --context-file"),
+                          (["--question", "Who?", "--context-file", tmp_path / "none.txt"], "none.txt"),
+                          (["--question", " ", "--context", context], "question is empty")):  # fmt: skip
+        r = run_cli("ask", "--model", qa_model_dir, *args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp_path):
+    doc = json.loads(tiny_squad.read_text())
+    for article in doc["data"]:
+        for p in article["paragraphs"]:
+            for q in p["qas"]:
+                del q["answers"]
+    unanswered = tmp_path / "questions.json"
+    unanswered.write_text(json.dumps(doc))
+    out = tmp_path / "pred.json"
+    r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", out, "--cache-dir", "none",
+                "--no-progress", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(out.read_text())
+    nbest = json.loads((tmp_path / "pred.nbest.json").read_text())
+    assert set(preds) == set(nbest) == {qid for *_, qid in questions(tiny_squad)}
+    scored = json.loads(run_cli("score", tiny_squad, out).stdout)
+    assert scored == {"exact_match": 100.0, "f1": 100.0}
+    r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "pred.txt")
+    assert r.returncode == 1 and "--output" in r.stderr and not (tmp_path / "pred.txt").exists()
+
+
+def test_help_and_score_do_not_import_torch(tiny_squad, tmp_path):
+    preds = tmp_path / "p.json"
+    preds.write_text(json.dumps({qid: gold for _, _, gold, qid in questions(tiny_squad)}))
+    code = ("import sys, contextlib, io\nfrom bertqa.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['score', {str(tiny_squad)!r}, {str(preds)!r}]) == 0\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
