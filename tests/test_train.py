@@ -45,7 +45,7 @@ def cfg_for(model, squad, out, **kw):
     train_file, dev_file = squad
     base = dict(model=str(model), train_file=str(train_file), output_dir=str(out), max_seq_length=128,
                 doc_stride=64, max_query_length=32, train_batch_size=4, lr=1e-3, warmup=0.1, max_steps=6,
-                log_every=1, cache_dir=None, progress=False)  # fmt: skip
+                log_every=1, cache_dir=None, progress=False, precision="fp32")  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -97,7 +97,7 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     out = tmp_path / "eval"
     summary = evaluate(EvalConfig(model=str(tiny_dir), predict_file=str(small_squad[1]), output_dir=str(out),
                                   max_seq_length=128, doc_stride=64, max_query_length=32, batch_size=5,
-                                  cache_dir=None, progress=False))  # fmt: skip
+                                  cache_dir=None, progress=False, precision="fp32"))  # fmt: skip
     r = run_cli("score", small_squad[1], out / "predictions.json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"exact_match": summary["exact_match"], "f1": summary["f1"]}
@@ -178,7 +178,7 @@ def run_cli(*args, env=None, module=("-m", "bertqa")):
 
 def common_args(model, squad, out):
     return ["--model", model, "--train-file", squad[0], "--output-dir", out, "--max-seq-length", 128,
-            "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress"]  # fmt: skip
+            "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress", "--precision", "fp32"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):
     ev1, ev2 = tmp_path / "ev1", tmp_path / "ev2"
     eval_args = ["--model", one / "model", "--predict-file", small_squad[1], "--max-seq-length", 128,
                  "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress",
-                 "--batch-size", 3]  # fmt: skip
+                 "--batch-size", 3, "--precision", "fp32"]  # fmt: skip
     assert run_cli("evaluate", *eval_args, "--output-dir", ev1).returncode == 0
     r = torchrun(2, "evaluate", *eval_args, "--output-dir", ev2)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS
+from .config import ATTENTION_DROPOUT, PRECISIONS
 
 
 class UsageError(ValueError):
@@ -74,6 +74,12 @@ def cmd_predict(args):
     predict(_config(PredictConfig, args, {"input": "predict_file"}))
 
 
+def cmd_bench(args):
+    from .bench import BenchConfig, bench
+
+    bench(_config(BenchConfig, args))
+
+
 def _format_answers(result, as_json: bool) -> str:
     if as_json:
         return json.dumps(result, ensure_ascii=False)
@@ -124,7 +130,7 @@ def _add_common(p, batch_help, output_dir: bool = True):
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
+        default="auto",
         help="auto (bf16 where the device has native bf16, else tf32 on CUDA, else fp32), fp32, tf32 (TF32 "
         "matmuls), bf16 or fp16 (autocast; fp16 with a gradient scaler)",
     )
@@ -176,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="batch windows of similar length together (default; less padding, same windows per epoch)",
+    )
+    t.add_argument(
+        "--attention-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the config's attention-probability dropout (default: %s)" % ("on" if ATTENTION_DROPOUT else "off"),
     )
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
@@ -233,6 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--precision", choices=PRECISIONS, default="auto")
     a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
     a.set_defaults(func=cmd_ask)
+
+    b = sub.add_parser("bench", help="training / inference throughput, side by side with transformers")
+    b.add_argument("--model", help="checkpoint to benchmark (HF folder, .safetensors/.bin, NVIDIA .pt)")
+    b.add_argument("--preset", help="or a randomly initialised BERT: base or large")
+    b.add_argument("--mode", default="train", help="train (forward, backward, AdamW step) or infer")
+    b.add_argument("--data", help="SQuAD JSON for real windows (default: random full-length windows)")
+    b.add_argument("--tokenizer", help="tokenizer for --data with --preset")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--seq-len", type=int, default=384)
+    b.add_argument("--precision", choices=PRECISIONS, default="auto")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per segment")
+    b.add_argument("--segments", type=int, default=3, help="timed segments (figures are their medians)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
+    b.add_argument("--device", help="default: the accelerator if present")
+    b.add_argument("--compare", help="hf: also time transformers as run_qa.py runs it and at its best")
+    b.add_argument(
+        "--attention-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train with the config's attention dropout (default: as bertqa train does)",
+    )
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("download", help="download a dataset with checksum verification")
     d.add_argument("dataset", choices=["squad"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 # Precisions every command takes. Here, not in runtime.py, so that building the CLI never imports torch.
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+# Whether fine-tuning applies the config's attention-probability dropout (hidden dropout always applies).
+ATTENTION_DROPOUT = True
 
 
 @dataclass

@@ -37,7 +37,7 @@ class EvalConfig:
     predict_file: str  # SQuAD JSON to evaluate on
     output_dir: str  # predictions, summary.json
     batch_size: int = 32  # per device, for inference
-    precision: str = "fp32"  # auto | fp32 | tf32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16 | fp16
     device: str | None = None  # default: the accelerator if present, else cpu
     max_seq_length: int = 384  # NVIDIA/Google SQuAD defaults
     doc_stride: int = 128

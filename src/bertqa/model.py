@@ -186,6 +186,12 @@ class BertForQuestionAnswering(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def set_attention_dropout(self, enabled: bool):
+        """Apply the config's attention-probability dropout in training, or not (hidden dropout is unaffected)."""
+        for m in self.modules():
+            if isinstance(m, BertSelfAttention):
+                m.dropout_p = self.config.attention_probs_dropout_prob if enabled else 0.0
+
     def set_attention(self, attn_implementation: str):
         if attn_implementation not in ATTENTION:
             raise ValueError(f"unknown attention {attn_implementation!r}; choose from {sorted(ATTENTION)}")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .batching import epoch_batches, to_batch
 from .checkpoint import save_pretrained
+from .config import ATTENTION_DROPOUT
 from .distributed import Dist, all_gather_objects, distributed
 from .evaluate import (
     EvalConfig,
@@ -50,6 +51,7 @@ class TrainConfig(EvalConfig):
     warmup: float = 0.1  # proportion of steps with linear warm-up
     weight_decay: float = 0.01  # not on bias / LayerNorm
     max_grad_norm: float = 1.0  # global norm clip; 0 = off
+    attention_dropout: bool = ATTENTION_DROPOUT  # the config's attention-probability dropout, or none
     group_by_length: bool = True  # batch windows of similar length (less padding); False = plain shuffle
     seed: int = 42
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
@@ -87,8 +89,9 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     for name, p in model.named_parameters():
         (no_decay if name.endswith(".bias") or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel exists for CUDA (and some other accelerators); the foreach path elsewhere.
-    fused = device.type in ("cuda", "xpu", "mps")
+    # One fused kernel for all parameters (CUDA, CPU since torch 2.4, some other accelerators); where the
+    # device has none, torch's default (foreach) path.
+    fused = device.type in ("cuda", "xpu", "mps", "cpu")
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
     except (RuntimeError, TypeError):
@@ -120,7 +123,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
 RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
                "lr", "warmup", "weight_decay", "seed", "group_by_length", "max_seq_length", "doc_stride",
-               "max_query_length", "precision")  # fmt: skip
+               "max_query_length", "precision", "attention_dropout")  # fmt: skip
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
@@ -202,6 +205,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
     tokenizer, model = load_tokenizer_and_model(cfg, d, for_inference=False)
+    model.set_attention_dropout(cfg.attention_dropout)
     _, _, features = load_examples_and_features(cfg.train_file, tokenizer, cfg, True, d, cfg.max_train_examples)
     # The evaluation file is read and checked now, not discovered to be broken after training.
     eval_data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d) if cfg.predict_file else None

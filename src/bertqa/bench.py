@@ -1,0 +1,380 @@
+"""`bertqa bench`: training or inference throughput of bertqa, side by side with HuggingFace transformers'
+`BertForQuestionAnswering` on the same weights, windows and precision, in the same process.
+
+Rows:
+- bertqa: this package's model and batching (length-grouped batches for training, sorted for inference).
+- hf-run_qa: transformers as `run_qa.py` runs it: every window padded to --seq-len, batches in data order
+  (training: shuffled).
+- hf-best: transformers at its best: the same length-grouped (training) or sorted (inference) batches as
+  bertqa, each padded to its longest window, as Trainer's `group_by_length` does.
+
+Each row: warm-up steps (not timed), then --segments timed segments of --steps steps; the figures are the
+medians over segments. MFU counts the FLOPs of real (non-pad) tokens against the device's matmul peak in
+that precision, measured in the same run. Peak memory is the most the process's resident memory (CPU) or
+allocated device memory (accelerators) grew while the row ran, over what it was before the row built its
+model. The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batching import epoch_batches, to_batch
+from .runtime import Precision, synchronize
+
+# --- model FLOPs
+
+
+def forward_flops(config, lengths: np.ndarray) -> float:
+    """Matmul FLOPs of one forward pass over sequences of the given lengths (2 per multiply-add): the Q, K, V
+    and output projections, Q K^T and P V, the feed-forward, and the span head."""
+    C, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = float(np.sum(lengths))
+    squares = float(np.sum(np.asarray(lengths, np.float64) ** 2))
+    per_layer = 2 * tokens * (4 * C * C + 2 * C * I) + 2 * 2 * squares * C
+    return L * per_layer + 2 * tokens * C * 2
+
+
+def matmul_peak(device: torch.device, precision: Precision, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a large square matmul in the precision's compute dtype."""
+    dtype = precision.autocast_dtype or torch.float32
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    with precision.scope():
+        for _ in range(2):
+            a @ b
+        synchronize(device)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+            synchronize(device)
+        elapsed = time.perf_counter() - t0
+    return 2 * n**3 * reps / elapsed
+
+
+# --- memory
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096  # resident pages
+
+
+class PeakMemory:
+    """Peak growth of resident memory (sampled every few ms in a thread) or of allocated device memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        try:  # hand freed heap back to the OS so the baseline is this row's, not the last row's high water
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+        self.grown = self.peak - self.base
+
+
+# --- windows
+
+
+@dataclass
+class Windows:
+    input_ids: np.ndarray  # (N, L)
+    token_type_ids: np.ndarray
+    lengths: np.ndarray
+    start_positions: np.ndarray
+    end_positions: np.ndarray
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def padded(self) -> Windows:
+        """Every window as long as the longest possible one (run_qa.py's pad_to_max_length)."""
+        return Windows(self.input_ids, self.token_type_ids, np.full_like(self.lengths, self.max_seq_length),
+                       self.start_positions, self.end_positions)  # fmt: skip
+
+
+def random_windows(n: int, seq_len: int, vocab: int, seed: int = 0) -> Windows:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab, (n, seq_len)).astype(np.int32)
+    types = np.zeros((n, seq_len), np.int8)
+    types[:, seq_len // 4 :] = 1
+    starts = rng.integers(seq_len // 4, seq_len - 8, n).astype(np.int32)
+    return Windows(ids, types, np.full(n, seq_len, np.int32), starts, starts + 3)
+
+
+def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query_length: int = 64) -> Windows:
+    from .squad.data import read_squad
+    from .squad.features import featurize
+
+    f = featurize(read_squad(path, is_training=True), tokenizer, seq_len, min(doc_stride, seq_len - max_query_length - 3),
+                  max_query_length, is_training=True)  # fmt: skip
+    return Windows(f.input_ids, f.token_type_ids, f.lengths, f.start_positions, f.end_positions)
+
+
+# --- rows
+
+
+def hf_model(model, attention: str = "sdpa"):
+    """transformers' BertForQuestionAnswering holding the same weights as `model`."""
+    import transformers
+
+    cfg = transformers.BertConfig(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
+    cfg._attn_implementation = attention
+    hf = transformers.BertForQuestionAnswering(cfg)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("position_ids" not in k and "token_type_ids" not in k for k in missing):
+        raise RuntimeError(f"weights do not map onto transformers' BERT: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, seed: int = 0):
+    """Row indices of `steps` batches: training draws epochs of shuffled (grouped: length-grouped) batches;
+    inference walks the windows in order (grouped: sorted by length), wrapping around."""
+    n = len(windows.lengths)
+    if mode == "train":
+        out, epoch = [], 0
+        while len(out) < steps:
+            out.extend(epoch_batches(n, batch_size, seed, epoch, windows.lengths if grouped else None))
+            epoch += 1
+        return out[:steps]
+    order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
+    order = np.resize(order, steps * batch_size)
+    return list(order.reshape(steps, batch_size))
+
+
+def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision, device,
+            warmup: int, steps: int, segments: int, real_lengths=None, lr: float = 5e-5) -> dict:  # fmt: skip
+    """Time one configuration; returns windows/s and real (`real_lengths`, default the windows' own) tokens/s,
+    medians over the segments."""
+    real_lengths = windows.lengths if real_lengths is None else real_lengths
+    batches = _batches(windows, mode, batch_size, grouped, warmup + steps * segments)
+    training = mode == "train"
+    model.train(training)
+    optimizer = None
+    if training:
+        try:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(idx):
+        batch = to_batch(windows, idx, device, with_labels=training)
+        if training:
+            with precision.autocast():
+                out = model(**batch)
+            loss = out[0] if isinstance(out, tuple) and not hasattr(out, "loss") else out.loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad(), precision.autocast():
+                model(**batch)
+
+    rates, token_rates = [], []
+    with precision.scope():
+        for idx in batches[:warmup]:
+            step(idx)
+        synchronize(device)
+        for s in range(segments):
+            seg = batches[warmup + s * steps : warmup + (s + 1) * steps]
+            t0 = time.perf_counter()
+            for idx in seg:
+                step(idx)
+            synchronize(device)
+            elapsed = time.perf_counter() - t0
+            rates.append(len(seg) * batch_size / elapsed)
+            token_rates.append(sum(int(real_lengths[i].sum()) for i in seg) / elapsed)
+    return {"windows_per_s": statistics.median(rates), "tokens_per_s": statistics.median(token_rates),
+            "segments": [round(r, 2) for r in rates]}  # fmt: skip
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                    platform.processor())  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{cpu_name()} ({torch.get_num_threads()} threads, PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    return str(device)
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    model: str | None = None  # checkpoint to load (anything load_model reads)
+    preset: str | None = None  # or a randomly initialised base / large BERT
+    mode: str = "train"  # train | infer
+    data: str | None = None  # SQuAD JSON for real windows (default: random full-length windows)
+    tokenizer: str | None = None  # for --data with --preset (default: the model's)
+    batch_size: int = 32
+    seq_len: int = 384
+    precision: str = "auto"
+    steps: int = 10  # timed steps per segment
+    segments: int = 3
+    warmup: int = 3  # untimed steps first
+    compile: bool = False
+    device: str | None = None
+    compare: str | None = None  # "hf": also time transformers, as run_qa.py runs it and at its best
+    attention_dropout: bool | None = None  # None: the training default (bertqa.train)
+
+
+def _check(cfg: BenchConfig) -> None:
+    if (cfg.model is None) == (cfg.preset is None):
+        raise ValueError("give exactly one of --model or --preset")
+    if cfg.preset is not None and cfg.preset not in ("base", "large"):
+        raise ValueError(f"--preset {cfg.preset!r}: choose base or large")
+    if cfg.mode not in ("train", "infer"):
+        raise ValueError(f"--mode {cfg.mode!r}: choose train or infer")
+    for name in ("batch_size", "seq_len", "steps", "segments"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if not 16 <= cfg.seq_len <= 512:
+        raise ValueError(f"--seq-len {cfg.seq_len}: must be between 16 and 512")
+    if cfg.compare not in (None, "hf"):
+        raise ValueError(f"--compare {cfg.compare!r}: only hf is supported")
+    from pathlib import Path
+
+    for flag, path in (("--model", cfg.model), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if cfg.data and cfg.preset and not cfg.tokenizer:
+        raise ValueError("--data with --preset needs --tokenizer (vocab.txt or tokenizer.json)")
+
+
+def bench(cfg: BenchConfig) -> dict:
+    from .checkpoint import load_model
+    from .config import ATTENTION_DROPOUT, BertConfig
+    from .distributed import resolve_device
+    from .model import BertForQuestionAnswering
+
+    _check(cfg)
+    if cfg.compare == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--compare hf needs transformers (pip install transformers)") from None
+    device = resolve_device(cfg.device)
+    precision = Precision.resolve(cfg.precision, device)
+    torch.manual_seed(0)
+    if cfg.model:
+        model = load_model(cfg.model, verbose=False)
+    else:
+        model = BertForQuestionAnswering(BertConfig.preset(cfg.preset))
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions"
+        )
+    if cfg.data:
+        from .tokenizer import load_tokenizer
+
+        windows = data_windows(cfg.data, load_tokenizer(cfg.tokenizer or cfg.model), cfg.seq_len)
+    else:
+        windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
+    print(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
+          f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
+          f"/{cfg.seq_len}, batch {cfg.batch_size}, on {device_name(device)}, precision {precision.describe()}",
+          flush=True)  # fmt: skip
+    peak = matmul_peak(device, precision)
+    timing = dict(precision=precision, device=device, warmup=cfg.warmup, steps=cfg.steps, segments=cfg.segments)
+
+    rows = {}
+    config = model.config
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+
+    def ours():
+        m = BertForQuestionAnswering(config).to(device)
+        m.load_state_dict(state)
+        if cfg.mode == "train":
+            m.set_attention_dropout(ATTENTION_DROPOUT if cfg.attention_dropout is None else cfg.attention_dropout)
+        return torch.compile(m, dynamic=True) if cfg.compile else m
+
+    def hf():
+        m = BertForQuestionAnswering(config)
+        m.load_state_dict(state)
+        return hf_model(m).to(device)
+
+    makers = {"bertqa": (ours, windows, True)}
+    if cfg.compare == "hf":
+        makers["hf-run_qa"] = (hf, windows.padded(), False)
+        makers["hf-best"] = (hf, windows, True)
+    flops_per_window = forward_flops(config, windows.lengths) / len(windows.lengths)
+    factor = 3 if cfg.mode == "train" else 1  # the backward pass costs twice the forward
+    for name, (make, w, grouped) in makers.items():
+        with PeakMemory(device) as mem:
+            m = make()
+            r = run_row(m, w, cfg.mode, cfg.batch_size, grouped, real_lengths=windows.lengths, **timing)
+            del m
+        r["mfu"] = r["windows_per_s"] * flops_per_window * factor / peak
+        r["peak_memory_mb"] = mem.grown / 2**20
+        rows[name] = r
+        print(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
+              f"MFU {100 * r['mfu']:5.1f}%  peak memory +{r['peak_memory_mb']:.0f} MB  (segments {r['segments']})",
+              flush=True)  # fmt: skip
+    result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": device_name(device),
+              "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+              "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,
+              "compile": cfg.compile, "rows": rows}  # fmt: skip
+    for base in ("hf-run_qa", "hf-best"):
+        if base in rows:
+            result[f"speedup_vs_{base}"] = rows["bertqa"]["windows_per_s"] / rows[base]["windows_per_s"]
+            result[f"memory_vs_{base}"] = rows["bertqa"]["peak_memory_mb"] / max(rows[base]["peak_memory_mb"], 1e-9)
+    print(table(result), flush=True)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| row | windows/s | real tokens/s | MFU | peak memory (MB) | bertqa speed-up |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    ours = result["rows"]["bertqa"]["windows_per_s"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {r['windows_per_s']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['peak_memory_mb']:.0f} | {ours / r['windows_per_s']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`bertqa bench`: a short real run against transformers, the FLOP count, and bad arguments."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bertqa.bench import forward_flops
+from bertqa.config import BertConfig
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_forward_flops_of_bert_base_match_the_usual_count():
+    cfg = BertConfig.preset("base")
+    # 2 FLOPs per multiply-add of every weight (85M in the encoder) per token, plus attention's 4 T^2 C per layer.
+    encoder_params = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    T = 384
+    expected = 2 * T * encoder_params + 12 * 4 * T * T * 768 + 2 * T * 768 * 2
+    assert forward_flops(cfg, np.array([T])) == pytest.approx(expected)
+    assert forward_flops(cfg, np.array([100, 284])) < forward_flops(cfg, np.array([T]))
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tiny_squad, mode):
+    r = run_cli("bench", "--model", tiny_dir, "--mode", mode, "--data", tiny_squad, "--seq-len", 128, "--batch-size", 4,
+                "--steps", 2, "--segments", 2, "--warmup", 1, "--compare", "hf", "--precision", "fp32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (
+        result["mode"] == mode
+        and result["precision"] == "fp32"
+        and "AMD" in result["device"]
+        or "CPU" in result["device"]
+    )
+    assert set(result["rows"]) == {"bertqa", "hf-run_qa", "hf-best"}
+    for row in result["rows"].values():
+        assert row["windows_per_s"] > 0 and 0 < row["mfu"] < 1.5 and len(row["segments"]) == 2
+    assert result["speedup_vs_hf-best"] == pytest.approx(
+        result["rows"]["bertqa"]["windows_per_s"] / result["rows"]["hf-best"]["windows_per_s"]
+    )
+    # run_qa.py pads every window to --seq-len: the same real tokens take longer.
+    assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "--preset 'huge': choose base or large"),
+        (["--preset", "base", "--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--preset", "base", "--mode", "fly"], "--mode 'fly': choose train or infer"),
+        (["--preset", "base", "--seq-len", "4096"], "--seq-len 4096: must be between 16 and 512"),
+        (["--preset", "base", "--compare", "tf"], "--compare 'tf': only hf is supported"),
+        (["--model", "no/such/dir"], "--model no/such/dir: no such file or folder"),
+        (["--preset", "base", "--data", "x.json"], "--data x.json: no such file"),
+        ([], "give exactly one of --model or --preset"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, message):
+    r = run_cli("bench", *args)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr

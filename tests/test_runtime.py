@@ -1,0 +1,98 @@
+"""Precision choice (auto on every kind of device, with the probes mocked), scoped settings, atomic writes."""
+
+import logging
+
+import pytest
+import torch
+
+from bertqa.files import atomic_dir, atomic_path, write_json
+from bertqa.runtime import Precision, rng_state, set_rng_state
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "features, expected, why",
+    [
+        ({"avx512_bf16": True, "avx2": True}, "bf16", "avx512_bf16"),
+        ({"amx_bf16": True}, "bf16", "amx_bf16"),
+        ({"avx2": True, "avx512_f": True}, "fp32", "lacks avx512_bf16 and amx_bf16"),  # AVX-512 alone emulates bf16
+        ({}, "fp32", "lacks"),
+    ],
+)
+def test_auto_on_cpus(features, expected, why):
+    p = Precision.resolve("auto", CPU, features=features)
+    assert p.name == expected and why in p.reason and p.describe().startswith(f"{expected} (auto: ")
+    assert Precision.resolve(None, CPU, features=features).name == expected  # None means auto
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "tf32")])
+def test_auto_on_cuda(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    p = Precision.resolve("auto", torch.device("cuda", 0))
+    assert p.name == expected and f"compute capability {capability[0]}.{capability[1]}" in p.reason
+
+
+def test_other_accelerators_never_get_a_guessed_precision():
+    assert Precision.resolve("auto", torch.device("meta")).name == "fp32"
+
+
+def test_explicit_choices_are_kept_and_emulation_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        p = Precision.resolve("bf16", CPU, features={"avx2": True})
+    assert p.name == "bf16" and p.reason == "asked for" and "emulated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        Precision.resolve("bf16", CPU, features={"avx512_bf16": True})
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match="--precision 'fp8'"):
+        Precision.resolve("fp8", CPU)
+
+
+def test_scope_restores_what_it_changed():
+    before = torch.get_float32_matmul_precision()
+    with Precision("tf32", CPU).scope():
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == before and not torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(RuntimeError), Precision("tf32", CPU).scope():
+        raise RuntimeError("boom")
+    assert torch.get_float32_matmul_precision() == before
+
+
+def test_autocast_only_for_half_precisions():
+    assert Precision("bf16", CPU).autocast_dtype == torch.bfloat16
+    with Precision("bf16", CPU).autocast():
+        assert torch.is_autocast_enabled("cpu")
+    with Precision("fp32", CPU).autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_rng_state_round_trip():
+    state = rng_state(CPU)
+    a = torch.rand(3)
+    set_rng_state(state, CPU)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(KeyError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyError("interrupted")
+    assert target.read_text() == '{\n    "v": 1\n}\n' and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    write_json(target, {"v": 2})
+    assert '"v": 2' in target.read_text() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise OSError("disk full")
+    assert sorted(p.name for p in target.iterdir()) == ["a"] and len(list(tmp_path.iterdir())) == 1
+    with atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
