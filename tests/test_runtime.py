@@ -96,3 +96,17 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "c").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

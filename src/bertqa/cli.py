@@ -80,6 +80,14 @@ def cmd_bench(args):
     bench(_config(BenchConfig, args))
 
 
+def cmd_export(args):
+    from .export import export_onnx
+
+    export_onnx(args.model, args.output, int8=args.int8, check_file=args.check_file,
+                max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, max_query_length=args.max_query_length,
+                opset=args.opset, trust_pickle=args.trust_pickle, config=args.config)  # fmt: skip
+
+
 def _format_answers(result, as_json: bool) -> str:
     if as_json:
         return json.dumps(result, ensure_ascii=False)
@@ -194,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--tensorboard", action="store_true", help="log scalars to OUTPUT_DIR/tensorboard")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training step (minutes to compile once)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="predict and score a SQuAD file")
@@ -268,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with the config's attention dropout (default: as bertqa train does)",
     )
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="export a fine-tuned model for other runtimes")
+    xs = x.add_subparsers(dest="format", required=True, parser_class=Parser)
+    o = xs.add_parser("onnx", help="ONNX graph (dynamic batch and length), checked against PyTorch with onnxruntime")
+    o.add_argument("--model", required=True, help="a fine-tuned checkpoint")
+    o.add_argument("--output", required=True, help="FILE.onnx (written atomically)")
+    o.add_argument("--int8", action="store_true", help="dynamically quantised int8 weights (smaller, faster on CPU)")
+    o.add_argument("--check-file", help="SQuAD JSON whose windows the parity check runs on (default: built-in text)")
+    o.add_argument("--max-seq-length", type=int, default=384)
+    o.add_argument("--doc-stride", type=int, default=128)
+    o.add_argument("--max-query-length", type=int, default=64)
+    o.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    o.add_argument("--config", help="config.json for weights that have none beside them")
+    o.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    o.set_defaults(func=cmd_export)
 
     d = sub.add_parser("download", help="download a dataset with checksum verification")
     d.add_argument("dataset", choices=["squad"])

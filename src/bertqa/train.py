@@ -58,6 +58,7 @@ class TrainConfig(EvalConfig):
     resume: bool = False  # continue from OUTPUT/checkpoint.pt
     log_every: int = 10  # steps between metrics.jsonl lines
     tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
+    compile: bool = False  # torch.compile the training forward (one graph for every batch shape)
 
     FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
@@ -245,7 +246,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
     metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
-    ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
+    # Compiled with symbolic batch and length, so length-grouped batches of every shape share one graph.
+    # Evaluation and saving use the plain module, which shares the weights.
+    fwd = torch.compile(model, dynamic=True) if cfg.compile else model
+    ddp = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else fwd
 
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",

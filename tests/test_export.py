@@ -1,0 +1,177 @@
+"""ONNX export: the graph matches PyTorch at shapes other than the traced one, int8 shrinks it without moving
+the answers much, and a bad or failed export leaves no file behind."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from bertqa import export
+from bertqa.checkpoint import load_model
+from bertqa.export import OnnxRunner, check_windows, export_onnx
+from bertqa.inference import predict_logits
+from bertqa.tokenizer import load_tokenizer
+
+# Short windows keep the tiny model's check quick, and give the built-in long sample many windows.
+WINDOWS = {"max_seq_length": 96, "doc_stride": 32, "max_query_length": 32}
+
+
+@pytest.fixture(scope="module")
+def fp32_graph(tiny_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return path, export_onnx(tiny_dir, path, verbose=False, **WINDOWS)
+
+
+@pytest.fixture
+def reuse_trace(monkeypatch, fp32_graph):
+    """Stand in the already-exported graph for a new trace: later tests pay only for what they test."""
+    path, report = fp32_graph
+
+    def copy(model, dst, opset, pad_id):
+        shutil.copyfile(path, dst)
+        return report["opset"]
+
+    monkeypatch.setattr(export, "_export_graph", copy)
+
+
+def test_export_writes_one_loadable_file(fp32_graph):
+    path, report = fp32_graph
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no temporary or external-data files
+    assert report["size_bytes"] == path.stat().st_size and not report["int8"]
+    assert report["max_abs_diff"] <= 1e-4 and report["windows"] > 4
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    assert list(inputs) == ["input_ids", "token_type_ids", "attention_mask"]
+    assert all(i.type == "tensor(int64)" and all(isinstance(d, str) for d in i.shape) for i in inputs.values())
+    assert [o.name for o in session.get_outputs()] == ["start_logits", "end_logits"]
+
+
+def test_parity_at_other_batch_sizes_and_lengths(fp32_graph, tiny_dir):
+    features = check_windows(load_tokenizer(tiny_dir), **WINDOWS)
+    # The graph was traced at batch 2 x 16 tokens; these windows are longer and of several lengths.
+    assert features.lengths.min() > 16 and len(set(features.lengths.tolist())) > 2
+    model = load_model(tiny_dir, verbose=False)
+    real = features.attention_mask()
+    runner = OnnxRunner(fp32_graph[0], threads=1)
+    for batch_size in (1, 3):
+        got = runner.predict_logits(features, batch_size=batch_size)
+        ref = predict_logits(model, features, np.arange(len(features)), batch_size, torch.device("cpu"))
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and a.dtype == np.float32
+            assert np.array_equal(np.isneginf(a), np.isneginf(b))  # the same -inf beyond each batch's length
+            assert np.abs(a[real] - b[real]).max() <= 1e-4
+
+
+def test_int8_is_smaller_and_keeps_the_answers(reuse_trace, fp32_graph, tiny_dir, tmp_path, capsys):
+    path = tmp_path / "int8.onnx"
+    report = export_onnx(tiny_dir, path, int8=True, **WINDOWS)
+    assert report["int8"] and report["size_bytes"] == path.stat().st_size
+    assert report["fp32_size_bytes"] == fp32_graph[1]["size_bytes"]
+    assert report["size_bytes"] < report["fp32_size_bytes"] / 2
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    assert 0 < report["max_abs_diff"] < 0.1
+    assert report["start_argmax_agreement"] >= 0.75 and report["end_argmax_agreement"] >= 0.75
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("bertqa: ") for line in lines[:-1]) and json.loads(lines[-1]) == report
+    assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]
+
+
+def test_bad_output_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.onnx").mkdir()
+    cases = [
+        (tmp_path / "dir.onnx", r"^--output \S+dir\.onnx: is a folder; name the \.onnx file to write$"),
+        (tmp_path / "model.txt", r"^--output \S+model\.txt: must end in \.onnx$"),
+        (tmp_path, r"^--output \S+: must end in \.onnx$"),
+        (tmp_path / "file" / "model.onnx", r"^--output \S+model\.onnx: cannot write in \S+file$"),
+    ]
+    for output, message in cases:
+        with pytest.raises(ValueError, match=message):
+            export_onnx(tiny_dir, output, verbose=False)
+    with pytest.raises(FileNotFoundError, match=r"^--model \S+nowhere: no such checkpoint file or folder$"):
+        export_onnx(tmp_path / "nowhere", tmp_path / "model.onnx", verbose=False)
+    with pytest.raises(FileNotFoundError, match=r"^--check-file \S+none\.json: no such file$"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", check_file=tmp_path / "none.json", verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "file"]
+
+
+def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    def half_written(model, dst, opset, pad_id):
+        dst.write_bytes(b"\x08\x07partial")
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(export, "_export_graph", half_written)
+    for int8 in (False, True):
+        with pytest.raises(RuntimeError, match="exporter failed"):
+            export_onnx(tiny_dir, tmp_path / "model.onnx", int8=int8, verbose=False, **WINDOWS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_failure_keeps_the_previous_file(reuse_trace, tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(export, "FP32_TOLERANCE", -1.0)  # no graph can pass: the failure path runs
+    with pytest.raises(ValueError, match=r"^export onnx: the graph's logits differ .*model\.onnx not written$"):
+        export_onnx(tiny_dir, out, verbose=False, **WINDOWS)
+    assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_check_file_windows(tiny_dir, tmp_path):
+    context = "The lighthouse on the cape was kept by Marta Olsen for forty years. " * 12
+    squad = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": f"q{i}", "question": f"Who kept the lighthouse {i}?", "answers": [{"text": "Marta Olsen", "answer_start": 39}]}
+        for i in range(20)]}]}]}  # fmt: skip
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(squad))
+    features = check_windows(load_tokenizer(tiny_dir), path, **WINDOWS)
+    assert len(features) == export.CHECK_WINDOWS and len(set(features.example_index.tolist())) > 1
+
+
+def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match=r"^\S+bad\.onnx: not a loadable ONNX graph"):
+        OnnxRunner(bad)
+    with pytest.raises(FileNotFoundError, match="no such ONNX file"):
+        OnnxRunner(tmp_path / "missing.onnx")
+
+
+def test_missing_extra_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without bertqa[onnx] looks like
+    with pytest.raises(ValueError, match=r"^export onnx needs onnx and onnxruntime: pip install 'bertqa\[onnx\]'"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.onnx"
+    run = [
+        sys.executable,
+        "-m",
+        "bertqa",
+        "export",
+        "onnx",
+        "--model",
+        str(tiny_dir),
+        "--max-seq-length",
+        "128",
+        "--doc-stride",
+        "32",
+    ]
+    r = subprocess.run([*run, "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out.is_file() and report["max_abs_diff"] <= 1e-4 and "max |onnxruntime - pytorch|" in r.stdout
+    r = subprocess.run([*run, "--output", str(tmp_path / "m.txt")], capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "must end in .onnx" in lines[0]
