@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bertqa.checkpoint import CheckpointError
-from bertqa.qa import QuestionAnswerer, rank_answers
+from bertqa.qa import QuestionAnswerer, align_to_words, rank_answers
 from bertqa.squad.data import Example
 from bertqa.squad.features import featurize
 from bertqa.squad.postprocess import postprocess
@@ -121,7 +121,7 @@ def test_handle_impossible_answer_applies_the_v2_null_rule(tiny_dir, tiny_squad)
     start, end = predict_logits(qa.model, features, np.arange(len(features)), 32, qa.device)
     answers = qa([q for q, *_ in qs], [c for _, c, *_ in qs], handle_impossible_answer=True, max_seq_len=64,
                  doc_stride=16, max_question_len=32)  # fmt: skip
-    assert rank_answers(examples, features, start, end, 1, 30, True) == [[a] for a in answers]
+    assert rank_answers(examples, features, start, end, 1, 30, True, True) == [[a] for a in answers]
     # Make [CLS] likelier in every window of some examples, by amounts around the best span's margin.
     rng = np.random.default_rng(0)
     boost = rng.uniform(-2, 12, len(examples))[features.example_index]
@@ -145,6 +145,7 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question="Who?", context="Some text.", top_k=0), "top_k must be a positive integer"),
         (dict(question="Who?", context="Some text.", max_seq_len=1024), "exceeds the model's 512"),
         (dict(question="Who?", context="Some text.", max_seq_len=100, max_question_len=64), "leaves fewer than"),
+        (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -218,3 +219,24 @@ def test_help_and_score_do_not_import_torch(tiny_squad, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'\n")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_align_to_words_widens_word_pieces_only():
+    text = "The unbelievable gear-box, 北京大学 and naïve café."
+    assert align_to_words(text, text.index("believ"), text.index("believ") + 6) == (4, 16)  # "unbelievable"
+    assert text[slice(*align_to_words(text, text.index("box"), text.index("box") + 3))] == "box"  # "-" splits words
+    assert text[slice(*align_to_words(text, text.index("京"), text.index("京") + 1))] == "京"  # CJK: one per word
+    i = text.index("ïve")
+    assert text[slice(*align_to_words(text, i, i + 2))] == "naïve"
+    assert align_to_words(text, 0, 3) == (0, 3) and align_to_words(text, 0, len(text)) == (0, len(text))
+
+
+def test_a_window_limit_refuses_oversized_work(qa, tiny_squad):
+    question, context, gold, _ = questions(tiny_squad)[0]
+    qa.max_windows = 3
+    try:
+        with pytest.raises(ValueError, match="need .* windows, more than the limit of 3"):
+            qa(question, FILLER + context, max_seq_len=128, doc_stride=64, max_question_len=32)
+        assert qa(question, context)["answer"] == gold
+    finally:
+        qa.max_windows = None

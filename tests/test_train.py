@@ -69,7 +69,7 @@ def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squ
         )
     )
     printed = capsys.readouterr().out
-    assert "device cpu, precision fp32, attention sdpa" in printed and "world size 1" in printed
+    assert "device cpu, precision fp32, attention auto" in printed and "world size 1" in printed
     assert json.loads(printed.strip().splitlines()[-1]) == summary  # the summary is stdout's last line
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5

@@ -193,7 +193,7 @@ def load_model(
     config: BertConfig | str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     trust_pickle: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     verbose: bool = True,
     require_qa_head: bool = False,
 ) -> BertForQuestionAnswering:

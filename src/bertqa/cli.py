@@ -88,6 +88,21 @@ def cmd_export(args):
                 opset=args.opset, trust_pickle=args.trust_pickle, config=args.config)  # fmt: skip
 
 
+def cmd_serve(args):
+    from .serve import serve
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+          max_body_bytes=args.max_body_bytes, max_context_chars=args.max_context_chars,
+          device=args.device, precision=args.precision)  # fmt: skip
+
+
 def _format_answers(result, as_json: bool) -> str:
     if as_json:
         return json.dumps(result, ensure_ascii=False)
@@ -156,7 +171,12 @@ def _add_common(p, batch_help, output_dir: bool = True):
     )
     p.add_argument("--null-score-diff-threshold", type=float, default=0.0)
     p.add_argument("--cache-dir", help="features cache (default ~/.cache/bertqa/features; 'none' disables it)")
-    p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "eager"],
+        default="auto",
+        help="auto: sdpa (fused kernels), except eager (written out) when training on a CPU",
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -254,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--precision", choices=PRECISIONS, default="auto")
     a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
     a.set_defaults(func=cmd_ask)
+
+    v = sub.add_parser("serve", help="an HTTP service (HF Inference API compatible) and a page to try the model")
+    v.add_argument("--model", required=True, help="a fine-tuned checkpoint")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--max-batch-size", type=int, default=16, help="questions answered in one model call")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    v.add_argument("--max-queue", type=int, default=256, help="questions waiting at most; beyond, 503 + Retry-After")
+    v.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-context-chars", type=int, default=100_000, help="longer contexts get 413")
+    v.add_argument("--device", help="default: the accelerator if present")
+    v.add_argument("--precision", choices=PRECISIONS, default="auto")
+    v.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core)")
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="training / inference throughput, side by side with transformers")
     b.add_argument("--model", help="checkpoint to benchmark (HF folder, .safetensors/.bin, NVIDIA .pt)")

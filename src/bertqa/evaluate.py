@@ -47,7 +47,7 @@ class EvalConfig:
     version_2_with_negative: bool | None = None  # None: detect from the data
     null_score_diff_threshold: float = 0.0
     cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
-    attention: str = "sdpa"  # sdpa | eager
+    attention: str = "auto"  # auto | sdpa | eager (auto: eager to train on a CPU, sdpa otherwise)
     config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
     trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
     progress: bool = True  # progress bars on rank 0
@@ -174,7 +174,8 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 
 
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
-    sdpa = "sdpa (flash/memory-efficient kernels where the device has them)" if attention == "sdpa" else attention
+    sdpa = {"sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
+            "auto": "auto (eager to train on a CPU, else sdpa)"}.get(attention, attention)  # fmt: skip
     return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
 
 

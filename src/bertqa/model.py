@@ -31,15 +31,20 @@ def sdpa_attention(q, k, v, mask, dropout_p):
 
 
 def eager_attention(q, k, v, mask, dropout_p):
-    """The reference: softmax(q k^T / sqrt(hs)) v written out."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+    """The reference, softmax(q k^T / sqrt(hs)) v, written out. The scale is applied to q (T x hs values, not
+    T x T) and padding enters as an additive bias, whose backward is free (a masked_fill's is not)."""
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, T)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)  # (B, 1, 1, T)
+        scores = scores + bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
     return probs @ v  # (B, nh, T, hs)
 
 
 ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention}
+# "auto": SDPA (fused kernels: flash on CUDA) except when training on a CPU, where SDPA's fused kernel has a
+# slow backward and the written-out attention trained 11% faster (MiniLM, bf16, real SQuAD windows).
+ATTENTION_CHOICES = ("auto", *ATTENTION)
 
 
 class QAOutput(NamedTuple):
@@ -81,7 +86,10 @@ class BertSelfAttention(nn.Module):
         hs = C // self.n_head
         q, k, v = (lin(x).view(B, T, self.n_head, hs).transpose(1, 2) for lin in (self.query, self.key, self.value))
         dropout_p = self.dropout_p if self.training else 0.0
-        y = ATTENTION[self.attn_implementation](q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        impl = self.attn_implementation
+        if impl == "auto":
+            impl = "eager" if self.training and x.device.type == "cpu" else "sdpa"
+        y = ATTENTION[impl](q, k, v, mask, dropout_p)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -150,10 +158,10 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """The encoder without pooler (question answering does not use it)."""
 
-    def __init__(self, config: BertConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: BertConfig, attn_implementation: str = "auto"):
         super().__init__()
-        if attn_implementation not in ATTENTION:
-            raise ValueError(f"unknown attention {attn_implementation!r}; choose from {sorted(ATTENTION)}")
+        if attn_implementation not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {attn_implementation!r}; choose from {', '.join(ATTENTION_CHOICES)}")
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, attn_implementation)
@@ -168,7 +176,7 @@ class BertModel(nn.Module):
 
 
 class BertForQuestionAnswering(nn.Module):
-    def __init__(self, config: BertConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: BertConfig, attn_implementation: str = "auto"):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, attn_implementation)
@@ -193,8 +201,8 @@ class BertForQuestionAnswering(nn.Module):
                 m.dropout_p = self.config.attention_probs_dropout_prob if enabled else 0.0
 
     def set_attention(self, attn_implementation: str):
-        if attn_implementation not in ATTENTION:
-            raise ValueError(f"unknown attention {attn_implementation!r}; choose from {sorted(ATTENTION)}")
+        if attn_implementation not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {attn_implementation!r}; choose from {', '.join(ATTENTION_CHOICES)}")
         for m in self.modules():
             if isinstance(m, BertSelfAttention):
                 m.attn_implementation = attn_implementation

@@ -8,13 +8,20 @@ A context of any length is cut into windows (`doc_stride` apart); the best span 
 Scores are probabilities comparable across windows: the start (end) logits of every context token, each
 token counted once (from the window that gives it the most context, as evaluation does), share one softmax,
 and a span scores P(start) * P(end). For a context that fits one window this is exactly the pipeline's
-score. With `handle_impossible_answer` the null answer ([CLS], from the window least sure there is an
-answer) joins both softmaxes and wins when it beats every span: the SQuAD v2.0 rule `evaluate` applies.
+score. With `handle_impossible_answer` the null answer ([CLS], from the window with the lowest null score,
+as Google's SQuAD v2.0 code takes it) joins both softmaxes and wins when it beats every span: the rule
+`evaluate` applies. With `align_to_words` (the default, as the pipeline's) an answer that starts or ends
+inside a word is widened to whole words.
+
+One difference from the pipeline, as bertqa's API defines it: `max_answer_len` defaults to 30 tokens (the
+SQuAD recipes' max_answer_length), where the pipeline's default was 15.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import unicodedata
 
 import numpy as np
 import torch
@@ -33,11 +40,14 @@ def _logsumexp(x: np.ndarray) -> float:
     return float(top + np.log(np.exp(x - top).sum())) if np.isfinite(top) else float(top)
 
 
-def _pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
+def input_pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
     """(question, context) pairs from the pipeline's input forms, and whether the input was a batch."""
     if isinstance(question, dict) and context is None:  # qa({"question": ..., "context": ...})
         question, context = question.get("question"), question.get("context")
-    elif isinstance(question, list) and context is None and question and isinstance(question[0], dict):
+    elif isinstance(question, list) and context is None and any(isinstance(q, dict) for q in question):
+        for i, q in enumerate(question):
+            if not isinstance(q, dict):
+                raise ValueError(f"input {i}: expected a {{'question', 'context'}} dict like the others")
         return [(q.get("question"), q.get("context")) for q in question], True
     q_list, c_list = isinstance(question, (list, tuple)), isinstance(context, (list, tuple))
     if q_list and c_list:
@@ -51,7 +61,7 @@ def _pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
     return [(question, context)], False
 
 
-def _check(pairs) -> None:
+def check_pairs(pairs) -> None:
     for i, (q, c) in enumerate(pairs):
         where = f"input {i}: " if len(pairs) > 1 else ""
         for name, value in (("question", q), ("context", c)):
@@ -61,14 +71,38 @@ def _check(pairs) -> None:
                 raise ValueError(f"{where}{name} is empty")
 
 
-def _positive(**values) -> None:
+def check_positive(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+# CJK ideographs are words of their own for BERT's pre-tokenizer (Google's `_is_chinese_char` ranges).
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
+
+
+def _in_word(ch: str) -> bool:
+    """Whether `ch` can sit inside a word as BERT splits words: not space, punctuation or a CJK ideograph."""
+    cp = ord(ch)
+    if ch.isspace() or unicodedata.category(ch).startswith("P") or (33 <= cp <= 47 or 58 <= cp <= 64 or
+                                                                    91 <= cp <= 96 or 123 <= cp <= 126):  # fmt: skip
+        return False
+    return not any(lo <= cp <= hi for lo, hi in _CJK)
+
+
+def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+    """Widen [start, end) so that it neither starts nor ends inside a word (a span of word pieces such as
+    "##ing" becomes the whole word, as the pipeline's align_to_words did)."""
+    while 0 < start < len(context) and _in_word(context[start - 1]) and _in_word(context[start]):
+        start -= 1
+    while 0 < end < len(context) and _in_word(context[end - 1]) and _in_word(context[end]):
+        end += 1
+    return start, end
+
+
 def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len: int = 30,
-                 handle_impossible_answer: bool = False) -> list[list[dict]]:  # fmt: skip
+                 handle_impossible_answer: bool = False, align_words: bool = False) -> list[list[dict]]:  # fmt: skip
     """The `top_k` best distinct answers of every example, best first, from its windows' logits (see the
     module docstring for the score). Pure numpy over what `featurize` and `predict_logits` return."""
     start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
@@ -86,50 +120,62 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
         bounds = np.searchsorted(cand["example"], np.asarray(pending + [len(examples)]))
         short = []
         for i, e in enumerate(pending):
-            results[e] = _answers_of(examples[e], cand, bounds[i], bounds[i + 1], rows_of[e], start, end, counted,
-                                     top_k, handle_impossible_answer)  # fmt: skip
+            spans = _spans_of(examples[e].context, cand, bounds[i], bounds[i + 1], top_k, align_words)
             # Fewer than top_k distinct answers from the top-n starts and ends: look further down, if there is
             # further to look.
-            if sum(1 for a in results[e] if a["answer"]) < top_k and n < width:
+            if len(spans) < top_k and n < width:
                 short.append(e)
+                continue
+            results[e] = _scored(examples[e].context, spans, rows_of[e], start, end, counted, top_k,
+                                 handle_impossible_answer)  # fmt: skip
         pending, n = short, n * 2
     return results
 
 
-def _answers_of(ex, cand, lo, hi, rows, start, end, counted, top_k, handle_impossible) -> list[dict]:
+def _spans_of(context: str, cand, lo: int, hi: int, top_k: int, align_words: bool) -> list[tuple[float, int, int]]:
+    """The best `top_k` distinct (logit score, char start, char end) among one example's candidates."""
+    spans, seen = [], set()
+    for a in range(lo, hi):
+        if len(spans) == top_k:
+            break
+        cs, ce = int(cand["char_start"][a]), int(cand["char_end"][a])
+        if align_words:
+            cs, ce = align_to_words(context, cs, ce)
+        if context[cs:ce] in seen:  # the same words at two places are one answer, with the better score
+            continue
+        seen.add(context[cs:ce])
+        spans.append((float(cand["score"][a]), cs, ce))
+    return spans
+
+
+def _scored(context, spans, rows, start, end, counted, top_k: int, handle_impossible: bool) -> list[dict]:
+    """Spans (and the null answer) as the pipeline's dicts, scored as probabilities."""
     s_all = start[rows][counted[rows]]
     e_all = end[rows][counted[rows]]
     null = None
     if handle_impossible:
         w = rows[np.argmin(start[rows, 0] + end[rows, 0])]
-        null = (start[w, 0], end[w, 0])
-        s_all, e_all = np.append(s_all, null[0]), np.append(e_all, null[1])
+        null = start[w, 0] + end[w, 0]
+        s_all, e_all = np.append(s_all, start[w, 0]), np.append(e_all, end[w, 0])
     log_z = _logsumexp(s_all) + _logsumexp(e_all)
-    answers, seen = [], set()
-    for a in range(lo, hi):
-        if len(answers) == top_k:
-            break
-        cs, ce = int(cand["char_start"][a]), int(cand["char_end"][a])
-        text = ex.context[cs:ce]
-        if text in seen:  # the same words at two places are one answer, with the better score
-            continue
-        seen.add(text)
-        score = float(np.exp(cand["score"][a] - log_z))
-        answers.append({"score": score, "start": cs, "end": ce, "answer": text})
+    answers = [{"score": float(np.exp(score - log_z)), "start": cs, "end": ce, "answer": context[cs:ce]}
+               for score, cs, ce in spans]  # fmt: skip
     if null is not None:
-        null_score = float(np.exp(null[0] + null[1] - log_z))
-        at = sum(1 for x in answers if x["score"] >= null_score)
-        answers.insert(at, {"score": null_score, "start": 0, "end": 0, "answer": ""})
-        answers = answers[:top_k]
-    return answers or [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
+        at = sum(1 for score, _, _ in spans if score >= null)
+        answers.insert(at, {"score": float(np.exp(null - log_z)), "start": 0, "end": 0, "answer": ""})
+    return answers[:top_k] or [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
 
 
 class QuestionAnswerer:
     """Extractive question answering with a fine-tuned BERT, the way HF's pipeline answered."""
 
     def __init__(self, model, tokenizer, device: torch.device, precision: Precision, batch_size: int = 32,
-                 name: str = "model"):  # fmt: skip
+                 name: str = "model", max_windows: int | None = None):  # fmt: skip
         self.model = model.eval()
+        self.max_windows = max_windows  # refuse inputs needing more windows than this (a server's guard)
+        # One model call at a time: the precision scope sets process-wide torch flags, and one device runs one
+        # batch at a time anyway.
+        self._lock = threading.Lock()
         self.tokenizer = tokenizer
         self.device = device
         self.precision = precision
@@ -138,14 +184,14 @@ class QuestionAnswerer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, precision: str | None = None,
-                        batch_size: int = 32, attention: str = "sdpa", trust_pickle: bool = False,
+                        batch_size: int = 32, attention: str = "auto", trust_pickle: bool = False,
                         config=None) -> QuestionAnswerer:  # fmt: skip
         """Load a fine-tuned checkpoint (anything `load_model` reads, with its tokenizer beside it). `device`:
         default the accelerator if present; `precision`: auto (default), fp32, tf32, bf16 or fp16."""
         from .distributed import resolve_device
 
         device = resolve_device(None if device is None else str(device))
-        _positive(batch_size=batch_size)
+        check_positive(batch_size=batch_size)
         model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
                            attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
         return cls(model, load_tokenizer(path), device, Precision.resolve(precision, device), batch_size, str(path))
@@ -156,14 +202,14 @@ class QuestionAnswerer:
 
     def __call__(self, question=None, context=None, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, doc_stride: int = 128, max_seq_len: int = 384,
-                 max_question_len: int = 64):  # fmt: skip
+                 max_question_len: int = 64, align_to_words: bool = True):  # fmt: skip
         """Answer one question (a dict, or a list of `top_k` dicts when top_k > 1) or a batch: lists of
         questions and contexts, many questions about one context, or one question about many contexts (a list
         with one result per pair). Each answer: {"score", "start", "end", "answer"}, where
-        `context[start:end] == answer`."""
-        pairs, batched = _pairs(question, context)
-        _check(pairs)
-        _positive(top_k=top_k, max_answer_len=max_answer_len, doc_stride=doc_stride, max_seq_len=max_seq_len,
+        `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring)."""
+        pairs, batched = input_pairs(question, context)
+        check_pairs(pairs)
+        check_positive(top_k=top_k, max_answer_len=max_answer_len, doc_stride=doc_stride, max_seq_len=max_seq_len,
                   max_question_len=max_question_len)  # fmt: skip
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_position_embeddings} "
@@ -172,17 +218,21 @@ class QuestionAnswerer:
             raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
                              f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
         results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
-                                    max_question_len)  # fmt: skip
+                                    max_question_len, align_to_words)  # fmt: skip
         if top_k == 1:
             results = [r[0] for r in results]
         return results if batched else results[0]
 
     def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=128,
-                     max_seq_len=384, max_question_len=64) -> list[list[dict]]:  # fmt: skip
+                     max_seq_len=384, max_question_len=64, align_to_words=True) -> list[list[dict]]:  # fmt: skip
         """The ranked answers of every (question, context) pair, inputs already checked (the server's entry)."""
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
         features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len)
-        with self.precision.scope():
+        if self.max_windows is not None and len(features) > self.max_windows:
+            raise ValueError(f"these inputs need {len(features)} windows, more than the limit of {self.max_windows}: "
+                             "shorter contexts or a larger doc_stride")  # fmt: skip
+        with self._lock, self.precision.scope():
             start, end = predict_logits(self.model, features, np.arange(len(features)), self.batch_size,
                                         self.device, self.precision.autocast())  # fmt: skip
-        return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer)
+        return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer,
+                            align_to_words)  # fmt: skip

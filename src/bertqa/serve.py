@@ -1,0 +1,628 @@
+"""`bertqa serve`: a question-answering HTTP server (Starlette under uvicorn).
+
+- `POST /` speaks HuggingFace's Inference API for question answering, so `InferenceClient(model=URL)` works;
+  `POST /v1/answer` is bertqa's own batch form; `GET /v1/model`, `/healthz`, `/readyz`, `/metrics`;
+  `GET /` is a small page to try the model.
+- Concurrent requests are batched: a batcher task gathers queued questions until `max_batch_size` of them
+  wait or the oldest has waited `max_wait_ms`, and runs them through the model in one worker thread, so the
+  event loop never blocks on it. The queue is bounded (503 with Retry-After when full), every request has a
+  timeout (504), and every error is a one-line JSON body: no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import socket
+import time
+from bisect import bisect_left
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs
+
+log = logging.getLogger("bertqa.serve")
+
+# The answering parameters and their defaults: those of the Python API, so the server answers as `qa(...)` does.
+DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(QuestionAnswerer.answer_pairs).parameters.items()
+    if name not in ("self", "pairs")
+}
+ANSWER_PATHS = {"/", "/v1/answer"}
+WARMUP = ("What is warmed up?", "The model is warmed up before the server says it is ready.")
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'",
+}
+
+
+class ApiError(Exception):
+    """A client-facing error: its status and a one-line message."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+# --- Prometheus text format -------------------------------------------------------------------------------
+
+
+def _number(x: float) -> str:
+    return "+Inf" if x == math.inf else repr(float(x))
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, bounds):
+        self.name, self.help, self.bounds = name, help, tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        self.sum += value
+        self.count += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.bounds + (math.inf,), self.counts):
+            cumulative += n
+            lines.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {cumulative}')
+        return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {self.count}"]
+
+
+class Metrics:
+    """Everything is updated on the event loop's thread, so nothing needs a lock."""
+
+    # Error statuses this server gives, shown from zero so that rates work before the first one.
+    ERROR_CODES = (400, 404, 405, 413, 500, 503, 504)
+
+    def __init__(self):
+        self.latency = Histogram(
+            "bertqa_request_duration_seconds",
+            "Time to answer POST / and /v1/answer requests, errors included.",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_size = Histogram(
+            "bertqa_batch_size", "Questions per model call.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
+        self.batch_seconds = Histogram(
+            "bertqa_batch_duration_seconds",
+            "Time of one model call (tokenising, forward passes, ranking).",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.responses: dict[int, int] = {}
+        self.errors: dict[int, int] = dict.fromkeys(self.ERROR_CODES, 0)
+
+    def count_response(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+        if status >= 400:
+            self.errors[status] = self.errors.get(status, 0) + 1
+
+    def render(self, queue_depth: int, queue_limit: int, ready: bool) -> str:
+        lines = self.latency.render() + self.batch_size.render() + self.batch_seconds.render()
+        for name, help, value in (
+            ("bertqa_queue_depth", "Questions waiting for the model.", queue_depth),
+            ("bertqa_queue_limit", "Most questions allowed to wait (beyond it: 503).", queue_limit),
+            ("bertqa_ready", "1 once the model is loaded and warmed up.", int(ready)),
+        ):
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
+        for name, help, counts in (
+            ("bertqa_requests_total", "HTTP responses, by status code.", self.responses),
+            ("bertqa_errors_total", "Error responses (4xx and 5xx), by status code.", self.errors),
+        ):
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{code="{code}"}} {n}' for code, n in sorted(counts.items())]
+        return "\n".join(lines) + "\n"
+
+
+# --- Batching ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    pairs: list
+    params: tuple  # the answering parameters, in DEFAULTS order: jobs batch together only when they agree
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Runs queued questions through the model in batches, in one dedicated worker thread."""
+
+    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue: int, metrics: Metrics):
+        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
+        self.metrics = metrics
+        self.qa = None
+        self.queue: deque[_Job] = deque()
+        self.wake = asyncio.Event()
+        # One thread: the model is never run twice at once, and loading happens there too, off the loop.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="bertqa-model")
+        self.seconds_per_batch = 1.0  # running estimate, for Retry-After
+
+    def depth(self) -> int:
+        """Questions waiting (a request that timed out stops counting at once)."""
+        return sum(len(job.pairs) for job in self.queue if not job.future.done())
+
+    def retry_after(self) -> int:
+        batches = math.ceil(self.depth() / self.max_batch_size) + 1
+        return max(1, math.ceil(batches * self.seconds_per_batch))
+
+    def submit(self, pairs: list, params: tuple) -> asyncio.Future:
+        if self.depth() + len(pairs) > self.max_queue:
+            raise ApiError(
+                503,
+                f"server busy: {self.depth()} questions already waiting (limit {self.max_queue}); retry later",
+                {"Retry-After": str(self.retry_after())},
+            )
+        job = _Job(pairs, params, asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        self.wake.set()
+        return job.future
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        self.wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def run(self) -> None:
+        while True:
+            while not self._drop_done():
+                await self._wait()
+            # The oldest question's wait is what max_wait bounds: after a long batch, those that queued
+            # behind it go at once.
+            deadline = self.queue[0].arrived + self.max_wait_s
+            while self.depth() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                await self._wait(left)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in self._take():
+                groups.setdefault(job.params, []).append(job)
+            for params, jobs in groups.items():
+                await self._run(params, jobs)
+
+    def _drop_done(self) -> bool:
+        """Drop timed-out requests from the front; whether any request is left."""
+        while self.queue and self.queue[0].future.done():
+            self.queue.popleft()
+        return bool(self.queue)
+
+    def _take(self) -> list[_Job]:
+        """The oldest requests, up to max_batch_size questions (a bigger request goes alone)."""
+        jobs, n = [], 0
+        while self._drop_done():
+            size = len(self.queue[0].pairs)
+            if jobs and n + size > self.max_batch_size:
+                break
+            jobs.append(self.queue.popleft())
+            n += size
+        return jobs
+
+    async def _run(self, params: tuple, jobs: list[_Job]) -> None:
+        pairs = [p for job in jobs for p in job.pairs]
+        start = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self.worker, self.qa.answer_pairs, pairs, *params)
+        except Exception as e:
+            self._observe(len(pairs), time.perf_counter() - start)
+            if len(jobs) > 1:  # one bad request must not fail the others it was batched with
+                for job in jobs:
+                    await self._run(params, [job])
+            elif not jobs[0].future.done():
+                jobs[0].future.set_exception(e)
+            return
+        self._observe(len(pairs), time.perf_counter() - start)
+        at = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(results[at : at + len(job.pairs)])
+            at += len(job.pairs)
+
+    def _observe(self, questions: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(questions)
+        self.metrics.batch_seconds.observe(seconds)
+        self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * seconds
+
+    def fail_waiting(self, message: str) -> None:
+        for job in self.queue:
+            if not job.future.done():
+                job.future.set_exception(ApiError(503, message))
+        self.queue.clear()
+
+
+# --- Request parsing --------------------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, too_big)
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, too_big)
+    try:
+        data = json.loads(bytes(body))
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed JSON: the body is not UTF-8 text") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, not {_type(data)}")
+    return data
+
+
+def _type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _only(data: dict, allowed, where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown field {where}{unknown[0]!r}; expected {', '.join(sorted(allowed))}")
+
+
+def _parameters(raw, max_positions: int) -> tuple:
+    """The answering parameters of a request, checked, as a tuple in DEFAULTS order."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"parameters must be an object, not {_type(raw)}")
+    _only(raw, set(DEFAULTS), "in parameters: ")
+    params = dict(DEFAULTS)
+    for name, value in raw.items():
+        if value is None:  # JSON null: the default, as HF's clients send for an unset option
+            continue
+        if isinstance(DEFAULTS[name], bool):
+            if not isinstance(value, bool):
+                raise ApiError(400, f"parameters.{name} must be true or false, not {_type(value)}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"parameters.{name} must be a positive integer, got {json.dumps(value)[:40]}")
+        params[name] = value
+    if params["max_seq_len"] > max_positions:
+        raise ApiError(
+            400, f"parameters.max_seq_len {params['max_seq_len']} exceeds the model's {max_positions} positions"
+        )
+    if params["max_seq_len"] - params["max_question_len"] - 3 < params["doc_stride"]:
+        raise ApiError(
+            400,
+            f"parameters: max_seq_len {params['max_seq_len']} leaves fewer than doc_stride {params['doc_stride']} "
+            f"context tokens after a {params['max_question_len']}-token question and 3 special tokens",
+        )
+    return tuple(params[name] for name in DEFAULTS)
+
+
+def _hf_pairs(inputs) -> tuple[list, bool]:
+    """(question, context) pairs of HF's `inputs`, and whether it was a list."""
+    if isinstance(inputs, dict):
+        items, batched = [inputs], False
+    elif isinstance(inputs, list) and inputs:
+        items, batched = inputs, True
+    else:
+        raise ApiError(400, "inputs must be an object {question, context} or a non-empty array of them")
+    pairs = []
+    for i, item in enumerate(items):
+        where = f"inputs[{i}]" if batched else "inputs"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"{where} must be an object {{question, context}}, not {_type(item)}")
+        _only(item, ("question", "context"), f"in {where}: ")
+        for key in ("question", "context"):
+            if key not in item:
+                raise ApiError(400, f"{where}.{key} is missing")
+            if not isinstance(item[key], str):
+                raise ApiError(400, f"{where}.{key} must be a string, not {_type(item[key])}")
+        pairs.append((item["question"], item["context"]))
+    return pairs, batched
+
+
+def _v1_pairs(data: dict) -> list:
+    """Pairs of the batch form: `question` and `context`, each a string or an array of strings."""
+    for key in ("question", "context"):
+        value = data.get(key)
+        if value is None:
+            raise ApiError(400, f"{key} is missing")
+        if isinstance(value, list):
+            if not value:
+                raise ApiError(400, f"{key} is an empty array")
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
+            if bad is not None:
+                raise ApiError(400, f"{key}[{bad}] must be a string, not {_type(value[bad])}")
+        elif not isinstance(value, str):
+            raise ApiError(400, f"{key} must be a string or an array of strings, not {_type(value)}")
+    try:
+        return input_pairs(data["question"], data["context"])[0]
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+# --- The application --------------------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, qa_or_loader, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes,
+                 max_context_chars, on_load_error):  # fmt: skip
+        check_positive(max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                  max_context_chars=max_context_chars)  # fmt: skip
+        if not max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if hasattr(qa_or_loader, "answer_pairs"):
+            self.qa, self.loader = qa_or_loader, None
+        else:
+            self.qa, self.loader = None, qa_or_loader
+        self.settings = {
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            "max_queue": max_queue,
+            "timeout_s": timeout_s,
+            "max_body_bytes": max_body_bytes,
+            "max_context_chars": max_context_chars,
+        }
+        self.on_load_error = on_load_error
+        self.metrics = Metrics()
+        self.batcher = Batcher(max_batch_size, max_wait_ms / 1000, max_queue, self.metrics)
+        self.ready = False
+        self.load_error: str | None = None
+        self.page = (resources.files("bertqa") / "static" / "index.html").read_bytes()
+
+    # Lifespan: the model loads in the worker thread while the server already answers /healthz.
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        batcher = asyncio.create_task(self.batcher.run())
+        loading = asyncio.create_task(self._load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            batcher.cancel()
+            self.batcher.fail_waiting("server shutting down")
+            self.batcher.worker.shutdown(wait=False, cancel_futures=True)
+
+    def _load_and_warm_up(self):
+        qa = self.qa if self.loader is None else self.loader()
+        qa.answer_pairs([WARMUP], *DEFAULTS.values())  # first-call costs (allocations, kernels) paid here
+        return qa
+
+    async def _load(self) -> None:
+        try:
+            self.batcher.qa = await asyncio.get_running_loop().run_in_executor(
+                self.batcher.worker, self._load_and_warm_up
+            )
+        except Exception as e:
+            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if self.on_load_error is not None:
+                self.on_load_error(e)
+            else:
+                log.error("model failed to load: %s", self.load_error, exc_info=not isinstance(e, ValueError))
+            return
+        self.qa, self.ready = self.batcher.qa, True
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            message = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            raise ApiError(503, message, {"Retry-After": "1"})
+
+    # Endpoints.
+    async def root(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.hf_answer(request)
+        return Response(self.page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(self, request: Request) -> Response:
+        self._require_ready()
+        return JSONResponse({"status": "ready"})
+
+    async def model_info(self, request: Request) -> Response:
+        self._require_ready()
+        qa = self.qa
+        precision = qa.precision
+        return JSONResponse(
+            {
+                "model": str(qa.name),
+                "device": str(qa.device),
+                "precision": precision.name,
+                "precision_reason": precision.describe(),
+                "config": qa.config.to_dict(),
+                "parameters": DEFAULTS,
+                "server": self.settings,
+            }
+        )
+
+    async def prometheus(self, request: Request) -> Response:
+        text = self.metrics.render(self.batcher.depth(), self.batcher.max_queue, self.ready)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def hf_answer(self, request: Request) -> Response:
+        data = await _read_json(request, self.settings["max_body_bytes"])
+        _only(data, ("inputs", "parameters", "options"), "")  # `options` (wait_for_model, ...) has no use here
+        if "inputs" not in data:
+            raise ApiError(400, "inputs is missing: send {inputs: {question, context}, parameters: {...}}")
+        pairs, batched = _hf_pairs(data["inputs"])
+        params = self._params(data)
+        results = await self._answer(pairs, params)
+        # The pipeline gives a bare answer for top_k 1, a list of them otherwise.
+        if dict(zip(DEFAULTS, params))["top_k"] == 1:
+            results = [r[0] for r in results]
+        return JSONResponse(results if batched else results[0])
+
+    async def v1_answer(self, request: Request) -> Response:
+        data = await _read_json(request, self.settings["max_body_bytes"])
+        _only(data, ("question", "context", "parameters"), "")
+        pairs = _v1_pairs(data)
+        results = await self._answer(pairs, self._params(data))
+        return JSONResponse({"answers": results})
+
+    def _params(self, data: dict) -> tuple:
+        self._require_ready()  # the model's position count is needed to check them
+        return _parameters(data.get("parameters"), self.qa.config.max_position_embeddings)
+
+    async def _answer(self, pairs: list, params: tuple) -> list[list[dict]]:
+        try:
+            check_pairs(pairs)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        limit = self.settings["max_context_chars"]
+        longest = max(len(c) for _, c in pairs)
+        if longest > limit:
+            raise ApiError(413, f"a context of {longest} characters exceeds the limit of {limit} (--max-context-chars)")
+        if len(pairs) > self.batcher.max_queue:
+            raise ApiError(
+                413, f"{len(pairs)} questions in one request exceed the limit of {self.batcher.max_queue} (--max-queue)"
+            )
+        future = self.batcher.submit(pairs, params)
+        try:
+            return await asyncio.wait_for(future, self.settings["timeout_s"])
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no answer within {self.settings['timeout_s']:g} s; retry later") from None
+        except ValueError as e:  # the model's own input checks: the request's fault
+            raise ApiError(400, str(e).splitlines()[0]) from None
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+    # Starlette's own: 404 for an unknown path, 405 (with Allow) for a wrong method.
+    message = {404: f"no such path: {request.url.path[:200]}", 405: f"{request.method} is not allowed here"}
+    return JSONResponse({"error": message.get(exc.status_code, exc.detail)}, exc.status_code, headers=exc.headers)
+
+
+class _Edge:
+    """The outermost layer: counts every response, times answering requests, and turns any exception that
+    got this far (a bug) into a 500 with a fixed message, its traceback going to the log only."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), None
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            log.exception("internal error answering %s %s", scope["method"], scope["path"])
+            if status is None:
+                await JSONResponse({"error": "internal error"}, 500)(scope, receive, send_and_note)
+        finally:
+            self.metrics.count_response(status or 500)
+            if scope["method"] == "POST" and scope["path"] in ANSWER_PATHS:
+                self.metrics.latency.observe(time.perf_counter() - start)
+
+
+def create_app(qa_or_loader, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+               timeout_s: float = 30.0, max_body_bytes: int = 1 << 20, max_context_chars: int = 100_000,
+               on_load_error=None) -> Starlette:  # fmt: skip
+    """The server as an ASGI app. `qa_or_loader`: a `QuestionAnswerer` (anything with `answer_pairs`,
+    `config`, `device`, `precision`, `name`), or a function returning one, called in the worker thread at
+    startup. `/readyz` answers 200 once it is loaded and has answered one warm-up question. A failed load
+    goes to `on_load_error(exception)` when given, else to the log (the server stays up, not ready)."""
+    server = _Server(qa_or_loader, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes,
+                     max_context_chars, on_load_error)  # fmt: skip
+    routes = [
+        Route("/", server.root, methods=["GET", "POST"]),  # one route, so a wrong method's 405 lists both
+        Route("/v1/answer", server.v1_answer, methods=["POST"]),
+        Route("/v1/model", server.model_info, methods=["GET"]),
+        Route("/healthz", server.healthz, methods=["GET"]),
+        Route("/readyz", server.readyz, methods=["GET"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_Edge, metrics=server.metrics)],
+        exception_handlers={ApiError: _error_response, HTTPException: _error_response},
+        lifespan=server.lifespan,
+    )
+    app.state.server = server
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the server starts (port 0: a free port, reported in the startup line)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+          max_queue: int = 256, timeout_s: float = 30.0, max_body_bytes: int = 1 << 20,
+          max_context_chars: int = 100_000, device=None, precision: str | None = None) -> None:  # fmt: skip
+    """Serve `model` (a fine-tuned checkpoint) until interrupted. Binds to loopback unless `host` says otherwise.
+    A model that fails to load stops the server and raises its error."""
+    import uvicorn
+
+    from .distributed import resolve_device
+    from .runtime import Precision
+
+    if not Path(model).exists():  # the one load error worth catching before the startup line
+        raise ValueError(f"{model}: no such checkpoint file or folder")
+    device = resolve_device(None if device is None else str(device))
+    resolved = Precision.resolve(precision, device)
+    failed: list[Exception] = []
+
+    def load():
+        qa = QuestionAnswerer.from_pretrained(model, device=device, precision=precision)
+        # A tiny doc_stride over a long context multiplies the windows: bound the work one model call may take.
+        qa.max_windows = max(2048, 64 * max_batch_size)
+        return qa
+
+    def stop(error: Exception) -> None:
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(load, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes, max_context_chars, stop)
+    sock = _listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    bound = sock.getsockname()[1]
+    url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+    print(
+        f"bertqa: serving {model} on {url} (device {device}, precision {resolved.name}, "
+        f"max batch {max_batch_size}, max wait {max_wait_ms:g} ms)",
+        flush=True,
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failed:
+        raise failed[0]

@@ -1,0 +1,428 @@
+"""`bertqa serve`, tested from outside: a real server on a free loopback port, real HTTP clients (HF's
+InferenceClient included) and the page in headless Chromium. Servers with a fake model (slow, failing or
+slow to load) run in this process, for the queue, timeout, error and readiness paths."""
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import pytest
+import uvicorn
+
+from bertqa import cli
+from bertqa.serve import _listen, create_app
+
+CONTEXT = (
+    "Super Bowl 50 was an American football game to determine the champion of the National Football League "
+    "for the 2015 season. The Denver Broncos defeated the Carolina Panthers 24–10 to earn their third Super "
+    "Bowl title. The game was played on February 7, 2016, at Levi's Stadium in Santa Clara, California."
+)
+QUESTIONS = [
+    "Who won Super Bowl 50?",
+    "Who lost Super Bowl 50?",
+    "What was the score?",
+    "When was the game played?",
+    "Where was the game played?",
+    "Which season did it end?",
+    "How many Super Bowl titles had Denver won?",
+    "In which state is Levi's Stadium?",
+]
+LIMITS = {"max_body_bytes": 65536, "max_context_chars": 5000}
+
+
+def call(url, method, path, body=None, headers=None, timeout=30):
+    """(status, lower-cased headers, text) of one request; a dict or list body is sent as JSON."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=not isinstance(body, bytes))
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read().decode()
+    finally:
+        conn.close()
+
+
+def post(url, path, payload):
+    status, _, text = call(url, "POST", path, payload)
+    assert status == 200, text
+    return json.loads(text)
+
+
+def wait_ready(url, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if call(url, "GET", "/readyz", timeout=5)[0] == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready after {seconds:g} s")
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value from Prometheus text (`name` with its labels, exactly as written)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def assert_json_error(status, headers, text, expected):
+    assert status == expected, text
+    assert headers["content-type"].startswith("application/json")
+    body = json.loads(text)
+    assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"]
+    assert "\n" not in body["error"] and "Traceback" not in text
+
+
+def _command(model, **options):
+    """The server command: `bertqa serve` once the CLI has it, until then `serve(...)` itself."""
+    if hasattr(cli, "cmd_serve"):
+        names = {"timeout_s": "timeout"}
+        args = [sys.executable, "-m", "bertqa", "serve", "--model", str(model), "--port", "0"]
+        for key, value in options.items():
+            args += ["--" + names.get(key, key).replace("_", "-"), str(value)]
+        return args
+    kwargs = "".join(f", {key}={value!r}" for key, value in options.items())
+    return [sys.executable, "-c", f"from bertqa.serve import serve; serve({str(model)!r}, port=0{kwargs})"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    """`bertqa serve` on a free loopback port; yields its URL once it is ready."""
+    log_path = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    command = _command(tiny_dir, max_batch_size=8, max_wait_ms=50, device="cpu", precision="fp32", **LIMITS)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        url, deadline = None, time.monotonic() + 60
+        while url is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise AssertionError(f"no startup line; stderr:\n{log_path.read_text()}")
+            if select.select([proc.stdout], [], [], left)[0]:
+                found = re.search(r" on (http://127\.0\.0\.1:\d+) \(", proc.stdout.readline())
+                url = found and found.group(1)
+        wait_ready(url)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+def test_health_ready_and_model(server):
+    assert call(server, "GET", "/healthz")[0] == 200
+    status, _, text = call(server, "GET", "/readyz")
+    assert status == 200 and json.loads(text) == {"status": "ready"}
+    info = json.loads(call(server, "GET", "/v1/model")[2])
+    assert info["config"]["hidden_size"] == 32 and info["config"]["num_hidden_layers"] == 2
+    assert info["device"] == "cpu" and info["precision"] == "fp32"
+    assert info["server"]["max_batch_size"] == 8
+
+
+def test_inference_client(server):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=server)
+    answer = client.question_answering(question=QUESTIONS[0], context=CONTEXT)
+    assert answer.answer and CONTEXT[answer.start : answer.end] == answer.answer
+    assert 0 < answer.score <= 1
+    top = client.question_answering(question=QUESTIONS[0], context=CONTEXT, top_k=3)
+    assert len(top) == 3 and top[0].answer == answer.answer
+    assert [a.score for a in top] == sorted((a.score for a in top), reverse=True)
+    assert all(CONTEXT[a.start : a.end] == a.answer for a in top)
+
+
+def test_hf_list_form_and_batch_form_agree(server):
+    one = post(server, "/", {"inputs": {"question": QUESTIONS[1], "context": CONTEXT}})
+    assert set(one) == {"answer", "score", "start", "end"}
+    listed = post(server, "/", {"inputs": [{"question": q, "context": CONTEXT} for q in QUESTIONS[:3]]})
+    top2 = post(server, "/", {"inputs": [{"question": QUESTIONS[1], "context": CONTEXT}], "parameters": {"top_k": 2}})
+    batch = post(server, "/v1/answer", {"question": QUESTIONS[:3], "context": CONTEXT, "parameters": {"top_k": 2}})
+    assert len(listed) == 3 and len(top2) == 1 and len(top2[0]) == 2
+    assert [len(a) for a in batch["answers"]] == [2, 2, 2]
+    assert listed[1]["answer"] == one["answer"] == batch["answers"][1][0]["answer"] == top2[0][0]["answer"]
+    assert batch["answers"][1][0]["score"] == pytest.approx(one["score"], rel=1e-4)
+    pairs = post(server, "/v1/answer", {"question": QUESTIONS[:2], "context": [CONTEXT, CONTEXT[:120]]})
+    assert pairs["answers"][0][0]["answer"] == listed[0]["answer"]
+    assert pairs["answers"][1][0]["end"] <= 120
+
+
+def test_concurrent_requests_are_batched(server):
+    def batches(text):  # (batches, batches of one question)
+        return metric(text, "bertqa_batch_size_count"), metric(text, 'bertqa_batch_size_bucket{le="1.0"}')
+
+    before = batches(call(server, "GET", "/metrics")[2])
+    alone = [post(server, "/v1/answer", {"question": q, "context": CONTEXT})["answers"][0][0] for q in QUESTIONS]
+    start = threading.Barrier(16)
+
+    def ask(i):
+        start.wait()
+        return post(server, "/", {"inputs": {"question": QUESTIONS[i % 8], "context": CONTEXT}})
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    for i, answer in enumerate(together):  # batching changes nothing in the answers
+        assert answer["answer"] == alone[i % 8]["answer"]
+        assert answer["score"] == pytest.approx(alone[i % 8]["score"], rel=1e-4)
+    text = call(server, "GET", "/metrics")[2]
+    after = batches(text)
+    assert (after[0] - after[1]) - (before[0] - before[1]) >= 1, "no batch of more than one question"
+    assert metric(text, "bertqa_queue_depth") == 0
+    assert metric(text, 'bertqa_requests_total{code="200"}') >= 16 + 8
+    assert metric(text, "bertqa_request_duration_seconds_count") >= 16 + 8
+    assert "# TYPE bertqa_request_duration_seconds histogram" in text
+
+
+OK_INPUT = {"question": "Who won?", "context": CONTEXT}
+BAD_REQUESTS = {
+    "malformed JSON": ("POST", "/", b'{"inputs": ', 400),
+    "not UTF-8": ("POST", "/", b'\xff\xfe{"inputs"', 400),
+    "not an object": ("POST", "/", [OK_INPUT], 400),
+    "nested too deeply": ("POST", "/", b"[" * 60000, 400),
+    "inputs missing": ("POST", "/", {"parameters": {}}, 400),
+    "inputs a string": ("POST", "/", {"inputs": "Who won?"}, 400),
+    "inputs empty": ("POST", "/", {"inputs": []}, 400),
+    "question missing": ("POST", "/", {"inputs": {"context": CONTEXT}}, 400),
+    "question a number": ("POST", "/", {"inputs": {"question": 3, "context": CONTEXT}}, 400),
+    "context blank": ("POST", "/", {"inputs": {"question": "Who won?", "context": "  "}}, 400),
+    "unknown field": ("POST", "/", {"inputs": OK_INPUT, "parametres": {}}, 400),
+    "parameters a list": ("POST", "/", {"inputs": OK_INPUT, "parameters": [1]}, 400),
+    "top_k a string": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"top_k": "3"}}, 400),
+    "top_k zero": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"top_k": 0}}, 400),
+    "top_k a boolean": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"top_k": True}}, 400),
+    "impossible not boolean": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"handle_impossible_answer": 1}}, 400),
+    "unknown parameter": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"temperature": 1}}, 400),
+    "max_seq_len too long": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"max_seq_len": 4096}}, 400),
+    "doc_stride too long": ("POST", "/", {"inputs": OK_INPUT, "parameters": {"doc_stride": 400}}, 400),
+    "v1 question a number": ("POST", "/v1/answer", {"question": ["a", 2], "context": CONTEXT}, 400),
+    "v1 one context for two": ("POST", "/v1/answer", {"question": ["a", "b"], "context": [CONTEXT]}, 400),
+    "v1 context missing": ("POST", "/v1/answer", {"question": "a"}, 400),
+    "v1 empty list": ("POST", "/v1/answer", {"question": [], "context": CONTEXT}, 400),
+    "body too large": ("POST", "/", {"inputs": {"question": "Who?", "context": "word " * 14000}}, 413),
+    "chunked body too large": ("POST", "/", iter([b" " * 40000] * 2), 413),
+    "context too large": ("POST", "/", {"inputs": {"question": "Who?", "context": "word " * 1001}}, 413),
+    "v1 context too large": ("POST", "/v1/answer", {"question": "Who?", "context": "word " * 1001}, 413),
+    "unknown path": ("GET", "/nope", None, 404),
+    "unknown path, POST": ("POST", "/v2/answer", {"inputs": OK_INPUT}, 404),
+    "wrong method on /": ("PUT", "/", b"{}", 405),
+    "wrong method on /v1/answer": ("GET", "/v1/answer", None, 405),
+    "wrong method on /healthz": ("POST", "/healthz", b"", 405),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_refused_and_server_stays_up(server, case):
+    method, path, body, expected = BAD_REQUESTS[case]
+    status, headers, text = call(server, method, path, body)
+    assert_json_error(status, headers, text, expected)
+    if expected == 405:
+        assert method not in headers["allow"]
+    assert call(server, "GET", "/healthz")[0] == 200
+
+
+def test_still_answers_after_bad_requests(server):
+    assert post(server, "/", {"inputs": OK_INPUT})["answer"]
+    text = call(server, "GET", "/metrics")[2]
+    assert metric(text, 'bertqa_errors_total{code="400"}') >= 1
+    assert metric(text, 'bertqa_errors_total{code="500"}') == 0
+
+
+# --- The page, in headless Chromium -----------------------------------------------------------------------
+
+
+def _browser_or_skip():
+    """Chromium and its driver; missing, the test is skipped, except in CI (.ci/run installs them)."""
+    in_ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+    )
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        chromium = None
+    if not (chromium and driver):
+        why = "needs selenium, chromium and chromedriver (apt-get install chromium chromium-driver)"
+        if in_ci:
+            pytest.fail(f"the page test {why}")
+        pytest.skip(why)
+    return chromium, driver
+
+
+def test_page_answers_in_headless_chromium(server, tmp_path):
+    chromium, driver_path = _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1200,900"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)  # /v1/model answered
+        question, context = QUESTIONS[0], CONTEXT.replace("–", " to ")
+        driver.find_element(By.ID, "context").clear()
+        driver.find_element(By.ID, "context").send_keys(context)
+        driver.find_element(By.ID, "question").clear()
+        driver.find_element(By.ID, "question").send_keys(question)
+        top_k = int(driver.find_element(By.ID, "top-k").get_attribute("value"))
+        driver.find_element(By.ID, "ask").click()
+        mark = wait.until(ec.visibility_of_element_located((By.ID, "highlight")))
+        expected = post(
+            server, "/v1/answer", {"question": question, "context": context, "parameters": {"top_k": top_k}}
+        )
+        assert mark.text == expected["answers"][0][0]["answer"]
+        candidates = driver.find_elements(By.CSS_SELECTOR, "#candidates li")
+        assert len(candidates) == len(expected["answers"][0]) == top_k
+        assert "%" in driver.find_element(By.ID, "score").text
+
+        # Offsets count code points; JavaScript counts UTF-16 units. An emoji up front tells them apart.
+        # (ChromeDriver types only the Basic Multilingual Plane, hence the script.)
+        context = "🏈 " + context
+        box = driver.find_element(By.ID, "context")
+        driver.execute_script("arguments[0].value = arguments[1]", box, context)
+        driver.find_element(By.ID, "ask").click()
+        wait.until(ec.staleness_of(mark))
+        mark = wait.until(ec.visibility_of_element_located((By.ID, "highlight")))
+        expected = post(
+            server, "/v1/answer", {"question": question, "context": context, "parameters": {"top_k": top_k}}
+        )
+        assert mark.text == expected["answers"][0][0]["answer"]
+    finally:
+        driver.quit()
+
+
+# --- In-process servers with a fake model: queue, timeout, bugs, readiness --------------------------------
+
+
+class FakeQA:
+    """Answers with the context's first word after `delay` seconds; the question "boom" is a bug."""
+
+    config = SimpleNamespace(max_position_embeddings=512, to_dict=dict)
+    precision = SimpleNamespace(name="fp32", describe=lambda: "fp32")
+    device, name = "cpu", "fake"
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+
+    def answer_pairs(self, pairs, top_k, *rest):
+        time.sleep(self.delay)
+        if any(q == "boom" for q, _ in pairs):
+            raise RuntimeError("secret detail of a bug")
+        return [
+            [{"score": 1.0, "start": 0, "end": len(c.split()[0]), "answer": c.split()[0]}] * top_k for _, c in pairs
+        ]
+
+
+@contextlib.contextmanager
+def running(app):
+    sock = _listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def test_full_queue_is_503_with_retry_after():
+    app = create_app(FakeQA(delay=0.3), max_batch_size=1, max_wait_ms=0, max_queue=2)
+    with running(app) as url:
+        wait_ready(url)
+        payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
+        refused_before = metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="503"}')
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: call(url, "POST", "/", payload), range(8)))
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses.count(200) >= 3 and statuses.count(503) >= 1 and set(statuses) == {200, 503}
+        for status, headers, text in results:
+            if status == 503:
+                assert_json_error(status, headers, text, 503)
+                assert int(headers["retry-after"]) >= 1
+        assert post(url, "/", payload)["answer"] == "Denver"
+        text = call(url, "GET", "/metrics")[2]
+        assert metric(text, 'bertqa_errors_total{code="503"}') - refused_before == statuses.count(503)
+        assert metric(text, "bertqa_queue_limit") == 2
+
+
+def test_timeout_is_504_and_server_recovers():
+    fake = FakeQA()
+    app = create_app(fake, max_wait_ms=0, timeout_s=0.3)
+    with running(app) as url:
+        wait_ready(url)
+        fake.delay = 1.0
+        payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
+        assert_json_error(*call(url, "POST", "/", payload), 504)
+        fake.delay = 0.0
+        time.sleep(1.0)  # the timed-out batch still finishes in the worker
+        assert post(url, "/", payload)["answer"] == "Denver"
+
+
+def test_a_bug_is_500_without_details_and_spares_its_batch(caplog):
+    app = create_app(FakeQA(), max_batch_size=8, max_wait_ms=300)
+    with running(app) as url:
+        wait_ready(url)
+        with ThreadPoolExecutor(2) as pool:  # batched together: the bug must not fail the good request
+            bad, good = pool.map(
+                lambda q: call(url, "POST", "/v1/answer", {"question": q, "context": "Denver won."}), ["boom", "ok"]
+            )
+        assert_json_error(*bad, 500)
+        assert json.loads(bad[2]) == {"error": "internal error"}
+        assert good[0] == 200 and json.loads(good[2])["answers"] == [
+            [{"score": 1.0, "start": 0, "end": 6, "answer": "Denver"}]
+        ]
+        text = call(url, "GET", "/metrics")[2]  # one batch of two (it failed), then each alone
+        assert (
+            metric(text, 'bertqa_batch_size_bucket{le="2.0"}') - metric(text, 'bertqa_batch_size_bucket{le="1.0"}') == 1
+        )
+    assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_ready_only_after_loading():
+    loaded = threading.Event()
+
+    def load():
+        loaded.wait(30)
+        return FakeQA()
+
+    with running(create_app(load)) as url:
+        assert call(url, "GET", "/healthz")[0] == 200  # alive at once
+        assert_json_error(*call(url, "GET", "/readyz"), 503)
+        status, headers, text = call(url, "POST", "/", {"inputs": {"question": "Who?", "context": "Denver won."}})
+        assert_json_error(status, headers, text, 503)
+        assert headers["retry-after"] == "1"
+        assert metric(call(url, "GET", "/metrics")[2], "bertqa_ready") == 0
+        loaded.set()
+        wait_ready(url, 10)
+        assert post(url, "/", {"inputs": {"question": "Who?", "context": "Denver won."}})["answer"] == "Denver"
+        assert metric(call(url, "GET", "/metrics")[2], "bertqa_ready") == 1
