@@ -98,3 +98,16 @@ def test_vocab_ids_are_line_numbers(tmp_path):
     tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True)
     assert tok.tokenize(["Hello world"])[0].ids == [5, 6]
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id) == (0, 2, 3, 4)
+
+
+def test_lower_casing_comes_from_the_vocabulary_not_the_folder_name(tmp_path):
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]"]
+    for folder, words, lower in (("bert-base-cased", ["the", "paris", "##is"], True),
+                                 ("bert-base-uncased", ["the", "Paris", "##is"], False)):  # fmt: skip
+        d = tmp_path / folder  # each name says the opposite of its vocabulary
+        d.mkdir()
+        (d / "vocab.txt").write_text("\n".join(specials + words) + "\n")
+        tok = load_tokenizer(d / "vocab.txt")
+        assert tok.do_lower_case is lower
+        assert tok.tokenize(["Paris"])[0].ids == [len(specials) + 1]  # its own piece, not [UNK]
+        assert load_tokenizer(d / "vocab.txt", do_lower_case=not lower).do_lower_case is (not lower)

@@ -11,6 +11,7 @@ _EXPORTS = {
     "BertConfig": "config",
     "BertForQuestionAnswering": "model",
     "BertModel": "model",
+    "QuestionAnswerer": "qa",
 }
 __all__ = list(_EXPORTS)
 

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lower-case",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="lower-case input (vocab.txt only; default: from its config or name)",
+        help="lower-case input (vocab.txt only; default: its tokenizer_config.json, else cased if it has capitals)",
     )
     c.add_argument(
         "--trust-pickle",

@@ -102,12 +102,19 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
     return tok
 
 
+def _has_upper_case(vocab_file: Path) -> bool:
+    """Whether any word piece other than the bracketed specials ([CLS], [unused0], ...) has a capital."""
+    with open(vocab_file, encoding="utf-8") as f:
+        return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, f))
+
+
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
     """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
     or a weights file (the tokenizer beside it).
 
     `do_lower_case` applies to `vocab.txt` only; by default it is read from `tokenizer_config.json`
-    when present, else guessed from the name ("cased" and not "uncased" means cased), else True.
+    when present, else from the vocabulary itself: one with upper-case word pieces is cased (lower-casing
+    the input would make those pieces unreachable), one without is uncased. Never from a folder's name.
     """
     p = Path(path)
     if p.is_file() and p.suffix not in (".json", ".txt"):
@@ -133,7 +140,6 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -
         return BertTokenizer(backend, do_lower_case=bool(lower))
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
-            name = str(p).lower()
-            do_lower_case = not ("cased" in name and "uncased" not in name)
+            do_lower_case = not _has_upper_case(vocab_file)
         return BertTokenizer(_from_vocab(vocab_file, do_lower_case), do_lower_case=do_lower_case)
     raise FileNotFoundError(f"{p}: no tokenizer.json or vocab.txt found")
