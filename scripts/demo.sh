@@ -33,4 +33,8 @@ CONTEXT="Super Bowl 50 was an American football game to determine the champion o
 League (NFL) for the 2015 season. The American Football Conference (AFC) champion Denver Broncos defeated \
 the National Football Conference (NFC) champion Carolina Panthers 24-10 to earn their third Super Bowl title."
 echo "Q: $QUESTION"
-echo "A: $($BERTQA ask --model "$OUT/model" --question "$QUESTION" --context "$CONTEXT")"
+echo "A (best 3, with scores):"
+$BERTQA ask --model "$OUT/model" --question "$QUESTION" --context "$CONTEXT" --top-k 3 --json | .venv/bin/python -c "
+import json, sys
+for a in json.load(sys.stdin):
+    print(f'  {a[\"score\"]:.2f}  {a[\"answer\"]}')"

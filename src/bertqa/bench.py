@@ -166,7 +166,8 @@ def hf_model(model, attention: str = "sdpa"):
 
 def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, seed: int = 0):
     """Row indices of `steps` batches: training draws epochs of shuffled (grouped: length-grouped) batches;
-    inference walks the windows in order (grouped: sorted by length), wrapping around."""
+    inference cuts the windows in order (grouped: sorted by length) into batches and takes `steps` of them spread
+    evenly over the whole set, in a seeded random order so that every segment holds short and long ones."""
     n = len(windows.lengths)
     if mode == "train":
         out, epoch = [], 0
@@ -175,14 +176,15 @@ def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps:
             epoch += 1
         return out[:steps]
     order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
-    order = np.resize(order, steps * batch_size)
-    return list(order.reshape(steps, batch_size))
+    batches = np.resize(order, -(-n // batch_size) * batch_size).reshape(-1, batch_size)
+    chosen = np.linspace(0, len(batches) - 1, steps).round().astype(int)
+    return list(batches[np.random.default_rng(seed).permutation(chosen)])
 
 
 def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision, device,
-            warmup: int, steps: int, segments: int, real_lengths=None, lr: float = 5e-5) -> dict:  # fmt: skip
-    """Time one configuration; returns windows/s and real (`real_lengths`, default the windows' own) tokens/s,
-    medians over the segments."""
+            warmup: int, steps: int, segments: int, real_lengths=None, flops=None, lr: float = 5e-5) -> dict:  # fmt: skip
+    """Time one configuration; returns windows/s, real (`real_lengths`, default the windows' own) tokens/s and
+    FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths), medians over the segments."""
     real_lengths = windows.lengths if real_lengths is None else real_lengths
     batches = _batches(windows, mode, batch_size, grouped, warmup + steps * segments)
     training = mode == "train"
@@ -207,7 +209,7 @@ def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, 
             with torch.no_grad(), precision.autocast():
                 model(**batch)
 
-    rates, token_rates = [], []
+    rates, token_rates, flop_rates = [], [], []
     with precision.scope():
         for idx in batches[:warmup]:
             step(idx)
@@ -221,7 +223,10 @@ def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, 
             elapsed = time.perf_counter() - t0
             rates.append(len(seg) * batch_size / elapsed)
             token_rates.append(sum(int(real_lengths[i].sum()) for i in seg) / elapsed)
+            if flops is not None:
+                flop_rates.append(sum(flops(real_lengths[i]) for i in seg) / elapsed)
     return {"windows_per_s": statistics.median(rates), "tokens_per_s": statistics.median(token_rates),
+            "flops_per_s": statistics.median(flop_rates) if flop_rates else None,
             "segments": [round(r, 2) for r in rates]}  # fmt: skip
 
 
@@ -344,14 +349,17 @@ def bench(cfg: BenchConfig) -> dict:
     if cfg.compare == "hf":
         makers["hf-run_qa"] = (hf, windows.padded(), False)
         makers["hf-best"] = (hf, windows, True)
-    flops_per_window = forward_flops(config, windows.lengths) / len(windows.lengths)
     factor = 3 if cfg.mode == "train" else 1  # the backward pass costs twice the forward
+
+    def flops(lengths):
+        return factor * forward_flops(config, lengths)
+
     for name, (make, w, grouped) in makers.items():
         with PeakMemory(device) as mem:
             m = make()
-            r = run_row(m, w, cfg.mode, cfg.batch_size, grouped, real_lengths=windows.lengths, **timing)
+            r = run_row(m, w, cfg.mode, cfg.batch_size, grouped, real_lengths=windows.lengths, flops=flops, **timing)
             del m
-        r["mfu"] = r["windows_per_s"] * flops_per_window * factor / peak
+        r["mfu"] = r.pop("flops_per_s") / peak
         r["peak_memory_mb"] = mem.grown / 2**20
         rows[name] = r
         print(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "

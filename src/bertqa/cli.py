@@ -91,6 +91,7 @@ def cmd_export(args):
 def cmd_serve(args):
     from .serve import serve
 
+    logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation note per request
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be a positive integer, got {args.threads}")
@@ -122,6 +123,7 @@ def cmd_ask(args):
             raise UsageError(f"--context-file {args.context_file}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise UsageError(f"--context-file {args.context_file}: {e.strerror}") from None
+    logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
     qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision)
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
                   max_answer_len=args.max_answer_length)  # fmt: skip
