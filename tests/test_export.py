@@ -144,7 +144,9 @@ def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
 
 def test_missing_extra_is_one_line(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without bertqa[onnx] looks like
-    with pytest.raises(ValueError, match=r"^export onnx needs onnx and onnxruntime: pip install 'bertqa\[onnx\]'"):
+    with pytest.raises(
+        ValueError, match=r"^export onnx needs onnx, onnxruntime and onnxscript: pip install 'bertqa\[onnx\]'"
+    ):
         export_onnx(tiny_dir, tmp_path / "model.onnx", verbose=False)
     assert list(tmp_path.iterdir()) == []
 

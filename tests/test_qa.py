@@ -83,16 +83,20 @@ def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
 
 def hf_pipeline_answer(model, tokenizer, question, context, max_answer_len=30):
     """The removed HF pipeline's decoding for a context that fits one window, written out: softmax over the
-    context tokens (everything else masked), P(start) * P(end) over spans end >= start, length <= max."""
+    context tokens and [CLS] (everything else masked), [CLS] then zeroed, P(start) * P(end) over spans
+    end >= start, length <= max."""
     enc = tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
     with torch.no_grad():
         out = model(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
-    in_context = np.array([s == 1 for s in enc.sequence_ids(0)])
+    keep = np.array([s == 1 for s in enc.sequence_ids(0)])
+    keep[0] = True  # [CLS]
     probs = []
     for logits in (out.start_logits[0].numpy(), out.end_logits[0].numpy()):
-        x = np.where(in_context, logits.astype(np.float64), -10000.0)
+        x = np.where(keep, logits.astype(np.float64), -10000.0)
         x = np.exp(x - x.max())
-        probs.append(x / x.sum())
+        x = x / x.sum()
+        x[0] = 0.0
+        probs.append(x)
     outer = np.tril(np.triu(probs[0][:, None] * probs[1][None, :]), max_answer_len - 1)
     s, e = np.unravel_index(outer.argmax(), outer.shape)
     offsets = enc["offset_mapping"][0]
@@ -229,6 +233,12 @@ def test_align_to_words_widens_word_pieces_only():
     i = text.index("ïve")
     assert text[slice(*align_to_words(text, i, i + 2))] == "naïve"
     assert align_to_words(text, 0, 3) == (0, 3) and align_to_words(text, 0, len(text)) == (0, len(text))
+
+
+def test_a_context_without_tokens_gets_the_empty_answer(qa):
+    for context in ("\u200b", "\ufffd\u200b"):  # not blank to str.strip(), yet no word piece
+        assert qa("Who?", context) == {"score": 0.0, "start": 0, "end": 0, "answer": ""}
+        assert qa("Who?", context, handle_impossible_answer=True)["answer"] == ""
 
 
 def test_a_window_limit_refuses_oversized_work(qa, tiny_squad):

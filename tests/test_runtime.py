@@ -98,15 +98,12 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
 
 
-def test_atomic_writes_get_the_usual_permissions(tmp_path):
-    import os
+def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
+    import bertqa.files
 
-    mask = os.umask(0o022)
-    try:
-        write_json(tmp_path / "a.json", {})
-        with atomic_dir(tmp_path / "d") as tmp:
-            (tmp / "x").write_text("")
-    finally:
-        os.umask(mask)
+    monkeypatch.setattr(bertqa.files, "_UMASK", 0o022)
+    write_json(tmp_path / "a.json", {})
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

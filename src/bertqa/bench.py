@@ -281,6 +281,8 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if not 16 <= cfg.seq_len <= 512:
         raise ValueError(f"--seq-len {cfg.seq_len}: must be between 16 and 512")
+    if cfg.data and cfg.seq_len < 96:  # room for a 64-token question, 3 special tokens and some context
+        raise ValueError(f"--seq-len {cfg.seq_len}: with --data it must be at least 96")
     if cfg.compare not in (None, "hf"):
         raise ValueError(f"--compare {cfg.compare!r}: only hf is supported")
     from pathlib import Path

@@ -89,8 +89,13 @@ def cmd_export(args):
 
 
 def cmd_serve(args):
-    from .serve import serve
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise UsageError(f"serve needs starlette and uvicorn: pip install 'bertqa[serve]' ({e})") from None
 
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be between 0 and 65535")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation note per request
     if args.threads is not None:
         if args.threads < 1:

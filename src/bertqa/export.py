@@ -69,13 +69,16 @@ SAMPLES = [
 
 
 def _onnxruntime():
-    """The onnxruntime module (onnx checked too: quantisation needs it), or a one-line error saying how to
-    install them."""
+    """The onnxruntime module (onnx and onnxscript checked too: quantisation and the exporter need them), or a
+    one-line error saying how to install them."""
     try:
         import onnx  # noqa: F401
         import onnxruntime
+        import onnxscript  # noqa: F401
     except ImportError as e:
-        raise ValueError(f"export onnx needs onnx and onnxruntime: pip install 'bertqa[onnx]' ({e})") from None
+        raise ValueError(
+            f"export onnx needs onnx, onnxruntime and onnxscript: pip install 'bertqa[onnx]' ({e})"
+        ) from None
     return onnxruntime
 
 

@@ -14,6 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: changing the umask to read it is process-wide, and another thread may be creating files.
+_UMASK = _read_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
@@ -25,7 +35,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,12 +51,6 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole (the old folder,
@@ -56,7 +60,7 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-")) / path.name
@@ -66,6 +70,7 @@ def atomic_dir(path: str | os.PathLike):
         except BaseException:
             if old is not None:
                 old.rename(path)  # put the previous folder back
+                old.parent.rmdir()
             raise
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)

@@ -6,11 +6,11 @@ pipeline (removed in transformers 5.3), so code written for it carries over.
 
 A context of any length is cut into windows (`doc_stride` apart); the best span over all windows wins.
 Scores are probabilities comparable across windows: the start (end) logits of every context token, each
-token counted once (from the window that gives it the most context, as evaluation does), share one softmax,
-and a span scores P(start) * P(end). For a context that fits one window this is exactly the pipeline's
-score. With `handle_impossible_answer` the null answer ([CLS], from the window with the lowest null score,
-as Google's SQuAD v2.0 code takes it) joins both softmaxes and wins when it beats every span: the rule
-`evaluate` applies. With `align_to_words` (the default, as the pipeline's) an answer that starts or ends
+token counted once (from the window that gives it the most context, as evaluation does), and of the null
+answer ([CLS], from the window with the lowest null score, as Google's SQuAD v2.0 code takes it) share one
+softmax, and a span scores P(start) * P(end). For a context that fits one window this is exactly the
+pipeline's score, which keeps [CLS] in its softmax too. With `handle_impossible_answer` the null answer is
+also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the default, as the pipeline's) an answer that starts or ends
 inside a word is widened to whole words.
 
 One difference from the pipeline, as bertqa's API defines it: `max_answer_len` defaults to 30 tokens (the
@@ -150,14 +150,11 @@ def _spans_of(context: str, cand, lo: int, hi: int, top_k: int, align_words: boo
 
 def _scored(context, spans, rows, start, end, counted, top_k: int, handle_impossible: bool) -> list[dict]:
     """Spans (and the null answer) as the pipeline's dicts, scored as probabilities."""
-    s_all = start[rows][counted[rows]]
-    e_all = end[rows][counted[rows]]
-    null = None
-    if handle_impossible:
-        w = rows[np.argmin(start[rows, 0] + end[rows, 0])]
-        null = start[w, 0] + end[w, 0]
-        s_all, e_all = np.append(s_all, start[w, 0]), np.append(e_all, end[w, 0])
+    w = rows[np.argmin(start[rows, 0] + end[rows, 0])]
+    s_all = np.append(start[rows][counted[rows]], start[w, 0])
+    e_all = np.append(end[rows][counted[rows]], end[w, 0])
     log_z = _logsumexp(s_all) + _logsumexp(e_all)
+    null = start[w, 0] + end[w, 0] if handle_impossible else None
     answers = [{"score": float(np.exp(score - log_z)), "start": cs, "end": ce, "answer": context[cs:ce]}
                for score, cs, ce in spans]  # fmt: skip
     if null is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,6 +44,7 @@ DEFAULTS = {
     if name not in ("self", "pairs")
 }
 ANSWER_PATHS = {"/", "/v1/answer"}
+MAX_TOP_K = 100  # a top_k near the window width makes the span search quadratic in it: bound it
 WARMUP = ("What is warmed up?", "The model is warmed up before the server says it is ready.")
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -224,7 +225,8 @@ class Batcher:
             self._observe(len(pairs), time.perf_counter() - start)
             if len(jobs) > 1:  # one bad request must not fail the others it was batched with
                 for job in jobs:
-                    await self._run(params, [job])
+                    if not job.future.done():  # timed out meanwhile: nobody waits for it
+                        await self._run(params, [job])
             elif not jobs[0].future.done():
                 jobs[0].future.set_exception(e)
             return
@@ -256,10 +258,13 @@ async def _read_json(request: Request, limit: int) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, too_big)
     body = bytearray()
-    async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, too_big)
+    try:
+        async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, too_big)
+    except ClientDisconnect:  # the client hung up: nobody to answer, and not a server error
+        raise ApiError(499, "client closed the request") from None
     try:
         data = json.loads(bytes(body))
     except json.JSONDecodeError as e:
@@ -268,6 +273,8 @@ async def _read_json(request: Request, limit: int) -> dict:
         raise ApiError(400, "malformed JSON: the body is not UTF-8 text") from None
     except RecursionError:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ApiError(400, f"malformed JSON: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, not {_type(data)}")
     return data
@@ -302,6 +309,10 @@ def _parameters(raw, max_positions: int) -> tuple:
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ApiError(400, f"parameters.{name} must be a positive integer, got {json.dumps(value)[:40]}")
         params[name] = value
+    if params["top_k"] > MAX_TOP_K:
+        raise ApiError(400, f"parameters.top_k {params['top_k']} exceeds the limit of {MAX_TOP_K}")
+    if params["max_answer_len"] > params["max_seq_len"]:
+        raise ApiError(400, f"parameters.max_answer_len {params['max_answer_len']} exceeds max_seq_len")
     if params["max_seq_len"] > max_positions:
         raise ApiError(
             400, f"parameters.max_seq_len {params['max_seq_len']} exceeds the model's {max_positions} positions"

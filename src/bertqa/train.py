@@ -195,7 +195,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """Fine-tune, save OUTPUT/model, evaluate when cfg.predict_file is set; returns the summary.
 
-    `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any)."""
+    `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
+    this rank's loss of the step as a device tensor (reading it syncs the device)."""
     cfg.validate()
     with distributed(cfg.device) as d:
         precision = Precision.resolve(cfg.precision, d.device)
