@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,20 +194,29 @@ def finish(summary: dict, out_dir: Path) -> dict:
     return summary
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    cfg.validate()
+@contextmanager
+def _prepared(cfg: EvalConfig, require_answers: bool = True):
+    """Everything evaluate and predict share: the process group, the precision in force, the model and the
+    windows of cfg.predict_file. Yields (dist, precision, model, data)."""
     with distributed(cfg.device) as d:
         precision = Precision.resolve(cfg.precision, d.device)
         with precision.scope():
             tokenizer, model = load_tokenizer_and_model(cfg, d)
-            data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d)
+            data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d,
+                                              require_answers=require_answers)  # fmt: skip
             if d.is_main:
                 print(startup_line(d, precision, cfg.attention), flush=True)
-            out_dir = Path(cfg.output_dir)
-            summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
-            if d.is_main:
-                finish(summary, out_dir)
-            return summary
+            yield d, precision, model, data
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    cfg.validate()
+    with _prepared(cfg) as (d, precision, model, data):
+        out_dir = Path(cfg.output_dir)
+        summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
+        if d.is_main:
+            finish(summary, out_dir)
+        return summary
 
 
 def predict(cfg: PredictConfig) -> dict:
@@ -216,23 +226,17 @@ def predict(cfg: PredictConfig) -> dict:
     output = Path(cfg.output)
     if output.suffix != ".json":
         raise ValueError(f"--output {output}: must end in .json")
-    with distributed(cfg.device) as d:
-        precision = Precision.resolve(cfg.precision, d.device)
-        with precision.scope():
-            tokenizer, model = load_tokenizer_and_model(cfg, d)
-            data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d, require_answers=False)
-            if d.is_main:
-                print(startup_line(d, precision, cfg.attention), flush=True)
-            out = run_inference(model, data, cfg, d, precision)
-            if out is None:
-                return {}
-            preds, nbest, null_odds, timing = out
-            write_json(output, preds)
-            write_json(output.with_suffix(".nbest.json"), nbest)
-            if null_odds is not None:
-                write_json(output.with_suffix(".null_odds.json"), null_odds)
-            summary = {**timing, "questions": len(preds), "predictions": str(output)}
-            print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
-                  "windows/s)", flush=True)  # fmt: skip
-            print(json.dumps(summary), flush=True)
-            return summary
+    with _prepared(cfg, require_answers=False) as (d, precision, model, data):
+        out = run_inference(model, data, cfg, d, precision)
+    if out is None:
+        return {}
+    preds, nbest, null_odds, timing = out
+    write_json(output, preds)
+    write_json(output.with_suffix(".nbest.json"), nbest)
+    if null_odds is not None:
+        write_json(output.with_suffix(".null_odds.json"), null_odds)
+    summary = {**timing, "questions": len(preds), "predictions": str(output)}
+    print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
+          "windows/s)", flush=True)  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    return summary

@@ -101,6 +101,15 @@ def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+def check_windowing(max_seq_len: int, doc_stride: int, max_question_len: int, max_positions: int) -> None:
+    """One-line errors for window settings the model or the windowing cannot take."""
+    if max_seq_len > max_positions:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {max_positions} position embeddings")
+    if max_seq_len - max_question_len - 3 < doc_stride:
+        raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
+                         f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
+
+
 def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, align_words: bool = False) -> list[list[dict]]:  # fmt: skip
     """The `top_k` best distinct answers of every example, best first, from its windows' logits (see the
@@ -208,12 +217,7 @@ class QuestionAnswerer:
         check_pairs(pairs)
         check_positive(top_k=top_k, max_answer_len=max_answer_len, doc_stride=doc_stride, max_seq_len=max_seq_len,
                   max_question_len=max_question_len)  # fmt: skip
-        if max_seq_len > self.config.max_position_embeddings:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_position_embeddings} "
-                             "position embeddings")  # fmt: skip
-        if max_seq_len - max_question_len - 3 < doc_stride:
-            raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
-                             f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
+        check_windowing(max_seq_len, doc_stride, max_question_len, self.config.max_position_embeddings)
         results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
                                     max_question_len, align_to_words)  # fmt: skip
         if top_k == 1:

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs
+from .qa import QuestionAnswerer, check_pairs, check_positive, check_windowing, input_pairs
 
 log = logging.getLogger("bertqa.serve")
 
@@ -313,16 +313,10 @@ def _parameters(raw, max_positions: int) -> tuple:
         raise ApiError(400, f"parameters.top_k {params['top_k']} exceeds the limit of {MAX_TOP_K}")
     if params["max_answer_len"] > params["max_seq_len"]:
         raise ApiError(400, f"parameters.max_answer_len {params['max_answer_len']} exceeds max_seq_len")
-    if params["max_seq_len"] > max_positions:
-        raise ApiError(
-            400, f"parameters.max_seq_len {params['max_seq_len']} exceeds the model's {max_positions} positions"
-        )
-    if params["max_seq_len"] - params["max_question_len"] - 3 < params["doc_stride"]:
-        raise ApiError(
-            400,
-            f"parameters: max_seq_len {params['max_seq_len']} leaves fewer than doc_stride {params['doc_stride']} "
-            f"context tokens after a {params['max_question_len']}-token question and 3 special tokens",
-        )
+    try:
+        check_windowing(params["max_seq_len"], params["doc_stride"], params["max_question_len"], max_positions)
+    except ValueError as e:
+        raise ApiError(400, f"parameters: {e}") from None
     return tuple(params[name] for name in DEFAULTS)
 
 
