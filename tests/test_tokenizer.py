@@ -111,3 +111,46 @@ def test_lower_casing_comes_from_the_vocabulary_not_the_folder_name(tmp_path):
         assert tok.do_lower_case is lower
         assert tok.tokenize(["Paris"])[0].ids == [len(specials) + 1]  # its own piece, not [UNK]
         assert load_tokenizer(d / "vocab.txt", do_lower_case=not lower).do_lower_case is (not lower)
+
+
+def test_lower_casing_read_from_the_files_and_overridden_by_the_flag(tmp_path, minilm_dir, caplog):
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    d = tmp_path / "nvidia"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(specials + ["the", "paris", "Paris"]) + "\n")
+    assert load_tokenizer(d).do_lower_case is False  # capitals in the vocabulary: cased
+    (d / "config.json").write_text(json.dumps({"hidden_size": 32, "do_lower_case": True}))
+    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
+        tok = load_tokenizer(d)  # the model's config says so: obeyed, but a cased vocabulary is not silently lowered
+    assert tok.do_lower_case is True and tok.tokenize(["Paris"])[0].ids == [6]
+    assert "upper-case word pieces" in caplog.text and "--no-lower-case" in caplog.text
+    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))  # read before config.json
+    assert load_tokenizer(d).tokenize(["Paris"])[0].ids == [7]
+
+    # tokenizer.json: its normaliser decides, and --no-lower-case rewrites it (kept when saved).
+    uncased = load_tokenizer(minilm_dir)
+    cased = load_tokenizer(minilm_dir, do_lower_case=False)
+    assert uncased.do_lower_case is True and cased.do_lower_case is False
+    assert uncased.tokenize(["Paris"])[0].ids != cased.tokenize(["Paris"])[0].ids
+    assert load_tokenizer(minilm_dir, do_lower_case=True).fingerprint == uncased.fingerprint
+    cased.save(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").fingerprint == cased.fingerprint
+
+
+def test_missing_tokenizer_names_the_weights_file(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors: no tokenizer\.json or vocab\.txt beside it"):
+        load_tokenizer(weights)
+
+
+def test_the_lower_case_flag_reaches_the_tokenizer(tiny_dir, tmp_path):
+    from bertqa.cli import _config, build_parser
+    from bertqa.distributed import Dist
+    from bertqa.evaluate import EvalConfig, load_tokenizer_and_model
+
+    args = ["evaluate", "--model", str(tiny_dir), "--predict-file", "x.json", "--output-dir", str(tmp_path)]
+    for flag, lower in (([], True), (["--no-lower-case"], False), (["--lower-case"], True)):
+        cfg = _config(EvalConfig, build_parser().parse_args(args + flag))
+        tokenizer, _ = load_tokenizer_and_model(cfg, Dist(), for_inference=False)
+        assert tokenizer.do_lower_case is lower

@@ -184,6 +184,13 @@ def _add_common(p, batch_help, output_dir: bool = True):
         default="auto",
         help="auto: sdpa (fused kernels), except eager (written out) when training on a CPU",
     )
+    p.add_argument(
+        "--lower-case",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lower-case the input (default: as the tokenizer files or config say, else cased if the vocabulary "
+        "has capitals)",
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

@@ -50,6 +50,7 @@ class EvalConfig:
     cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
     attention: str = "auto"  # auto | sdpa | eager (auto: eager to train on a CPU, sdpa otherwise)
     config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
+    lower_case: bool | None = None  # None: as the tokenizer files (or config, or vocabulary) say
     trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
     progress: bool = True  # progress bars on rank 0
 
@@ -162,7 +163,7 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
 def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = True):
     """Tokenizer and model, checked against the window length before anything is written. For inference the
     checkpoint must hold a fine-tuned QA head."""
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)
     model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
                        attn_implementation=cfg.attention, verbose=d.is_main,
                        require_qa_head=for_inference)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ SPECIAL_TOKENS = {
     "cls_token": "[CLS]",
     "mask_token": "[MASK]",
 }
+
+log = logging.getLogger("bertqa.tokenizer")
 
 
 class BertTokenizer:
@@ -102,44 +105,77 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
     return tok
 
 
-def _has_upper_case(vocab_file: Path) -> bool:
+def _has_upper_case(tokens) -> bool:
     """Whether any word piece other than the bracketed specials ([CLS], [unused0], ...) has a capital."""
-    with open(vocab_file, encoding="utf-8") as f:
-        return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, f))
+    return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, tokens))
 
 
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
     """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
     or a weights file (the tokenizer beside it).
 
-    `do_lower_case` applies to `vocab.txt` only; by default it is read from `tokenizer_config.json`
-    when present, else from the vocabulary itself: one with upper-case word pieces is cased (lower-casing
-    the input would make those pieces unreachable), one without is uncased. Never from a folder's name.
+    Lower-casing is never guessed from a name. `do_lower_case` (--lower-case / --no-lower-case) overrides what
+    the files say; by default it is what `tokenizer.json`'s normaliser does, else `tokenizer_config.json`'s
+    `do_lower_case`, else the model's `config.json` if it says, else the vocabulary itself: one with
+    upper-case word pieces is cased (lower-casing the input would make those pieces unreachable), one
+    without is uncased. Lower-casing a vocabulary that has upper-case pieces is allowed but warned about.
     """
     p = Path(path)
     if p.is_file() and p.suffix not in (".json", ".txt"):
         p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
-        json_file, vocab_file = p / "tokenizer.json", p / "vocab.txt"
-        config_file = p / "tokenizer_config.json"
+        json_file, vocab_file, folder = p / "tokenizer.json", p / "vocab.txt", p
     elif p.is_file():
         json_file = p if p.suffix == ".json" else None
         vocab_file = None if json_file else p
-        config_file = p.parent / "tokenizer_config.json"
+        folder = p.parent
     else:
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
-    if do_lower_case is None and config_file.is_file():
-        do_lower_case = json.loads(config_file.read_text()).get("do_lower_case")
     if json_file is not None and json_file.is_file():
         try:
             backend = Tokenizer.from_file(str(json_file))
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
-        lower = norm.get("lowercase", True if do_lower_case is None else do_lower_case)
-        return BertTokenizer(backend, do_lower_case=bool(lower))
+        lower = norm.get("lowercase")
+        if do_lower_case is not None and do_lower_case != lower:
+            if norm.get("type") != "BertNormalizer":
+                raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
+            backend.normalizer = normalizers.BertNormalizer(
+                clean_text=norm.get("clean_text", True), handle_chinese_chars=norm.get("handle_chinese_chars", True),
+                strip_accents=norm.get("strip_accents"), lowercase=do_lower_case,
+            )  # fmt: skip
+            lower = do_lower_case
+        tokenizer = BertTokenizer(backend, do_lower_case=bool(lower))
+        _warn_if_cased(tokenizer.backend.get_vocab(), tokenizer.do_lower_case, json_file)
+        return tokenizer
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
-            do_lower_case = not _has_upper_case(vocab_file)
+            do_lower_case = _lower_case_setting(folder)
+        tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+        if do_lower_case is None:
+            do_lower_case = not _has_upper_case(tokens)
+        _warn_if_cased(tokens, do_lower_case, vocab_file)
         return BertTokenizer(_from_vocab(vocab_file, do_lower_case), do_lower_case=do_lower_case)
-    raise FileNotFoundError(f"{p}: no tokenizer.json or vocab.txt found")
+    where = str(path) if Path(path).is_file() else str(p)
+    raise FileNotFoundError(f"{where}: no tokenizer.json or vocab.txt beside it (copy the model's tokenizer files there)")
+
+
+def _lower_case_setting(folder: Path) -> bool | None:
+    """`do_lower_case` as tokenizer_config.json, else the model's config.json, states it; None if neither does."""
+    for name in ("tokenizer_config.json", "config.json"):
+        f = folder / name
+        if f.is_file():
+            try:
+                value = json.loads(f.read_text(encoding="utf-8")).get("do_lower_case")
+            except (ValueError, AttributeError):
+                raise ValueError(f"{f}: not a JSON object") from None
+            if isinstance(value, bool):
+                return value
+    return None
+
+
+def _warn_if_cased(tokens, lower: bool, source: Path) -> None:
+    if lower and _has_upper_case(tokens):
+        log.warning("%s: lower-casing the input although the vocabulary has upper-case word pieces, which can then "
+                    "never match; if the model is cased, pass --no-lower-case", source)  # fmt: skip

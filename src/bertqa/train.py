@@ -124,7 +124,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
 RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
                "lr", "warmup", "weight_decay", "seed", "group_by_length", "max_seq_length", "doc_stride",
-               "max_query_length", "precision", "attention_dropout")  # fmt: skip
+               "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
