@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -158,17 +159,67 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 
-def test_fp16_runs_with_a_gradient_scaler(tiny_dir, small_squad, tmp_path):
+@pytest.fixture
+def poison(monkeypatch):
+    """Training forward passes whose loss is NaN at the given call numbers (1-based); records the model."""
+    from bertqa.model import BertForQuestionAnswering
+
+    forward = BertForQuestionAnswering.forward
+    state = {"calls": 0, "bad": set(), "model": None}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            state["calls"] += 1
+            state["model"] = self
+            if state["calls"] in state["bad"]:
+                out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(BertForQuestionAnswering, "forward", poisoned)
+    return state
+
+
+def test_a_non_finite_loss_skips_its_update(tiny_nodrop, small_squad, tmp_path, poison, capsys):
+    poison["bad"] = {3}
+    weights = {}
+    summary = train(cfg_for(tiny_nodrop, small_squad, tmp_path / "out", max_steps=5),
+                    on_step=lambda step, loss: weights.setdefault(step, poison["model"].qa_outputs.weight.clone()))  # fmt: skip
+    assert "step 3: non-finite loss or gradients, update skipped (1 in a row)" in capsys.readouterr().out
+    assert torch.equal(weights[3], weights[2]) and not torch.equal(weights[4], weights[3])
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    rows = {r["step"]: r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")}
+    assert rows[3]["loss"] is None and rows[3]["skipped_steps"] == 1 and rows[4]["loss"] > 0
+    assert summary["skipped_steps"] == 1 and summary["final_loss"] > 0
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tiny_dir, small_squad, tmp_path, poison):
+    from bertqa.train import NonFiniteError
+
+    poison["bad"] = set(range(3, 100))
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match=r"stopped at step 6: 4 updates in a row skipped .* the last checkpoint, "
+                                             r".*checkpoint\.pt \(step 4\), is intact"):  # fmt: skip
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=10, save_every=2, max_nonfinite_steps=4))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+
+def test_fp16_runs_with_a_gradient_scaler_and_counts_skipped_steps(tiny_dir, small_squad, tmp_path, poison):
     try:
         with torch.autocast("cpu", dtype=torch.float16):
             torch.nn.Linear(2, 2)(torch.ones(1, 2))
     except RuntimeError as e:
         pytest.skip(f"fp16 autocast unsupported on this CPU build: {e}")
-    summary = train(cfg_for(tiny_dir, small_squad, tmp_path / "fp16", precision="fp16", max_steps=3))
-    assert summary["precision"] == "fp16" and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    poison["bad"] = {2}
+    summary = train(cfg_for(tiny_dir, small_squad, tmp_path / "fp16", precision="fp16", max_steps=4))
+    assert summary["precision"] == "fp16" and math.isfinite(summary["final_loss"])
+    assert summary["skipped_steps"] >= 1  # the poisoned step, plus any the scaler skipped while calibrating
+    assert read_jsonl(tmp_path / "fp16" / "metrics.jsonl")[1]["skipped_steps"] >= 1
     scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)["scaler"]
-    # The scaler took part in every step: its growth tracker counts the steps with finite gradients.
-    assert scaler is not None and scaler["_growth_tracker"] + (scaler["scale"] < 65536.0) > 0
+    # The scaler saw the NaN and backed off: its scale is below where it starts.
+    assert scaler is not None and scaler["scale"] < 65536.0
 
 
 def run_cli(*args, env=None, module=("-m", "bertqa")):
@@ -221,8 +272,9 @@ def test_evaluate_bad_input_writes_nothing(tiny_dir, small_squad, tmp_path):
 
 
 def torchrun(nproc, *args):
-    return run_cli(*args, module=("-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "bertqa"),
-                   env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    # --standalone: a free port of its own, not the fixed default 29500 that concurrent runs would share.
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "bertqa")
+    return run_cli(*args, module=launcher, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):

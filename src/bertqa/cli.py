@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--tensorboard", action="store_true", help="log scalars to OUTPUT_DIR/tensorboard")
     t.add_argument("--compile", action="store_true", help="torch.compile the training step (minutes to compile once)")
+    t.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=20,
+        help="stop after this many updates in a row skipped for a non-finite loss or gradients (default 20)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="predict and score a SQuAD file")

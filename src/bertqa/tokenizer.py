@@ -158,7 +158,9 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -
         _warn_if_cased(tokens, do_lower_case, vocab_file)
         return BertTokenizer(_from_vocab(vocab_file, do_lower_case), do_lower_case=do_lower_case)
     where = str(path) if Path(path).is_file() else str(p)
-    raise FileNotFoundError(f"{where}: no tokenizer.json or vocab.txt beside it (copy the model's tokenizer files there)")
+    raise FileNotFoundError(
+        f"{where}: no tokenizer.json or vocab.txt beside it (copy the model's tokenizer files there)"
+    )
 
 
 def _lower_case_setting(folder: Path) -> bool | None:

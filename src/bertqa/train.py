@@ -59,6 +59,7 @@ class TrainConfig(EvalConfig):
     log_every: int = 10  # steps between metrics.jsonl lines
     tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
     compile: bool = False  # torch.compile the training forward (one graph for every batch shape)
+    max_nonfinite_steps: int = 20  # stop after this many updates in a row skipped for a non-finite loss/gradient
 
     FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
@@ -73,6 +74,8 @@ class TrainConfig(EvalConfig):
             raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
         if self.save_every < 0:
             raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
 
@@ -136,6 +139,20 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
         raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)}); use another --output-dir")
 
 
+class NonFiniteError(ValueError):
+    """Too many consecutive steps with a non-finite loss or gradients (the message is one line)."""
+
+
+def all_finite(d: Dist, *values):
+    """A device boolean: every value is finite on every rank (the ranks must agree on skipping an update)."""
+    ok = torch.stack([torch.isfinite(v) for v in values]).all()
+    if d.enabled:
+        bad = (~ok).to(torch.int32)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        ok = bad == 0
+    return ok
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard scalars) on rank 0."""
 
@@ -181,7 +198,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
         return False
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, [r["loss"] for r in rows])
+    ax1.plot(steps, [math.nan if r["loss"] is None else r["loss"] for r in rows])  # None: no finite loss
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
     ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
@@ -256,7 +273,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
     loss_sum = torch.zeros((), device=d.device)
+    finite_since_log = torch.zeros((), device=d.device)
     steps_since_log = 0
+    skipped, bad_run = 0, 0  # updates skipped in all, and in a row now
+    saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -280,37 +300,61 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
             step_loss += loss.detach()
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # The norm is computed even without clipping (an infinite max norm scales by exactly 1): a non-finite
+        # loss or gradient is caught at its step and the update skipped, so the weights stay as they were.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        loss_ok = all_finite(d, step_loss)
         if scaler is not None:
+            # The scaler skips the update itself on non-finite gradients, and then lowers the scale: expected
+            # while it calibrates, so counted in the log rather than reported one by one.
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            applied = scaler.get_scale() >= scale
         else:
-            optimizer.step()
+            applied = bool(loss_ok & all_finite(d, grad_norm))  # one host sync per step
+            if applied:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        loss_sum += step_loss
-        steps_since_log += 1
         done = step + 1
+        if applied:
+            bad_run = 0
+        else:
+            skipped, bad_run = skipped + 1, bad_run + 1
+            if d.is_main and (scaler is None or not bool(loss_ok)):
+                print(f"bertqa: step {done}: non-finite loss or gradients, update skipped ({bad_run} in a row)",
+                      flush=True)  # fmt: skip
+            if bad_run >= cfg.max_nonfinite_steps:
+                kept = (f"the last checkpoint, {ckpt_path} (step {saved_step}), is intact" if saved_step
+                        else "no checkpoint was saved (see --save-every)")  # fmt: skip
+                raise NonFiniteError(f"stopped at step {done}: {bad_run} updates in a row skipped for a non-finite "
+                                     f"loss or gradients (try a lower --lr, or bf16 / fp32); {kept}")  # fmt: skip
+        loss_sum += torch.where(loss_ok, step_loss, 0.0)
+        finite_since_log += loss_ok
+        steps_since_log += 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
             # The only host syncs of the loop: loss averaged over the steps since the last line and the ranks.
             if d.enabled:
                 torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(step_loss)
-            avg = loss_sum.item() / steps_since_log / d.world_size
-            final_loss = step_loss.item() / d.world_size
+            finite = finite_since_log.item()
+            avg = loss_sum.item() / finite / d.world_size if finite else None
+            final_loss = step_loss.item() / d.world_size if bool(loss_ok) else None
             loss_sum.zero_()
+            finite_since_log.zero_()
             steps_since_log = 0
             elapsed = time.perf_counter() - t0
             seq_s = (done - start_step) * global_batch / elapsed
             if d.is_main:
                 metrics.log({"step": done, "epoch": done / steps_per_epoch, "loss": avg, "lr": lr,
-                             "sequences_per_second": seq_s})  # fmt: skip
-                bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.2e}")
+                             "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
+                bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss)
+            saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
     synchronize(d.device)
@@ -321,7 +365,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
-               "world_size": d.world_size, "precision": precision.name}  # fmt: skip
+               "world_size": d.world_size, "precision": precision.name, "skipped_steps": skipped}  # fmt: skip
     if d.is_main:
         metrics.close()
         run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
