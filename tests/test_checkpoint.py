@@ -16,11 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def real_batch(minilm_dir, squad_dir):
-    """Real question/context pairs from dev-a, padded: (ids, types, mask)."""
+def real_batch(minilm_dir, tiny_squad):
+    """Question/context pairs from tests/data/tiny-squad.json, padded: (ids, types, mask)."""
     tok = load_tokenizer(minilm_dir)
-    para = json.loads((squad_dir / "dev-a.json").read_text())["data"][0]["paragraphs"][0]
-    encs = [tok.encode_pair(q["question"], para["context"][: 200 + 90 * i]) for i, q in enumerate(para["qas"][:3])]
+    para = json.loads(tiny_squad.read_text())["data"][0]["paragraphs"][0]
+    encs = [tok.encode_pair(q["question"], para["context"][: 100 + 60 * i]) for i, q in enumerate(para["qas"][:3])]
     T = max(len(e["input_ids"]) for e in encs)
     ids = torch.zeros(len(encs), T, dtype=torch.long)
     types, mask = torch.zeros_like(ids), torch.zeros_like(ids)

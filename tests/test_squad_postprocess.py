@@ -169,10 +169,13 @@ def test_narrower_logits_and_bad_shapes(setup):
         postprocess(ex * 2, f, start, end)
 
 
-def test_labels_as_logits_reproduce_the_answers(minilm_dir, squad_dir):
-    """End to end on dev-a.json: logits that point at the labelled spans give back the gold answers."""
+@pytest.mark.parametrize("source", ["tiny-squad", "dev-a"])
+def test_labels_as_logits_reproduce_the_answers(source, minilm_dir, tiny_squad, request):
+    """End to end on our fixture and on the real dev-a.json: logits that point at the labelled spans give back
+    the gold answers."""
+    path = tiny_squad if source == "tiny-squad" else request.getfixturevalue("squad_dir") / "dev-a.json"
     tok = load_tokenizer(minilm_dir)
-    examples = read_squad(squad_dir / "dev-a.json", is_training=False)
+    examples = read_squad(path, is_training=False)
     f = featurize(examples, tok)
     rng = np.random.default_rng(0)
     start = rng.normal(size=f.input_ids.shape).astype(np.float32)
@@ -183,7 +186,7 @@ def test_labels_as_logits_reproduce_the_answers(minilm_dir, squad_dir):
     t0 = time.perf_counter()
     preds, nbest, _ = postprocess(examples, f, start, end)
     seconds = time.perf_counter() - t0
-    data = json.loads((squad_dir / "dev-a.json").read_text())["data"]
+    data = json.loads(path.read_text())["data"]
     result = evaluate_v1(data, preds)
     print(f"postprocess of {len(f)} windows in {seconds:.2f} s; {result}")
     assert result["exact_match"] > 99.0 and result["f1"] > 99.5

@@ -9,11 +9,14 @@ from bertqa.tokenizer import load_tokenizer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def dev_texts(squad_dir):
-    data = json.loads((squad_dir / "dev-a.json").read_text())["data"]
+@pytest.fixture(scope="module", params=["tiny-squad", "dev-a"])
+def dev_texts(request, tiny_squad):
+    """Every context and question of our fixture, and of the real dev-a.json."""
+    path = tiny_squad if request.param == "tiny-squad" else request.getfixturevalue("squad_dir") / "dev-a.json"
+    data = json.loads(path.read_text())["data"]
     contexts = [p["context"] for a in data for p in a["paragraphs"]]
     pairs = [(q["question"], p["context"]) for a in data for p in a["paragraphs"] for q in p["qas"]]
+    assert (len(contexts), len(pairs)) == {"tiny-squad": (5, 20), "dev-a": (913, 4961)}[request.param]
     return contexts, pairs
 
 
@@ -47,7 +50,6 @@ def test_parity_on_every_dev_context_and_question(source, minilm_dir, vocab_only
         ref_ids, ref_offsets = hf_encode(hf, texts)
         assert [e.ids for e in mine] == ref_ids
         assert [e.offsets for e in mine] == ref_offsets
-    assert len(contexts) == 913 and len(questions) == 4961
     for q, c in pairs[:300]:
         ref = hf(q, c, return_offsets_mapping=True)
         got = ours.encode_pair(q, c)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from conftest import platform_skip
+from official_squad import official_v1, official_v2
 from safetensors.torch import load_file
 
 from bertqa.evaluate import EvalConfig, evaluate
@@ -19,15 +21,25 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def small_squad(squad_dir, tmp_path_factory):
-    """A few real paragraphs: train from train-subset.json, predict from dev-a.json (all answers kept)."""
-    out = tmp_path_factory.mktemp("squad")
-    for src, dst, n_par in (("train-subset.json", "train.json", 4), ("dev-a.json", "dev.json", 3)):
-        doc = json.loads((squad_dir / src).read_text())
-        article = doc["data"][0]
-        doc["data"] = [{**article, "paragraphs": article["paragraphs"][:n_par]}]
-        (out / dst).write_text(json.dumps(doc))
-    return out / "train.json", out / "dev.json"
+def small_squad(tiny_squad, tmp_path_factory):
+    """tests/data/tiny-squad.json as two long paragraphs (three and two of its contexts joined, answer offsets
+    moved along), so that windows overflow at --max-seq-length 128 and stride: the same file to train on and
+    to evaluate."""
+    doc = json.loads(tiny_squad.read_text())
+    paragraphs = [p for a in doc["data"] for p in a["paragraphs"]]
+    merged = []
+    for group in (paragraphs[:3], paragraphs[3:]):
+        context, qas = "", []
+        for p in group:
+            shift = len(context) + (1 if context else 0)
+            context = f"{context} {p['context']}" if context else p["context"]
+            for q in p["qas"]:
+                answers = [{**a, "answer_start": a["answer_start"] + shift} for a in q["answers"]]
+                qas.append({**q, "answers": answers})
+        merged.append({"context": context, "qas": qas})
+    out = tmp_path_factory.mktemp("squad") / "small.json"
+    out.write_text(json.dumps({"version": "1.1", "data": [{"title": "tiny", "paragraphs": merged}]}))
+    return out, out
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +114,11 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     r = run_cli("score", small_squad[1], out / "predictions.json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"exact_match": summary["exact_match"], "f1": summary["f1"]}
+    # And by the official script's rules, restated independently of bertqa's metrics.
+    preds = json.loads((out / "predictions.json").read_text())
+    official = official_v1(json.loads(small_squad[1].read_text())["data"], preds)
+    assert official == pytest.approx({"exact_match": summary["exact_match"], "f1": summary["f1"]}, abs=1e-9)
+    assert 0 < summary["f1"] < 100  # a random model: partial credit, so F1 is really computed
 
 
 def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
@@ -117,6 +134,8 @@ def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
                                   progress=False))  # fmt: skip
     n_impossible = len(doc["data"][0]["paragraphs"][0]["qas"])
     assert summary["NoAns_total"] == n_impossible and summary["HasAns_total"] > 0
+    official = official_v2(doc["data"], json.loads((out / "predictions.json").read_text()))
+    assert official == pytest.approx({k: summary[k] for k in official}, abs=1e-9)
     null_odds = json.loads((out / "null_odds.json").read_text())
     r = run_cli("score", v2, out / "predictions.json", "--na-prob-file", out / "null_odds.json")
     assert r.returncode == 0, r.stderr
@@ -157,6 +176,19 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert rows[0]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3)) / 3, rel=1e-6)
     assert rows[1]["loss"] == pytest.approx((per_step[5] + per_step[6]) / 2, rel=1e-6)  # the steps since resuming
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
+
+
+def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
+    # Dropout on (the tiny model's 0.1) and length-grouped shuffling: everything random comes from the seed.
+    runs = {}
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        train(cfg_for(tiny_dir, small_squad, tmp_path / name, max_steps=6, seed=seed))
+        losses = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+        runs[name] = losses, load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    (la, wa), (lb, wb), (lc, _) = runs["a"], runs["b"], runs["c"]
+    assert len(la) == 6 and la == lb  # exactly equal floats, not approximately
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert lc != la  # the seed really decides something
 
 
 @pytest.fixture
@@ -211,7 +243,7 @@ def test_fp16_runs_with_a_gradient_scaler_and_counts_skipped_steps(tiny_dir, sma
         with torch.autocast("cpu", dtype=torch.float16):
             torch.nn.Linear(2, 2)(torch.ones(1, 2))
     except RuntimeError as e:
-        pytest.skip(f"fp16 autocast unsupported on this CPU build: {e}")
+        platform_skip(f"fp16 autocast unsupported on this CPU build: {e}")
     poison["bad"] = {2}
     summary = train(cfg_for(tiny_dir, small_squad, tmp_path / "fp16", precision="fp16", max_steps=4))
     assert summary["precision"] == "fp16" and math.isfinite(summary["final_loss"])
@@ -281,14 +313,16 @@ def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     base = common_args(tiny_nodrop, small_squad, None)[2:]  # without --model/--output-dir
     args = ["--model", tiny_nodrop, "--max-steps", 4, "--log-every", 1, *base, "--predict-file", small_squad[1]]
-    r1 = run_cli("train", *args, "--output-dir", one, "--batch-size", 8, "--device", "cpu")
+    # One process accumulating two micro-batches of 4 sees the same rows, padded the same way, as two ranks of
+    # 4 (the loss's softmax runs over padding too, as in transformers, so a batch of 8 would pad differently).
+    r1 = run_cli("train", *args, "--output-dir", one, "--batch-size", 4, "--grad-accum", 2, "--device", "cpu")
     assert r1.returncode == 0, r1.stderr
     r2 = torchrun(2, "train", *args, "--output-dir", two, "--batch-size", 4, "--device", "cpu")
     assert r2.returncode == 0, r2.stderr
     assert "world size 2" in r2.stdout and r2.stdout.count("world size") == 1  # rank 0 alone prints
     l1 = [r["loss"] for r in read_jsonl(one / "metrics.jsonl")]
     l2 = [r["loss"] for r in read_jsonl(two / "metrics.jsonl")]
-    assert l1 == pytest.approx(l2, abs=1e-5)  # 2 x 4 per device == 1 x 8
+    assert l1 == pytest.approx(l2, abs=1e-5)  # 2 ranks x 4 == 1 x 4 x 2 micro-batches
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["world_size"] == 2 and s2["final_loss"] == pytest.approx(s1["final_loss"], abs=1e-5)
     # Evaluation sharded over two ranks and gathered gives exactly one process's predictions and metrics.
