@@ -81,8 +81,33 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     try:
         yield Dist(rank, world, local_rank, device)
+    except RuntimeError as e:
+        why = _peer_lost(e)
+        if why is None:
+            raise
+        # Not this rank's fault: the one that failed says why; this one says it stopped because of it.
+        raise RankError(f"rank {rank}: another rank failed or was killed, so this one stops too ({why})") from None
     finally:
         dist.destroy_process_group()
+
+
+# How gloo / NCCL report a peer that went away (a crash, a kill, a timeout in a collective).
+PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Timed out waiting",
+    "timed out",
+)
+
+
+def _peer_lost(e: RuntimeError) -> str | None:
+    """What in `e` says a peer went away (gloo's / NCCL's words, or torch's distributed error type), or None."""
+    found = next((s for s in PEER_LOST if s in str(e)), None)
+    if found is None and isinstance(e, getattr(dist, "DistError", ())):
+        found = type(e).__name__
+    return found
 
 
 def barrier(d: Dist) -> None:
@@ -97,3 +122,38 @@ def all_gather_objects(d: Dist, obj) -> list:
     out = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class RankError(ValueError):
+    """A step failed on one rank; every rank raises this with that rank's message (a ValueError, so the CLI
+    prints it as one line)."""
+
+
+@contextmanager
+def fail_together(d: Dist):
+    """Run the body on every rank, then agree on how it went: if it raised on any rank, every rank raises
+    `RankError("rank R: <message>")` of the lowest failing rank, rather than the others going on into a
+    collective that the failed rank never joins. The agreement is one all_gather of None or a short string,
+    and it is also a barrier: no rank leaves before every rank has run the body. A rank whose failure is not
+    a ValueError/OSError (a bug) re-raises its own exception, traceback and all. No-op without a group."""
+    if not d.enabled:
+        yield
+        return
+    failed = None
+    try:
+        yield
+    except Exception as e:  # any failure must reach the gather, or the other ranks would wait on it
+        failed = e
+    errors = all_gather_objects(d, None if failed is None else _one_line(failed))
+    if failed is not None and not isinstance(failed, (ValueError, OSError)):
+        raise failed  # a bug rather than bad input: keep its traceback on the rank where it happened
+    for rank, error in enumerate(errors):
+        if error is not None:
+            raise RankError(f"rank {rank}: {error}") from None
+
+
+def _one_line(e: Exception) -> str:
+    first = next(iter(str(e).splitlines()), "")
+    if isinstance(e, (ValueError, OSError)) and first:
+        return first  # our errors already name the file and the problem
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

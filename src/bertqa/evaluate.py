@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
-from .distributed import Dist, all_gather_objects, barrier, distributed
+from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
 from .files import write_json
 from .inference import predict_logits, shard
 from .runtime import Precision
@@ -90,21 +90,23 @@ class PredictConfig(EvalConfig):
 def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None,
                                require_answers: bool = True):  # fmt: skip
     """Read and featurise a SQuAD file; rank 0 builds the cache first, the other ranks then read it.
-    Returns (parsed JSON, examples, features)."""
-    doc = load_json(path)
-    examples = parse_squad(doc, path, is_training=is_training, require_answers=require_answers)
-    if limit:
-        examples = examples[:limit]
-    if not examples:
-        raise ValueError(f"{path}: no usable questions")
+    Returns (parsed JSON, examples, features). A failure on any rank is raised on every rank as `rank R: ...`"""
     params = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
                   max_query_length=cfg.max_query_length, is_training=is_training)  # fmt: skip
     features = None
-    if d.is_main:
-        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
-    barrier(d)
-    if not d.is_main:
-        features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    # Each fail_together ends in a gather that is also the barrier: the cache is written before it is read.
+    with fail_together(d):
+        doc = load_json(path)
+        examples = parse_squad(doc, path, is_training=is_training, require_answers=require_answers)
+        if limit:
+            examples = examples[:limit]
+        if not examples:
+            raise ValueError(f"{path}: no usable questions")
+        if d.is_main:
+            features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+    with fail_together(d):
+        if not d.is_main:
+            features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
     return doc, examples, features
 
 

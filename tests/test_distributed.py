@@ -1,0 +1,139 @@
+"""Faults under `torchrun --standalone --nproc-per-node 2` (gloo, CPU): a rank that raises, is killed, or
+cannot read its data brings every rank down within a bounded time, and the output names what went wrong."""
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertqa.distributed import Dist, fail_together
+
+pytest.importorskip("transformers")  # for tiny_dir
+
+WORKER = Path(__file__).with_name("dist_fault_worker.py")
+ANOTHER = "bertqa: error: rank 0: another rank failed or was killed, so this one stops too"
+LIMIT_S = 120  # gloo's own timeout is 30 min: a hang must fail the test, not block the run
+
+
+def torchrun_train(tmp_path, fault, model, train_file):
+    """`bertqa train` on two ranks with `fault` injected (see dist_fault_worker.py). Returns the exit code,
+    the seconds it took, torchrun's stderr and each rank's stderr (from torchrun's per-rank log files)."""
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--log-dir", log_dir, "--tee", "3", WORKER, fault,
+           "train", "--model", model, "--train-file", train_file, "--output-dir", tmp_path / "out",
+           "--device", "cpu", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32,
+           "--batch-size", 4, "--max-steps", 6, "--log-every", 1, "--cache-dir", "none", "--no-progress",
+           "--precision", "fp32"]  # fmt: skip
+    t0 = time.monotonic()
+    # A session of its own, so that a hang can be ended with torchrun and both workers together.
+    with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) as p:  # fmt: skip
+        try:
+            _, err = p.communicate(timeout=LIMIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"torchrun still running after {LIMIT_S} s")
+    elapsed = time.monotonic() - t0
+    ranks = [[f.read_text() for f in log_dir.glob(f"*/attempt_0/{rank}/stderr.log")] for rank in (0, 1)]
+    assert all(len(r) == 1 for r in ranks), ranks
+    return p.returncode, elapsed, err, [r[0] for r in ranks]
+
+
+def logged_steps(out: Path) -> list:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rank_raising_mid_training_stops_every_rank(tmp_path, tiny_dir, tiny_squad):
+    rc, elapsed, err, ranks = torchrun_train(tmp_path, "raise", tiny_dir, tiny_squad)
+    assert rc != 0 and elapsed < LIMIT_S
+    assert "bertqa: error: injected fault on rank 1 at step 2" in ranks[1]
+    # Rank 0 says in one line that it stops because of another rank (unless torchrun's SIGTERM came first).
+    assert "Traceback" not in ranks[0] and "error" not in ranks[0].replace(ANOTHER, ""), ranks[0]
+    # torchrun names the rank that failed first, and ends the other one rather than leaving it waiting.
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 1 ", err.split("Root Cause")[1]), err
+    # Rank 0 logged the steps both ranks finished and could not go on to step 3 alone, nor save a model.
+    assert logged_steps(tmp_path / "out") in ([1], [1, 2])
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_rank_killed_mid_training_stops_every_rank(tmp_path, tiny_dir, tiny_squad):
+    rc, elapsed, err, ranks = torchrun_train(tmp_path, "kill", tiny_dir, tiny_squad)
+    assert rc != 0 and elapsed < LIMIT_S
+    root_cause = err.split("Root Cause")[1]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9 ", root_cause), err
+    assert "Signal 9 (SIGKILL)" in root_cause, err
+    assert "Traceback" not in ranks[0] and "error" not in ranks[0].replace(ANOTHER, ""), ranks[0]
+    assert logged_steps(tmp_path / "out") in ([1], [1, 2])
+    assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.parametrize("bad_rank", [1, 0])
+def test_rank_that_cannot_read_its_data_fails_every_rank_alike(tmp_path, tiny_dir, tiny_squad, bad_rank):
+    # One path per rank: `{rank}` becomes the rank in the worker; only bad_rank's file is broken.
+    (tmp_path / f"train-{1 - bad_rank}.json").write_bytes(tiny_squad.read_bytes())
+    bad = tmp_path / f"train-{bad_rank}.json"
+    bad.write_text('{"data": [oops')
+    rc, elapsed, _, ranks = torchrun_train(tmp_path, "none", tiny_dir, tmp_path / "train-{rank}.json")
+    assert rc != 0 and elapsed < LIMIT_S
+    line = f"bertqa: error: rank {bad_rank}: {bad}: not valid JSON (line 1 column 11: Expecting value)\n"
+    for text in ranks:  # the same one line on every rank, and no traceback
+        assert line in text and "Traceback" not in text, ranks
+    assert not (tmp_path / "out").exists()
+
+
+CASES = [  # what each rank raises in the body -> what each rank sees after it
+    ((None, None), (None, None)),
+    ((None, OSError("b.json: cannot read")), ("RankError: rank 1: b.json: cannot read",) * 2),
+    ((ValueError("a"), ValueError("b")), ("RankError: rank 0: a",) * 2),  # the lowest failing rank's
+    ((None, KeyError("k")), ("RankError: rank 1: KeyError: 'k'", "KeyError: 'k'")),  # a bug keeps its own
+]
+
+
+def _agree(rank, store, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    seen = []
+    for raised, _ in CASES:
+        try:
+            with fail_together(Dist(rank, 2)):
+                if raised[rank] is not None:
+                    raise raised[rank]
+            seen.append(None)
+        except Exception as e:
+            seen.append(f"{type(e).__name__}: {e}")
+    torch.distributed.destroy_process_group()
+    results.put((rank, seen))
+
+
+def test_fail_together_raises_the_first_failure_on_every_rank(tmp_path):
+    # Two spawned processes meeting through a file store (no TCP port to choose); all cases in one group.
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(rank, tmp_path / "store", results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        seen = dict(results.get(timeout=LIMIT_S) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            p.kill()  # only if still there: a hang must not outlive the test
+    assert [tuple(s) for s in zip(seen[0], seen[1], strict=True)] == [want for _, want in CASES]
+
+
+def test_fail_together_is_a_no_op_without_a_process_group():
+    d = Dist()  # a world of one: nothing is gathered and errors pass through unchanged
+    with fail_together(d):
+        pass
+    with pytest.raises(ValueError) as e, fail_together(d):
+        raise ValueError("x.json: no such file")
+    assert type(e.value) is ValueError and str(e.value) == "x.json: no such file"
