@@ -6,6 +6,7 @@ graphs) goes through here. No torch, so the pure-Python SQuAD code uses it too.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -76,3 +77,18 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete what `atomic_path(path)` or `atomic_dir(path)` leave beside `path` when their process is killed
+    outright (SIGKILL, power loss) mid-write, a temporary file or folder, and return those. Only for a path
+    that no live process is writing."""
+    path = Path(path)
+    name, stem, suffix = (glob.escape(x) for x in (path.name, path.stem, path.suffix))
+    stale = sorted({*path.parent.glob(f".{stem}.*.tmp{suffix}"), *path.parent.glob(f".{name}.tmp-*")})
+    for tmp in stale:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return stale

@@ -32,7 +32,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -103,7 +103,7 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None) -> None:  # fmt: skip
+                    final_loss: float | None, skipped_steps: int = 0) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     rngs = all_gather_objects(d, rng_state(d.device))
@@ -116,6 +116,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
         "final_loss": final_loss,
+        "skipped_steps": skipped_steps,  # updates skipped for non-finite values so far
         "rng": rngs,
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
@@ -137,6 +138,38 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
         diff.append(f"world size {state['world_size']} -> {d.world_size}")
     if diff:
         raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)}); use another --output-dir")
+
+
+# What save_checkpoint writes ("final_loss" came later and may be absent), and how to get past a bad file.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng", "world_size", "config")
+BAD_CHECKPOINT = "move it away to start over, or use another --output-dir"
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int) -> dict:
+    """OUTPUT/checkpoint.pt, read and checked before any of it is used. A damaged or foreign file is an error
+    of one line that leaves it in place: never resumed from, never silently replaced by a fresh start."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch's own messages run to paragraphs and suggest weights_only=False
+        raise ValueError(f"{path}: truncated or not a checkpoint ({type(e).__name__}); {BAD_CHECKPOINT}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"{path}: not a bertqa training checkpoint (no {', '.join(missing)}); {BAD_CHECKPOINT}")
+    try:
+        config_ok = isinstance(json.loads(state["config"]), dict)
+    except (TypeError, ValueError):
+        config_ok = False
+    ws = state["world_size"]
+    if not config_ok or not (isinstance(ws, int) and isinstance(state["rng"], list) and len(state["rng"]) == ws):
+        raise ValueError(f"{path}: damaged checkpoint (bad config, world_size or rng); {BAD_CHECKPOINT}")
+    check_resumable(path, state, cfg, d)
+    step = state["step"]
+    if type(step) is not int or not 0 <= step <= total_steps:
+        why = f"step {step!r}, not an integer in 0..{total_steps}"
+        raise ValueError(f"{path}: damaged checkpoint ({why}); {BAD_CHECKPOINT}")
+    return state
 
 
 class NonFiniteError(ValueError):
@@ -161,9 +194,17 @@ class MetricsLog:
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        self.file = open(self.path, "w")
-        self.file.writelines(line + "\n" for line in kept)
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] > resume_step:
+                        break
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut short by a crash: the steps from there on are redone anyway
+                kept.append(line)
+        # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -239,18 +280,26 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
 
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
-    start_step, final_loss = 0, None
+    start_step, final_loss, skipped = 0, None, 0  # skipped: updates skipped for non-finite values
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
+    if d.is_main:
+        # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size);
+        # the files themselves are only ever renamed into place whole, so they hold the previous save.
+        for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png"):
+            remove_stale_temps(out_dir / name)
     if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        check_resumable(ckpt_path, state, cfg, d)
-        final_loss = state.get("final_loss")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][d.rank], d.device)
+        state = load_checkpoint(ckpt_path, cfg, d, total_steps)
+        final_loss, skipped = state.get("final_loss"), state.get("skipped_steps", 0)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"][d.rank], d.device)
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
+            why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
+            raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
         start_step = state["step"]
         if d.is_main:
             print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
@@ -275,7 +324,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     loss_sum = torch.zeros((), device=d.device)
     finite_since_log = torch.zeros((), device=d.device)
     steps_since_log = 0
-    skipped, bad_run = 0, 0  # updates skipped in all, and in a row now
+    bad_run = 0  # updates skipped in a row
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -353,14 +402,14 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss)
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss, skipped)
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
     synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss)
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss, skipped)
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,

@@ -1,0 +1,246 @@
+"""Training killed outright (SIGKILL) and resumed: real `bertqa train` processes, the tiny model, tiny-squad."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertqa.distributed import Dist
+from bertqa.files import atomic_dir, atomic_path, remove_stale_temps
+from bertqa.train import TrainConfig, load_checkpoint, train
+
+STEPS, SAVE_EVERY = 10, 2
+
+# `bertqa train` with hooks that change no number, each set by an environment variable: PAUSE seconds after
+# each metrics line, so the test can see where the run is; the checkpoint of step STALL_AT written half-way,
+# then hanging until killed; STALL_METRICS=marker: hang once metrics.jsonl is opened to be written, marker
+# created.
+HOOKED_CLI = """
+import io, os, sys, time
+from pathlib import Path
+import torch
+import bertqa.train
+from bertqa.cli import main
+
+pause, stall_at, marker = float(os.environ.get("PAUSE", 0)), int(os.environ.get("STALL_AT", -1)), os.environ.get("STALL_METRICS")
+log = bertqa.train.MetricsLog.log
+def slow_log(self, record):
+    log(self, record)
+    time.sleep(pause)
+bertqa.train.MetricsLog.log = slow_log
+save = torch.save
+def stalling_save(obj, f):
+    if isinstance(obj, dict) and obj.get("step") == stall_at:
+        buf = io.BytesIO()
+        save(obj, buf)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[: buf.tell() // 2])
+            out.flush()
+            time.sleep(600)
+    save(obj, f)
+torch.save = stalling_save
+def stalling_open(file, mode="r", *args, **kwargs):
+    f = open(file, mode, *args, **kwargs)
+    if marker and Path(file).name == "metrics.jsonl" and mode != "r":
+        Path(marker).touch()
+        time.sleep(600)
+    return f
+bertqa.train.open = stalling_open
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_args(model, data, out):
+    return ["train", "--model", model, "--train-file", data, "--output-dir", out, "--save-every", SAVE_EVERY,
+            "--resume", "--max-steps", STEPS, "--seed", 3, "--cache-dir", "none", "--no-progress", "--precision",
+            "fp32", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32, "--batch-size", 4,
+            "--log-every", 1]  # fmt: skip
+
+
+def run(args, hooks=None, **popen):
+    """The CLI as a child process; `hooks`: HOOKED_CLI's environment variables."""
+    prefix = ["-c", HOOKED_CLI] if hooks else ["-m", "bertqa"]
+    env = {**os.environ, **{k: str(v) for k, v in hooks.items()}} if hooks else None
+    return subprocess.Popen([sys.executable, *prefix, *map(str, args)], env=env, text=True, **popen)
+
+
+def kill_when(proc, ready, timeout=120):
+    """SIGKILL the process as soon as ready() is true (checked every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the kill point"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def lines(out):  # while a run writes it: a line half written is not counted
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def metrics(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def ckpt_step(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+
+
+def temps(out):
+    return sorted(out.glob(".checkpoint.*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tiny_squad, tmp_path_factory):
+    """The same run, never interrupted."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run(train_args(tiny_dir, tiny_squad, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return out
+
+
+def test_kill_9_anywhere_then_resume_ends_exactly_where_an_uninterrupted_run_ends(
+    reference, tiny_dir, tiny_squad, tmp_path
+):
+    out = tmp_path / "run"
+    args = train_args(tiny_dir, tiny_squad, out)
+
+    # 1. Killed between steps, once 5 steps are logged.
+    proc = run(args, hooks={"PAUSE": 0.3}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: lines(out) >= 5)
+    logged, saved = len(metrics(out)), ckpt_step(out)
+    assert 0 <= logged - saved <= SAVE_EVERY and saved % SAVE_EVERY == 0
+
+    # 2. Resumed, then killed while the next checkpoint is half written.
+    stall = saved + SAVE_EVERY
+    proc = run(args, hooks={"STALL_AT": stall}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: any(p.stat().st_size > 0 for p in temps(out)))
+    assert len(temps(out)) == 1  # a kill leaves the temporary file of the write it cut short
+    assert ckpt_step(out) == saved  # the checkpoint itself is the previous one, whole
+    assert [r["step"] for r in metrics(out)] == list(range(1, stall + 1))  # lost: stall - saved = SAVE_EVERY
+
+    # 3. Resumed to the end: from the last whole checkpoint, the stray temporary file removed.
+    proc = run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert f"resumed from {out / 'checkpoint.pt'} at step {saved}" in stdout
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+    a = load_file(str(reference / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    per_step = [(r["step"], r["loss"], r["lr"]) for r in metrics(reference)]
+    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(out)] == per_step
+    assert [s for s, _, _ in per_step] == list(range(1, STEPS + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] == json.loads((reference / "summary.json").read_text())["final_loss"]
+
+
+def test_a_truncated_checkpoint_is_reported_in_one_line_and_left_in_place(reference, tiny_dir, tiny_squad, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    whole = (reference / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])
+    shutil.copy(reference / "metrics.jsonl", out / "metrics.jsonl")
+    proc = run(train_args(tiny_dir, tiny_squad, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [
+        f"bertqa: error: {out / 'checkpoint.pt'}: truncated or not a checkpoint (RuntimeError); "
+        "move it away to start over, or use another --output-dir"
+    ], stderr
+    # Nothing of the user's run was touched, nor a fresh run started over it.
+    assert (out / "checkpoint.pt").read_bytes() == whole[: len(whole) // 2]
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def saved_state(reference):
+    return torch.load(reference / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: os.urandom(4096), r"truncated or not a checkpoint \(\w+\)"),
+        (lambda s: b"", r"truncated or not a checkpoint \(EOFError\)"),
+        (lambda s: [1, 2], r"not a bertqa training checkpoint \(no model, optimizer, .*, config\)"),
+        (lambda s: {k: v for k, v in s.items() if k not in ("optimizer", "rng")}, r"\(no optimizer, rng\)"),
+        (lambda s: {**s, "config": "{not json"}, r"damaged checkpoint \(bad config, world_size or rng\)"),
+        (lambda s: {**s, "rng": []}, r"damaged checkpoint \(bad config, world_size or rng\)"),
+        (
+            lambda s: {**s, "step": STEPS + 1},
+            rf"damaged checkpoint \(step {STEPS + 1}, not an integer in 0\.\.{STEPS}\)",
+        ),
+        (lambda s: {**s, "step": -2}, rf"damaged checkpoint \(step -2, not an integer in 0\.\.{STEPS}\)"),
+        (lambda s: {**s, "step": 2.0}, rf"damaged checkpoint \(step 2\.0, not an integer in 0\.\.{STEPS}\)"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_state, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    bad = damage(saved_state)
+    if isinstance(bad, bytes):
+        path.write_bytes(bad)
+    else:
+        torch.save(bad, path)
+    cfg = TrainConfig(**json.loads(saved_state["config"]))
+    with pytest.raises(ValueError, match=message) as e:
+        load_checkpoint(path, cfg, Dist(), STEPS)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"{path}: ")
+    assert text.endswith("; move it away to start over, or use another --output-dir")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused_with_one_line(saved_state, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    state = {**saved_state, "model": {k: v for k, v in saved_state["model"].items() if "qa_outputs" not in k}}
+    torch.save(state, out / "checkpoint.pt")
+    cfg = TrainConfig(**{**json.loads(saved_state["config"]), "output_dir": str(out), "resume": True})
+    with pytest.raises(ValueError, match=r"checkpoint.pt: does not fit this model \(.*qa_outputs.*\); move it away"):
+        train(cfg)
+    assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
+
+
+def test_remove_stale_temps_removes_only_what_atomic_writes_left_behind(tmp_path):
+    target, folder = tmp_path / "checkpoint.pt", tmp_path / "model"
+    keep = [target, tmp_path / ".checkpoint.pt", tmp_path / ".summary.abc.tmp.json", tmp_path / ".checkpoint.x.pt",
+            tmp_path / ".model.x", folder]  # fmt: skip
+    for p in keep:
+        p.write_text("x")
+    # The names atomic_path and atomic_dir really use, as a killed write would leave them.
+    with atomic_path(target) as tmp:
+        tmp.write_text("half")
+        assert remove_stale_temps(target) == [tmp] and not tmp.exists()
+        tmp.write_text("whole")  # (the write goes on, as in the process that is not killed)
+    assert target.read_text() == "whole"
+    folder.unlink()
+    with atomic_dir(folder) as tmp:
+        (tmp / "weights").write_text("half")
+        assert remove_stale_temps(folder) == [tmp] and not tmp.exists()
+        tmp.mkdir()
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_kill_while_metrics_are_rewritten_on_resume_loses_no_line(reference, tiny_dir, tiny_squad, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl"):  # a run that saved its last checkpoint, then was killed
+        shutil.copy(reference / name, out / name)
+    marker = tmp_path / "metrics-opened"
+    proc = run(train_args(tiny_dir, tiny_squad, out), hooks={"STALL_METRICS": marker}, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)  # fmt: skip
+    kill_when(proc, marker.exists)
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
