@@ -189,6 +189,11 @@ def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squ
     assert len(la) == 6 and la == lb  # exactly equal floats, not approximately
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert lc != la  # the seed really decides something
+    # --deterministic (for GPUs) changes nothing on a CPU, whose kernels are deterministic already.
+    train(cfg_for(tiny_dir, small_squad, tmp_path / "d", max_steps=6, seed=42, deterministic=True))
+    assert [r["loss"] for r in read_jsonl(tmp_path / "d" / "metrics.jsonl")] == la
+    assert json.loads((tmp_path / "d" / "model" / "run_config.json").read_text())["attention"] == "eager"
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after the run
 
 
 @pytest.fixture

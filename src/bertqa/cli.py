@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert any recognised checkpoint into an HF folder")
     c.add_argument("src", help="HF folder, .safetensors/.bin file, or NVIDIA DeepLearningExamples .pt")
+    t.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels only, so that a GPU run repeats bit for bit (slower; CPU runs always do)",
+    )
     c.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
     c.add_argument("--config", help="config.json / bert_config.json, or a preset (base, large)")
     c.add_argument("--vocab", help="vocab.txt or tokenizer.json (default: beside the checkpoint)")

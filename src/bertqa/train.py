@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class TrainConfig(EvalConfig):
     tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
     compile: bool = False  # torch.compile the training forward (one graph for every batch shape)
     max_nonfinite_steps: int = 20  # stop after this many updates in a row skipped for a non-finite loss/gradient
+    deterministic: bool = False  # deterministic kernels only (for GPUs; the CPU path is deterministic already)
 
     FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
@@ -256,10 +258,28 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
     cfg.validate()
-    with distributed(cfg.device) as d:
+    with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d:
+        if cfg.deterministic and cfg.attention == "auto":
+            cfg = dataclasses.replace(cfg, attention="eager")  # fused attention backward kernels add in no set order
         precision = Precision.resolve(cfg.precision, d.device)
         with precision.scope():
             return _train(cfg, d, precision, on_step)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """What a GPU run needs to repeat bit for bit: torch's deterministic algorithms (an error, not a silent
+    nondeterministic kernel, where an op has none) and a fixed cuBLAS workspace. Put back as it was after."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later than here
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
