@@ -143,8 +143,11 @@ def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query
     from .squad.data import read_squad
     from .squad.features import featurize
 
-    f = featurize(read_squad(path, is_training=True), tokenizer, seq_len, min(doc_stride, seq_len - max_query_length - 3),
-                  max_query_length, is_training=True)  # fmt: skip
+    examples = read_squad(path, is_training=True)
+    if not examples:
+        raise ValueError(f"--data {path}: no usable training questions")
+    f = featurize(examples, tokenizer, seq_len, min(doc_stride, seq_len - max_query_length - 3), max_query_length,
+                  is_training=True)  # fmt: skip
     return Windows(f.input_ids, f.token_type_ids, f.lengths, f.start_positions, f.end_positions)
 
 

@@ -2,7 +2,7 @@
 
 Loading is strict. The QA head is the only thing allowed to be missing (a pretrained encoder gets a fresh
 head); weights the QA model has no use for (pooler, pretraining heads) are dropped with a note; every other
-missing, unexpected or mis-shaped key is an error that lists them, grouped by layer.
+missing, unexpected or mis-shaped key is a one-line error that lists the first of them, grouped by layer.
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
     if isinstance(config, str) and config in ("base", "large"):
         config = BertConfig.preset(config)
     elif not isinstance(config, BertConfig):
+        if not Path(config).is_file():
+            raise CheckpointError(f"config {str(config)!r} (CLI: --config): no such file, nor a preset (base, large)")
         config = BertConfig.from_json(config)
     return weights, config
 
@@ -173,19 +175,38 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
     missing_head = QA_HEAD.issubset(missing)
     if missing_head:
         missing = [k for k in missing if k not in QA_HEAD]
+    if not set(out) & set(expected):
+        shown = ", ".join(sorted(sd)[:3]) + (", ..." if len(sd) > 3 else "")
+        raise CheckpointError(f"{source}: not a BERT checkpoint: none of its {len(sd)} tensors ({shown}) is a "
+                              "BERT weight; is it another kind of model?")  # fmt: skip
     problems = []
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
         if keys:
-            lines = _group(keys) if title != "mis-shaped" else keys
-            shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
-            problems.append(f"{len(keys)} {title} key(s):\n    " + "\n    ".join(shown))
+            lines, first = (_group(keys), 10) if title != "mis-shaped" else (keys, 3)  # (shapes make long lines)
+            shown = ", ".join(lines[:first]) + (f", ... and {len(lines) - first} more" if len(lines) > first else "")
+            problems.append(f"{len(keys)} {title} key(s): {shown}")
     if problems:
+        size = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size}
+        found = _size_of(out)
+        differ = [f"{name} {found[name]}" for name in size if name in found and found[name] != size[name]]
+        hint = f" (the weights have {', '.join(differ)}: is this their config?)" if differ else ""
         raise CheckpointError(
             f"{source} does not match the BERT model of its config "
-            f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}):\n  "
-            + "\n  ".join(problems)
+            f"({size['layers']} layers, hidden {size['hidden']}, vocab {size['vocab']}){hint}: " + "; ".join(problems)
         )
     return out, notes, missing_head
+
+
+def _size_of(sd: dict) -> dict:
+    """The layers, hidden size and vocabulary that the tensors themselves show (those they show)."""
+    found = {}
+    layers = [int(m.group(1)) for k in sd if (m := re.match(r"^bert\.encoder\.layer\.(\d+)\.", k))]
+    if layers:
+        found["layers"] = max(layers) + 1
+    word = sd.get("bert.embeddings.word_embeddings.weight")
+    if word is not None and word.dim() == 2:
+        found["vocab"], found["hidden"] = word.shape
+    return found
 
 
 def load_model(

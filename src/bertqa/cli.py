@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .config import ATTENTION_DROPOUT, PRECISIONS
@@ -118,9 +120,13 @@ def _format_answers(result, as_json: bool) -> str:
 
 def cmd_ask(args):
     from .qa import QuestionAnswerer
+    from .squad.data import unpaired_surrogate
 
     if (args.context is None) == (args.context_file is None):
         raise UsageError("give the text with exactly one of --context or --context-file")
+    for flag, value in (("--top-k", args.top_k), ("--max-answer-length", args.max_answer_length)):
+        if value < 1:  # checked before the model takes seconds to load
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
     if args.context_file:
         try:
             args.context = Path(args.context_file).read_text(encoding="utf-8")
@@ -140,10 +146,15 @@ def cmd_ask(args):
             if line.strip():
                 print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
         return
-    questions = [line.strip() for line in sys.stdin.read().splitlines()]
+    try:
+        questions = [line.strip() for line in sys.stdin.read().splitlines()]
+    except UnicodeDecodeError:
+        raise UsageError("stdin: not UTF-8 text") from None
     for n, q in enumerate(questions, 1):
         if not q:
             raise UsageError(f"stdin line {n}: empty question (one question per line)")
+        if unpaired_surrogate(q) is not None:  # what undecodable bytes become under Python's surrogateescape
+            raise UsageError(f"stdin line {n}: not UTF-8 text")
     if not questions:
         raise UsageError("no --question and nothing on stdin (one question per line)")
     # One batch: the context is tokenised once and the windows of all questions share forward passes.
@@ -196,7 +207,14 @@ def _add_common(p, batch_help, output_dir: bool = True):
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors as one line (the full usage stays in --help)."""
+    """Usage errors as one line (the full usage stays in --help). Every command takes --debug, before or after
+    its name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: only a parser that sees --debug sets it; a subcommand's default would overwrite the top level's.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, also print its traceback (or set BERTQA_DEBUG=1)")  # fmt: skip
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -238,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tensorboard", action="store_true", help="log scalars to OUTPUT_DIR/tensorboard")
     t.add_argument("--compile", action="store_true", help="torch.compile the training step (minutes to compile once)")
     t.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels only, so that a GPU run repeats bit for bit (slower; CPU runs always do)",
+    )
+    t.add_argument(
         "--max-nonfinite-steps",
         type=int,
         default=20,
@@ -252,11 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert any recognised checkpoint into an HF folder")
     c.add_argument("src", help="HF folder, .safetensors/.bin file, or NVIDIA DeepLearningExamples .pt")
-    t.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="deterministic kernels only, so that a GPU run repeats bit for bit (slower; CPU runs always do)",
-    )
     c.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
     c.add_argument("--config", help="config.json / bert_config.json, or a preset (base, large)")
     c.add_argument("--vocab", help="vocab.txt or tokenizer.json (default: beside the checkpoint)")
@@ -362,15 +380,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command. A user's mistake is one line on stderr and exit 1 (a usage error: exit 2); anything
+    else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
+    Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("BERTQA_DEBUG", "").lower() not in ("", "0", "false", "no")
     _setup_logging()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        # Our errors (CheckpointError, SquadFormatError, UsageError) are ValueErrors with a complete message.
-        print(f"bertqa: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bertqa: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `bertqa ask ... | head -1`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"bertqa: error: {_error_line(e, debug)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _error_line(e: Exception, debug: bool) -> str:
+    """One line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 2] No such file or directory: 'x'" -> "x: No such ..."
+        names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+        text = ": ".join(names + [e.strerror])
+    # Our errors (CheckpointError, SquadFormatError, UsageError, the API's checks) are ValueErrors and OSErrors
+    # with a complete message.
+    if isinstance(e, (ValueError, OSError)) and text:
+        return text.splitlines()[0]
+    if type(e).__name__ == "OutOfMemoryError":  # torch's, by name: torch is not imported for every command
+        return "out of memory on the device; a smaller --batch-size (or --max-seq-length) may fit"
+    detail = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    hint = "the traceback is above" if debug else "rerun with --debug (or BERTQA_DEBUG=1) for the traceback"
+    return f"internal error ({detail}); {hint}, and please report it"
 
 
 def _setup_logging() -> None:

@@ -50,6 +50,9 @@ class BertConfig:
     def from_dict(cls, d: dict) -> BertConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
+        for f in dataclasses.fields(cls):
+            if f.name in known:
+                _check_value(f.name, known[f.name], f.default)
         extra = {k: v for k, v in d.items() if k not in names}
         if extra.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {extra['position_embedding_type']!r} is not supported")
@@ -74,6 +77,23 @@ class BertConfig:
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _check_value(name: str, value, default) -> None:
+    """A config.json value of the kind its field takes: a typo there is one line, not a crash in the model."""
+    if isinstance(default, str):
+        kind, ok = "a string", isinstance(value, str)
+    elif isinstance(default, int):
+        # pad_token_id may be 0 (or null: no padding row); every size is at least 1.
+        kind = "an integer >= 0" if name == "pad_token_id" else "a positive integer"
+        ok = (value is None and name == "pad_token_id") or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= (name != "pad_token_id")
+        )
+    else:
+        kind = "a number >= 0"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    if not ok:
+        raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}")
 
 
 PRESETS = {

@@ -234,10 +234,11 @@ def predict(cfg: PredictConfig) -> dict:
     if out is None:
         return {}
     preds, nbest, null_odds, timing = out
-    write_json(output, preds)
+    # The file asked for comes last, so that an interrupted run never leaves it without its n-best beside it.
     write_json(output.with_suffix(".nbest.json"), nbest)
     if null_odds is not None:
         write_json(output.with_suffix(".null_odds.json"), null_odds)
+    write_json(output, preds)
     summary = {**timing, "questions": len(preds), "predictions": str(output)}
     print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
           "windows/s)", flush=True)  # fmt: skip

@@ -222,6 +222,8 @@ def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_str
         if not Path(check_file).is_file():
             raise FileNotFoundError(f"--check-file {check_file}: no such file")
         examples = read_squad(check_file, is_training=False)[:limit]
+        if not examples:
+            raise ValueError(f"--check-file {check_file}: no questions to check the graph on")
     else:
         long = " ".join(context for _, context in SAMPLES)
         pairs = [*SAMPLES, ("Who kept the lighthouse?", " ".join([long] * 3))]

@@ -29,7 +29,7 @@ import torch
 from .checkpoint import load_model
 from .inference import predict_logits
 from .runtime import Precision
-from .squad.data import Example
+from .squad.data import Example, unpaired_surrogate
 from .squad.features import featurize
 from .squad.postprocess import span_candidates
 from .tokenizer import load_tokenizer
@@ -69,6 +69,9 @@ def check_pairs(pairs) -> None:
                 raise ValueError(f"{where}{name} must be a string, not {type(value).__name__}")
             if not value.strip():
                 raise ValueError(f"{where}{name} is empty")
+            at = unpaired_surrogate(value)
+            if at is not None:  # from a JSON "\ud800" escape or undecodable command-line bytes: not text
+                raise ValueError(f"{where}{name} is not valid Unicode (an unpaired surrogate at character {at})")
 
 
 def check_positive(**values) -> None:

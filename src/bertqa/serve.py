@@ -289,7 +289,7 @@ def _type(value) -> str:
 def _only(data: dict, allowed, where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ApiError(400, f"unknown field {where}{unknown[0]!r}; expected {', '.join(sorted(allowed))}")
+        raise ApiError(400, f"unknown field {where}{unknown[0][:100]!r}; expected {', '.join(sorted(allowed))}")
 
 
 def _parameters(raw, max_positions: int) -> tuple:

@@ -152,7 +152,10 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
             do_lower_case = _lower_case_setting(folder)
-        tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+        try:
+            tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{vocab_file}: not UTF-8 text (byte {e.start})") from None
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         _warn_if_cased(tokens, do_lower_case, vocab_file)

@@ -62,6 +62,10 @@ def load_json(path: str | os.PathLike) -> dict:
         raise SquadFormatError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise SquadFormatError(f"{p}: not usable JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise SquadFormatError(f"{p}: not usable JSON ({str(e).splitlines()[0][:200]})") from None
 
 
 def is_squad_v2(path_or_json) -> bool:
@@ -93,10 +97,34 @@ def _expect(value, kind: type, what: str, where: str, path):
     return value
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """Index of the first unpaired surrogate in `text`, else None. JSON's "\\ud800" escapes and undecodable
+    bytes read with Python's surrogateescape make such strings: not Unicode text, so they can be neither
+    tokenised nor written out as UTF-8."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _text(value, what: str, where: str, path) -> str:
+    """A string field that must also be valid Unicode text."""
+    _expect(value, str, what, where, path)
+    at = unpaired_surrogate(value)
+    if at is not None:
+        raise SquadFormatError(
+            f"{path}: {where}: '{what}' is not valid Unicode (an unpaired surrogate {value[at]!r} at character {at})"
+        )
+    return value
+
+
 def _realign(context: str, text: str, start: int) -> int | None:
     """Position of `text` in `context` closest to `start` (within REALIGN_WINDOW), or None."""
     lo = max(0, start - REALIGN_WINDOW)
-    hi = min(len(context), start + len(text) + REALIGN_WINDOW)
+    hi = max(lo, min(len(context), start + len(text) + REALIGN_WINDOW))  # (a negative end would count from the end)
     best = None
     pos = context.find(text, lo, hi)
     while pos != -1:
@@ -147,17 +175,23 @@ def parse_squad(
         for p, paragraph in enumerate(article["paragraphs"]):
             where = f"article {a} paragraph {p}"
             _expect(paragraph, dict, "paragraphs[]", where, path)
-            context = _expect(paragraph.get("context"), str, "context", where, path)
+            context = _text(paragraph.get("context"), "context", where, path)
+            blank_context = not context.strip()
             _expect(paragraph.get("qas"), list, "qas", where, path)
             for q, qa in enumerate(paragraph["qas"]):
                 where = f"article {a} paragraph {p} question {q}"
                 _expect(qa, dict, "qas[]", where, path)
-                qid = _expect(qa.get("id"), str, "id", where, path)
+                qid = _text(qa.get("id"), "id", where, path)
                 where = f"question id {qid!r}"
                 if qid in seen:
                     raise SquadFormatError(f"{path}: {where}: duplicate question id")
                 seen.add(qid)
-                question = _expect(qa.get("question"), str, "question", where, path)
+                question = _text(qa.get("question"), "question", where, path)
+                if not question.strip():
+                    if is_training:  # one bad question need not stop a training run: skipped and counted
+                        skipped.append(qid)
+                        continue
+                    raise SquadFormatError(f"{path}: {where}: 'question' is empty")
                 impossible = _expect(qa.get("is_impossible", False), bool, "is_impossible", where, path)
                 texts, starts = _read_answers(qa, "answers", where, path)
                 plausible, _ = _read_answers(qa, "plausible_answers", where, path)
@@ -165,6 +199,11 @@ def parse_squad(
                     raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
                 if not impossible and not texts and (require_answers or is_training):
                     raise SquadFormatError(f"{path}: {where}: no answers and not marked is_impossible")
+                if not impossible and blank_context and not is_training:  # nothing to find an answer in
+                    raise SquadFormatError(
+                        f"{path}: {where}: the context (article {a} paragraph {p}) is empty and the question "
+                        "is not marked is_impossible"
+                    )
                 if is_training and not impossible:
                     text, start = texts[0], starts[0]
                     if not text.strip():
@@ -180,7 +219,8 @@ def parse_squad(
                 examples.append(Example(qid, question, context, texts, starts, impossible, title, plausible))
     if skipped:
         log.warning(
-            "%s: skipped %d of %d training questions whose answer is blank or not in the context near answer_start "
+            "%s: skipped %d of %d training questions that are blank or whose answer is blank or not in the context "
+            "near answer_start "
             "(first ids: %s)",
             path,
             len(skipped),

@@ -1,0 +1,591 @@
+"""Bad input wherever a user hands bertqa something (SQuAD files, every CLI command, the HTTP service,
+checkpoints) ends in one line naming what is wrong, never a traceback or a partial output; and text in any
+script (CJK, combining marks, emoji, right-to-left, control characters) keeps answers and offsets exact."""
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from bertqa import cli
+from bertqa.squad.data import REALIGN_WINDOW, SquadFormatError, parse_squad, read_squad, unpaired_surrogate
+from bertqa.squad.features import featurize
+from bertqa.squad.postprocess import postprocess
+from bertqa.tokenizer import load_tokenizer
+
+# --- Strategies -------------------------------------------------------------------------------------------
+
+# Strings users really send: blank, control characters, zero-width and bidi marks, unpaired surrogates (a JSON
+# "\ud800" escape decodes to one), scripts the tokenizer splits differently.
+TRICKY = ["", " ", "\t\n ", "\x00", "\x1b[31m", "\u200b", "\u202e", "\ud800", "a\udfffb", "北京大学", "e\u0301",
+          "👨\u200d👩\u200d👧", "שלום", "مرحبا", "x" * 200]  # fmt: skip
+texts = st.one_of(st.text(max_size=12), st.sampled_from(TRICKY))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), texts)
+json_values = st.recursive(
+    scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(texts, kids, max_size=3), max_leaves=8
+)
+
+
+def mostly(valid):
+    """The valid value most of the time, else any JSON value (None reads as a missing field)."""
+    return st.one_of(valid, valid, valid, json_values)
+
+
+def squad_like(field):
+    """SQuAD documents whose every field is drawn through `field` (mostly: sometimes anything)."""
+    answers = st.fixed_dictionaries({"text": field(texts), "answer_start": field(st.integers(-3, 40))})
+    questions = st.fixed_dictionaries(
+        {"id": field(st.sampled_from(["q1", "q2"]) | texts), "question": field(texts),
+         "answers": field(st.lists(field(answers), max_size=2))},
+        optional={"is_impossible": field(st.booleans()), "plausible_answers": field(st.lists(answers, max_size=1))},
+    )  # fmt: skip
+    paragraphs = st.fixed_dictionaries(
+        {"context": field(texts | st.just("Ada won.")), "qas": field(st.lists(field(questions), max_size=3))}
+    )
+    articles = st.fixed_dictionaries(
+        {"paragraphs": field(st.lists(field(paragraphs), max_size=2))}, optional={"title": field(texts)}
+    )
+    return st.fixed_dictionaries(
+        {"data": field(st.lists(field(articles), max_size=2))}, optional={"version": st.sampled_from(["1.1", "2.0"])}
+    )
+
+
+# Anything; SQuAD's shape with any value anywhere; SQuAD's shape with every type right and tricky text.
+squad_docs = json_values | squad_like(mostly) | squad_like(lambda valid: valid)
+
+# Words whose first and last characters survive BERT's normaliser, with anything inside: combining marks,
+# joiners, controls, bidi marks and variation selectors are dropped or merged by the tokenizer, so only at a
+# word's edge could they move an offset (a trailing combining mark is outside the token that precedes it).
+EDGE = list("aZ09éñßØΩ北京大学中文שלוםمرحبا(,") + ["🏈", "👍🏽", "🇫🇷", "👨\u200d👩\u200d👧"]
+INSIDE = ["", "", "", "\u0301", "\u0308", "\u200d", "\u200b", "\u200c", "\x00", "\x1b", "\x7f", "\u200f", "\u202e",
+          "\ufe0f", "\u00ad", "\u064e"]  # fmt: skip
+SPACES = [" ", "\n", "  ", "\t", "\u3000", "\u00a0"]
+
+
+@st.composite
+def words(draw):
+    units = draw(st.lists(st.sampled_from(EDGE), min_size=1, max_size=6))
+    return "".join(u + (draw(st.sampled_from(INSIDE)) if i < len(units) - 1 else "") for i, u in enumerate(units))
+
+
+@st.composite
+def planted(draw, max_words=10):
+    """(context, answer, start): an answer of whole words between others, separated by whitespace."""
+    sep = draw(st.sampled_from(SPACES))
+    before, answer, after = (draw(st.lists(words(), min_size=lo, max_size=hi)) for lo, hi in
+                             ((0, max_words), (1, 4), (0, max_words)))  # fmt: skip
+    answer = sep.join(answer)
+    left = "".join(w + sep for w in before)
+    return left + answer + "".join(sep + w for w in after), answer, len(left)
+
+
+# --- Fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_qa(tiny_dir):
+    from bertqa.qa import QuestionAnswerer
+
+    return QuestionAnswerer.from_pretrained(tiny_dir, device="cpu", precision="fp32")
+
+
+def _copy(src: Path, dst: Path, names) -> Path:
+    dst.mkdir()
+    for name in names:
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_dir, tiny_squad, tmp_path_factory):
+    """Bad checkpoints and files, each named after what is wrong with it."""
+    root = tmp_path_factory.mktemp("inputs")
+    tokenizer = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    f = {"tiny": tiny_dir, "squad": tiny_squad}
+    f["no-tokenizer"] = _copy(tiny_dir, root / "no-tokenizer", ["model.safetensors", "config.json"])
+    f["gpt2"] = _copy(tiny_dir, root / "gpt2", ["config.json", *tokenizer])
+    save_file({"h.0.attn.c_attn.weight": torch.zeros(4, 12), "wte.weight": torch.zeros(10, 4)},
+              str(f["gpt2"] / "model.safetensors"))  # fmt: skip
+    config = json.loads((tiny_dir / "config.json").read_text())
+    for name, change in (("mis-shaped", {"hidden_size": 64}), ("string-config", {"hidden_size": "32"})):
+        f[name] = _copy(tiny_dir, root / name, ["model.safetensors", *tokenizer])
+        (f[name] / "config.json").write_text(json.dumps({**config, **change}))
+    f["bad-config"] = _copy(tiny_dir, root / "bad-config", ["model.safetensors", *tokenizer])
+    (f["bad-config"] / "config.json").write_text("{not json")
+    f["truncated"] = _copy(tiny_dir, root / "truncated", ["config.json", *tokenizer])
+    weights = (tiny_dir / "model.safetensors").read_bytes()
+    (f["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+
+    doc = json.loads(tiny_squad.read_text())
+    first = doc["data"][0]["paragraphs"][0]["qas"][0]
+    for name, question in (("blank-question.json", " \t "), ("surrogate.json", "Who\ud800?")):
+        first_question, first["question"] = first["question"], question
+        (root / name).write_text(json.dumps(doc))  # ensure_ascii: the surrogate is written as a \ud800 escape
+        f[name] = root / name
+        first["question"] = first_question
+    (root / "no-questions.json").write_text('{"data": []}')
+    (root / "huge-int.json").write_text('{"data": [], "version": ' + "9" * 5000 + "}")
+    (root / "latin1.txt").write_bytes("Café Zoë".encode("latin-1"))
+    (root / "a-file").write_text("not a folder")
+    f.update({name: root / name for name in ("no-questions.json", "huge-int.json", "latin1.txt", "a-file")})
+    return f
+
+
+# --- The SQuAD reader -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=squad_docs, is_training=st.booleans(), require_answers=st.booleans())
+def test_any_json_is_read_or_refused_in_one_line(tok, doc, is_training, require_answers):
+    """Whatever JSON a SQuAD file holds, it is read or refused with one line naming the file; and what is
+    read can be featurised (text the tokenizer cannot take, such as unpaired surrogates, is refused)."""
+    try:
+        examples = parse_squad(doc, "in.json", is_training, require_answers=require_answers)
+    except SquadFormatError as e:
+        assert str(e).startswith("in.json: ") and "\n" not in str(e)
+        return
+    assert len({ex.qid for ex in examples}) == len(examples)
+    for ex in examples:
+        assert ex.question.strip() and unpaired_surrogate(ex.qid + ex.question + ex.context) is None
+        if not ex.is_impossible:
+            assert ex.context.strip()
+        if is_training and not ex.is_impossible:  # the label is where it says
+            start, text = ex.answer_starts[0], ex.answers[0]
+            assert text.strip() and ex.context[start : start + len(text)] == text
+    featurize(examples, tok, 32, 8, 8, is_training=is_training)
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_mangled_files_are_read_or_refused_in_one_line(tiny_squad, data):
+    raw = tiny_squad.read_bytes()
+    cut = data.draw(st.integers(0, len(raw)))
+    junk = data.draw(st.sampled_from([b"", b"\xff", b"\xc3", b"\x00", b"\\ud800", b"[" * 5000, b"9" * 5000]))
+    mangled = raw[:cut] + junk + raw[cut + data.draw(st.integers(0, 3)) :]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "mangled.json"
+        path.write_bytes(mangled)
+        try:
+            read_squad(path, is_training=data.draw(st.booleans()))
+        except SquadFormatError as e:
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+
+
+def _doc(context, qas):
+    return {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
+
+
+def _q(qid="q", question="Who?", text="Ada", start=0, **extra):
+    return {"id": qid, "question": question, "answers": [{"text": text, "answer_start": start}], **extra}
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (
+            _doc("Ada won.", [_q(question="Who\ud800?")]),
+            "question id 'q': 'question' is not valid Unicode (an unpaired surrogate '\\ud800' at character 3)",
+        ),
+        (_doc("Ada \udc00won.", [_q()]), "article 0 paragraph 0: 'context' is not valid Unicode"),
+        (_doc("Ada won.", [_q(qid="q\ud83d")]), "article 0 paragraph 0 question 0: 'id' is not valid Unicode"),
+        (_doc("Ada won.", [_q(), _q()]), "question id 'q': duplicate question id"),
+    ],
+)
+def test_blank_and_invalid_text_is_refused(doc, message):
+    for is_training in (False, True):
+        with pytest.raises(SquadFormatError, match=re.escape(f"in.json: {message}")):
+            parse_squad(doc, "in.json", is_training)
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (_doc("Ada won.", [_q(question="")]), "question id 'q': 'question' is empty"),
+        (_doc("Ada won.", [_q(question=" \n\t")]), "question id 'q': 'question' is empty"),
+        (_doc("  ", [_q()]), "question id 'q': the context (article 0 paragraph 0) is empty"),
+    ],
+)
+def test_blank_questions_and_contexts_are_refused_for_evaluation_and_skipped_in_training(doc, message):
+    with pytest.raises(SquadFormatError, match=re.escape(f"in.json: {message}")):
+        parse_squad(doc, "in.json", is_training=False)
+    ok = _q(qid="ok", question="Who won?", text="Ada", start=0)
+    doc["data"][0]["paragraphs"].append({"context": "Ada won.", "qas": [ok]})
+    report = {}
+    assert [ex.qid for ex in parse_squad(doc, "in.json", is_training=True, report=report)] == ["ok"]
+    assert report["skipped_ids"] == ["q"]
+
+
+def test_a_blank_context_is_fine_when_its_questions_are_impossible():
+    doc = _doc(" ", [{"id": "q", "question": "Who?", "answers": [], "is_impossible": True}])
+    assert [ex.qid for ex in parse_squad(doc, "in.json", is_training=True)] == ["q"]
+
+
+def test_files_that_python_cannot_parse_name_the_file(tmp_path):
+    for name, content in (("deep.json", "[" * 100_000), ("digits.json", '{"data": ' + "1" * 5000 + "}")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(SquadFormatError, match=f"{name}: not usable JSON"):
+            read_squad(tmp_path / name, is_training=False)
+
+
+@settings(max_examples=100)
+@given(case=planted(), shift=st.integers(-2 * REALIGN_WINDOW, 2 * REALIGN_WINDOW), far=st.sampled_from([0, 10**30]))
+def test_answer_start_anywhere_never_breaks_reading_or_evaluation(tok, case, shift, far):
+    """A wrong answer_start: training re-anchors the answer nearby or skips it; evaluation keeps the question
+    and never fails, even for an empty answer text far past the end (once an int64 overflow)."""
+    context, answer, start = case
+    for text in (answer, ""):
+        stated = start + shift + (far if shift > 0 else -far)
+        doc = _doc(context, [_q(text=text, start=stated)])
+        train = parse_squad(doc, "in.json", is_training=True)
+        for ex in train:
+            a = ex.answer_starts[0]
+            assert ex.context[a : a + len(text)] == text and abs(a - stated) <= REALIGN_WINDOW
+        evaluation = parse_squad(doc, "in.json", is_training=False)
+        assert len(evaluation) == 1
+        f = featurize(evaluation, tok, 64, 16, 16)
+        zeros = np.zeros((len(f), 64))
+        assert set(postprocess(evaluation, f, zeros, zeros)[0]) == {"q"}
+
+
+# --- Scripts, marks, emoji, right-to-left: offsets stay exact ---------------------------------------------
+
+
+@settings(max_examples=100)
+@given(case=planted(), question=words())
+def test_labels_and_predictions_map_back_to_the_exact_answer(tok, case, question):
+    """The training label of an answer planted at a known offset covers exactly its characters, and logits
+    peaked on that label give back exactly the answer text as the prediction."""
+    context, answer, start = case
+    (ex,) = parse_squad(_doc(context, [_q(question=question, text=answer, start=start)]), "in.json", True)
+    f = featurize([ex], tok, 384, 128, 64, is_training=True)
+    assert len(f) == 1 and f.start_positions[0] > 0
+    s, e = f.start_positions[0], f.end_positions[0]
+    assert (f.offsets[0, s, 0], f.offsets[0, e, 1]) == (start, start + len(answer))
+    start_logits, end_logits = np.zeros((1, 384)), np.zeros((1, 384))
+    start_logits[0, s] = end_logits[0, e] = 50.0
+    predictions, nbest, _ = postprocess([ex], f, start_logits, end_logits, max_answer_length=384)
+    assert predictions["q"] == nbest["q"][0]["text"] == answer
+
+
+@settings(max_examples=40)
+@given(case=planted(), question=words())
+def test_the_api_answers_with_exact_slices_of_any_text(tiny_qa, case, question):
+    from bertqa.qa import _in_word
+
+    context = case[0]
+    for r in tiny_qa(question, context, top_k=3, max_seq_len=64, doc_stride=32, max_question_len=16):
+        a, b = r["start"], r["end"]
+        assert context[a:b] == r["answer"] and r["answer"] and r["answer"] == r["answer"].strip()
+        assert a == 0 or not (_in_word(context[a - 1]) and _in_word(context[a]))  # whole words
+        assert b == len(context) or not (_in_word(context[b - 1]) and _in_word(context[b]))
+
+
+def test_a_1mb_context_through_the_reader(tok, tmp_path):
+    filler = "The market opened every morning at the usual hour. " * 20_000
+    context = filler + "In 1931 Ada Brightwater opened the bridge."
+    doc = _doc(context, [_q(question="Who opened the bridge?", text="Ada Brightwater", start=len(filler) + 8)])
+    (tmp_path / "big.json").write_text(json.dumps(doc))
+    t0 = time.perf_counter()
+    (ex,) = read_squad(tmp_path / "big.json", is_training=True)
+    f = featurize([ex], tok, 384, 128, 64, is_training=True)
+    assert time.perf_counter() - t0 < 30  # it took 48 s when max-context was a (windows x tokens) grid
+    rows = np.flatnonzero(f.start_positions > 0)
+    assert len(f) > 1000 and len(rows) >= 1
+    for r in rows:
+        assert context[f.offsets[r, f.start_positions[r], 0] : f.offsets[r, f.end_positions[r], 1]] == "Ada Brightwater"
+    n_tokens = len(tok.tokenize([context])[0].ids)
+    assert f.max_context.sum() == n_tokens  # every token counted once
+
+
+# --- The HTTP service -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tiny_qa):
+    from starlette.testclient import TestClient
+
+    from bertqa.serve import create_app
+
+    app = create_app(tiny_qa, max_wait_ms=0, max_body_bytes=65536, max_context_chars=2000)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.05)
+        yield c
+
+
+def _pair_bodies():
+    names = ["top_k", "max_answer_len", "handle_impossible_answer", "doc_stride", "max_seq_len",
+             "max_question_len", "align_to_words", "temperature"]  # fmt: skip
+    parameters = st.dictionaries(st.sampled_from(names), st.integers(-2, 600) | json_values, max_size=3)
+    pair = st.fixed_dictionaries({"question": mostly(texts), "context": mostly(texts | planted().map(lambda c: c[0]))})
+    hf = st.fixed_dictionaries(
+        {"inputs": mostly(pair | st.lists(mostly(pair), max_size=3))}, optional={"parameters": mostly(parameters)}
+    )
+    v1 = st.fixed_dictionaries(
+        {
+            "question": mostly(texts | st.lists(texts, max_size=3)),
+            "context": mostly(texts | st.lists(texts, max_size=3)),
+        },
+        optional={"parameters": mostly(parameters)},
+    )
+    return st.tuples(st.just("/"), hf | json_values) | st.tuples(st.just("/v1/answer"), v1 | json_values)
+
+
+def _answers_match(path, body, result):
+    """Every answer is its own context's [start:end] slice."""
+    from bertqa.qa import input_pairs
+
+    if path == "/":
+        items = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
+        results = result if isinstance(body["inputs"], list) else [result]
+        contexts = [item["context"] for item in items]
+    else:
+        contexts = [c for _, c in input_pairs(body["question"], body["context"])[0]]
+        results = result["answers"]
+    assert len(results) == len(contexts)
+    for context, answers in zip(contexts, results, strict=True):
+        for a in answers if isinstance(answers, list) else [answers]:
+            assert context[a["start"] : a["end"]] == a["answer"]
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(request=_pair_bodies())
+def test_any_json_body_is_answered_or_refused_with_a_json_error(client, request):
+    path, body = request
+    r = client.post(path, content=json.dumps(body).encode())
+    assert r.status_code in (200, 400, 413), r.text
+    if r.status_code == 200:
+        _answers_match(path, body, r.json())
+    else:
+        error = r.json()
+        assert list(error) == ["error"] and error["error"] and "\n" not in error["error"]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b'{"inputs": {"question": "Who\\ud800?", "context": "Ada won."}}', "question is not valid Unicode"),
+        (
+            b'{"question": ["Who?", "What?"], "context": ["Ada won.", "Ada \\udfffwon."]}',
+            "input 1: context is not valid Unicode",
+        ),
+        (b'{"inputs": {"question": "Who?", "context": ""}}', "context is empty"),
+        (b'{"inputs": {"question": "\\t", "context": "Ada won."}}', "question is empty"),
+    ],
+)
+def test_text_that_is_not_text_is_a_400_naming_the_field(client, body, field):
+    path = "/v1/answer" if b'"inputs"' not in body else "/"
+    r = client.post(path, content=body)
+    assert r.status_code == 400 and field in r.json()["error"]
+
+
+# --- The command line -------------------------------------------------------------------------------------
+
+FAST = ["--cache-dir", "none", "--no-progress", "--precision", "fp32", "--device", "cpu", "--max-seq-length", "64",
+        "--doc-stride", "16", "--max-query-length", "16"]  # fmt: skip
+# command line (with {name} for the inputs fixture's files, {out} for a fresh folder), then what the one error
+# line must name.
+CLI_CASES = {
+    "evaluate: blank question": (["evaluate", "--model", "{tiny}", "--predict-file", "{blank-question.json}",
+                                  "--output-dir", "{out}/run", *FAST],
+                              ["blank-question.json", "question id 't0'", "'question' is empty"]),
+    "evaluate: another model's weights": (["evaluate", "--model", "{gpt2}", "--predict-file", "{squad}",
+                                           "--output-dir", "{out}/eval", *FAST],
+                                          ["gpt2/model.safetensors", "not a BERT checkpoint"]),
+    "evaluate: config of another size": (["evaluate", "--model", "{mis-shaped}", "--predict-file", "{squad}",
+                                          "--output-dir", "{out}/eval", *FAST],
+                                         ["mis-shaped/model.safetensors", "the weights have hidden 32"]),
+    "evaluate: truncated weights": (["evaluate", "--model", "{truncated}", "--predict-file", "{squad}",
+                                     "--output-dir", "{out}/eval", *FAST],
+                                    ["truncated/model.safetensors", "not a readable safetensors file"]),
+    "evaluate: config.json not JSON": (["evaluate", "--model", "{bad-config}", "--predict-file", "{squad}",
+                                        "--output-dir", "{out}/eval", *FAST], ["bad-config/config.json", "not a JSON"]),
+    "evaluate: --config absent": (["evaluate", "--model", "{tiny}", "--config", "{out}/absent.json",
+                                   "--predict-file", "{squad}", "--output-dir", "{out}/eval", *FAST],
+                                  ["--config", "absent.json"]),
+    "predict: unpaired surrogate": (["predict", "--model", "{tiny}", "--input", "{surrogate.json}",
+                                     "--output", "{out}/pred.json", *FAST],
+                                    ["surrogate.json", "question id 't0'", "not valid Unicode"]),
+    "ask: --context-file not UTF-8": (["ask", "--model", "{tiny}", "--question", "Who?", "--context-file",
+                                       "{latin1.txt}"], ["--context-file", "latin1.txt", "not UTF-8"]),
+    "ask: --top-k 0": (["ask", "--model", "{tiny}", "--question", "Who?", "--context", "Ada.", "--top-k", "0"],
+                       ["--top-k"]),
+    "bench: --data without questions": (["bench", "--model", "{tiny}", "--data", "{no-questions.json}",
+                                         "--mode", "infer", "--device", "cpu", "--seq-len", "128"],
+                                        ["--data", "no-questions.json"]),
+    "export onnx: another model's weights": (["export", "onnx", "--model", "{gpt2}", "--output", "{out}/m.onnx"],
+                                             ["gpt2/model.safetensors", "not a BERT checkpoint"]),
+    "convert: config value of the wrong type": (["convert", "{string-config}", "{out}/converted"],
+                                                ["string-config/config.json", "'hidden_size' must be a positive"]),
+    "score: an integer Python will not parse": (["score", "{huge-int.json}", "{squad}"],
+                                                ["huge-int.json", "not usable JSON"]),
+    "download: --dir is a file": (["download", "squad", "--dir", "{a-file}"], ["a-file"]),
+}  # fmt: skip
+
+
+def _argv(template, inputs, out):
+    names = {**{k: str(v) for k, v in inputs.items()}, "out": str(out)}
+    return [re.sub(r"\{([^}]+)\}", lambda m: names[m.group(1)], arg) for arg in template]
+
+
+def run_main(argv, capsys, monkeypatch, env=None):
+    """cli.main in this process (what the `bertqa` script runs): (exit code, stdout, stderr)."""
+    monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])  # log to this test's captured stderr
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # escaping main would stop the whole test session
+        code = "KeyboardInterrupt escaped"
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bertqa: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_every_command_refuses_bad_input_in_one_line(case, inputs, tmp_path, capsys, monkeypatch):
+    template, named = CLI_CASES[case]
+    code, out, err = run_main(_argv(template, inputs, tmp_path), capsys, monkeypatch)
+    line = one_error_line(err)
+    assert code == 1 and all(name in line for name in named), line
+    assert tree(tmp_path) == [], "an output was left behind"
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "bertqa", *args], capture_output=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_real_processes_exit_non_zero_with_one_line(inputs, tmp_path):
+    # A weights file with no tokenizer beside it: the file is named (it used to say `.: no tokenizer.json ...`).
+    weights = str(inputs["no-tokenizer"] / "model.safetensors")
+    r = run_cli("evaluate", "--model", weights, "--predict-file", str(inputs["squad"]), "--output-dir",
+                str(tmp_path / "eval"), "--cache-dir", "none")  # fmt: skip
+    line = one_error_line(r.stderr.decode())
+    assert r.returncode == 1 and weights in line and "tokenizer" in line
+    # Bytes that are not UTF-8 on the command line reach Python as unpaired surrogates.
+    r = run_cli("ask", "--model", str(inputs["tiny"]), "--question", b"Who\xff?", "--context", "Ada won.")
+    assert r.returncode == 1 and "question is not valid Unicode" in one_error_line(r.stderr.decode())
+    # The server loads its model after it starts listening: a bad one stops it, with one line.
+    r = run_cli("serve", "--model", str(inputs["truncated"]), "--port", "0", "--device", "cpu")
+    assert r.returncode == 1 and "not a readable safetensors file" in one_error_line(r.stderr.decode())
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("errors, message", [("strict", "stdin: not UTF-8 text"),
+                                             ("surrogateescape", "stdin line 2: not UTF-8 text")])  # fmt: skip
+def test_questions_on_stdin_that_are_not_utf8(inputs, errors, message, capsys, monkeypatch):
+    # How Python decodes stdin depends on the locale: strictly, or undecodable bytes as surrogates.
+    stdin = io.TextIOWrapper(io.BytesIO(b"Who won?\nWh\xffo?\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, err = run_main(["ask", "--model", inputs["tiny"], "--context", "Ada won."], capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == f"bertqa: error: {message}" and out == ""
+
+
+def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
+    for argv in (["evaluate"], ["ask", "--model", "m", "--top-k", "many"], ["frobnicate"]):
+        code, _, err = run_main(argv, capsys, monkeypatch)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "error:" in lines[0], err
+
+
+def test_a_1mb_context_file_is_answered(inputs, tmp_path, capsys, monkeypatch):
+    context = "The market opened every morning at the usual hour. " * 20_000 + "Ada Brightwater opened the bridge."
+    (tmp_path / "big.txt").write_text(context)
+    t0 = time.perf_counter()
+    code, out, err = run_main(["ask", "--model", inputs["tiny"], "--question", "Who opened the bridge?",
+                               "--context-file", tmp_path / "big.txt", "--json", "--precision", "fp32",
+                               "--device", "cpu"], capsys, monkeypatch)  # fmt: skip
+    assert code == 0, err
+    assert time.perf_counter() - t0 < 120
+    answer = json.loads(out)
+    assert len(context) > 1_000_000 and context[answer["start"] : answer["end"]] == answer["answer"] != ""
+
+
+# --- Bugs are not user mistakes: --debug shows their traceback --------------------------------------------
+
+
+def _bug(args):
+    raise RuntimeError("a bug deep inside")
+
+
+@pytest.mark.parametrize(
+    "argv, env, traceback",
+    [
+        (["score", "a.json", "b.json"], {}, False),
+        (["--debug", "score", "a.json", "b.json"], {}, True),
+        (["score", "--debug", "a.json", "b.json"], {}, True),
+        (["score", "a.json", "b.json"], {"BERTQA_DEBUG": "1"}, True),
+        (["score", "a.json", "b.json"], {"BERTQA_DEBUG": "0"}, False),
+    ],
+)
+def test_a_bug_is_one_line_and_its_traceback_comes_with_debug(argv, env, traceback, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "cmd_score", _bug)
+    code, _, err = run_main(argv, capsys, monkeypatch, env)
+    assert code == 1 and ("Traceback" in err) == traceback
+    if traceback:
+        assert 'raise RuntimeError("a bug deep inside")' in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("bertqa: error: internal error (RuntimeError: a bug deep inside)")
+    if not traceback:
+        one_error_line(err)
+        assert "--debug" in last and "BERTQA_DEBUG=1" in last
+
+
+def test_debug_also_shows_where_a_user_error_came_from(tmp_path, capsys, monkeypatch):
+    code, _, err = run_main(["--debug", "score", tmp_path / "absent.json", tmp_path / "p.json"], capsys, monkeypatch)
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].endswith("absent.json: no such file")
+
+
+def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    from bertqa import files
+
+    def interrupted(args):
+        with files.atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{half")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_score", interrupted)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert code == 130 and err.strip() == "bertqa: interrupted" and tree(tmp_path) == []
+
+
+def test_os_errors_read_as_file_and_reason(capsys, monkeypatch, tmp_path):
+    def unreadable(args):
+        open(tmp_path / "absent.json")
+
+    monkeypatch.setattr(cli, "cmd_score", unreadable)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == f"bertqa: error: {tmp_path / 'absent.json'}: No such file or directory"
