@@ -1,8 +1,9 @@
 """Shared fixtures: the real offline assets and tiny models.
 
 A test whose asset or package is missing is skipped on a user's machine, but under CI (`CI=true`) every skip
-is a failure, so a CI run that lost its data cannot pass green; only `platform_skip` (a feature this CPU or
-torch build lacks) is allowed there.
+is a failure, so a CI run that lost its data cannot pass green; only `skips.platform_skip` (a feature this CPU
+or torch build lacks) is allowed there. CI also runs the property tests on a fixed seed (derandomize), so a
+failure there repeats.
 """
 
 import os
@@ -11,22 +12,17 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from skips import is_platform_skip
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Shared 2-core machines: a slow moment must not fail a property test on its per-example deadline.
-settings.register_profile("bertqa", deadline=None)
+settings.register_profile("bertqa", deadline=None, derandomize=IN_CI)
 settings.load_profile("bertqa")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 SQUAD_DIR = ROOT.parent / "shared" / "data" / "squad-v1.1"
-
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-PLATFORM = "platform: "  # the reason prefix of the only skips CI accepts
-
-
-def platform_skip(reason: str):
-    pytest.skip(PLATFORM + reason)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -35,7 +31,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if not reason.removeprefix("Skipped: ").startswith(PLATFORM):
+        if not is_platform_skip(reason):
             report.outcome = "failed"
             report.longrepr = f"skipped under CI=true, which must run every test: {reason}"
 
@@ -44,7 +40,8 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     report = outcome.get_result()  # a whole module skipped, e.g. by importorskip at its top
-    if IN_CI and report.skipped:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if IN_CI and report.skipped and not is_platform_skip(reason):
         report.outcome = "failed"
         report.longrepr = f"{collector.nodeid} skipped under CI=true, which must run every test: {report.longrepr}"
 

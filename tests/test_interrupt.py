@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertqa.distributed import Dist
-from bertqa.files import atomic_dir, atomic_path, remove_stale_temps
+from bertqa.files import atomic_dir, atomic_path, exclusive, remove_stale_temps
 from bertqa.train import TrainConfig, load_checkpoint, train
 
 STEPS, SAVE_EVERY = 10, 2
@@ -123,8 +123,9 @@ def test_kill_9_anywhere_then_resume_ends_exactly_where_an_uninterrupted_run_end
 
     # 2. Resumed, then killed while the next checkpoint is half written.
     stall = saved + SAVE_EVERY
+    launched = time.time()  # (the first kill may itself have left a temporary file: only a newer one counts)
     proc = run(args, hooks={"STALL_AT": stall}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any(p.stat().st_size > 0 for p in temps(out)))
+    kill_when(proc, lambda: any(p.stat().st_size > 0 and p.stat().st_mtime >= launched for p in temps(out)))
     assert len(temps(out)) == 1  # a kill leaves the temporary file of the write it cut short
     assert ckpt_step(out) == saved  # the checkpoint itself is the previous one, whole
     assert [r["step"] for r in metrics(out)] == list(range(1, stall + 1))  # lost: stall - saved = SAVE_EVERY
@@ -232,6 +233,24 @@ def test_remove_stale_temps_removes_only_what_atomic_writes_left_behind(tmp_path
         assert remove_stale_temps(folder) == [tmp] and not tmp.exists()
         tmp.mkdir()
     assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_folder_killed_between_its_two_renames_is_put_back(tmp_path):
+    folder = tmp_path / "model"
+    (tmp_path / ".model.old-abc" / "model").mkdir(parents=True)  # the previous folder, moved aside
+    (tmp_path / ".model.old-abc" / "model" / "weights").write_text("previous")
+    (tmp_path / ".model.tmp-def").mkdir()  # the new one, never renamed into place
+    remove_stale_temps(folder)
+    assert (folder / "weights").read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tiny_dir, tiny_squad, tmp_path):
+    out = tmp_path / "run"
+    with exclusive(out):  # as a first run holds it
+        r = subprocess.run([sys.executable, "-m", "bertqa", *map(str, train_args(tiny_dir, tiny_squad, out))],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and f"{out}: another run is writing here" in r.stderr, r.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_a_kill_while_metrics_are_rewritten_on_resume_loses_no_line(reference, tiny_dir, tiny_squad, tmp_path):

@@ -125,6 +125,45 @@ def test_dropout_active_only_in_training():
     assert torch.equal(ours(ids, types, mask).start_logits, ours(ids, types, mask).start_logits)
 
 
+def test_cpu_dropout_mask_rate_scale_and_gradient():
+    from bertqa.model import dropout
+
+    torch.manual_seed(3)
+    x = torch.randn(64, 100, 96, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.003  # 614,400 draws: 8 standard deviations
+    assert torch.allclose(y[kept].float(), x[kept].float() / 0.9, rtol=2**-8, atol=0)  # scaled by 1 / (1 - p)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, kept)  # the backward pass drops what the forward dropped
+    torch.manual_seed(4)
+    y = dropout(x, 0.1, True)
+    torch.manual_seed(4)
+    assert torch.equal(dropout(x, 0.1, True), y)  # the mask comes from torch's seeded generator
+    assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 0.0, True), x)
+
+
+def test_auto_attention_trains_long_cpu_batches_with_the_fused_kernel(monkeypatch):
+    import bertqa.model as model
+
+    _, ours = hf_pair("gelu")
+    calls = []
+    for name in ("eager", "sdpa"):
+        fn = model.ATTENTION[name]
+        monkeypatch.setitem(model.ATTENTION, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(model, "EAGER_MAX_LEN", 16)
+    ours.set_attention("auto")
+    ours.train()
+    for T, used in ((16, "eager"), (17, "sdpa")):
+        calls.clear()
+        ours(torch.ones(2, T, dtype=torch.long))
+        assert set(calls) == {used}
+    ours.eval()
+    calls.clear()
+    ours(torch.ones(2, 8, dtype=torch.long))
+    assert set(calls) == {"sdpa"}  # inference: always fused
+
+
 def test_variable_length_batches_and_presets():
     _, ours = hf_pair("gelu")
     for T in (1, 9, 64):

@@ -193,7 +193,7 @@ def _add_common(p, batch_help, output_dir: bool = True):
         "--attention",
         choices=["auto", "sdpa", "eager"],
         default="auto",
-        help="auto: sdpa (fused kernels), except eager (written out) when training on a CPU",
+        help="auto: sdpa (fused kernels), except eager (written out) for training batches of up to 256 tokens on a CPU",
     )
     p.add_argument(
         "--lower-case",
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-nonfinite-steps",
         type=int,
         default=20,
-        help="stop after this many updates in a row skipped for a non-finite loss or gradients (default 20)",
+        help="stop after this many updates in a row skipped for a non-finite loss or gradients (default 20; with fp16 "
+        "the loss scaler's own skips count too)",
     )
     t.set_defaults(func=cmd_train)
 

@@ -86,7 +86,7 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
         if why is None:
             raise
         # Not this rank's fault: the one that failed says why; this one says it stopped because of it.
-        raise RankError(f"rank {rank}: another rank failed or was killed, so this one stops too ({why})") from None
+        raise RankError(f"rank {rank}: another rank failed or was killed, so this one stops too ({why})") from e
     finally:
         dist.destroy_process_group()
 
@@ -95,17 +95,15 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
 PEER_LOST = (
     "Connection closed by peer",
     "Connection reset by peer",
-    "Broken pipe",
     "NCCL communicator was aborted",
-    "Timed out waiting",
-    "timed out",
+    "Timed out waiting",  # a collective whose other ranks never came
 )
 
 
 def _peer_lost(e: RuntimeError) -> str | None:
-    """What in `e` says a peer went away (gloo's / NCCL's words, or torch's distributed error type), or None."""
+    """What in `e` says a peer went away (gloo's / NCCL's words, or torch's network error type), or None."""
     found = next((s for s in PEER_LOST if s in str(e)), None)
-    if found is None and isinstance(e, getattr(dist, "DistError", ())):
+    if found is None and isinstance(e, getattr(dist, "DistNetworkError", ())):
         found = type(e).__name__
     return found
 
@@ -149,7 +147,7 @@ def fail_together(d: Dist):
         raise failed  # a bug rather than bad input: keep its traceback on the rank where it happened
     for rank, error in enumerate(errors):
         if error is not None:
-            raise RankError(f"rank {rank}: {error}") from None
+            raise RankError(f"rank {rank}: {error}") from (failed if rank == d.rank else None)
 
 
 def _one_line(e: Exception) -> str:

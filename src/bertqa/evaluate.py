@@ -48,7 +48,7 @@ class EvalConfig:
     version_2_with_negative: bool | None = None  # None: detect from the data
     null_score_diff_threshold: float = 0.0
     cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
-    attention: str = "auto"  # auto | sdpa | eager (auto: eager to train on a CPU, sdpa otherwise)
+    attention: str = "auto"  # auto | sdpa | eager (auto: eager to train on a CPU up to 256 tokens, else sdpa)
     config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
     lower_case: bool | None = None  # None: as the tokenizer files (or config, or vocabulary) say
     trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
@@ -179,7 +179,7 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     sdpa = {"sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-            "auto": "auto (eager to train on a CPU, else sdpa)"}.get(attention, attention)  # fmt: skip
+            "auto": "auto (eager to train on a CPU up to 256 tokens, else sdpa)"}.get(attention, attention)  # fmt: skip
     return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
 
 

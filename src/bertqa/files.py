@@ -82,13 +82,43 @@ def atomic_dir(path: str | os.PathLike):
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete what `atomic_path(path)` or `atomic_dir(path)` leave beside `path` when their process is killed
     outright (SIGKILL, power loss) mid-write, a temporary file or folder, and return those. Only for a path
-    that no live process is writing."""
+    that no live process is writing (see `exclusive`). A folder killed between atomic_dir's two renames is
+    missing, its previous version moved aside: that version is put back first."""
     path = Path(path)
     name, stem, suffix = (glob.escape(x) for x in (path.name, path.stem, path.suffix))
-    stale = sorted({*path.parent.glob(f".{stem}.*.tmp{suffix}"), *path.parent.glob(f".{name}.tmp-*")})
+    for old in sorted(path.parent.glob(f".{name}.old-*")):
+        if not path.exists() and (old / path.name).is_dir():
+            (old / path.name).rename(path)
+    stale = sorted({*path.parent.glob(f".{stem}.*.tmp{suffix}"), *path.parent.glob(f".{name}.tmp-*"),
+                    *path.parent.glob(f".{name}.old-*")})  # fmt: skip
     for tmp in stale:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
     return stale
+
+
+@contextmanager
+def exclusive(folder: str | os.PathLike):
+    """Hold an advisory lock on `folder` itself while the block runs, so that a second run started on the same
+    folder stops at once rather than delete the first one's temporary files or mix its outputs in (a POSIX
+    lock on the open folder: no file is left behind, and the system drops it when the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{folder}: another run is writing here; wait for it or use another --output-dir"
+            ) from None
+        yield
+    finally:
+        os.close(fd)

@@ -137,8 +137,10 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
-        lower = norm.get("lowercase")
-        if do_lower_case is not None and do_lower_case != lower:
+        lower = norm.get("lowercase")  # what the tokenizer does; a normaliser without the key never lowers
+        if lower is None and norm.get("type") == "BertNormalizer":
+            lower = True  # the key's default
+        if do_lower_case is not None and do_lower_case != bool(lower):
             if norm.get("type") != "BertNormalizer":
                 raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
             backend.normalizer = normalizers.BertNormalizer(

@@ -33,7 +33,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, remove_stale_temps
+from .files import atomic_path, exclusive, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -59,7 +59,7 @@ class TrainConfig(EvalConfig):
     resume: bool = False  # continue from OUTPUT/checkpoint.pt
     log_every: int = 10  # steps between metrics.jsonl lines
     tensorboard: bool = False  # also log scalars to OUTPUT/tensorboard
-    compile: bool = False  # torch.compile the training forward (one graph for every batch shape)
+    compile: bool = False  # torch.compile the training forward (symbolic shapes: few graphs for all batches)
     max_nonfinite_steps: int = 20  # stop after this many updates in a row skipped for a non-finite loss/gradient
     deterministic: bool = False  # deterministic kernels only (for GPUs; the CPU path is deterministic already)
 
@@ -105,7 +105,7 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None, skipped_steps: int = 0) -> None:  # fmt: skip
+                    final_loss: float | None, skipped: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     rngs = all_gather_objects(d, rng_state(d.device))
@@ -118,7 +118,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
         "final_loss": final_loss,
-        "skipped_steps": skipped_steps,  # updates skipped for non-finite values so far
+        "skipped_steps": skipped,  # updates skipped for non-finite values: in all, and in a row now
         "rng": rngs,
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
@@ -179,13 +179,12 @@ class NonFiniteError(ValueError):
 
 
 def all_finite(d: Dist, *values):
-    """A device boolean: every value is finite on every rank (the ranks must agree on skipping an update)."""
-    ok = torch.stack([torch.isfinite(v) for v in values]).all()
+    """Device booleans, one per value: finite on every rank (the ranks must agree on skipping an update).
+    One all-reduce for all of them."""
+    ok = torch.stack([torch.isfinite(v) for v in values]).to(torch.int32)
     if d.enabled:
-        bad = (~ok).to(torch.int32)
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        ok = bad == 0
-    return ok
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return ok.bool().unbind()
 
 
 class MetricsLog:
@@ -218,7 +217,7 @@ class MetricsLog:
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step":
+                if k != "step" and v is not None:  # None: no finite loss since the last line
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def close(self) -> None:
@@ -258,31 +257,33 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
     cfg.validate()
-    with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d:
-        if cfg.deterministic and cfg.attention == "auto":
-            cfg = dataclasses.replace(cfg, attention="eager")  # fused attention backward kernels add in no set order
+    with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d, contextlib.ExitStack() as held:
+        if cfg.deterministic and cfg.attention == "auto" and d.device.type != "cpu":
+            # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
+            cfg = dataclasses.replace(cfg, attention="eager")
         precision = Precision.resolve(cfg.precision, d.device)
         with precision.scope():
-            return _train(cfg, d, precision, on_step)
+            return _train(cfg, d, precision, on_step, held)
 
 
 @contextlib.contextmanager
 def deterministic_kernels(enabled: bool):
     """What a GPU run needs to repeat bit for bit: torch's deterministic algorithms (an error, not a silent
-    nondeterministic kernel, where an op has none) and a fixed cuBLAS workspace. Put back as it was after."""
+    nondeterministic kernel, where an op has none) and a fixed cuBLAS workspace (read when cuBLAS starts, so
+    set before the first GPU matmul; left set). torch's setting is put back after."""
     if not enabled:
         yield
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later than here
-    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
+def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: contextlib.ExitStack) -> dict:
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
     tokenizer, model = load_tokenizer_and_model(cfg, d, for_inference=False)
     model.set_attention_dropout(cfg.attention_dropout)
@@ -300,16 +301,19 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
 
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
-    start_step, final_loss, skipped = 0, None, 0  # skipped: updates skipped for non-finite values
+    start_step, final_loss = 0, None
+    skipped, bad_run = 0, 0  # updates skipped for non-finite values: in all, and in a row now
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
     if d.is_main:
+        held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
         # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size);
         # the files themselves are only ever renamed into place whole, so they hold the previous save.
         for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png"):
             remove_stale_temps(out_dir / name)
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, cfg, d, total_steps)
-        final_loss, skipped = state.get("final_loss"), state.get("skipped_steps", 0)
+        final_loss, skipped_state = state.get("final_loss"), state.get("skipped_steps") or (0, 0)
+        skipped, bad_run = skipped_state if isinstance(skipped_state, (list, tuple)) else (skipped_state, 0)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -344,7 +348,6 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
     loss_sum = torch.zeros((), device=d.device)
     finite_since_log = torch.zeros((), device=d.device)
     steps_since_log = 0
-    bad_run = 0  # updates skipped in a row
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -372,7 +375,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
         # The norm is computed even without clipping (an infinite max norm scales by exactly 1): a non-finite
         # loss or gradient is caught at its step and the update skipped, so the weights stay as they were.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-        loss_ok = all_finite(d, step_loss)
+        loss_ok, grads_ok = all_finite(d, step_loss, grad_norm)
         if scaler is not None:
             # The scaler skips the update itself on non-finite gradients, and then lowers the scale: expected
             # while it calibrates, so counted in the log rather than reported one by one.
@@ -381,7 +384,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
             scaler.update()
             applied = scaler.get_scale() >= scale
         else:
-            applied = bool(loss_ok & all_finite(d, grad_norm))  # one host sync per step
+            applied = bool(loss_ok & grads_ok)  # a host sync per step (idle of microseconds on an accelerator)
             if applied:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -405,7 +408,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
         steps_since_log += 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
-            # The only host syncs of the loop: loss averaged over the steps since the last line and the ranks.
+            # The loss averaged over the steps since the last line and over the ranks (a sync, as above).
             if d.enabled:
                 torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(step_loss)
@@ -422,14 +425,16 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step) -> dict:
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss, skipped)
+            save_checkpoint(
+                ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss, (skipped, bad_run)
+            )
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
     synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss, skipped)
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss, (skipped, bad_run))
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
