@@ -347,7 +347,6 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
     loss_sum = torch.zeros((), device=d.device)
     finite_since_log = torch.zeros((), device=d.device)
-    steps_since_log = 0
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -405,7 +404,6 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                                      f"loss or gradients (try a lower --lr, or bf16 / fp32); {kept}")  # fmt: skip
         loss_sum += torch.where(loss_ok, step_loss, 0.0)
         finite_since_log += loss_ok
-        steps_since_log += 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
             # The loss averaged over the steps since the last line and over the ranks (a sync, as above).
@@ -417,7 +415,6 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             final_loss = step_loss.item() / d.world_size if bool(loss_ok) else None
             loss_sum.zero_()
             finite_since_log.zero_()
-            steps_since_log = 0
             elapsed = time.perf_counter() - t0
             seq_s = (done - start_step) * global_batch / elapsed
             if d.is_main:
