@@ -195,6 +195,12 @@ def _add_common(p, batch_help, output_dir: bool = True):
         default="auto",
         help="auto: sdpa (fused kernels), except eager (written out) for training batches of up to 256 tokens on a CPU",
     )
+    _add_lower_case(p)
+    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_lower_case(p):
     p.add_argument(
         "--lower-case",
         action=argparse.BooleanOptionalAction,
@@ -202,8 +208,6 @@ def _add_common(p, batch_help, output_dir: bool = True):
         help="lower-case the input (default: as the tokenizer files or config say, else cased if the vocabulary "
         "has capitals)",
     )
-    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 class Parser(argparse.ArgumentParser):
@@ -279,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
     c.add_argument("--config", help="config.json / bert_config.json, or a preset (base, large)")
     c.add_argument("--vocab", help="vocab.txt or tokenizer.json (default: beside the checkpoint)")
-    c.add_argument(
-        "--lower-case",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="lower-case input (vocab.txt only; default: its tokenizer_config.json, else cased if it has capitals)",
-    )
+    _add_lower_case(c)
     c.add_argument(
         "--trust-pickle",
         action="store_true",

@@ -20,6 +20,7 @@ from .checkpoint import load_model
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
 from .files import write_json
 from .inference import predict_logits, shard
+from .model import EAGER_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import load_features
@@ -179,7 +180,7 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     sdpa = {"sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-            "auto": "auto (eager to train on a CPU up to 256 tokens, else sdpa)"}.get(attention, attention)  # fmt: skip
+            "auto": f"auto (eager to train on a CPU up to {EAGER_MAX_LEN} tokens, else sdpa)"}.get(attention, attention)  # fmt: skip
     return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
 
 

@@ -35,6 +35,7 @@ from .evaluate import (
 )
 from .files import atomic_path, exclusive, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
+from .squad.postprocess import PREDICTION_FILES
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 
@@ -308,12 +309,11 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
         # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size);
         # the files themselves are only ever renamed into place whole, so they hold the previous save.
-        for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png"):
+        for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png", *PREDICTION_FILES):
             remove_stale_temps(out_dir / name)
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, cfg, d, total_steps)
-        final_loss, skipped_state = state.get("final_loss"), state.get("skipped_steps") or (0, 0)
-        skipped, bad_run = skipped_state if isinstance(skipped_state, (list, tuple)) else (skipped_state, 0)
+        final_loss, (skipped, bad_run) = state.get("final_loss"), state.get("skipped_steps", (0, 0))
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -337,7 +337,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
     metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
-    # Compiled with symbolic batch and length, so length-grouped batches of every shape share one graph.
+    # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
+    # CPU: auto attention branches at EAGER_MAX_LEN tokens).
     # Evaluation and saving use the plain module, which shares the weights.
     fwd = torch.compile(model, dynamic=True) if cfg.compile else model
     ddp = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else fwd

@@ -151,13 +151,16 @@ def postprocess(
     return predictions, nbest, null_odds
 
 
+PREDICTION_FILES = ("predictions.json", "nbest_predictions.json", "null_odds.json")
+
+
 def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
-    """Write predictions.json, nbest_predictions.json and (v2.0) null_odds.json, each atomically."""
+    """Write PREDICTION_FILES (null_odds.json for v2.0 only), each atomically."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"predictions.json": predictions, "nbest_predictions.json": nbest}
-    if null_odds is not None:
-        files["null_odds.json"] = null_odds
+    files = dict(zip(PREDICTION_FILES, (predictions, nbest, null_odds)))
+    if null_odds is None:
+        del files["null_odds.json"]
     for name, obj in files.items():
         write_json(out / name, obj)
     return [out / name for name in files]
