@@ -36,7 +36,7 @@ def padded_batch(seed=1, B=4, T=20, vocab=101):
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "blocked"])
 def test_parity_with_transformers_on_padded_batch(hidden_act, attn):
     hf, ours = hf_pair(hidden_act, attn=attn)
     ids, types, mask = padded_batch()
@@ -53,10 +53,10 @@ def test_parity_with_transformers_on_padded_batch(hidden_act, attn):
     assert out.loss is None
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "auto"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "blocked", "auto"])
 def test_training_gradients_match_transformers(attn):
     """In training mode (dropout off, so both compute the same thing) the loss and every gradient agree: the
-    eager path auto picks for CPU training is as exact as SDPA."""
+    written-out paths auto picks on a CPU are as exact as SDPA."""
     hf, ours = hf_pair("gelu", attn=attn)
     for m in (hf, ours):
         for module in m.modules():
@@ -86,17 +86,40 @@ def test_gelu_forms_differ():
         assert (erf.bert(ids, types, mask) - tanh.bert(ids, types, mask)).abs().max() > 1e-6
 
 
-def test_eager_and_sdpa_agree_and_mask_matters():
+def test_eager_blocked_and_sdpa_agree_and_mask_matters():
     _, ours = hf_pair("gelu")
     ids, types, mask = padded_batch()
     with torch.no_grad():
         sdpa = ours.bert(ids, types, mask)
+        ours.set_attention("blocked")
+        blocked = ours.bert(ids, types, mask)
         ours.set_attention("eager")
         eager = ours.bert(ids, types, mask)
         unmasked = ours.bert(ids, types, None)
     keep = mask.bool()
     assert (sdpa - eager).abs()[keep].max() < 1e-5
+    assert (blocked - eager).abs()[keep].max() < 1e-5
     assert (unmasked - eager)[1].abs().max() > 1e-3  # row 1 is padded: the mask changes its outputs
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_blocked_attention_gradients_across_blocks(monkeypatch, masked, keep_probs):
+    """float64 gradcheck of the blocked attention with blocks of a few heads (the last one short), keeping the
+    probabilities for the backward pass or recomputing them, and its no-grad path (one reused scratch block)."""
+    import bertqa.model as model
+
+    T = 5
+    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 8)  # 3 of the 2 x 4 = 8 heads per block
+    monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep_probs else T - 1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :] if masked else None
+    assert torch.autograd.gradcheck(lambda q, k, v: model.blocked_attention(q, k, v, mask, 0.0), (q, k, v))
+    ref = model.eager_attention(q, k, v, mask, 0.0)
+    with torch.no_grad():
+        assert torch.allclose(model.blocked_attention(q, k, v, mask, 0.0), ref, atol=1e-12)
+    assert torch.allclose(model.blocked_attention(q, k, v, mask, 0.0), ref, atol=1e-12)
 
 
 def test_loss_matches_transformers_and_ignores_out_of_range():
@@ -143,25 +166,27 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
     assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 0.0, True), x)
 
 
-def test_auto_attention_trains_long_cpu_batches_with_the_fused_kernel(monkeypatch):
+def test_auto_attention_choices_on_a_cpu(monkeypatch):
+    """auto: blocked on a CPU in training and inference; with attention dropout in training, written out up to
+    KEEP_PROBS_MAX_LEN tokens and fused beyond."""
     import bertqa.model as model
 
     _, ours = hf_pair("gelu")
     calls = []
-    for name in ("eager", "sdpa"):
+    for name in ("eager", "sdpa", "blocked"):
         fn = model.ATTENTION[name]
         monkeypatch.setitem(model.ATTENTION, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
-    monkeypatch.setattr(model, "EAGER_MAX_LEN", 16)
+    monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", 16)
     ours.set_attention("auto")
-    ours.train()
-    for T, used in ((16, "eager"), (17, "sdpa")):
+    for training, dropout, T, used in ((True, False, 17, "blocked"), (False, False, 8, "blocked"),
+                                       (True, True, 16, "eager"), (True, True, 17, "sdpa"),
+                                       (False, True, 17, "blocked")):  # fmt: skip
+        ours.train(training)
+        ours.set_attention_dropout(dropout)
         calls.clear()
         ours(torch.ones(2, T, dtype=torch.long))
-        assert set(calls) == {used}
-    ours.eval()
-    calls.clear()
-    ours(torch.ones(2, 8, dtype=torch.long))
-    assert set(calls) == {"sdpa"}  # inference: always fused
+        assert set(calls) == {used}, (training, dropout, T)
+    assert model.auto_attention(torch.device("cuda"), 8, 0.0) == "sdpa"
 
 
 def test_variable_length_batches_and_presets():

@@ -191,9 +191,10 @@ def _add_common(p, batch_help, output_dir: bool = True):
     p.add_argument("--cache-dir", help="features cache (default ~/.cache/bertqa/features; 'none' disables it)")
     p.add_argument(
         "--attention",
-        choices=["auto", "sdpa", "eager"],
+        choices=["auto", "sdpa", "eager", "blocked"],
         default="auto",
-        help="auto: sdpa (fused kernels), except eager (written out) for training batches of up to 256 tokens on a CPU",
+        help="auto: blocked (written out, a few heads at a time) on a CPU, except eager for CPU training with "
+        "attention dropout (sdpa beyond 256 tokens); sdpa (fused kernels) on other devices",
     )
     _add_lower_case(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")

@@ -20,7 +20,7 @@ from .checkpoint import load_model
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
 from .files import write_json
 from .inference import predict_logits, shard
-from .model import EAGER_MAX_LEN
+from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import load_features
@@ -49,7 +49,7 @@ class EvalConfig:
     version_2_with_negative: bool | None = None  # None: detect from the data
     null_score_diff_threshold: float = 0.0
     cache_dir: str | None = dataclasses.field(default_factory=default_cache_dir)  # features cache; None = off
-    attention: str = "auto"  # auto | sdpa | eager (auto: eager to train on a CPU up to 256 tokens, else sdpa)
+    attention: str = "auto"  # auto | sdpa | eager | blocked (model.auto_attention)
     config: str | None = None  # config.json for weights without one beside them, or a preset (base, large)
     lower_case: bool | None = None  # None: as the tokenizer files (or config, or vocabulary) say
     trust_pickle: bool = False  # allow full unpickling of a checkpoint (can run code)
@@ -180,7 +180,8 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     sdpa = {"sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-            "auto": f"auto (eager to train on a CPU up to {EAGER_MAX_LEN} tokens, else sdpa)"}.get(attention, attention)  # fmt: skip
+            "auto": f"auto (blocked on a CPU, with attention dropout eager up to {KEEP_PROBS_MAX_LEN} tokens; else sdpa)"}.get(
+                attention, attention)  # fmt: skip
     return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
 
 

@@ -338,7 +338,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
               flush=True)  # fmt: skip
     metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
-    # CPU: auto attention branches at EAGER_MAX_LEN tokens).
+    # CPU with attention dropout: auto attention branches at KEEP_PROBS_MAX_LEN tokens).
     # Evaluation and saving use the plain module, which shares the weights.
     fwd = torch.compile(model, dynamic=True) if cfg.compile else model
     ddp = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else fwd
