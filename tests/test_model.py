@@ -110,8 +110,9 @@ def test_blocked_attention_gradients_across_blocks(monkeypatch, masked, keep_pro
     import bertqa.model as model
 
     T = 5
-    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 8)  # 3 of the 2 x 4 = 8 heads per block
+    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 8 // torch.get_num_threads())  # 3 of the 8 heads per block
     monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep_probs else T - 1)
+    assert len(model._blocks(8, T, 8)) >= 3
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, T, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :] if masked else None

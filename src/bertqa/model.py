@@ -77,11 +77,11 @@ def eager_attention(q, k, v, mask, dropout_p):
 # Beyond this many tokens, training does not keep the T x T attention probabilities for the backward pass:
 # on the longest batches they would set a step's peak memory (one step of 32 x 384 kept 680 MB of them).
 KEEP_PROBS_MAX_LEN = 256
-BLOCK_BYTES = 2 * 2**20  # T x T scores per block of heads: small enough to stay in a CPU's caches
+BLOCK_BYTES = 2**20  # T x T scores per block of heads, per thread: small enough to stay in a CPU's caches
 
 
 def _blocks(n: int, T: int, itemsize: int) -> list[slice]:
-    step = max(1, BLOCK_BYTES // (T * T * itemsize))
+    step = max(1, BLOCK_BYTES * torch.get_num_threads() // (T * T * itemsize))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
