@@ -179,10 +179,14 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 
 
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
-    sdpa = {"sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-            "auto": f"auto (blocked on a CPU, with attention dropout eager up to {KEEP_PROBS_MAX_LEN} tokens; else sdpa)"}.get(
-                attention, attention)  # fmt: skip
-    return f"bertqa: device {d.device}, precision {precision.describe()}, attention {sdpa}, world size {d.world_size}"
+    described = {
+        "sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
+        "auto": f"auto (blocked on a CPU, with attention dropout eager up to {KEEP_PROBS_MAX_LEN} tokens; else sdpa)",
+    }
+    attention = described.get(attention, attention)
+    return (
+        f"bertqa: device {d.device}, precision {precision.describe()}, attention {attention}, world size {d.world_size}"
+    )
 
 
 def finish(summary: dict, out_dir: Path) -> dict:
