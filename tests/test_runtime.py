@@ -107,3 +107,19 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
         (tmp / "x").write_text("")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("preset", [None, "7"])
+def test_import_caps_the_cpu_kernel_caches_unless_the_user_set_them(preset):
+    """`import bertqa` caps oneDNN's and ideep's per-shape kernel caches (which grew resident memory by ~10 MB a
+    training step), before torch compiles its first kernel; a value already in the environment is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    if preset is not None:
+        env["LRU_CACHE_CAPACITY"] = preset
+    code = "import os, bertqa; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["64", preset or "64"]
