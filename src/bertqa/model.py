@@ -63,13 +63,22 @@ def sdpa_attention(q, k, v, mask, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def padding_bias(mask, like):
+    """The additive form of a (B, 1, 1, T) attention mask, in the dtype and on the device of `like`: 0 where it
+    attends, the dtype's lowest value where it does not; None without a mask."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+        ~mask, torch.finfo(like.dtype).min
+    )
+
+
 def eager_attention(q, k, v, mask, dropout_p):
     """The reference, softmax(q k^T / sqrt(hs)) v, written out. The scale is applied to q (T x hs values, not
     T x T) and padding enters as an additive bias, whose backward is free (a masked_fill's is not)."""
     scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, T)
     if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)  # (B, 1, 1, T)
-        scores = scores + bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        scores = scores + padding_bias(mask, scores)
     probs = dropout(scores.softmax(dim=-1), dropout_p, dropout_p > 0)
     return probs @ v  # (B, nh, T, hs)
 
@@ -146,11 +155,8 @@ def blocked_attention(q, k, v, mask, dropout_p):
     """BlockedAttention; with dropout on the probabilities, the written-out form."""
     if dropout_p > 0:
         return eager_attention(q, k, v, mask, dropout_p)
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
     with torch.autocast(q.device.type, enabled=False):  # q, k, v already carry the compute dtype
-        return BlockedAttention.apply(q, k, v, bias, 1.0 / math.sqrt(q.size(-1)))
+        return BlockedAttention.apply(q, k, v, padding_bias(mask, q), 1.0 / math.sqrt(q.size(-1)))
 
 
 ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention, "blocked": blocked_attention}
