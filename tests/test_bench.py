@@ -49,6 +49,30 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
     assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_every_segment_times_the_same_batches(monkeypatch, mode):
+    """Segments differ by noise alone: each one runs the same batches, after warm-up batches of their own."""
+    import torch
+
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    seen = []
+    real_to_batch = bench.to_batch
+    monkeypatch.setattr(
+        bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
+    )
+    cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    windows = bench.random_windows(40, 32, cfg.vocab_size)
+    windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 40)  # lengths to sort and group by
+    row = bench.run_row(BertForQuestionAnswering(cfg), windows, mode, 4, True, bench.Precision.resolve("fp32",
+                        torch.device("cpu")), torch.device("cpu"), warmup=2, steps=3, segments=3)  # fmt: skip
+    assert len(seen) == 2 + 3 * 3 and len(row["segments"]) == 3
+    timed = seen[2:5]
+    assert seen[5:8] == timed and seen[8:11] == timed
+    assert len(set(seen)) == 5  # the warm-up batches are others
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -170,7 +170,7 @@ def hf_model(model, attention: str = "sdpa"):
 def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, seed: int = 0):
     """Row indices of `steps` batches: training draws epochs of shuffled (grouped: length-grouped) batches;
     inference cuts the windows in order (grouped: sorted by length) into batches and takes `steps` of them spread
-    evenly over the whole set, in a seeded random order so that every segment holds short and long ones."""
+    evenly over the whole set, in a seeded random order."""
     n = len(windows.lengths)
     if mode == "train":
         out, epoch = [], 0
@@ -187,9 +187,12 @@ def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps:
 def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision, device,
             warmup: int, steps: int, segments: int, real_lengths=None, flops=None, lr: float = 5e-5) -> dict:  # fmt: skip
     """Time one configuration; returns windows/s, real (`real_lengths`, default the windows' own) tokens/s and
-    FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths), medians over the segments."""
+    FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths), medians over the segments.
+    Every segment runs the same `steps` batches, so that the segments differ by the machine's noise alone, not
+    by their mix of lengths (and every row of a bench gets the same batches)."""
     real_lengths = windows.lengths if real_lengths is None else real_lengths
-    batches = _batches(windows, mode, batch_size, grouped, warmup + steps * segments)
+    batches = _batches(windows, mode, batch_size, grouped, warmup + steps)
+    timed = batches[warmup:]
     training = mode == "train"
     model.train(training)
     optimizer = None
@@ -217,17 +220,16 @@ def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, 
         for idx in batches[:warmup]:
             step(idx)
         synchronize(device)
-        for s in range(segments):
-            seg = batches[warmup + s * steps : warmup + (s + 1) * steps]
+        for _ in range(segments):
             t0 = time.perf_counter()
-            for idx in seg:
+            for idx in timed:
                 step(idx)
             synchronize(device)
             elapsed = time.perf_counter() - t0
-            rates.append(len(seg) * batch_size / elapsed)
-            token_rates.append(sum(int(real_lengths[i].sum()) for i in seg) / elapsed)
+            rates.append(len(timed) * batch_size / elapsed)
+            token_rates.append(sum(int(real_lengths[i].sum()) for i in timed) / elapsed)
             if flops is not None:
-                flop_rates.append(sum(flops(real_lengths[i]) for i in seg) / elapsed)
+                flop_rates.append(sum(flops(real_lengths[i]) for i in timed) / elapsed)
     return {"windows_per_s": statistics.median(rates), "tokens_per_s": statistics.median(token_rates),
             "flops_per_s": statistics.median(flop_rates) if flop_rates else None,
             "segments": [round(r, 2) for r in rates]}  # fmt: skip

@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--seq-len", type=int, default=384)
     b.add_argument("--precision", choices=PRECISIONS, default="auto")
-    b.add_argument("--steps", type=int, default=10, help="timed steps per segment")
+    b.add_argument(
+        "--steps", type=int, default=10, help="timed steps per segment (every segment times the same batches)"
+    )
     b.add_argument("--segments", type=int, default=3, help="timed segments (figures are their medians)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
