@@ -123,6 +123,106 @@ def test_blocked_attention_gradients_across_blocks(monkeypatch, masked, keep_pro
     assert torch.allclose(model.blocked_attention(q, k, v, mask, 0.0), ref, atol=1e-12)
 
 
+def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
+    """bf16 scores are soft-maxed in an fp32 scratch block and copied back: forward and both backward paths
+    (kept and recomputed probabilities) agree with fp32 arithmetic on the same bf16 inputs, to bf16 rounding."""
+    import bertqa.model as model
+
+    T = 24
+    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 2 // torch.get_num_threads())  # 3 of the 8 heads per block
+    assert model._softmax_scratch(model._blocks(8, T, 2), T, torch.ones(1, dtype=torch.bfloat16)) is not None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 8, generator=g).bfloat16() for _ in range(3))
+    mask = (torch.arange(T) < torch.tensor([[T - 7], [T]]))[:, None, None, :]
+    grad = torch.randn(2, 4, T, 8, generator=g).bfloat16()
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    out_ref = model.eager_attention(*ref, mask, 0.0)
+    out_ref.backward(grad.float())
+    for keep in (True, False):
+        monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep else T - 1)
+        ours = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = model.blocked_attention(*ours, mask, 0.0)
+        out.backward(grad)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), out_ref, atol=2e-2, rtol=2e-2)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocked_attention(q, k, v, mask, 0.0).float(), out_ref, atol=2e-2, rtol=2e-2)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
+def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
+    """In bf16 inference on a CPU a Linear is one oneDNN kernel: on bf16-exact inputs and weights it gives the
+    fp32 result (bias and activation applied to the fp32 accumulator) rounded once to bf16. The tolerance is
+    tight enough to tell the erf GELU from the tanh one on the small negative outputs."""
+    from bertqa.model import ACTIVATIONS, Linear
+
+    torch.manual_seed(0)
+    lin = Linear(48, 80, activation)
+    with torch.no_grad():
+        lin.weight.mul_(3).copy_(lin.weight.bfloat16())  # pre-activations of a few units: enough to reach -2
+        lin.bias.copy_(lin.bias.bfloat16())
+    x = torch.randn(3, 7, 48).bfloat16().float()
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    if activation is not None:
+        exact = ACTIVATIONS[activation][0](exact)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert lin.fused_bf16(x)
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 80) and lin._packed is not None
+    torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-5)
+    with torch.no_grad():  # the packed weight follows an in-place update of the weight
+        lin.weight.mul_(-1)
+        with torch.autocast("cpu", torch.bfloat16):
+            flipped = lin(x)
+    assert (flipped.float() - y.float()).abs().max() > 0.5
+
+
+@needs_onednn
+def test_fused_linear_only_in_cpu_bf16_inference():
+    from bertqa.model import Linear
+
+    lin, x = Linear(8, 4), torch.randn(2, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not lin.fused_bf16(x)  # autograd through the weight: F.linear
+        with torch.no_grad():
+            assert lin.fused_bf16(x)
+        with torch.inference_mode():
+            assert lin.fused_bf16(x)
+    with torch.no_grad():
+        assert not lin.fused_bf16(x)  # fp32
+        assert lin.fused_bf16(x.bfloat16())  # a bf16 model, no autocast
+        assert lin(x).dtype == torch.float32 and lin._packed is None
+
+
+@needs_onednn
+def test_bf16_inference_fused_agrees_with_autocast_training_path():
+    """The whole model in bf16: inference (fused kernels) against the autograd path (F.linear under autocast),
+    same weights; and a model that ran the fused path still deep-copies and pickles (the packed weights are
+    dropped, then rebuilt)."""
+    import copy
+    import pickle
+
+    _, ours = hf_pair("gelu", attn="auto")
+    ids, types, mask = padded_batch()
+    with torch.autocast("cpu", torch.bfloat16):
+        unfused = ours(ids, types, mask).start_logits.detach()
+        with torch.no_grad():
+            fused = ours(ids, types, mask).start_logits
+    assert ours.qa_outputs._packed is not None
+    keep = mask.bool()
+    assert (fused - unfused)[keep].abs().max() < 0.05 and (fused - unfused)[keep].abs().max() > 0
+    twin = copy.deepcopy(ours)
+    assert twin.qa_outputs._packed is None and pickle.loads(pickle.dumps(ours)).qa_outputs._packed is None
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(twin(ids, types, mask).start_logits, fused)
+
+
 def test_loss_matches_transformers_and_ignores_out_of_range():
     hf, ours = hf_pair("gelu")
     ids, types, mask = padded_batch()
