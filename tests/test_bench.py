@@ -50,8 +50,9 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
 
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
-def test_every_segment_times_the_same_batches(monkeypatch, mode):
-    """Segments differ by noise alone: each one runs the same batches, after warm-up batches of their own."""
+def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatch, mode):
+    """Segments differ by noise alone: the warm-up and each segment run the same batches, and those stand for
+    the set: one from the middle of each quarter of the batches sorted by length, not four drawn at random."""
     import torch
 
     import bertqa.bench as bench
@@ -63,14 +64,21 @@ def test_every_segment_times_the_same_batches(monkeypatch, mode):
         bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
     )
     cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    windows = bench.random_windows(40, 32, cfg.vocab_size)
-    windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 40)  # lengths to sort and group by
+    windows = bench.random_windows(80, 32, cfg.vocab_size)
+    windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)  # lengths to sort and group by
     row = bench.run_row(BertForQuestionAnswering(cfg), windows, mode, 4, True, bench.Precision.resolve("fp32",
-                        torch.device("cpu")), torch.device("cpu"), warmup=2, steps=3, segments=3)  # fmt: skip
-    assert len(seen) == 2 + 3 * 3 and len(row["segments"]) == 3
-    timed = seen[2:5]
-    assert seen[5:8] == timed and seen[8:11] == timed
-    assert len(set(seen)) == 5  # the warm-up batches are others
+                        torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4, segments=3)  # fmt: skip
+    assert len(seen) == 2 + 4 * 3 and len(row["segments"]) == 3
+    timed = seen[2:6]
+    assert seen[:2] == timed[:2] and seen[6:10] == timed and seen[10:14] == timed
+    assert len(set(timed)) == 4
+    chosen = sorted(int(windows.lengths[list(b)].max()) for b in timed)
+    every = [int(windows.lengths[b].max()) for b in bench.epoch_batches(80, 4, 0, 0, windows.lengths)]
+    if mode == "infer":
+        order = np.argsort(windows.lengths, kind="stable")
+        every = [int(windows.lengths[order[i : i + 4]].max()) for i in range(0, 80, 4)]
+    every.sort()  # 20 batches: quarters of 5, whose middle ones are the 3rd, 8th, 13th and 18th
+    assert chosen == [every[2], every[7], every[12], every[17]]
 
 
 @pytest.mark.parametrize(

@@ -168,19 +168,19 @@ def hf_model(model, attention: str = "sdpa"):
 
 
 def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, seed: int = 0):
-    """Row indices of `steps` batches: training draws epochs of shuffled (grouped: length-grouped) batches;
-    inference cuts the windows in order (grouped: sorted by length) into batches and takes `steps` of them spread
-    evenly over the whole set, in a seeded random order."""
+    """Row indices of `steps` batches that stand for the whole set: one epoch of batches as the mode makes them
+    (training: shuffled, length-grouped if `grouped`; inference: cut in order, sorted by length if `grouped`),
+    sorted by length and cut into `steps` equal strata, of which each gives its middle batch; in a seeded random
+    order. A few batches drawn at random can be much shorter or longer than the set (6 training batches averaged
+    142 tokens against the set's 162), and the speed-ups differ with the length."""
     n = len(windows.lengths)
     if mode == "train":
-        out, epoch = [], 0
-        while len(out) < steps:
-            out.extend(epoch_batches(n, batch_size, seed, epoch, windows.lengths if grouped else None))
-            epoch += 1
-        return out[:steps]
-    order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
-    batches = np.resize(order, -(-n // batch_size) * batch_size).reshape(-1, batch_size)
-    chosen = np.linspace(0, len(batches) - 1, steps).round().astype(int)
+        batches = epoch_batches(n, batch_size, seed, 0, windows.lengths if grouped else None)
+    else:
+        order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
+        batches = np.resize(order, -(-n // batch_size) * batch_size).reshape(-1, batch_size)
+    by_length = np.argsort([windows.lengths[b].max() for b in batches], kind="stable")
+    chosen = by_length[((np.arange(steps) + 0.5) * len(batches) / steps).astype(int)]
     return list(batches[np.random.default_rng(seed).permutation(chosen)])
 
 
@@ -188,11 +188,11 @@ def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, 
             warmup: int, steps: int, segments: int, real_lengths=None, flops=None, lr: float = 5e-5) -> dict:  # fmt: skip
     """Time one configuration; returns windows/s, real (`real_lengths`, default the windows' own) tokens/s and
     FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths), medians over the segments.
-    Every segment runs the same `steps` batches, so that the segments differ by the machine's noise alone, not
-    by their mix of lengths (and every row of a bench gets the same batches)."""
+    Every segment runs the same `steps` batches (the warm-up runs the first `warmup` of them), so that the
+    segments differ by the machine's noise alone, not by their mix of lengths, and every row of a bench runs the
+    same batches."""
     real_lengths = windows.lengths if real_lengths is None else real_lengths
-    batches = _batches(windows, mode, batch_size, grouped, warmup + steps)
-    timed = batches[warmup:]
+    timed = _batches(windows, mode, batch_size, grouped, steps)
     training = mode == "train"
     model.train(training)
     optimizer = None
@@ -217,8 +217,8 @@ def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, 
 
     rates, token_rates, flop_rates = [], [], []
     with precision.scope():
-        for idx in batches[:warmup]:
-            step(idx)
+        for i in range(warmup):
+            step(timed[i % steps])
         synchronize(device)
         for _ in range(segments):
             t0 = time.perf_counter()
