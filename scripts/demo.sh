@@ -5,7 +5,7 @@
 #   MODEL=path        your own checkpoint instead of the offline all-MiniLM-L6-v2 weights
 #   SQUAD_DIR=path    a folder with train-subset.json + dev-a.json (default: ../shared/data/squad-v1.1);
 #                     where it is absent, the official SQuAD v1.1 files are downloaded into data/squad
-#   EXAMPLES=N        training questions to use (default 4400); OUT=folder (default runs/demo)
+#   EXAMPLES=N        training questions to use (default 5000); OUT=folder (default runs/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,7 +26,7 @@ fi
 OUT=${OUT:-runs/demo}
 # Precision auto: bf16 where the CPU has native bf16 matmuls (AVX-512 BF16 / AMX), else fp32.
 $BERTQA train --model "$MODEL" --train-file "$TRAIN" --predict-file "$DEV" --output-dir "$OUT" \
-  --max-train-examples "${EXAMPLES:-4400}" --epochs 1 --batch-size 32 --lr 3e-4 --warmup 0.1 \
+  --max-train-examples "${EXAMPLES:-5000}" --epochs 1 --batch-size 32 --lr 3e-4 --warmup 0.1 \
   --eval-batch-size 64 --seed 42 --log-every 5 --cache-dir runs/cache
 QUESTION="Which NFL team represented the AFC at Super Bowl 50?"
 CONTEXT="Super Bowl 50 was an American football game to determine the champion of the National Football \
