@@ -215,6 +215,9 @@ def test_bf16_inference_fused_agrees_with_autocast_training_path():
         with torch.no_grad():
             fused = ours(ids, types, mask).start_logits
     assert ours.qa_outputs._packed is not None
+    ours.train()
+    assert ours.qa_outputs._packed is None  # training drops the packed copies (they would go stale)
+    ours.eval()
     keep = mask.bool()
     assert (fused - unfused)[keep].abs().max() < 0.05 and (fused - unfused)[keep].abs().max() > 0
     twin = copy.deepcopy(ours)

@@ -1,8 +1,9 @@
 """BERT encoder and the SQuAD span head.
 
 Module and parameter names follow HuggingFace `modeling_bert.py`, which makes them the weight-key contract:
-an HF `BertModel` / `BertForQuestionAnswering` state dict loads with no renaming. This file knows nothing of
-devices, precision, DDP or files; those are applied from outside.
+an HF `BertModel` / `BertForQuestionAnswering` state dict loads with no renaming. Devices, precision, DDP and
+files are applied from outside; all this file knows of them is which kernels are fastest where (the CPU
+dropout mask, the blocked attention, the fused bf16 linear layers of CPU inference).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class Linear(nn.Linear):
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         )
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._packed = None  # training changes the weight: do not hold a stale packed copy meanwhile
+        return super().train(mode)
 
     def __getstate__(self):  # copy.deepcopy, pickle: the packed weight is opaque to them, and rebuilt on use
         return {**self.__dict__, "_packed": None}
@@ -173,9 +179,10 @@ def _softmax_scratch(blocks: list[slice], T: int, like):
 class BlockedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v, written out but computed a few heads at a time, so that each block's
     scores are made, soft-maxed (bf16 ones in an fp32 scratch block, see _probs) and multiplied by v while
-    still in cache; the scale and the padding bias ride on the first GEMM (baddbmm). The backward pass goes block by block too, from the kept
-    probabilities or, beyond KEEP_PROBS_MAX_LEN tokens, from probabilities recomputed as the fused kernels do.
-    On a CPU: 1.7-2x faster than the plain written-out form to train, and faster than SDPA's fused kernels."""
+    still in cache; the scale and the padding bias ride on the first GEMM (baddbmm). The backward pass goes
+    block by block too, from the kept probabilities or, beyond KEEP_PROBS_MAX_LEN tokens, from probabilities
+    recomputed as the fused kernels do. On a CPU: 1.7-2x faster than the plain written-out form to train, and
+    faster than SDPA's fused kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float):
