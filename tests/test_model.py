@@ -184,9 +184,11 @@ def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
 
 
 @needs_onednn
-def test_fused_linear_only_in_cpu_bf16_inference():
+def test_fused_linear_only_in_cpu_bf16_inference(monkeypatch):
+    import bertqa.model as model
     from bertqa.model import Linear
 
+    assert model._fused_linear_works()  # the probe passes on an x86 build with oneDNN
     lin, x = Linear(8, 4), torch.randn(2, 8)
     with torch.autocast("cpu", torch.bfloat16):
         assert not lin.fused_bf16(x)  # autograd through the weight: F.linear
@@ -198,6 +200,10 @@ def test_fused_linear_only_in_cpu_bf16_inference():
         assert not lin.fused_bf16(x)  # fp32
         assert lin.fused_bf16(x.bfloat16())  # a bf16 model, no autocast
         assert lin(x).dtype == torch.float32 and lin._packed is None
+        monkeypatch.setattr(model, "_fused_linear_works", lambda: False)  # a build without the kernel
+        assert not lin.fused_bf16(x.bfloat16())
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not lin.fused_bf16(x) and lin(x).dtype == torch.bfloat16  # autocast's F.linear
 
 
 @needs_onednn

@@ -8,6 +8,7 @@ dropout mask, the blocked attention, the fused bf16 linear layers of CPU inferen
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -31,6 +32,21 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": (_gelu_tanh, ("gelu", "tanh")),
     "relu": (F.relu, ("relu", None)),
 }
+
+
+@functools.cache
+def _fused_linear_works() -> bool:
+    """Whether this torch build runs oneDNN's fused bf16 linear on this CPU (x86 builds do; others may lack it
+    or refuse bf16), probed once on a tiny case."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(3, 4, dtype=torch.bfloat16))
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=torch.bfloat16), w, torch.zeros(3), "gelu",
+                                               [], "none")  # fmt: skip
+        return y.shape == (2, 3) and bool((y == 4).all())  # GELU(4) = 3.99987, 4 in bf16
+    except RuntimeError:
+        return False
 
 
 class Linear(nn.Linear):
@@ -57,7 +73,7 @@ class Linear(nn.Linear):
 
     def fused_bf16(self, x) -> bool:
         """Whether forward(x) takes the fused oneDNN kernel: bf16 compute (autocast or bf16 input) on a CPU,
-        no autograd through it, eager mode, and a torch built with oneDNN."""
+        no autograd through it, eager mode, and a torch build that runs the kernel."""
         bf16 = x.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
@@ -66,8 +82,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and _fused_linear_works()
         )
 
     def train(self, mode: bool = True):
