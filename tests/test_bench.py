@@ -66,9 +66,12 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatc
     cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     windows = bench.random_windows(80, 32, cfg.vocab_size)
     windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)  # lengths to sort and group by
-    row = bench.run_row(BertForQuestionAnswering(cfg), windows, mode, 4, True, bench.Precision.resolve("fp32",
-                        torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4, segments=3)  # fmt: skip
-    assert len(seen) == 2 + 4 * 3 and len(row["segments"]) == 3
+    row = bench.Row(lambda: BertForQuestionAnswering(cfg), windows, mode, 4, True,
+                    bench.Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4)  # fmt: skip
+    row.start()
+    for _ in range(3):
+        row.segment()
+    assert len(seen) == 2 + 4 * 3 and len(row.result()["segments"]) == 3
     timed = seen[2:6]
     assert seen[:2] == timed[:2] and seen[6:10] == timed and seen[10:14] == timed
     assert len(set(timed)) == 4
@@ -79,6 +82,68 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatc
         every = [int(windows.lengths[order[i : i + 4]].max()) for i in range(0, 80, 4)]
     every.sort()  # 20 batches: quarters of 5, whose middle ones are the 3rd, 8th, 13th and 18th
     assert chosen == [every[2], every[7], every[12], every[17]]
+
+
+def test_seconds_makes_segments_whole_passes_over_the_same_batches(monkeypatch):
+    import torch
+
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    seen = []
+    real_to_batch = bench.to_batch
+    monkeypatch.setattr(
+        bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
+    )
+    clock = iter(range(1000))  # each reading of the clock is a second later than the last
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    windows = bench.random_windows(40, 16, cfg.vocab_size)
+    cpu = torch.device("cpu")
+    row = bench.Row(lambda: BertForQuestionAnswering(cfg), windows, "infer", 4, True,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=3, seconds=2.5)  # fmt: skip
+    rate = row.start().segment()
+    # The clock reads 0 at the start, then 1 and 2 after the first two passes (under 2.5 s), 3 after the third.
+    assert len(seen) == 3 * 3 and seen[:3] == seen[3:6] == seen[6:]
+    assert rate == pytest.approx(3 * 3 * 4 / 3)
+
+
+def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, tiny_dir):
+    """The machine's drift must not land in the ratios: the rows' segments alternate, and each row's figure is
+    the median of its own segments."""
+    import bertqa.bench as bench
+
+    calls = []
+
+    class FakeRow:
+        built = 0
+
+        def __init__(self, *args, **kw):
+            self.name, FakeRow.built = FakeRow.built, FakeRow.built + 1
+            self.n, self.peak_memory = 0, 2**20
+
+        def start(self):
+            calls.append(("start", self.name))
+            return self
+
+        def segment(self):
+            calls.append(("segment", self.name))
+            self.n += 1
+            return float(self.n)
+
+        def result(self):
+            return {"windows_per_s": 2.0, "tokens_per_s": 1.0, "flops_per_s": 1.0, "segments": [1.0, 2.0, 3.0],
+                    "peak_memory_mb": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(bench, "Row", FakeRow)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, precision: 1.0)
+    monkeypatch.setattr(bench, "hf_model", lambda m: m)
+    bench.bench(bench.BenchConfig(model=str(tiny_dir), mode="infer", seq_len=32, segments=3, compare="hf"))
+    starts = [c for c in calls if c[0] == "start"]
+    segments = [c[1] for c in calls if c[0] == "segment"]
+    assert len(starts) == 3 and calls[:3] == starts  # every row is built and warmed up before any is timed
+    assert segments == [s[1] for s in starts] * 3  # then one segment each, in turn, three times
+    assert "segment 3/3:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -92,6 +157,8 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatc
         (["--model", "no/such/dir"], "--model no/such/dir: no such file or folder"),
         (["--preset", "base", "--data", "x.json"], "--data x.json: no such file"),
         ([], "give exactly one of --model or --preset"),
+        (["--preset", "base", "--seconds", "0"], "--seconds must be a positive number, got 0.0"),
+        (["--preset", "base", "--seconds", "nan"], "--seconds must be a positive number, got nan"),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):

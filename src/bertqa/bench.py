@@ -8,11 +8,14 @@ Rows:
 - hf-best: transformers at its best: the same length-grouped (training) or sorted (inference) batches as
   bertqa, each padded to its longest window, as Trainer's `group_by_length` does.
 
-Each row: warm-up steps (not timed), then --segments timed segments of --steps steps; the figures are the
-medians over segments. MFU counts the FLOPs of real (non-pad) tokens against the device's matmul peak in
-that precision, measured in the same run. Peak memory is the most the process's resident memory (CPU) or
-allocated device memory (accelerators) grew while the row ran, over what it was before the row built its
-model. The last line of stdout is one JSON object.
+Each row builds its model and runs warm-up steps (not timed); then the rows take turns, one timed segment each,
+--segments times, so that the machine's drift over the run slows every row alike instead of landing in the
+ratios (the rows' models are all held at once meanwhile). A segment runs --steps batches (as many whole passes
+over them as fill --seconds, if given); the figures are the medians over segments. MFU counts the FLOPs of
+real (non-pad) tokens against the device's matmul peak in that precision, measured in the same run. Peak
+memory is the most the process's resident memory (CPU) or allocated device memory (accelerators) grew for the
+row: while it was built and warmed up, or by what it kept after that plus the most any of its segments added.
+The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096  # resident pages
 
 
+def memory_in_use(device: torch.device) -> int:
+    """Resident memory (CPU) or allocated device memory now, once freed memory has been handed back: garbage
+    collected, and the C heap's free pages returned to the OS, so that what a row allocates next shows as
+    growth rather than reusing another row's high water."""
+    gc.collect()
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _rss()
+
+
 class PeakMemory:
     """Peak growth of resident memory (sampled every few ms in a thread) or of allocated device memory."""
 
@@ -80,16 +97,11 @@ class PeakMemory:
         self.device = device
 
     def __enter__(self):
-        gc.collect()
-        try:  # hand freed heap back to the OS so the baseline is this row's, not the last row's high water
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        self.base = memory_in_use(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
             return self
-        self.base = self.peak = _rss()
+        self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -184,55 +196,84 @@ def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps:
     return list(batches[np.random.default_rng(seed).permutation(chosen)])
 
 
-def run_row(model, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision, device,
-            warmup: int, steps: int, segments: int, real_lengths=None, flops=None, lr: float = 5e-5) -> dict:  # fmt: skip
-    """Time one configuration; returns windows/s, real (`real_lengths`, default the windows' own) tokens/s and
-    FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths), medians over the segments.
-    Every segment runs the same `steps` batches (the warm-up runs the first `warmup` of them), so that the
-    segments differ by the machine's noise alone, not by their mix of lengths, and every row of a bench runs the
-    same batches."""
-    real_lengths = windows.lengths if real_lengths is None else real_lengths
-    timed = _batches(windows, mode, batch_size, grouped, steps)
-    training = mode == "train"
-    model.train(training)
-    optimizer = None
-    if training:
-        try:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-        except (RuntimeError, TypeError):
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+class Row:
+    """One configuration of a bench. `start` builds its model (`make()`) and runs the warm-up; each `segment` then
+    times the same `steps` batches (the warm-up runs the first `warmup` of them), as many whole passes over them
+    as fill `seconds` (one pass without), so that segments differ by the machine's noise alone, not by their mix of
+    lengths; every row of a bench runs the same batches, and the bench interleaves the rows' segments, so that the
+    machine's drift over the run lands on every row alike rather than in the ratios. `result` gives the medians
+    over segments of windows/s, real (`real_lengths`, default the windows' own) tokens/s and FLOP/s
+    (`flops(lengths)`: the useful FLOPs of windows of those real lengths), and the row's peak memory: the most it
+    grew while the row was built and warmed up, or what it kept after that plus the most any of its segments
+    added to it, whichever is more."""
 
-    def step(idx):
-        batch = to_batch(windows, idx, device, with_labels=training)
-        if training:
-            with precision.autocast():
-                out = model(**batch)
+    def __init__(self, make, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision,
+                 device, warmup: int, steps: int, seconds: float | None = None, real_lengths=None, flops=None,
+                 lr: float = 5e-5):  # fmt: skip
+        self.make, self.windows, self.mode, self.batch_size = make, windows, mode, batch_size
+        self.precision, self.device, self.warmup, self.seconds, self.lr = precision, device, warmup, seconds, lr
+        self.real_lengths = windows.lengths if real_lengths is None else real_lengths
+        self.flops = flops
+        self.timed = _batches(windows, mode, batch_size, grouped, steps)
+        self.rates, self.token_rates, self.flop_rates = [], [], []
+        self.model = self.optimizer = None
+
+    def _step(self, idx):
+        batch = to_batch(self.windows, idx, self.device, with_labels=self.mode == "train")
+        if self.mode == "train":
+            with self.precision.autocast():
+                out = self.model(**batch)
             loss = out[0] if isinstance(out, tuple) and not hasattr(out, "loss") else out.loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         else:
-            with torch.no_grad(), precision.autocast():
-                model(**batch)
+            with torch.no_grad(), self.precision.autocast():
+                self.model(**batch)
 
-    rates, token_rates, flop_rates = [], [], []
-    with precision.scope():
-        for i in range(warmup):
-            step(timed[i % steps])
-        synchronize(device)
-        for _ in range(segments):
+    def start(self) -> Row:
+        with PeakMemory(self.device) as mem:
+            self.model = self.make()
+            self.model.train(self.mode == "train")
+            if self.mode == "train":
+                try:
+                    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, fused=True)
+                except (RuntimeError, TypeError):
+                    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+            with self.precision.scope():
+                for i in range(self.warmup):
+                    self._step(self.timed[i % len(self.timed)])
+                synchronize(self.device)
+        self.peak_memory = mem.grown
+        self.resident = memory_in_use(self.device) - mem.base
+        return self
+
+    def segment(self) -> float:
+        """Time one segment; returns its windows/s."""
+        passes = 0
+        with PeakMemory(self.device) as mem, self.precision.scope():
             t0 = time.perf_counter()
-            for idx in timed:
-                step(idx)
-            synchronize(device)
-            elapsed = time.perf_counter() - t0
-            rates.append(len(timed) * batch_size / elapsed)
-            token_rates.append(sum(int(real_lengths[i].sum()) for i in timed) / elapsed)
-            if flops is not None:
-                flop_rates.append(sum(flops(real_lengths[i]) for i in timed) / elapsed)
-    return {"windows_per_s": statistics.median(rates), "tokens_per_s": statistics.median(token_rates),
-            "flops_per_s": statistics.median(flop_rates) if flop_rates else None,
-            "segments": [round(r, 2) for r in rates]}  # fmt: skip
+            while True:
+                for idx in self.timed:
+                    self._step(idx)
+                synchronize(self.device)
+                passes += 1
+                elapsed = time.perf_counter() - t0
+                if self.seconds is None or elapsed >= self.seconds:
+                    break
+        self.peak_memory = max(self.peak_memory, self.resident + mem.grown)
+        self.rates.append(passes * len(self.timed) * self.batch_size / elapsed)
+        self.token_rates.append(passes * sum(int(self.real_lengths[i].sum()) for i in self.timed) / elapsed)
+        if self.flops is not None:
+            self.flop_rates.append(passes * sum(self.flops(self.real_lengths[i]) for i in self.timed) / elapsed)
+        return self.rates[-1]
+
+    def result(self) -> dict:
+        """The figures, after which the row lets go of its model."""
+        self.model = self.optimizer = None
+        return {"windows_per_s": statistics.median(self.rates), "tokens_per_s": statistics.median(self.token_rates),
+                "flops_per_s": statistics.median(self.flop_rates) if self.flop_rates else None,
+                "segments": [round(r, 2) for r in self.rates], "peak_memory_mb": self.peak_memory / 2**20}  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -262,7 +303,8 @@ class BenchConfig:
     batch_size: int = 32
     seq_len: int = 384
     precision: str = "auto"
-    steps: int = 10  # timed steps per segment
+    steps: int = 10  # timed steps per segment: the batches every segment runs
+    seconds: float | None = None  # or more: whole passes over those batches until a segment has run this long
     segments: int = 3
     warmup: int = 3  # untimed steps first
     compile: bool = False
@@ -282,6 +324,8 @@ def _check(cfg: BenchConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if cfg.seconds is not None and not 0 < cfg.seconds < float("inf"):
+        raise ValueError(f"--seconds must be a positive number, got {cfg.seconds}")
     if cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if not 16 <= cfg.seq_len <= 512:
@@ -333,9 +377,8 @@ def bench(cfg: BenchConfig) -> dict:
           f"/{cfg.seq_len}, batch {cfg.batch_size}, on {device_name(device)}, precision {precision.describe()}",
           flush=True)  # fmt: skip
     peak = matmul_peak(device, precision)
-    timing = dict(precision=precision, device=device, warmup=cfg.warmup, steps=cfg.steps, segments=cfg.segments)
+    timing = dict(precision=precision, device=device, warmup=cfg.warmup, steps=cfg.steps, seconds=cfg.seconds)
 
-    rows = {}
     config = model.config
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     del model
@@ -361,14 +404,17 @@ def bench(cfg: BenchConfig) -> dict:
     def flops(lengths):
         return factor * forward_flops(config, lengths)
 
-    for name, (make, w, grouped) in makers.items():
-        with PeakMemory(device) as mem:
-            m = make()
-            r = run_row(m, w, cfg.mode, cfg.batch_size, grouped, real_lengths=windows.lengths, flops=flops, **timing)
-            del m
+    rows = {name: Row(make, w, cfg.mode, cfg.batch_size, grouped, real_lengths=windows.lengths, flops=flops, **timing)
+            for name, (make, w, grouped) in makers.items()}  # fmt: skip
+    for name, row in rows.items():
+        row.start()
+        print(f"bertqa:   {name}: built and warmed up, +{row.peak_memory / 2**20:.0f} MB", flush=True)
+    for s in range(cfg.segments):  # round-robin: drift over the run slows every row alike
+        rates = ", ".join(f"{name} {row.segment():.2f}" for name, row in rows.items())
+        print(f"bertqa:   segment {s + 1}/{cfg.segments}: {rates} windows/s", flush=True)
+    rows = {name: row.result() for name, row in rows.items()}
+    for name, r in rows.items():
         r["mfu"] = r.pop("flops_per_s") / peak
-        r["peak_memory_mb"] = mem.grown / 2**20
-        rows[name] = r
         print(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak memory +{r['peak_memory_mb']:.0f} MB  (segments {r['segments']})",
               flush=True)  # fmt: skip

@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--steps", type=int, default=10, help="timed steps per segment (every segment times the same batches)"
     )
-    b.add_argument("--segments", type=int, default=3, help="timed segments (figures are their medians)")
+    b.add_argument(
+        "--seconds", type=float, help="make each segment whole passes over those batches, this long at least"
+    )
+    b.add_argument("--segments", type=int, default=3, help="timed segments per row, taken in turns (figures: medians)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
     b.add_argument("--device", help="default: the accelerator if present")
