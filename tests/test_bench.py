@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from skips import platform_skip
 
 from bertqa.bench import forward_flops
 from bertqa.config import BertConfig
@@ -144,6 +145,26 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, tiny_dir):
     assert len(starts) == 3 and calls[:3] == starts  # every row is built and warmed up before any is timed
     assert segments == [s[1] for s in starts] * 3  # then one segment each, in turn, three times
     assert "segment 3/3:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-peak", "sampled"])
+def test_peak_memory_counts_what_was_freed_inside_not_what_was_held_before(monkeypatch, kernel):
+    import time
+
+    import torch
+
+    import bertqa.bench as bench
+
+    if not kernel:
+        monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    elif not bench._reset_peak_rss():
+        platform_skip("this kernel does not let a process reset its peak resident memory")
+    held = torch.ones(64 * 2**20 // 4)  # held from before: not the measured code's
+    with bench.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(128 * 2**20 // 4)
+        time.sleep(0.05)  # long enough for the sampler to see it
+        del x
+    assert 120 < mem.grown / 2**20 < 160 and held.sum() > 0
 
 
 @pytest.mark.parametrize(
