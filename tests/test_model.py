@@ -331,3 +331,11 @@ def test_config_json_round_trip(tmp_path):
     assert back == cfg and back.extra["foo"] == 1
     hf = transformers.BertConfig.from_pretrained(tmp_path)
     assert hf.hidden_size == 64 and hf.hidden_act == "gelu_new"
+
+
+def test_attention_choices_are_auto_and_every_kernel():
+    """The CLI offers config.ATTENTION_CHOICES without importing torch; they must be the model's kernels."""
+    import bertqa.config as config
+    import bertqa.model as model
+
+    assert config.ATTENTION_CHOICES == ("auto", *model.ATTENTION)

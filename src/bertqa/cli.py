@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import ATTENTION_DROPOUT, PRECISIONS
+from .config import ATTENTION_CHOICES, ATTENTION_DROPOUT, PRECISIONS
 
 
 class UsageError(ValueError):
@@ -191,7 +191,7 @@ def _add_common(p, batch_help, output_dir: bool = True):
     p.add_argument("--cache-dir", help="features cache (default ~/.cache/bertqa/features; 'none' disables it)")
     p.add_argument(
         "--attention",
-        choices=["auto", "sdpa", "eager", "blocked"],
+        choices=ATTENTION_CHOICES,
         default="auto",
         help="auto: blocked (written out, a few heads at a time) on a CPU, except eager for CPU training with "
         "attention dropout (sdpa beyond 256 tokens); sdpa (fused kernels) on other devices",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 # Precisions every command takes. Here, not in runtime.py, so that building the CLI never imports torch.
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+# --attention: auto, then the kernels of model.ATTENTION (kept here so that the CLI need not import torch)
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "blocked")
 # Whether fine-tuning applies the config's attention-probability dropout (hidden dropout always applies). Off:
 # without it MiniLM trained 1.8x faster on CPU and scored F1 65.27 on dev-a.json against 64.12 with it (README).
 ATTENTION_DROPOUT = False

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BertConfig
+from .config import ATTENTION_CHOICES, BertConfig
 
 
 def _gelu_tanh(x):
@@ -255,7 +255,6 @@ def blocked_attention(q, k, v, mask, dropout_p):
 
 
 ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention, "blocked": blocked_attention}
-ATTENTION_CHOICES = ("auto", *ATTENTION)
 
 
 def auto_attention(device: torch.device, T: int, dropout_p: float) -> str:
