@@ -230,12 +230,15 @@ class Row:
     def __init__(self, make, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision,
                  device, warmup: int, steps: int, seconds: float | None = None, real_lengths=None, flops=None,
                  lr: float = 5e-5):  # fmt: skip
-        self.make, self.windows, self.mode, self.batch_size = make, windows, mode, batch_size
+        self.make, self.windows, self.mode = make, windows, mode
         self.precision, self.device, self.warmup, self.seconds, self.lr = precision, device, warmup, seconds, lr
-        self.real_lengths = windows.lengths if real_lengths is None else real_lengths
-        self.flops = flops
         self.timed = _batches(windows, mode, batch_size, grouped, steps)
-        self.rates, self.token_rates, self.flop_rates = [], [], []
+        # What one pass over the timed batches holds: every segment's rates are these over its seconds a pass.
+        real_lengths = windows.lengths if real_lengths is None else real_lengths
+        self.pass_windows = len(self.timed) * batch_size
+        self.pass_tokens = sum(int(real_lengths[i].sum()) for i in self.timed)
+        self.pass_flops = None if flops is None else sum(flops(real_lengths[i]) for i in self.timed)
+        self.seconds_per_pass = []  # one entry a segment
         self.model = self.optimizer = None
 
     def _step(self, idx):
@@ -282,18 +285,17 @@ class Row:
                 if self.seconds is None or elapsed >= self.seconds:
                     break
         self.peak_memory = max(self.peak_memory, self.resident + mem.grown)
-        self.rates.append(passes * len(self.timed) * self.batch_size / elapsed)
-        self.token_rates.append(passes * sum(int(self.real_lengths[i].sum()) for i in self.timed) / elapsed)
-        if self.flops is not None:
-            self.flop_rates.append(passes * sum(self.flops(self.real_lengths[i]) for i in self.timed) / elapsed)
-        return self.rates[-1]
+        self.seconds_per_pass.append(elapsed / passes)
+        return self.pass_windows / self.seconds_per_pass[-1]
 
     def result(self) -> dict:
         """The figures, after which the row lets go of its model."""
         self.model = self.optimizer = None
-        return {"windows_per_s": statistics.median(self.rates), "tokens_per_s": statistics.median(self.token_rates),
-                "flops_per_s": statistics.median(self.flop_rates) if self.flop_rates else None,
-                "segments": [round(r, 2) for r in self.rates], "peak_memory_mb": self.peak_memory / 2**20}  # fmt: skip
+        per_pass = statistics.median(self.seconds_per_pass)
+        return {"windows_per_s": self.pass_windows / per_pass, "tokens_per_s": self.pass_tokens / per_pass,
+                "flops_per_s": None if self.pass_flops is None else self.pass_flops / per_pass,
+                "segments": [round(self.pass_windows / t, 2) for t in self.seconds_per_pass],
+                "peak_memory_mb": self.peak_memory / 2**20}  # fmt: skip
 
 
 def cpu_name() -> str:
