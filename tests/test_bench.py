@@ -50,8 +50,24 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
     assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
 
 
+TINY = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The row indices of every batch bench collates, in order."""
+    import bertqa.bench as bench
+
+    seen = []
+    real_to_batch = bench.to_batch
+    monkeypatch.setattr(
+        bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
+    )
+    return seen
+
+
 @pytest.mark.parametrize("mode", ["train", "infer"])
-def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatch, mode):
+def test_every_segment_times_the_same_batches_spread_over_the_lengths(seen, mode):
     """Segments differ by noise alone: the warm-up and each segment run the same batches, and those stand for
     the set: one from the middle of each quarter of the batches sorted by length, not four drawn at random."""
     import torch
@@ -59,15 +75,9 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatc
     import bertqa.bench as bench
     from bertqa.model import BertForQuestionAnswering
 
-    seen = []
-    real_to_batch = bench.to_batch
-    monkeypatch.setattr(
-        bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
-    )
-    cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    windows = bench.random_windows(80, 32, cfg.vocab_size)
+    windows = bench.random_windows(80, 32, TINY.vocab_size)
     windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)  # lengths to sort and group by
-    row = bench.Row(lambda: BertForQuestionAnswering(cfg), windows, mode, 4, True,
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, mode, 4, True,
                     bench.Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4)  # fmt: skip
     row.start()
     for _ in range(3):
@@ -85,23 +95,17 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(monkeypatc
     assert chosen == [every[2], every[7], every[12], every[17]]
 
 
-def test_seconds_makes_segments_whole_passes_over_the_same_batches(monkeypatch):
+def test_seconds_makes_segments_whole_passes_over_the_same_batches(monkeypatch, seen):
     import torch
 
     import bertqa.bench as bench
     from bertqa.model import BertForQuestionAnswering
 
-    seen = []
-    real_to_batch = bench.to_batch
-    monkeypatch.setattr(
-        bench, "to_batch", lambda w, idx, *a, **k: seen.append(tuple(idx)) or real_to_batch(w, idx, *a, **k)
-    )
     clock = iter(range(1000))  # each reading of the clock is a second later than the last
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
-    cfg = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    windows = bench.random_windows(40, 16, cfg.vocab_size)
+    windows = bench.random_windows(40, 16, TINY.vocab_size)
     cpu = torch.device("cpu")
-    row = bench.Row(lambda: BertForQuestionAnswering(cfg), windows, "infer", 4, True,
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 4, True,
                     bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=3, seconds=2.5)  # fmt: skip
     rate = row.start().segment()
     # The clock reads 0 at the start, then 1 and 2 after the first two passes (under 2.5 s), 3 after the third.
@@ -116,8 +120,7 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
 
     import bertqa.bench as bench
 
-    tiny = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    monkeypatch.setattr(BertConfig, "preset", staticmethod(lambda name: tiny))
+    monkeypatch.setattr(BertConfig, "preset", staticmethod(lambda name: TINY))
     monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
 
     calls = []

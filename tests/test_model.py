@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from skips import PLATFORM
 
 from bertqa.config import BertConfig
 from bertqa.model import BertForQuestionAnswering
@@ -151,7 +152,9 @@ def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
         torch.testing.assert_close(model.blocked_attention(q, k, v, mask, 0.0).float(), out_ref, atol=2e-2, rtol=2e-2)
 
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason=PLATFORM + "torch built without oneDNN"
+)
 
 
 @needs_onednn
