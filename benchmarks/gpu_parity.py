@@ -13,8 +13,8 @@ import argparse
 import sys
 
 import torch
-import transformers
 
+from bertqa.bench import hf_model
 from bertqa.config import BertConfig
 from bertqa.model import BertForQuestionAnswering
 from bertqa.runtime import Precision
@@ -27,12 +27,8 @@ def pair(device, seed=0):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    hc = transformers.BertConfig(**cfg)
-    hc._attn_implementation = "sdpa"
-    hf = transformers.BertForQuestionAnswering(hc).to(device)
-    ours = BertForQuestionAnswering(BertConfig(**cfg)).to(device)
-    ours.load_state_dict(hf.state_dict(), strict=False)
-    return hf, ours
+    ours = BertForQuestionAnswering(BertConfig(**cfg))
+    return hf_model(ours).to(device), ours.to(device)  # transformers' model (SDPA) holding the same weights
 
 
 def windows(device, B=8, T=160, masked=True):
