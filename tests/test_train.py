@@ -178,6 +178,26 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 
+def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_dir, small_squad, tmp_path):
+    """A run started with --precision auto and the tokenizer's own lower-casing resumes when those are then
+    given explicitly with the values they came to, and is refused when an explicit value differs from them."""
+    from bertqa.runtime import Precision
+
+    chosen = Precision.resolve("auto", torch.device("cpu")).name
+    other = "fp32" if chosen != "fp32" else "bf16"
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, precision="auto", lower_case=None, max_steps=2))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    lower = state["resolved"]["lower_case"]
+    assert state["resolved"] == {"precision": chosen, "lower_case": lower} and isinstance(lower, bool)
+    with pytest.raises(ValueError, match=rf"cannot resume a different run \(precision '{chosen}' -> '{other}'\)"):
+        train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
+    with pytest.raises(ValueError, match=rf"\(lower_case {lower} -> {not lower}\)"):
+        train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=not lower, max_steps=2, resume=True))
+    summary = train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=lower, max_steps=2, resume=True))
+    assert summary["steps"] == 2 and summary["precision"] == chosen
+
+
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
     # Dropout on (the tiny model's 0.1) and length-grouped shuffling: everything random comes from the seed.
     runs = {}

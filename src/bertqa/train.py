@@ -106,8 +106,10 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None, skipped: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
-    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG.
+                    final_loss: float | None, skipped: tuple[int, int] = (0, 0),
+                    resolved: dict | None = None) -> None:  # fmt: skip
+    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG, and
+    what the run resolved its defaults to (`resolved`, see check_resumable).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     rngs = all_gather_objects(d, rng_state(d.device))
     if not d.is_main:
@@ -123,6 +125,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "rng": rngs,
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
+        "resolved": resolved or {},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -134,9 +137,17 @@ RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps
                "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
 
 
-def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist) -> None:
+def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
+    """Refuse to resume a run whose RESUME_KEYS differ. Where the checkpoint records what its run resolved a
+    default to ("auto" precision, the tokenizer's own lower-casing), the resolved values are compared: an explicit
+    `--precision bf16` resumes an "auto" run that chose bf16, and an "auto" run resumed on a device where auto
+    chooses otherwise is refused. Checkpoints without that record compare the values as given."""
     saved = json.loads(state["config"])
-    diff = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    now = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if isinstance(state.get("resolved"), dict):
+        saved.update(state["resolved"])
+        now.update({k: v for k, v in resolved.items() if k in state["resolved"]})
+    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if state["world_size"] != d.world_size:
         diff.append(f"world size {state['world_size']} -> {d.world_size}")
     if diff:
@@ -148,7 +159,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng", "
 BAD_CHECKPOINT = "move it away to start over, or use another --output-dir"
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int) -> dict:
+def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, resolved: dict) -> dict:
     """OUTPUT/checkpoint.pt, read and checked before any of it is used. A damaged or foreign file is an error
     of one line that leaves it in place: never resumed from, never silently replaced by a fresh start."""
     try:
@@ -167,7 +178,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int) -> 
     ws = state["world_size"]
     if not config_ok or not (isinstance(ws, int) and isinstance(state["rng"], list) and len(state["rng"]) == ws):
         raise ValueError(f"{path}: damaged checkpoint (bad config, world_size or rng); {BAD_CHECKPOINT}")
-    check_resumable(path, state, cfg, d)
+    check_resumable(path, state, cfg, d, resolved)
     step = state["step"]
     if type(step) is not int or not 0 <= step <= total_steps:
         why = f"step {step!r}, not an integer in 0..{total_steps}"
@@ -311,8 +322,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         # the files themselves are only ever renamed into place whole, so they hold the previous save.
         for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png", *PREDICTION_FILES):
             remove_stale_temps(out_dir / name)
+    # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
+    resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
     if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, cfg, d, total_steps)
+        state = load_checkpoint(ckpt_path, cfg, d, total_steps, resolved)
         final_loss, (skipped, bad_run) = state.get("final_loss"), state.get("skipped_steps", (0, 0))
         try:
             model.load_state_dict(state["model"])
@@ -423,16 +436,16 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(
-                ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss, (skipped, bad_run)
-            )
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss,
+                            (skipped, bad_run), resolved)  # fmt: skip
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
     synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss, (skipped, bad_run))
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss,
+                    (skipped, bad_run), resolved)  # fmt: skip
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
