@@ -46,6 +46,9 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
     assert result["speedup_vs_hf-best"] == pytest.approx(
         result["rows"]["bertqa"]["windows_per_s"] / result["rows"]["hf-best"]["windows_per_s"]
     )
+    ours, best = result["rows"]["bertqa"]["segments"], result["rows"]["hf-best"]["segments"]
+    assert result["speedup_vs_hf-best_by_segment"] == [round(a / b, 3) for a, b in zip(ours, best)]
+    assert "vs hf-best, segment by segment: " in r.stdout
     # run_qa.py pads every window to --seq-len: the same real tokens take longer.
     assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
 
