@@ -106,8 +106,7 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None, skipped: tuple[int, int] = (0, 0),
-                    resolved: dict | None = None) -> None:  # fmt: skip
+                    final_loss: float | None, skipped: tuple[int, int], resolved: dict) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG, and
     what the run resolved its defaults to (`resolved`, see check_resumable).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
@@ -125,7 +124,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "rng": rngs,
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
-        "resolved": resolved or {},
+        "resolved": resolved,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
