@@ -384,7 +384,9 @@ class BertEncoder(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The encoder without pooler (question answering does not use it)."""
+    """The encoder without pooler (question answering does not use it). Without autograd each layer adds its
+    sublayers' outputs into their residuals in place (BertSelfOutput): a forward hook that keeps a layer's
+    input or output past the next layer must clone it."""
 
     def __init__(self, config: BertConfig, attn_implementation: str = "auto"):
         super().__init__()
