@@ -444,19 +444,20 @@ def bench(cfg: BenchConfig) -> dict:
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,
               "compile": cfg.compile, "rows": rows}  # fmt: skip
+    by_segment_lines = []
     for base in ("hf-run_qa", "hf-best"):
         if base in rows:
             result[f"speedup_vs_{base}"] = rows["bertqa"]["windows_per_s"] / rows[base]["windows_per_s"]
             result[f"memory_vs_{base}"] = rows["bertqa"]["peak_memory_mb"] / max(rows[base]["peak_memory_mb"], 1e-9)
             # Round by round (the rows' segments of one round ran minutes apart at most): how far the ratio moved.
-            result[f"speedup_vs_{base}_by_segment"] = [
-                round(a / b, 3) for a, b in zip(rows["bertqa"]["segments"], rows[base]["segments"])
-            ]
+            by_segment = [round(a / b, 3) for a, b in zip(rows["bertqa"]["segments"], rows[base]["segments"])]
+            result[f"speedup_vs_{base}_by_segment"] = by_segment
+            by_segment_lines.append(
+                f"bertqa: vs {base}, segment by segment: {', '.join(f'{x:.2f}x' for x in by_segment)}"
+            )
     print(table(result), flush=True)
-    for base in ("hf-run_qa", "hf-best"):
-        if base in rows:
-            by_segment = ", ".join(f"{x:.2f}x" for x in result[f"speedup_vs_{base}_by_segment"])
-            print(f"bertqa: vs {base}, segment by segment: {by_segment}", flush=True)
+    for line in by_segment_lines:
+        print(line, flush=True)
     print(json.dumps(result), flush=True)
     return result
 
