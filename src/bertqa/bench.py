@@ -250,8 +250,8 @@ class Row:
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad(), self.precision.autocast():
+        else:  # as predict_logits runs it (and transformers' pipelines), for every row alike
+            with torch.inference_mode(), self.precision.autocast():
                 self.model(**batch)
 
     def start(self) -> Row:
