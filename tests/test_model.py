@@ -152,6 +152,31 @@ def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
         torch.testing.assert_close(model.blocked_attention(q, k, v, mask, 0.0).float(), out_ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("T", [17, 24, 32])
+@pytest.mark.parametrize("masked", [True, False])
+def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output(T, masked):
+    """Without autograd the keys are padded to a multiple of 16 (zero K and V, the lowest bias): the output is
+    that of the unpadded autograd path and of the written-out form, with or without a padding mask; the
+    padded keys would take weight if they were not masked."""
+    import bertqa.model as model
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(3, 4, T, 8, generator=g) for _ in range(3))
+    mask = (torch.arange(T) < torch.tensor([[T - 5], [T], [3]]))[:, None, None, :] if masked else None
+    with torch.no_grad():
+        padded = model.blocked_attention(q, k, v, mask, 0.0)
+        eager = model.eager_attention(q, k, v, mask, 0.0)
+    unpadded = model.blocked_attention(*(t.clone().requires_grad_() for t in (q, k, v)), mask, 0.0).detach()
+    torch.testing.assert_close(padded, unpadded, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded, eager, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the same keys, padded by hand but given a score of 0: they dilute the weights
+        Tp = -(-T // 16) * 16
+        zk, zv = (torch.cat([t, t.new_zeros(3, 4, Tp - T, 8)], dim=2) for t in (k, v))
+        leaky = torch.cat([mask, torch.ones(3, 1, 1, Tp - T, dtype=torch.bool)], -1) if masked else None
+        if Tp > T:
+            assert (model.eager_attention(q, zk, zv, leaky, 0.0) - padded).abs().max() > 1e-3
+
+
 needs_onednn = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason=PLATFORM + "torch built without oneDNN"
 )
