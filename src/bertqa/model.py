@@ -223,7 +223,7 @@ class BlockedAttention(torch.autograd.Function):
         B, nh, T, hs = q.shape
         n = B * nh
         backward = any(ctx.needs_input_grad[:3])
-        Tk = T if backward or q.device.type != "cpu" else -(-T // 16) * 16  # keys
+        Tk = T if backward or q.device.type != "cpu" else -(-T // 16) * 16  # the keys, padded in CPU inference
         qh = q.reshape(n, T, hs)  # (B*nh, T, hs)
         vh = _zero_padded(v, 2, Tk).view(n, Tk, hs)
         kt = _zero_padded(k.transpose(-2, -1), 3, Tk).view(n, hs, Tk)  # K^T: the faster GEMM operand
