@@ -101,6 +101,10 @@ def test_rank_that_cannot_read_its_data_fails_every_rank_alike(tmp_path, tiny_di
 CASES = [  # what each rank raises in the body -> what each rank sees after it
     ((None, None), (None, None)),
     ((None, OSError("b.json: cannot read")), ("RankError: rank 1: b.json: cannot read",) * 2),
+    (
+        (FileNotFoundError(2, "No such file or directory", "a.json"), None),  # as the CLI words it, not "[Errno 2]"
+        ("RankError: rank 0: a.json: No such file or directory",) * 2,
+    ),
     ((ValueError("a"), ValueError("b")), ("RankError: rank 0: a",) * 2),  # the lowest failing rank's
     ((None, KeyError("k")), ("RankError: rank 1: KeyError: 'k'", "KeyError: 'k'")),  # a bug keeps its own
 ]

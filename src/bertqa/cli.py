@@ -408,21 +408,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def _error_line(e: Exception, debug: bool) -> str:
-    """One line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
+def message_line(e: Exception) -> str:
+    """An exception as one line: the first line of its message (an OSError as "FILE: what went wrong"), after
+    its type's name unless it is one of ours (bad input: ValueErrors and OSErrors, whose messages are complete)."""
     text = str(e).strip()
     if isinstance(e, OSError) and e.strerror:  # "[Errno 2] No such file or directory: 'x'" -> "x: No such ..."
         names = [str(n) for n in (e.filename, e.filename2) if n is not None]
         text = ": ".join(names + [e.strerror])
-    # Our errors (CheckpointError, SquadFormatError, UsageError, the API's checks) are ValueErrors and OSErrors
-    # with a complete message.
-    if isinstance(e, (ValueError, OSError)) and text:
-        return text.splitlines()[0]
+    first = next(iter(text.splitlines()), "")
+    if isinstance(e, (ValueError, OSError)) and first:
+        return first
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _error_line(e: Exception, debug: bool) -> str:
+    """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
+    if isinstance(e, (ValueError, OSError)) and str(e).strip():
+        return message_line(e)
     if type(e).__name__ == "OutOfMemoryError":  # torch's, by name: torch is not imported for every command
         return "out of memory on the device; a smaller --batch-size (or --max-seq-length) may fit"
-    detail = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
     hint = "the traceback is above" if debug else "rerun with --debug (or BERTQA_DEBUG=1) for the traceback"
-    return f"internal error ({detail}); {hint}, and please report it"
+    return f"internal error ({message_line(e)}); {hint}, and please report it"
 
 
 def _setup_logging() -> None:

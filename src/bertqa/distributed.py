@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .cli import message_line
+
 
 @dataclass
 class Dist:
@@ -142,16 +144,9 @@ def fail_together(d: Dist):
         yield
     except Exception as e:  # any failure must reach the gather, or the other ranks would wait on it
         failed = e
-    errors = all_gather_objects(d, None if failed is None else _one_line(failed))
+    errors = all_gather_objects(d, None if failed is None else message_line(failed))
     if failed is not None and not isinstance(failed, (ValueError, OSError)):
         raise failed  # a bug rather than bad input: keep its traceback on the rank where it happened
     for rank, error in enumerate(errors):
         if error is not None:
             raise RankError(f"rank {rank}: {error}") from (failed if rank == d.rank else None)
-
-
-def _one_line(e: Exception) -> str:
-    first = next(iter(str(e).splitlines()), "")
-    if isinstance(e, (ValueError, OSError)) and first:
-        return first  # our errors already name the file and the problem
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
