@@ -58,10 +58,10 @@ def test_the_peak_is_the_fastest_call_not_the_mean():
 
     from bertqa.bench import fastest
 
-    pauses = iter([0.04, 0.005, 0.03] * 100)
+    pauses = iter([0.08, 0.005, 0.06] * 100)
     calls = []
-    best = fastest(lambda: calls.append(time.sleep(next(pauses))), seconds=0.2)
-    assert len(calls) >= 3 and 0.005 <= best < 0.02  # the mean of those calls is about 0.025
+    best = fastest(lambda: calls.append(time.sleep(next(pauses))), seconds=0.3)
+    assert len(calls) >= 3 and 0.005 <= best < 0.03  # the mean of those calls is about 0.048
 
 
 TINY = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
@@ -161,11 +161,18 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
 
     monkeypatch.setattr(bench, "Row", FakeRow)
     peaks = iter([2.0, 4.0, 1.0, 3.0])  # before the rows, then after each round: a burst slowed the first
-    monkeypatch.setattr(bench, "matmul_peak", lambda device, precision, seconds=1.0: next(peaks))
+
+    def matmul_peak(device, precision, seconds=1.0):
+        calls.append(("peak",))
+        return next(peaks)
+
+    monkeypatch.setattr(bench, "matmul_peak", matmul_peak)
     monkeypatch.setattr(bench, "hf_model", lambda m: m)
     result = bench.bench(bench.BenchConfig(preset="base", mode="infer", seq_len=32, segments=3, compare="hf"))
     assert next(peaks, None) is None and result["matmul_peak_tflops"] == 4.0 / 1e12
     assert result["rows"]["bertqa"]["mfu"] == 1.0 / 4.0  # FakeRow's 1 FLOP/s against the highest peak measured
+    assert [i for i, c in enumerate(calls) if c == ("peak",)] == [0, 7, 11, 15]
+    calls = [c for c in calls if c != ("peak",)]  # the peak again after each round of three segments
     starts = [c for c in calls if c[0] == "start"]
     segments = [c[1] for c in calls if c[0] == "segment"]
     assert len(starts) == 3 and calls[:3] == starts  # every row is built and warmed up before any is timed

@@ -423,7 +423,7 @@ def message_line(e: Exception) -> str:
 
 def _error_line(e: Exception, debug: bool) -> str:
     """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
-    if isinstance(e, (ValueError, OSError)) and str(e).strip():
+    if isinstance(e, (ValueError, OSError)) and (str(e).strip() or getattr(e, "strerror", None)):
         return message_line(e)
     if type(e).__name__ == "OutOfMemoryError":  # torch's, by name: torch is not imported for every command
         return "out of memory on the device; a smaller --batch-size (or --max-seq-length) may fit"
