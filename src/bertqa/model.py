@@ -195,13 +195,13 @@ def _softmax_scratch(blocks: list[slice], T: int, like, keys: int | None = None)
     return torch.empty(blocks[0].stop, T, keys or T, dtype=torch.float32, device=like.device)
 
 
-def _zero_padded(x, dim: int, size: int):
-    """x made contiguous, with zeros after it along `dim` up to `size`."""
+def _padded(x, dim: int, size: int, value: float = 0.0):
+    """x made contiguous, with `value` after it along `dim` up to `size`."""
     if x.size(dim) == size:
         return x.contiguous()
     out = x.new_empty(x.shape[:dim] + (size,) + x.shape[dim + 1 :])
     out.narrow(dim, 0, x.size(dim)).copy_(x)
-    out.narrow(dim, x.size(dim), size - x.size(dim)).zero_()
+    out.narrow(dim, x.size(dim), size - x.size(dim)).fill_(value)
     return out
 
 
@@ -225,13 +225,10 @@ class BlockedAttention(torch.autograd.Function):
         backward = any(ctx.needs_input_grad[:3])
         Tk = T if backward or q.device.type != "cpu" else -(-T // 16) * 16  # the keys, padded in CPU inference
         qh = q.reshape(n, T, hs)  # (B*nh, T, hs)
-        vh = _zero_padded(v, 2, Tk).view(n, Tk, hs)
-        kt = _zero_padded(k.transpose(-2, -1), 3, Tk).view(n, hs, Tk)  # K^T: the faster GEMM operand
-        if Tk > T:
-            lowest = torch.finfo(q.dtype).min
-            if bias is None:
-                bias = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device)
-            bias = torch.cat([bias, bias.new_full((B, 1, 1, Tk - T), lowest)], dim=-1)
+        vh = _padded(v, 2, Tk).view(n, Tk, hs)
+        kt = _padded(k.transpose(-2, -1), 3, Tk).view(n, hs, Tk)  # K^T: the faster GEMM operand
+        if Tk > T:  # the padded keys get the lowest score
+            bias = _padded(q.new_zeros(B, 1, 1, T) if bias is None else bias, 3, Tk, torch.finfo(q.dtype).min)
         if bias is not None:
             bias = bias.expand(B, nh, 1, Tk).reshape(n, 1, Tk)
         out = torch.empty(n, T, hs, dtype=q.dtype, device=q.device)
