@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from skips import platform_skip
 
 from bertqa.bench import forward_flops
@@ -34,12 +35,12 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
                 "--steps", 2, "--segments", 2, "--warmup", 1, "--compare", "hf", "--precision", "fp32")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert (
-        result["mode"] == mode
-        and result["precision"] == "fp32"
-        and "AMD" in result["device"]
-        or "CPU" in result["device"]
-    )
+    import transformers
+
+    assert result["mode"] == mode and result["precision"] == "fp32"
+    assert "PyTorch CPU capability" in result["device"]
+    assert result["versions"] == {"torch": torch.__version__, "transformers": transformers.__version__}
+    assert f"torch {torch.__version__}, transformers {transformers.__version__}" in r.stdout
     assert set(result["rows"]) == {"bertqa", "hf-run_qa", "hf-best"}
     for row in result["rows"].values():
         assert row["windows_per_s"] > 0 and 0 < row["mfu"] < 1.5 and len(row["segments"]) == 2
@@ -135,7 +136,9 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
     import bertqa.bench as bench
 
     monkeypatch.setattr(BertConfig, "preset", staticmethod(lambda name: TINY))
-    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
+    transformers = types.ModuleType("transformers")
+    transformers.__version__ = "0.0-stand-in"
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
 
     calls = []
 
@@ -170,6 +173,7 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
     monkeypatch.setattr(bench, "hf_model", lambda m: m)
     result = bench.bench(bench.BenchConfig(preset="base", mode="infer", seq_len=32, segments=3, compare="hf"))
     assert next(peaks, None) is None and result["matmul_peak_tflops"] == 4.0 / 1e12
+    assert result["versions"] == {"torch": torch.__version__, "transformers": "0.0-stand-in"}
     assert result["rows"]["bertqa"]["mfu"] == 1.0 / 4.0  # FakeRow's 1 FLOP/s against the highest peak measured
     assert [i for i, c in enumerate(calls) if c == ("peak",)] == [0, 7, 11, 15]
     calls = [c for c in calls if c != ("peak",)]  # the peak again after each round of three segments

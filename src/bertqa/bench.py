@@ -382,11 +382,13 @@ def bench(cfg: BenchConfig) -> dict:
     from .model import BertForQuestionAnswering
 
     _check(cfg)
+    versions = {"torch": torch.__version__}  # the ratios move with either library's kernels
     if cfg.compare == "hf":
         try:
-            import transformers  # noqa: F401
+            import transformers
         except ImportError:
             raise ValueError("--compare hf needs transformers (pip install transformers)") from None
+        versions["transformers"] = transformers.__version__
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device)
     torch.manual_seed(0)
@@ -406,8 +408,8 @@ def bench(cfg: BenchConfig) -> dict:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
     print(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
-          f"/{cfg.seq_len}, batch {cfg.batch_size}, on {device_name(device)}, precision {precision.describe()}",
-          flush=True)  # fmt: skip
+          f"/{cfg.seq_len}, batch {cfg.batch_size}, on {device_name(device)}, precision {precision.describe()}; "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)  # fmt: skip
     peak = matmul_peak(device, precision)
     timing = dict(precision=precision, device=device, warmup=cfg.warmup, steps=cfg.steps, seconds=cfg.seconds)
 
@@ -454,7 +456,7 @@ def bench(cfg: BenchConfig) -> dict:
     result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": device_name(device),
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,
-              "compile": cfg.compile, "rows": rows}  # fmt: skip
+              "compile": cfg.compile, "versions": versions, "rows": rows}  # fmt: skip
     by_segment_lines = []
     for base in ("hf-run_qa", "hf-best"):
         if base in rows:
