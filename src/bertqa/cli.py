@@ -408,22 +408,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def message_line(e: Exception) -> str:
-    """An exception as one line: the first line of its message (an OSError as "FILE: what went wrong"), after
-    its type's name unless it is one of ours (bad input: ValueErrors and OSErrors, whose messages are complete)."""
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message, an OSError's as "FILE: what went wrong"; "" if it has none."""
     text = str(e).strip()
     if isinstance(e, OSError) and e.strerror:  # "[Errno 2] No such file or directory: 'x'" -> "x: No such ..."
         names = [str(n) for n in (e.filename, e.filename2) if n is not None]
         text = ": ".join(names + [e.strerror])
-    first = next(iter(text.splitlines()), "")
-    if isinstance(e, (ValueError, OSError)) and first:
+    return next(iter(text.splitlines()), "")
+
+
+def _is_bad_input(e: Exception) -> bool:
+    """Ours (CheckpointError, SquadFormatError, UsageError, the API's checks): ValueErrors and OSErrors whose
+    message is complete."""
+    return isinstance(e, (ValueError, OSError)) and bool(_first_line(e))
+
+
+def message_line(e: Exception) -> str:
+    """An exception as one line: the first line of its message, after its type's name unless it is bad input."""
+    first = _first_line(e)
+    if _is_bad_input(e):
         return first
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _error_line(e: Exception, debug: bool) -> str:
     """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
-    if isinstance(e, (ValueError, OSError)) and (str(e).strip() or getattr(e, "strerror", None)):
+    if _is_bad_input(e):
         return message_line(e)
     if type(e).__name__ == "OutOfMemoryError":  # torch's, by name: torch is not imported for every command
         return "out of memory on the device; a smaller --batch-size (or --max-seq-length) may fit"
