@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks, prepared to run in one go on a machine with a CUDA GPU (issue 7's GPU rows):
+# The GPU checks, prepared to run in one go on a machine with a CUDA GPU (issue 7's GPU rows), most important first:
 #   1. bertqa against transformers in fp32, tf32, bf16 and fp16, padded and not (benchmarks/gpu_parity.py);
 #   2. BERT-large, seq 384, batch 32, random full-length windows, bf16: training and inference throughput of
 #      bertqa against transformers in the same process (the README's targets: >= 400 and >= 1,000 windows/s);
-#   3. the same with torch.compile (bertqa's model only).
-# Every step runs even if one before it fails; each writes its log under $OUT (default runs/gpu-check).
+#   3. where MODEL and SQUAD_DIR are set: the demo's fine-tune + evaluation (scripts/demo.sh's recipe) on the GPU,
+#      with --precision auto (bf16 on compute capability >= 8), and again in fp16 (gradient scaler);
+#   4. the throughput of step 2 with torch.compile (bertqa's model only).
+# Every step runs even if one before it fails, each under its own time limit (STEP_LIMIT seconds, default 240);
+# each writes its log under $OUT (default runs/gpu-check), and the fine-tunes their models and cache under $WORK.
 # Usage, from the repo root: bash scripts/gpu_check.sh      (PYTHON=... to pick the interpreter)
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
+WORK=${WORK:-runs/gpu-check-work}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -16,19 +20,28 @@ step() {
   local name=$1
   shift
   echo "== $name: $*"
-  "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout "${STEP_LIMIT:-240}" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc"
+  echo "== $name: exit $rc$([ "$rc" = 124 ] && echo " (over ${STEP_LIMIT:-240} s)")"
   [ "$rc" = 0 ] || status=1
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
-step versions "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-  'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+step versions bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc
+  $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')\""
 step parity "$PY" benchmarks/gpu_parity.py
 LARGE=(--preset large --seq-len 384 --batch-size 32 --precision bf16 --segments 3)
 step train-large "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compare hf --steps 10 --warmup 5
 step infer-large "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compare hf --steps 20 --warmup 5
+if [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ]; then
+  TRAIN=(-m bertqa train --model "$MODEL" --train-file "$SQUAD_DIR/train-subset.json"
+    --predict-file "$SQUAD_DIR/dev-a.json" --max-train-examples "${EXAMPLES:-5000}" --epochs 1 --batch-size 32 --lr 3e-4
+    --warmup 0.1 --eval-batch-size 64 --seed 42 --log-every 20 --no-progress --cache-dir "$WORK/cache")
+  step finetune "$PY" "${TRAIN[@]}" --output-dir "$WORK/ft"
+fi
 step train-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compile --steps 10 --warmup 10
 step infer-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compile --steps 20 --warmup 10
+if [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ]; then
+  step finetune-fp16 "$PY" "${TRAIN[@]}" --precision fp16 --output-dir "$WORK/ft16"
+fi
 echo "gpu_check: logs in $OUT; $([ $status = 0 ] && echo 'every step passed' || echo 'a step FAILED')"
 exit $status
