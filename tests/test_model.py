@@ -327,6 +327,28 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
     assert model.auto_attention(torch.device("cuda"), 8, 0.0) == "sdpa"
 
 
+def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
+    """bertqa's SDPA calls may take flash, memory-efficient or math kernels, never cuDNN attention (a plan built per
+    sequence length on CUDA); the process's own SDPA settings are as they were afterwards."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        b = torch.backends.cuda
+        seen.append((b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    _, ours = hf_pair("gelu")
+    ours.set_attention("sdpa")
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default, which bertqa must not change for others
+    ours(torch.ones(2, 9, dtype=torch.long), attention_mask=torch.ones(2, 9, dtype=torch.long))
+    assert seen and set(seen) == {(False, True, True, True)}, seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_variable_length_batches_and_presets():
     _, ours = hf_pair("gelu")
     for T in (1, 9, 64):
