@@ -73,6 +73,19 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert f[99] == pytest.approx(1 / 90) and lr_factor(100, 10, 100) == 0.0
 
 
+def test_startup_line_says_what_auto_attention_is_on_the_device():
+    from bertqa.distributed import Dist
+    from bertqa.evaluate import startup_line
+    from bertqa.runtime import Precision
+
+    fp32 = Precision.resolve("fp32", torch.device("cpu"))
+    on_cpu = startup_line(Dist(device=torch.device("cpu")), fp32, "auto")
+    on_gpu = startup_line(Dist(device=torch.device("cuda", 0)), fp32, "auto")
+    assert "attention auto (blocked on a CPU" in on_cpu
+    assert "device cuda:0" in on_gpu and "attention auto (sdpa:" in on_gpu and "blocked" not in on_gpu
+    assert "attention eager," in startup_line(Dist(), fp32, "eager")
+
+
 def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squad, tmp_path, capsys):
     out = tmp_path / "run"
     tensorboard = importlib.util.find_spec("tensorboard") is not None
