@@ -349,6 +349,20 @@ def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def test_compile_traces_the_model_whole():
+    """torch.compile (--compile) sees one graph, no breaks: auto attention takes SDPA under compilation, and its
+    backend restriction (sdpa_kernel) traces."""
+    _, ours = hf_pair("gelu")
+    ids = torch.ones(2, 9, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    for training in (False, True):
+        ours.train(training)
+        ours.set_attention_dropout(training)
+        explained = torch._dynamo.explain(ours)(ids, torch.zeros_like(ids), mask)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_variable_length_batches_and_presets():
     _, ours = hf_pair("gelu")
     for T in (1, 9, 64):

@@ -127,8 +127,9 @@ class BitDropout(torch.autograd.Function):
 
 
 def dropout(x, p: float, training: bool):
-    """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels)."""
-    if training and 0 < p < 1 and x.device.type == "cpu":
+    """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels), except
+    under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph."""
+    if training and 0 < p < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return BitDropout.apply(x, p)
     return F.dropout(x, p, training)
 
