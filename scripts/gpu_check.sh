@@ -13,6 +13,7 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 WORK=${WORK:-runs/gpu-check-work}
 PY=${PYTHON:-python3}
+LIMIT=${STEP_LIMIT:-240}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
@@ -20,10 +21,21 @@ step() {
   local name=$1
   shift
   echo "== $name: $*"
-  timeout "${STEP_LIMIT:-240}" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout "$LIMIT" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc$([ "$rc" = 124 ] && echo " (over ${STEP_LIMIT:-240} s)")"
+  echo "== $name: exit $rc$([ "$rc" = 124 ] && echo " (over $LIMIT s)")"
   [ "$rc" = 0 ] || status=1
+}
+# The demo's fine-tune + evaluation (scripts/demo.sh's recipe), where MODEL and SQUAD_DIR are set; its model in
+# $WORK/NAME. Usage: finetune NAME [more train arguments]
+finetune() {
+  [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ] || return 0
+  local name=$1
+  shift
+  step "$name" "$PY" -m bertqa train --model "$MODEL" --train-file "$SQUAD_DIR/train-subset.json" \
+    --predict-file "$SQUAD_DIR/dev-a.json" --max-train-examples "${EXAMPLES:-5000}" --epochs 1 --batch-size 32 \
+    --lr 3e-4 --warmup 0.1 --eval-batch-size 64 --seed 42 --log-every 20 --no-progress --cache-dir "$WORK/cache" \
+    --output-dir "$WORK/$name" "$@"
 }
 step versions bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc
   $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -32,16 +44,9 @@ step parity "$PY" benchmarks/gpu_parity.py
 LARGE=(--preset large --seq-len 384 --batch-size 32 --precision bf16 --segments 3)
 step train-large "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compare hf --steps 10 --warmup 5
 step infer-large "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compare hf --steps 20 --warmup 5
-if [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ]; then
-  TRAIN=(-m bertqa train --model "$MODEL" --train-file "$SQUAD_DIR/train-subset.json"
-    --predict-file "$SQUAD_DIR/dev-a.json" --max-train-examples "${EXAMPLES:-5000}" --epochs 1 --batch-size 32 --lr 3e-4
-    --warmup 0.1 --eval-batch-size 64 --seed 42 --log-every 20 --no-progress --cache-dir "$WORK/cache")
-  step finetune "$PY" "${TRAIN[@]}" --output-dir "$WORK/ft"
-fi
+finetune finetune
 step train-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compile --steps 10 --warmup 10
 step infer-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compile --steps 20 --warmup 10
-if [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ]; then
-  step finetune-fp16 "$PY" "${TRAIN[@]}" --precision fp16 --output-dir "$WORK/ft16"
-fi
+finetune finetune-fp16 --precision fp16
 echo "gpu_check: logs in $OUT; $([ $status = 0 ] && echo 'every step passed' || echo 'a step FAILED')"
 exit $status
