@@ -28,7 +28,8 @@ def pair(device, seed=0):
     cfg = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     ours = BertForQuestionAnswering(BertConfig(**cfg))
-    return hf_model(ours).to(device), ours.to(device)  # transformers' model (SDPA) holding the same weights
+    hf = hf_model(ours.config, ours.state_dict())  # transformers' model (SDPA) holding the same weights
+    return hf.to(device), ours.to(device)
 
 
 def windows(device, B=8, T=160, masked=True):

@@ -93,7 +93,8 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(seen, mode
     windows = bench.random_windows(80, 32, TINY.vocab_size)
     windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)  # lengths to sort and group by
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, mode, 4, True,
-                    bench.Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4)  # fmt: skip
+                    bench.Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4,
+                    real_lengths=windows.lengths, flops=len)  # fmt: skip
     row.start()
     for _ in range(3):
         row.segment()
@@ -121,14 +122,64 @@ def test_seconds_makes_segments_whole_passes_over_the_same_batches(monkeypatch, 
     windows = bench.random_windows(40, 16, TINY.vocab_size)
     cpu = torch.device("cpu")
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 4, True,
-                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=3, seconds=2.5)  # fmt: skip
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=3, seconds=2.5,
+                    real_lengths=windows.lengths, flops=len)  # fmt: skip
     rate = row.start().segment()
     # The clock reads 0 at the start, then 1 and 2 after the first two passes (under 2.5 s), 3 after the third.
     assert len(seen) == 3 * 3 and seen[:3] == seen[3:6] == seen[6:]
     assert rate == pytest.approx(3 * 3 * 4 / 3)
 
 
-def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
+def test_a_rows_figure_is_the_median_of_its_segments_rates(monkeypatch):
+    """With two segments, the mean of their two rates (the median of the printed figures), not the rate of
+    their mean time: one pass in 2 s and one in 3 s is 15 and 10 windows/s, so 12.5, not 12."""
+    import torch
+
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    clock = iter([0.0, 2.0, 10.0, 13.0])  # each segment reads the clock at its start and after its one pass
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    windows = bench.random_windows(40, 16, TINY.vocab_size)
+    cpu = torch.device("cpu")
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 5, True,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=6, real_lengths=windows.lengths,
+                    flops=lambda lengths: 2.0 * len(lengths))  # fmt: skip
+    row.start()
+    assert [row.segment(), row.segment()] == [15.0, 10.0]  # 6 batches of 5 windows a pass
+    r = row.result()
+    assert r["segments"] == [15.0, 10.0] and r["windows_per_s"] == pytest.approx(12.5)
+    assert r["tokens_per_s"] == pytest.approx(12.5 * 16) and r["flops_per_s"] == pytest.approx(12.5 * 2.0)
+
+
+def test_padded_rows_time_batches_spread_over_the_real_lengths():
+    """hf-run_qa's windows are all padded to one length, so its batches are chosen by their real tokens: the
+    middle batch of each stratum of its own (unsorted) batches, not the first few in data order."""
+    import torch
+
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    windows = bench.random_windows(80, 32, TINY.vocab_size)
+    windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)
+    cpu = torch.device("cpu")
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows.padded(), "infer", 4, False,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=4, real_lengths=windows.lengths,
+                    flops=len)  # fmt: skip
+    every = sorted(int(windows.lengths[i : i + 4].sum()) for i in range(0, 80, 4))  # data order, cut in 4s
+    assert sorted(int(windows.lengths[b].sum()) for b in row.timed) == [every[2], every[7], every[12], every[17]]
+    assert row.pass_tokens == sum(every[i] for i in (2, 7, 12, 17))
+
+
+def test_random_windows_fit_a_small_vocabulary():
+    import bertqa.bench as bench
+
+    w = bench.random_windows(8, 16, vocab=50)
+    assert w.input_ids.max() < 50 and w.input_ids.min() >= 1
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile):
     """The machine's drift must not land in the ratios: the rows' segments alternate, and each row's figure is
     the median of its own segments. (Rows, model and transformers are stand-ins: only the order is tested.)"""
     import types
@@ -142,12 +193,15 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
 
     calls = []
 
+    warmups = []
+
     class FakeRow:
         built = 0
 
         def __init__(self, *args, **kw):
             self.name, FakeRow.built = FakeRow.built, FakeRow.built + 1
             self.n, self.peak_memory = 0, 2**20
+            warmups.append(kw["warmup"])
 
         def start(self):
             calls.append(("start", self.name))
@@ -170,8 +224,11 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys):
         return next(peaks)
 
     monkeypatch.setattr(bench, "matmul_peak", matmul_peak)
-    monkeypatch.setattr(bench, "hf_model", lambda m: m)
-    result = bench.bench(bench.BenchConfig(preset="base", mode="infer", seq_len=32, segments=3, compare="hf"))
+    monkeypatch.setattr(bench, "hf_model", lambda config, state: None)
+    result = bench.bench(bench.BenchConfig(preset="base", mode="infer", seq_len=32, segments=3, compare="hf",
+                                           steps=5, warmup=2, compile=compile))  # fmt: skip
+    # Compiled, bertqa warms up on every timed batch, so that no graph is compiled inside a timed segment.
+    assert warmups == [5 if compile else 2, 2, 2]
     assert next(peaks, None) is None and result["matmul_peak_tflops"] == 4.0 / 1e12
     assert result["versions"] == {"torch": torch.__version__, "transformers": "0.0-stand-in"}
     assert result["rows"]["bertqa"]["mfu"] == 1.0 / 4.0  # FakeRow's 1 FLOP/s against the highest peak measured
@@ -202,6 +259,48 @@ def test_peak_memory_counts_what_was_freed_inside_not_what_was_held_before(monke
         time.sleep(0.05)  # long enough for the sampler to see it
         del x
     assert 120 < mem.grown / 2**20 < 160 and held.sum() > 0
+
+
+def test_peak_memory_where_it_cannot_be_read_is_unmeasured_not_an_error(monkeypatch):
+    """A CPU without /proc (macOS, Windows): the row's memory is None, and the table says so."""
+    import torch
+
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    monkeypatch.setattr(bench, "_rss", lambda: None)
+    cpu = torch.device("cpu")
+    windows = bench.random_windows(16, 16, TINY.vocab_size)
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "train", 4, True,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=1, steps=2, real_lengths=windows.lengths,
+                    flops=len)  # fmt: skip
+    row.start().segment()
+    r = row.result()
+    assert r["peak_memory_mb"] is None and r["windows_per_s"] > 0
+    r["mfu"] = 0.5
+    text = bench.table({"rows": {"bertqa": r}})
+    assert "| bertqa | " in text and "| unmeasured |" in text
+
+
+def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
+    """Any device but the CPU reads the allocator's own counters (torch.accelerator's: CUDA, XPU, MPS, ...)."""
+    import types
+
+    import torch
+
+    import bertqa.bench as bench
+
+    state = {"now": 100, "peak": 100}
+    fake = types.SimpleNamespace(
+        memory_allocated=lambda d: state["now"],
+        max_memory_allocated=lambda d: state["peak"],
+        reset_peak_memory_stats=lambda d: state.update(peak=state["now"]),
+    )
+    monkeypatch.setattr(bench, "_allocator", lambda device: fake)
+    state["peak"] = 10**6  # an earlier high water, which the reset on entry forgets
+    with bench.PeakMemory(torch.device("meta")) as mem:
+        state["peak"] = 350  # what the measured code reached
+    assert mem.base == 100 and mem.grown == 250
 
 
 @pytest.mark.parametrize(
