@@ -23,16 +23,17 @@ ANOTHER = "bertqa: error: rank 0: another rank failed or was killed, so this one
 LIMIT_S = 120  # gloo's own timeout is 30 min: a hang must fail the test, not block the run
 
 
-def torchrun_train(tmp_path, fault, model, train_file):
-    """`bertqa train` on two ranks with `fault` injected (see dist_fault_worker.py). Returns the exit code,
-    the seconds it took, torchrun's stderr and each rank's stderr (from torchrun's per-rank log files)."""
+def torchrun_train(tmp_path, fault, model, train_file, out="out", *more):
+    """`bertqa train` on two ranks with `fault` injected (see dist_fault_worker.py), into tmp_path / out, with
+    `more` arguments. Returns the exit code, the seconds it took, torchrun's stderr and each rank's stderr (from
+    torchrun's per-rank log files)."""
     log_dir = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--log-dir", log_dir, "--tee", "3", WORKER, fault,
-           "train", "--model", model, "--train-file", train_file, "--output-dir", tmp_path / "out",
+           "train", "--model", model, "--train-file", train_file, "--output-dir", tmp_path / out,
            "--device", "cpu", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32,
            "--batch-size", 4, "--max-steps", 6, "--log-every", 1, "--cache-dir", "none", "--no-progress",
-           "--precision", "fp32"]  # fmt: skip
+           "--precision", "fp32", *more]  # fmt: skip
     t0 = time.monotonic()
     # A session of its own, so that a hang can be ended with torchrun and both workers together.
     with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -96,6 +97,19 @@ def test_rank_that_cannot_read_its_data_fails_every_rank_alike(tmp_path, tiny_di
     for text in ranks:  # the same one line on every rank, and no traceback
         assert line in text and "Traceback" not in text, ranks
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_where_only_some_ranks_see_the_checkpoint_fails_every_rank(tmp_path, tiny_dir, tiny_squad):
+    """Machines that do not share --output-dir: only rank 0 ever wrote a checkpoint, so only it would resume."""
+    (tmp_path / "out-0").mkdir()
+    (tmp_path / "out-0" / "checkpoint.pt").write_bytes(b"rank 0's")  # refused before it is read
+    rc, elapsed, _, ranks = torchrun_train(tmp_path, "none", tiny_dir, tiny_squad, "out-{rank}", "--resume")
+    assert rc != 0 and elapsed < LIMIT_S
+    for rank, text in enumerate(ranks):  # one line on every rank, and no traceback
+        line = (f"bertqa: error: --resume: {tmp_path / f'out-{rank}' / 'checkpoint.pt'} is there for rank 0 and "
+                "not for the others; every rank must see the same --output-dir")  # fmt: skip
+        assert line in text and "Traceback" not in text, ranks
+    assert (tmp_path / "out-0" / "checkpoint.pt").read_bytes() == b"rank 0's" and not (tmp_path / "out-1").exists()
 
 
 CASES = [  # what each rank raises in the body -> what each rank sees after it

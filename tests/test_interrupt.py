@@ -187,6 +187,10 @@ def saved_state(reference):
         ),
         (lambda s: {**s, "step": -2}, rf"damaged checkpoint \(step -2, not an integer in 0\.\.{STEPS}\)"),
         (lambda s: {**s, "step": 2.0}, rf"damaged checkpoint \(step 2\.0, not an integer in 0\.\.{STEPS}\)"),
+        (lambda s: {**s, "skipped_steps": "3"}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
+        (lambda s: {**s, "skipped_steps": (1, -1)}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
+        (lambda s: {**s, "loss_since_log": [(1.5,)]}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
+        (lambda s: {**s, "loss_since_log": []}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_state, tmp_path):

@@ -187,7 +187,8 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     rows = read_jsonl(part / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 6]  # nothing logged after the checkpoint is kept twice
     assert rows[0]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3)) / 3, rel=1e-6)
-    assert rows[1]["loss"] == pytest.approx((per_step[5] + per_step[6]) / 2, rel=1e-6)  # the steps since resuming
+    # The checkpoint carried the loss of step 4, logged with 5 and 6 as if the run had never stopped.
+    assert rows[1]["loss"] == pytest.approx((per_step[4] + per_step[5] + per_step[6]) / 3, rel=1e-6)
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -70,6 +71,10 @@ class EvalConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{self.flag(name)} must be a positive integer, got {value}")
+        if not math.isfinite(self.null_score_diff_threshold):  # nan would pass every comparison
+            raise ValueError(
+                f"--null-score-diff-threshold must be a finite number, got {self.null_score_diff_threshold}"
+            )
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path and not Path(path).is_file():

@@ -71,6 +71,9 @@ class TrainConfig(EvalConfig):
         super().validate()
         if not self.train_file:
             raise ValueError("--train-file is required")
+        for name in ("epochs", "lr", "warmup", "weight_decay", "max_grad_norm"):  # nan passes every comparison
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not (self.epochs > 0 or self.max_steps):
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         if self.lr <= 0 or not 0 <= self.warmup <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -106,11 +109,13 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None, skipped: tuple[int, int], resolved: dict) -> None:  # fmt: skip
-    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG, and
-    what the run resolved its defaults to (`resolved`, see check_resumable).
+                    final_loss: float | None, skipped: tuple[int, int], resolved: dict,
+                    since_log: tuple[torch.Tensor, torch.Tensor]) -> None:  # fmt: skip
+    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG and
+    loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), and what the
+    run resolved its defaults to (`resolved`, see check_resumable).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
-    rngs = all_gather_objects(d, rng_state(d.device))
+    per_rank = all_gather_objects(d, (rng_state(d.device), [float(t.item()) for t in since_log]))
     if not d.is_main:
         return
     state = {
@@ -121,7 +126,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "step": step,
         "final_loss": final_loss,
         "skipped_steps": skipped,  # updates skipped for non-finite values: in all, and in a row now
-        "rng": rngs,
+        "rng": [rng for rng, _ in per_rank],
+        "loss_since_log": [sums for _, sums in per_rank],  # so that the next metrics line is as if never stopped
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
         "resolved": resolved,
@@ -182,7 +188,19 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
     if type(step) is not int or not 0 <= step <= total_steps:
         why = f"step {step!r}, not an integer in 0..{total_steps}"
         raise ValueError(f"{path}: damaged checkpoint ({why}); {BAD_CHECKPOINT}")
+    # Added later than the keys above: absent from older checkpoints, checked where present.
+    skipped = state.get("skipped_steps", (0, 0))
+    since_log = state.get("loss_since_log", [(0.0, 0.0)] * ws)
+    if not (_numbers(skipped, 2, int) and isinstance(since_log, list) and len(since_log) == ws
+            and all(_numbers(x, 2, float) for x in since_log)):  # fmt: skip
+        raise ValueError(f"{path}: damaged checkpoint (bad skipped_steps or loss_since_log); {BAD_CHECKPOINT}")
     return state
+
+
+def _numbers(x, n: int, kind: type) -> bool:
+    """Whether x is a list or tuple of n non-negative numbers of `kind` (floats may be ints)."""
+    ok = (int, float) if kind is float else (int,)
+    return isinstance(x, (list, tuple)) and len(x) == n and all(type(v) in ok and v >= 0 for v in x)
 
 
 class NonFiniteError(ValueError):
@@ -314,6 +332,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     ckpt_path = out_dir / CHECKPOINT
     start_step, final_loss = 0, None
     skipped, bad_run = 0, 0  # updates skipped for non-finite values: in all, and in a row now
+    # The loss summed over the steps since the last metrics line, and how many of them had a finite loss.
+    loss_sum = torch.zeros((), device=d.device)
+    finite_since_log = torch.zeros((), device=d.device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
     if d.is_main:
         held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
@@ -323,9 +344,19 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             remove_stale_temps(out_dir / name)
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
     resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
-    if cfg.resume and ckpt_path.is_file():
+    found = cfg.resume and ckpt_path.is_file()
+    if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
+        # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
+        # and ranks resuming from different steps would wait on each other's collectives until the timeout.
+        have = ", ".join(str(r) for r, f in enumerate(seen) if f)
+        raise ValueError(f"--resume: {ckpt_path} is there for rank {have} and not for the others; every rank "
+                         "must see the same --output-dir (a folder shared by every machine)")  # fmt: skip
+    if found:
         state = load_checkpoint(ckpt_path, cfg, d, total_steps, resolved)
         final_loss, (skipped, bad_run) = state.get("final_loss"), state.get("skipped_steps", (0, 0))
+        if "loss_since_log" in state:
+            loss_sum.fill_(state["loss_since_log"][d.rank][0])
+            finite_since_log.fill_(state["loss_since_log"][d.rank][1])
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -358,8 +389,6 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
-    loss_sum = torch.zeros((), device=d.device)
-    finite_since_log = torch.zeros((), device=d.device)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -420,12 +449,13 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
             # The loss averaged over the steps since the last line and over the ranks (a sync, as above).
+            step_total = step_loss.clone()  # on_step gets this rank's loss, not the sum
             if d.enabled:
                 torch.distributed.all_reduce(loss_sum)
-                torch.distributed.all_reduce(step_loss)
+                torch.distributed.all_reduce(step_total)
             finite = finite_since_log.item()
             avg = loss_sum.item() / finite / d.world_size if finite else None
-            final_loss = step_loss.item() / d.world_size if bool(loss_ok) else None
+            final_loss = step_total.item() / d.world_size if bool(loss_ok) else None
             loss_sum.zero_()
             finite_since_log.zero_()
             elapsed = time.perf_counter() - t0
@@ -436,7 +466,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss,
-                            (skipped, bad_run), resolved)  # fmt: skip
+                            (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
@@ -444,7 +474,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     train_time = time.perf_counter() - t0
     bar.close()
     save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss,
-                    (skipped, bad_run), resolved)  # fmt: skip
+                    (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
