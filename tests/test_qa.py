@@ -250,3 +250,21 @@ def test_a_window_limit_refuses_oversized_work(qa, tiny_squad):
         assert qa(question, context)["answer"] == gold
     finally:
         qa.max_windows = None
+
+
+def test_the_window_limit_is_checked_before_any_window_is_built(qa):
+    """256 questions about a long context at doc_stride 1 would need 3 GB of windows (a 100 KB request)."""
+    import tracemalloc
+
+    from bertqa.squad.data import Example
+    from bertqa.squad.features import featurize
+
+    examples = [Example(str(i), "Who?", "Ada Lovelace wrote a program. " * 400, [], []) for i in range(256)]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"need \d+ windows, more than the limit of 2048"):
+            featurize(examples, qa.tokenizer, 384, 1, 64, max_windows=2048)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20

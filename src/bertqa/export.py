@@ -286,6 +286,9 @@ def export_onnx(
         raise ValueError(
             f"--model {model}: {nbytes / 1e9:.2f} GB of fp32 weights exceed what a single-file ONNX graph holds (2 GB)"
         )
+    if max_seq_length > net.config.max_position_embeddings:
+        raise ValueError(f"--max-seq-length {max_seq_length} exceeds the model's "
+                         f"{net.config.max_position_embeddings} position embeddings")  # fmt: skip
     features = check_windows(tokenizer, check_file, max_seq_length, doc_stride, max_query_length)
 
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}

@@ -231,10 +231,8 @@ class QuestionAnswerer:
                      max_seq_len=384, max_question_len=64, align_to_words=True) -> list[list[dict]]:  # fmt: skip
         """The ranked answers of every (question, context) pair, inputs already checked (the server's entry)."""
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
-        features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len)
-        if self.max_windows is not None and len(features) > self.max_windows:
-            raise ValueError(f"these inputs need {len(features)} windows, more than the limit of {self.max_windows}: "
-                             "shorter contexts or a larger doc_stride")  # fmt: skip
+        features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len,
+                             max_windows=self.max_windows)  # fmt: skip
         with self._lock, self.precision.scope():
             start, end = predict_logits(self.model, features, np.arange(len(features)), self.batch_size,
                                         self.device, self.precision.autocast())  # fmt: skip

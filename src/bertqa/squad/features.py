@@ -108,10 +108,12 @@ def featurize(
     doc_stride: int = 128,
     max_query_length: int = 64,
     is_training: bool = False,
+    max_windows: int | None = None,
 ) -> Features:
     """Windows for every example (see the module docstring). Labels come from each example's first
     answer whenever it has one, so evaluation windows carry labels too (for an evaluation loss);
-    `is_training` additionally insists that every answerable example has an answer."""
+    `is_training` additionally insists that every answerable example has an answer. With `max_windows`,
+    inputs that need more windows are refused before any window is built (a server's guard)."""
     _check_params(max_seq_length, doc_stride, max_query_length)
     L, stride = int(max_seq_length), int(doc_stride)
     t0 = time.perf_counter()
@@ -132,6 +134,9 @@ def featurize(
     T = np.diff(ctx_ptr)[ctx_of_ex]
     W = L - q_len - 3
     K = 1 + np.maximum(0, -(-(T - W) // stride))  # ceil division; an empty context still gets one window
+    if max_windows is not None and K.sum() > max_windows:
+        raise ValueError(f"these inputs need {K.sum()} windows, more than the limit of {max_windows}: shorter "
+                         "contexts or a larger doc_stride")  # fmt: skip
 
     # Per window (row): its example, position among the example's windows, and its context slice.
     ex_of_row = np.repeat(np.arange(n_ex), K)
