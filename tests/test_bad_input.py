@@ -491,6 +491,23 @@ def test_every_command_refuses_bad_input_in_one_line(case, inputs, tmp_path, cap
     assert tree(tmp_path) == [], "an output was left behind"
 
 
+def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_path, capsys, monkeypatch):
+    """A folder where the n-best file goes: refused before any work, not after writing half of the set."""
+    import bertqa.evaluate
+
+    (tmp_path / "pred.nbest.json").mkdir()
+    monkeypatch.setattr(bertqa.evaluate, "run_inference", lambda *a: pytest.fail("predicted before checking"))
+    argv = ["predict", "--model", inputs["tiny"], "--input", inputs["squad"], "--output", tmp_path / "pred.json", *FAST]
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    line = one_error_line(err)
+    assert (
+        code == 1
+        and f"--output {tmp_path / 'pred.json'}: " in line
+        and "pred.nbest.json, written beside it, is a folder" in line
+    )
+    assert tree(tmp_path) == ["pred.nbest.json"]
+
+
 def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "bertqa", *args], capture_output=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

@@ -85,6 +85,29 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
     assert '"v": 2' in target.read_text() and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_durable_write_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """So that a power loss leaves the old checkpoint or the new one, never a renamed file whose data never
+    reached the disk."""
+    import os
+
+    import bertqa.files as files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))  # fmt: skip
+    monkeypatch.setattr(files.os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "checkpoint.pt"
+    with atomic_path(target, durable=True) as tmp:
+        tmp.write_text("state")
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".checkpoint.")) and events[2][1] == str(tmp_path)
+    events.clear()
+    with atomic_path(target) as tmp:  # everything else: no fsync
+        tmp.write_text("again")
+    assert events == [("replace", str(target))] and target.read_text() == "again"
+
+
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import load_model
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
-from .files import write_json
+from .files import check_output, write_json
 from .inference import predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -239,9 +239,7 @@ def predict(cfg: PredictConfig) -> dict:
     """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
     cfg.validate()
-    output = Path(cfg.output)
-    if output.suffix != ".json":
-        raise ValueError(f"--output {output}: must end in .json")
+    output = check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json"))
     with _prepared(cfg, require_answers=False) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:

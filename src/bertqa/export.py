@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .files import atomic_path
+from .files import atomic_path, check_output
 from .squad.data import Example, read_squad
 from .squad.features import Features, featurize
 from .tokenizer import load_tokenizer
@@ -80,18 +79,6 @@ def _onnxruntime():
             f"export onnx needs onnx, onnxruntime and onnxscript: pip install 'bertqa[onnx]' ({e})"
         ) from None
     return onnxruntime
-
-
-def _check_output(output) -> Path:
-    path = Path(output)
-    if path.suffix != ".onnx":
-        raise ValueError(f"--output {output}: must end in .onnx")
-    if path.is_dir():
-        raise ValueError(f"--output {output}: is a folder; name the .onnx file to write")
-    folder = next((p for p in path.absolute().parents if p.exists()), None)
-    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: cannot write in {folder}")
-    return path
 
 
 class _Logits(torch.nn.Module):
@@ -273,7 +260,7 @@ def export_onnx(
     file; `int8` writes the dynamically quantised graph and reports how far it moves. `output` appears
     complete or not at all."""
     say = print if verbose else (lambda *a, **k: None)
-    output = _check_output(output)
+    output = check_output(output, ".onnx")
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model}: no such checkpoint file or folder")
     _onnxruntime()  # fail before the slow part when the extra is missing

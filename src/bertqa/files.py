@@ -26,9 +26,11 @@ _UMASK = _read_umask()
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, durable: bool = False):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
-    file system), on any exception it is removed and `path` keeps what it had."""
+    file system), on any exception it is removed and `path` keeps what it had. `durable`: the file and then
+    the rename are flushed to disk (fsync), so that a power loss, not only a killed process, leaves either the
+    old file or the new one (for checkpoints; it costs the time the disk takes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
@@ -37,10 +39,43 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode a plain open() would
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders cannot be opened so on Windows: skipped there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...] = ()) -> Path:
+    """`--output` checked before any work is done: it ends in `suffix`, neither it nor the files written beside
+    it (its name with each suffix of `beside` instead) is a folder, and the folder it goes in can be written."""
+    path = Path(output)
+    if path.suffix != suffix:
+        raise ValueError(f"--output {output}: must end in {suffix}")
+    if path.is_dir():
+        raise ValueError(f"--output {output}: is a folder; name the {suffix} file to write")
+    for other in (path.with_suffix(s) for s in beside):
+        if other.is_dir():
+            raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: cannot write in {folder}")
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -132,7 +132,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "config": json.dumps(dataclasses.asdict(cfg)),
         "resolved": resolved,
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         torch.save(state, tmp)
 
 
