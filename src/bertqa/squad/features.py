@@ -243,7 +243,9 @@ def _labels(examples, ctx_of_ex, ctx_ptr, ctx_offsets, ex_of_row, win_start, win
 
 # ---- on-disk cache
 
-_DEFAULTS = {k: p.default for k, p in inspect.signature(featurize).parameters.items() if p.default is not p.empty}
+# What the windows depend on (max_windows only refuses inputs: not part of a cache key).
+_DEFAULTS = {k: p.default for k, p in inspect.signature(featurize).parameters.items()
+             if p.default is not p.empty and k != "max_windows"}  # fmt: skip
 
 
 def _cache_key(data_path, examples, tokenizer, params: dict) -> str:
