@@ -226,3 +226,72 @@ def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
     r = run_cli("convert", tmp_path / "bad.pt", tmp_path / "out2", "--config", hf_qa_dir / "config.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_dir, tmp_path):
+    """Saved, a freshly initialised QA head would pass for a fine-tuned one in evaluate, ask and serve."""
+    from safetensors.torch import load_file
+
+    r = run_cli("convert", minilm_dir, tmp_path / "encoder")
+    assert r.returncode == 0, r.stderr
+    assert "no QA head: fine-tune it" in r.stdout
+    saved = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+    assert saved and not any(k.startswith("qa_outputs.") for k in saved)
+    with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
+        load_model(tmp_path / "encoder", require_qa_head=True)
+    assert load_model(tmp_path / "encoder").fresh_qa_head  # fine to train from
+
+
+def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa_dir, tmp_path):
+    (tmp_path / "models").mkdir()
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "models" / "nv.pt")
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    shutil.copy(hf_qa_dir / "tokenizer.json", tmp_path / "models" / "tokenizer.json")
+    cfg = hf_qa_dir / "config.json"
+    for dst, why in ((tmp_path / "models", "it holds"), (tmp_path, "it holds")):
+        r = run_cli("convert", pt, dst, "--config", cfg)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.json").write_text("{}")
+    r = run_cli("convert", pt, tmp_path / "other", "--config", cfg)
+    assert r.returncode == 1 and "exists and is not a model folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "nv.pt", "tokenizer.json"]
+    assert (tmp_path / "other" / "data.json").read_text() == "{}"
+    for _ in range(2):  # a new folder, then the model folder it made: replaced whole
+        r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path):
+    """Another model's tokenizer would index past the embedding table (an IndexError deep in the model)."""
+    from bertqa import QuestionAnswerer
+
+    vocab = hf_qa_dir.parent / "big-vocab"
+    load_tokenizer(hf_qa_dir).save(vocab)
+    words = (vocab / "vocab.txt").read_text().splitlines()
+    (vocab / "vocab.txt").write_text("\n".join(words + [f"extra{i}" for i in range(100)]) + "\n")
+    r = run_cli("convert", hf_qa_dir, tmp_path / "out", "--vocab", vocab / "vocab.txt")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{vocab / 'vocab.txt'}: the tokenizer has {len(words) + 100:,} tokens, more than the model's" in r.stderr
+    folder = tmp_path / "mixed"
+    shutil.copytree(hf_qa_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    shutil.copy(vocab / "vocab.txt", folder / "vocab.txt")
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        QuestionAnswerer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"pad_token_id": 1000}, "pad_token_id 1000 is not a token of the 1000-token vocabulary"),
+        ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be below 1, not 1.0"),
+    ],
+)
+def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_path):
+    from bertqa.config import BertConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 32, "num_attention_heads": 2, **change}))
+    with pytest.raises(ValueError, match=f"^{path}: {message}$"):
+        BertConfig.from_json(path)

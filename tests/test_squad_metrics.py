@@ -158,6 +158,18 @@ def test_score_files_detects_version(tmp_path):
     assert "best_f1" not in score_files(v2, tmp_path / "p2.json")
 
 
+def test_a_v2_question_without_answers_is_unanswerable_with_or_without_is_impossible(tmp_path):
+    """As the official v2.0 script reads it (HF's squad_v2 exports carry no is_impossible)."""
+    data = dataset(("q1", ["Paris"]), ("q2", []))
+    del data[0]["paragraphs"][0]["qas"][1]["is_impossible"], data[0]["paragraphs"][0]["qas"][0]["is_impossible"]
+    path = write(tmp_path, "v2.json", {"version": "v2.0", "data": data})
+    out = score_files(path, write(tmp_path, "p.json", {"q1": "Paris", "q2": ""}))
+    assert out["exact"] == 100.0 and out["HasAns_total"] == 1 and out["NoAns_total"] == 1
+    v1 = write(tmp_path, "v1.json", {"version": "1.1", "data": data})  # v1.1 has no unanswerable questions
+    with pytest.raises(SquadFormatError, match="question id 'q2': no answers and not marked is_impossible"):
+        score_files(v1, tmp_path / "p.json")
+
+
 @pytest.mark.parametrize(
     "which, content, message",
     [

@@ -418,9 +418,11 @@ def bench(cfg: BenchConfig) -> dict:
             f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions"
         )
     if cfg.data:
-        from .tokenizer import load_tokenizer
+        from .tokenizer import check_vocabulary, load_tokenizer
 
-        windows = data_windows(cfg.data, load_tokenizer(cfg.tokenizer or cfg.model), cfg.seq_len)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        check_vocabulary(tokenizer, model.config, cfg.tokenizer or cfg.model)
+        windows = data_windows(cfg.data, tokenizer, cfg.seq_len)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
     where = device_name(device)

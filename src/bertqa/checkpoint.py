@@ -235,6 +235,7 @@ def load_model(
             "pretrained encoder: fine-tune it first (bertqa train) and use the model folder that writes"
         )
     model = BertForQuestionAnswering(config, attn_implementation)
+    model.fresh_qa_head = missing_head  # the checkpoint had no QA head: qa_outputs is freshly initialised
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
     model.load_state_dict(sd, strict=not missing_head)
@@ -251,14 +252,17 @@ def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:
     return model
 
 
-def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None):
+def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                    with_qa_head: bool = True):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling and
-    renamed into place, so an existing folder is replaced whole or not at all."""
+    renamed into place, so an existing folder is replaced whole or not at all. Without `with_qa_head` the
+    weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no fine-tuned head)."""
     model = _unwrap(model)
     with atomic_dir(directory) as tmp:
         model.config.to_json(tmp / "config.json")
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+              if with_qa_head or not k.startswith("qa_outputs.")}  # fmt: skip
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)

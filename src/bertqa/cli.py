@@ -19,17 +19,26 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import load_model, save_pretrained
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_vocabulary, load_tokenizer
 
-    src = Path(args.src)
+    src, dst = Path(args.src), Path(args.dst)
+    # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise UsageError(f"{dst}: it holds {src}, and converting replaces the whole folder; name a new folder")
+    if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / "config.json").is_file())):
+        raise UsageError(f"{dst}: exists and is not a model folder (no config.json), and converting replaces the "
+                         "whole folder; name a new folder")  # fmt: skip
     tok_source = args.vocab or src
     model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
     try:
         tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case)
     except FileNotFoundError:
         raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
-    out = save_pretrained(model, tokenizer, args.dst)
-    print(f"bertqa: wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    check_vocabulary(tokenizer, model.config, tok_source)
+    # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
+    out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
+    head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"
+    print(f"bertqa: wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters{head})")
 
 
 def cmd_score(args):

@@ -24,7 +24,7 @@ class BertConfig:
     num_hidden_layers: int = 12  # transformer blocks
     num_attention_heads: int = 12  # heads per block; hidden_size must divide by it
     intermediate_size: int = 3072  # feed-forward width
-    hidden_act: str = "gelu"  # "gelu" = erf form (HF, Google); "gelu_new"/"gelu_tanh" = tanh form (NVIDIA)
+    hidden_act: str = "gelu"  # "gelu" = erf form (HF, Google, NVIDIA's bias_gelu); "gelu_new"/"gelu_tanh" = tanh form
     hidden_dropout_prob: float = 0.1  # dropout after embeddings, attention output and feed-forward
     attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
     max_position_embeddings: int = 512  # longest sequence the position table covers
@@ -40,6 +40,13 @@ class BertConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is not a token of the {self.vocab_size}-token vocabulary"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"'{name}' must be below 1, not {getattr(self, name)}")
 
     @classmethod
     def preset(cls, name: str) -> BertConfig:

@@ -27,7 +27,7 @@ from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
 from .squad.postprocess import postprocess, write_predictions
-from .tokenizer import load_tokenizer
+from .tokenizer import check_vocabulary, load_tokenizer
 
 
 def default_cache_dir() -> str:
@@ -175,6 +175,7 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
     model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
                        attn_implementation=cfg.attention, verbose=d.is_main,
                        require_qa_head=for_inference)  # fmt: skip
+    check_vocabulary(tokenizer, model.config, cfg.model)
     if cfg.max_seq_length > model.config.max_position_embeddings:
         raise ValueError(
             f"--max-seq-length {cfg.max_seq_length} exceeds the model's {model.config.max_position_embeddings} "

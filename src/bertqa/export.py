@@ -29,7 +29,7 @@ from .checkpoint import load_model
 from .files import atomic_path, check_output
 from .squad.data import Example, read_squad
 from .squad.features import Features, featurize
-from .tokenizer import load_tokenizer
+from .tokenizer import check_vocabulary, load_tokenizer
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUTS = ("start_logits", "end_logits")
@@ -268,6 +268,7 @@ def export_onnx(
     net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
                      require_qa_head=True).float().eval()  # fmt: skip
     tokenizer = load_tokenizer(model)
+    check_vocabulary(tokenizer, net.config, model)
     nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if nbytes > MAX_INLINE_BYTES:
         raise ValueError(

@@ -27,8 +27,8 @@ def _gelu_tanh(x):
 # hidden_act -> (the function, the same activation as a post-op of oneDNN's fused linear: the attr and
 # algorithm arguments of mkldnn._linear_pointwise)
 ACTIVATIONS = {
-    "gelu": (F.gelu, ("gelu", "none")),  # erf form: Google's and HF's "gelu"
-    "gelu_new": (_gelu_tanh, ("gelu", "tanh")),  # tanh form: NVIDIA's bias_gelu
+    "gelu": (F.gelu, ("gelu", "none")),  # erf form: Google's, HF's and NVIDIA's (bias_gelu) "gelu"
+    "gelu_new": (_gelu_tanh, ("gelu", "tanh")),  # tanh form (GPT-2's)
     "gelu_tanh": (_gelu_tanh, ("gelu", "tanh")),
     "gelu_pytorch_tanh": (_gelu_tanh, ("gelu", "tanh")),
     "relu": (F.relu, ("relu", None)),

@@ -32,7 +32,7 @@ from .runtime import Precision
 from .squad.data import Example, unpaired_surrogate
 from .squad.features import featurize
 from .squad.postprocess import span_candidates
-from .tokenizer import load_tokenizer
+from .tokenizer import check_vocabulary, load_tokenizer
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -203,7 +203,9 @@ class QuestionAnswerer:
         check_positive(batch_size=batch_size)
         model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
                            attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
-        return cls(model, load_tokenizer(path), device, Precision.resolve(precision, device), batch_size, str(path))
+        tokenizer = load_tokenizer(path)
+        check_vocabulary(tokenizer, model.config, path)
+        return cls(model, tokenizer, device, Precision.resolve(precision, device), batch_size, str(path))
 
     @property
     def config(self):

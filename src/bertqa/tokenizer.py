@@ -110,6 +110,14 @@ def _has_upper_case(tokens) -> bool:
     return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, tokens))
 
 
+def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
+    """Refuse a tokenizer whose ids run past the model's vocabulary: another model's (its ids would index past
+    the embedding table). A smaller one is fine: NVIDIA's checkpoints pad the table to a multiple of 8."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
+                         f"vocabulary of {config.vocab_size:,}: it belongs to another model")  # fmt: skip
+
+
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
     """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
     or a weights file (the tokenizer beside it).

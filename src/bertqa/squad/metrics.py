@@ -194,11 +194,14 @@ def score_files(data_path, predictions_path, na_prob_path=None) -> dict:
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
     doc = load_json(data_path)
-    parse_squad(doc, data_path, is_training=False)  # validates, with one-line errors naming the question
+    v2 = is_squad_v2(doc)
+    # Validates, with one-line errors naming the question. In v2.0, as the official script reads it, a question
+    # with no answers is unanswerable, is_impossible or not (HF's squad_v2 exports leave it out).
+    parse_squad(doc, data_path, is_training=False, require_answers=not v2)
     if not any(True for _ in _questions(doc["data"])):
         raise SquadFormatError(f"{data_path}: no questions to score")
     predictions = _load_mapping(predictions_path, str, "an answer string")
-    if not is_squad_v2(doc):
+    if not v2:
         if na_prob_path is not None:
             log.warning("%s is SQuAD v1.1: the no-answer probabilities are not used", data_path)
         return evaluate_v1(doc["data"], predictions)
