@@ -200,7 +200,7 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile):
 
         def __init__(self, *args, **kw):
             self.name, FakeRow.built = FakeRow.built, FakeRow.built + 1
-            self.n, self.peak_memory = 0, 2**20
+            self.n, self.peak_memory, self.peak_memory_mb = 0, 2**20, 1.0
             warmups.append(kw["warmup"])
 
         def start(self):

@@ -322,7 +322,11 @@ class Row:
         rate = statistics.median(self.passes_per_s)
         return {"windows_per_s": self.pass_windows * rate, "tokens_per_s": self.pass_tokens * rate,
                 "flops_per_s": self.pass_flops * rate, "segments": [self.pass_windows * r for r in self.passes_per_s],
-                "peak_memory_mb": None if self.peak_memory is None else self.peak_memory / 2**20}  # fmt: skip
+                "peak_memory_mb": self.peak_memory_mb}  # fmt: skip
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        return None if self.peak_memory is None else self.peak_memory / 2**20
 
 
 def cpu_name() -> str:
@@ -394,7 +398,7 @@ def _check(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig) -> dict:
     from .checkpoint import load_model
-    from .config import ATTENTION_DROPOUT, BertConfig
+    from .config import ATTENTION_DROPOUT, BertConfig, check_seq_len
     from .distributed import resolve_device
     from .model import BertForQuestionAnswering
 
@@ -413,16 +417,11 @@ def bench(cfg: BenchConfig) -> dict:
         model = load_model(cfg.model, verbose=False)
     else:
         model = BertForQuestionAnswering(BertConfig.preset(cfg.preset))
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"--seq-len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} positions"
-        )
+    check_seq_len(cfg.seq_len, model.config.max_position_embeddings, "--seq-len")
     if cfg.data:
-        from .tokenizer import check_vocabulary, load_tokenizer
+        from .tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-        check_vocabulary(tokenizer, model.config, cfg.tokenizer or cfg.model)
-        windows = data_windows(cfg.data, tokenizer, cfg.seq_len)
+        windows = data_windows(cfg.data, load_tokenizer(cfg.tokenizer or cfg.model, config=model.config), cfg.seq_len)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
     where = device_name(device)
@@ -463,7 +462,7 @@ def bench(cfg: BenchConfig) -> dict:
             for name, (make, w, grouped, warmup) in makers.items()}  # fmt: skip
     for name, row in rows.items():
         row.start()
-        print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory)}", flush=True)
+        print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}", flush=True)
     for s in range(cfg.segments):  # round-robin: drift over the run slows every row alike
         rates = ", ".join(f"{name} {row.segment():.2f}" for name, row in rows.items())
         print(f"bertqa:   segment {s + 1}/{cfg.segments}: {rates} windows/s", flush=True)
@@ -471,9 +470,8 @@ def bench(cfg: BenchConfig) -> dict:
     rows = {name: row.result() for name, row in rows.items()}
     for name, r in rows.items():
         r["mfu"] = r.pop("flops_per_s") / peak
-        mb = r["peak_memory_mb"]
         print(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
-              f"MFU {100 * r['mfu']:5.1f}%  peak memory {_mb(None if mb is None else mb * 2**20)}  "
+              f"MFU {100 * r['mfu']:5.1f}%  peak memory {_mb(r['peak_memory_mb'])}  "
               f"(segments {', '.join(f'{x:.2f}' for x in r['segments'])})", flush=True)  # fmt: skip
     result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": where,
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
@@ -509,5 +507,5 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _mb(nbytes: int | None) -> str:
-    return "memory unmeasured" if nbytes is None else f"+{nbytes / 2**20:.0f} MB"
+def _mb(megabytes: float | None) -> str:
+    return "memory unmeasured" if megabytes is None else f"+{megabytes:.0f} MB"

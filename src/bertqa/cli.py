@@ -19,7 +19,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import load_model, save_pretrained
-    from .tokenizer import check_vocabulary, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
@@ -31,10 +31,9 @@ def cmd_convert(args):
     tok_source = args.vocab or src
     model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
     try:
-        tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case)
+        tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
     except FileNotFoundError:
         raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
-    check_vocabulary(tokenizer, model.config, tok_source)
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
     head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"

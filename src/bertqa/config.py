@@ -88,6 +88,12 @@ class BertConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def check_seq_len(length: int, max_positions: int, name: str) -> None:
+    """Refuse windows longer than the model's position table (`name`: the flag or parameter that set them)."""
+    if length > max_positions:
+        raise ValueError(f"{name} {length} exceeds the model's {max_positions} position embeddings")
+
+
 def _check_value(name: str, value, default) -> None:
     """A config.json value of the kind its field takes: a typo there is one line, not a crash in the model."""
     if isinstance(default, str):

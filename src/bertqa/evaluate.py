@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
+from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
 from .files import check_output, write_json
 from .inference import predict_logits, shard
@@ -171,16 +172,12 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
 def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = True):
     """Tokenizer and model, checked against the window length before anything is written. For inference the
     checkpoint must hold a fine-tuned QA head."""
-    tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)
+    tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)  # first: it fails faster than the weights
     model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
                        attn_implementation=cfg.attention, verbose=d.is_main,
                        require_qa_head=for_inference)  # fmt: skip
     check_vocabulary(tokenizer, model.config, cfg.model)
-    if cfg.max_seq_length > model.config.max_position_embeddings:
-        raise ValueError(
-            f"--max-seq-length {cfg.max_seq_length} exceeds the model's {model.config.max_position_embeddings} "
-            "position embeddings"
-        )
+    check_seq_len(cfg.max_seq_length, model.config.max_position_embeddings, "--max-seq-length")
     return tokenizer, model
 
 

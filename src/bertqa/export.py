@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
+from .config import check_seq_len
 from .files import atomic_path, check_output
 from .squad.data import Example, read_squad
 from .squad.features import Features, featurize
-from .tokenizer import check_vocabulary, load_tokenizer
+from .tokenizer import load_tokenizer
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUTS = ("start_logits", "end_logits")
@@ -267,16 +268,13 @@ def export_onnx(
     t0 = time.perf_counter()
     net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
                      require_qa_head=True).float().eval()  # fmt: skip
-    tokenizer = load_tokenizer(model)
-    check_vocabulary(tokenizer, net.config, model)
+    tokenizer = load_tokenizer(model, config=net.config)
     nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if nbytes > MAX_INLINE_BYTES:
         raise ValueError(
             f"--model {model}: {nbytes / 1e9:.2f} GB of fp32 weights exceed what a single-file ONNX graph holds (2 GB)"
         )
-    if max_seq_length > net.config.max_position_embeddings:
-        raise ValueError(f"--max-seq-length {max_seq_length} exceeds the model's "
-                         f"{net.config.max_position_embeddings} position embeddings")  # fmt: skip
+    check_seq_len(max_seq_length, net.config.max_position_embeddings, "--max-seq-length")
     features = check_windows(tokenizer, check_file, max_seq_length, doc_stride, max_query_length)
 
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}

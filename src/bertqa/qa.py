@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
+from .config import check_seq_len
 from .inference import predict_logits
 from .runtime import Precision
 from .squad.data import Example, unpaired_surrogate
 from .squad.features import featurize
 from .squad.postprocess import span_candidates
-from .tokenizer import check_vocabulary, load_tokenizer
+from .tokenizer import load_tokenizer
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -106,8 +107,7 @@ def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
 
 def check_windowing(max_seq_len: int, doc_stride: int, max_question_len: int, max_positions: int) -> None:
     """One-line errors for window settings the model or the windowing cannot take."""
-    if max_seq_len > max_positions:
-        raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {max_positions} position embeddings")
+    check_seq_len(max_seq_len, max_positions, "max_seq_len")
     if max_seq_len - max_question_len - 3 < doc_stride:
         raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
                          f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
@@ -203,8 +203,7 @@ class QuestionAnswerer:
         check_positive(batch_size=batch_size)
         model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
                            attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
-        tokenizer = load_tokenizer(path)
-        check_vocabulary(tokenizer, model.config, path)
+        tokenizer = load_tokenizer(path, config=model.config)
         return cls(model, tokenizer, device, Precision.resolve(precision, device), batch_size, str(path))
 
     @property

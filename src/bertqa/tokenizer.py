@@ -110,15 +110,7 @@ def _has_upper_case(tokens) -> bool:
     return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, tokens))
 
 
-def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
-    """Refuse a tokenizer whose ids run past the model's vocabulary: another model's (its ids would index past
-    the embedding table). A smaller one is fine: NVIDIA's checkpoints pad the table to a multiple of 8."""
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
-                         f"vocabulary of {config.vocab_size:,}: it belongs to another model")  # fmt: skip
-
-
-def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -> BertTokenizer:
+def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, config=None) -> BertTokenizer:
     """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
     or a weights file (the tokenizer beside it).
 
@@ -127,7 +119,24 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None) -
     `do_lower_case`, else the model's `config.json` if it says, else the vocabulary itself: one with
     upper-case word pieces is cased (lower-casing the input would make those pieces unreachable), one
     without is uncased. Lower-casing a vocabulary that has upper-case pieces is allowed but warned about.
+
+    With the model's `config`, the tokenizer is checked against it (check_vocabulary).
     """
+    tokenizer = _read_tokenizer(path, do_lower_case)
+    if config is not None:
+        check_vocabulary(tokenizer, config, path)
+    return tokenizer
+
+
+def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
+    """Refuse a tokenizer whose ids run past the model's vocabulary: another model's (its ids would index past
+    the embedding table). A smaller one is fine: NVIDIA's checkpoints pad the table to a multiple of 8."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
+                         f"vocabulary of {config.vocab_size:,}: it belongs to another model")  # fmt: skip
+
+
+def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> BertTokenizer:
     p = Path(path)
     if p.is_file() and p.suffix not in (".json", ".txt"):
         p = p.parent  # a weights file: its tokenizer lies beside it
