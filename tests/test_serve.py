@@ -329,8 +329,10 @@ class FakeQA:
 
     def __init__(self, delay=0.0):
         self.delay = delay
+        self.started = threading.Event()  # set when a batch reaches the model
 
     def answer_pairs(self, pairs, top_k, *rest):
+        self.started.set()
         time.sleep(self.delay)
         if any(q == "boom" for q, _ in pairs):
             raise RuntimeError("secret detail of a bug")
@@ -354,13 +356,19 @@ def running(app):
 
 
 def test_full_queue_is_503_with_retry_after():
-    app = create_app(FakeQA(delay=0.3), max_batch_size=1, max_wait_ms=0, max_queue=2)
+    fake = FakeQA(delay=0.3)
+    app = create_app(fake, max_batch_size=1, max_wait_ms=0, max_queue=2)
     with running(app) as url:
         wait_ready(url)
         payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
         refused_before = metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="503"}')
         with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda _: call(url, "POST", "/", payload), range(8)))
+            # One request in the model first, so that the other seven meet a busy worker and a queue of two
+            # (on a loaded machine all eight could otherwise queue before the worker takes the first).
+            fake.started.clear()
+            first = pool.submit(call, url, "POST", "/", payload)
+            assert fake.started.wait(10)
+            results = [first.result(), *pool.map(lambda _: call(url, "POST", "/", payload), range(7))]
         statuses = sorted(status for status, _, _ in results)
         assert statuses.count(200) >= 3 and statuses.count(503) >= 1 and set(statuses) == {200, 503}
         for status, headers, text in results:
