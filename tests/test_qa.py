@@ -268,3 +268,78 @@ def test_the_window_limit_is_checked_before_any_window_is_built(qa):
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20
+
+
+def every_pair_answers(examples, features, start, end, top_k, max_answer_len, align_words):
+    """The reference search, as the pipeline's: every valid (start, end) pair of every window scored, the
+    best score of each distinct answer text kept. [(answer, start, end)] per example, best first."""
+    best = [{} for _ in examples]
+    for r, e in enumerate(features.example_index.tolist()):
+        context = examples[e].context
+        for i in range(start.shape[1]):
+            if features.offsets[r, i, 0] < 0 or not features.max_context[r, i]:
+                continue
+            for j in range(i, min(i + max_answer_len, start.shape[1])):
+                if features.offsets[r, j, 0] < 0:
+                    continue
+                cs, ce = int(features.offsets[r, i, 0]), int(features.offsets[r, j, 1])
+                if align_words:
+                    cs, ce = align_to_words(context, cs, ce)
+                score = float(start[r, i]) + float(end[r, j])
+                if context[cs:ce] not in best[e] or score > best[e][context[cs:ce]][0]:
+                    best[e][context[cs:ce]] = (score, cs, ce)
+    return [[(text, cs, ce) for text, (_, cs, ce) in sorted(b.items(), key=lambda kv: -kv[1][0])[:top_k]]
+            for b in best]  # fmt: skip
+
+
+def late_starts_early_ends(features, seed=0, slope=0.3):
+    """Logits where the likeliest starts come after the likeliest ends: the best valid pairs lie far past
+    each window's top-20 starts and ends."""
+    rng = np.random.default_rng(seed)
+    pos = np.arange(features.max_seq_length, dtype=np.float64)
+    noise = rng.normal(size=(2, len(features), features.max_seq_length))
+    return slope * pos + noise[0], -slope * pos + noise[1]
+
+
+@pytest.mark.parametrize("align_words", [False, True])
+def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(tiny_dir, tiny_squad, monkeypatch, align_words):
+    import bertqa.qa
+    from bertqa.tokenizer import load_tokenizer
+
+    qs = questions(tiny_squad)
+    examples = [Example(qid, q, c, [], []) for q, c, _, qid in qs]
+    features = featurize(examples, load_tokenizer(tiny_dir), 64, 16, 32)  # several windows per context
+    start, end = late_starts_early_ends(features)
+    for top_k, max_len in ((1, 30), (3, 8), (25, 30)):
+        expected = every_pair_answers(examples, features, start, end, top_k, max_len, align_words)
+        ranked = rank_answers(examples, features, start, end, top_k, max_len, False, align_words)
+        assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == expected
+        # Scored a window at a time (an example's windows split over groups), the answers are the same.
+        monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1)
+        assert rank_answers(examples, features, start, end, top_k, max_len, False, align_words) == ranked
+        monkeypatch.undo()
+
+
+def test_a_deep_search_stays_within_its_pair_budget(tiny_dir, monkeypatch):
+    """Logits that send the search to the last column of every window: scored in groups of PAIR_BUDGET
+    pairs, not all at once (76 windows of 384 tokens: 11 M pairs, about 200 MB)."""
+    import tracemalloc
+
+    import bertqa.qa
+    from bertqa.tokenizer import load_tokenizer
+
+    examples = [Example(str(i), "Who?", f"Ada Lovelace wrote program {i}. " * 400, [], []) for i in range(4)]
+    features = featurize(examples, load_tokenizer(tiny_dir), 384, 128, 64)
+    assert len(features) > 70
+    start, end = late_starts_early_ends(features, slope=1.0)
+    monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1 << 16)
+    tracemalloc.start()
+    try:
+        ranked = rank_answers(examples, features, start, end, 2, 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20
+    assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == every_pair_answers(
+        examples, features, start, end, 2, 30, False
+    )
