@@ -88,6 +88,22 @@ def tiny_dir(tmp_path_factory, minilm_dir):
 
 
 @pytest.fixture(scope="session")
+def zebra_nan_dir(tmp_path_factory, tiny_dir):
+    """tiny_dir's model with NaN in the embedding of "zebra": a window holding that word gets NaN logits, the
+    others finite ones (as a corrupt checkpoint, or fp16 overflowing on some inputs only, behaves)."""
+    import torch
+
+    from bertqa.checkpoint import load_model, save_pretrained
+    from bertqa.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    model = load_model(tiny_dir, verbose=False)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[tokenizer.backend.token_to_id("zebra")] = float("nan")
+    return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("zebra-nan") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_squad():
     """Our own small SQuAD v1.1 file (tests/data/tiny-squad.json): 5 paragraphs, 20 questions."""
     return DATA / "tiny-squad.json"

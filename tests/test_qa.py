@@ -343,3 +343,24 @@ def test_a_deep_search_stays_within_its_pair_budget(tiny_dir, monkeypatch):
     assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == every_pair_answers(
         examples, features, start, end, 2, 30, False
     )
+
+
+def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp_path):
+    from bertqa.inference import NonFiniteLogits
+
+    qa = QuestionAnswerer.from_pretrained(zebra_nan_dir, device="cpu", precision="fp32")
+    assert qa("Who won?", "Ada won the race.")["answer"]  # the weights are fine elsewhere
+    with pytest.raises(NonFiniteLogits, match=r"NaN or infinite for window 2: its weights hold NaN"):
+        qa("Who won?", ["Ada won.", "Bo won the race.", "The zebra won.", "Cy won."])
+    # The commands: one line, exit 1, and no partial output.
+    r = run_cli("ask", "--model", zebra_nan_dir, "--question", "Who won?", "--context", "The zebra won.")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("bertqa: error: the model's logits")
+    doc = json.loads(tiny_squad.read_text())
+    doc["data"][0]["paragraphs"][0]["context"] += " A zebra watched."
+    (tmp_path / "zebra.json").write_text(json.dumps(doc))
+    r = run_cli("evaluate", "--model", zebra_nan_dir, "--predict-file", tmp_path / "zebra.json", "--output-dir",
+                tmp_path / "eval", "--max-seq-length", 128, "--doc-stride", 32, "--max-query-length", 32,
+                "--cache-dir", "none")  # fmt: skip
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "NaN or infinite for window" in line and "internal error" not in line
+    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())

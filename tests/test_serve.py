@@ -414,6 +414,24 @@ def test_a_bug_is_500_without_details_and_spares_its_batch(caplog):
     assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
 
 
+def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, caplog):
+    from bertqa.qa import QuestionAnswerer
+
+    qa = QuestionAnswerer.from_pretrained(zebra_nan_dir, device="cpu", precision="fp32")
+    app = create_app(qa, max_batch_size=8, max_wait_ms=300)
+    with running(app) as url:
+        wait_ready(url)
+        with ThreadPoolExecutor(2) as pool:  # batched together: only the request with "zebra" fails
+            bad, good = pool.map(
+                lambda c: call(url, "POST", "/v1/answer", {"question": "Who won?", "context": c}),
+                ["The zebra won.", "Denver won."],
+            )
+        assert_json_error(*bad, 500)
+        assert json.loads(bad[2])["error"].startswith("the model's logits are NaN or infinite for window 0")
+        assert good[0] == 200 and json.loads(good[2])["answers"][0][0]["answer"]
+    assert "NaN or infinite" in caplog.text
+
+
 def test_ready_only_after_loading():
     loaded = threading.Event()
 

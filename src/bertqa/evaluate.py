@@ -140,8 +140,8 @@ def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
     barrier(d)
     t0 = time.perf_counter()
     progress = cfg.progress and d.is_main
-    start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, precision.autocast(), progress)
-    barrier(d)
+    with fail_together(d):  # NaN logits on one rank stop every rank (the agreement is also the barrier)
+        start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, precision.autocast(), progress)
     infer_time = time.perf_counter() - t0
     parts = all_gather_objects(d, (start, end))
     if not d.is_main:

@@ -10,8 +10,9 @@ token counted once (from the window that gives it the most context, as evaluatio
 answer ([CLS], from the window with the lowest null score, as Google's SQuAD v2.0 code takes it) share one
 softmax, and a span scores P(start) * P(end). For a context that fits one window this is exactly the
 pipeline's score, which keeps [CLS] in its softmax too. With `handle_impossible_answer` the null answer is
-also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the default, as the pipeline's) an answer that starts or ends
-inside a word is widened to whole words.
+also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the
+default, as the pipeline's) an answer that starts or ends inside a word is widened to whole words. The search
+is the pipeline's too: the best of every valid (start, end) pair (see `rank_answers`).
 
 One difference from the pipeline, as bertqa's API defines it: `max_answer_len` defaults to 30 tokens (the
 SQuAD recipes' max_answer_length), where the pipeline's default was 15.

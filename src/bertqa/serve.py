@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, check_positive, check_windowing, input_pairs
 
 log = logging.getLogger("bertqa.serve")
@@ -506,6 +507,9 @@ class _Server:
             return await asyncio.wait_for(future, self.settings["timeout_s"])
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within {self.settings['timeout_s']:g} s; retry later") from None
+        except NonFiniteLogits as e:  # the model's fault, not the request's
+            log.error("%s", e)
+            raise ApiError(500, str(e)) from None
         except ValueError as e:  # the model's own input checks: the request's fault
             raise ApiError(400, str(e).splitlines()[0]) from None
 
