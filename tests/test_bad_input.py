@@ -539,6 +539,17 @@ def test_questions_on_stdin_that_are_not_utf8(inputs, errors, message, capsys, m
     assert code == 1 and one_error_line(err) == f"bertqa: error: {message}" and out == ""
 
 
+def test_blank_lines_on_stdin_end_the_questions_or_are_refused(inputs, capsys, monkeypatch):
+    argv = ["ask", "--model", inputs["tiny"], "--context", "Ada won.", "--precision", "fp32", "--device", "cpu"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\nWho lost?\n\n  \n"))  # an editor's trailing lines
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    assert code == 0 and len(out.splitlines()) == 2, err
+    # Between questions a blank line is refused: the answer lines would no longer match the question lines.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\n\nWho lost?\n"))
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
+
+
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
     for argv in (["evaluate"], ["ask", "--model", "m", "--top-k", "many"], ["frobnicate"]):
         code, _, err = run_main(argv, capsys, monkeypatch)

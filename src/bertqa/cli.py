@@ -158,9 +158,11 @@ def cmd_ask(args):
         questions = [line.strip() for line in sys.stdin.read().splitlines()]
     except UnicodeDecodeError:
         raise UsageError("stdin: not UTF-8 text") from None
+    while questions and not questions[-1]:  # blank lines at the end (an editor's) ask nothing
+        questions.pop()
     for n, q in enumerate(questions, 1):
         if not q:
-            raise UsageError(f"stdin line {n}: empty question (one question per line)")
+            raise UsageError(f"stdin line {n}: empty question (one question per line, one answer line each)")
         if unpaired_surrogate(q) is not None:  # what undecodable bytes become under Python's surrogateescape
             raise UsageError(f"stdin line {n}: not UTF-8 text")
     if not questions:
