@@ -192,6 +192,39 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 
+def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_squad, tmp_path):
+    out = tmp_path / "run"
+
+    def crash(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint at step 4 of 6
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2), on_step=crash)
+    kept = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
+    message = r"checkpoint.pt: a run that stopped at step 4 of 6 is here; --resume continues it, or move it away"
+    with pytest.raises(ValueError, match=message):
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2))
+    with pytest.raises(ValueError, match=message):  # another run's settings: refused all the same
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=3, seed=7))
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    # A checkpoint from before the total was recorded: judged against this run's total.
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    older = tmp_path / "older"
+    older.mkdir()
+    torch.save({k: v for k, v in state.items() if k != "total_steps"}, older / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"stopped at step 4 of 6 is here"):
+        train(cfg_for(tiny_dir, small_squad, older))
+    # Resumed with a total of steps that differs (the same settings, other data): refused.
+    torch.save({**state, "total_steps": 9}, older / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(9 steps -> 6: the training data differ\)"):
+        train(cfg_for(tiny_dir, small_squad, older, resume=True))
+    # Finished by --resume, the folder takes a fresh run again (as the demo reruns into runs/demo).
+    train(cfg_for(tiny_dir, small_squad, out, save_every=2, resume=True))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert train(cfg_for(tiny_dir, small_squad, out, max_steps=2))["steps"] == 2
+
+
 def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_dir, small_squad, tmp_path):
     """A run started with --precision auto and the tokenizer's own lower-casing resumes when those are then
     given explicitly with the values they came to, and is refused when an explicit value differs from them."""

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .batching import epoch_batches, to_batch
 from .checkpoint import save_pretrained
 from .config import ATTENTION_DROPOUT
-from .distributed import Dist, all_gather_objects, distributed
+from .distributed import Dist, all_gather_objects, distributed, fail_together
 from .evaluate import (
     EvalConfig,
     finish,
@@ -108,10 +108,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig, d: Dist,
-                    final_loss: float | None, skipped: tuple[int, int], resolved: dict,
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, total_steps: int, cfg: TrainConfig,
+                    d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
                     since_log: tuple[torch.Tensor, torch.Tensor]) -> None:  # fmt: skip
-    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step, every rank's RNG and
+    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step (of total_steps: a run
+    that stopped short is told from a finished one, see refuse_to_replace), every rank's RNG and
     loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), and what the
     run resolved its defaults to (`resolved`, see check_resumable).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
@@ -124,6 +125,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
+        "total_steps": total_steps,
         "final_loss": final_loss,
         "skipped_steps": skipped,  # updates skipped for non-finite values: in all, and in a row now
         "rng": [rng for rng, _ in per_rank],
@@ -189,12 +191,31 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
         why = f"step {step!r}, not an integer in 0..{total_steps}"
         raise ValueError(f"{path}: damaged checkpoint ({why}); {BAD_CHECKPOINT}")
     # Added later than the keys above: absent from older checkpoints, checked where present.
+    if state.get("total_steps", total_steps) != total_steps:  # the same settings over a train file since changed
+        why = f"{state['total_steps']} steps -> {total_steps}: the training data differ"
+        raise ValueError(f"{path}: cannot resume a different run ({why}); use another --output-dir")
     skipped = state.get("skipped_steps", (0, 0))
     since_log = state.get("loss_since_log", [(0.0, 0.0)] * ws)
     if not (_numbers(skipped, 2, int) and isinstance(since_log, list) and len(since_log) == ws
             and all(_numbers(x, 2, float) for x in since_log)):  # fmt: skip
         raise ValueError(f"{path}: damaged checkpoint (bad skipped_steps or loss_since_log); {BAD_CHECKPOINT}")
     return state
+
+
+def refuse_to_replace(path: Path, total_steps: int) -> None:
+    """A run started afresh (no --resume) writes its own checkpoint over OUTPUT/checkpoint.pt at its first save:
+    refuse where that file holds a run that stopped short, whose steps would be lost. A finished run's
+    checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped: the step,
+    not gigabytes of weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = state["step"]
+        total = state.get("total_steps", total_steps)  # older checkpoints have no total: this run's
+    except Exception:  # damaged or foreign: load_checkpoint's to judge, on --resume; a fresh start replaces it
+        return
+    if type(step) is int and type(total) is int and step < total:
+        raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
+                         "or move it away (or use another --output-dir) to start over")  # fmt: skip
 
 
 def _numbers(x, n: int, kind: type) -> bool:
@@ -344,6 +365,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             remove_stale_temps(out_dir / name)
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
     resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
+    if not cfg.resume:
+        with fail_together(d):  # every rank joins it, whether it sees the file or not
+            if ckpt_path.is_file():
+                refuse_to_replace(ckpt_path, total_steps)
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
         # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
@@ -465,7 +490,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, cfg, d, final_loss,
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, total_steps, cfg, d, final_loss,
                             (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
             saved_step = done
         if on_step is not None:
@@ -473,7 +498,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, cfg, d, final_loss,
+    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, total_steps, cfg, d, final_loss,
                     (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
     trained = (total_steps - start_step) * global_batch
     summary = {"e2e_train_time": train_time,
