@@ -178,7 +178,16 @@ def test_a_v2_question_without_answers_is_unanswerable_with_or_without_is_imposs
         ("data", {"data": []}, "no questions"),
         ("preds", ["Paris"], "expected a JSON object"),
         ("preds", {"q1": 3}, "question id 'q1': expected an answer string"),
-        ("na", {"q1": "high"}, "expected a number"),
+        ("na", {"q1": "high"}, "expected a finite number"),
+        ("na", {"q1": float("nan")}, "question id 'q1': expected a finite number, got nan"),
+        ("na", {"q1": float("-inf")}, "question id 'q1': expected a finite number, got -inf"),
+        # Not SQuAD's shape at all: named in one line, not an internal error while telling v1.1 from v2.0.
+        ("data", [], "not a SQuAD file"),
+        ("data", {"data": 5}, "not a SQuAD file"),
+        ("data", {"data": {"a": 1}}, "not a SQuAD file"),
+        ("data", {"data": ["x"]}, "article 0: 'data[]' must be a JSON object"),
+        ("data", {"data": [{"paragraphs": ["x"]}]}, "paragraph 0: 'paragraphs[]' must be a JSON object"),
+        ("data", {"data": [{"paragraphs": [{"context": "c", "qas": ["x"]}]}]}, "must be a JSON object"),
         ("na", {"q9": 0.5}, "no probability for question id 'q1'"),
     ],
 )

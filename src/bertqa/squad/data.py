@@ -70,15 +70,23 @@ def load_json(path: str | os.PathLike) -> dict:
 
 def is_squad_v2(path_or_json) -> bool:
     """True for a SQuAD v2.0 file: its version says so or any question carries `is_impossible`."""
-    doc = path_or_json if isinstance(path_or_json, dict) else load_json(path_or_json)
+    doc = load_json(path_or_json) if isinstance(path_or_json, (str, os.PathLike)) else path_or_json
+    if not isinstance(doc, dict):  # not SQuAD at all: parse_squad says so, naming the file
+        return False
     if str(doc.get("version", "")).lstrip("v").startswith("2"):
         return True
-    for article in doc.get("data") or []:
-        for paragraph in (article or {}).get("paragraphs") or []:
-            for qa in (paragraph or {}).get("qas") or []:
-                if isinstance(qa, dict) and "is_impossible" in qa:
-                    return True
+    for article in _items(doc, "data"):
+        for paragraph in _items(article, "paragraphs"):
+            if any("is_impossible" in qa for qa in _items(paragraph, "qas") if isinstance(qa, dict)):
+                return True
     return False
+
+
+def _items(parent, key: str) -> list:
+    """parent[key] where parent is an object and that is a list, else nothing (a malformed file is
+    parse_squad's to report)."""
+    value = parent.get(key) if isinstance(parent, dict) else None
+    return value if isinstance(value, list) else []
 
 
 # Users read JSON, so name JSON's types rather than Python's.

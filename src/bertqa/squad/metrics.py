@@ -9,6 +9,7 @@ case where the numbers are defined here and not there (missing predictions).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import string
 from collections import Counter, OrderedDict
@@ -183,7 +184,9 @@ def _load_mapping(path, value_type, what: str) -> dict:
     if not isinstance(doc, dict):
         raise SquadFormatError(f"{path}: expected a JSON object of question id -> {what}")
     for qid, value in doc.items():
-        if not isinstance(value, value_type) or isinstance(value, bool):
+        # JSON's NaN and Infinity (Python reads them) would print as invalid JSON and sort nowhere.
+        bad_number = isinstance(value, float) and not math.isfinite(value)
+        if not isinstance(value, value_type) or isinstance(value, bool) or bad_number:
             raise SquadFormatError(f"{path}: question id {qid!r}: expected {what}, got {value!r:.40}")
     return doc
 
@@ -207,7 +210,7 @@ def score_files(data_path, predictions_path, na_prob_path=None) -> dict:
         return evaluate_v1(doc["data"], predictions)
     na_probs = None
     if na_prob_path is not None:
-        na_probs = _load_mapping(na_prob_path, (int, float), "a number")
+        na_probs = _load_mapping(na_prob_path, (int, float), "a finite number")
         lacking = [qa["id"] for qa in _questions(doc["data"]) if qa["id"] in predictions and qa["id"] not in na_probs]
         if lacking:
             raise SquadFormatError(f"{na_prob_path}: no probability for question id {lacking[0]!r}")
