@@ -1,11 +1,13 @@
 """Precision choice (auto on every kind of device, with the probes mocked), scoped settings, atomic writes."""
 
+import json
 import logging
+import os
 
 import pytest
 import torch
 
-from bertqa.files import atomic_dir, atomic_path, write_json
+from bertqa.files import atomic_dir, atomic_path, remove_stale_temps, write_json
 from bertqa.runtime import Precision, rng_state, set_rng_state
 
 CPU = torch.device("cpu")
@@ -130,6 +132,40 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
         (tmp / "x").write_text("")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_existing_files_mode_is_kept_and_a_symlink_is_written_through(tmp_path):
+    private = tmp_path / "private.json"
+    write_json(private, {"v": 1})
+    private.chmod(0o600)
+    write_json(private, {"v": 2})
+    assert private.stat().st_mode & 0o777 == 0o600 and '"v": 2' in private.read_text()
+    target, link = tmp_path / "runs" / "pred.json", tmp_path / "latest.json"
+    write_json(target, {"v": 1})
+    link.symlink_to(os.path.relpath(target, tmp_path))
+    write_json(link, {"v": 2})  # as `> latest.json` in a shell: the file it points to is rewritten
+    assert link.is_symlink() and '"v": 2' in target.read_text()
+    folder_link = tmp_path / "model"
+    folder_link.symlink_to("runs")
+    with atomic_dir(folder_link) as tmp:
+        (tmp / "weights").write_text("new")
+    assert folder_link.is_symlink() and [p.name for p in (tmp_path / "runs").iterdir()] == ["weights"]
+
+
+def test_a_file_name_of_the_longest_legal_length_is_written_and_its_leftovers_found(tmp_path):
+    name = "模" * 80 + ".json"  # 245 bytes: legal, but with a temporary name's 14 more bytes it would not be
+    write_json(tmp_path / name, {"v": 1})
+    assert json.loads((tmp_path / name).read_text()) == {"v": 1}
+    with atomic_path(tmp_path / name) as tmp:
+        tmp.write_text("half")
+        assert len(os.fsencode(tmp.name)) <= 255 and remove_stale_temps(tmp_path / name) == [tmp]
+        tmp.write_text("{}")
+    folder = tmp_path / ("d" * 250)
+    with atomic_dir(folder) as tmp:
+        (tmp / "x").write_text("")
+    with atomic_dir(folder) as tmp:  # replacing it moves the old one aside under another long name
+        (tmp / "y").write_text("")
+    assert [p.name for p in folder.iterdir()] == ["y"] and len(list(tmp_path.iterdir())) == 2
 
 
 @pytest.mark.parametrize("preset", [None, "7"])

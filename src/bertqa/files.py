@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,20 +26,49 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+NAME_MAX = 255  # bytes in one file name (Linux and macOS file systems)
+
+
+def _fit(name: str, decoration: int) -> str:
+    """`name`, cut short (whole characters) if need be, so that a temporary name made of it and `decoration`
+    more bytes (dots, a random part, `.tmp`) still fits NAME_MAX: an output whose own name is legal can be
+    written."""
+    while len(os.fsencode(name)) + decoration > NAME_MAX:
+        name = name[:-1]
+    return name
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """Where to write `path`: a symlink's target, as a shell's `>` writes it (replacing the link itself with a
+    file would leave what it points to stale)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _tmp_file_prefix(path: Path) -> str:
+    # mkstemp adds 8 random characters; ".", ".", ".tmp" and the suffix come with them
+    return f".{_fit(path.stem, 14 + len(os.fsencode(path.suffix)))}."
+
+
+def _tmp_dir_prefix(path: Path, kind: str) -> str:
+    return f".{_fit(path.name, 14)}.{kind}-"  # kind: "tmp" or "old"; mkdtemp adds 8 random characters
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = False):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
     file system), on any exception it is removed and `path` keeps what it had. `durable`: the file and then
     the rename are flushed to disk (fsync), so that a power loss, not only a killed process, leaves either the
     old file or the new one (for checkpoints; it costs the time the disk takes)."""
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_file_prefix(path), suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode a plain open() would
+        # mkstemp makes it 0600: give it the mode of the file it replaces, else the one a plain open() would.
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK)
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -91,15 +121,15 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
 def atomic_dir(path: str | os.PathLike):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole (the old folder,
     if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched."""
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-")) / path.name
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
             path.rename(old)
         try:
             tmp.rename(path)
@@ -119,13 +149,14 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     outright (SIGKILL, power loss) mid-write, a temporary file or folder, and return those. Only for a path
     that no live process is writing (see `exclusive`). A folder killed between atomic_dir's two renames is
     missing, its previous version moved aside: that version is put back first."""
-    path = Path(path)
-    name, stem, suffix = (glob.escape(x) for x in (path.name, path.stem, path.suffix))
-    for old in sorted(path.parent.glob(f".{name}.old-*")):
+    path = _target(path)
+    file_prefix, tmp_prefix, old_prefix = (glob.escape(p) for p in (
+        _tmp_file_prefix(path), _tmp_dir_prefix(path, "tmp"), _tmp_dir_prefix(path, "old")))  # fmt: skip
+    for old in sorted(path.parent.glob(f"{old_prefix}*")):
         if not path.exists() and (old / path.name).is_dir():
             (old / path.name).rename(path)
-    stale = sorted({*path.parent.glob(f".{stem}.*.tmp{suffix}"), *path.parent.glob(f".{name}.tmp-*"),
-                    *path.parent.glob(f".{name}.old-*")})  # fmt: skip
+    stale = sorted({*path.parent.glob(f"{file_prefix}*.tmp{glob.escape(path.suffix)}"),
+                    *path.parent.glob(f"{tmp_prefix}*"), *path.parent.glob(f"{old_prefix}*")})  # fmt: skip
     for tmp in stale:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
