@@ -186,14 +186,14 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
     if not config_ok or not (isinstance(ws, int) and isinstance(state["rng"], list) and len(state["rng"]) == ws):
         raise ValueError(f"{path}: damaged checkpoint (bad config, world_size or rng); {BAD_CHECKPOINT}")
     check_resumable(path, state, cfg, d, resolved)
+    if state.get("total_steps", total_steps) != total_steps:  # the same settings over a train file since changed
+        why = f"{state['total_steps']} steps -> {total_steps}: the training data differ"
+        raise ValueError(f"{path}: cannot resume a different run ({why}); use another --output-dir")
     step = state["step"]
     if type(step) is not int or not 0 <= step <= total_steps:
         why = f"step {step!r}, not an integer in 0..{total_steps}"
         raise ValueError(f"{path}: damaged checkpoint ({why}); {BAD_CHECKPOINT}")
     # Added later than the keys above: absent from older checkpoints, checked where present.
-    if state.get("total_steps", total_steps) != total_steps:  # the same settings over a train file since changed
-        why = f"{state['total_steps']} steps -> {total_steps}: the training data differ"
-        raise ValueError(f"{path}: cannot resume a different run ({why}); use another --output-dir")
     skipped = state.get("skipped_steps", (0, 0))
     since_log = state.get("loss_since_log", [(0.0, 0.0)] * ws)
     if not (_numbers(skipped, 2, int) and isinstance(since_log, list) and len(since_log) == ws
@@ -202,18 +202,31 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
     return state
 
 
-def refuse_to_replace(path: Path, total_steps: int) -> None:
+def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, resolved: dict) -> None:
     """A run started afresh (no --resume) writes its own checkpoint over OUTPUT/checkpoint.pt at its first save:
-    refuse where that file holds a run that stopped short, whose steps would be lost. A finished run's
-    checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped: the step,
-    not gigabytes of weights."""
+    refuse where that file may hold a run that stopped short, whose steps would be lost. A finished run's
+    checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped where it can
+    be: the step, not gigabytes of weights."""
+    unknown = f"{path}: a checkpoint is here, and how far its run got cannot be told"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = state["step"]
-        total = state.get("total_steps", total_steps)  # older checkpoints have no total: this run's
-    except Exception:  # damaged or foreign: load_checkpoint's to judge, on --resume; a fresh start replaces it
-        return
-    if type(step) is int and type(total) is int and step < total:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file of torch's legacy format cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        step, total = state["step"], state.get("total_steps")
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{unknown} ({type(e).__name__}); {BAD_CHECKPOINT}") from None
+    if total is None:  # written before checkpoints recorded their total: this run's, if it is the same run
+        try:
+            check_resumable(path, state, cfg, d, resolved)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{unknown} (another run's, from an older bertqa); {BAD_CHECKPOINT}") from None
+        total = total_steps
+    if type(step) is not int or type(total) is not int:
+        raise ValueError(f"{unknown} (step {step!r:.20} of {total!r:.20}); {BAD_CHECKPOINT}")
+    if step < total:
         raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
 
@@ -368,7 +381,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     if not cfg.resume:
         with fail_together(d):  # every rank joins it, whether it sees the file or not
             if ckpt_path.is_file():
-                refuse_to_replace(ckpt_path, total_steps)
+                refuse_to_replace(ckpt_path, cfg, d, total_steps, resolved)
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
         # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
