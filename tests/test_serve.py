@@ -429,6 +429,10 @@ def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, 
         assert_json_error(*bad, 500)
         assert json.loads(bad[2])["error"].startswith("the model's logits are NaN or infinite for window 0")
         assert good[0] == 200 and json.loads(good[2])["answers"][0][0]["answer"]
+        text = call(url, "GET", "/metrics")[2]  # the two were one batch (it failed), then each ran alone
+        assert (
+            metric(text, 'bertqa_batch_size_bucket{le="2.0"}') - metric(text, 'bertqa_batch_size_bucket{le="1.0"}') == 1
+        )
     assert "NaN or infinite" in caplog.text
 
 
