@@ -155,6 +155,23 @@ def test_fail_together_raises_the_first_failure_on_every_rank(tmp_path):
     assert [tuple(s) for s in zip(seen[0], seen[1], strict=True)] == [want for _, want in CASES]
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0': expected an integer >= 1"),
+    ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two': expected an integer >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "environment variable RANK='-1': expected an integer >= 0"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2: must be below WORLD_SIZE=2"),
+])  # fmt: skip
+def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
+    from bertqa.distributed import distributed
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"), distributed("cpu"):
+        pass
+
+
 def test_fail_together_is_a_no_op_without_a_process_group():
     d = Dist()  # a world of one: nothing is gathered and errors pass through unchanged
     with fail_together(d):

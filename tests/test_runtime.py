@@ -134,6 +134,25 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
 
 
+def test_sync_and_rng_address_the_device_itself_not_the_current_one(monkeypatch):
+    """cuda:1 is not torch.cuda's current device unless set: called without a device, these would time, save
+    and restore cuda:0."""
+    from bertqa.runtime import synchronize
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or "s")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": calls.append((new_state, device)))
+    gpu1 = torch.device("cuda", 1)
+    synchronize(gpu1)
+    state = rng_state(gpu1)
+    set_rng_state(state, gpu1)
+    assert calls == [("sync", gpu1), ("get", gpu1), ("s", gpu1)] and state["cuda"] == "s"
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))  # one device: no argument
+    synchronize(torch.device("mps"))
+    assert calls[-1] == "mps"
+
+
 def test_an_existing_files_mode_is_kept_and_a_symlink_is_written_through(tmp_path):
     private = tmp_path / "private.json"
     write_json(private, {"v": 1})

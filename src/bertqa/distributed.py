@@ -48,6 +48,7 @@ def default_device() -> str:
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
     type is given the local rank as its index."""
+    what = f"--device {name}" if name else "the default device"
     name = name or default_device()
     try:
         device = torch.device(name)
@@ -55,27 +56,43 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name!r}: {e}") from None
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, local_rank)
+        if local_rank:
+            what += f" as {device} (LOCAL_RANK {local_rank})"
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, AttributeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"--device {name}: not usable here ({first})") from None
+        raise ValueError(f"{what}: not usable here ({first})") from None
     return device
+
+
+def _env_int(name: str, default: int, least: int) -> int:
+    """A torchrun variable as an integer >= least, or a one-line error naming it."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {least}")
+    return value
 
 
 @contextmanager
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={rank}: must be below WORLD_SIZE={world}")
     device = resolve_device(device_name, local_rank)
     if rank != 0:
         logging.getLogger("bertqa").setLevel(logging.ERROR)  # notes once, from rank 0
     if world == 1:
         yield Dist(0, 1, 0, device)
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type != "cpu" and getattr(torch.accelerator.current_accelerator(), "type", None) == device.type:
+        torch.accelerator.set_device_index(device)  # collectives and the default stream on this rank's device
     # NCCL on CUDA, gloo elsewhere; an out-of-tree backend registers its own name for its device type.
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
     if backend is None:

@@ -5,6 +5,8 @@ changed; device synchronisation and RNG state for any accelerator, CUDA or not.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -107,24 +109,34 @@ def _module(device: torch.device):
     return None if device.type == "cpu" else getattr(torch, device.type, None)
 
 
+def _on(device: torch.device, name: str):
+    """The accelerator module's function `name`, bound to `device` itself where it takes a device (cuda:1 is
+    not the current device unless something made it so), or None on the CPU or where the module lacks it."""
+    fn = getattr(_module(device), name, None)
+    if fn is None:
+        return None
+    try:
+        takes_device = "device" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        takes_device = False
+    return functools.partial(fn, device=device) if takes_device else fn  # torch.mps.synchronize takes none
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a timing boundary); nothing to do on the CPU."""
-    mod = _module(device)
-    if mod is not None and hasattr(mod, "synchronize"):
-        mod.synchronize()
+    if (fn := _on(device, "synchronize")) is not None:
+        fn()
 
 
 def rng_state(device: torch.device) -> dict:
     """The CPU generator's state and the device's own, whatever the accelerator."""
     state = {"cpu": torch.get_rng_state()}
-    mod = _module(device)
-    if mod is not None and hasattr(mod, "get_rng_state"):
-        state[device.type] = mod.get_rng_state()
+    if (fn := _on(device, "get_rng_state")) is not None:
+        state[device.type] = fn()
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    mod = _module(device)
-    if device.type in state and mod is not None and hasattr(mod, "set_rng_state"):
-        mod.set_rng_state(state[device.type])
+    if device.type in state and (fn := _on(device, "set_rng_state")) is not None:
+        fn(state[device.type])
