@@ -427,6 +427,8 @@ CLI_CASES = {
                                     ["surrogate.json", "question id 't0'", "not valid Unicode"]),
     "train: --max-grad-norm nan": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir",
                                     "{out}/run", "--max-grad-norm", "nan"], ["--max-grad-norm must be a finite"]),
+    "train: --seed -1": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir", "{out}/run",
+                          "--seed", "-1"], ["--seed must be an integer in 0..4294967295, got -1"]),
     "train: --epochs inf": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir", "{out}/run",
                              "--epochs", "inf"], ["--epochs must be a finite number, got inf"]),
     "evaluate: --null-score-diff-threshold nan": (["evaluate", "--model", "{tiny}", "--predict-file", "{squad}",
@@ -596,6 +598,27 @@ def test_a_bug_is_one_line_and_its_traceback_comes_with_debug(argv, env, traceba
     if not traceback:
         one_error_line(err)
         assert "--debug" in last and "BERTQA_DEBUG=1" in last
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] . "
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB"
+        ),
+    ],
+)
+def test_running_out_of_host_memory_is_said_so_in_one_line(error, capsys, monkeypatch):
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_score", exhausted)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == (
+        "bertqa: error: out of memory; a smaller --batch-size (or --max-seq-length) may fit"
+    )
 
 
 def test_debug_also_shows_where_a_user_error_came_from(tmp_path, capsys, monkeypatch):

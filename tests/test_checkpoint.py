@@ -286,6 +286,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
     [
         ({"pad_token_id": 1000}, "pad_token_id 1000 is not a token of the 1000-token vocabulary"),
         ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be below 1, not 1.0"),
+        ({"type_vocab_size": 1}, r"'type_vocab_size' must be at least 2 \(question and context segments\), not 1"),
     ],
 )
 def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_path):

@@ -436,6 +436,19 @@ def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, 
     assert "NaN or infinite" in caplog.text
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"max_wait_ms": float("inf")}, "max_wait_ms (--max-wait-ms) must be >= 0 and under the timeout (30 s)"),
+    ({"max_wait_ms": 40_000}, "max_wait_ms (--max-wait-ms) must be >= 0 and under the timeout (30 s)"),
+    ({"max_wait_ms": float("nan")}, "max_wait_ms (--max-wait-ms) must be >= 0"),
+    ({"timeout_s": float("inf")}, "timeout_s (--timeout) must be a positive number of seconds, got inf"),
+    ({"timeout_s": 0}, "timeout_s (--timeout) must be a positive number of seconds, got 0"),
+])  # fmt: skip
+def test_waits_that_would_answer_nobody_are_refused(settings, message):
+    # A batch that waits past the timeout (or forever) would turn every lone request into a 504.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_app(FakeQA(), **{"max_wait_ms": 5.0, "timeout_s": 30.0, **settings})
+
+
 def test_ready_only_after_loading():
     loaded = threading.Event()
 

@@ -441,12 +441,20 @@ def message_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _out_of_memory(e: Exception) -> bool:
+    """A device's (torch's OutOfMemoryError, by name: torch is not imported for every command) or the host's
+    (Python's MemoryError; torch's CPU allocator raises a RuntimeError)."""
+    text = str(e)
+    return (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError)
+            or isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))  # fmt: skip
+
+
 def _error_line(e: Exception, debug: bool) -> str:
     """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
     if _is_bad_input(e):
         return message_line(e)
-    if type(e).__name__ == "OutOfMemoryError":  # torch's, by name: torch is not imported for every command
-        return "out of memory on the device; a smaller --batch-size (or --max-seq-length) may fit"
+    if _out_of_memory(e):
+        return "out of memory; a smaller --batch-size (or --max-seq-length) may fit"
     hint = "the traceback is above" if debug else "rerun with --debug (or BERTQA_DEBUG=1) for the traceback"
     return f"internal error ({message_line(e)}); {hint}, and please report it"
 

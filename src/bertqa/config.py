@@ -44,6 +44,9 @@ class BertConfig:
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} is not a token of the {self.vocab_size}-token vocabulary"
             )
+        if self.type_vocab_size < 2:
+            raise ValueError(f"'type_vocab_size' must be at least 2 (question and context segments), not "
+                             f"{self.type_vocab_size}")  # fmt: skip
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"'{name}' must be below 1, not {getattr(self, name)}")

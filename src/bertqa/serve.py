@@ -372,10 +372,11 @@ class _Server:
                  max_context_chars, on_load_error):  # fmt: skip
         check_positive(max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
                   max_context_chars=max_context_chars)  # fmt: skip
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s (--timeout) must be a positive number of seconds, got {timeout_s!r}")
+        if not 0 <= max_wait_ms / 1000 < timeout_s:  # a batch that waits past the timeout answers nobody
+            raise ValueError(f"max_wait_ms (--max-wait-ms) must be >= 0 and under the timeout ({timeout_s:g} s), "
+                             f"got {max_wait_ms!r}")  # fmt: skip
         if hasattr(qa_or_loader, "answer_pairs"):
             self.qa, self.loader = qa_or_loader, None
         else:
