@@ -20,7 +20,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Serves FILES with Range support; `cut_after` sends only that many bytes and drops the connection;
     `ignore_range` answers 200 with the whole file, as servers without Range support do."""
 
-    log, cut_after, ignore_range = [], None, False
+    log, cut_after, ignore_range, length = [], None, False, None
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
@@ -39,8 +39,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Content-Length", self.length or str(len(data) - start))
         self.end_headers()
+        if self.length is not None:  # the body's end is the connection's
+            self.close_connection = True
         body = data[start:]
         if self.cut_after is not None:
             body = body[: self.cut_after]
@@ -53,7 +55,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Handler.log, Handler.cut_after, Handler.ignore_range = [], None, False
+    Handler.log, Handler.cut_after, Handler.ignore_range, Handler.length = [], None, False, None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -118,3 +120,42 @@ def test_errors(server, tmp_path):
     with pytest.raises(OSError, match="HTTP 404"):
         download_squad("2.0", tmp_path, base_url=server)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_content_length_that_is_not_a_number_is_ignored(server, tmp_path):
+    Handler.length = "many"
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert [p.read_bytes() for p in paths] == [FILES[p.name] for p in paths]
+
+
+def test_local_trouble_is_not_called_a_network_interruption(server, tmp_path, monkeypatch):
+    import errno
+
+    import bertqa.squad.download as download
+
+    (tmp_path / "train-v1.1.json").mkdir()
+    with pytest.raises(ValueError, match=r"train-v1.1.json: is a folder, not a file to download into"):
+        download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert Handler.log == []  # said before anything was fetched
+    (tmp_path / "train-v1.1.json").rmdir()
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "open", lambda path, mode: FullDisk(open(path, mode)), raising=False)
+    with pytest.raises(OSError, match=r"train-v1.1.json.part: cannot write \(No space left on device\)$"):
+        download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert list(tmp_path.iterdir()) == []  # the empty .part is not left behind

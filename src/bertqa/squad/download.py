@@ -43,41 +43,76 @@ def sha256_file(path: str | os.PathLike) -> str:
 def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
     """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`."""
     dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    for path in (dest, part):  # found now, not after the whole file has come
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path}: is a folder, not a file to download into; move it away or choose another --dir")
     if dest.is_file() and sha256_file(dest) == sha256:
         return dest
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.is_file() else 0
+    try:
+        f = open(part, "ab")  # local trouble (permissions, a full disk) is told apart from the network's
+    except OSError as e:
+        raise OSError(f"{part}: cannot write ({e.strerror})") from None
+    try:
+        with f:
+            _fetch(url, f, part, timeout)
+    except BaseException:
+        if part.is_file() and part.stat().st_size == 0:  # nothing came: no empty .part left behind
+            part.unlink()
+        raise
+    got = sha256_file(part)
+    if got != sha256:
+        part.unlink()  # a bad prefix would poison every later resume
+        raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
+    if dest.is_file():
+        log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch(url: str, f, part: Path, timeout: float) -> None:
+    """The body of `url` into the .part open for appending as `f`, resumed from its end where the server
+    honours a Range request."""
+    have = f.tell()
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             # 206 continues the .part; a 200 means the server ignored Range and sends the whole file.
             content_range = response.headers.get("Content-Range", "")
-            resumed = response.status == 206 and content_range.startswith(f"bytes {have}-")
-            mode = "ab" if have and resumed else "wb"
+            if have and not (response.status == 206 and content_range.startswith(f"bytes {have}-")):
+                have = 0
+                f.truncate(0)
             if have:
-                log.info("%s: resuming at byte %d", dest.name, have if mode == "ab" else 0)
-            expected = response.headers.get("Content-Length")
+                log.info("%s: resuming at byte %d", part.name, have)
+            expected = response.headers.get("Content-Length", "").strip()
             received = 0
-            with open(part, mode) as f:
-                while block := response.read(CHUNK):
-                    f.write(block)
-                    received += len(block)
+            while block := response.read(CHUNK):
+                _write(f, block)
+                received += len(block)
             # http.client returns a short body without complaint when the connection drops.
-            if expected is not None and received < int(expected):
+            if expected.isdigit() and received < int(expected):
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")
     except urllib.error.HTTPError as e:
-        # 416: the .part is already whole (an interruption after the last byte); verify it below.
+        # 416: the .part is already whole (an interruption after the last byte); it is verified next.
         if not (e.code == 416 and have):
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except _Unwritable as e:
+        raise OSError(f"{part}: cannot write ({e.args[0]})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise OSError(f"{url}: download interrupted ({reason}); run again to resume from {part}") from None
-    got = sha256_file(part)
-    if got != sha256:
-        part.unlink()  # a bad prefix would poison every later resume
-        raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
-    os.replace(part, dest)
-    return dest
+
+
+class _Unwritable(Exception):
+    """A write to the .part failed: the disk's fault, not the network's (running again will not help)."""
+
+
+def _write(f, block: bytes) -> None:
+    try:
+        f.write(block)
+        f.flush()  # a full disk shows here, not when the file is closed
+    except OSError as e:
+        raise _Unwritable(e.strerror or str(e)) from None
 
 
 def download_squad(
