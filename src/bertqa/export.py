@@ -28,7 +28,8 @@ import torch
 from .checkpoint import load_model
 from .config import check_seq_len
 from .files import atomic_path, check_output
-from .squad.data import Example, read_squad
+from .inference import check_finite
+from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, featurize
 from .tokenizer import load_tokenizer
 
@@ -196,7 +197,7 @@ class OnnxRunner:
         order = np.argsort(features.lengths[indices], kind="stable")
         for i in range(0, len(order), batch_size):
             pos = order[i : i + batch_size]
-            s, e = self(**_array_batch(features, indices[pos]))
+            s, e = check_finite(*self(**_array_batch(features, indices[pos])), indices[pos])
             start[pos, : s.shape[1]] = s
             end[pos, : e.shape[1]] = e
         return start, end
@@ -209,7 +210,8 @@ def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_str
     if check_file is not None:
         if not Path(check_file).is_file():
             raise FileNotFoundError(f"--check-file {check_file}: no such file")
-        examples = read_squad(check_file, is_training=False)[:limit]
+        # Answers are not needed to compare logits: a file to predict on (none given) will do.
+        examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
         if not examples:
             raise ValueError(f"--check-file {check_file}: no questions to check the graph on")
     else:

@@ -20,6 +20,19 @@ class NonFiniteLogits(ValueError):
     input (the server answers it with a 500, the commands with one line)."""
 
 
+def check_finite(start: np.ndarray, end: np.ndarray, windows: np.ndarray):
+    """A batch's (start, end) logits, returned as they are if finite, else NonFiniteLogits naming the first
+    window (of `windows`, the batch's feature indices) that has a NaN or an infinity."""
+    finite = np.isfinite(start).all(axis=1) & np.isfinite(end).all(axis=1)
+    if not finite.all():
+        raise NonFiniteLogits(
+            f"the model's logits are NaN or infinite for window {windows[np.argmin(finite)]}: its weights hold NaN "
+            "or infinite values, or the precision overflowed (fp16's narrow range is the usual cause: try bf16 or "
+            "fp32)"
+        )
+    return start, end
+
+
 @torch.inference_mode()
 def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False):
     """Start and end logits (len(indices), L) float32 of the given feature rows; positions beyond a batch's
@@ -40,14 +53,7 @@ def predict_logits(model, features, indices, batch_size: int, device, autocast=N
             batch = to_batch(features, indices[pos], device)
             with autocast or contextlib.nullcontext():
                 s, e, _ = model(**batch)
-            s, e = s.float().cpu().numpy(), e.float().cpu().numpy()
-            finite = np.isfinite(s).all(axis=1) & np.isfinite(e).all(axis=1)
-            if not finite.all():
-                window = indices[pos[np.argmin(finite)]]
-                raise NonFiniteLogits(
-                    f"the model's logits are NaN or infinite for window {window}: its weights hold NaN or infinite "
-                    "values, or the precision overflowed (fp16's narrow range is the usual cause: try bf16 or fp32)"
-                )
+            s, e = check_finite(s.float().cpu().numpy(), e.float().cpu().numpy(), indices[pos])
             start[pos, : s.shape[1]] = s
             end[pos, : e.shape[1]] = e
             bar.update(len(pos))
