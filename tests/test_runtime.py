@@ -35,6 +35,19 @@ def test_auto_on_cuda(monkeypatch, capability, expected):
     assert p.name == expected and f"compute capability {capability[0]}.{capability[1]}" in p.reason
 
 
+def test_choices_a_cuda_gpu_would_emulate_are_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # Turing
+    gpu = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        assert Precision.resolve("bf16", gpu).name == "bf16"
+    assert "compute capability 7.5: bf16 will be emulated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        assert Precision.resolve("fp16", gpu).name == "fp16" and Precision.resolve("tf32", CPU).name == "tf32"
+    assert "bf16" not in caplog.text and "cpu has no TF32 matmuls: tf32 computes as fp32" in caplog.text
+    assert "fp32 matmuls on a GPU older than TF32" in Precision.resolve("auto", gpu).reason
+
+
 def test_other_accelerators_never_get_a_guessed_precision():
     assert Precision.resolve("auto", torch.device("meta")).name == "fp32"
 
