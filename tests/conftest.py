@@ -88,16 +88,17 @@ def tiny_dir(tmp_path_factory, minilm_dir):
 
 
 @pytest.fixture(scope="session")
-def zebra_nan_dir(tmp_path_factory, tiny_dir):
-    """tiny_dir's model with NaN in the embedding of "zebra": a window holding that word gets NaN logits, the
-    others finite ones (as a corrupt checkpoint, or fp16 overflowing on some inputs only, behaves)."""
+def zebra_nan_dir(tmp_path_factory, minilm_dir):
+    """MiniLM with a random QA head and NaN in the embedding of "zebra": a window holding that word gets NaN
+    logits, the others finite ones (as a corrupt checkpoint, or fp16 overflowing on some inputs only, behaves).
+    Built without transformers, so that the dependency-floors job runs the tests that use it."""
     import torch
 
     from bertqa.checkpoint import load_model, save_pretrained
     from bertqa.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tiny_dir)
-    model = load_model(tiny_dir, verbose=False)
+    tokenizer = load_tokenizer(minilm_dir)
+    model = load_model(minilm_dir, verbose=False)
     with torch.no_grad():
         model.bert.embeddings.word_embeddings.weight[tokenizer.backend.token_to_id("zebra")] = float("nan")
     return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("zebra-nan") / "model")

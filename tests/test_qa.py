@@ -302,13 +302,13 @@ def late_starts_early_ends(features, seed=0, slope=0.3):
 
 
 @pytest.mark.parametrize("align_words", [False, True])
-def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(tiny_dir, tiny_squad, monkeypatch, align_words):
+def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(minilm_dir, tiny_squad, monkeypatch, align_words):
     import bertqa.qa
     from bertqa.tokenizer import load_tokenizer
 
     qs = questions(tiny_squad)
     examples = [Example(qid, q, c, [], []) for q, c, _, qid in qs]
-    features = featurize(examples, load_tokenizer(tiny_dir), 40, 8, 16)
+    features = featurize(examples, load_tokenizer(minilm_dir), 40, 8, 16)
     assert np.bincount(features.example_index).min() >= 3  # several windows per context, some spans cross them
     start, end = late_starts_early_ends(features)
     for top_k, max_len in ((1, 30), (3, 8), (25, 30), (5, 2)):
@@ -321,7 +321,7 @@ def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(tiny_dir, tiny_s
         monkeypatch.undo()
 
 
-def test_a_deep_search_stays_within_its_pair_budget(tiny_dir, monkeypatch):
+def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):
     """Logits that send the search to the last column of every window: scored in groups of PAIR_BUDGET
     pairs, not all at once (76 windows of 384 tokens: 11 M pairs, about 200 MB)."""
     import tracemalloc
@@ -330,7 +330,7 @@ def test_a_deep_search_stays_within_its_pair_budget(tiny_dir, monkeypatch):
     from bertqa.tokenizer import load_tokenizer
 
     examples = [Example(str(i), "Who?", f"Ada Lovelace wrote program {i}. " * 400, [], []) for i in range(4)]
-    features = featurize(examples, load_tokenizer(tiny_dir), 384, 128, 64)
+    features = featurize(examples, load_tokenizer(minilm_dir), 384, 128, 64)
     assert len(features) > 70
     start, end = late_starts_early_ends(features, slope=1.0)
     monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1 << 16)
