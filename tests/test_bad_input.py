@@ -428,7 +428,7 @@ CLI_CASES = {
     "train: --max-grad-norm nan": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir",
                                     "{out}/run", "--max-grad-norm", "nan"], ["--max-grad-norm must be a finite"]),
     "train: --seed -1": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir", "{out}/run",
-                          "--seed", "-1"], ["--seed must be an integer in 0..4294967295, got -1"]),
+                          "--seed", "-1"], ["--seed must be an integer in 0..2^63-1, got -1"]),
     "train: --epochs inf": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--output-dir", "{out}/run",
                              "--epochs", "inf"], ["--epochs must be a finite number, got inf"]),
     "evaluate: --null-score-diff-threshold nan": (["evaluate", "--model", "{tiny}", "--predict-file", "{squad}",
@@ -616,8 +616,9 @@ def test_running_out_of_host_memory_is_said_so_in_one_line(error, capsys, monkey
 
     monkeypatch.setattr(cli, "cmd_score", exhausted)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    detail = f" ({error})" if str(error) else ""
     assert code == 1 and one_error_line(err) == (
-        "bertqa: error: out of memory; a smaller --batch-size (or --max-seq-length) may fit"
+        f"bertqa: error: out of memory{detail}; a smaller batch or window length may fit"
     )
 
 

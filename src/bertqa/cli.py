@@ -442,11 +442,17 @@ def message_line(e: Exception) -> str:
 
 
 def _out_of_memory(e: Exception) -> bool:
-    """A device's (torch's OutOfMemoryError, by name: torch is not imported for every command) or the host's
-    (Python's MemoryError; torch's CPU allocator raises a RuntimeError)."""
+    """A device's (torch's OutOfMemoryError, by name: torch is not imported for every command; MPS's RuntimeError)
+    or the host's (Python's MemoryError; torch's CPU allocator's RuntimeError). The message is kept: an absurd
+    size from a bug shows in it."""
     text = str(e)
-    return (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError)
-            or isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))  # fmt: skip
+    allocator = "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text
+    return (
+        type(e).__name__ == "OutOfMemoryError"
+        or isinstance(e, MemoryError)
+        or isinstance(e, RuntimeError)
+        and allocator
+    )
 
 
 def _error_line(e: Exception, debug: bool) -> str:
@@ -454,7 +460,8 @@ def _error_line(e: Exception, debug: bool) -> str:
     if _is_bad_input(e):
         return message_line(e)
     if _out_of_memory(e):
-        return "out of memory; a smaller --batch-size (or --max-seq-length) may fit"
+        detail = " ".join(str(e).split())[:160]
+        return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
     hint = "the traceback is above" if debug else "rerun with --debug (or BERTQA_DEBUG=1) for the traceback"
     return f"internal error ({message_line(e)}); {hint}, and please report it"
 
