@@ -80,8 +80,8 @@ class TrainConfig(EvalConfig):
             raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
         if self.save_every < 0:
             raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
-        if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds, with room for seed + rank
-            raise ValueError(f"--seed must be an integer in 0..{2**32 - 1}, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # numpy refuses a negative seed; torch takes seed + rank below 2^64
+            raise ValueError(f"--seed must be an integer in 0..2^63-1, got {self.seed}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
