@@ -133,11 +133,11 @@ def test_local_trouble_is_not_called_a_network_interruption(server, tmp_path, mo
 
     import bertqa.squad.download as download
 
-    (tmp_path / "train-v1.1.json").mkdir()
-    with pytest.raises(ValueError, match=r"train-v1.1.json: is a folder, not a file to download into"):
+    (tmp_path / "dev-v1.1.json").mkdir()  # the second file's place
+    with pytest.raises(ValueError, match=r"dev-v1.1.json: is a folder, not a file to download into"):
         download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
-    assert Handler.log == []  # said before anything was fetched
-    (tmp_path / "train-v1.1.json").rmdir()
+    assert Handler.log == []  # said before anything was fetched, the first file included
+    (tmp_path / "dev-v1.1.json").rmdir()
 
     class FullDisk:
         def __init__(self, f):

@@ -43,10 +43,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
     """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`."""
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    for path in (dest, part):  # found now, not after the whole file has come
-        if path.exists() and not path.is_file():
-            raise ValueError(f"{path}: is a folder, not a file to download into; move it away or choose another --dir")
+    part = _check_place(dest)
     if dest.is_file() and sha256_file(dest) == sha256:
         return dest
     try:
@@ -90,7 +87,7 @@ def _fetch(url: str, f, part: Path, timeout: float) -> None:
                 _write(f, block)
                 received += len(block)
             # http.client returns a short body without complaint when the connection drops.
-            if expected.isdigit() and received < int(expected):
+            if expected.isascii() and expected.isdigit() and received < int(expected):  # "²" is a digit too
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")
     except urllib.error.HTTPError as e:
         # 416: the .part is already whole (an interruption after the last byte); it is verified next.
@@ -101,6 +98,15 @@ def _fetch(url: str, f, part: Path, timeout: float) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise OSError(f"{url}: download interrupted ({reason}); run again to resume from {part}") from None
+
+
+def _check_place(dest: Path) -> Path:
+    """`dest`'s .part, once neither is a folder (found before anything is fetched, not after)."""
+    part = dest.with_name(dest.name + ".part")
+    for path in (dest, part):
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path}: is a folder, not a file to download into; move it away or choose another --dir")
+    return part
 
 
 class _Unwritable(Exception):
@@ -130,4 +136,6 @@ def download_squad(
     sums = {**SQUAD_SHA256, **(checksums or {})}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in SQUAD_FILES[version]:  # every file's place, before the first is fetched
+        _check_place(directory / name)
     return [download_file(base + name, directory / name, sums[name]) for name in SQUAD_FILES[version]]
