@@ -40,12 +40,12 @@ def test_choices_a_cuda_gpu_would_emulate_are_warned_about(monkeypatch, caplog):
     gpu = torch.device("cuda", 0)
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         assert Precision.resolve("bf16", gpu).name == "bf16"
-    assert "compute capability 7.5: bf16 will be emulated" in caplog.text
+    assert "compute capability 7.5: bf16 has no tensor cores here, likely slower than fp32" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         assert Precision.resolve("fp16", gpu).name == "fp16" and Precision.resolve("tf32", CPU).name == "tf32"
     assert "bf16" not in caplog.text and "cpu has no TF32 matmuls: tf32 computes as fp32" in caplog.text
-    assert "fp32 matmuls on a GPU older than TF32" in Precision.resolve("auto", gpu).reason
+    assert "fp32 matmuls: this GPU has no TF32" in Precision.resolve("auto", gpu).reason
 
 
 def test_other_accelerators_never_get_a_guessed_precision():

@@ -48,7 +48,7 @@ def default_device() -> str:
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
     type is given the local rank as its index."""
-    what = f"--device {name}" if name else "the default device"
+    what = f"--device {name}" if name else f"the default device ({default_device()})"
     name = name or default_device()
     try:
         device = torch.device(name)

@@ -45,9 +45,14 @@ def native_precision(precision: str, device: torch.device, features: dict | None
     return False, f"{device.type}: native {precision} support unknown"
 
 
+def _nvidia(device: torch.device) -> bool:
+    """A CUDA device that is NVIDIA's (ROCm's GPUs are "cuda" too, with capabilities that mean other things)."""
+    return device.type == "cuda" and not getattr(torch.version, "hip", None)
+
+
 def _has_tf32(device: torch.device) -> bool:
-    """TF32 tensor cores: CUDA compute capability 8.0 (Ampere) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    """TF32 tensor cores: NVIDIA compute capability 8.0 (Ampere) and later."""
+    return _nvidia(device) and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @dataclass
@@ -67,18 +72,23 @@ class Precision:
         if requested not in PRECISIONS:
             raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
         if requested != "auto":
-            if requested in ("bf16", "fp16") and device.type in ("cpu", "cuda"):
+            if requested in ("bf16", "fp16") and (device.type == "cpu" or _nvidia(device)):
                 native, why = native_precision(requested, device, features)
                 if not native:
-                    log.warning("%s: %s will be emulated, far slower than fp32", why, requested)
-            if requested == "tf32" and not _has_tf32(device):
+                    slow = (
+                        "will be emulated, far slower"
+                        if device.type == "cpu"
+                        else "has no tensor cores here, likely slower"
+                    )
+                    log.warning("%s: %s %s than fp32", why, requested, slow)
+            if requested == "tf32" and (device.type == "cpu" or _nvidia(device)) and not _has_tf32(device):
                 log.warning("%s has no TF32 matmuls: tf32 computes as fp32 there", device)
             return cls(requested, device)
         native, why = native_precision("bf16", device, features)
         if native:
             return cls("bf16", device, f"auto: {why}, native bf16 matmuls")
         if device.type == "cuda":
-            tf32 = "TF32 matmuls" if _has_tf32(device) else "TF32 (fp32 matmuls on a GPU older than TF32)"
+            tf32 = "TF32 matmuls" if _has_tf32(device) else "TF32 (fp32 matmuls: this GPU has no TF32)"
             return cls("tf32", device, f"auto: {why}, no bf16 tensor cores, {tf32}")
         return cls("fp32", device, f"auto: {why}, so no native bf16")
 
