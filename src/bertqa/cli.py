@@ -445,14 +445,11 @@ def _out_of_memory(e: Exception) -> bool:
     """A device's (torch's OutOfMemoryError, by name: torch is not imported for every command; MPS's RuntimeError)
     or the host's (Python's MemoryError; torch's CPU allocator's RuntimeError). The message is kept: an absurd
     size from a bug shows in it."""
+    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+        return True
     text = str(e)
-    allocator = "DefaultCPUAllocator: can't allocate memory" in text or "MPS backend out of memory" in text
-    return (
-        type(e).__name__ == "OutOfMemoryError"
-        or isinstance(e, MemoryError)
-        or isinstance(e, RuntimeError)
-        and allocator
-    )
+    return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
+                                            or "MPS backend out of memory" in text)  # fmt: skip
 
 
 def _error_line(e: Exception, debug: bool) -> str:
