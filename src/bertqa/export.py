@@ -28,7 +28,7 @@ import torch
 from .checkpoint import load_model
 from .config import check_seq_len
 from .files import atomic_path, check_output
-from .inference import check_finite
+from .inference import batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, featurize
 from .tokenizer import load_tokenizer
@@ -188,19 +188,10 @@ class OnnxRunner:
         return start, end
 
     def predict_logits(self, features: Features, indices=None, batch_size: int = 32):
-        """Start and end logits (len(indices), L) float32; positions beyond a batch's trimmed length hold
-        -inf, batches sorted by length, exactly as `predict_logits` lays them out."""
-        indices = np.arange(len(features)) if indices is None else np.asarray(indices)
-        L = features.max_seq_length
-        start = np.full((len(indices), L), -np.inf, dtype=np.float32)
-        end = np.full((len(indices), L), -np.inf, dtype=np.float32)
-        order = np.argsort(features.lengths[indices], kind="stable")
-        for i in range(0, len(order), batch_size):
-            pos = order[i : i + batch_size]
-            s, e = check_finite(*self(**_array_batch(features, indices[pos])), indices[pos])
-            start[pos, : s.shape[1]] = s
-            end[pos, : e.shape[1]] = e
-        return start, end
+        """Start and end logits (len(indices), L) float32, laid out as `predict_logits` lays them out (the same
+        `batched_logits`)."""
+        indices = np.arange(len(features)) if indices is None else indices
+        return batched_logits(features, indices, batch_size, lambda rows: self(**_array_batch(features, rows)))
 
 
 def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_stride: int = 128,

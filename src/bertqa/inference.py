@@ -20,44 +20,47 @@ class NonFiniteLogits(ValueError):
     input (the server answers it with a 500, the commands with one line)."""
 
 
-def check_finite(start: np.ndarray, end: np.ndarray, windows: np.ndarray):
-    """A batch's (start, end) logits, returned as they are if finite, else NonFiniteLogits naming the first
-    window (of `windows`, the batch's feature indices) that has a NaN or an infinity."""
-    finite = np.isfinite(start).all(axis=1) & np.isfinite(end).all(axis=1)
-    if not finite.all():
-        raise NonFiniteLogits(
-            f"the model's logits are NaN or infinite for window {windows[np.argmin(finite)]}: its weights hold NaN "
-            "or infinite values, or the precision overflowed (fp16's narrow range is the usual cause: try bf16 or "
-            "fp32)"
-        )
-    return start, end
-
-
-@torch.inference_mode()
-def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False):
-    """Start and end logits (len(indices), L) float32 of the given feature rows; positions beyond a batch's
-    trimmed length hold -inf (never a candidate). NaN or infinite logits raise NonFiniteLogits, where every
-    answer would silently be "" (evaluation) or have a NaN score (the API). Runs in inference mode, which skips
-    no_grad's version counters and view tracking: 1% faster on the CPU bench batches, the same logits."""
-    model.eval()
+def batched_logits(features, indices, batch_size: int, run, progress: bool = False):
+    """Start and end logits (len(indices), L) float32 of the given feature rows, `run(rows)` giving a batch's
+    (start, end) float32 arrays trimmed to its longest window; positions beyond that hold -inf (never a
+    candidate). Batches are sorted by length, so dynamic padding wastes little; results go back in place. NaN or
+    infinite logits raise NonFiniteLogits, where every answer would silently be "" (evaluation) or have a NaN
+    score (the API). The PyTorch model (predict_logits) and an ONNX graph (export.OnnxRunner) run through here."""
     L = features.max_seq_length
     indices = np.asarray(indices)
     start = np.full((len(indices), L), -np.inf, dtype=np.float32)
     end = np.full((len(indices), L), -np.inf, dtype=np.float32)
-    # Sorting by length groups similar windows, so dynamic padding wastes little; results go back in place.
     order = np.argsort(features.lengths[indices], kind="stable")
     # A context manager: the bar is closed on an error too, not printed after the error line.
     with tqdm(total=len(indices), desc="evaluate", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(order), batch_size):
             pos = order[i : i + batch_size]
-            batch = to_batch(features, indices[pos], device)
-            with autocast or contextlib.nullcontext():
-                s, e, _ = model(**batch)
-            s, e = check_finite(s.float().cpu().numpy(), e.float().cpu().numpy(), indices[pos])
+            s, e = run(indices[pos])
+            finite = np.isfinite(s).all(axis=1) & np.isfinite(e).all(axis=1)
+            if not finite.all():
+                raise NonFiniteLogits(
+                    f"the model's logits are NaN or infinite for window {indices[pos[np.argmin(finite)]]}: its "
+                    "weights hold NaN or infinite values, or the precision overflowed (fp16's narrow range is the "
+                    "usual cause: try bf16 or fp32)"
+                )
             start[pos, : s.shape[1]] = s
             end[pos, : e.shape[1]] = e
             bar.update(len(pos))
     return start, end
+
+
+@torch.inference_mode()
+def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False):
+    """batched_logits of the PyTorch `model`. Runs in inference mode, which skips no_grad's version counters
+    and view tracking: 1% faster on the CPU bench batches, the same logits."""
+    model.eval()
+
+    def run(rows):
+        with autocast or contextlib.nullcontext():
+            s, e, _ = model(**to_batch(features, rows, device))
+        return s.float().cpu().numpy(), e.float().cpu().numpy()
+
+    return batched_logits(features, indices, batch_size, run, progress)
 
 
 def shard(n: int, rank: int, world_size: int) -> np.ndarray:
