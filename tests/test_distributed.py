@@ -112,6 +112,8 @@ def test_resume_where_only_some_ranks_see_the_checkpoint_fails_every_rank(tmp_pa
     assert (tmp_path / "out-0" / "checkpoint.pt").read_bytes() == b"rank 0's" and not (tmp_path / "out-1").exists()
 
 
+BUG_HINT = "rerun with --debug (or BERTQA_DEBUG=1) for the traceback, and please report it"
+OOM_HINT = "a smaller batch or window length may fit"
 CASES = [  # what each rank raises in the body -> what each rank sees after it
     ((None, None), (None, None)),
     ((None, OSError("b.json: cannot read")), ("RankError: rank 1: b.json: cannot read",) * 2),
@@ -120,7 +122,9 @@ CASES = [  # what each rank raises in the body -> what each rank sees after it
         ("RankError: rank 0: a.json: No such file or directory",) * 2,
     ),
     ((ValueError("a"), ValueError("b")), ("RankError: rank 0: a",) * 2),  # the lowest failing rank's
-    ((None, KeyError("k")), ("RankError: rank 1: KeyError: 'k'", "KeyError: 'k'")),  # a bug keeps its own
+    # A bug keeps its own exception; the other ranks name it as a bug, not as bad input
+    ((None, KeyError("k")), (f"RankError: rank 1: internal error (KeyError: 'k'); {BUG_HINT}", "KeyError: 'k'")),
+    ((MemoryError("x"), None), ("MemoryError: x", f"RankError: rank 0: out of memory (x); {OOM_HINT}")),
 ]
 
 

@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        print(f"bertqa: error: {_error_line(e, debug)}", file=sys.stderr)
+        print(f"bertqa: error: {error_line(e, debug)}", file=sys.stderr)
         return 1
     return 0
 
@@ -452,7 +452,7 @@ def _out_of_memory(e: Exception) -> bool:
                                             or "MPS backend out of memory" in text)  # fmt: skip
 
 
-def _error_line(e: Exception, debug: bool) -> str:
+def error_line(e: Exception, debug: bool) -> str:
     """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
     if _is_bad_input(e):
         return message_line(e)

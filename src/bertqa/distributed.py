@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import message_line
+from .cli import error_line
 
 
 @dataclass
@@ -152,7 +152,8 @@ def fail_together(d: Dist):
     `RankError("rank R: <message>")` of the lowest failing rank, rather than the others going on into a
     collective that the failed rank never joins. The agreement is one all_gather of None or a short string,
     and it is also a barrier: no rank leaves before every rank has run the body. A rank whose failure is not
-    a ValueError/OSError (a bug) re-raises its own exception, traceback and all. No-op without a group."""
+    a ValueError/OSError (a bug) re-raises its own exception, traceback and all, and the others name it as the
+    CLI would there ("internal error (...)", "out of memory (...)"), not as bad input. No-op without a group."""
     if not d.enabled:
         yield
         return
@@ -161,7 +162,7 @@ def fail_together(d: Dist):
         yield
     except Exception as e:  # any failure must reach the gather, or the other ranks would wait on it
         failed = e
-    errors = all_gather_objects(d, None if failed is None else message_line(failed))
+    errors = all_gather_objects(d, None if failed is None else error_line(failed, debug=False))
     if failed is not None and not isinstance(failed, (ValueError, OSError)):
         raise failed  # a bug rather than bad input: keep its traceback on the rank where it happened
     for rank, error in enumerate(errors):
