@@ -2,6 +2,7 @@
 the answers much, and a bad or failed export leaves no file behind."""
 
 import json
+import logging
 import shutil
 import sys
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from bertqa import export
-from bertqa.checkpoint import load_model
+from bertqa.checkpoint import load_model, save_pretrained
 from bertqa.export import OnnxRunner, check_windows, export_onnx
-from bertqa.inference import predict_logits
+from bertqa.files import exclusive
+from bertqa.inference import NonFiniteLogits, predict_logits
 from bertqa.tokenizer import load_tokenizer
 
 # Short windows keep the tiny model's check quick, and give the built-in long sample many windows.
@@ -120,6 +122,34 @@ def test_parity_failure_keeps_the_previous_file(reuse_trace, tiny_dir, tmp_path,
     with pytest.raises(ValueError, match=r"^export onnx: the graph's logits differ .*model\.onnx not written$"):
         export_onnx(tiny_dir, out, verbose=False, **WINDOWS)
     assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_a_killed_exports_scratch_is_cleared_and_a_live_ones_kept(reuse_trace, tiny_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bertqa")
+    stale, live = tmp_path / ".onnx-export-k1ll3d00", tmp_path / ".onnx-export-l1v3l1v3"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "fp32.onnx").write_bytes(b"half a graph")
+    with exclusive(live):  # held as a running export holds it
+        export_onnx(tiny_dir, tmp_path / "model.onnx", int8=True, verbose=False, **WINDOWS)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model.onnx"]
+        assert (live / "fp32.onnx").read_bytes() == b"half a graph"
+    assert f"removed {stale}, left by a run that was killed" in caplog.text
+
+
+def test_non_finite_weights_or_logits_are_named_not_blamed_on_the_graph(reuse_trace, tiny_dir, tmp_path):
+    for name, value, message in [
+        ("bert.encoder.layer.1.output.dense.weight", float("nan"),
+         r"--model .*: its weight bert\.encoder\.layer\.1\.output\.dense\.weight holds NaN or infinite values"),
+        ("qa_outputs.weight", 3e38, r"PyTorch's own logits are NaN or infinite on the check windows"),  # overflow
+    ]:  # fmt: skip
+        model = load_model(tiny_dir, verbose=False)
+        with torch.no_grad():
+            model.get_parameter(name)[0].fill_(value)
+        save_pretrained(model, load_tokenizer(tiny_dir), tmp_path / "bad")
+        with pytest.raises(NonFiniteLogits, match=f"^{message}; nothing exported$"):
+            export_onnx(tmp_path / "bad", tmp_path / "model.onnx", verbose=False, **WINDOWS)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
 def test_check_file_windows(tiny_dir, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertqa.distributed import Dist
-from bertqa.files import atomic_dir, atomic_path, exclusive, remove_stale_temps
+from bertqa.files import atomic_dir, atomic_path, exclusive, remove_stale_temps, scratch_dir
 from bertqa.train import TrainConfig, load_checkpoint, train
 
 STEPS, SAVE_EVERY = 10, 2
@@ -237,6 +237,28 @@ def test_remove_stale_temps_removes_only_what_atomic_writes_left_behind(tmp_path
         assert remove_stale_temps(folder) == [tmp] and not tmp.exists()
         tmp.mkdir()
     assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_scratch_folder_is_cleared_once_its_process_is_killed(tmp_path):
+    holder = subprocess.Popen(  # a process writing in its scratch folder, as an ONNX export does
+        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import scratch_dir\n"
+         "with scratch_dir(sys.argv[1], 'onnx-export') as w:\n"
+         "    (w / 'fp32.onnx').write_bytes(b'half')\n    print(w, flush=True)\n    time.sleep(300)",
+         str(tmp_path / "model.onnx")],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        theirs = holder.stdout.readline().strip()
+        with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours:
+            assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(ours)])  # a live one is kept
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        assert [str(p) for p in tmp_path.iterdir()] == [theirs]  # left behind, as a killed export leaves it
+        with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours:
+            assert list(tmp_path.iterdir()) == [ours] and list(ours.iterdir()) == []
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_folder_killed_between_its_two_renames_is_put_back(tmp_path):

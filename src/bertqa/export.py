@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +26,8 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_seq_len
-from .files import atomic_path, check_output
-from .inference import batched_logits
+from .files import atomic_path, check_output, scratch_dir
+from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, featurize
 from .tokenizer import load_tokenizer
@@ -224,6 +223,8 @@ def compare(model, runner: OnnxRunner, features: Features) -> dict:
         mask = batch["attention_mask"].astype(bool)
         out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
         ours = (out.start_logits.float().numpy(), out.end_logits.float().numpy())
+        if not all(np.isfinite(a[mask]).all() for a in ours):  # finite weights that overflow: the graph is not at fault
+            raise NonFiniteLogits("PyTorch's own logits are NaN or infinite on the check windows; nothing exported")
         theirs = runner(**batch)
         diffs += [np.abs(a - b)[mask].max() for a, b in zip(ours, theirs)]
         report["shapes"].append(f"{mask.shape[0]} x {mask.shape[1]}")
@@ -262,6 +263,9 @@ def export_onnx(
     net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
                      require_qa_head=True).float().eval()  # fmt: skip
     tokenizer = load_tokenizer(model, config=net.config)
+    bad = next((name for name, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()), None)
+    if bad is not None:  # every logit would be NaN: nothing worth exporting, and no parity to check
+        raise NonFiniteLogits(f"--model {model}: its weight {bad} holds NaN or infinite values; nothing exported")
     nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if nbytes > MAX_INLINE_BYTES:
         raise ValueError(
@@ -271,8 +275,10 @@ def export_onnx(
     features = check_windows(tokenizer, check_file, max_seq_length, doc_stride, max_query_length)
 
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}
-    with atomic_path(output) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".onnx-export-") as work:
-        fp32 = Path(work) / "fp32.onnx" if int8 else tmp
+    # The graphs are written in a scratch folder beside the output (which also clears what a killed export left:
+    # up to twice the model's size), then renamed into place.
+    with scratch_dir(output, "onnx-export") as work, atomic_path(output, within=work) as tmp:
+        fp32 = work / "fp32.onnx" if int8 else tmp
         report["opset"] = _export_graph(net, fp32, opset, tokenizer.pad_id)
         report["export_seconds"] = round(time.perf_counter() - t0, 1)
         say(f"bertqa: exported {model} -> ONNX opset {report['opset']}, free batch and sequence axes, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import stat
@@ -21,6 +22,8 @@ def _read_umask() -> int:
     os.umask(mask)
     return mask
 
+
+_log = logging.getLogger("bertqa")
 
 # Read once: changing the umask to read it is process-wide, and another thread may be creating files.
 _UMASK = _read_umask()
@@ -55,15 +58,16 @@ def _tmp_dir_prefix(path: Path, kind: str) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, durable: bool = False):
+def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | None = None):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
     file system), on any exception it is removed and `path` keeps what it had. `durable`: the file and then
     the rename are flushed to disk (fsync), so that a power loss, not only a killed process, leaves either the
-    old file or the new one (for checkpoints; it costs the time the disk takes)."""
+    old file or the new one (for checkpoints; it costs the time the disk takes). `within`: a folder on the
+    same file system (a `scratch_dir` for `path`) to make the temporary file in instead."""
     path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_file_prefix(path), suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=within or path.parent, prefix=_tmp_file_prefix(path), suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -163,6 +167,58 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         else:
             tmp.unlink(missing_ok=True)
     return stale
+
+
+def _lock(folder: Path) -> int | None:
+    """An open descriptor of `folder` holding its lock (see `exclusive`), or None where another process holds
+    it or the folder went away."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Locked, but the folder may have been deleted (and another made under its name) while it was opened
+        if os.stat(folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def scratch_dir(path: str | os.PathLike, kind: str):
+    """Yield a new, empty temporary folder beside `path` (its target, if a symlink), named `.KIND-XXXXXXXX`, and
+    delete it after. It is locked while in use, so that folders of the same kind left behind by a process
+    killed outright (SIGKILL, power loss), which nothing holds any more, are deleted first: they may be large
+    (an ONNX export's graphs). Folders that another live process is using are left alone. Without POSIX locks
+    (Windows) nothing is cleared."""
+    folder = _target(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f".{kind}-"
+    if os.name != "posix":
+        with tempfile.TemporaryDirectory(dir=folder, prefix=prefix) as tmp:
+            yield Path(tmp)
+        return
+    for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
+        if old.is_dir() and not old.is_symlink() and (fd := _lock(old)) is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.close(fd)
+            _log.info("removed %s, left by a run that was killed", old)
+    for _ in range(10):  # a run clearing stale folders can take a new one between mkdtemp and its lock: retry
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+        if (fd := _lock(tmp)) is not None:
+            break
+    else:
+        raise OSError(f"{folder}: cannot make and lock a temporary folder here")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
 
 
 @contextmanager
