@@ -14,6 +14,7 @@ from official_squad import official_v1, official_v2
 from safetensors.torch import load_file
 from skips import platform_skip
 
+import bertqa.train
 from bertqa.evaluate import EvalConfig, evaluate
 from bertqa.train import TrainConfig, lr_factor, train
 
@@ -192,7 +193,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
 
 
-def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_squad, tmp_path):
+def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_squad, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
     def crash(step, loss):
@@ -208,6 +209,11 @@ def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_s
     with pytest.raises(ValueError, match=message):  # another run's settings: refused all the same
         train(cfg_for(tiny_dir, small_squad, out, max_steps=3, seed=7))
     assert {name: (out / name).read_bytes() for name in kept} == kept
+    with monkeypatch.context() as m:  # refused before the slow part: the model and the features
+        m.setattr(bertqa.train, "load_tokenizer_and_model", None)
+        m.setattr(bertqa.train, "load_examples_and_features", None)
+        with pytest.raises(ValueError, match=message):
+            train(cfg_for(tiny_dir, small_squad, out, save_every=2))
     # A checkpoint from before the total was recorded: judged against this run's total.
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     older = tmp_path / "older"

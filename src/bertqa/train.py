@@ -204,11 +204,13 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
     return state
 
 
-def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, resolved: dict) -> None:
+def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | None = None,
+                      resolved: dict | None = None) -> bool:  # fmt: skip
     """A run started afresh (no --resume) writes its own checkpoint over OUTPUT/checkpoint.pt at its first save:
     refuse where that file may hold a run that stopped short, whose steps would be lost. A finished run's
     checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped where it can
-    be: the step, not gigabytes of weights."""
+    be: the step, not gigabytes of weights. Returns True once decided (the file may be replaced); False where the
+    checkpoint, older than recorded totals, needs this run's `total_steps` and `resolved`, not given yet."""
     unknown = f"{path}: a checkpoint is here, and how far its run got cannot be told"
     try:
         try:
@@ -221,6 +223,8 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, r
     except Exception as e:
         raise ValueError(f"{unknown} ({type(e).__name__}); {BAD_CHECKPOINT}") from None
     if total is None:  # written before checkpoints recorded their total: this run's, if it is the same run
+        if total_steps is None:
+            return False
         try:
             check_resumable(path, state, cfg, d, resolved)
         except (ValueError, KeyError, TypeError):
@@ -231,6 +235,7 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, r
     if step < total:
         raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
+    return True
 
 
 def _numbers(x, n: int, kind: type) -> bool:
@@ -348,7 +353,27 @@ def deterministic_kernels(enabled: bool):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+def _claim(out_dir: Path, held: contextlib.ExitStack) -> None:
+    """Hold OUTPUT for this run (rank 0) and clear what a killed save left there."""
+    held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
+    # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size); the
+    # files themselves are only ever renamed into place whole, so they hold the previous save.
+    for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png", *PREDICTION_FILES):
+        remove_stale_temps(out_dir / name)
+
+
 def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: contextlib.ExitStack) -> dict:
+    out_dir = Path(cfg.output_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    # A folder that is already there is claimed before the slow part (the model, the features), so that a
+    # second run on it, or a fresh start over a run that stopped short, stops at once. A checkpoint from
+    # before totals of steps were recorded is judged once this run's total is known (pending).
+    claimed, pending = d.is_main and out_dir.is_dir(), False
+    with fail_together(d):  # every rank joins it, whether it sees the file or not
+        if claimed:
+            _claim(out_dir, held)
+        if not cfg.resume and ckpt_path.is_file():
+            pending = not refuse_to_replace(ckpt_path, cfg, d)
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
     tokenizer, model = load_tokenizer_and_model(cfg, d, for_inference=False)
     model.set_attention_dropout(cfg.attention_dropout)
@@ -364,26 +389,19 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
 
-    out_dir = Path(cfg.output_dir)
-    ckpt_path = out_dir / CHECKPOINT
     start_step, final_loss = 0, None
     skipped, bad_run = 0, 0  # updates skipped for non-finite values: in all, and in a row now
     # The loss summed over the steps since the last metrics line, and how many of them had a finite loss.
     loss_sum = torch.zeros((), device=d.device)
     finite_since_log = torch.zeros((), device=d.device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
-    if d.is_main:
-        held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
-        # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size);
-        # the files themselves are only ever renamed into place whole, so they hold the previous save.
-        for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png", *PREDICTION_FILES):
-            remove_stale_temps(out_dir / name)
+    if d.is_main and not claimed:
+        _claim(out_dir, held)
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
     resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
-    if not cfg.resume:
-        with fail_together(d):  # every rank joins it, whether it sees the file or not
-            if ckpt_path.is_file():
-                refuse_to_replace(ckpt_path, cfg, d, total_steps, resolved)
+    if pending:
+        with fail_together(d):
+            refuse_to_replace(ckpt_path, cfg, d, total_steps, resolved)
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
         # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
