@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,31 @@ def test_auto_on_cuda(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     p = Precision.resolve("auto", torch.device("cuda", 0))
     assert p.name == expected and f"compute capability {capability[0]}.{capability[1]}" in p.reason
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("gfx942:sramecc+:xnack-", "bf16"),  # MI300X
+    ("gfx90a:sramecc+:xnack-", "bf16"),  # MI250X
+    ("gfx1100", "bf16"),  # RX 7900 XTX
+    ("gfx906:sramecc+:xnack-", "fp32"),  # MI50: capability 9.0 as MI250's, and no bf16 matrix instructions
+    ("gfx1030", "fp32"),  # RX 6800
+])  # fmt: skip
+def test_auto_on_rocm_reads_the_architecture_not_the_capability(monkeypatch, arch, expected):
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(gcnArchName=arch))
+    p = Precision.resolve("auto", torch.device("cuda", 0))
+    assert p.name == expected and f"ROCm GPU {arch.split(':')[0]} " in p.reason
+    with p.scope():  # no TF32 claimed on a GPU whose TF32 this does not know
+        assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("engines, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_xpu_follows_its_matrix_engines(monkeypatch, engines, expected):
+    props = SimpleNamespace(has_subgroup_matrix_multiply_accumulate=engines, has_bfloat16_conversions=True)
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda device=None: props)
+    p = Precision.resolve("auto", torch.device("xpu", 0))
+    assert p.name == expected and f"XPU {'has' if engines else 'lacks'} matrix engines" in p.reason
 
 
 def test_choices_a_cuda_gpu_would_emulate_are_warned_about(monkeypatch, caplog):

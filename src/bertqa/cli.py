@@ -182,7 +182,7 @@ def _add_common(p, batch_help, output_dir: bool = True):
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto (bf16 where the device has native bf16, else tf32 on CUDA, else fp32), fp32, tf32 (TF32 "
+        help="auto (bf16 where the device has native bf16, else tf32 on NVIDIA GPUs, else fp32), fp32, tf32 (TF32 "
         "matmuls), bf16 or fp16 (autocast; fp16 with a gradient scaler)",
     )
     p.add_argument("--device", help="any torch device (cuda, cuda:1, cpu, xpu, mps, ...); default: the accelerator")

@@ -29,8 +29,23 @@ def cpu_features() -> dict:
         return {}
 
 
+# ROCm GPUs with bf16 and fp16 matrix instructions, by the start of their architecture name (gcnArchName):
+# MFMA on CDNA 1 to 4 (MI100 gfx908, MI200 gfx90a, MI300 gfx94x, MI350 gfx950), WMMA on RDNA 3 and 4 (gfx11xx,
+# gfx12xx). Older ones (MI50/MI60 and Radeon VII gfx906, Vega gfx900, RDNA 2 gfx103x) have none: a ROCm
+# "compute capability" is the architecture's number (9.0 for both MI50 and MI250), not NVIDIA's scale.
+ROCM_MATRIX = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+
+
 def native_precision(precision: str, device: torch.device, features: dict | None = None) -> tuple[bool, str]:
     """Whether `device` runs bf16/fp16 matmuls natively, and the evidence, in words."""
+    if device.type == "cuda" and not _nvidia(device):  # ROCm
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        native = arch.startswith(ROCM_MATRIX)
+        return native, f"ROCm GPU {arch} {'has' if native else 'lacks'} {precision} matrix instructions"
+    if device.type == "xpu":
+        # Intel's matrix engines (XMX / DPAS: Data Center GPU Max, Arc) run bf16 and fp16; torch names them so.
+        native = getattr(torch.xpu.get_device_properties(device), "has_subgroup_matrix_multiply_accumulate", False)
+        return native, f"XPU {'has' if native else 'lacks'} matrix engines (subgroup matrix multiply-accumulate)"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         # bf16 tensor cores arrived with Ampere (8.0); fp16 ones with Volta (7.0).
@@ -65,7 +80,7 @@ class Precision:
 
     @classmethod
     def resolve(cls, requested: str | None, device: torch.device, features: dict | None = None) -> Precision:
-        """`auto` (or None): bf16 where the device has native bf16 matmuls, else TF32 on CUDA, else fp32.
+        """`auto` (or None): bf16 where the device has native bf16 matmuls, else TF32 on NVIDIA GPUs, else fp32.
         An explicit choice is kept, with a warning when it would be emulated."""
         device = torch.device(device)
         requested = requested or "auto"
@@ -87,7 +102,7 @@ class Precision:
         native, why = native_precision("bf16", device, features)
         if native:
             return cls("bf16", device, f"auto: {why}, native bf16 matmuls")
-        if device.type == "cuda":
+        if _nvidia(device):
             tf32 = "TF32 matmuls" if _has_tf32(device) else "TF32 (fp32 matmuls: this GPU has no TF32)"
             return cls("tf32", device, f"auto: {why}, no bf16 tensor cores, {tf32}")
         return cls("fp32", device, f"auto: {why}, so no native bf16")
