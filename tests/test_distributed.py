@@ -176,6 +176,25 @@ def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
         pass
 
 
+def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):
+    import bertqa.distributed
+    from bertqa.distributed import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(bertqa.distributed, "resolve_device", lambda name, local_rank: torch.device(name))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: None)  # no GPU or peer needed
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    nccl = ("NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage (run with NCCL_DEBUG=WARN for details), NCCL "
+            "version 2.21.5\nncclInvalidUsage: This usually reflects invalid usage of NCCL library.\nLast error:\n"
+            "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000")  # fmt: skip
+    line = ("rank 1: cuda:0 is another rank's GPU too (NCCL: duplicate gpu detected); under torchrun pass --device "
+            "cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"), distributed("cuda:0"):
+        raise torch.distributed.DistBackendError(nccl)
+
+
 def test_fail_together_is_a_no_op_without_a_process_group():
     d = Dist()  # a world of one: nothing is gathered and errors pass through unchanged
     with fail_together(d):

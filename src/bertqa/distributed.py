@@ -101,6 +101,11 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     try:
         yield Dist(rank, world, local_rank, device)
     except RuntimeError as e:
+        if DUPLICATE_GPU in str(e):  # every rank given the same explicit --device, e.g. cuda:0
+            raise ValueError(
+                f"rank {rank}: {device} is another rank's GPU too (NCCL: {DUPLICATE_GPU.lower()}); under torchrun "
+                "pass --device cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU"
+            ) from None
         why = _peer_lost(e)
         if why is None:
             raise
@@ -117,6 +122,10 @@ PEER_LOST = (
     "NCCL communicator was aborted",
     "Timed out waiting",  # a collective whose other ranks never came
 )
+
+
+# NCCL's words (its "last error", which torch appends to the exception) for two ranks on one GPU.
+DUPLICATE_GPU = "Duplicate GPU detected"
 
 
 def _peer_lost(e: RuntimeError) -> str | None:
