@@ -261,6 +261,20 @@ def test_a_scratch_folder_is_cleared_once_its_process_is_killed(tmp_path):
         holder.wait()
 
 
+def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):  # NFSv4 answers flock on a folder so; some FUSE mounts with ENOLCK
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / ".onnx-export-k1ll3d00").mkdir()  # a killed export's, which cannot be told from a live one's
+    with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours, exclusive(tmp_path / "run"):
+        (ours / "fp32.onnx").write_bytes(b"graph")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".onnx-export-k1ll3d00", ours.name, "run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx-export-k1ll3d00", "run"]
+
+
 def test_a_folder_killed_between_its_two_renames_is_put_back(tmp_path):
     folder = tmp_path / "model"
     (tmp_path / ".model.old-abc" / "model").mkdir(parents=True)  # the previous folder, moved aside

@@ -16,6 +16,7 @@ from skips import platform_skip
 
 import bertqa.train
 from bertqa.evaluate import EvalConfig, evaluate
+from bertqa.files import exclusive
 from bertqa.train import TrainConfig, lr_factor, train
 
 transformers = pytest.importorskip("transformers")
@@ -191,6 +192,13 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     # The checkpoint carried the loss of step 4, logged with 5 and 6 as if the run had never stopped.
     assert rows[1]["loss"] == pytest.approx((per_step[4] + per_step[5] + per_step[6]) / 3, rel=1e-6)
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
+
+
+def test_a_second_run_on_a_folder_stops_before_loading_anything(tiny_dir, small_squad, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(bertqa.train, "load_tokenizer_and_model", None)  # never reached
+    with exclusive(out), pytest.raises(ValueError, match=f"^{out}: another run is writing here"):
+        train(cfg_for(tiny_dir, small_squad, out))
 
 
 def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_squad, tmp_path, monkeypatch):

@@ -452,14 +452,16 @@ def _out_of_memory(e: Exception) -> bool:
                                             or "MPS backend out of memory" in text)  # fmt: skip
 
 
-def error_line(e: Exception, debug: bool) -> str:
-    """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look."""
+def error_line(e: Exception, debug: bool | None) -> str:
+    """The error line for an exception: the message of a user's mistake, else (a bug) its type and where to look.
+    `debug` None: the line is for other processes (torchrun ranks), whose own output has no traceback of it."""
     if _is_bad_input(e):
         return message_line(e)
     if _out_of_memory(e):
         detail = " ".join(str(e).split())[:160]
         return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
-    hint = "the traceback is above" if debug else "rerun with --debug (or BERTQA_DEBUG=1) for the traceback"
+    hint = {True: "the traceback is above", False: "rerun with --debug (or BERTQA_DEBUG=1) for the traceback",
+            None: "that rank prints its traceback with --debug (or BERTQA_DEBUG=1)"}[debug]  # fmt: skip
     return f"internal error ({message_line(e)}); {hint}, and please report it"
 
 

@@ -104,7 +104,8 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
         if DUPLICATE_GPU in str(e):  # every rank given the same explicit --device, e.g. cuda:0
             raise ValueError(
                 f"rank {rank}: {device} is another rank's GPU too (NCCL: {DUPLICATE_GPU.lower()}); under torchrun "
-                "pass --device cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU"
+                "pass --device cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU (across "
+                "machines: set NCCL_HOSTID, if their host names are alike)"
             ) from None
         why = _peer_lost(e)
         if why is None:
@@ -171,7 +172,7 @@ def fail_together(d: Dist):
         yield
     except Exception as e:  # any failure must reach the gather, or the other ranks would wait on it
         failed = e
-    errors = all_gather_objects(d, None if failed is None else error_line(failed, debug=False))
+    errors = all_gather_objects(d, None if failed is None else error_line(failed, debug=None))
     if failed is not None and not isinstance(failed, (ValueError, OSError)):
         raise failed  # a bug rather than bad input: keep its traceback on the rank where it happened
     for rank, error in enumerate(errors):

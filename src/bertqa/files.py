@@ -169,17 +169,31 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _lock(folder: Path) -> int | None:
-    """An open descriptor of `folder` holding its lock (see `exclusive`), or None where another process holds
-    it or the folder went away."""
-    import fcntl
+class _NoLocks(Exception):
+    """The file system takes no lock on a folder (some NFS and FUSE mounts), or this is not POSIX."""
 
+
+def _lock(folder: Path) -> int | None:
+    """An open descriptor of `folder` holding its lock (a POSIX lock on the open folder: no file is left behind,
+    and the system drops it when the process dies), or None where another process holds it or the folder went
+    away. _NoLocks where locks cannot be taken here at all."""
+    try:
+        import fcntl
+    except ImportError:
+        raise _NoLocks from None
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise _NoLocks from None
+    try:
         # Locked, but the folder may have been deleted (and another made under its name) while it was opened
         if os.stat(folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
             return fd
@@ -194,53 +208,60 @@ def scratch_dir(path: str | os.PathLike, kind: str):
     """Yield a new, empty temporary folder beside `path` (its target, if a symlink), named `.KIND-XXXXXXXX`, and
     delete it after. It is locked while in use, so that folders of the same kind left behind by a process
     killed outright (SIGKILL, power loss), which nothing holds any more, are deleted first: they may be large
-    (an ONNX export's graphs). Folders that another live process is using are left alone. Without POSIX locks
-    (Windows) nothing is cleared."""
+    (an ONNX export's graphs). Folders that another live process is using are left alone. Where locks cannot
+    be taken (Windows, some network file systems) nothing is cleared."""
     folder = _target(path).parent
     folder.mkdir(parents=True, exist_ok=True)
     prefix = f".{kind}-"
-    if os.name != "posix":
-        with tempfile.TemporaryDirectory(dir=folder, prefix=prefix) as tmp:
-            yield Path(tmp)
-        return
     for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
-        if old.is_dir() and not old.is_symlink() and (fd := _lock(old)) is not None:
+        if not old.is_dir() or old.is_symlink():
+            continue
+        try:
+            held = _lock(old)
+        except _NoLocks:
+            break
+        except OSError:  # another user's, say: not ours to judge
+            continue
+        if held is not None:
             shutil.rmtree(old, ignore_errors=True)
-            os.close(fd)
-            _log.info("removed %s, left by a run that was killed", old)
+            os.close(held)
+            if not old.exists():
+                _log.info("removed %s, left by a run that was killed", old)
     for _ in range(10):  # a run clearing stale folders can take a new one between mkdtemp and its lock: retry
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
-        if (fd := _lock(tmp)) is not None:
+        try:
+            fd = _lock(tmp)
+        except _NoLocks:
+            fd = None
+            break  # used unlocked
+        if fd is not None:
             break
+        shutil.rmtree(tmp, ignore_errors=True)
     else:
         raise OSError(f"{folder}: cannot make and lock a temporary folder here")
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 @contextmanager
 def exclusive(folder: str | os.PathLike):
-    """Hold an advisory lock on `folder` itself while the block runs, so that a second run started on the same
-    folder stops at once rather than delete the first one's temporary files or mix its outputs in (a POSIX
-    lock on the open folder: no file is left behind, and the system drops it when the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
+    """Hold the lock on `folder` itself while the block runs, so that a second run started on the same folder
+    stops at once rather than delete the first one's temporary files or mix its outputs in. Where locks cannot
+    be taken (Windows, some network file systems) the block runs unguarded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"{folder}: another run is writing here; wait for it or use another --output-dir"
-            ) from None
+        fd = _lock(folder)
+    except _NoLocks:
+        yield
+        return
+    if fd is None:
+        raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
+    try:
         yield
     finally:
         os.close(fd)

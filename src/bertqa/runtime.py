@@ -45,7 +45,10 @@ def native_precision(precision: str, device: torch.device, features: dict | None
     if device.type == "xpu":
         # Intel's matrix engines (XMX / DPAS: Data Center GPU Max, Arc) run bf16 and fp16; torch names them so.
         native = getattr(torch.xpu.get_device_properties(device), "has_subgroup_matrix_multiply_accumulate", False)
-        return native, f"XPU {'has' if native else 'lacks'} matrix engines (subgroup matrix multiply-accumulate)"
+        return (
+            native,
+            f"XPU {'reports' if native else 'does not report'} matrix engines (subgroup matrix multiply-accumulate)",
+        )
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         # bf16 tensor cores arrived with Ampere (8.0); fp16 ones with Volta (7.0).

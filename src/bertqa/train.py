@@ -205,12 +205,12 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
 
 
 def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | None = None,
-                      resolved: dict | None = None) -> bool:  # fmt: skip
+                      resolved: dict | None = None) -> None:  # fmt: skip
     """A run started afresh (no --resume) writes its own checkpoint over OUTPUT/checkpoint.pt at its first save:
     refuse where that file may hold a run that stopped short, whose steps would be lost. A finished run's
     checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped where it can
-    be: the step, not gigabytes of weights. Returns True once decided (the file may be replaced); False where the
-    checkpoint, older than recorded totals, needs this run's `total_steps` and `resolved`, not given yet."""
+    be: the step, not gigabytes of weights. Without `total_steps` and `resolved` (not known yet) a checkpoint
+    from before totals were recorded is let through, to be judged when they are."""
     unknown = f"{path}: a checkpoint is here, and how far its run got cannot be told"
     try:
         try:
@@ -224,7 +224,7 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
         raise ValueError(f"{unknown} ({type(e).__name__}); {BAD_CHECKPOINT}") from None
     if total is None:  # written before checkpoints recorded their total: this run's, if it is the same run
         if total_steps is None:
-            return False
+            return
         try:
             check_resumable(path, state, cfg, d, resolved)
         except (ValueError, KeyError, TypeError):
@@ -235,7 +235,6 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
     if step < total:
         raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
-    return True
 
 
 def _numbers(x, n: int, kind: type) -> bool:
@@ -366,14 +365,15 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
     # A folder that is already there is claimed before the slow part (the model, the features), so that a
-    # second run on it, or a fresh start over a run that stopped short, stops at once. A checkpoint from
-    # before totals of steps were recorded is judged once this run's total is known (pending).
-    claimed, pending = d.is_main and out_dir.is_dir(), False
+    # second run on it, or a fresh start over a run that stopped short, stops at once. Both are checked again
+    # below, where this run's total of steps is known (a checkpoint from before totals were recorded is judged
+    # only then) and the folder is claimed for certain.
+    claimed = d.is_main and out_dir.is_dir()
     with fail_together(d):  # every rank joins it, whether it sees the file or not
         if claimed:
             _claim(out_dir, held)
         if not cfg.resume and ckpt_path.is_file():
-            pending = not refuse_to_replace(ckpt_path, cfg, d)
+            refuse_to_replace(ckpt_path, cfg, d)
     torch.manual_seed(cfg.seed)  # the same fresh QA head on every rank
     tokenizer, model = load_tokenizer_and_model(cfg, d, for_inference=False)
     model.set_attention_dropout(cfg.attention_dropout)
@@ -395,12 +395,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     loss_sum = torch.zeros((), device=d.device)
     finite_since_log = torch.zeros((), device=d.device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
-    if d.is_main and not claimed:
-        _claim(out_dir, held)
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
     resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
-    if pending:
-        with fail_together(d):
+    with fail_together(d):
+        if d.is_main and not claimed:
+            _claim(out_dir, held)
+        if not cfg.resume and ckpt_path.is_file():  # again: another run may have written it in the meantime
             refuse_to_replace(ckpt_path, cfg, d, total_steps, resolved)
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
