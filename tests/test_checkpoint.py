@@ -176,7 +176,12 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     (tmp_path / "notes.pt").write_text("these are my notes, not a checkpoint\n")
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)  # no trust_pickle advice for garbage
     torch.save([1, 2, 3], tmp_path / "list.pt")
+    lfs = "version https://git-lfs.github.com/spec/v1\noid sha256:4a1c0e9f\nsize 437985387\n"  # cloned without git-lfs
+    (tmp_path / "lfs.safetensors").write_text(lfs)
+    (tmp_path / "lfs.bin").write_text(lfs)
     for name, pattern in [
+        ("lfs.safetensors", "a Git LFS pointer, not the weights; fetch them with `git lfs pull`"),
+        ("lfs.bin", "a Git LFS pointer, not the weights"),
         ("cut.safetensors", "not a readable safetensors"),
         ("cut.pt", "not a readable PyTorch checkpoint: truncated"),
         ("notes.pt", "not a readable PyTorch checkpoint"),
@@ -287,6 +292,11 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
         ({"pad_token_id": 1000}, "pad_token_id 1000 is not a token of the 1000-token vocabulary"),
         ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be below 1, not 1.0"),
         ({"type_vocab_size": 1}, r"'type_vocab_size' must be at least 2 \(question and context segments\), not 1"),
+        ({"model_type": "roberta"}, "model_type 'roberta' is not BERT; bertqa runs BERT-architecture models"),
+        (
+            {"hidden_act": "gelu_fast"},
+            r"unsupported hidden_act 'gelu_fast'; choose from \['gelu', 'gelu_new', .*'relu'\]",
+        ),
     ],
 )
 def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_path):

@@ -403,3 +403,10 @@ def test_attention_choices_are_auto_and_every_kernel():
     import bertqa.model as model
 
     assert config.ATTENTION_CHOICES == ("auto", *model.ATTENTION)
+
+
+def test_the_configs_activation_names_are_the_models():
+    """config.json is checked against config.ACTIVATIONS, without torch; the model runs model.ACTIVATIONS."""
+    from bertqa import config, model
+
+    assert sorted(config.ACTIVATIONS) == sorted(model.ACTIVATIONS)

@@ -1,10 +1,12 @@
 """Tokenizer parity with transformers' BertTokenizerFast on the real SQuAD dev sample."""
 
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 
-from bertqa.tokenizer import load_tokenizer
+from bertqa.tokenizer import check_vocabulary, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,6 +94,37 @@ def test_bad_tokenizer_inputs(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match="lacks"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_a_tokenizer_json_of_another_kind_names_its_file(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 1, "a": 2}, unk_token="<unk>")).save(
+        str(tmp_path / "tokenizer.json")
+    )
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer.json'}: tokenizer vocabulary lacks the special "
+                       r"tokens \['\[CLS\]', '\[SEP\]', '\[PAD\]', '\[UNK\]'\] \(another model's tokenizer\?\)$"):  # fmt: skip
+        load_tokenizer(tmp_path)
+
+
+def test_a_repeated_token_counts_up_to_the_highest_id(tmp_path):
+    """Line numbers are ids: a token listed twice keeps the later one, past the count of distinct tokens, and
+    the check against the model's vocabulary must see it."""
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n[UNK]\n")
+    tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True)
+    assert tok.unk_id == 5 and tok.vocab_size == 6
+    with pytest.raises(ValueError, match="the tokenizer has 6 tokens, more than the model's vocabulary of 5"):
+        check_vocabulary(tok, SimpleNamespace(vocab_size=5), tmp_path / "vocab.txt")
+
+
+def test_a_tokenizer_much_smaller_than_the_models_vocabulary_is_warned_about(vocab_only_dir, caplog):
+    tok = load_tokenizer(vocab_only_dir / "vocab.txt")  # 30,522 tokens
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        for padded in (30_522, 30_528, 30_592):  # none, NVIDIA's multiple of 8, a multiple of 128
+            check_vocabulary(tok, SimpleNamespace(vocab_size=padded), "model")
+        assert caplog.text == ""
+        check_vocabulary(tok, SimpleNamespace(vocab_size=31_090), "model")  # a cased model's tokenizer is 28,996
+    assert "model: the tokenizer has 30,522 tokens, the model's vocabulary 31,090: is it this model's" in caplog.text
 
 
 def test_vocab_ids_are_line_numbers(tmp_path):

@@ -73,10 +73,13 @@ def _group(keys) -> list[str]:
     return lines
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
+
+
 def _read_pickle(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except FileNotFoundError:
+    except OSError:  # missing, unreadable: the file system's own words
         raise
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         # Only a readable pickle that names a Python global is worth unpickling in full; garbage is not.
@@ -94,6 +97,9 @@ def _read_pickle(path: Path, trust_pickle: bool):
 def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
     path = Path(path)
+    with open(path, "rb") as f:  # a repository cloned without git-lfs holds a small text stub in its place
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise CheckpointError(f"{path}: a Git LFS pointer, not the weights; fetch them with `git lfs pull`")
     if path.suffix == ".safetensors":
         try:
             sd = load_file(str(path))

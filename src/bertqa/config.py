@@ -66,6 +66,10 @@ class BertConfig:
             if f.name in known:
                 _check_value(f.name, known[f.name], f.default)
         extra = {k: v for k, v in d.items() if k not in names}
+        if extra.get("model_type", "bert") != "bert":  # NVIDIA's bert_config.json has none
+            raise ValueError(f"model_type {extra['model_type']!r} is not BERT; bertqa runs BERT-architecture models")
+        if known.get("hidden_act", "gelu") not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {known['hidden_act']!r}; choose from {sorted(ACTIVATIONS)}")
         if extra.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {extra['position_embedding_type']!r} is not supported")
         return cls(**known, extra=extra)
@@ -113,6 +117,9 @@ def _check_value(name: str, value, default) -> None:
     if not ok:
         raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}")
 
+
+# The hidden_act names the model runs (model.ACTIVATIONS gives each its function).
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "relu")
 
 PRESETS = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

@@ -41,7 +41,8 @@ class BertTokenizer:
             raise ValueError(f"tokenizer vocabulary lacks the special tokens {missing}")
         self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
-        self.vocab_size = backend.get_vocab_size()
+        # The highest id + 1, not the number of tokens: a vocab.txt that repeats a token has ids past their count.
+        self.vocab_size = max(vocab.values()) + 1
 
     @property
     def fingerprint(self) -> str:
@@ -130,10 +131,15 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, c
 
 def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
     """Refuse a tokenizer whose ids run past the model's vocabulary: another model's (its ids would index past
-    the embedding table). A smaller one is fine: NVIDIA's checkpoints pad the table to a multiple of 8."""
+    the embedding table). A smaller one may be right (NVIDIA's checkpoints pad the table to a multiple of 8,
+    others to 64 or 128), but one short by more than that is most likely another model's: warned about."""
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
                          f"vocabulary of {config.vocab_size:,}: it belongs to another model")  # fmt: skip
+    if config.vocab_size > -(-tokenizer.vocab_size // 128) * 128:
+        log.warning("%s: the tokenizer has %s tokens, the model's vocabulary %s: is it this model's tokenizer? "
+                    "(a cased and an uncased BERT differ so)", source, f"{tokenizer.vocab_size:,}",
+                    f"{config.vocab_size:,}")  # fmt: skip
 
 
 def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> BertTokenizer:
@@ -165,7 +171,10 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
                 strip_accents=norm.get("strip_accents"), lowercase=do_lower_case,
             )  # fmt: skip
             lower = do_lower_case
-        tokenizer = BertTokenizer(backend, do_lower_case=bool(lower))
+        try:
+            tokenizer = BertTokenizer(backend, do_lower_case=bool(lower))
+        except ValueError as e:
+            raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
         _warn_if_cased(tokenizer.backend.get_vocab(), tokenizer.do_lower_case, json_file)
         return tokenizer
     if vocab_file is not None and vocab_file.is_file():
