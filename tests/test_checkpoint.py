@@ -195,6 +195,26 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         load_model(tmp_path / "absent.pt", config=cfg)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.s:DeprecationWarning")  # script and save: the format still exists
+def test_torchscript_and_weights_of_other_formats_are_named(hf_qa_dir, tmp_path):
+    script = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)  # as exported for a model server
+    for trust in (False, True):
+        with pytest.raises(
+            CheckpointError, match=rf"^{script}: a TorchScript archive \(torch\.jit\.save\), not a state"
+        ):
+            load_model(script, config=hf_qa_dir / "config.json", trust_pickle=trust)
+    for name, what in [("model.safetensors.index.json", "an index of weights sharded over several files"),
+                       ("bert_model.ckpt.index", "a TensorFlow checkpoint"), ("tf_model.h5", "TensorFlow \\(Keras\\)"),
+                       ("flax_model.msgpack", "Flax weights")]:  # fmt: skip
+        folder = tmp_path / name.replace(".", "-")
+        folder.mkdir()
+        shutil.copy(hf_qa_dir / "config.json", folder)
+        (folder / name).write_text("{}")
+        with pytest.raises(CheckpointError, match=f"^{folder}: holds {name}, {what}"):
+            load_model(folder)
+
+
 def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
     sd = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).state_dict()
     path = tmp_path / "pretrain.pt"

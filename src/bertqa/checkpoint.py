@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -75,8 +76,21 @@ def _group(keys) -> list[str]:
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
 
+# Weights in a folder that bertqa does not read, and what they are (for the error that names them).
+OTHER_FORMATS = [
+    ("*.index.json", "an index of weights sharded over several files"),
+    ("*.ckpt.index", "a TensorFlow checkpoint"),
+    ("tf_model.h5", "TensorFlow (Keras) weights"),
+    ("flax_model.msgpack", "Flax weights"),
+]
+
 
 def _read_pickle(path: Path, trust_pickle: bool):
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:  # torch.jit.save's archive: code and constants, not a state dict
+            if any(name.endswith("/constants.pkl") for name in z.namelist()):
+                raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
+                                      "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except OSError:  # missing, unreadable: the file system's own words
@@ -120,6 +134,11 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+            other = next((f for pattern, _ in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
+            if not pickles and other is not None:
+                what = next(what for pattern, what in OTHER_FORMATS if other.match(pattern))
+                raise CheckpointError(f"{path}: holds {other.name}, {what}; bertqa reads one safetensors or PyTorch "
+                                      "weights file: convert the model to one first")  # fmt: skip
             if len(pickles) != 1:
                 raise CheckpointError(
                     f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "
