@@ -107,6 +107,20 @@ def test_a_tokenizer_json_of_another_kind_names_its_file(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_lowercase_step_in_a_sequence_of_normalisers_is_read_as_lower_casing(vocab_only_dir, tmp_path, caplog):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = load_tokenizer(vocab_only_dir / "vocab.txt").backend.get_vocab()
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        tok = load_tokenizer(tmp_path)
+        assert tok.do_lower_case and load_tokenizer(tmp_path, do_lower_case=True).do_lower_case
+    assert caplog.text == "" and tok.tokenize(["Paris"])[0].ids == tok.tokenize(["paris"])[0].ids
+
+
 def test_a_repeated_token_counts_up_to_the_highest_id(tmp_path):
     """Line numbers are ids: a token listed twice keeps the later one, past the count of distinct tokens, and
     the check against the model's vocabulary must see it."""

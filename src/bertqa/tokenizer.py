@@ -160,9 +160,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
-        lower = norm.get("lowercase")  # what the tokenizer does; a normaliser without the key never lowers
-        if lower is None and norm.get("type") == "BertNormalizer":
-            lower = True  # the key's default
+        lower = _lowercases(norm)  # what the tokenizer does
         if do_lower_case is not None and do_lower_case != bool(lower):
             if norm.get("type") != "BertNormalizer":
                 raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
@@ -206,6 +204,17 @@ def _lower_case_setting(folder: Path) -> bool | None:
             if isinstance(value, bool):
                 return value
     return None
+
+
+def _lowercases(norm: dict) -> bool:
+    """Whether a tokenizers normaliser (its JSON) lower-cases: a BertNormalizer unless its `lowercase` is false, a
+    Lowercase step, alone or within a Sequence."""
+    kind = norm.get("type")
+    if kind == "BertNormalizer":
+        return norm.get("lowercase", True) is not False
+    if kind == "Sequence":
+        return any(_lowercases(n or {}) for n in norm.get("normalizers") or [])
+    return kind == "Lowercase"
 
 
 def _warn_if_cased(tokens, lower: bool, source: Path) -> None:
