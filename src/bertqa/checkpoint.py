@@ -134,11 +134,10 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
-            other = next((f for pattern, _ in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
+            other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
             if not pickles and other is not None:
-                what = next(what for pattern, what in OTHER_FORMATS if other.match(pattern))
-                raise CheckpointError(f"{path}: holds {other.name}, {what}; bertqa reads one safetensors or PyTorch "
-                                      "weights file: convert the model to one first")  # fmt: skip
+                raise CheckpointError(f"{path}: holds {other[0].name}, {other[1]}; bertqa reads one safetensors or "
+                                      "PyTorch weights file: convert the model to one first")  # fmt: skip
             if len(pickles) != 1:
                 raise CheckpointError(
                     f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "

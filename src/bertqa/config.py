@@ -47,6 +47,8 @@ class BertConfig:
         if self.type_vocab_size < 2:
             raise ValueError(f"'type_vocab_size' must be at least 2 (question and context segments), not "
                              f"{self.type_vocab_size}")  # fmt: skip
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; choose from {sorted(ACTIVATIONS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"'{name}' must be below 1, not {getattr(self, name)}")
@@ -68,8 +70,6 @@ class BertConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         if extra.get("model_type", "bert") != "bert":  # NVIDIA's bert_config.json has none
             raise ValueError(f"model_type {extra['model_type']!r} is not BERT; bertqa runs BERT-architecture models")
-        if known.get("hidden_act", "gelu") not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {known['hidden_act']!r}; choose from {sorted(ACTIVATIONS)}")
         if extra.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {extra['position_embedding_type']!r} is not supported")
         return cls(**known, extra=extra)
