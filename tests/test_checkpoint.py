@@ -165,6 +165,11 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "extra.pt", extra={"bert.adapter.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key(.|\n)*bert\.adapter\.weight"):
         load_model(pt, config=hf_qa_dir / "config.json")
+    # A word embedding of the wrong rank is reported with the other shapes (it used to end in an IndexError).
+    scalar = {"bert.embeddings.word_embeddings.weight": torch.tensor(0.5)}
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "scalar.pt", extra=scalar)
+    with pytest.raises(CheckpointError, match=r"1 mis-shaped key(.|\n)*word_embeddings\.weight: checkpoint \(\) vs"):
+        load_model(pt, config=hf_qa_dir / "config.json")
 
 
 def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
@@ -176,6 +181,7 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     (tmp_path / "notes.pt").write_text("these are my notes, not a checkpoint\n")
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)  # no trust_pickle advice for garbage
     torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({0: torch.zeros(3), "bert.pooler.dense.bias": torch.zeros(3)}, tmp_path / "numbered.pt")
     lfs = "version https://git-lfs.github.com/spec/v1\noid sha256:4a1c0e9f\nsize 437985387\n"  # cloned without git-lfs
     (tmp_path / "lfs.safetensors").write_text(lfs)
     (tmp_path / "lfs.bin").write_text(lfs)
@@ -187,6 +193,7 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         ("notes.pt", "not a readable PyTorch checkpoint"),
         ("noise.pt", "not a readable PyTorch checkpoint"),
         ("list.pt", "not a state dict"),
+        ("numbered.pt", "not a state dict of named tensors"),
     ]:
         with pytest.raises(CheckpointError, match=pattern) as e:
             load_model(tmp_path / name, config=cfg)

@@ -123,8 +123,9 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         sd = _read_pickle(path, trust_pickle)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # NVIDIA: {"model", "optimizer", "grad_scaler", "epoch", ...}
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors (nor a dict with a 'model' state dict)")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in sd.items()):  # fmt: skip
+        raise CheckpointError(f"{path}: not a state dict of named tensors (nor a dict with a 'model' state dict)")
     return sd
 
 
@@ -180,7 +181,7 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
         out[k] = v
     notes = []
     word = "bert.embeddings.word_embeddings.weight"
-    if word in out and word in expected:
+    if word in out and word in expected and out[word].dim() == 2:
         rows, want = out[word].shape[0], expected[word].shape[0]
         # NVIDIA pads the vocabulary to a multiple of 8 rows for tensor cores (30522 -> 30528).
         if rows > want and rows == -(-want // 8) * 8:
