@@ -180,6 +180,28 @@ def test_small_edge_cases(tok):
     assert empty.input_ids.shape == (0, 384)
 
 
+def test_each_distinct_question_and_context_is_tokenised_once(tok, monkeypatch):
+    """One question asked of several contexts (a server's batch) and several questions of one context: the
+    windows are those each example gets alone, and every distinct text is tokenised once (a long question
+    asked of 256 contexts was tokenised 256 times)."""
+    long_q = "which of the many tokens " * 30
+    contexts = ["Paris is the capital of France. " * 12, "Tiny.", "Berlin lies on the Spree. " * 9]
+    examples = [Example(f"q{i}", q, c, [], []) for i, (q, c) in
+                enumerate([(long_q, contexts[0]), (long_q, contexts[1]), ("Where?", contexts[0]),
+                           (long_q, contexts[2]), ("Where?", contexts[2])])]  # fmt: skip
+    seen = []
+    real = tok.tokenize
+    monkeypatch.setattr(tok, "tokenize", lambda texts: seen.extend(texts) or real(texts))
+    f = featurize(examples, tok, **SMALL)
+    assert sorted(seen) == sorted([*contexts, long_q, "Where?"])
+    for e, ex in enumerate(examples):
+        alone = featurize([ex], tok, **SMALL)
+        rows = f.example_index == e
+        assert rows.sum() == len(alone) > 0
+        for name in ("input_ids", "token_type_ids", "offsets", "max_context", "lengths"):
+            assert np.array_equal(getattr(f, name)[rows], getattr(alone, name)), (ex.qid, name)
+
+
 @pytest.mark.parametrize(
     "params, message",
     [

@@ -118,11 +118,14 @@ def featurize(
     L, stride = int(max_seq_length), int(doc_stride)
     t0 = time.perf_counter()
 
-    # Many questions share a context (about 5 in SQuAD): tokenise each distinct context once, and all
-    # contexts and questions in a single batch so the Rust side runs them in parallel.
+    # Many questions share a context (about 5 in SQuAD), and a server's batch may ask one question of many
+    # contexts: tokenise each distinct context and question once, all in a single batch so the Rust side runs
+    # them in parallel.
     context_id: dict[str, int] = {}
+    question_id: dict[str, int] = {}
     ctx_of_ex = np.array([context_id.setdefault(ex.context, len(context_id)) for ex in examples], np.int64)
-    encodings = tokenizer.tokenize(list(context_id) + [ex.question for ex in examples])
+    q_of_ex = np.array([question_id.setdefault(ex.question, len(question_id)) for ex in examples], np.int64)
+    encodings = tokenizer.tokenize(list(context_id) + list(question_id))
     n_ctx = len(context_id)
     ctx_ptr, ctx_ids, ctx_offsets = _concat(encodings[:n_ctx], with_offsets=True)
     q_ptr, q_ids = _concat(encodings[n_ctx:])
@@ -130,7 +133,7 @@ def featurize(
     # Per example: question length after truncation, context length T, window length W and count K.
     # Windows start at 0, stride, 2*stride, ... and stop at the first that reaches the end (as Google's).
     n_ex = len(examples)
-    q_len = np.minimum(np.diff(q_ptr), max_query_length)
+    q_len = np.minimum(np.diff(q_ptr), max_query_length)[q_of_ex]
     T = np.diff(ctx_ptr)[ctx_of_ex]
     W = L - q_len - 3
     K = 1 + np.maximum(0, -(-(T - W) // stride))  # ceil division; an empty context still gets one window
@@ -154,7 +157,7 @@ def featurize(
     input_ids[rows, c0 - 1] = tokenizer.sep_id
     input_ids[rows, lengths - 1] = tokenizer.sep_id
     cs = ctx_ptr[ctx_of_ex][ex_of_row] + win_start  # window start in the flat context arrays
-    qs = q_ptr[:-1][ex_of_row]
+    qs = q_ptr[:-1][q_of_ex][ex_of_row]
     for i, (q, a, n, c) in enumerate(zip(c0 - 2, cs, win_len, c0, strict=True)):
         input_ids[i, 1 : q + 1] = q_ids[qs[i] : qs[i] + q]
         input_ids[i, c : c + n] = ctx_ids[a : a + n]
