@@ -49,12 +49,23 @@ def test_reads_v2(tmp_path):
     path = write(tmp_path, doc)
     assert is_squad_v2(path) and is_squad_v2(doc)
     doc["version"] = "1.1"
-    assert is_squad_v2(doc)  # the is_impossible field alone says v2.0
+    assert is_squad_v2(doc)  # a question marked is_impossible alone says v2.0
     for is_training in (False, True):
         y, n = read_squad(path, is_training)
         assert not y.is_impossible and y.answers == ["Normandy"]
         assert n.is_impossible and n.answers == [] and n.answer_starts == []
         assert n.plausible_answers == ["Normans"]
+    # A v1.1 file whose converter wrote "is_impossible": false everywhere is v1.1 (a null answer must not win).
+    assert not is_squad_v2(squad([qa("a", is_impossible=False), qa("b", is_impossible=False)]))
+    # v2.0 as HF datasets exports it: no is_impossible key; no answers means unanswerable (the official script's
+    # reading), in evaluation and training alike.
+    for q in doc["data"][0]["paragraphs"][0]["qas"]:
+        q.pop("is_impossible")
+    doc["version"] = "v2.0"
+    path = write(tmp_path, doc)
+    for is_training in (False, True):
+        y, n = read_squad(path, is_training)
+        assert not y.is_impossible and n.is_impossible
 
 
 def test_training_realigns_nearby_and_skips_the_rest(tmp_path, caplog):

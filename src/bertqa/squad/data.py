@@ -69,7 +69,8 @@ def load_json(path: str | os.PathLike) -> dict:
 
 
 def is_squad_v2(path_or_json) -> bool:
-    """True for a SQuAD v2.0 file: its version says so or any question carries `is_impossible`."""
+    """True for a SQuAD v2.0 file: its version says so or a question is marked `is_impossible` (some
+    converters write `"is_impossible": false` into v1.1 files)."""
     doc = load_json(path_or_json) if isinstance(path_or_json, (str, os.PathLike)) else path_or_json
     if not isinstance(doc, dict):  # not SQuAD at all: parse_squad says so, naming the file
         return False
@@ -77,7 +78,7 @@ def is_squad_v2(path_or_json) -> bool:
         return True
     for article in _items(doc, "data"):
         for paragraph in _items(article, "paragraphs"):
-            if any("is_impossible" in qa for qa in _items(paragraph, "qas") if isinstance(qa, dict)):
+            if any(qa.get("is_impossible") is True for qa in _items(paragraph, "qas") if isinstance(qa, dict)):
                 return True
     return False
 
@@ -171,6 +172,7 @@ def parse_squad(
     `require_answers=False` (prediction) a question may come without answers."""
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
+    v2 = is_squad_v2(doc)
     examples: list[Example] = []
     seen: set[str] = set()
     realigned, skipped = 0, []
@@ -200,8 +202,11 @@ def parse_squad(
                         skipped.append(qid)
                         continue
                     raise SquadFormatError(f"{path}: {where}: 'question' is empty")
-                impossible = _expect(qa.get("is_impossible", False), bool, "is_impossible", where, path)
                 texts, starts = _read_answers(qa, "answers", where, path)
+                # v2.0 without the key (HF datasets' squad_v2 export): no answers means unanswerable, as the
+                # official v2.0 script reads it.
+                impossible = qa.get("is_impossible", v2 and not texts and (require_answers or is_training))
+                _expect(impossible, bool, "is_impossible", where, path)
                 plausible, _ = _read_answers(qa, "plausible_answers", where, path)
                 if impossible and texts:
                     raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
