@@ -121,7 +121,7 @@ def test_max_answer_length_and_order(setup):
     assert postprocess(ex, f, start, end)[0]["q"] == "60 61"
 
 
-def test_no_valid_span_predicts_empty(setup):
+def test_no_valid_span_predicts_empty(setup, tmp_path):
     ex, f = setup
     start, end = logits(f)
     start[:], end[:] = -1.0, -1.0
@@ -130,6 +130,13 @@ def test_no_valid_span_predicts_empty(setup):
         start[r, np.flatnonzero(f.max_context[r])[-1]] = 5.0
     preds, nbest, _ = postprocess(ex, f, start, end, n_best_size=1)
     assert preds["q"] == "" and nbest["q"] == [{"text": "", "probability": 1.0, "start_logit": 0.0, "end_logit": 0.0}]
+    # v2.0: the null answer wins at any threshold, with finite odds (JSON has no infinity), written as JSON.
+    for threshold in (0.0, 1e35):
+        preds, nbest, odds = postprocess(ex, f, start, end, n_best_size=1, version_2=True,
+                                         null_score_diff_threshold=threshold)  # fmt: skip
+        assert preds["q"] == "" and odds["q"] == 1e30
+    write_predictions(tmp_path, preds, nbest, odds)
+    assert json.loads((tmp_path / "null_odds.json").read_text(), parse_constant=pytest.fail) == odds
 
 
 def test_version_2_null_decision(setup):
@@ -203,3 +210,6 @@ def test_write_predictions(tmp_path, setup):
     assert json.loads(paths[1].read_text()) == nbest
     paths = write_predictions(tmp_path / "v1", preds, nbest)
     assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["nbest_predictions.json", "predictions.json"]
+    # A v1.1 run into a v2.0 run's folder: the null odds left there would not belong to its predictions.
+    write_predictions(tmp_path / "out", preds, nbest)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nbest_predictions.json", "predictions.json"]

@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
-from .files import check_output, write_json
+from .files import check_output, check_output_dir, write_json
 from .inference import predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -82,6 +82,8 @@ class EvalConfig:
                 raise FileNotFoundError(f"{self.flag(name)} {path}: no such file")
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
+        if self.output_dir:  # (predict writes --output instead)
+            check_output_dir(self.output_dir)
 
 
 @dataclass(kw_only=True)
@@ -247,6 +249,8 @@ def predict(cfg: PredictConfig) -> dict:
     write_json(output.with_suffix(".nbest.json"), nbest)
     if null_odds is not None:
         write_json(output.with_suffix(".null_odds.json"), null_odds)
+    else:  # an earlier v2.0 prediction's, which would not belong to these
+        output.with_suffix(".null_odds.json").unlink(missing_ok=True)
     write_json(output, preds)
     summary = {**timing, "questions": len(preds), "predictions": str(output)}
     print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "

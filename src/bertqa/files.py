@@ -106,10 +106,25 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     for other in (path.with_suffix(s) for s in beside):
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
-    folder = next((p for p in path.absolute().parents if p.exists()), None)
-    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: cannot write in {folder}")
+    _check_writable(path.absolute().parents, f"--output {output}")
     return path
+
+
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """An output folder checked before any work is done: not a file, and it (or the folder it will be made in)
+    can be written."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
+    _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
+    return path
+
+
+def _check_writable(candidates, what: str) -> None:
+    """The first of `candidates` that exists must be a folder this process can write in."""
+    folder = next((p for p in candidates if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in {folder}")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -118,7 +133,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")  # JSON: no NaN
 
 
 @contextmanager

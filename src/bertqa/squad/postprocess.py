@@ -23,6 +23,10 @@ from bertqa.files import write_json
 from bertqa.squad.data import Example
 from bertqa.squad.features import Features
 
+# The null odds of a question with no valid span in any window: the null answer wins at any threshold. Finite,
+# because JSON has no infinity (json.dumps would write `Infinity`, which JSON readers refuse).
+NO_SPAN_ODDS = 1e30
+
 
 def _softmax(scores: list[float]) -> list[float]:
     # At most n_best + 1 values: plain Python beats numpy's per-call overhead here.
@@ -138,9 +142,9 @@ def postprocess(
             entries.insert(at, null_entry)
             if len(entries) > n_best_size and at < n_best_size:
                 entries.pop()
-            odds = null_score - (best["start_logit"] + best["end_logit"]) if best else float("inf")
+            odds = null_score - (best["start_logit"] + best["end_logit"]) if best else NO_SPAN_ODDS
             null_odds[ex.qid] = odds
-            predictions[ex.qid] = "" if odds > null_score_diff_threshold else best["text"]
+            predictions[ex.qid] = "" if best is None or odds > null_score_diff_threshold else best["text"]
         else:
             predictions[ex.qid] = best["text"] if best else ""
         if not entries:
@@ -155,12 +159,14 @@ PREDICTION_FILES = ("predictions.json", "nbest_predictions.json", "null_odds.jso
 
 
 def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
-    """Write PREDICTION_FILES (null_odds.json for v2.0 only), each atomically."""
+    """Write PREDICTION_FILES (null_odds.json for v2.0 only), each atomically. A v1.1 run removes the
+    null_odds.json of an earlier v2.0 run in the same folder, which would not belong to its predictions."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = dict(zip(PREDICTION_FILES, (predictions, nbest, null_odds)))
     if null_odds is None:
         del files["null_odds.json"]
+        (out / "null_odds.json").unlink(missing_ok=True)
     for name, obj in files.items():
         write_json(out / name, obj)
     return [out / name for name in files]
