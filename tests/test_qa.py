@@ -201,12 +201,14 @@ def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp
     unanswered = tmp_path / "questions.json"
     unanswered.write_text(json.dumps(doc))
     out = tmp_path / "pred.json"
+    (tmp_path / "pred.null_odds.json").write_text("{}")  # an earlier v2.0 prediction's: not these predictions'
     r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", out, "--cache-dir", "none",
                 "--no-progress", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32)  # fmt: skip
     assert r.returncode == 0, r.stderr
     preds = json.loads(out.read_text())
     nbest = json.loads((tmp_path / "pred.nbest.json").read_text())
     assert set(preds) == set(nbest) == {qid for *_, qid in questions(tiny_squad)}
+    assert not (tmp_path / "pred.null_odds.json").exists()
     scored = json.loads(run_cli("score", tiny_squad, out).stdout)
     assert scored == {"exact_match": 100.0, "f1": 100.0}
     r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "pred.txt")
@@ -319,6 +321,30 @@ def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(minilm_dir, tiny
         monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1)
         assert rank_answers(examples, features, start, end, top_k, max_len, False, align_words) == ranked
         monkeypatch.undo()
+
+
+def test_scores_are_probabilities_when_an_answer_ends_outside_its_max_context_region(minilm_dir, tiny_squad):
+    """An answer may end on a token whose max-context window is another: its end logit from this window,
+    far above that token's logit elsewhere, scored above 1 against a normaliser of max-context logits."""
+    from bertqa.tokenizer import load_tokenizer
+
+    qs = questions(tiny_squad)
+    examples = [Example(qid, q, c, [], []) for q, c, _, qid in qs]
+    features = featurize(examples, load_tokenizer(minilm_dir), 40, 8, 16)
+    in_context = features.offsets[:, :, 0] >= 0
+    # A window with a max-context token i followed, within 10 tokens, by a context token j that is not.
+    r, i, j = next((r, i, j) for r in range(len(features)) for i in np.flatnonzero(features.max_context[r])
+                   for j in range(i + 1, i + 10) if in_context[r, j] and not features.max_context[r, j])  # fmt: skip
+    start, end = np.zeros(features.input_ids.shape), np.zeros(features.input_ids.shape)
+    start[r, i], end[r, j] = 30.0, 30.0
+    e = features.example_index[r]
+    ranked = rank_answers(examples, features, start, end, top_k=3, handle_impossible_answer=True)
+    top = ranked[e][0]
+    assert (top["start"], top["end"]) == (features.offsets[r, i, 0], features.offsets[r, j, 1])
+    assert 0.99 < top["score"] <= 1.0
+    late = late_starts_early_ends(features)
+    for answers in rank_answers(examples, features, *late, top_k=5, handle_impossible_answer=True):
+        assert all(0.0 <= a["score"] <= 1.0 for a in answers) and sum(a["score"] for a in answers) <= 1.0 + 1e-9
 
 
 def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):

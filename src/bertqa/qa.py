@@ -5,10 +5,12 @@ pipeline (removed in transformers 5.3), so code written for it carries over.
     qa("Who won?", "The Broncos beat the Panthers.")   # {"score", "start", "end", "answer"}
 
 A context of any length is cut into windows (`doc_stride` apart); the best span over all windows wins.
-Scores are probabilities comparable across windows: the start (end) logits of every context token, each
-token counted once (from the window that gives it the most context, as evaluation does), and of the null
-answer ([CLS], from the window with the lowest null score, as Google's SQuAD v2.0 code takes it) share one
-softmax, and a span scores P(start) * P(end). For a context that fits one window this is exactly the
+Scores are probabilities comparable across windows: P(start) is a softmax over the start logits of every
+context token, each counted once (from the window that gives it the most context, where evaluation takes
+starts from), and of the null answer ([CLS], from the window with the lowest null score, as Google's SQuAD
+v2.0 code takes it); P(end) likewise over end logits, each token's counted once at its highest over the
+windows that hold it (an answer may end in any of them: so no span scores above 1), and a span scores
+P(start) * P(end). For a context that fits one window this is exactly the
 pipeline's score, which keeps [CLS] in its softmax too. With `handle_impossible_answer` the null answer is
 also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the
 default, as the pipeline's) an answer that starts or ends inside a word is widened to whole words. The search
@@ -153,8 +155,8 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
             if left_out is not None and left_out[rows_of[e]].max() > kth:
                 deeper.append(e)
                 continue
-            results[e] = _scored(examples[e].context, spans, rows_of[e], start, end, counted, top_k,
-                                 handle_impossible_answer)  # fmt: skip
+            results[e] = _scored(examples[e].context, spans, rows_of[e], start, end, counted, in_context,
+                                 features.offsets[:, :width, 0], top_k, handle_impossible_answer)  # fmt: skip
         pending, n = deeper, n * 2
     return results
 
@@ -198,11 +200,16 @@ def _spans_of(context: str, cand, lo: int, hi: int, top_k: int, align_words: boo
     return spans
 
 
-def _scored(context, spans, rows, start, end, counted, top_k: int, handle_impossible: bool) -> list[dict]:
+def _scored(context, spans, rows, start, end, counted, in_context, char_start, top_k: int,
+            handle_impossible: bool) -> list[dict]:  # fmt: skip
     """Spans (and the null answer) as the pipeline's dicts, scored as probabilities."""
     w = rows[np.argmin(start[rows, 0] + end[rows, 0])]
     s_all = np.append(start[rows][counted[rows]], start[w, 0])
-    e_all = np.append(end[rows][counted[rows]], end[w, 0])
+    token, ends = char_start[rows][in_context[rows]], end[rows][in_context[rows]]  # (a token: its first character)
+    tokens, which = np.unique(token, return_inverse=True)
+    best_end = np.full(len(tokens), -np.inf)
+    np.maximum.at(best_end, which, ends)
+    e_all = np.append(best_end, end[w, 0])
     log_z = _logsumexp(s_all) + _logsumexp(e_all)
     null = start[w, 0] + end[w, 0] if handle_impossible else None
     answers = [{"score": float(np.exp(score - log_z)), "start": cs, "end": ce, "answer": context[cs:ce]}
