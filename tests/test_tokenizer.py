@@ -77,6 +77,18 @@ def test_never_truncates_or_pads(minilm_dir):
     assert len(tok.tokenize(["a"])[0].ids) == 1
 
 
+def test_special_tokens_written_in_the_text_are_text(minilm_dir, vocab_only_dir):
+    """A context or question holding "[SEP]" must not put a separator into the window (a client of the server
+    could inject one); tokenizer.json and vocab.txt read such text alike, as Google's BasicTokenizer does."""
+    text = "the [SEP] and [CLS] of a [MASK]"
+    from_json, from_vocab = load_tokenizer(minilm_dir), load_tokenizer(vocab_only_dir / "vocab.txt")
+    specials = {from_json.cls_id, from_json.sep_id, from_json.backend.token_to_id("[MASK]")}
+    ids = from_json.tokenize([text])[0].ids
+    assert ids == from_vocab.tokenize([text])[0].ids and not specials & set(ids)
+    pair = from_json.encode_pair("What [SEP]?", text)["input_ids"]
+    assert pair[0] == from_json.cls_id and pair.count(from_json.sep_id) == 2 and pair[-1] == from_json.sep_id
+
+
 def test_cased_vocab_and_fingerprint(vocab_only_dir, tmp_path):
     lower = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True)
     cased = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=False)

@@ -33,6 +33,8 @@ class BertTokenizer:
     def __init__(self, backend: Tokenizer, do_lower_case: bool = True):
         backend.no_truncation()
         backend.no_padding()
+        # "[SEP]" written in a context is text, as vocab.txt's tokenizer and Google's read it, not a separator.
+        backend.encode_special_tokens = True
         self.backend = backend
         self.do_lower_case = do_lower_case
         vocab = backend.get_vocab()
