@@ -449,6 +449,17 @@ def test_waits_that_would_answer_nobody_are_refused(settings, message):
         create_app(FakeQA(), **{"max_wait_ms": 5.0, "timeout_s": 30.0, **settings})
 
 
+def test_a_question_answerer_given_without_a_window_limit_gets_the_servers():
+    """A tiny doc_stride over a long context multiplies the windows; a QuestionAnswerer made by the caller
+    (max_windows None) is bounded as `bertqa serve`'s own is."""
+    fake, bounded = FakeQA(), FakeQA()
+    fake.max_windows, bounded.max_windows = None, 100
+    for qa, expected in ((fake, 64 * 40), (bounded, 100)):
+        with running(create_app(qa, max_batch_size=40)) as url:
+            wait_ready(url)
+        assert qa.max_windows == expected
+
+
 def test_ready_only_after_loading():
     loaded = threading.Event()
 

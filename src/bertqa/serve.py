@@ -411,6 +411,9 @@ class _Server:
 
     def _load_and_warm_up(self):
         qa = self.qa if self.loader is None else self.loader()
+        if getattr(qa, "max_windows", 0) is None:
+            # A tiny doc_stride over a long context multiplies the windows: bound the work one model call may take.
+            qa.max_windows = max(2048, 64 * self.settings["max_batch_size"])
         qa.answer_pairs([WARMUP], *DEFAULTS.values())  # first-call costs (allocations, kernels) paid here
         return qa
 
@@ -611,10 +614,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     failed: list[Exception] = []
 
     def load():
-        qa = QuestionAnswerer.from_pretrained(model, device=device, precision=precision)
-        # A tiny doc_stride over a long context multiplies the windows: bound the work one model call may take.
-        qa.max_windows = max(2048, 64 * max_batch_size)
-        return qa
+        return QuestionAnswerer.from_pretrained(model, device=device, precision=precision)
 
     def stop(error: Exception) -> None:
         failed.append(error)
