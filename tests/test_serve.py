@@ -321,7 +321,8 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
 
 
 class FakeQA:
-    """Answers with the context's first word after `delay` seconds; the question "boom" is a bug."""
+    """Answers with the context's first word after `delay` seconds; the question "boom" is a bug, "huge" runs
+    out of memory."""
 
     config = SimpleNamespace(max_position_embeddings=512, to_dict=dict)
     precision = SimpleNamespace(name="fp32", describe=lambda: "fp32")
@@ -336,6 +337,8 @@ class FakeQA:
         time.sleep(self.delay)
         if any(q == "boom" for q, _ in pairs):
             raise RuntimeError("secret detail of a bug")
+        if any(q == "huge" for q, _ in pairs):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 98765432100 bytes.")
         return [
             [{"score": 1.0, "start": 0, "end": len(c.split()[0]), "answer": c.split()[0]}] * top_k for _, c in pairs
         ]
@@ -412,6 +415,21 @@ def test_a_bug_is_500_without_details_and_spares_its_batch(caplog):
             metric(text, 'bertqa_batch_size_bucket{le="2.0"}') - metric(text, 'bertqa_batch_size_bucket{le="1.0"}') == 1
         )
     assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_out_of_memory_is_a_503_that_says_so_and_spares_its_batch(caplog):
+    app = create_app(FakeQA(), max_batch_size=8, max_wait_ms=300)
+    with running(app) as url:
+        wait_ready(url)
+        with ThreadPoolExecutor(2) as pool:  # batched together: the request that does not fit fails alone
+            bad, good = pool.map(
+                lambda q: call(url, "POST", "/v1/answer", {"question": q, "context": "Denver won."}), ["huge", "ok"]
+            )
+        assert_json_error(*bad, 503)
+        assert json.loads(bad[2])["error"].startswith("out of memory answering this request")
+        assert int(bad[1]["retry-after"]) >= 1
+        assert good[0] == 200 and json.loads(good[2])["answers"][0][0]["answer"] == "Denver"
+    assert "can't allocate memory" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, caplog):

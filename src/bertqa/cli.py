@@ -441,7 +441,7 @@ def message_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _out_of_memory(e: Exception) -> bool:
+def is_out_of_memory(e: Exception) -> bool:
     """A device's (torch's OutOfMemoryError, by name: torch is not imported for every command; MPS's RuntimeError)
     or the host's (Python's MemoryError; torch's CPU allocator's RuntimeError). The message is kept: an absurd
     size from a bug shows in it."""
@@ -457,7 +457,7 @@ def error_line(e: Exception, debug: bool | None) -> str:
     `debug` None: the line is for other processes (torchrun ranks), whose own output has no traceback of it."""
     if _is_bad_input(e):
         return message_line(e)
-    if _out_of_memory(e):
+    if is_out_of_memory(e):
         detail = " ".join(str(e).split())[:160]
         return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
     hint = {True: "the traceback is above", False: "rerun with --debug (or BERTQA_DEBUG=1) for the traceback",

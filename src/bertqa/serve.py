@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .cli import is_out_of_memory
 from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, check_positive, check_windowing, input_pairs
 
@@ -516,6 +517,13 @@ class _Server:
             raise ApiError(500, str(e)) from None
         except ValueError as e:  # the model's own input checks: the request's fault
             raise ApiError(400, str(e).splitlines()[0]) from None
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            # Memory is the server's state as much as the request's: this may fit later, or cut smaller.
+            log.error("out of memory answering %d question(s): %s", len(pairs), " ".join(str(e).split())[:160])
+            raise ApiError(503, "out of memory answering this request; fewer questions or shorter contexts may fit",
+                           {"Retry-After": str(self.batcher.retry_after())}) from None  # fmt: skip
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:
@@ -561,7 +569,8 @@ def create_app(qa_or_loader, max_batch_size: int = 16, max_wait_ms: float = 5.0,
                on_load_error=None) -> Starlette:  # fmt: skip
     """The server as an ASGI app. `qa_or_loader`: a `QuestionAnswerer` (anything with `answer_pairs`,
     `config`, `device`, `precision`, `name`), or a function returning one, called in the worker thread at
-    startup. `/readyz` answers 200 once it is loaded and has answered one warm-up question. A failed load
+    startup; one whose `max_windows` is None gets the server's limit on the windows of one model call (set on
+    the object). `/readyz` answers 200 once it is loaded and has answered one warm-up question. A failed load
     goes to `on_load_error(exception)` when given, else to the log (the server stays up, not ready)."""
     server = _Server(qa_or_loader, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes,
                      max_context_chars, on_load_error)  # fmt: skip
