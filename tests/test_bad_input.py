@@ -498,6 +498,23 @@ def test_every_command_refuses_bad_input_in_one_line(case, inputs, tmp_path, cap
     assert tree(tmp_path) == [], "an output was left behind"
 
 
+def test_only_rank_0_checks_the_output_folder_it_alone_writes(inputs, tmp_path, monkeypatch):
+    """Under torchrun on machines that do not share --output-dir, the other ranks have no such folder."""
+    from bertqa.evaluate import EvalConfig
+
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for where, message in (
+        (inputs["squad"], "is a file, not a folder"),
+        (tmp_path / "gone", "a symbolic link to nothing"),
+    ):
+        cfg = EvalConfig(model=str(inputs["tiny"]), predict_file=str(inputs["squad"]), output_dir=str(where))
+        with pytest.raises(ValueError, match=f"--output-dir {where}: {message}"):
+            cfg.validate()
+        monkeypatch.setenv("RANK", "1")
+        cfg.validate()  # rank 1 writes nothing there
+        monkeypatch.delenv("RANK")
+
+
 def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_path, capsys, monkeypatch):
     """A folder where the n-best file goes: refused before any work, not after writing half of the set."""
     import bertqa.evaluate

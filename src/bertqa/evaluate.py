@@ -82,7 +82,9 @@ class EvalConfig:
                 raise FileNotFoundError(f"{self.flag(name)} {path}: no such file")
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
-        if self.output_dir:  # (predict writes --output instead)
+        # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes
+        # --output instead.
+        if self.output_dir and os.environ.get("RANK", "0").strip() in ("", "0"):
             check_output_dir(self.output_dir)
 
 

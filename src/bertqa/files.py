@@ -114,6 +114,8 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir") 
     """An output folder checked before any work is done: not a file, and it (or the folder it will be made in)
     can be written."""
     path = Path(output_dir)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{flag} {output_dir}: a symbolic link to nothing")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
