@@ -87,6 +87,10 @@ def test_special_tokens_written_in_the_text_are_text(minilm_dir, vocab_only_dir)
     assert ids == from_vocab.tokenize([text])[0].ids and not specials & set(ids)
     pair = from_json.encode_pair("What [SEP]?", text)["input_ids"]
     assert pair[0] == from_json.cls_id and pair.count(from_json.sep_id) == 2 and pair[-1] == from_json.sep_id
+    # Features cached before (when such text became special ids) are not reused: the fingerprint tells them apart.
+    before = from_json.fingerprint
+    from_json.backend.encode_special_tokens = False
+    assert from_json.fingerprint != before
 
 
 def test_cased_vocab_and_fingerprint(vocab_only_dir, tmp_path):

@@ -49,7 +49,9 @@ class BertTokenizer:
     @property
     def fingerprint(self) -> str:
         """Stable hash of everything that decides token ids and offsets (used as a cache key)."""
-        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+        # (to_str leaves out whether special tokens written in the text are matched)
+        described = f"{self.backend.to_str()}\nencode_special_tokens={self.backend.encode_special_tokens}"
+        return hashlib.sha256(described.encode()).hexdigest()[:16]
 
     def tokenize(self, texts: list[str]):
         """Encode many texts in parallel, without special tokens: a list of `tokenizers.Encoding`
