@@ -347,6 +347,27 @@ def test_scores_are_probabilities_when_an_answer_ends_outside_its_max_context_re
         assert all(0.0 <= a["score"] <= 1.0 for a in answers) and sum(a["score"] for a in answers) <= 1.0 + 1e-9
 
 
+def test_word_pieces_of_one_character_each_count_in_the_softmax(minilm_dir):
+    """A Hangul syllable becomes several word pieces with the same character offsets; each is a token of the
+    softmax, so a one-window score is still exactly the pipeline's P(start) * P(end)."""
+    from bertqa.tokenizer import load_tokenizer
+
+    examples = [Example("k", "어디?", "한국어 사전은 서울에 있다. " * 3, [], [])]
+    features = featurize(examples, load_tokenizer(minilm_dir), 384, 128, 64)
+    assert len(features) == 1
+    ctx = np.flatnonzero(features.offsets[0, :, 0] >= 0)
+    assert len(set(features.offsets[0, ctx, 0].tolist())) < len(ctx)  # pieces that share a character
+    start, end = np.random.default_rng(0).normal(size=(2, 1, 384))
+
+    def logsumexp(x):
+        return np.log(np.exp(x).sum())
+
+    log_z = logsumexp(np.r_[start[0, ctx], start[0, 0]]) + logsumexp(np.r_[end[0, ctx], end[0, 0]])
+    best = max(start[0, i] + end[0, j] for i in ctx for j in ctx if i <= j < i + 30)
+    top = rank_answers(examples, features, start, end)[0][0]
+    assert top["score"] == pytest.approx(np.exp(best - log_z), rel=1e-9)
+
+
 def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):
     """Logits that send the search to the last column of every window: scored in groups of PAIR_BUDGET
     pairs, not all at once (76 windows of 384 tokens: 11 M pairs, about 200 MB)."""

@@ -156,7 +156,7 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
                 deeper.append(e)
                 continue
             results[e] = _scored(examples[e].context, spans, rows_of[e], start, end, counted, in_context,
-                                 features.offsets[:, :width, 0], top_k, handle_impossible_answer)  # fmt: skip
+                                 features.params["doc_stride"], top_k, handle_impossible_answer)  # fmt: skip
         pending, n = deeper, n * 2
     return results
 
@@ -200,16 +200,28 @@ def _spans_of(context: str, cand, lo: int, hi: int, top_k: int, align_words: boo
     return spans
 
 
-def _scored(context, spans, rows, start, end, counted, in_context, char_start, top_k: int,
+def _best_end_logits(rows, end, in_context, stride: int) -> np.ndarray:
+    """Each context token's highest end logit over the windows that hold it. The k-th window of an example
+    (rows in order) starts at context token k * stride, so a column's token is that plus its place in the window."""
+    tokens, ends = [], []
+    for k, r in enumerate(rows):
+        cols = np.flatnonzero(in_context[r])
+        tokens.append(k * stride + cols - (cols[0] if len(cols) else 0))
+        ends.append(end[r, cols])
+    tokens, ends = np.concatenate(tokens), np.concatenate(ends)
+    if not len(tokens):
+        return ends
+    order = np.argsort(tokens, kind="stable")
+    first = np.flatnonzero(np.diff(tokens[order], prepend=-1))  # where each token's run begins
+    return np.maximum.reduceat(ends[order], first)
+
+
+def _scored(context, spans, rows, start, end, counted, in_context, stride: int, top_k: int,
             handle_impossible: bool) -> list[dict]:  # fmt: skip
     """Spans (and the null answer) as the pipeline's dicts, scored as probabilities."""
     w = rows[np.argmin(start[rows, 0] + end[rows, 0])]
     s_all = np.append(start[rows][counted[rows]], start[w, 0])
-    token, ends = char_start[rows][in_context[rows]], end[rows][in_context[rows]]  # (a token: its first character)
-    tokens, which = np.unique(token, return_inverse=True)
-    best_end = np.full(len(tokens), -np.inf)
-    np.maximum.at(best_end, which, ends)
-    e_all = np.append(best_end, end[w, 0])
+    e_all = np.append(_best_end_logits(rows, end, in_context, stride), end[w, 0])
     log_z = _logsumexp(s_all) + _logsumexp(e_all)
     null = start[w, 0] + end[w, 0] if handle_impossible else None
     answers = [{"score": float(np.exp(score - log_z)), "start": cs, "end": ce, "answer": context[cs:ce]}
