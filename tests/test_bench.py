@@ -52,6 +52,21 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
     assert "vs hf-best, segment by segment: " in r.stdout
     # run_qa.py pads every window to --seq-len: the same real tokens take longer.
     assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
+    # Training: transformers keeps the config's attention dropout, bertqa's default drops it; the JSON says so.
+    assert result.get("attention_dropout") == ({"bertqa": False, "hf": True} if mode == "train" else None)
+
+
+def test_hf_rows_can_train_without_attention_dropout(tiny_dir):
+    from bertqa.bench import hf_model
+    from bertqa.checkpoint import load_model
+
+    model = load_model(tiny_dir, verbose=False)
+    assert model.config.attention_probs_dropout_prob > 0
+    state = model.state_dict()
+    assert (
+        hf_model(model.config, state).config.attention_probs_dropout_prob == model.config.attention_probs_dropout_prob
+    )
+    assert hf_model(model.config, state, attention_dropout=False).config.attention_probs_dropout_prob == 0.0
 
 
 def test_the_peak_is_the_fastest_call_not_the_mean():
@@ -94,7 +109,7 @@ def test_every_segment_times_the_same_batches_spread_over_the_lengths(seen, mode
     windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)  # lengths to sort and group by
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, mode, 4, True,
                     bench.Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"), warmup=2, steps=4,
-                    real_lengths=windows.lengths, flops=len)  # fmt: skip
+                    flops=len)  # fmt: skip
     row.start()
     for _ in range(3):
         row.segment()
@@ -123,7 +138,7 @@ def test_seconds_makes_segments_whole_passes_over_the_same_batches(monkeypatch, 
     cpu = torch.device("cpu")
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 4, True,
                     bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=3, seconds=2.5,
-                    real_lengths=windows.lengths, flops=len)  # fmt: skip
+                    flops=len)  # fmt: skip
     rate = row.start().segment()
     # The clock reads 0 at the start, then 1 and 2 after the first two passes (under 2.5 s), 3 after the third.
     assert len(seen) == 3 * 3 and seen[:3] == seen[3:6] == seen[6:]
@@ -143,7 +158,7 @@ def test_a_rows_figure_is_the_median_of_its_segments_rates(monkeypatch):
     windows = bench.random_windows(40, 16, TINY.vocab_size)
     cpu = torch.device("cpu")
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 5, True,
-                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=6, real_lengths=windows.lengths,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=6,
                     flops=lambda lengths: 2.0 * len(lengths))  # fmt: skip
     row.start()
     assert [row.segment(), row.segment()] == [15.0, 10.0]  # 6 batches of 5 windows a pass
@@ -154,21 +169,31 @@ def test_a_rows_figure_is_the_median_of_its_segments_rates(monkeypatch):
 
 def test_padded_rows_time_batches_spread_over_the_real_lengths():
     """hf-run_qa's windows are all padded to one length, so its batches are chosen by their real tokens: the
-    middle batch of each stratum of its own (unsorted) batches, not the first few in data order."""
+    middle batch of each stratum of its own (unsorted) batches, not the first few in data order. Padded as
+    run_qa.py pads them, they still carry the attention mask of their real tokens."""
     import torch
 
     import bertqa.bench as bench
     from bertqa.model import BertForQuestionAnswering
 
+    class Seen(BertForQuestionAnswering):
+        def forward(self, **batch):
+            fed.append(batch)
+            return super().forward(**batch)
+
+    fed = []
     windows = bench.random_windows(80, 32, TINY.vocab_size)
-    windows.lengths[:] = np.random.default_rng(0).integers(8, 33, 80)
+    windows.lengths[:] = np.random.default_rng(0).integers(8, 32, 80)
     cpu = torch.device("cpu")
-    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows.padded(), "infer", 4, False,
-                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=4, real_lengths=windows.lengths,
-                    flops=len)  # fmt: skip
+    row = bench.Row(lambda: Seen(TINY), windows, "infer", 4, False, bench.Precision.resolve("fp32", cpu), cpu,
+                    warmup=0, steps=4, flops=len, pad_to=32)  # fmt: skip
     every = sorted(int(windows.lengths[i : i + 4].sum()) for i in range(0, 80, 4))  # data order, cut in 4s
     assert sorted(int(windows.lengths[b].sum()) for b in row.timed) == [every[2], every[7], every[12], every[17]]
     assert row.pass_tokens == sum(every[i] for i in (2, 7, 12, 17))
+    row.start().segment()
+    for idx, batch in zip(row.timed, fed, strict=True):
+        assert batch["input_ids"].shape == (4, 32)
+        assert batch["attention_mask"].sum(1).tolist() == windows.lengths[idx].tolist()
 
 
 def test_random_windows_fit_a_small_vocabulary():
@@ -189,6 +214,7 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile):
     monkeypatch.setattr(BertConfig, "preset", staticmethod(lambda name: TINY))
     transformers = types.ModuleType("transformers")
     transformers.__version__ = "0.0-stand-in"
+    transformers.BertForQuestionAnswering = None
     monkeypatch.setitem(sys.modules, "transformers", transformers)
 
     calls = []
@@ -272,7 +298,7 @@ def test_peak_memory_where_it_cannot_be_read_is_unmeasured_not_an_error(monkeypa
     cpu = torch.device("cpu")
     windows = bench.random_windows(16, 16, TINY.vocab_size)
     row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "train", 4, True,
-                    bench.Precision.resolve("fp32", cpu), cpu, warmup=1, steps=2, real_lengths=windows.lengths,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=1, steps=2,
                     flops=len)  # fmt: skip
     row.start().segment()
     r = row.result()

@@ -10,11 +10,12 @@ import torch
 GROUP_CHUNK = 64  # batches sorted together by --group-by-length
 
 
-def to_batch(features, idx: np.ndarray, device: torch.device, with_labels: bool = False) -> dict:
+def to_batch(features, idx: np.ndarray, device: torch.device, with_labels: bool = False,
+             pad_to: int | None = None) -> dict:  # fmt: skip
     """Rows `idx` of the features as tensors, trimmed to the longest real sequence among them (dynamic
-    padding: a batch of short windows costs what short windows cost)."""
+    padding: a batch of short windows costs what short windows cost), or padded to `pad_to` tokens."""
     lengths = features.lengths[idx]
-    T = int(lengths.max())
+    T = int(lengths.max()) if pad_to is None else pad_to
     batch = {
         "input_ids": torch.from_numpy(features.input_ids[idx, :T].astype(np.int64)),
         "token_type_ids": torch.from_numpy(features.token_type_ids[idx, :T].astype(np.int64)),

@@ -181,11 +181,6 @@ class Windows:
     def max_seq_length(self) -> int:
         return self.input_ids.shape[1]
 
-    def padded(self) -> Windows:
-        """Every window as long as the longest possible one (run_qa.py's pad_to_max_length)."""
-        return Windows(self.input_ids, self.token_type_ids, np.full_like(self.lengths, self.max_seq_length),
-                       self.start_positions, self.end_positions)  # fmt: skip
-
 
 def random_windows(n: int, seq_len: int, vocab: int, seed: int = 0) -> Windows:
     rng = np.random.default_rng(seed)
@@ -211,11 +206,14 @@ def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query
 # --- rows
 
 
-def hf_model(config, state_dict, attention: str = "sdpa"):
-    """transformers' BertForQuestionAnswering of a bertqa config, holding the weights of a bertqa state dict."""
+def hf_model(config, state_dict, attention: str = "sdpa", attention_dropout: bool = True):
+    """transformers' BertForQuestionAnswering of a bertqa config, holding the weights of a bertqa state dict
+    (without `attention_dropout`, its attention dropout probability set to 0)."""
     import transformers
 
     cfg = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    if not attention_dropout:
+        cfg.attention_probs_dropout_prob = 0.0
     cfg._attn_implementation = attention
     hf = transformers.BertForQuestionAnswering(cfg)
     missing, unexpected = hf.load_state_dict(state_dict, strict=False)
@@ -224,11 +222,12 @@ def hf_model(config, state_dict, attention: str = "sdpa"):
     return hf
 
 
-def _batches(windows: Windows, real_lengths, mode: str, batch_size: int, grouped: bool, steps: int, seed: int = 0):
+def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, pad_to: int | None = None,
+             seed: int = 0):  # fmt: skip
     """Row indices of `steps` batches that stand for the whole set: one epoch of batches as the mode makes them
     (training: shuffled, length-grouped if `grouped`; inference: cut in order, sorted by length if `grouped`),
-    sorted by the length they are padded to, then by their real tokens (`real_lengths`: all that orders the
-    batches of windows padded to one length), and cut into `steps` equal strata, of which each gives its middle
+    sorted by the length they are padded to (their longest window, or `pad_to`), then by their real tokens (all
+    that orders batches padded to one length), and cut into `steps` equal strata, of which each gives its middle
     batch; in a seeded random order. A few batches drawn at random can be much shorter or longer than the set
     (6 training batches averaged 142 tokens against the set's 162), and the speed-ups differ with the length."""
     n = len(windows.lengths)
@@ -237,8 +236,8 @@ def _batches(windows: Windows, real_lengths, mode: str, batch_size: int, grouped
     else:
         order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
         batches = np.resize(order, -(-n // batch_size) * batch_size).reshape(-1, batch_size)
-    padded = [windows.lengths[b].max() for b in batches]
-    real = [real_lengths[b].sum() for b in batches]
+    padded = [pad_to or windows.lengths[b].max() for b in batches]
+    real = [windows.lengths[b].sum() for b in batches]
     by_length = np.lexsort((real, padded))
     chosen = by_length[((np.arange(steps) + 0.5) * len(batches) / steps).astype(int)]
     return list(batches[np.random.default_rng(seed).permutation(chosen)])
@@ -250,26 +249,27 @@ class Row:
     as fill `seconds` (one pass without), so that segments differ by the machine's noise alone, not by their mix of
     lengths. Rows on the same windows and batching run the same batches (bertqa and hf-best), and the bench
     interleaves the rows' segments, so that the machine's drift over the run lands on every row alike rather than
-    in the ratios. `result` gives the medians over segments of windows/s, real (`real_lengths`: the windows'
-    unpadded lengths) tokens/s and FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths),
+    in the ratios. With `pad_to`, every batch is padded to that many tokens (run_qa.py's pad_to_max_length), its
+    attention mask still covering the real tokens alone. `result` gives the medians over segments of windows/s,
+    real (unpadded) tokens/s and FLOP/s (`flops(lengths)`: the useful FLOPs of windows of those real lengths),
     and the row's peak memory: the most it grew while the row was built and warmed up, or what it kept after that
     plus the most any of its segments added to it, whichever is more (None where it cannot be read)."""
 
     def __init__(self, make, windows: Windows, mode: str, batch_size: int, grouped: bool, precision: Precision,
-                 device, warmup: int, steps: int, real_lengths, flops, seconds: float | None = None,
-                 lr: float = 5e-5):  # fmt: skip
-        self.make, self.windows, self.mode = make, windows, mode
+                 device, warmup: int, steps: int, flops, seconds: float | None = None, lr: float = 5e-5,
+                 pad_to: int | None = None):  # fmt: skip
+        self.make, self.windows, self.mode, self.pad_to = make, windows, mode, pad_to
         self.precision, self.device, self.warmup, self.seconds, self.lr = precision, device, warmup, seconds, lr
-        self.timed = _batches(windows, real_lengths, mode, batch_size, grouped, steps)
+        self.timed = _batches(windows, mode, batch_size, grouped, steps, pad_to)
         # What one pass over the timed batches holds: every segment's rates are these over its seconds a pass.
         self.pass_windows = len(self.timed) * batch_size
-        self.pass_tokens = sum(int(real_lengths[i].sum()) for i in self.timed)
-        self.pass_flops = sum(flops(real_lengths[i]) for i in self.timed)
+        self.pass_tokens = sum(int(windows.lengths[i].sum()) for i in self.timed)
+        self.pass_flops = sum(flops(windows.lengths[i]) for i in self.timed)
         self.passes_per_s = []  # one entry a segment
         self.model = self.optimizer = None
 
     def _step(self, idx):
-        batch = to_batch(self.windows, idx, self.device, with_labels=self.mode == "train")
+        batch = to_batch(self.windows, idx, self.device, with_labels=self.mode == "train", pad_to=self.pad_to)
         if self.mode == "train":
             with self.precision.autocast():
                 out = self.model(**batch)
@@ -364,6 +364,7 @@ class BenchConfig:
     device: str | None = None
     compare: str | None = None  # "hf": also time transformers, as run_qa.py runs it and at its best
     attention_dropout: bool | None = None  # None: the training default (bertqa.train)
+    hf_attention_dropout: bool = True  # the HF rows train with the config's attention dropout, as transformers does
 
 
 def _check(cfg: BenchConfig) -> None:
@@ -410,6 +411,7 @@ def bench(cfg: BenchConfig) -> dict:
         except ImportError:
             raise ValueError("--compare hf needs transformers (pip install transformers)") from None
         versions["transformers"] = transformers.__version__
+        transformers.BertForQuestionAnswering  # noqa: B018 (imported now, not inside the first HF row's memory)
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device)
     torch.manual_seed(0)
@@ -436,30 +438,34 @@ def bench(cfg: BenchConfig) -> dict:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     del model
 
+    dropout = {"bertqa": bool((ATTENTION_DROPOUT if cfg.attention_dropout is None else cfg.attention_dropout)
+                              and config.attention_probs_dropout_prob > 0)}  # fmt: skip
+
     def ours():
         m = BertForQuestionAnswering(config).to(device)
         m.load_state_dict(state)
         if cfg.mode == "train":
-            m.set_attention_dropout(ATTENTION_DROPOUT if cfg.attention_dropout is None else cfg.attention_dropout)
+            m.set_attention_dropout(dropout["bertqa"])
         return torch.compile(m, dynamic=True) if cfg.compile else m
 
     def hf():
-        return hf_model(config, state).to(device)
+        return hf_model(config, state, attention_dropout=dropout["hf"]).to(device)
 
     # Compiled, every timed batch runs once in the warm-up: a batch of new guards (no padding mask, another
     # attention path) would otherwise compile inside a timed segment.
-    makers = {"bertqa": (ours, windows, True, max(cfg.warmup, cfg.steps) if cfg.compile else cfg.warmup)}
+    makers = {"bertqa": (ours, True, max(cfg.warmup, cfg.steps) if cfg.compile else cfg.warmup, None)}
     if cfg.compare == "hf":
-        makers["hf-run_qa"] = (hf, windows.padded(), False, cfg.warmup)
-        makers["hf-best"] = (hf, windows, True, cfg.warmup)
+        dropout["hf"] = bool(cfg.hf_attention_dropout and config.attention_probs_dropout_prob > 0)
+        makers["hf-run_qa"] = (hf, False, cfg.warmup, windows.max_seq_length)  # every window padded in full
+        makers["hf-best"] = (hf, True, cfg.warmup, None)
     factor = 3 if cfg.mode == "train" else 1  # the backward pass costs twice the forward
 
     def flops(lengths):
         return factor * forward_flops(config, lengths)
 
-    rows = {name: Row(make, w, cfg.mode, cfg.batch_size, grouped, warmup=warmup, real_lengths=windows.lengths,
-                      flops=flops, **timing)
-            for name, (make, w, grouped, warmup) in makers.items()}  # fmt: skip
+    rows = {name: Row(make, windows, cfg.mode, cfg.batch_size, grouped, warmup=warmup, flops=flops, pad_to=pad_to,
+                      **timing)
+            for name, (make, grouped, warmup, pad_to) in makers.items()}  # fmt: skip
     for name, row in rows.items():
         row.start()
         print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}", flush=True)
@@ -477,6 +483,8 @@ def bench(cfg: BenchConfig) -> dict:
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,
               "compile": cfg.compile, "versions": versions, "rows": rows}  # fmt: skip
+    if cfg.mode == "train":  # which rows trained with attention dropout (the HF rows: as the config says, by default)
+        result["attention_dropout"] = dropout
     by_segment_lines = []
     for base in ("hf-run_qa", "hf-best"):
         if base in rows:

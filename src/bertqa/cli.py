@@ -370,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train with the config's attention dropout (default: as bertqa train does)",
     )
+    b.add_argument(
+        "--hf-attention-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the HF rows with the config's attention dropout, as transformers does (default: yes)",
+    )
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("export", help="export a fine-tuned model for other runtimes")
