@@ -293,6 +293,21 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tiny_dir, tiny_squad,
     assert list(out.iterdir()) == []
 
 
+def test_a_second_evaluation_into_the_same_output_folder_is_refused(tiny_dir, tiny_squad, tmp_path):
+    """Two evaluations into one folder would leave one's predictions beside the other's summary."""
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", tiny_dir, "--predict-file", tiny_squad, "--output-dir", out, "--cache-dir", "none",
+            "--no-progress", "--precision", "fp32", "--max-seq-length", 128, "--doc-stride", 64,
+            "--max-query-length", 32]  # fmt: skip
+    with exclusive(out):  # as a first evaluation holds it
+        r = subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert r.returncode == 1 and f"{out}: another run is writing here" in r.stderr, r.stderr
+    assert list(out.iterdir()) == []
+    r = subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (out / "summary.json").is_file(), r.stderr
+
+
 def test_a_kill_while_metrics_are_rewritten_on_resume_loses_no_line(reference, tiny_dir, tiny_squad, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

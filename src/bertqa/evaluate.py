@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
-from .files import check_output, check_output_dir, write_json
+from .files import check_output, check_output_dir, exclusive, write_json
 from .inference import predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -213,15 +213,26 @@ def finish(summary: dict, out_dir: Path) -> dict:
 
 
 @contextmanager
-def _prepared(cfg: EvalConfig, require_answers: bool = True):
+def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None = None):
     """Everything evaluate and predict share: the process group, the precision in force, the model and the
-    windows of cfg.predict_file. Yields (dist, precision, model, data)."""
-    with distributed(cfg.device) as d:
+    windows of cfg.predict_file. Yields (dist, precision, model, data). With `claim`, rank 0 holds that output
+    folder while the run writes there, so that a second run on it stops (every rank with it): at once where the
+    folder is there already, else once the inputs are read (bad input must not leave a folder behind)."""
+    with distributed(cfg.device) as d, ExitStack() as held:
+        early = claim is not None and claim.is_dir()  # (rank 0's view decides: only rank 0 holds it)
+        if claim is not None:
+            with fail_together(d):
+                if early and d.is_main:
+                    held.enter_context(exclusive(claim))
         precision = Precision.resolve(cfg.precision, d.device)
         with precision.scope():
             tokenizer, model = load_tokenizer_and_model(cfg, d)
             data = load_examples_and_features(cfg.predict_file, tokenizer, cfg, False, d,
                                               require_answers=require_answers)  # fmt: skip
+            if claim is not None:
+                with fail_together(d):
+                    if not early and d.is_main:
+                        held.enter_context(exclusive(claim))
             if d.is_main:
                 print(startup_line(d, precision, cfg.attention), flush=True)
             yield d, precision, model, data
@@ -229,8 +240,8 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True):
 
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
-    with _prepared(cfg) as (d, precision, model, data):
-        out_dir = Path(cfg.output_dir)
+    out_dir = Path(cfg.output_dir)
+    with _prepared(cfg, claim=out_dir) as (d, precision, model, data):
         summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
         if d.is_main:
             finish(summary, out_dir)
