@@ -1,5 +1,6 @@
 """`bertqa bench`: a short real run against transformers, the FLOP count, and bad arguments."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -54,6 +55,19 @@ def test_bench_against_transformers_prints_a_table_and_a_json_line(tiny_dir, tin
     assert "| hf-run_qa |" in r.stdout and result["mean_window_length"] < 128
     # Training: transformers keeps the config's attention dropout, bertqa's default drops it; the JSON says so.
     assert result.get("attention_dropout") == ({"bertqa": False, "hf": True} if mode == "train" else None)
+
+
+def test_more_steps_than_the_data_has_batches_is_refused(minilm_dir, tiny_squad):
+    """More would time some batches twice; refused before anything is timed."""
+    import bertqa.bench as bench
+
+    cfg = bench.BenchConfig(model=str(minilm_dir), data=str(tiny_squad), mode="infer", seq_len=128, steps=2,
+                            batch_size=16, device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--steps 3: the 20 windows make only 2 batches of 16; time at most"):
+        bench.bench(dataclasses.replace(cfg, steps=3))
+    cfg.batch_size = 32
+    with pytest.raises(ValueError, match=r"make only 1 batch of 32"):
+        bench.bench(cfg)
 
 
 def test_hf_rows_can_train_without_attention_dropout(tiny_dir):

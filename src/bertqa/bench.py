@@ -426,6 +426,10 @@ def bench(cfg: BenchConfig) -> dict:
         windows = data_windows(cfg.data, load_tokenizer(cfg.tokenizer or cfg.model, config=model.config), cfg.seq_len)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
+    batches = -(-len(windows.lengths) // cfg.batch_size)
+    if cfg.steps > batches:  # more would time some batches twice
+        raise ValueError(f"--steps {cfg.steps}: the {len(windows.lengths)} windows make only {batches} "
+                         f"batch{'es' * (batches > 1)} of {cfg.batch_size}; time at most that many")  # fmt: skip
     where = device_name(device)
     print(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
