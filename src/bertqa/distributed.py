@@ -78,6 +78,11 @@ def _env_int(name: str, default: int, least: int) -> int:
     return value
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or alone), read from torchrun's environment before any process group."""
+    return _env_int("RANK", 0, 0) == 0
+
+
 @contextmanager
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import load_model
 from .config import check_seq_len
-from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together
+from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import check_output, check_output_dir, exclusive, write_json
 from .inference import predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
@@ -84,7 +84,7 @@ class EvalConfig:
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes
         # --output instead.
-        if self.output_dir and os.environ.get("RANK", "0").strip() in ("", "0"):
+        if self.output_dir and is_rank_zero():
             check_output_dir(self.output_dir)
 
 
