@@ -66,14 +66,17 @@ def check(device, precision: Precision, masked: bool) -> list[tuple[str, float]]
         with precision.autocast():
             ref = hf(input_ids=ids, token_type_ids=types, attention_mask=m, start_positions=starts, end_positions=ends)
             out = ours(ids, types, m, starts, ends)
-        ref.loss.backward()
-        out.loss.backward()
+        # fp16 trains with a loss scale (train.py's GradScaler starts at 2**16): without it the attention weights'
+        # small gradients fall below fp16's normal range and each kernel rounds them its own way.
+        scale = 2.0**16 if precision.name == "fp16" else 1.0
+        (ref.loss * scale).backward()
+        (out.loss * scale).backward()
     results.append(("training loss", rel(out.loss.detach(), ref.loss.detach())))
     # Per tensor, against its own scale, or a hundredth of the largest gradient's where its own is smaller: some
     # gradients are zero but for rounding (the QA bias, the key biases: softmax ignores a constant shift).
-    theirs = {n: p.grad.float() for n, p in hf.named_parameters() if p.grad is not None}
+    theirs = {n: p.grad.float() / scale for n, p in hf.named_parameters() if p.grad is not None}
     floor = 1e-2 * max(float(g.abs().max()) for g in theirs.values())
-    worst = max((float((p.grad.float() - theirs[n]).abs().max()) / max(float(theirs[n].abs().max()), floor), n)
+    worst = max((float((p.grad.float() / scale - theirs[n]).abs().max()) / max(float(theirs[n].abs().max()), floor), n)
                 for n, p in ours.named_parameters() if n in theirs)  # fmt: skip
     results.append((f"gradients (worst: {worst[1]})", worst[0]))
     return results

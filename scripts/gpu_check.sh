@@ -3,9 +3,12 @@
 #   1. bertqa against transformers in fp32, tf32, bf16 and fp16, padded and not (benchmarks/gpu_parity.py);
 #   2. BERT-large, seq 384, batch 32, random full-length windows, bf16: training and inference throughput of
 #      bertqa against transformers in the same process (the README's targets: >= 400 and >= 1,000 windows/s);
-#   3. where MODEL and SQUAD_DIR are set: the demo's fine-tune + evaluation (scripts/demo.sh's recipe) on the GPU,
-#      with --precision auto (bf16 on compute capability >= 8), and again in fp16 (gradient scaler);
-#   4. the throughput of step 2 with torch.compile (bertqa's model only).
+#   3. where MODEL and SQUAD_DIR are set: the CPU targets' configuration on the GPU (MODEL's weights, real SQuAD
+#      windows at 384/128/64, batch 32, --precision auto), training and inference, against transformers, with
+#      every timed batch warmed up first (steady state: each length's kernels already chosen);
+#   4. where MODEL and SQUAD_DIR are set: the demo's fine-tune + evaluation (scripts/demo.sh's recipe) on the GPU,
+#      with --precision auto (bf16 on compute capability >= 8), and again in fp16 (gradient scaler), last;
+#   5. the throughput of step 2 with torch.compile (bertqa's model only).
 # Every step runs even if one before it fails, each under its own time limit (STEP_LIMIT seconds, default 240);
 # each writes its log under $OUT (default runs/gpu-check), and the fine-tunes their models and cache under $WORK.
 # Usage, from the repo root: bash scripts/gpu_check.sh      (PYTHON=... to pick the interpreter)
@@ -26,10 +29,11 @@ step() {
   echo "== $name: exit $rc$([ "$rc" = 124 ] && echo " (over $LIMIT s)")"
   [ "$rc" = 0 ] || status=1
 }
+have_data() { [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ]; }
 # The demo's fine-tune + evaluation (scripts/demo.sh's recipe), where MODEL and SQUAD_DIR are set; its model in
 # $WORK/NAME. Usage: finetune NAME [more train arguments]
 finetune() {
-  [ -n "${MODEL:-}" ] && [ -n "${SQUAD_DIR:-}" ] || return 0
+  have_data || return 0
   local name=$1
   shift
   step "$name" "$PY" -m bertqa train --model "$MODEL" --train-file "$SQUAD_DIR/train-subset.json" \
@@ -44,6 +48,11 @@ step parity "$PY" benchmarks/gpu_parity.py
 LARGE=(--preset large --seq-len 384 --batch-size 32 --precision bf16 --segments 3)
 step train-large "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compare hf --steps 10 --warmup 5
 step infer-large "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compare hf --steps 20 --warmup 5
+if have_data; then
+  REAL=(--model "$MODEL" --compare hf --segments 3 --steps 40 --warmup 40)
+  step train-real "$PY" -m bertqa bench "${REAL[@]}" --mode train --data "$SQUAD_DIR/train-subset.json"
+  step infer-real "$PY" -m bertqa bench "${REAL[@]}" --mode infer --data "$SQUAD_DIR/dev-a.json"
+fi
 finetune finetune
 step train-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compile --steps 10 --warmup 10
 step infer-large-compile "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compile --steps 20 --warmup 10
