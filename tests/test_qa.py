@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bertqa.checkpoint import CheckpointError
-from bertqa.qa import QuestionAnswerer, align_to_words, rank_answers
+from bertqa.qa import QuestionAnswerer, align_to_words, rank_answers, window_settings
 from bertqa.squad.data import Example
 from bertqa.squad.features import featurize
 from bertqa.squad.postprocess import postprocess
@@ -148,12 +148,41 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question=["a?", "b?"], context=["x", "y", "z"]), "2 questions but 3 contexts"),
         (dict(question="Who?", context="Some text.", top_k=0), "top_k must be a positive integer"),
         (dict(question="Who?", context="Some text.", max_seq_len=1024), "exceeds the model's 512"),
-        (dict(question="Who?", context="Some text.", max_seq_len=100, max_question_len=64), "leaves fewer than"),
+        (
+            dict(question="Who?", context="Some text.", max_seq_len=100, doc_stride=40, max_question_len=64),
+            "leaves fewer than",
+        ),  # fmt: skip
+        (dict(question="Who?", context="Some text.", max_seq_len=60, max_question_len=64), "leaves fewer than"),
+        (dict(question="Who?", context="Some text.", max_seq_len="384"), "max_seq_len must be a positive integer"),
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             qa(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("given", "positions", "expected"),
+    [
+        ((None, None), 512, (384, 128)),  # the pipeline's defaults
+        ((None, None), 256, (256, 128)),  # a model of fewer positions: its own length
+        ((192, None), 512, (192, 96)),  # half the window, as the pipeline
+        ((100, None), 512, (100, 33)),  # no more than a window's context tokens (doc_stride is a step here)
+        ((200, 50), 512, (200, 50)),  # given, kept
+    ],
+)
+def test_unset_window_settings_take_the_pipelines_defaults(given, positions, expected):
+    assert window_settings(*given, 64, positions) == expected
+
+
+def test_a_model_of_fewer_than_384_positions_answers_with_the_defaults(qa, tiny_squad, monkeypatch):
+    question, context, _, _ = questions(tiny_squad)[13]
+    long = FILLER[:2000] + context
+    monkeypatch.setattr(qa.model.config, "max_position_embeddings", 256)
+    r = qa(question, long)  # was refused: "max_seq_len 384 exceeds the model's 256"
+    assert r == qa(question, long, max_seq_len=256, doc_stride=128) and long[r["start"] : r["end"]] == r["answer"]
+    # max_seq_len alone: doc_stride follows it (was refused: 128 left no room in a 160-token window)
+    assert qa(question, long, max_seq_len=160) == qa(question, long, max_seq_len=160, doc_stride=80)
 
 
 def test_a_checkpoint_without_a_qa_head_is_refused(minilm_dir, tmp_path):

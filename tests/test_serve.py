@@ -137,6 +137,15 @@ def test_health_ready_and_model(server):
     assert info["server"]["max_batch_size"] == 8
 
 
+def test_unset_window_parameters_take_the_pipelines_defaults(server):
+    info = json.loads(call(server, "GET", "/v1/model")[2])
+    assert (info["parameters"]["max_seq_len"], info["parameters"]["doc_stride"]) == (384, 128)
+    # max_seq_len alone: doc_stride half of it, as HF's pipeline (it was refused: 128 left no room in 160)
+    inputs = {"question": QUESTIONS[0], "context": " ".join([CONTEXT] * 6)}
+    alone = post(server, "/", {"inputs": inputs, "parameters": {"max_seq_len": 160}})
+    assert alone == post(server, "/", {"inputs": inputs, "parameters": {"max_seq_len": 160, "doc_stride": 80}})
+
+
 def test_inference_client(server):
     from huggingface_hub import InferenceClient
 

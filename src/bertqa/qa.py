@@ -108,12 +108,23 @@ def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def check_windowing(max_seq_len: int, doc_stride: int, max_question_len: int, max_positions: int) -> None:
-    """One-line errors for window settings the model or the windowing cannot take."""
+def window_settings(max_seq_len: int | None, doc_stride: int | None, max_question_len: int,
+                    max_positions: int) -> tuple[int, int]:  # fmt: skip
+    """(max_seq_len, doc_stride), checked, with one-line errors for settings the model or the windowing cannot
+    take. Unset (None), they are the pipeline's: max_seq_len the model's length up to 384, doc_stride half of it
+    up to 128, and (a step here, see the module docstring) no more than the context tokens a window holds."""
+    check_positive(max_question_len=max_question_len)
+    if max_seq_len is None:
+        max_seq_len = min(max_positions, 384)
+    check_positive(max_seq_len=max_seq_len)
+    if doc_stride is None:
+        doc_stride = max(1, min(128, max_seq_len // 2, max_seq_len - max_question_len - 3))
+    check_positive(doc_stride=doc_stride)
     check_seq_len(max_seq_len, max_positions, "max_seq_len")
     if max_seq_len - max_question_len - 3 < doc_stride:
         raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
                          f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
+    return max_seq_len, doc_stride
 
 
 # Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_len
@@ -268,26 +279,28 @@ class QuestionAnswerer:
         return self.model.config
 
     def __call__(self, question=None, context=None, top_k: int = 1, max_answer_len: int = 30,
-                 handle_impossible_answer: bool = False, doc_stride: int = 128, max_seq_len: int = 384,
-                 max_question_len: int = 64, align_to_words: bool = True):  # fmt: skip
+                 handle_impossible_answer: bool = False, doc_stride: int | None = None,
+                 max_seq_len: int | None = None, max_question_len: int = 64, align_to_words: bool = True):  # fmt: skip
         """Answer one question (a dict, or a list of `top_k` dicts when top_k > 1) or a batch: lists of
         questions and contexts, many questions about one context, or one question about many contexts (a list
         with one result per pair). Each answer: {"score", "start", "end", "answer"}, where
         `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring)."""
         pairs, batched = input_pairs(question, context)
         check_pairs(pairs)
-        check_positive(top_k=top_k, max_answer_len=max_answer_len, doc_stride=doc_stride, max_seq_len=max_seq_len,
-                  max_question_len=max_question_len)  # fmt: skip
-        check_windowing(max_seq_len, doc_stride, max_question_len, self.config.max_position_embeddings)
+        check_positive(top_k=top_k, max_answer_len=max_answer_len)
+        max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
+                                                  self.config.max_position_embeddings)  # fmt: skip
         results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
                                     max_question_len, align_to_words)  # fmt: skip
         if top_k == 1:
             results = [r[0] for r in results]
         return results if batched else results[0]
 
-    def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=128,
-                     max_seq_len=384, max_question_len=64, align_to_words=True) -> list[list[dict]]:  # fmt: skip
+    def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
+                     max_seq_len=None, max_question_len=64, align_to_words=True) -> list[list[dict]]:  # fmt: skip
         """The ranked answers of every (question, context) pair, inputs already checked (the server's entry)."""
+        max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
+                                                  self.config.max_position_embeddings)  # fmt: skip
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
         features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len,
                              max_windows=self.max_windows)  # fmt: skip

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from .cli import is_out_of_memory
 from .inference import NonFiniteLogits
-from .qa import QuestionAnswerer, check_pairs, check_positive, check_windowing, input_pairs
+from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs, window_settings
 
 log = logging.getLogger("bertqa.serve")
 
@@ -313,12 +313,14 @@ def _parameters(raw, max_positions: int) -> tuple:
         params[name] = value
     if params["top_k"] > MAX_TOP_K:
         raise ApiError(400, f"parameters.top_k {params['top_k']} exceeds the limit of {MAX_TOP_K}")
-    if params["max_answer_len"] > params["max_seq_len"]:
-        raise ApiError(400, f"parameters.max_answer_len {params['max_answer_len']} exceeds max_seq_len")
     try:
-        check_windowing(params["max_seq_len"], params["doc_stride"], params["max_question_len"], max_positions)
+        params["max_seq_len"], params["doc_stride"] = window_settings(
+            params["max_seq_len"], params["doc_stride"], params["max_question_len"], max_positions
+        )
     except ValueError as e:
         raise ApiError(400, f"parameters: {e}") from None
+    if params["max_answer_len"] > params["max_seq_len"]:
+        raise ApiError(400, f"parameters.max_answer_len {params['max_answer_len']} exceeds max_seq_len")
     return tuple(params[name] for name in DEFAULTS)
 
 
@@ -415,7 +417,8 @@ class _Server:
         if getattr(qa, "max_windows", 0) is None:
             # A tiny doc_stride over a long context multiplies the windows: bound the work one model call may take.
             qa.max_windows = max(2048, 64 * self.settings["max_batch_size"])
-        qa.answer_pairs([WARMUP], *DEFAULTS.values())  # first-call costs (allocations, kernels) paid here
+        # First-call costs (allocations, kernels) paid here, with the default parameters.
+        qa.answer_pairs([WARMUP], *_parameters({}, qa.config.max_position_embeddings))
         return qa
 
     async def _load(self) -> None:
@@ -461,7 +464,7 @@ class _Server:
                 "precision": precision.name,
                 "precision_reason": precision.describe(),
                 "config": qa.config.to_dict(),
-                "parameters": DEFAULTS,
+                "parameters": dict(zip(DEFAULTS, _parameters({}, qa.config.max_position_embeddings))),
                 "server": self.settings,
             }
         )
