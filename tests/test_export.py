@@ -191,6 +191,36 @@ def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
         OnnxRunner(tmp_path / "missing.onnx")
 
 
+def test_runner_rejects_a_graph_without_the_logits(tmp_path):
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
+    output = helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "t"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "other", inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(ValueError, match=r"other\.onnx: graph outputs are \['logits'\], expected \['start_logits', "):
+        OnnxRunner(tmp_path / "other.onnx")
+
+
+def test_an_int8_graph_with_non_finite_logits_is_not_written(reuse_trace, tiny_dir, tmp_path, monkeypatch):
+    real, reports = export.compare, []
+
+    def compare(*args):
+        reports.append(real(*args))
+        if len(reports) == 2:  # the int8 graph's, as from a graph whose logits overflow
+            reports[-1]["max_abs_diff"] = float("nan")
+        return reports[-1]
+
+    monkeypatch.setattr(export, "compare", compare)
+    with pytest.raises(
+        NonFiniteLogits, match=r"^export onnx: the int8 graph's logits are NaN .*int8\.onnx not written$"
+    ):
+        export_onnx(tiny_dir, tmp_path / "int8.onnx", int8=True, verbose=False, **WINDOWS)
+    assert len(reports) == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_missing_extra_is_one_line(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without bertqa[onnx] looks like
     with pytest.raises(

@@ -8,6 +8,7 @@ import json
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -329,9 +330,13 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
 # --- In-process servers with a fake model: queue, timeout, bugs, readiness --------------------------------
 
 
+class Panic(BaseException):
+    """As pyo3's PanicException, which a Rust panic in `tokenizers` raises: no Exception."""
+
+
 class FakeQA:
     """Answers with the context's first word after `delay` seconds; the question "boom" is a bug, "huge" runs
-    out of memory."""
+    out of memory, "panic" panics."""
 
     config = SimpleNamespace(max_position_embeddings=512, to_dict=dict)
     precision = SimpleNamespace(name="fp32", describe=lambda: "fp32")
@@ -346,6 +351,8 @@ class FakeQA:
         time.sleep(self.delay)
         if any(q == "boom" for q, _ in pairs):
             raise RuntimeError("secret detail of a bug")
+        if any(q == "panic" for q, _ in pairs):
+            raise Panic("the tokenizer panicked")
         if any(q == "huge" for q, _ in pairs):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 98765432100 bytes.")
         return [
@@ -408,6 +415,7 @@ def test_timeout_is_504_and_server_recovers():
 
 @pytest.mark.parametrize("question, status, error, logged", [
     ("boom", 500, "internal error", "secret detail of a bug"),  # a bug: no details reach the client
+    ("panic", 500, "internal error", "Panic: the tokenizer panicked"),  # no Exception: the batcher outlives it
     ("huge", 503, "out of memory answering this request; fewer questions or shorter contexts may fit",
      "can't allocate memory"),
 ])  # fmt: skip
@@ -430,6 +438,45 @@ def test_a_failed_request_gets_its_status_and_spares_its_batch(caplog, question,
             metric(text, 'bertqa_batch_size_bucket{le="2.0"}') - metric(text, 'bertqa_batch_size_bucket{le="1.0"}') == 1
         )
     assert logged in caplog.text and ("Traceback" in caplog.text) == (status == 500)  # out of memory: one line
+
+
+def test_a_body_that_does_not_come_is_408_within_the_timeout():
+    app = create_app(FakeQA(), max_wait_ms=0, timeout_s=0.5)
+    with running(app) as url:
+        wait_ready(url)
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n")  # fmt: skip
+            start = time.monotonic()
+            reply = http.client.HTTPResponse(sock)
+            reply.begin()
+            assert reply.status == 408 and time.monotonic() - start < 5
+            assert json.loads(reply.read()) == {"error": "request body not received within 0.5 s (--timeout)"}
+        assert post(url, "/", {"inputs": {"question": "Who?", "context": "Denver won."}})["answer"] == "Denver"
+
+
+def test_an_address_that_cannot_be_listened_on_is_named():
+    with _listen("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        for host, where in (("127.0.0.1", port), ("nosuch.invalid", 0)):  # in use; a host name that resolves nowhere
+            with pytest.raises(OSError, match=rf"^cannot listen on {re.escape(host)}:{where}: \S"):
+                _listen(host, where)
+
+
+def test_a_model_that_failed_to_load_is_503_without_retry_after():
+    def load():
+        raise ValueError("model.safetensors: truncated")
+
+    with running(create_app(load)) as url:
+        deadline = time.monotonic() + 10
+        while (reply := call(url, "GET", "/readyz"))[2].find("failed") < 0:
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.05)
+        status, headers, text = call(url, "POST", "/", {"inputs": {"question": "Who?", "context": "Denver won."}})
+        assert_json_error(status, headers, text, 503)
+        assert json.loads(text)["error"] == "model failed to load: model.safetensors: truncated"
+        assert "retry-after" not in headers  # for good: a client told to retry in 1 s would retry for ever
 
 
 def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, caplog):

@@ -178,7 +178,9 @@ class OnnxRunner:
         names = tuple(i.name for i in self.session.get_inputs())
         if sorted(names) != sorted(INPUTS):
             raise ValueError(f"{path}: graph inputs are {list(names)}, expected {list(INPUTS)}")
-        self.path = Path(path)
+        names = tuple(o.name for o in self.session.get_outputs())
+        if not set(OUTPUTS) <= set(names):
+            raise ValueError(f"{path}: graph outputs are {list(names)}, expected {list(OUTPUTS)}")
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """Start and end logits, float32 (batch, seq), for int64 (batch, seq) arrays."""
@@ -298,6 +300,8 @@ def export_onnx(
             report["fp32_max_abs_diff"] = check["max_abs_diff"]
             _quantize(fp32, tmp)
             check = compare(net, OnnxRunner(tmp), features)
+            if not np.isfinite(check["max_abs_diff"]):  # int8 is held to no bound but this one
+                raise NonFiniteLogits(f"export onnx: the int8 graph's logits are NaN or infinite; {output} not written")
             report.update({k: check[k] for k in ("max_abs_diff", "start_argmax_agreement", "end_argmax_agreement")})
             say(f"bertqa: int8 (dynamic quantisation, per-column int8 weights) on the same windows: max |onnxruntime - "
                 f"pytorch| = {check['max_abs_diff']:.3f}; the answer start / end positions agree on "

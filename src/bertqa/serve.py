@@ -6,7 +6,8 @@
 - Concurrent requests are batched: a batcher task gathers queued questions until `max_batch_size` of them
   wait or the oldest has waited `max_wait_ms`, and runs them through the model in one worker thread, so the
   event loop never blocks on it. The queue is bounded (503 with Retry-After when full), every request has a
-  timeout (504), and every error is a one-line JSON body: no traceback reaches a client.
+  timeout (408 for a body not sent within it, 504 for an answer not ready), and every error is a one-line JSON
+  body: no traceback reaches a client.
 """
 
 from __future__ import annotations
@@ -223,7 +224,11 @@ class Batcher:
         try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self.worker, self.qa.answer_pairs, pairs, *params)
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the batcher must outlive it
+            if not isinstance(e, Exception):
+                e = RuntimeError(f"{type(e).__name__}: {e}")
             self._observe(len(pairs), time.perf_counter() - start)
             if len(jobs) > 1:  # one bad request must not fail the others it was batched with
                 for job in jobs:
@@ -254,17 +259,24 @@ class Batcher:
 # --- Request parsing --------------------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, limit: int, timeout_s: float) -> dict:
     too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, too_big)
-    body = bytearray()
-    try:
+
+    async def read() -> bytearray:
+        body = bytearray()
         async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, too_big)
+        return body
+
+    try:  # a client that sends its body a byte at a time (or never) must not hold a connection for ever
+        body = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout_s:g} s (--timeout)") from None
     except ClientDisconnect:  # the client hung up: nobody to answer, and not a server error
         raise ApiError(499, "client closed the request") from None
     try:
@@ -436,9 +448,10 @@ class _Server:
         self.qa, self.ready = self.batcher.qa, True
 
     def _require_ready(self) -> None:
+        if self.load_error:  # for good: retrying will not help
+            raise ApiError(503, f"model failed to load: {self.load_error}")
         if not self.ready:
-            message = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-            raise ApiError(503, message, {"Retry-After": "1"})
+            raise ApiError(503, "model is loading", {"Retry-After": "1"})
 
     # Endpoints.
     async def root(self, request: Request) -> Response:
@@ -474,7 +487,7 @@ class _Server:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def hf_answer(self, request: Request) -> Response:
-        data = await _read_json(request, self.settings["max_body_bytes"])
+        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"])
         _only(data, ("inputs", "parameters", "options"), "")  # `options` (wait_for_model, ...) has no use here
         if "inputs" not in data:
             raise ApiError(400, "inputs is missing: send {inputs: {question, context}, parameters: {...}}")
@@ -487,7 +500,7 @@ class _Server:
         return JSONResponse(results if batched else results[0])
 
     async def v1_answer(self, request: Request) -> Response:
-        data = await _read_json(request, self.settings["max_body_bytes"])
+        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"])
         _only(data, ("question", "context", "parameters"), "")
         pairs = _v1_pairs(data)
         results = await self._answer(pairs, self._params(data))
@@ -597,14 +610,16 @@ def create_app(qa_or_loader, max_batch_size: int = 16, max_wait_ms: float = 5.0,
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the server starts (port 0: a free port, reported in the startup line)."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock = None
     try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # an unknown host name fails here
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if sock is not None:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     return sock
 
