@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from skips import platform_skip
 
 import bertqa.train
+from bertqa import cli
 from bertqa.evaluate import EvalConfig, evaluate
 from bertqa.files import exclusive
 from bertqa.train import TrainConfig, lr_factor, train
@@ -181,7 +182,19 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 4
     with pytest.raises(ValueError, match=r"cannot resume a different run \(seed 42 -> 7\)"):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, seed=7, resume=True))
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(max_grad_norm 1.0 -> 0.5\)"):
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, max_grad_norm=0.5,
+                      resume=True))  # fmt: skip
+    before = torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
     summary = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
+    # The summary times the whole run, its steps before the crash included; resumed again, it trains nothing
+    # and says the same (it said 0 sequences/s).
+    assert (
+        0 < before < summary["e2e_train_time"] == torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
+    )
+    again = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
+    for key in ("e2e_train_time", "training_sequences_per_second"):
+        assert again[key] == pytest.approx(summary[key], rel=0.01) and again[key] > 0
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(part / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -192,6 +205,78 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     # The checkpoint carried the loss of step 4, logged with 5 and 6 as if the run had never stopped.
     assert rows[1]["loss"] == pytest.approx((per_step[4] + per_step[5] + per_step[6]) / 3, rel=1e-6)
     assert summary["final_loss"] == pytest.approx(per_step[6], rel=1e-6)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_kept(
+    tiny_dir, small_squad, tmp_path, monkeypatch
+):
+    real, saves = torch.save, []
+
+    def disk_full(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 1:
+            return real(obj, f, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/7: file write failed"
+        )
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(OSError) as caught:
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2))
+    assert cli.message_line(caught.value) == (
+        f"{out / 'checkpoint.pt'}: cannot write the checkpoint ([enforce fail at inline_container.cc:778] . "
+        "PytorchStreamWriter failed writing file data/7: file write failed)"
+    )
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary file left
+
+
+def open_files() -> set[str]:
+    if not os.path.isdir("/proc/self/fd"):
+        platform_skip("no /proc/self/fd to see which files are open or synced")
+    return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+
+def test_metrics_reach_the_disk_before_each_checkpoint(tiny_dir, small_squad, tmp_path, monkeypatch):
+    open_files()  # skips without /proc
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train(cfg_for(tiny_dir, small_squad, tmp_path / "run", save_every=2))
+    order = [
+        "metrics" if n == "metrics.jsonl" else "checkpoint"
+        for n in synced
+        if n.startswith((".checkpoint.", "metrics."))
+    ]
+    assert order == ["metrics", "checkpoint"] * 3  # steps 2, 4 and 6: a power loss keeps the lines a resume skips
+
+
+def test_the_metrics_file_is_closed_when_a_step_fails(tiny_dir, small_squad, tmp_path):
+    def crash(step, loss):
+        if step == 3:
+            raise RuntimeError("a failed step")
+
+    with pytest.raises(RuntimeError, match="a failed step") as caught:
+        train(cfg_for(tiny_dir, small_squad, tmp_path, log_every=1), on_step=crash)
+    # The traceback (held here, as a notebook holds it) keeps the run's frames alive, not its files.
+    assert caught.tb is not None and str(tmp_path / "metrics.jsonl") not in open_files()
+
+
+def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_dir, small_squad, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
+    assert (out / "predictions.json").is_file() and (out / "nbest_predictions.json").is_file()
+    summary = train(cfg_for(tiny_dir, small_squad, out))  # the same folder, another model, nothing evaluated
+    assert "f1" not in summary and not (out / "predictions.json").exists()
+    assert not (out / "nbest_predictions.json").exists()
 
 
 def test_a_second_run_on_a_folder_stops_before_loading_anything(tiny_dir, small_squad, tmp_path, monkeypatch):

@@ -112,11 +112,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, total_steps: int, cfg: TrainConfig,
                     d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
-                    since_log: tuple[torch.Tensor, torch.Tensor]) -> None:  # fmt: skip
+                    since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step (of total_steps: a run
     that stopped short is told from a finished one, see refuse_to_replace), every rank's RNG and
-    loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), and what the
-    run resolved its defaults to (`resolved`, see check_resumable).
+    loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), what the
+    run resolved its defaults to (`resolved`, see check_resumable) and the seconds it has trained so far.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     per_rank = all_gather_objects(d, (rng_state(d.device), [float(t.item()) for t in since_log]))
     if not d.is_main:
@@ -135,15 +135,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "world_size": d.world_size,
         "config": json.dumps(dataclasses.asdict(cfg)),
         "resolved": resolved,
+        "train_seconds": train_seconds,  # so that a resumed run's summary times the whole run (None: not known)
     }
     with atomic_path(path, durable=True) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer on a full disk: "PytorchStreamWriter failed writing file ..."
+            raise OSError(f"{path}: cannot write the checkpoint ({' '.join(str(e).split())[:200]})") from None
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
 RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
-               "lr", "warmup", "weight_decay", "seed", "group_by_length", "max_seq_length", "doc_stride",
-               "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
+               "lr", "warmup", "weight_decay", "max_grad_norm", "seed", "group_by_length", "max_seq_length",
+               "doc_stride", "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
@@ -289,10 +293,16 @@ class MetricsLog:
                 if k != "step" and v is not None:  # None: no finite loss since the last line
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
+    def sync(self) -> None:
+        """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> bool:
@@ -389,7 +399,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
 
-    start_step, final_loss = 0, None
+    start_step, final_loss, prior_seconds = 0, None, 0.0  # prior_seconds: trained before this start, if known
     skipped, bad_run = 0, 0  # updates skipped for non-finite values: in all, and in a row now
     # The loss summed over the steps since the last metrics line, and how many of them had a finite loss.
     loss_sum = torch.zeros((), device=d.device)
@@ -425,19 +435,20 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
             why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
             raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
-        start_step = state["step"]
+        start_step, prior_seconds = state["step"], state.get("train_seconds")
         if d.is_main:
             print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
     elif cfg.resume and d.is_main:
         print(f"bertqa: --resume: no {ckpt_path} yet, starting from the beginning", flush=True)
 
     if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         print(startup_line(d, precision, cfg.attention), flush=True)
         print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
     metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
+    if metrics is not None:
+        held.callback(metrics.close)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
     # CPU with attention dropout: auto attention branches at KEEP_PROBS_MAX_LEN tokens).
     # Evaluation and saving use the plain module, which shares the weights.
@@ -447,6 +458,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
+    held.callback(bar.close)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -523,17 +535,26 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            if metrics is not None:
+                metrics.sync()
+            seconds = None if prior_seconds is None else prior_seconds + time.perf_counter() - t0
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, total_steps, cfg, d, final_loss,
-                            (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
+                            (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
     synchronize(d.device)
     train_time = time.perf_counter() - t0
     bar.close()
+    if prior_seconds is None:  # resumed from a checkpoint that did not record its time: this part's alone
+        trained = (total_steps - start_step) * global_batch
+    else:  # the whole run's, across its resumes (a finished run resumed again trains nothing and keeps them)
+        train_time, trained = prior_seconds + train_time, total_steps * global_batch
+    if metrics is not None:
+        metrics.sync()
     save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, total_steps, cfg, d, final_loss,
-                    (skipped, bad_run), resolved, (loss_sum, finite_since_log))  # fmt: skip
-    trained = (total_steps - start_step) * global_batch
+                    (skipped, bad_run), resolved, (loss_sum, finite_since_log),
+                    None if prior_seconds is None else train_time)  # fmt: skip
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
@@ -545,6 +566,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
+    elif d.is_main:  # an earlier run's predictions in this folder are not this model's
+        for name in PREDICTION_FILES:
+            (out_dir / name).unlink(missing_ok=True)
     if d.is_main:
         finish(summary, out_dir)
     return summary
