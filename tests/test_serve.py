@@ -413,6 +413,31 @@ def test_timeout_is_504_and_server_recovers():
         assert post(url, "/", payload)["answer"] == "Denver"
 
 
+def test_a_timed_out_request_stops_its_work_for_those_queued_behind_it(tiny_dir):
+    from bertqa.qa import QuestionAnswerer
+
+    qa = QuestionAnswerer.from_pretrained(tiny_dir, device="cpu", precision="fp32", batch_size=2)
+    calls, forward = [], qa.model.forward
+
+    def slow(*args, **kwargs):  # 50 ms a batch of 2 windows
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    with running(create_app(qa, max_wait_ms=0, timeout_s=0.5)) as url:
+        wait_ready(url)
+        qa.model.forward = slow
+        parameters = {"max_seq_len": 64, "doc_stride": 8, "max_question_len": 16}
+        body = {"inputs": {"question": QUESTIONS[0], "context": " ".join([CONTEXT] * 10)}, "parameters": parameters}
+        assert_json_error(*call(url, "POST", "/", body), 504)  # about 70 windows: 35 batches, 1.75 s
+        time.sleep(0.2)
+        stopped = len(calls)
+        assert stopped < 20  # the batch in flight at the timeout was the last
+        started = time.monotonic()
+        assert post(url, "/", {"inputs": {"question": QUESTIONS[0], "context": CONTEXT}})["answer"]
+        assert time.monotonic() - started < 1.0 and calls[stopped] >= started  # nothing of the first one ran after
+
+
 @pytest.mark.parametrize("question, status, error, logged", [
     ("boom", 500, "internal error", "secret detail of a bug"),  # a bug: no details reach the client
     ("panic", 500, "internal error", "Panic: the tokenizer panicked"),  # no Exception: the batcher outlives it

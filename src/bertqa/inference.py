@@ -20,12 +20,17 @@ class NonFiniteLogits(ValueError):
     input (the server answers it with a 500, the commands with one line)."""
 
 
-def batched_logits(features, indices, batch_size: int, run, progress: bool = False):
+class Abandoned(RuntimeError):
+    """Nobody waits for these logits any more (every server request they were for has timed out)."""
+
+
+def batched_logits(features, indices, batch_size: int, run, progress: bool = False, should_stop=None):
     """Start and end logits (len(indices), L) float32 of the given feature rows, `run(rows)` giving a batch's
     (start, end) float32 arrays trimmed to its longest window; positions beyond that hold -inf (never a
     candidate). Batches are sorted by length, so dynamic padding wastes little; results go back in place. NaN or
     infinite logits raise NonFiniteLogits, where every answer would silently be "" (evaluation) or have a NaN
-    score (the API). The PyTorch model (predict_logits) and an ONNX graph (export.OnnxRunner) run through here."""
+    score (the API). The PyTorch model (predict_logits) and an ONNX graph (export.OnnxRunner) run through here.
+    `should_stop()`, asked before each batch, abandons the work when True (raises Abandoned)."""
     L = features.max_seq_length
     indices = np.asarray(indices)
     start = np.full((len(indices), L), -np.inf, dtype=np.float32)
@@ -34,6 +39,8 @@ def batched_logits(features, indices, batch_size: int, run, progress: bool = Fal
     # A context manager: the bar is closed on an error too, not printed after the error line.
     with tqdm(total=len(indices), desc="evaluate", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(order), batch_size):
+            if should_stop is not None and should_stop():
+                raise Abandoned(f"abandoned after {i} of {len(order)} windows: nobody waits for them")
             pos = order[i : i + batch_size]
             s, e = run(indices[pos])
             finite = np.isfinite(s).all(axis=1) & np.isfinite(e).all(axis=1)
@@ -50,7 +57,8 @@ def batched_logits(features, indices, batch_size: int, run, progress: bool = Fal
 
 
 @torch.inference_mode()
-def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False):
+def predict_logits(model, features, indices, batch_size: int, device, autocast=None, progress: bool = False,
+                   should_stop=None):  # fmt: skip
     """batched_logits of the PyTorch `model`. Runs in inference mode, which skips no_grad's version counters
     and view tracking: 1% faster on the CPU bench batches, the same logits."""
     model.eval()
@@ -60,7 +68,7 @@ def predict_logits(model, features, indices, batch_size: int, device, autocast=N
             s, e, _ = model(**to_batch(features, rows, device))
         return s.float().cpu().numpy(), e.float().cpu().numpy()
 
-    return batched_logits(features, indices, batch_size, run, progress)
+    return batched_logits(features, indices, batch_size, run, progress, should_stop)
 
 
 def shard(n: int, rank: int, world_size: int) -> np.ndarray:

@@ -297,8 +297,10 @@ class QuestionAnswerer:
         return results if batched else results[0]
 
     def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
-                     max_seq_len=None, max_question_len=64, align_to_words=True) -> list[list[dict]]:  # fmt: skip
-        """The ranked answers of every (question, context) pair, inputs already checked (the server's entry)."""
+                     max_seq_len=None, max_question_len=64, align_to_words=True, *,
+                     should_stop=None) -> list[list[dict]]:  # fmt: skip
+        """The ranked answers of every (question, context) pair, inputs already checked (the server's entry).
+        `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
         max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
                                                   self.config.max_position_embeddings)  # fmt: skip
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
@@ -306,6 +308,6 @@ class QuestionAnswerer:
                              max_windows=self.max_windows)  # fmt: skip
         with self._lock, self.precision.scope():
             start, end = predict_logits(self.model, features, np.arange(len(features)), self.batch_size,
-                                        self.device, self.precision.autocast())  # fmt: skip
+                                        self.device, self.precision.autocast(), should_stop=should_stop)  # fmt: skip
         return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer,
                             align_to_words)  # fmt: skip

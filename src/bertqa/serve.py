@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -44,7 +45,7 @@ log = logging.getLogger("bertqa.serve")
 DEFAULTS = {
     name: p.default
     for name, p in inspect.signature(QuestionAnswerer.answer_pairs).parameters.items()
-    if name not in ("self", "pairs")
+    if name not in ("self", "pairs") and p.kind is not p.KEYWORD_ONLY
 }
 ANSWER_PATHS = {"/", "/v1/answer"}
 MAX_TOP_K = 100  # a top_k near the window width makes the span search quadratic in it: bound it
@@ -220,10 +221,15 @@ class Batcher:
 
     async def _run(self, params: tuple, jobs: list[_Job]) -> None:
         pairs = [p for job in jobs for p in job.pairs]
+        answer = functools.partial(self.qa.answer_pairs, pairs, *params)
+        if "should_stop" in inspect.signature(self.qa.answer_pairs).parameters:
+            # Once every request in the batch has timed out, the rest of its windows would answer nobody while
+            # the requests queued behind them time out too.
+            answer = functools.partial(answer, should_stop=lambda: all(job.future.done() for job in jobs))
         start = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self.worker, self.qa.answer_pairs, pairs, *params)
+            results = await loop.run_in_executor(self.worker, answer)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the batcher must outlive it
