@@ -165,6 +165,11 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "extra.pt", extra={"bert.adapter.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key(.|\n)*bert\.adapter\.weight"):
         load_model(pt, config=hf_qa_dir / "config.json")
+    # Two names for one weight: which one holds it cannot be told (the later one used to win, silently).
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "twice.pt", extra={"bert.embeddings.LayerNorm.gamma": torch.ones(384)})
+    with pytest.raises(CheckpointError, match=r"1 doubled key\(s\): bert\.embeddings\.LayerNorm\.weight and "
+                                              r"bert\.embeddings\.LayerNorm\.gamma \(both bert\.embeddings\.LayerNorm\.weight\)$"):  # fmt: skip
+        load_model(pt, config=hf_qa_dir / "config.json")
     # A word embedding of the wrong rank is reported with the other shapes (it used to end in an IndexError).
     scalar = {"bert.embeddings.word_embeddings.weight": torch.tensor(0.5)}
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "scalar.pt", extra=scalar)
@@ -182,6 +187,9 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)  # no trust_pickle advice for garbage
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({0: torch.zeros(3), "bert.pooler.dense.bias": torch.zeros(3)}, tmp_path / "numbered.pt")
+    whole = pt.read_bytes()  # its central directory damaged, its end record intact: still "a zip file"
+    at = whole.index(b"PK\x01\x02")
+    (tmp_path / "damaged.pt").write_bytes(whole[:at] + b"XX" + whole[at + 2 :])
     lfs = "version https://git-lfs.github.com/spec/v1\noid sha256:4a1c0e9f\nsize 437985387\n"  # cloned without git-lfs
     (tmp_path / "lfs.safetensors").write_text(lfs)
     (tmp_path / "lfs.bin").write_text(lfs)
@@ -192,6 +200,7 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         ("cut.pt", "not a readable PyTorch checkpoint: truncated"),
         ("notes.pt", "not a readable PyTorch checkpoint"),
         ("noise.pt", "not a readable PyTorch checkpoint"),
+        ("damaged.pt", "not a readable PyTorch checkpoint"),  # was an internal error (BadZipFile)
         ("list.pt", "not a state dict"),
         ("numbered.pt", "not a state dict of named tensors"),
     ]:
@@ -200,6 +209,21 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         assert len(str(e.value).splitlines()) == 1 and name in str(e.value)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model(tmp_path / "absent.pt", config=cfg)
+
+
+def test_a_pickle_needing_a_module_not_installed_names_it(hf_qa_dir, tmp_path, monkeypatch):
+    (tmp_path / "trainer_state.py").write_text("class Step:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import trainer_state
+
+    torch.save({"model": torch.load(nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt"))["model"],
+                "state": trainer_state.Step()}, tmp_path / "full.pt")  # fmt: skip
+    monkeypatch.delitem(sys.modules, "trainer_state")
+    (tmp_path / "trainer_state.py").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"full\.pt: unpickling it needs the Python module 'trainer_state', which"
+    ):
+        load_model(tmp_path / "full.pt", config=hf_qa_dir / "config.json", trust_pickle=True)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.s:DeprecationWarning")  # script and save: the format still exists

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertqa.distributed import Dist, fail_together
+from bertqa.distributed import Dist, fail_together, resolve_device
 
 pytest.importorskip("transformers")  # for tiny_dir
 
@@ -217,3 +217,13 @@ def test_fail_together_is_a_no_op_without_a_process_group():
     with pytest.raises(ValueError) as e, fail_together(d):
         raise ValueError("x.json: no such file")
     assert type(e.value) is ValueError and str(e.value) == "x.json: no such file"
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(1, 0), (4, 3)])
+def test_a_rank_takes_its_local_rank_gpu_or_its_one_visible_gpu(monkeypatch, visible, expected):
+    # No GPU here: the probes are mocked. With one visible GPU per process (CUDA_VISIBLE_DEVICES per rank), rank 3's
+    # GPU is cuda:0; cuda:3 was "not usable here".
+    probed = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch, "empty", lambda *shape, device=None: probed.append(device))
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", expected) == probed[0]

@@ -275,6 +275,17 @@ def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx-export-k1ll3d00", "run"]
 
 
+def test_an_output_folder_reached_through_a_symlink_is_held_as_the_folder(tmp_path):
+    (tmp_path / "runs" / "0412").mkdir(parents=True)
+    (tmp_path / "latest").symlink_to(tmp_path / "runs" / "0412")
+    with exclusive(tmp_path / "latest"):  # was refused: "another run is writing here", always
+        with pytest.raises(ValueError, match="another run is writing here"), exclusive(tmp_path / "runs" / "0412"):
+            pass
+    with exclusive(tmp_path / "runs" / "0412"), pytest.raises(ValueError, match="another run is writing here"):
+        with exclusive(tmp_path / "latest"):
+            pass
+
+
 def test_a_folder_killed_between_its_two_renames_is_put_back(tmp_path):
     folder = tmp_path / "model"
     (tmp_path / ".model.old-abc" / "model").mkdir(parents=True)  # the previous folder, moved aside

@@ -87,10 +87,14 @@ OTHER_FORMATS = [
 
 def _read_pickle(path: Path, trust_pickle: bool):
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:  # torch.jit.save's archive: code and constants, not a state dict
-            if any(name.endswith("/constants.pkl") for name in z.namelist()):
-                raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
-                                      "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
+        try:
+            with zipfile.ZipFile(path) as z:  # torch.jit.save's archive: code and constants, not a state dict
+                names = z.namelist()
+        except zipfile.BadZipFile:  # a damaged archive: torch.load below says so, in the terms below
+            names = []
+        if any(name.endswith("/constants.pkl") for name in names):
+            raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
+                                  "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except OSError:  # missing, unreadable: the file system's own words
@@ -102,6 +106,9 @@ def _read_pickle(path: Path, trust_pickle: bool):
                 f"{path}: this checkpoint holds pickled Python objects beyond tensors; loading it can run code. "
                 "If you trust its source, pass trust_pickle=True (CLI: --trust-pickle)"
             ) from None
+        if isinstance(e, ModuleNotFoundError):  # unpickled in full (trust_pickle), it names what it needs
+            raise CheckpointError(f"{path}: unpickling it needs the Python module {e.name!r}, which is not "
+                                  "installed here; install it, or save the weights alone (a state dict)") from None  # fmt: skip
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first})"
@@ -170,15 +177,17 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
 
     Returns (state_dict, notes, missing_qa_head). Raises CheckpointError listing every problem.
     """
-    out, dropped = {}, []
-    for k, v in sd.items():
-        k = _rename(k)
+    out, dropped, named, twice = {}, [], {}, []
+    for original, v in sd.items():
+        k = _rename(original)
         if BUFFERS.match(k):
             continue
         if UNUSED.match(k):
             dropped.append(k)
             continue
-        out[k] = v
+        if k in out:  # two names for one weight (`gamma` and `weight`, a `module.` prefix and none): which one?
+            twice.append(f"{named[k]} and {original} (both {k})")
+        out[k], named[k] = v, original
     notes = []
     word = "bert.embeddings.word_embeddings.weight"
     if word in out and word in expected and out[word].dim() == 2:
@@ -205,9 +214,10 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
         raise CheckpointError(f"{source}: not a BERT checkpoint: none of its {len(sd)} tensors ({shown}) is a "
                               "BERT weight; is it another kind of model?")  # fmt: skip
     problems = []
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes),
+                        ("doubled", twice)):  # fmt: skip
         if keys:
-            lines, first = (_group(keys), 10) if title != "mis-shaped" else (keys, 3)  # (shapes make long lines)
+            lines, first = (_group(keys), 10) if title in ("missing", "unexpected") else (keys, 3)  # (long lines)
             shown = ", ".join(lines[:first]) + (f", ... and {len(lines) - first} more" if len(lines) > first else "")
             problems.append(f"{len(keys)} {title} key(s): {shown}")
     if problems:

@@ -55,9 +55,11 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"--device {name!r}: {e}") from None
     if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, local_rank)
+        # One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank, Slurm's --gpus-per-task=1): its own is 0.
+        alone = device.type == "cuda" and torch.cuda.device_count() == 1
+        device = torch.device(device.type, 0 if alone else local_rank)
         if local_rank:
-            what += f" as {device} (LOCAL_RANK {local_rank})"
+            what += f" as {device} (LOCAL_RANK {local_rank}{', its one visible GPU' if alone else ''})"
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, AttributeError) as e:
@@ -96,8 +98,12 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     if world == 1:
         yield Dist(0, 1, 0, device)
         return
-    if device.type != "cpu" and getattr(torch.accelerator.current_accelerator(), "type", None) == device.type:
-        torch.accelerator.set_device_index(device)  # collectives and the default stream on this rank's device
+    # Collectives and the default stream on this rank's device (torch.accelerator came in torch 2.6).
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type != "cpu" and getattr(accelerator.current_accelerator(), "type", None) == device.type:
+        accelerator.set_device_index(device)
     # NCCL on CUDA, gloo elsewhere; an out-of-tree backend registers its own name for its device type.
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
     if backend is None:

@@ -211,8 +211,10 @@ def _lock(folder: Path) -> int | None:
         os.close(fd)
         raise _NoLocks from None
     try:
-        # Locked, but the folder may have been deleted (and another made under its name) while it was opened
-        if os.stat(folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+        # Locked, but the folder may have been deleted (and another made under its name) while it was opened.
+        # Followed through a symlink, as the open was: a linked output folder is the folder it points to.
+        now, locked = os.stat(folder), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
             return fd
     except OSError:
         pass
