@@ -204,7 +204,7 @@ def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):
             "version 2.21.5\nncclInvalidUsage: This usually reflects invalid usage of NCCL library.\nLast error:\n"
             "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000")  # fmt: skip
     line = ("rank 1: cuda:0 is another rank's GPU too (NCCL: duplicate gpu detected); under torchrun pass --device "
-            "cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU (across machines: set "
+            "cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU of its own (across machines: set "
             "NCCL_HOSTID, if their host names are alike)")  # fmt: skip
     with pytest.raises(ValueError, match=f"^{re.escape(line)}$"), distributed("cuda:0"):
         raise torch.distributed.DistBackendError(nccl)

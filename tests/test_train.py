@@ -194,7 +194,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     )
     again = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     for key in ("e2e_train_time", "training_sequences_per_second"):
-        assert again[key] == pytest.approx(summary[key], rel=0.01) and again[key] > 0
+        assert again[key] == pytest.approx(summary[key], rel=0.05) and again[key] > 0
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(part / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -102,7 +102,7 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is None and device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device.type != "cpu" and getattr(accelerator.current_accelerator(), "type", None) == device.type:
+    elif accelerator is not None and getattr(accelerator.current_accelerator(), "type", None) == device.type != "cpu":
         accelerator.set_device_index(device)
     # NCCL on CUDA, gloo elsewhere; an out-of-tree backend registers its own name for its device type.
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
@@ -112,11 +112,11 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     try:
         yield Dist(rank, world, local_rank, device)
     except RuntimeError as e:
-        if DUPLICATE_GPU in str(e):  # every rank given the same explicit --device, e.g. cuda:0
+        if DUPLICATE_GPU in str(e):  # the same explicit --device on every rank, or ranks seeing one GPU, the same
             raise ValueError(
                 f"rank {rank}: {device} is another rank's GPU too (NCCL: {DUPLICATE_GPU.lower()}); under torchrun "
-                "pass --device cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU (across "
-                "machines: set NCCL_HOSTID, if their host names are alike)"
+                "pass --device cuda (each rank takes cuda:LOCAL_RANK), or give each process one visible GPU of its "
+                "own (across machines: set NCCL_HOSTID, if their host names are alike)"
             ) from None
         why = _peer_lost(e)
         if why is None:

@@ -181,6 +181,7 @@ class OnnxRunner:
         names = tuple(o.name for o in self.session.get_outputs())
         if not set(OUTPUTS) <= set(names):
             raise ValueError(f"{path}: graph outputs are {list(names)}, expected {list(OUTPUTS)}")
+        self.path = Path(path)
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """Start and end logits, float32 (batch, seq), for int64 (batch, seq) arrays."""

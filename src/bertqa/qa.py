@@ -299,7 +299,8 @@ class QuestionAnswerer:
     def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
                      max_seq_len=None, max_question_len=64, align_to_words=True, *,
                      should_stop=None) -> list[list[dict]]:  # fmt: skip
-        """The ranked answers of every (question, context) pair, inputs already checked (the server's entry).
+        """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry;
+        the window settings are resolved and checked here too, as they are cheap to).
         `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
         max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
                                                   self.config.max_position_embeddings)  # fmt: skip

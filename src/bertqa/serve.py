@@ -97,7 +97,7 @@ class Metrics:
     """Everything is updated on the event loop's thread, so nothing needs a lock."""
 
     # Error statuses this server gives, shown from zero so that rates work before the first one.
-    ERROR_CODES = (400, 404, 405, 413, 500, 503, 504)
+    ERROR_CODES = (400, 404, 405, 408, 413, 500, 503, 504)
 
     def __init__(self):
         self.latency = Histogram(
@@ -282,7 +282,10 @@ async def _read_json(request: Request, limit: int, timeout_s: float) -> dict:
     try:  # a client that sends its body a byte at a time (or never) must not hold a connection for ever
         body = await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"request body not received within {timeout_s:g} s (--timeout)") from None
+        # Closed after the answer: on a kept connection, the rest of a trickling body would keep arriving.
+        raise ApiError(
+            408, f"request body not received within {timeout_s:g} s (--timeout)", {"Connection": "close"}
+        ) from None
     except ClientDisconnect:  # the client hung up: nobody to answer, and not a server error
         raise ApiError(499, "client closed the request") from None
     try:

@@ -141,6 +141,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         try:
             torch.save(state, tmp)
         except RuntimeError as e:  # torch's writer on a full disk: "PytorchStreamWriter failed writing file ..."
+            if "PytorchStreamWriter" not in str(e):
+                raise
             raise OSError(f"{path}: cannot write the checkpoint ({' '.join(str(e).split())[:200]})") from None
 
 
