@@ -287,9 +287,7 @@ class QuestionAnswerer:
         `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring)."""
         pairs, batched = input_pairs(question, context)
         check_pairs(pairs)
-        check_positive(top_k=top_k, max_answer_len=max_answer_len)
-        max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
-                                                  self.config.max_position_embeddings)  # fmt: skip
+        check_positive(top_k=top_k, max_answer_len=max_answer_len)  # the window settings: in answer_pairs
         results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
                                     max_question_len, align_to_words)  # fmt: skip
         if top_k == 1:
@@ -299,8 +297,8 @@ class QuestionAnswerer:
     def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
                      max_seq_len=None, max_question_len=64, align_to_words=True, *,
                      should_stop=None) -> list[list[dict]]:  # fmt: skip
-        """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry;
-        the window settings are resolved and checked here too, as they are cheap to).
+        """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry);
+        the window settings are resolved and checked here, before any work.
         `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
         max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
                                                   self.config.max_position_embeddings)  # fmt: skip

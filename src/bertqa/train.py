@@ -462,6 +462,13 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
     held.callback(bar.close)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
+
+    def save(step: int, seconds: float | None) -> None:
+        if metrics is not None:
+            metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, total_steps, cfg, d, final_loss,
+                        (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
+
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -537,11 +544,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                              "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            if metrics is not None:
-                metrics.sync()
-            seconds = None if prior_seconds is None else prior_seconds + time.perf_counter() - t0
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, total_steps, cfg, d, final_loss,
-                            (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
+            save(done, None if prior_seconds is None else prior_seconds + time.perf_counter() - t0)
             saved_step = done
         if on_step is not None:
             on_step(done, step_loss)
@@ -552,11 +555,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         trained = (total_steps - start_step) * global_batch
     else:  # the whole run's, across its resumes (a finished run resumed again trains nothing and keeps them)
         train_time, trained = prior_seconds + train_time, total_steps * global_batch
-    if metrics is not None:
-        metrics.sync()
-    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, total_steps, total_steps, cfg, d, final_loss,
-                    (skipped, bad_run), resolved, (loss_sum, finite_since_log),
-                    None if prior_seconds is None else train_time)  # fmt: skip
+    save(total_steps, None if prior_seconds is None else train_time)
     summary = {"e2e_train_time": train_time,
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
