@@ -441,3 +441,39 @@ def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp
     line = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "NaN or infinite for window" in line and "internal error" not in line
     assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
+
+
+def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad):
+    """Without a batch size, 32 windows a forward pass on a CPU and 128 on a CUDA GPU, in the Python API and in
+    the evaluation path alike; a given one is kept (no GPU needed: nothing here runs on the device)."""
+    from bertqa import evaluate
+    from bertqa.distributed import Dist
+    from bertqa.inference import default_batch_size
+    from bertqa.runtime import Precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    assert (default_batch_size(cpu), default_batch_size(cuda), default_batch_size("cuda")) == (32, 128, 128)
+    fp32 = Precision.resolve("fp32", cpu)
+    model = torch.nn.Linear(1, 1)
+    assert QuestionAnswerer(model, None, cuda, fp32).batch_size == 128
+    assert QuestionAnswerer(model, None, cpu, fp32).batch_size == 32
+    assert QuestionAnswerer(model, None, cuda, fp32, batch_size=7).batch_size == 7
+
+    class Ran(Exception):
+        pass
+
+    def predict_logits(model, features, rows, batch_size, device, *args, **kwargs):
+        raise Ran(batch_size, device)
+
+    monkeypatch.setattr(evaluate, "predict_logits", predict_logits)
+    for device, given, used in ((cuda, None, 128), (cpu, None, 32), (cuda, 5, 5)):
+        cfg = evaluate.EvalConfig(model=str(tmp_path), predict_file=str(tiny_squad), output_dir=str(tmp_path / "out"),
+                                  batch_size=given)  # fmt: skip
+        cfg.validate()
+        with pytest.raises(Ran) as ran:
+            evaluate.run_inference(model, ({}, [], [0, 1, 2]), cfg, Dist(device=device), fp32)
+        assert ran.value.args == (used, device)
+    with pytest.raises(ValueError, match="--batch-size must be a positive integer, got 0"):
+        evaluate.EvalConfig(
+            model=str(tmp_path), predict_file=str(tiny_squad), output_dir="out", batch_size=0
+        ).validate()

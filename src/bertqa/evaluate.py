@@ -21,7 +21,7 @@ from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import check_output, check_output_dir, exclusive, write_json
-from .inference import predict_logits, shard
+from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
@@ -40,7 +40,7 @@ class EvalConfig:
     model: str  # anything load_model reads
     predict_file: str  # SQuAD JSON to evaluate on
     output_dir: str  # predictions, summary.json
-    batch_size: int = 32  # per device, for inference
+    batch_size: int | None = None  # per device, for inference; None: inference.default_batch_size
     precision: str = "auto"  # auto | fp32 | tf32 | bf16 | fp16
     device: str | None = None  # default: the accelerator if present, else cpu
     max_seq_length: int = 384  # NVIDIA/Google SQuAD defaults
@@ -68,7 +68,7 @@ class EvalConfig:
         """One-line errors for bad values, before anything is loaded or written."""
         for name in self.POSITIVE:
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "max_train_examples"):
+            if value is None and name in ("batch_size", "max_steps", "max_train_examples"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{self.flag(name)} must be a positive integer, got {value}")
@@ -145,7 +145,8 @@ def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
     t0 = time.perf_counter()
     progress = cfg.progress and d.is_main
     with fail_together(d):  # NaN logits on one rank stop every rank (the agreement is also the barrier)
-        start, end = predict_logits(model, features, mine, cfg.batch_size, d.device, precision.autocast(), progress)
+        batch_size = cfg.batch_size or default_batch_size(d.device)
+        start, end = predict_logits(model, features, mine, batch_size, d.device, precision.autocast(), progress)
     infer_time = time.perf_counter() - t0
     parts = all_gather_objects(d, (start, end))
     if not d.is_main:
