@@ -1,7 +1,7 @@
 """Evaluation speed by batch size: every window of a SQuAD file through the evaluation path (`predict_logits`,
-sorted batches, bf16 autocast) at each batch size, the fastest of `--repeat` passes after one untimed pass.
-With `--large`, a randomly initialised BERT-large runs on the same windows too. What set `--eval-batch-size`'s
-default (inference.default_batch_size).
+sorted batches, `--precision auto` unless given) at each batch size, the fastest of `--repeat` passes after one
+untimed pass, and on a GPU the peak memory the passes allocated. With `--large`, a randomly initialised
+BERT-large runs on the same windows too. What set `--eval-batch-size`'s default (inference.default_batch_size).
 
     python benchmarks/eval_batch.py --model DIR --data dev-a.json [--sizes 32,64,128] [--large 32,64,128]
 """
@@ -19,6 +19,7 @@ from bertqa.config import BertConfig
 from bertqa.distributed import resolve_device
 from bertqa.inference import predict_logits
 from bertqa.model import BertForQuestionAnswering
+from bertqa.runtime import Precision
 from bertqa.squad.data import read_squad
 from bertqa.squad.features import featurize
 from bertqa.tokenizer import load_tokenizer
@@ -28,23 +29,29 @@ def sizes(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def measure(model, features, device, name: str, batch_sizes: list[int], repeat: int) -> None:
+def measure(model, features, device, precision: Precision, name: str, batch_sizes: list[int], repeat: int) -> None:
     rows = np.arange(len(features))
+    cuda = device.type == "cuda"
 
     def one_pass() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        predict_logits(model, features, rows, batch_size, device, torch.autocast(device.type, torch.bfloat16))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        predict_logits(model, features, rows, batch_size, device, precision.autocast())
+        if cuda:
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    for batch_size in batch_sizes:
-        one_pass()  # every length's kernels chosen once
-        times = [one_pass() for _ in range(repeat)]
-        print(f"{name}, eval batch {batch_size:4d}: {len(rows) / min(times):9.1f} windows/s "
-              f"(passes: {', '.join(f'{t:.3f}' for t in times)} s)", flush=True)  # fmt: skip
+    with precision.scope():
+        for batch_size in batch_sizes:
+            one_pass()  # every length's kernels chosen once
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            times = [one_pass() for _ in range(repeat)]
+            memory = f", peak +{(torch.cuda.max_memory_allocated(device) - base) / 2**20:,.0f} MB" if cuda else ""
+            print(f"{name}, eval batch {batch_size:4d}: {len(rows) / min(times):9.1f} windows/s "
+                  f"(passes: {', '.join(f'{t:.3f}' for t in times)} s{memory})", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -54,19 +61,23 @@ def main() -> None:
     ap.add_argument("--sizes", type=sizes, default=[32, 64, 128, 256])
     ap.add_argument("--large", type=sizes, default=[], help="batch sizes for a random BERT-large too")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--device")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    precision = Precision.resolve(args.precision, device)
     model = load_model(args.model, device=device, verbose=False)
     tokenizer = load_tokenizer(args.model, config=model.config)
     features = featurize(read_squad(args.data, is_training=False), tokenizer, 384, 128, 64, is_training=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}: {len(features)} windows of {args.data}", flush=True)
-    measure(model, features, device, args.model, args.sizes, args.repeat)
+    print(f"{name}: {len(features)} windows of {args.data}, precision {precision.describe()}", flush=True)
+    measure(model, features, device, precision, args.model, args.sizes, args.repeat)
     if args.large:
+        config = BertConfig.preset("large")
+        config.vocab_size = model.config.vocab_size  # the windows' token ids are the tokenizer's
         del model
-        large = BertForQuestionAnswering(BertConfig.preset("large")).to(device)
-        measure(large, features, device, "BERT-large (random weights)", args.large, args.repeat)
+        large = BertForQuestionAnswering(config).to(device)
+        measure(large, features, device, precision, "BERT-large (random weights)", args.large, args.repeat)
 
 
 if __name__ == "__main__":

@@ -458,6 +458,8 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
     assert QuestionAnswerer(model, None, cuda, fp32).batch_size == 128
     assert QuestionAnswerer(model, None, cpu, fp32).batch_size == 32
     assert QuestionAnswerer(model, None, cuda, fp32, batch_size=7).batch_size == 7
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        QuestionAnswerer(model, None, cuda, fp32, batch_size=0)
 
     class Ran(Exception):
         pass

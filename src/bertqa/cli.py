@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     t.add_argument(
-        "--eval-batch-size", type=int, help="inference batch per device (default 32 on a CPU, 128 on a CUDA GPU)"
+        "--eval-batch-size", type=int, help="inference batch per device (default 128 on a CUDA GPU, else 32)"
     )
     t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     t.add_argument("--lr", type=float, default=5e-5)
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="predict and score a SQuAD file")
-    _add_common(e, "inference batch per device (default 32 on a CPU, 128 on a CUDA GPU)")
+    _add_common(e, "inference batch per device (default 128 on a CUDA GPU, else 32)")
     e.add_argument("--predict-file", required=True)
     e.set_defaults(func=cmd_evaluate)
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     pr = sub.add_parser("predict", help="predictions (n-best, null odds) for a SQuAD file, answers not needed")
-    _add_common(pr, "inference batch per device (default 32 on a CPU, 128 on a CUDA GPU)", output_dir=False)
+    _add_common(pr, "inference batch per device (default 128 on a CUDA GPU, else 32)", output_dir=False)
     pr.add_argument("--input", required=True, help="SQuAD v1.1 / v2.0 JSON; answers may be absent")
     pr.add_argument(
         "--output", required=True, help="predictions JSON; PRED.nbest.json (and PRED.null_odds.json) beside"

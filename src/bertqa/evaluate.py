@@ -145,7 +145,7 @@ def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
     t0 = time.perf_counter()
     progress = cfg.progress and d.is_main
     with fail_together(d):  # NaN logits on one rank stop every rank (the agreement is also the barrier)
-        batch_size = cfg.batch_size or default_batch_size(d.device)
+        batch_size = default_batch_size(d.device) if cfg.batch_size is None else cfg.batch_size
         start, end = predict_logits(model, features, mine, batch_size, d.device, precision.autocast(), progress)
     infer_time = time.perf_counter() - t0
     parts = all_gather_objects(d, (start, end))

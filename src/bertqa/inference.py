@@ -72,9 +72,9 @@ def predict_logits(model, features, indices, batch_size: int, device, autocast=N
 
 
 def default_batch_size(device) -> int:
-    """Windows per forward pass when none is given: 32 on CPUs, where larger batches ran slower (64: 0.97x,
-    128: 0.86x on the bench's CPU), 128 on CUDA GPUs, where small batches leave it idle (one H200, bf16, every
-    window of dev-a.json: MiniLM 18,661 against 6,051 windows/s at 32, BERT-large 2,650 against 1,903)."""
+    """Windows per forward pass when none is given: 128 on CUDA GPUs, where small batches leave them idle
+    (benchmarks/eval_batch.py, README), else 32: on CPUs larger batches ran slower (64: 0.97x, 128: 0.86x on the
+    bench's CPU), and other accelerators are unmeasured."""
     return 128 if torch.device(device).type == "cuda" else 32
 
 

@@ -256,7 +256,9 @@ class QuestionAnswerer:
         self.tokenizer = tokenizer
         self.device = device
         self.precision = precision
-        self.batch_size = batch_size or default_batch_size(device)  # windows per forward pass
+        if batch_size is not None:
+            check_positive(batch_size=batch_size)
+        self.batch_size = default_batch_size(device) if batch_size is None else batch_size  # windows a forward pass
         self.name = name
 
     @classmethod
@@ -265,11 +267,11 @@ class QuestionAnswerer:
                         config=None) -> QuestionAnswerer:  # fmt: skip
         """Load a fine-tuned checkpoint (anything `load_model` reads, with its tokenizer beside it). `device`:
         default the accelerator if present; `precision`: auto (default), fp32, tf32, bf16 or fp16; `batch_size`:
-        windows per forward pass (default 32 on a CPU, 128 on a CUDA GPU)."""
+        windows per forward pass (default 128 on a CUDA GPU, else 32)."""
         from .distributed import resolve_device
 
         device = resolve_device(None if device is None else str(device))
-        if batch_size is not None:
+        if batch_size is not None:  # before the model takes seconds to load (the constructor checks it too)
             check_positive(batch_size=batch_size)
         model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
                            attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
