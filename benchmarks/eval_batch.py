@@ -1,6 +1,6 @@
 """Evaluation speed by batch size: every window of a SQuAD file through the evaluation path (`predict_logits`,
 sorted batches, `--precision auto` unless given) at each batch size, the fastest of `--repeat` passes after one
-untimed pass, and on a GPU the peak memory the passes allocated. With `--large`, a randomly initialised
+untimed pass, and the peak memory the passes added (allocated on a GPU, resident on a CPU). With `--large`, a randomly initialised
 BERT-large runs on the same windows too. What set `--eval-batch-size`'s default (inference.default_batch_size).
 
     python benchmarks/eval_batch.py --model DIR --data dev-a.json [--sizes 32,64,128] [--large 32,64,128]
@@ -12,14 +12,14 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
+from bertqa.bench import PeakMemory, device_name
 from bertqa.checkpoint import load_model
 from bertqa.config import BertConfig
 from bertqa.distributed import resolve_device
 from bertqa.inference import predict_logits
 from bertqa.model import BertForQuestionAnswering
-from bertqa.runtime import Precision
+from bertqa.runtime import Precision, synchronize
 from bertqa.squad.data import read_squad
 from bertqa.squad.features import featurize
 from bertqa.tokenizer import load_tokenizer
@@ -31,25 +31,20 @@ def sizes(text: str) -> list[int]:
 
 def measure(model, features, device, precision: Precision, name: str, batch_sizes: list[int], repeat: int) -> None:
     rows = np.arange(len(features))
-    cuda = device.type == "cuda"
 
     def one_pass() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         predict_logits(model, features, rows, batch_size, device, precision.autocast())
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     with precision.scope():
         for batch_size in batch_sizes:
             one_pass()  # every length's kernels chosen once
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            times = [one_pass() for _ in range(repeat)]
-            memory = f", peak +{(torch.cuda.max_memory_allocated(device) - base) / 2**20:,.0f} MB" if cuda else ""
+            with PeakMemory(device) as mem:
+                times = [one_pass() for _ in range(repeat)]
+            memory = "" if mem.grown is None else f", peak +{mem.grown / 2**20:,.0f} MB"
             print(f"{name}, eval batch {batch_size:4d}: {len(rows) / min(times):9.1f} windows/s "
                   f"(passes: {', '.join(f'{t:.3f}' for t in times)} s{memory})", flush=True)  # fmt: skip
 
@@ -69,8 +64,9 @@ def main() -> None:
     model = load_model(args.model, device=device, verbose=False)
     tokenizer = load_tokenizer(args.model, config=model.config)
     features = featurize(read_squad(args.data, is_training=False), tokenizer, 384, 128, 64, is_training=False)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}: {len(features)} windows of {args.data}, precision {precision.describe()}", flush=True)
+    print(
+        f"{device_name(device)}: {len(features)} windows of {args.data}, precision {precision.describe()}", flush=True
+    )
     measure(model, features, device, precision, args.model, args.sizes, args.repeat)
     if args.large:
         config = BertConfig.preset("large")
