@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -145,6 +146,39 @@ def test_a_durable_write_flushes_the_file_before_the_rename_and_the_folder_after
     with atomic_path(target) as tmp:  # everything else: no fsync
         tmp.write_text("again")
     assert events == [("replace", str(target))] and target.read_text() == "again"
+
+
+def test_a_durable_folder_is_flushed_before_it_replaces_the_old_one_and_the_old_one_is_deleted_after(tmp_path,
+                                                                                                      monkeypatch):  # fmt: skip
+    """A model folder replaces the user's previous model: a power loss must leave one of the two whole, not the new
+    folder's names with data that never reached the disk and the old folder already deleted."""
+    import bertqa.files as files
+
+    events = []
+    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, files.shutil.rmtree
+    monkeypatch.setattr(files.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))  # fmt: skip
+    monkeypatch.setattr(files.os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    monkeypatch.setattr(
+        files.shutil, "rmtree", lambda p, **kw: events.append(("rmtree", str(p))) or real_rmtree(p, **kw)
+    )
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:  # not durable: no fsync
+        (tmp / "old").write_text("previous")
+    assert [e[0] for e in events] == ["rename", "rmtree"]
+    events.clear()
+    with atomic_dir(target, durable=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w").write_text("weights")
+        (tmp / "config.json").write_text("{}")
+    kinds = [e[0] for e in events]
+    renames = [i for i, k in enumerate(kinds) if k == "rename"]
+    synced = {Path(p).relative_to(tmp).as_posix() for k, p in events[: renames[0]] if k == "fsync"}
+    assert synced == {".", "sub", "sub/w", "config.json"}  # every file and folder, before the first rename
+    assert kinds[renames[0] :] == ["rename", "rename", "fsync", "rmtree", "rmtree"]  # old aside, new in, flush
+    assert events[renames[1] + 1][1] == str(tmp_path)  # the renames flushed; then the old folder goes
+    assert events[-2][1].startswith(str(tmp_path / ".model.old-"))
+    assert (target / "sub" / "w").read_text() == "weights" and not (target / "old").exists()
 
 
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):

@@ -290,11 +290,11 @@ def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:
 def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
                     with_qa_head: bool = True):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
-    that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling and
-    renamed into place, so an existing folder is replaced whole or not at all. Without `with_qa_head` the
+    that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling, flushed to
+    disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss. Without `with_qa_head` the
     weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no fine-tuned head)."""
     model = _unwrap(model)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, durable=True) as tmp:
         model.config.to_json(tmp / "config.json")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
               if with_qa_head or not k.startswith("qa_outputs.")}  # fmt: skip

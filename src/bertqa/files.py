@@ -139,15 +139,22 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
+def atomic_dir(path: str | os.PathLike, durable: bool = False):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole (the old folder,
-    if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched."""
+    if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched.
+    `durable`: everything in the folder, then the folder, is flushed to disk before the renames, and the renames
+    before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
+    the old one is the user's previous model)."""
     path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
+        if durable:
+            for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
+                _fsync(inner)
+            _fsync(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
@@ -159,6 +166,8 @@ def atomic_dir(path: str | os.PathLike):
                 old.rename(path)  # put the previous folder back
                 old.parent.rmdir()
             raise
+        if durable:
+            _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
     finally:
