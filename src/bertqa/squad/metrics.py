@@ -135,7 +135,8 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     while still counting in every total (the official script prints the same line and then fails with a
     KeyError, so for complete predictions the numbers are identical). Unknown ids are ignored.
     """
-    has_ans = {qa["id"]: bool(qa["answers"]) for qa in _questions(dataset)}
+    # A question without an "answers" list has none (the parser lets v2.0 files leave it out).
+    has_ans = {qa["id"]: bool(qa.get("answers")) for qa in _questions(dataset)}
     sweep = na_probs is not None  # the best thresholds only mean something with real probabilities
     if na_probs is None:
         na_probs = {k: 0.0 for k in predictions}
@@ -145,7 +146,7 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     exact_raw, f1_raw, answered, missing = {}, {}, set(), []
     for qa in _questions(dataset):
         qid = qa["id"]
-        golds = [a["text"] for a in qa["answers"] if normalize_answer(a["text"])] or [""]
+        golds = [a["text"] for a in qa.get("answers", []) if normalize_answer(a["text"])] or [""]
         if qid not in predictions:
             missing.append(qid)
             exact_raw[qid] = f1_raw[qid] = 0
