@@ -108,7 +108,11 @@ def test_bad_tokenizer_inputs(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json: not a tokenizers JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "vocab.txt").write_text("a\nb\n")
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'vocab.txt'}: vocabulary lacks \[CLS\] or \[SEP\]$"):
+        load_tokenizer(tmp_path / "vocab.txt")
+    (tmp_path / "vocab.txt").write_text("[CLS]\n[SEP]\n[UNK]\na\n")  # the file named, as for tokenizer.json
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'vocab.txt'}: tokenizer vocabulary lacks the special tokens "
+                       r"\['\[PAD\]'\]$"):  # fmt: skip
         load_tokenizer(tmp_path / "vocab.txt")
 
 
@@ -145,6 +149,19 @@ def test_a_repeated_token_counts_up_to_the_highest_id(tmp_path):
     assert tok.unk_id == 5 and tok.vocab_size == 6
     with pytest.raises(ValueError, match="the tokenizer has 6 tokens, more than the model's vocabulary of 5"):
         check_vocabulary(tok, SimpleNamespace(vocab_size=5), tmp_path / "vocab.txt")
+
+
+def test_a_saved_vocab_txt_keeps_every_id_of_a_source_that_repeats_a_token(tmp_path):
+    """Read back by line number (transformers' slow BertTokenizer, Google's and NVIDIA's scripts), the saved
+    vocab.txt must give every token the id the model was trained with, not shift the tokens after a repeat."""
+    source = "[PAD]\n\n[UNK]\n\n[CLS]\n[SEP]\nhello\nworld\n"  # a blank line twice: id 1 belongs to no token
+    (tmp_path / "vocab.txt").write_text(source)
+    tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True)
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved" / "vocab.txt", do_lower_case=True)
+    assert again.backend.get_vocab() == tok.backend.get_vocab() == {
+        "[PAD]": 0, "[UNK]": 2, "": 3, "[CLS]": 4, "[SEP]": 5, "hello": 6, "world": 7}  # fmt: skip
+    assert again.tokenize(["Hello world"])[0].ids == [6, 7] and again.vocab_size == 8
 
 
 def test_a_tokenizer_much_smaller_than_the_models_vocabulary_is_warned_about(vocab_only_dir, caplog):

@@ -72,8 +72,7 @@ class BertTokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(d / "tokenizer.json"))
-        vocab = sorted(self.backend.get_vocab().items(), key=lambda kv: kv[1])
-        (d / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+        (d / "vocab.txt").write_text("".join(tok + "\n" for tok in self._vocab_lines()), encoding="utf-8")
         config = {
             "tokenizer_class": "BertTokenizer",
             "do_lower_case": self.do_lower_case,
@@ -82,6 +81,17 @@ class BertTokenizer:
         }
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+
+    def _vocab_lines(self) -> list[str]:
+        """vocab.txt's lines: line i holds the token of id i. An id no token has (the source vocab.txt repeated a
+        token, whose last line gave it its id) gets a copy of the next token, whose own line comes later and wins
+        again, so that every later token keeps its id for any loader that reads ids as line numbers."""
+        by_id = {i: tok for tok, i in self.backend.get_vocab().items()}
+        lines, later = [], None
+        for i in range(max(by_id), -1, -1):
+            later = by_id.get(i, later)
+            lines.append(later)
+        return lines[::-1]
 
 
 def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
@@ -189,7 +199,11 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         _warn_if_cased(tokens, do_lower_case, vocab_file)
-        return BertTokenizer(_from_vocab(vocab_file, do_lower_case), do_lower_case=do_lower_case)
+        backend = _from_vocab(vocab_file, do_lower_case)
+        try:
+            return BertTokenizer(backend, do_lower_case=do_lower_case)
+        except ValueError as e:
+            raise ValueError(f"{vocab_file}: {e}") from None
     where = str(path) if Path(path).is_file() else str(p)
     raise FileNotFoundError(
         f"{where}: no tokenizer.json or vocab.txt beside it (copy the model's tokenizer files there)"
