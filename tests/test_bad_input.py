@@ -574,6 +574,17 @@ def test_blank_lines_on_stdin_end_the_questions_or_are_refused(inputs, capsys, m
     assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
 
 
+def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
+    """A span of a hard-wrapped --context-file crosses line breaks; printed as is, it would shift every later answer
+    line against its question line, and a tab in it would add a --top-k column."""
+    from bertqa.cli import _format_answers
+
+    spans = [{"answer": "Ada\nBrightwater", "start": 0, "end": 15}, {"answer": "the\tbridge \r\n keeper", "start": 1}]
+    assert _format_answers(spans[0], as_json=False) == "Ada Brightwater"
+    assert _format_answers(spans, as_json=False) == "Ada Brightwater\tthe bridge keeper"
+    assert json.loads(_format_answers(spans, as_json=True)) == spans  # the exact text, with its offsets
+
+
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
     for argv in (["evaluate"], ["ask", "--model", "m", "--top-k", "many"], ["frobnicate"]):
         code, _, err = run_main(argv, capsys, monkeypatch)

@@ -120,10 +120,12 @@ def cmd_serve(args):
 
 
 def _format_answers(result, as_json: bool) -> str:
+    """One line a question: the answers separated by tabs, each with its whitespace (line breaks and tabs of a
+    span across a wrapped line included) shown as single spaces; JSON keeps the exact text and its offsets."""
     if as_json:
         return json.dumps(result, ensure_ascii=False)
     answers = result if isinstance(result, list) else [result]
-    return "\t".join(a["answer"] for a in answers)
+    return "\t".join(" ".join(a["answer"].split()) for a in answers)
 
 
 def cmd_ask(args):

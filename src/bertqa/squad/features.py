@@ -292,7 +292,10 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             log.warning("%s: unreadable feature cache (%s); rebuilding it", path, e)
     features = featurize(examples, tokenizer, **params)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see half a cache
-        arrays = {name: getattr(features, name) for name in Features.ARRAYS}
-        np.savez(f, key=np.array(key), params=np.array(json.dumps(features.params)), **arrays)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see half a cache
+            arrays = {name: getattr(features, name) for name in Features.ARRAYS}
+            np.savez(f, key=np.array(key), params=np.array(json.dumps(features.params)), **arrays)
+    except OSError as e:  # a cache only saves time: a full disk or a read-only folder does not stop the command
+        log.warning("%s: cannot write the feature cache (%s); going on without it", path, e.strerror or e)
     return features
