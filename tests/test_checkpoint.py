@@ -126,6 +126,16 @@ def test_nvidia_checkpoint_loads_to_the_same_outputs(hf_qa_dir, real_batch, tmp_
     assert torch.equal(qa_logits(load_model(folder).eval(), real_batch)[0], qa_logits(ours, real_batch)[0])
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_weights_saved_from_ddp_and_compile_wrappers_load(hf_qa_dir, tmp_path, prefix):
+    """torch.compile(DDP(model)), the order PyTorch recommends, saves `_orig_mod.module.` keys: they were all
+    refused as not BERT weights."""
+    sd = load_model(hf_qa_dir).state_dict()
+    torch.save({prefix + k: v for k, v in sd.items()}, tmp_path / "wrapped.pt")
+    loaded = load_model(tmp_path / "wrapped.pt", config=hf_qa_dir / "config.json").state_dict()
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
 def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
     ours = load_model(hf_qa_dir).eval()
     out = save_pretrained(ours, load_tokenizer(hf_qa_dir), tmp_path / "saved")

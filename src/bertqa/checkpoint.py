@@ -24,8 +24,8 @@ from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
 KEY_RENAMES = [
-    (r"^module\.", ""),  # saved from a DDP-wrapped model
-    (r"^_orig_mod\.", ""),  # saved from a torch.compile'd model
+    # Saved from a model wrapped in DDP (module.), torch.compile (_orig_mod.) or both, in either order.
+    (r"^(?:module\.|_orig_mod\.)+", ""),
     (r"^(embeddings|encoder|pooler)\.", r"bert.\1."),  # BertModel weights without the `bert.` prefix
     (r"\.dense_act\.", ".dense."),  # NVIDIA fuses bias+GELU in `LinearActivation` named dense_act
     (r"\.gamma$", ".weight"),  # LayerNorm names of checkpoints converted from TensorFlow
