@@ -70,6 +70,19 @@ def test_more_steps_than_the_data_has_batches_is_refused(minilm_dir, tiny_squad)
         bench.bench(cfg)
 
 
+def test_weights_without_a_config_beside_them_take_config(tiny_dir, tmp_path, capsys):
+    """The error for such weights says to pass --config: bench has it too, as the other commands do."""
+    from bertqa import load_model
+    from bertqa.cli import main
+
+    torch.save(load_model(tiny_dir).state_dict(), tmp_path / "bare.pt")
+    argv = ["bench", "--model", str(tmp_path / "bare.pt"), "--mode", "infer", "--seq-len", "32", "--steps", "1",
+            "--segments", "1", "--warmup", "0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    assert main(argv) == 1 and "pass config= (CLI: --config)" in capsys.readouterr().err
+    assert main([*argv, "--config", str(tiny_dir / "config.json")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]["bertqa"]["windows_per_s"] > 0
+
+
 def test_hf_rows_can_train_without_attention_dropout(tiny_dir):
     from bertqa.bench import hf_model
     from bertqa.checkpoint import load_model
@@ -356,6 +369,10 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
         ([], "give exactly one of --model or --preset"),
         (["--preset", "base", "--seconds", "0"], "--seconds must be a positive number, got 0.0"),
         (["--preset", "base", "--seconds", "nan"], "--seconds must be a positive number, got nan"),
+        (
+            ["--preset", "base", "--config", "c.json"],
+            "--config and --trust-pickle are for --model weights, not --preset",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):

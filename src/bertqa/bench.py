@@ -349,6 +349,8 @@ def device_name(device: torch.device) -> str:
 @dataclass(kw_only=True)
 class BenchConfig:
     model: str | None = None  # checkpoint to load (anything load_model reads)
+    config: str | None = None  # config.json (or a preset name) for --model weights without one beside them
+    trust_pickle: bool = False  # allow full unpickling of a --model checkpoint that holds more than tensors
     preset: str | None = None  # or a randomly initialised base / large BERT
     mode: str = "train"  # train | infer
     data: str | None = None  # SQuAD JSON for real windows (default: random full-length windows)
@@ -370,6 +372,8 @@ class BenchConfig:
 def _check(cfg: BenchConfig) -> None:
     if (cfg.model is None) == (cfg.preset is None):
         raise ValueError("give exactly one of --model or --preset")
+    if cfg.preset is not None and (cfg.config is not None or cfg.trust_pickle):
+        raise ValueError("--config and --trust-pickle are for --model weights, not --preset")
     if cfg.preset is not None and cfg.preset not in ("base", "large"):
         raise ValueError(f"--preset {cfg.preset!r}: choose base or large")
     if cfg.mode not in ("train", "infer"):
@@ -416,7 +420,7 @@ def bench(cfg: BenchConfig) -> dict:
     precision = Precision.resolve(cfg.precision, device)
     torch.manual_seed(0)
     if cfg.model:
-        model = load_model(cfg.model, verbose=False)
+        model = load_model(cfg.model, config=cfg.config, trust_pickle=cfg.trust_pickle, verbose=False)
     else:
         model = BertForQuestionAnswering(BertConfig.preset(cfg.preset))
     check_seq_len(cfg.seq_len, model.config.max_position_embeddings, "--seq-len")

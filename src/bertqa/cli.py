@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="training / inference throughput, side by side with transformers")
     b.add_argument("--model", help="checkpoint to benchmark (HF folder, .safetensors/.bin, NVIDIA .pt)")
+    b.add_argument("--config", help="config.json for --model weights that have none beside them")
+    b.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the --model checkpoint")
     b.add_argument("--preset", help="or a randomly initialised BERT: base or large")
     b.add_argument("--mode", default="train", help="train (forward, backward, AdamW step) or infer")
     b.add_argument("--data", help="SQuAD JSON for real windows (default: random full-length windows)")
