@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import bertqa.train
 from bertqa import cli
 from bertqa.evaluate import EvalConfig, evaluate
 from bertqa.files import exclusive
-from bertqa.train import TrainConfig, lr_factor, train
+from bertqa.train import TrainConfig, lr_factor, schedule_steps, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,6 +75,41 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:10], f[1:11])) and all(a > b for a, b in zip(f[10:], f[11:]))
     assert f[99] == pytest.approx(1 / 90) and lr_factor(100, 10, 100) == 0.0
+
+
+def test_step_counts_are_not_thrown_off_by_binary_fractions():
+    assert 1.1 * 100 > 110 and 0.29 * 100 < 29  # what a plain ceil / int would round the wrong way
+    assert schedule_steps(1.1, 100, None, 0.29) == (110, 31)  # int(0.29 * 110) = 31.9 -> 31
+    assert schedule_steps(1.0, 100, None, 0.29) == (100, 29)
+    assert schedule_steps(1.05, 100, None, 0.1) == (105, 10)  # a real fraction still rounds up / down
+    assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_shows_each_step_once_after_a_resume_and_no_earlier_runs_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bertqa.train import MetricsLog
+
+    def run(resume_step, steps, loss):
+        log = MetricsLog(tmp_path, tensorboard=True, resume_step=resume_step)
+        for step in steps:
+            log.log({"step": step, "loss": loss + step})
+        log.close()
+        time.sleep(0.01)  # a new events file per writer, as separate runs make (the name holds the time)
+
+    def curve():
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    run(0, range(1, 7), 10.0)  # killed after step 6; its checkpoint is at step 3
+    run(3, range(4, 7), 20.0)  # the resume redoes steps 4 to 6
+    assert curve() == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
+    assert [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        11.0, 12.0, 13.0, 24.0, 25.0, 26.0]  # fmt: skip
+    run(0, range(1, 3), 30.0)  # a fresh run into the same folder
+    assert curve() == [(1, 31.0), (2, 32.0)]
 
 
 def test_startup_line_says_what_auto_attention_is_on_the_device():
@@ -185,6 +221,10 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     with pytest.raises(ValueError, match=r"cannot resume a different run \(max_grad_norm 1.0 -> 0.5\)"):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, max_grad_norm=0.5,
                       resume=True))  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(config None -> '.*other.json'\)"):
+        shutil.copy(tiny_dir / "config.json", tmp_path / "other.json")  # e.g. another activation or dropout
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3,
+                      config=str(tmp_path / "other.json"), resume=True))  # fmt: skip
     before = torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
     summary = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     # The summary times the whole run, its steps before the crash included; resumed again, it trains nothing
@@ -270,13 +310,26 @@ def test_the_metrics_file_is_closed_when_a_step_fails(tiny_dir, small_squad, tmp
     assert caught.tb is not None and str(tmp_path / "metrics.jsonl") not in open_files()
 
 
-def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_dir, small_squad, tmp_path):
+def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_dir, small_squad, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
     out = tmp_path / "run"
     train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
     assert (out / "predictions.json").is_file() and (out / "nbest_predictions.json").is_file()
     summary = train(cfg_for(tiny_dir, small_squad, out))  # the same folder, another model, nothing evaluated
     assert "f1" not in summary and not (out / "predictions.json").exists()
     assert not (out / "nbest_predictions.json").exists()
+    # Nor does a run whose evaluation fails leave them, or the earlier summary, beside its own model.
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
+    model_before = (out / "model" / "model.safetensors").read_bytes()
+
+    def failing_evaluation(*args, **kwargs):
+        raise MemoryError("out of memory in the evaluation")
+
+    monkeypatch.setattr(bertqa.train, "run_evaluation", failing_evaluation)
+    with pytest.raises(MemoryError):
+        train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), seed=7))
+    assert (out / "model" / "model.safetensors").read_bytes() != model_before  # the new model is there
+    assert not any((out / name).exists() for name in ("summary.json", "predictions.json", "nbest_predictions.json"))
 
 
 def test_a_second_run_on_a_folder_stops_before_loading_anything(tiny_dir, small_squad, tmp_path, monkeypatch):

@@ -96,6 +96,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def schedule_steps(epochs: float, steps_per_epoch: int, max_steps: int | None, warmup: float) -> tuple[int, int]:
+    """(total, warm-up) optimizer steps: `max_steps`, else `epochs` worth of them rounded up, and the `warmup`
+    fraction of those rounded down. The products are rounded to 6 decimals first: in binary floating point
+    1.1 x 100 is 110.00000000000001 and 0.29 x 100 is 28.999999999999996, which would train a step more than
+    1.1 epochs hold, or warm up for a step less."""
+    total = max_steps or math.ceil(round(epochs * steps_per_epoch, 6))
+    return total, int(round(warmup * total, 6))
+
+
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -147,7 +156,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
-RESUME_KEYS = ("model", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
+RESUME_KEYS = ("model", "config", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
                "lr", "warmup", "weight_decay", "max_grad_norm", "seed", "group_by_length", "max_seq_length",
                "doc_stride", "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
 
@@ -263,7 +272,8 @@ def all_finite(d: Dist, *values):
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard scalars) on rank 0."""
+    """metrics.jsonl (+ TensorBoard scalars) on rank 0: on a resume, the lines up to `resume_step`, which the
+    resumed run goes on from; else none of an earlier run's."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
@@ -285,7 +295,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on a
+            # resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's curves).
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -395,8 +407,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
 
     global_batch = cfg.train_batch_size * cfg.grad_accum * d.world_size
     steps_per_epoch = math.ceil(len(features) / global_batch)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    warmup_steps = int(cfg.warmup * total_steps)
+    total_steps, warmup_steps = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup)
     optimizer = build_optimizer(model, cfg, d.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
@@ -565,11 +576,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
         save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must not
+        # be left beside it by an evaluation that fails (out of memory, non-finite logits) or that is not asked for.
+        for name in ("summary.json", *PREDICTION_FILES):
+            (out_dir / name).unlink(missing_ok=True)
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
-    elif d.is_main:  # an earlier run's predictions in this folder are not this model's
-        for name in PREDICTION_FILES:
-            (out_dir / name).unlink(missing_ok=True)
     if d.is_main:
         finish(summary, out_dir)
     return summary
