@@ -202,7 +202,7 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_st
         torch.save(bad, path)
     cfg = TrainConfig(**json.loads(saved_state["config"]))
     with pytest.raises(ValueError, match=message) as e:
-        load_checkpoint(path, cfg, Dist(), STEPS, saved_state["resolved"])
+        load_checkpoint(path, cfg, Dist(), (STEPS, 0), saved_state["resolved"], (STEPS, 0))
     text = str(e.value)
     assert "\n" not in text and text.startswith(f"{path}: ")
     assert text.endswith("; move it away to start over, or use another --output-dir")

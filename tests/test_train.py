@@ -86,6 +86,34 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_schedule(tiny_dir, small_squad,
+                                                                                         tmp_path):  # fmt: skip
+    """0.58 x 50 is 28.999999999999996: runs before schedule_steps rounded warmed up for 28 steps, and a resume of
+    their checkpoint must go on with 28, not switch to 29 halfway (or refuse it, where the total differs)."""
+
+    def crash(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint at step 4
+
+    def lr_at(out, step):
+        return next(r["lr"] for r in read_jsonl(out / "metrics.jsonl") if r["step"] == step)
+
+    kw = dict(max_steps=50, warmup=0.58, save_every=4, log_every=1)
+    for older in (True, False):
+        out = tmp_path / f"older-{older}"
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg_for(tiny_dir, small_squad, out, **kw), on_step=crash)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert (state["total_steps"], state["warmup_steps"]) == (50, 29)
+        if older:
+            del state["warmup_steps"]
+            torch.save(state, out / "checkpoint.pt")
+        train(cfg_for(tiny_dir, small_squad, out, resume=True, **kw))
+        warmup = 28 if older else 29
+        assert lr_at(out, 29) == pytest.approx(1e-3 * lr_factor(28, warmup, 50))  # step 29 runs at index 28
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["warmup_steps"] == warmup
+
+
 def test_tensorboard_shows_each_step_once_after_a_resume_and_no_earlier_runs_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

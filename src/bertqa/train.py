@@ -96,13 +96,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def schedule_steps(epochs: float, steps_per_epoch: int, max_steps: int | None, warmup: float) -> tuple[int, int]:
+def schedule_steps(epochs: float, steps_per_epoch: int, max_steps: int | None, warmup: float,
+                   exact: bool = True) -> tuple[int, int]:  # fmt: skip
     """(total, warm-up) optimizer steps: `max_steps`, else `epochs` worth of them rounded up, and the `warmup`
     fraction of those rounded down. The products are rounded to 6 decimals first: in binary floating point
     1.1 x 100 is 110.00000000000001 and 0.29 x 100 is 28.999999999999996, which would train a step more than
-    1.1 epochs hold, or warm up for a step less."""
-    total = max_steps or math.ceil(round(epochs * steps_per_epoch, 6))
-    return total, int(round(warmup * total, 6))
+    1.1 epochs hold, or warm up for a step less. `exact=False`: the products as they are, as runs took them
+    until checkpoints recorded "warmup_steps" (a resume of such a checkpoint goes on with that schedule)."""
+    fix = (lambda x: round(x, 6)) if exact else (lambda x: x)
+    total = max_steps or math.ceil(fix(epochs * steps_per_epoch))
+    return total, int(fix(warmup * total))
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
@@ -119,11 +122,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, total_steps: int, cfg: TrainConfig,
-                    d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, schedule: tuple[int, int],
+                    cfg: TrainConfig, d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
                     since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None) -> None:  # fmt: skip
-    """Everything needed to continue exactly: weights, optimizer, schedule, scaler, step (of total_steps: a run
-    that stopped short is told from a finished one, see refuse_to_replace), every rank's RNG and
+    """Everything needed to continue exactly: weights, optimizer, schedule (total and warm-up steps), scaler, step
+    (of the total: a run that stopped short is told from a finished one, see refuse_to_replace), every rank's RNG and
     loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), what the
     run resolved its defaults to (`resolved`, see check_resumable) and the seconds it has trained so far.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
@@ -136,7 +139,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step,
-        "total_steps": total_steps,
+        "total_steps": schedule[0],
+        "warmup_steps": schedule[1],
         "final_loss": final_loss,
         "skipped_steps": skipped,  # updates skipped for non-finite values: in all, and in a row now
         "rng": [rng for rng, _ in per_rank],
@@ -183,9 +187,12 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng", "
 BAD_CHECKPOINT = "move it away to start over, or use another --output-dir"
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, resolved: dict) -> dict:
+def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, int], resolved: dict,
+                    older_schedule: tuple[int, int]) -> dict:  # fmt: skip
     """OUTPUT/checkpoint.pt, read and checked before any of it is used. A damaged or foreign file is an error
-    of one line that leaves it in place: never resumed from, never silently replaced by a fresh start."""
+    of one line that leaves it in place: never resumed from, never silently replaced by a fresh start. Its
+    `"schedule"` entry is the (total, warm-up) steps to go on with: `schedule`, or `older_schedule` for a
+    checkpoint saved before they were recorded (schedule_steps' exact=False)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -203,6 +210,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, total_steps: int, res
     if not config_ok or not (isinstance(ws, int) and isinstance(state["rng"], list) and len(state["rng"]) == ws):
         raise ValueError(f"{path}: damaged checkpoint (bad config, world_size or rng); {BAD_CHECKPOINT}")
     check_resumable(path, state, cfg, d, resolved)
+    state["schedule"] = schedule if "warmup_steps" in state else older_schedule
+    total_steps = state["schedule"][0]
     if state.get("total_steps", total_steps) != total_steps:  # the same settings over a train file since changed
         why = f"{state['total_steps']} steps -> {total_steps}: the training data differ"
         raise ValueError(f"{path}: cannot resume a different run ({why}); use another --output-dir")
@@ -409,6 +418,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     steps_per_epoch = math.ceil(len(features) / global_batch)
     total_steps, warmup_steps = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup)
     optimizer = build_optimizer(model, cfg, d.device)
+    # Reads the two names when called: a resume may set them to its checkpoint's schedule first.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
 
@@ -433,7 +443,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         raise ValueError(f"--resume: {ckpt_path} is there for rank {have} and not for the others; every rank "
                          "must see the same --output-dir (a folder shared by every machine)")  # fmt: skip
     if found:
-        state = load_checkpoint(ckpt_path, cfg, d, total_steps, resolved)
+        older = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup, exact=False)
+        state = load_checkpoint(ckpt_path, cfg, d, (total_steps, warmup_steps), resolved, older)
+        total_steps, warmup_steps = state["schedule"]
         final_loss, (skipped, bad_run) = state.get("final_loss"), state.get("skipped_steps", (0, 0))
         if "loss_since_log" in state:
             loss_sum.fill_(state["loss_since_log"][d.rank][0])
@@ -477,7 +489,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     def save(step: int, seconds: float | None) -> None:
         if metrics is not None:
             metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, total_steps, cfg, d, final_loss,
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg, d, final_loss,
                         (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
 
     batches, batches_epoch = None, -1
