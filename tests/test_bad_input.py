@@ -579,9 +579,12 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
     line against its question line, and a tab in it would add a --top-k column."""
     from bertqa.cli import _format_answers
 
-    spans = [{"answer": "Ada\nBrightwater", "start": 0, "end": 15}, {"answer": "the\tbridge \r\n keeper", "start": 1}]
+    spans = [{"answer": "Ada\nBrightwater", "start": 0, "end": 15}, {"answer": "the\tbridge \r\n keeper", "start": 1},
+             {"answer": "5\u00a0km  east\u2028of it", "start": 2}]  # fmt: skip
     assert _format_answers(spans[0], as_json=False) == "Ada Brightwater"
-    assert _format_answers(spans, as_json=False) == "Ada Brightwater\tthe bridge keeper"
+    out = _format_answers(spans, as_json=False)
+    assert out == "Ada Brightwater\tthe bridge keeper\t5\u00a0km  east of it"  # other spaces as they are
+    assert out.splitlines() == [out] and len(out.split("\t")) == 3
     assert json.loads(_format_answers(spans, as_json=True)) == spans  # the exact text, with its offsets
 
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,7 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
     assert '"v": 2' in target.read_text() and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the names of open files in /proc")
 def test_a_durable_write_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """So that a power loss leaves the old checkpoint or the new one, never a renamed file whose data never
     reached the disk."""
@@ -148,6 +150,7 @@ def test_a_durable_write_flushes_the_file_before_the_rename_and_the_folder_after
     assert events == [("replace", str(target))] and target.read_text() == "again"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the names of open files in /proc")
 def test_a_durable_folder_is_flushed_before_it_replaces_the_old_one_and_the_old_one_is_deleted_after(tmp_path,
                                                                                                       monkeypatch):  # fmt: skip
     """A model folder replaces the user's previous model: a power loss must leave one of the two whole, not the new
@@ -179,6 +182,28 @@ def test_a_durable_folder_is_flushed_before_it_replaces_the_old_one_and_the_old_
     assert events[renames[1] + 1][1] == str(tmp_path)  # the renames flushed; then the old folder goes
     assert events[-2][1].startswith(str(tmp_path / ".model.old-"))
     assert (target / "sub" / "w").read_text() == "weights" and not (target / "old").exists()
+
+
+def test_a_file_system_that_cannot_flush_a_folder_still_gets_the_folder(tmp_path, monkeypatch):
+    import errno
+
+    import bertqa.files as files
+
+    real_fsync = files.os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # as some file systems answer for folders
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with atomic_dir(tmp_path / "model", durable=True) as tmp:
+        (tmp / "w").write_text("weights")
+    assert (tmp_path / "model" / "w").read_text() == "weights"
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"), atomic_dir(tmp_path / "model", durable=True) as tmp:
+        (tmp / "w").write_text("new")  # a failed flush is an error: the data may not be on the disk
+    assert (tmp_path / "model" / "w").read_text() == "weights"
 
 
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):

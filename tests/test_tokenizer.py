@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -108,10 +109,12 @@ def test_bad_tokenizer_inputs(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json: not a tokenizers JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "vocab.txt").write_text("a\nb\n")
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'vocab.txt'}: vocabulary lacks \[CLS\] or \[SEP\]$"):
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(tmp_path / 'vocab.txt'))}: vocabulary lacks \[CLS\] or \[SEP\]$"
+    ):
         load_tokenizer(tmp_path / "vocab.txt")
     (tmp_path / "vocab.txt").write_text("[CLS]\n[SEP]\n[UNK]\na\n")  # the file named, as for tokenizer.json
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'vocab.txt'}: tokenizer vocabulary lacks the special tokens "
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'vocab.txt'))}: tokenizer vocabulary lacks the special tokens "
                        r"\['\[PAD\]'\]$"):  # fmt: skip
         load_tokenizer(tmp_path / "vocab.txt")
 

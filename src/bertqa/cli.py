@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -119,13 +120,18 @@ def cmd_serve(args):
           device=args.device, precision=args.precision)  # fmt: skip
 
 
+# What ends a line or a column for str.splitlines and a tab-separated reader.
+_LINE_OR_COLUMN_BREAK = re.compile(r"\s*[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]\s*")
+
+
 def _format_answers(result, as_json: bool) -> str:
-    """One line a question: the answers separated by tabs, each with its whitespace (line breaks and tabs of a
-    span across a wrapped line included) shown as single spaces; JSON keeps the exact text and its offsets."""
+    """One line a question: the answers separated by tabs, each with every line break or tab in it (a span across
+    a wrapped line), and the whitespace around it, shown as one space; the rest of the text as it is. JSON keeps
+    the exact text and its offsets."""
     if as_json:
         return json.dumps(result, ensure_ascii=False)
     answers = result if isinstance(result, list) else [result]
-    return "\t".join(" ".join(a["answer"].split()) for a in answers)
+    return "\t".join(_LINE_OR_COLUMN_BREAK.sub(" ", a["answer"]) for a in answers)
 
 
 def cmd_ask(args):

@@ -6,6 +6,7 @@ graphs) goes through here. No torch, so the pure-Python SQuAD code uses it too.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -83,14 +84,22 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         _fsync(path.parent)
 
 
+# fsync errors that say the file system cannot flush this kind of file (a folder, on some), not that flushing failed
+_CANNOT_FSYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", None), getattr(errno, "EOPNOTSUPP", None)}
+
+
 def _fsync(path) -> None:
-    """Flush a file, or a folder's entries, to disk (folders cannot be opened so on Windows: skipped there)."""
+    """Flush a file, or a folder's entries, to disk. Windows flushes only a file opened for writing and cannot open
+    a folder so; a file system that cannot flush a folder says EINVAL: those are skipped."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     except (IsADirectoryError, PermissionError):
         return
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_FSYNC:
+            raise
     finally:
         os.close(fd)
 
