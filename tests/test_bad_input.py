@@ -585,6 +585,8 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
     out = _format_answers(spans, as_json=False)
     assert out == "Ada Brightwater\tthe bridge keeper\t5\u00a0km  east of it"  # other spaces as they are
     assert out.splitlines() == [out] and len(out.split("\t")) == 3
+    assert _format_answers({"answer": "Brightwater\n"}, as_json=False) == "Brightwater"
+    assert _format_answers({"answer": "a" + " " * 100_000 + "b \n"}, as_json=False) == "a" + " " * 100_000 + "b"
     assert json.loads(_format_answers(spans, as_json=True)) == spans  # the exact text, with its offsets
 
 

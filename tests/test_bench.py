@@ -70,16 +70,19 @@ def test_more_steps_than_the_data_has_batches_is_refused(minilm_dir, tiny_squad)
         bench.bench(cfg)
 
 
-def test_weights_without_a_config_beside_them_take_config(tiny_dir, tmp_path, capsys):
+def test_weights_without_a_config_beside_them_take_config(tmp_path, capsys):
     """The error for such weights says to pass --config: bench has it too, as the other commands do."""
-    from bertqa import load_model
+    from bertqa import BertForQuestionAnswering
     from bertqa.cli import main
 
-    torch.save(load_model(tiny_dir).state_dict(), tmp_path / "bare.pt")
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config.to_json(tmp_path / "tiny.json")
+    torch.save(BertForQuestionAnswering(config).state_dict(), tmp_path / "bare.pt")
     argv = ["bench", "--model", str(tmp_path / "bare.pt"), "--mode", "infer", "--seq-len", "32", "--steps", "1",
             "--segments", "1", "--warmup", "0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
     assert main(argv) == 1 and "pass config= (CLI: --config)" in capsys.readouterr().err
-    assert main([*argv, "--config", str(tiny_dir / "config.json")]) == 0
+    assert main([*argv, "--config", str(tmp_path / "tiny.json")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]["bertqa"]["windows_per_s"] > 0
 
 

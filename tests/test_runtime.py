@@ -151,8 +151,7 @@ def test_a_durable_write_flushes_the_file_before_the_rename_and_the_folder_after
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the names of open files in /proc")
-def test_a_durable_folder_is_flushed_before_it_replaces_the_old_one_and_the_old_one_is_deleted_after(tmp_path,
-                                                                                                      monkeypatch):  # fmt: skip
+def test_a_durable_folder_is_flushed_before_it_replaces_the_old_one_then_the_old_one_goes(tmp_path, monkeypatch):
     """A model folder replaces the user's previous model: a power loss must leave one of the two whole, not the new
     folder's names with data that never reached the disk and the old folder already deleted."""
     import bertqa.files as files
@@ -203,6 +202,10 @@ def test_a_file_system_that_cannot_flush_a_folder_still_gets_the_folder(tmp_path
     monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"), atomic_dir(tmp_path / "model", durable=True) as tmp:
         (tmp / "w").write_text("new")  # a failed flush is an error: the data may not be on the disk
+    assert (tmp_path / "model" / "w").read_text() == "weights"
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    with pytest.raises(OSError, match="Invalid argument"), atomic_dir(tmp_path / "model", durable=True) as tmp:
+        (tmp / "w").write_text("new")  # EINVAL for a file's data is a failure too
     assert (tmp_path / "model" / "w").read_text() == "weights"
 
 

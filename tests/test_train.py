@@ -85,7 +85,6 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
 def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_schedule(tiny_dir, small_squad,
                                                                                          tmp_path):  # fmt: skip
     """0.58 x 50 is 28.999999999999996: runs before schedule_steps rounded warmed up for 28 steps, and a resume of
@@ -114,6 +113,7 @@ def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_
         assert torch.load(out / "checkpoint.pt", weights_only=True)["warmup_steps"] == warmup
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
 def test_tensorboard_shows_each_step_once_after_a_resume_and_no_earlier_runs_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

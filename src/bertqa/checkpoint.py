@@ -291,8 +291,9 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
                     with_qa_head: bool = True):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling, flushed to
-    disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss. Without `with_qa_head` the
-    weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no fine-tuned head)."""
+    disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss.
+    Without `with_qa_head` the weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no
+    fine-tuned head)."""
     model = _unwrap(model)
     with atomic_dir(directory, durable=True) as tmp:
         model.config.to_json(tmp / "config.json")

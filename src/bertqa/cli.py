@@ -121,17 +121,22 @@ def cmd_serve(args):
 
 
 # What ends a line or a column for str.splitlines and a tab-separated reader.
-_LINE_OR_COLUMN_BREAK = re.compile(r"\s*[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]\s*")
+_LINE_OR_COLUMN_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
 
 
 def _format_answers(result, as_json: bool) -> str:
     """One line a question: the answers separated by tabs, each with every line break or tab in it (a span across
-    a wrapped line), and the whitespace around it, shown as one space; the rest of the text as it is. JSON keeps
-    the exact text and its offsets."""
+    a wrapped line), and the whitespace around it, shown as one space (none at either end); the rest of the text
+    as it is. JSON keeps the exact text and its offsets."""
     if as_json:
         return json.dumps(result, ensure_ascii=False)
     answers = result if isinstance(result, list) else [result]
-    return "\t".join(_LINE_OR_COLUMN_BREAK.sub(" ", a["answer"]) for a in answers)
+    return "\t".join(_one_line(a["answer"]) for a in answers)
+
+
+def _one_line(text: str) -> str:
+    pieces = (piece.strip() for piece in _LINE_OR_COLUMN_BREAKS.split(text))
+    return " ".join(piece for piece in pieces if piece)
 
 
 def cmd_ask(args):

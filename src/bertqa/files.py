@@ -84,7 +84,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         _fsync(path.parent)
 
 
-# fsync errors that say the file system cannot flush this kind of file (a folder, on some), not that flushing failed
+# fsync errors by which some file systems say they cannot flush a folder's entries (a file's are errors all the same)
 _CANNOT_FSYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", None), getattr(errno, "EOPNOTSUPP", None)}
 
 
@@ -98,7 +98,7 @@ def _fsync(path) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in _CANNOT_FSYNC:
+        if e.errno not in _CANNOT_FSYNC or not stat.S_ISDIR(os.fstat(fd).st_mode):  # a file's data must reach the disk
             raise
     finally:
         os.close(fd)

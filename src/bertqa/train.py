@@ -125,10 +125,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, schedule: tuple[int, int],
                     cfg: TrainConfig, d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
                     since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None) -> None:  # fmt: skip
-    """Everything needed to continue exactly: weights, optimizer, schedule (total and warm-up steps), scaler, step
-    (of the total: a run that stopped short is told from a finished one, see refuse_to_replace), every rank's RNG and
-    loss summed since the last metrics line (`since_log`: the sum and the number of finite steps), what the
-    run resolved its defaults to (`resolved`, see check_resumable) and the seconds it has trained so far.
+    """Everything needed to continue exactly: weights, optimizer, schedule (total and warm-up steps), scaler,
+    step (of the total: a run that stopped short is told from a finished one, see refuse_to_replace), every
+    rank's RNG and loss summed since the last metrics line (`since_log`: the sum and the number of finite
+    steps), what the run resolved its defaults to (`resolved`, see check_resumable) and the seconds it has
+    trained so far.
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     per_rank = all_gather_objects(d, (rng_state(d.device), [float(t.item()) for t in since_log]))
     if not d.is_main:
@@ -160,9 +161,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
-RESUME_KEYS = ("model", "config", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size", "grad_accum",
-               "lr", "warmup", "weight_decay", "max_grad_norm", "seed", "group_by_length", "max_seq_length",
-               "doc_stride", "max_query_length", "precision", "attention_dropout", "lower_case")  # fmt: skip
+RESUME_KEYS = ("model", "config", "train_file", "max_train_examples", "epochs", "max_steps", "train_batch_size",
+               "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "seed", "group_by_length",
+               "max_seq_length", "doc_stride", "max_query_length", "precision", "attention_dropout",
+               "lower_case")  # fmt: skip
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
@@ -417,6 +419,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     global_batch = cfg.train_batch_size * cfg.grad_accum * d.world_size
     steps_per_epoch = math.ceil(len(features) / global_batch)
     total_steps, warmup_steps = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup)
+    # What a checkpoint saved before checkpoints recorded their schedule was trained with.
+    older_schedule = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup, exact=False)
     optimizer = build_optimizer(model, cfg, d.device)
     # Reads the two names when called: a resume may set them to its checkpoint's schedule first.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
@@ -434,7 +438,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         if d.is_main and not claimed:
             _claim(out_dir, held)
         if not cfg.resume and ckpt_path.is_file():  # again: another run may have written it in the meantime
-            refuse_to_replace(ckpt_path, cfg, d, total_steps, resolved)
+            # (a checkpoint without a total is older than any with a recorded schedule)
+            refuse_to_replace(ckpt_path, cfg, d, older_schedule[0], resolved)
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
         # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
@@ -443,8 +448,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         raise ValueError(f"--resume: {ckpt_path} is there for rank {have} and not for the others; every rank "
                          "must see the same --output-dir (a folder shared by every machine)")  # fmt: skip
     if found:
-        older = schedule_steps(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.warmup, exact=False)
-        state = load_checkpoint(ckpt_path, cfg, d, (total_steps, warmup_steps), resolved, older)
+        state = load_checkpoint(ckpt_path, cfg, d, (total_steps, warmup_steps), resolved, older_schedule)
         total_steps, warmup_steps = state["schedule"]
         final_loss, (skipped, bad_run) = state.get("final_loss"), state.get("skipped_steps", (0, 0))
         if "loss_since_log" in state:
@@ -489,8 +493,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     def save(step: int, seconds: float | None) -> None:
         if metrics is not None:
             metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg, d, final_loss,
-                        (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg, d,
+                        final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
 
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
