@@ -488,6 +488,18 @@ def test_a_non_finite_loss_skips_its_update(tiny_nodrop, small_squad, tmp_path, 
     assert summary["skipped_steps"] == 1 and summary["final_loss"] > 0
 
 
+def test_a_skipped_first_update_does_not_make_torch_warn_about_the_schedule(tiny_nodrop, small_squad, tmp_path, poison):
+    """What fp16's scaler does on every rank while it calibrates: torch warned that the schedule stepped first."""
+    import warnings
+
+    poison["bad"] = {1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(cfg_for(tiny_nodrop, small_squad, tmp_path / "out", max_steps=2))
+    assert summary["skipped_steps"] == 1
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tiny_dir, small_squad, tmp_path, poison):
     from bertqa.train import NonFiniteError
 

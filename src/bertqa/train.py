@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -536,7 +537,11 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts steps, skipped ones too (as NVIDIA's): torch's warning that the first update was
+            # skipped (by the scaler while it calibrates, on every rank) says nothing the log does not.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+            scheduler.step()
         done = step + 1
         if applied:
             bad_run = 0
