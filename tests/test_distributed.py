@@ -190,6 +190,27 @@ def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
         pass
 
 
+@pytest.mark.parametrize("rank, why", [(1, "The client socket has timed out"), (0, "waiting for clients. 1/2")])
+def test_ranks_that_cannot_meet_say_where_they_tried(rank, why, monkeypatch):
+    """Rank 1 with nobody listening at the address, rank 0 with nobody coming: the environment's fault, told in one
+    line, not an internal error."""
+    import socket
+
+    from bertqa.distributed import distributed
+
+    with socket.socket() as s:  # a port that was free a moment ago, so nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    start = f"rank {rank}: cannot meet the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} ("
+    with pytest.raises(ValueError, match=f"^{re.escape(start)}.*{re.escape(why)}.*start all 2 with torchrun") as e:
+        with distributed("cpu", timeout_s=1):
+            pass
+    assert "\n" not in str(e.value)
+
+
 def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):
     import bertqa.distributed
     from bertqa.distributed import distributed

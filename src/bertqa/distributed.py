@@ -108,7 +108,15 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
     if backend is None:
         backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(
+            f"rank {rank}: cannot meet the other ranks at MASTER_ADDR:MASTER_PORT {where} ({why}); start all "
+            f"{world} with torchrun and the same rendezvous endpoint, on a port free on rank 0's machine"
+        ) from None
     try:
         yield Dist(rank, world, local_rank, device)
     except RuntimeError as e:
