@@ -537,10 +537,15 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():
-            # The schedule counts steps, skipped ones too (as NVIDIA's): torch's warning that the first update was
-            # skipped (by the scaler while it calibrates, on every rank) says nothing the log does not.
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        if step == start_step:  # the one call torch checks (its first after the scheduler is made; a resume's is later)
+            with warnings.catch_warnings():
+                # The schedule counts steps, skipped ones too (as NVIDIA's): torch's warning that the first update
+                # was skipped (by the scaler while it calibrates, on every rank) says nothing the log does not.
+                warnings.filterwarnings(
+                    "ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+                )
+                scheduler.step()
+        else:
             scheduler.step()
         done = step + 1
         if applied:
