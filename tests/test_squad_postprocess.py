@@ -213,3 +213,12 @@ def test_write_predictions(tmp_path, setup):
     # A v1.1 run into a v2.0 run's folder: the null odds left there would not belong to its predictions.
     write_predictions(tmp_path / "out", preds, nbest)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nbest_predictions.json", "predictions.json"]
+    # A set that fails part-way (here the n-best holds a value JSON cannot) leaves every file as it was: no new
+    # predictions.json beside the older n-best, and no temporary files.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    first = next(iter(nbest))
+    bad_nbest = {**nbest, first: [{**nbest[first][0], "probability": float("nan")}]}
+    changed = {q: "another answer" for q in preds}
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_predictions(tmp_path / "out", changed, bad_nbest, odds)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -15,6 +15,7 @@ from official_squad import official_v1, official_v2
 from safetensors.torch import load_file
 from skips import platform_skip
 
+import bertqa.evaluate
 import bertqa.train
 from bertqa import cli
 from bertqa.evaluate import EvalConfig, evaluate
@@ -199,6 +200,27 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     official = official_v1(json.loads(small_squad[1].read_text())["data"], preds)
     assert official == pytest.approx({"exact_match": summary["exact_match"], "f1": summary["f1"]}, abs=1e-9)
     assert 0 < summary["f1"] < 100  # a random model: partial credit, so F1 is really computed
+
+
+def test_evaluate_again_that_fails_to_write_leaves_no_summary_beside_older_predictions(
+    tiny_dir, small_squad, tmp_path, monkeypatch
+):
+    out = tmp_path / "eval"
+    cfg = EvalConfig(model=str(tiny_dir), predict_file=str(small_squad[1]), output_dir=str(out), max_seq_length=128,
+                     doc_stride=64, max_query_length=32, cache_dir=None, progress=False, precision="fp32")  # fmt: skip
+    evaluate(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"summary.json", "predictions.json", "nbest_predictions.json"} <= set(before)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device", str(out / "predictions.json"))
+
+    monkeypatch.setattr(bertqa.evaluate, "write_predictions", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(cfg)
+    # The earlier predictions stay, whole; the summary, which would claim them for this run, is gone.
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == {name: data for name, data in before.items() if name != "summary.json"}
 
 
 def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):

@@ -170,6 +170,8 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
         preds, nbest, null_odds, timing = out
         result = {**timing, **score(data[0], preds, null_odds)}
         if out_dir is not None:
+            # summary.json is removed first and written last (by `finish`): where it is, the predictions are its run's.
+            (out_dir / "summary.json").unlink(missing_ok=True)
             write_predictions(out_dir, preds, nbest, null_odds)
     return all_gather_objects(d, result)[0]
 

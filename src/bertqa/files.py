@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -144,7 +144,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")  # JSON: no NaN
+    write_text(path, _json_text(obj, indent))
+
+
+def write_json_files(files: dict, indent: int | None = 4) -> None:
+    """Write {path: obj} as one set: each file to a temporary one first, and only once all are written are they
+    renamed into place, one after another. A failure on the way (a value JSON cannot hold, a full disk) leaves
+    every file as it was, rather than new ones beside old ones that do not belong with them."""
+    with ExitStack() as renames:
+        for path, obj in files.items():
+            tmp = renames.enter_context(atomic_path(path))
+            tmp.write_text(_json_text(obj, indent), encoding="utf-8")
+
+
+def _json_text(obj, indent: int | None) -> str:
+    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n"  # JSON has no NaN
 
 
 @contextmanager
