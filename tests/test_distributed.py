@@ -188,14 +188,21 @@ with distributed("cpu") as d:
 
 def test_ranks_end_cleanly_after_ddp_and_a_gather():
     """torch 2.13's gloo aborted a rank at exit after a run that went well ("terminate called without an active
-    exception", SIGABRT) in 5 of 12 four-rank runs of this without the pause at the end of `distributed` (3 of 12
-    with two ranks): four runs in a row clean would then happen about one time in nine."""
+    exception", SIGABRT) in 5 of 12 four-rank runs of this without the pause at the end of `distributed`: four
+    runs in a row clean would then happen about one time in nine."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "--no-python",
            sys.executable, "-c", DDP_THEN_GATHER]  # fmt: skip
     for run in range(4):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=LIMIT_S,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        assert r.returncode == 0, f"run {run}: {r.stderr[-3000:]}"
+        # A session of its own, so that a hang can be ended with torchrun and its ranks together.
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) as p:  # fmt: skip
+            try:
+                _, err = p.communicate(timeout=LIMIT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                pytest.fail(f"run {run}: torchrun still running after {LIMIT_S} s")
+        assert p.returncode == 0, f"run {run}: {err[-3000:]}"
 
 
 def _free_port() -> int:

@@ -222,3 +222,9 @@ def test_write_predictions(tmp_path, setup):
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_predictions(tmp_path / "out", changed, bad_nbest, odds)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # A v1.1 set that fails over a v2.0 one keeps the v2.0 null odds too: they go only with a set that is written.
+    write_predictions(tmp_path / "v2", preds, nbest, odds)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "v2").iterdir()}
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_predictions(tmp_path / "v2", changed, bad_nbest)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v2").iterdir()} == before

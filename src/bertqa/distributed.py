@@ -86,6 +86,16 @@ def is_rank_zero() -> bool:
     return _env_int("RANK", 0, 0) == 0
 
 
+# A gloo worker thread may still hold the last collective's work, which it drops only after this rank has seen the
+# result. Dropping it releases tensors that Python made (all_gather_object's), which takes the GIL; a thread that asks
+# for the GIL once the interpreter is shutting down ends the whole process ("terminate called without an active
+# exception", SIGABRT), after a run that went well. With torch 2.13 this happened only after DDP had run (DDP seems to
+# keep the group's threads alive past destroy_process_group): in 9 of 30 two-rank runs of DDP and one gather, and 5
+# of 12 four-rank ones (the script in tests/test_distributed.py). A pause without the GIL after leaving the group
+# lets the thread finish first: none in 60 two-rank runs and 12 four-rank ones with it (1 ms was enough in 50 runs).
+EXIT_PAUSE_S = 0.1
+
+
 @contextmanager
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
@@ -133,18 +143,10 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
         # Not this rank's fault: the one that failed says why; this one says it stopped because of it.
         raise RankError(f"rank {rank}: another rank failed or was killed, so this one stops too ({why})") from e
     finally:
-        dist.destroy_process_group()
-        # A gloo worker thread may still hold the last collective's work, which it drops only after this rank has
-        # seen the result. Dropping it releases tensors that Python made (all_gather_object's), which takes the GIL;
-        # a thread that asks for the GIL once the interpreter is shutting down ends the whole process ("terminate
-        # called without an active exception", SIGABRT) after a run that went well. With torch 2.13 this happened
-        # only after DDP had run (which seems to keep the group's threads alive past destroy): in 9 of 30
-        # two-rank runs of DDP and one gather, 5 of 12 four-rank ones (tests/test_distributed.py). A pause without
-        # the GIL lets the thread finish first.
-        time.sleep(EXIT_PAUSE_S)
-
-
-EXIT_PAUSE_S = 0.1  # see the end of `distributed` (1 ms was enough in 50 runs out of 50)
+        try:
+            dist.destroy_process_group()
+        finally:
+            time.sleep(EXIT_PAUSE_S)  # see EXIT_PAUSE_S
 
 
 # How gloo / NCCL report a peer that went away (a crash, a kill, a timeout in a collective).

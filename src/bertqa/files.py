@@ -147,14 +147,17 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:
     write_text(path, _json_text(obj, indent))
 
 
-def write_json_files(files: dict, indent: int | None = 4) -> None:
-    """Write {path: obj} as one set: each file to a temporary one first, and only once all are written are they
-    renamed into place, one after another. A failure on the way (a value JSON cannot hold, a full disk) leaves
-    every file as it was, rather than new ones beside old ones that do not belong with them."""
+def write_json_files(files: dict, remove=(), indent: int | None = 4) -> None:
+    """Write {path: obj} as one set. Each file goes to a temporary one first; only once all are written are the
+    paths in `remove` deleted (an earlier set's files that would not belong with this one) and the files renamed
+    into place, one after another in reverse order: the first path lands last. A failure while writing (a value
+    JSON cannot hold, a full disk) leaves every file as it was; the renames are quick, but not one atomic step."""
     with ExitStack() as renames:
         for path, obj in files.items():
             tmp = renames.enter_context(atomic_path(path))
             tmp.write_text(_json_text(obj, indent), encoding="utf-8")
+        for path in remove:
+            Path(path).unlink(missing_ok=True)
 
 
 def _json_text(obj, indent: int | None) -> str:
