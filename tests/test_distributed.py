@@ -35,7 +35,16 @@ def torchrun_train(tmp_path, fault, model, train_file, out="out", *more):
            "--batch-size", 4, "--max-steps", 6, "--log-every", 1, "--cache-dir", "none", "--no-progress",
            "--precision", "fp32", *more]  # fmt: skip
     t0 = time.monotonic()
-    # A session of its own, so that a hang can be ended with torchrun and both workers together.
+    rc, err = run_torchrun(cmd)
+    elapsed = time.monotonic() - t0
+    ranks = [[f.read_text() for f in log_dir.glob(f"*/attempt_0/{rank}/stderr.log")] for rank in (0, 1)]
+    assert all(len(r) == 1 for r in ranks), ranks
+    return rc, elapsed, err, [r[0] for r in ranks]
+
+
+def run_torchrun(cmd) -> tuple[int, str]:
+    """Run a torchrun command line; its exit code and stderr. In a session of its own, so that a hang (gloo's own
+    timeout is 30 min) is ended after LIMIT_S with torchrun and every rank together, and fails the test."""
     with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) as p:  # fmt: skip
         try:
@@ -44,10 +53,7 @@ def torchrun_train(tmp_path, fault, model, train_file, out="out", *more):
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
             pytest.fail(f"torchrun still running after {LIMIT_S} s")
-    elapsed = time.monotonic() - t0
-    ranks = [[f.read_text() for f in log_dir.glob(f"*/attempt_0/{rank}/stderr.log")] for rank in (0, 1)]
-    assert all(len(r) == 1 for r in ranks), ranks
-    return p.returncode, elapsed, err, [r[0] for r in ranks]
+    return p.returncode, err
 
 
 def only_another_rank(stderr: str) -> bool:
@@ -193,16 +199,8 @@ def test_ranks_end_cleanly_after_ddp_and_a_gather():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "--no-python",
            sys.executable, "-c", DDP_THEN_GATHER]  # fmt: skip
     for run in range(4):
-        # A session of its own, so that a hang can be ended with torchrun and its ranks together.
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) as p:  # fmt: skip
-            try:
-                _, err = p.communicate(timeout=LIMIT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
-                pytest.fail(f"run {run}: torchrun still running after {LIMIT_S} s")
-        assert p.returncode == 0, f"run {run}: {err[-3000:]}"
+        rc, err = run_torchrun(cmd)
+        assert rc == 0, f"run {run}: {err[-3000:]}"
 
 
 def _free_port() -> int:
