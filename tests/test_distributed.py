@@ -203,15 +203,6 @@ def test_ranks_end_cleanly_after_ddp_and_a_gather():
         assert rc == 0, f"run {run}: {err[-3000:]}"
 
 
-def _free_port() -> int:
-    """A port that was free a moment ago."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0': expected an integer >= 1"),
     ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two': expected an integer >= 1"),
@@ -231,7 +222,11 @@ def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
 def test_ranks_that_cannot_meet_say_where_they_tried(rank, why, monkeypatch):
     """Rank 1 with nobody listening at the address, rank 0 with nobody coming: the environment's fault, told in one
     line, not an internal error."""
-    port = _free_port()  # so nobody listens there
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago, so nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     for key, value in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():  # fmt: skip
         monkeypatch.setenv(key, value)

@@ -20,14 +20,14 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
-from .files import check_output, check_output_dir, exclusive, write_json, write_json_files
+from .files import check_output, check_output_dir, exclusive, write_json
 from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
-from .squad.postprocess import postprocess, write_predictions
+from .squad.postprocess import postprocess, write_prediction_files, write_predictions
 from .tokenizer import check_vocabulary, load_tokenizer
 
 
@@ -261,13 +261,9 @@ def predict(cfg: PredictConfig) -> dict:
     if out is None:
         return {}
     preds, nbest, null_odds, timing = out
-    # One set, the file asked for landing last: an interrupted run never leaves it without its n-best beside it. A
-    # v1.1 run removes an earlier v2.0 prediction's null odds, which would not belong to these.
-    odds_path = output.with_suffix(".null_odds.json")
-    files = {output: preds, output.with_suffix(".nbest.json"): nbest}
-    if null_odds is not None:
-        files[odds_path] = null_odds
-    write_json_files(files, remove=() if null_odds is not None else (odds_path,))
+    # One set, the file asked for landing last: an interrupted run never leaves it without its n-best beside it.
+    paths = [output, output.with_suffix(".nbest.json"), output.with_suffix(".null_odds.json")]
+    write_prediction_files(paths, preds, nbest, null_odds)
     summary = {**timing, "questions": len(preds), "predictions": str(output)}
     print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
           "windows/s)", flush=True)  # fmt: skip

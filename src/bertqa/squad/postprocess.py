@@ -159,15 +159,20 @@ PREDICTION_FILES = ("predictions.json", "nbest_predictions.json", "null_odds.jso
 
 
 def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
-    """Write PREDICTION_FILES (null_odds.json for v2.0 only) as one set (bertqa.files.write_json_files): a failure
-    while writing leaves an earlier set whole, and predictions.json lands last. A v1.1 run removes the
-    null_odds.json of an earlier v2.0 run in the same folder, which would not belong to its predictions."""
+    """Write PREDICTION_FILES into `output_dir` (see write_prediction_files)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = dict(zip(PREDICTION_FILES, (predictions, nbest, null_odds)))
+    return write_prediction_files([out / name for name in PREDICTION_FILES], predictions, nbest, null_odds)
+
+
+def write_prediction_files(paths, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
+    """Write the predictions, n-best and (v2.0 only) null odds into `paths` as one set
+    (bertqa.files.write_json_files): a failure while writing leaves an earlier set whole, and the predictions land
+    last. A v1.1 set removes the null odds an earlier v2.0 set left at paths[2], which would not belong to it."""
+    files = dict(zip(paths, (predictions, nbest, null_odds)))
     stale = []
     if null_odds is None:
-        del files["null_odds.json"]
-        stale.append(out / "null_odds.json")
-    write_json_files({out / name: obj for name, obj in files.items()}, remove=stale)
-    return [out / name for name in files]
+        del files[paths[2]]
+        stale.append(paths[2])
+    write_json_files(files, remove=stale)
+    return list(files)
