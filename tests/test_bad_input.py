@@ -587,7 +587,8 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
     assert out.splitlines() == [out] and len(out.split("\t")) == 3
     assert _format_answers({"answer": "Brightwater\n"}, as_json=False) == "Brightwater"
     assert _format_answers({"answer": "a" + " " * 100_000 + "b \n"}, as_json=False) == "a" + " " * 100_000 + "b"
-    assert json.loads(_format_answers(spans, as_json=True)) == spans  # the exact text, with its offsets
+    as_json = _format_answers(spans, as_json=True)
+    assert json.loads(as_json) == spans and as_json.splitlines() == [as_json]  # exact text, offsets; U+2028 escaped
 
 
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):

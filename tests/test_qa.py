@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -219,6 +220,31 @@ def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
         r = run_cli("ask", "--model", qa_model_dir, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_dir, tiny_squad, tmp_path):
+    """A CRLF --context-file's offsets count its "\r" (read with newline translation, they fell short by one a line);
+    a piped question holding U+2028 (a line break to str.splitlines) is one question, with one answer line."""
+    question, context, gold, _ = questions(tiny_squad)[4]
+    text = "A first line.\r\nA second one.\r\n" + context
+    (tmp_path / "crlf.txt").write_bytes(text.encode())
+    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "crlf.txt",
+                "--json")  # fmt: skip
+    answer = json.loads(r.stdout)
+    assert r.returncode == 0 and answer["answer"] == gold == text[answer["start"] : answer["end"]], r.stderr
+    r = run_cli("ask", "--model", qa_model_dir, "--context", context, stdin=f"{question}\u2028Again?\n{question}\n")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2 and r.stdout.splitlines()[1] == gold, r.stderr
+
+
+def test_ask_takes_the_config_of_weights_without_one(qa_model_dir, tiny_squad, tmp_path):
+    """The error for weights without config.json says to pass --config: ask (and serve) take it."""
+    question, context, gold, _ = questions(tiny_squad)[4]
+    shutil.copytree(qa_model_dir, tmp_path / "bare", ignore=shutil.ignore_patterns("config.json"))
+    r = run_cli("ask", "--model", tmp_path / "bare", "--question", question, "--context", context)
+    assert r.returncode == 1 and "--config" in r.stderr
+    r = run_cli("ask", "--model", tmp_path / "bare", "--config", qa_model_dir / "config.json", "--question", question,
+                "--context", context, "--trust-pickle")  # fmt: skip
+    assert r.returncode == 0 and r.stdout == gold + "\n", r.stderr
 
 
 def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp_path):

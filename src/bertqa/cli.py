@@ -117,7 +117,8 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
           max_body_bytes=args.max_body_bytes, max_context_chars=args.max_context_chars,
-          device=args.device, precision=args.precision)  # fmt: skip
+          device=args.device, precision=args.precision, config=args.config,
+          trust_pickle=args.trust_pickle)  # fmt: skip
 
 
 # What ends a line or a column for str.splitlines and a tab-separated reader.
@@ -128,8 +129,8 @@ def _format_answers(result, as_json: bool) -> str:
     """One line a question: the answers separated by tabs, each with every line break or tab in it (a span across
     a wrapped line), and the whitespace around it, shown as one space (none at either end); the rest of the text
     as it is. JSON keeps the exact text and its offsets."""
-    if as_json:
-        return json.dumps(result, ensure_ascii=False)
+    if as_json:  # U+2028 / U+2029 escaped too: JSON allows them raw, but they end a line for str.splitlines
+        return json.dumps(result, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     answers = result if isinstance(result, list) else [result]
     return "\t".join(_one_line(a["answer"]) for a in answers)
 
@@ -150,13 +151,15 @@ def cmd_ask(args):
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     if args.context_file:
         try:
-            args.context = Path(args.context_file).read_text(encoding="utf-8")
+            with open(args.context_file, encoding="utf-8", newline="") as f:  # "\r\n" kept: offsets index the file
+                args.context = f.read()
         except UnicodeDecodeError as e:
             raise UsageError(f"--context-file {args.context_file}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise UsageError(f"--context-file {args.context_file}: {e.strerror}") from None
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
-    qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision)
+    qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision,
+                                          config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
                   max_answer_len=args.max_answer_length)  # fmt: skip
     if args.question is not None:
@@ -168,7 +171,9 @@ def cmd_ask(args):
                 print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
         return
     try:
-        questions = [line.strip() for line in sys.stdin.read().splitlines()]
+        # Lines end at "\n" only (stdin's reader has made "\r\n" and "\r" into it), as when typed: not at the other
+        # characters str.splitlines breaks at (U+2028, form feed, ...), which would add answer lines.
+        questions = [line.strip() for line in sys.stdin.read().split("\n")]
     except UnicodeDecodeError:
         raise UsageError("stdin: not UTF-8 text") from None
     while questions and not questions[-1]:  # blank lines at the end (an editor's) ask nothing
@@ -187,7 +192,7 @@ def cmd_ask(args):
 
 def _add_common(p, batch_help, output_dir: bool = True):
     p.add_argument("--model", required=True, help="HF folder, .safetensors/.bin, or NVIDIA .pt checkpoint")
-    p.add_argument("--config", help="config.json for weights that have none beside them, or a preset (base, large)")
+    _add_checkpoint_options(p)
     if output_dir:
         p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, help=batch_help)
@@ -220,8 +225,12 @@ def _add_common(p, batch_help, output_dir: bool = True):
         "attention dropout (sdpa beyond 256 tokens); sdpa (fused kernels) on other devices",
     )
     _add_lower_case(p)
-    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_checkpoint_options(p):
+    p.add_argument("--config", help="config.json for weights that have none beside them, or a preset (base, large)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
 
 
 def _add_lower_case(p):
@@ -333,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help="answer questions about a text with a fine-tuned model")
     a.add_argument("--model", required=True)
+    _add_checkpoint_options(a)
     a.add_argument("--question", help="the question (default: read questions from stdin, one per line)")
     a.add_argument("--context", help="the text to find the answer in")
     a.add_argument("--context-file", help="read the text from this file instead")
@@ -346,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="an HTTP service (HF Inference API compatible) and a page to try the model")
     v.add_argument("--model", required=True, help="a fine-tuned checkpoint")
+    _add_checkpoint_options(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     v.add_argument("--max-batch-size", type=int, default=16, help="questions answered in one model call")
@@ -361,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="training / inference throughput, side by side with transformers")
     b.add_argument("--model", help="checkpoint to benchmark (HF folder, .safetensors/.bin, NVIDIA .pt)")
-    b.add_argument("--config", help="config.json for --model weights that have none beside them")
-    b.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the --model checkpoint")
+    _add_checkpoint_options(b)
     b.add_argument("--preset", help="or a randomly initialised BERT: base or large")
     b.add_argument("--mode", default="train", help="train (forward, backward, AdamW step) or infer")
     b.add_argument("--data", help="SQuAD JSON for real windows (default: random full-length windows)")
@@ -406,8 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--doc-stride", type=int, default=128)
     o.add_argument("--max-query-length", type=int, default=64)
     o.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    o.add_argument("--config", help="config.json for weights that have none beside them")
-    o.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    _add_checkpoint_options(o)
     o.set_defaults(func=cmd_export)
 
     d = sub.add_parser("download", help="download a dataset with checksum verification")

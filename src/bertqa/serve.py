@@ -340,8 +340,8 @@ def _parameters(raw, max_positions: int) -> tuple:
         )
     except ValueError as e:
         raise ApiError(400, f"parameters: {e}") from None
-    if params["max_answer_len"] > params["max_seq_len"]:
-        raise ApiError(400, f"parameters.max_answer_len {params['max_answer_len']} exceeds max_seq_len")
+    # No span is longer than a window: a larger limit answers as this one does (qa(...) takes it too).
+    params["max_answer_len"] = min(params["max_answer_len"], params["max_seq_len"])
     return tuple(params[name] for name in DEFAULTS)
 
 
@@ -635,9 +635,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16, max_wait_ms: float = 5.0,
           max_queue: int = 256, timeout_s: float = 30.0, max_body_bytes: int = 1 << 20,
-          max_context_chars: int = 100_000, device=None, precision: str | None = None) -> None:  # fmt: skip
-    """Serve `model` (a fine-tuned checkpoint) until interrupted. Binds to loopback unless `host` says otherwise.
-    A model that fails to load stops the server and raises its error."""
+          max_context_chars: int = 100_000, device=None, precision: str | None = None, config=None,
+          trust_pickle: bool = False) -> None:  # fmt: skip
+    """Serve `model` (a fine-tuned checkpoint; `config` and `trust_pickle` as for `load_model`) until interrupted.
+    Binds to loopback unless `host` says otherwise. A model that fails to load stops the server and raises its
+    error."""
     import uvicorn
 
     from .distributed import resolve_device
@@ -650,7 +652,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     failed: list[Exception] = []
 
     def load():
-        return QuestionAnswerer.from_pretrained(model, device=device, precision=precision)
+        return QuestionAnswerer.from_pretrained(model, device=device, precision=precision, config=config,
+                                                trust_pickle=trust_pickle)  # fmt: skip
 
     def stop(error: Exception) -> None:
         failed.append(error)
