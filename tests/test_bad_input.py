@@ -592,10 +592,12 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
 
 
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
-    for argv in (["evaluate"], ["ask", "--model", "m", "--top-k", "many"], ["frobnicate"]):
+    for argv, command in ((["evaluate"], "bertqa evaluate"), (["ask", "--model", "m", "--top-k", "many"], "bertqa ask"),
+                          (["frobnicate"], "bertqa")):  # fmt: skip
         code, _, err = run_main(argv, capsys, monkeypatch)
         lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2 and len(lines) == 1 and "error:" in lines[0], err
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("bertqa: error: "), err  # as every other error
+        assert lines[0].endswith(f"(see {command} --help)"), err
 
 
 def test_a_1mb_context_file_is_answered(inputs, tmp_path, capsys, monkeypatch):

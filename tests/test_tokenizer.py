@@ -209,6 +209,7 @@ def test_lower_casing_read_from_the_files_and_overridden_by_the_flag(tmp_path, m
         tok = load_tokenizer(d)  # the model's config says so: obeyed, but a cased vocabulary is not silently lowered
     assert tok.do_lower_case is True and tok.tokenize(["Paris"])[0].ids == [6]
     assert "upper-case word pieces" in caplog.text and "--no-lower-case" in caplog.text
+    assert "bertqa convert MODEL NEW --no-lower-case" in caplog.text  # for commands that lack the flag (ask, serve)
     (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))  # read before config.json
     assert load_tokenizer(d).tokenize(["Paris"])[0].ids == [7]
 

@@ -195,6 +195,7 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     r = run_cli("score", small_squad[1], out / "predictions.json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"exact_match": summary["exact_match"], "f1": summary["f1"]}
+    assert r.stdout == json.dumps(json.loads(r.stdout)) + "\n"  # on one line, as evaluate-v1.1.py prints it
     # And by the official script's rules, restated independently of bertqa's metrics.
     preds = json.loads((out / "predictions.json").read_text())
     official = official_v1(json.loads(small_squad[1].read_text())["data"], preds)
@@ -242,6 +243,7 @@ def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
     r = run_cli("score", v2, out / "predictions.json", "--na-prob-file", out / "null_odds.json")
     assert r.returncode == 0, r.stderr
     with_odds = json.loads(r.stdout)
+    assert r.stdout == json.dumps(with_odds, indent=2) + "\n"  # indented, as evaluate-v2.0.py prints it
     assert set(null_odds) == set(json.loads((out / "predictions.json").read_text()))
     assert (with_odds["best_exact"], with_odds["best_f1"]) == (summary["best_exact"], summary["best_f1"])
     # EM/F1 are those of predictions.json as written, whatever the size of the null odds.

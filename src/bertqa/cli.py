@@ -34,6 +34,8 @@ def cmd_convert(args):
     try:
         tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
     except FileNotFoundError:
+        if args.vocab:  # its error names it
+            raise
         raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
@@ -44,7 +46,9 @@ def cmd_convert(args):
 def cmd_score(args):
     from .squad.metrics import score_files
 
-    print(json.dumps(score_files(args.data_file, args.pred_file, args.na_prob_file)))
+    result = score_files(args.data_file, args.pred_file, args.na_prob_file)
+    # As the official scripts print it: v1.1's on one line, v2.0's (which has "total") indented.
+    print(json.dumps(result, indent=2 if "total" in result else None))
 
 
 def cmd_download(args):
@@ -253,8 +257,8 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="on an error, also print its traceback (or set BERTQA_DEBUG=1)")  # fmt: skip
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # "bertqa: error: ..." as every other error, then where the usage is
+        self.exit(2, f"bertqa: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

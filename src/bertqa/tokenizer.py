@@ -238,4 +238,6 @@ def _lowercases(norm: dict) -> bool:
 def _warn_if_cased(tokens, lower: bool, source: Path) -> None:
     if lower and _has_upper_case(tokens):
         log.warning("%s: lower-casing the input although the vocabulary has upper-case word pieces, which can then "
-                    "never match; if the model is cased, pass --no-lower-case", source)  # fmt: skip
+                    "never match; if the model is cased, pass --no-lower-case (train, evaluate, predict), or write "
+                    "a cased copy for ask, serve, export and bench: bertqa convert MODEL NEW --no-lower-case",
+                    source)  # fmt: skip
