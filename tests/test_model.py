@@ -406,7 +406,11 @@ def test_attention_choices_are_auto_and_every_kernel():
 
 
 def test_the_configs_activation_names_are_the_models():
-    """config.json is checked against config.ACTIVATIONS, without torch; the model runs model.ACTIVATIONS."""
+    """config.json is checked against config.ACTIVATIONS, without torch; the model runs model.ACTIVATIONS. Each is
+    transformers' name too: a saved config.json loads there, and `bench --compare hf` builds the same model."""
+    from transformers.activations import ACT2CLS
+
     from bertqa import config, model
 
     assert sorted(config.ACTIVATIONS) == sorted(model.ACTIVATIONS)
+    assert set(config.ACTIVATIONS) <= set(ACT2CLS)

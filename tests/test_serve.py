@@ -281,13 +281,12 @@ def _browser_or_skip():
     return chromium, driver
 
 
-def test_page_answers_in_headless_chromium(server, tmp_path):
+@contextlib.contextmanager
+def chromium_driver(tmp_path):
+    """A headless Chromium under Selenium (the test is skipped without one)."""
     chromium, driver_path = _browser_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -297,6 +296,17 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_answers_in_headless_chromium(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium_driver(tmp_path) as driver:
         driver.get(server + "/")
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)  # /v1/model answered
@@ -328,8 +338,22 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
             server, "/v1/answer", {"question": question, "context": context, "parameters": {"top_k": top_k}}
         )
         assert mark.text == expected["answers"][0][0]["answer"]
-    finally:
-        driver.quit()
+
+
+def test_page_shows_a_model_that_failed_to_load(tmp_path):
+    """A failed load is for good (503 without Retry-After): the page says so instead of "model loading…" forever."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def load():
+        raise ValueError("model.safetensors: truncated")
+
+    with running(create_app(load)) as url, chromium_driver(tmp_path) as driver:
+        driver.get(url + "/")
+        WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
+        assert driver.find_element(By.ID, "model").text == (
+            "model unavailable: model failed to load: model.safetensors: truncated"
+        )
 
 
 # --- In-process servers with a fake model: queue, timeout, bugs, readiness --------------------------------

@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import re
+import socket
 import threading
 
 import pytest
@@ -98,6 +99,19 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
     assert Handler.log[0] == ("train-v1.1.json", "bytes=1000-")
     assert paths[0].read_bytes() == FILES["train-v1.1.json"] and not part.exists()
+
+
+def test_a_failure_before_any_byte_offers_no_resume(server, tmp_path):
+    """Nothing kept (a refused connection, a body cut before its first byte): the empty .part is removed, and the
+    error does not send the user to resume from it."""
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/dataset/"
+    Handler.cut_after = 0
+    for url in (closed, server):
+        with pytest.raises(OSError, match="download failed") as err:
+            download_squad("1.1", tmp_path, base_url=url, checksums=SUMS)
+        assert "resume" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("ignore_range", [False, True])

@@ -24,7 +24,7 @@ class BertConfig:
     num_hidden_layers: int = 12  # transformer blocks
     num_attention_heads: int = 12  # heads per block; hidden_size must divide by it
     intermediate_size: int = 3072  # feed-forward width
-    hidden_act: str = "gelu"  # "gelu" = erf form (HF, Google, NVIDIA's bias_gelu); "gelu_new"/"gelu_tanh" = tanh form
+    hidden_act: str = "gelu"  # "gelu" = erf form (HF, Google, NVIDIA's bias_gelu); "gelu_new" = tanh form
     hidden_dropout_prob: float = 0.1  # dropout after embeddings, attention output and feed-forward
     attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
     max_position_embeddings: int = 512  # longest sequence the position table covers
@@ -118,8 +118,9 @@ def _check_value(name: str, value, default) -> None:
         raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}")
 
 
-# The hidden_act names the model runs (model.ACTIVATIONS gives each its function).
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "gelu_pytorch_tanh", "relu")
+# The hidden_act names the model runs (model.ACTIVATIONS gives each its function): transformers' names, so that a
+# saved config.json loads there too.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 PRESETS = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

@@ -29,7 +29,6 @@ def _gelu_tanh(x):
 ACTIVATIONS = {
     "gelu": (F.gelu, ("gelu", "none")),  # erf form: Google's, HF's and NVIDIA's (bias_gelu) "gelu"
     "gelu_new": (_gelu_tanh, ("gelu", "tanh")),  # tanh form (GPT-2's)
-    "gelu_tanh": (_gelu_tanh, ("gelu", "tanh")),
     "gelu_pytorch_tanh": (_gelu_tanh, ("gelu", "tanh")),
     "relu": (F.relu, ("relu", None)),
 }

@@ -70,7 +70,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
 def _fetch(url: str, f, part: Path, timeout: float) -> None:
     """The body of `url` into the .part open for appending as `f`, resumed from its end where the server
     honours a Range request."""
-    have = f.tell()
+    have, received = f.tell(), 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -82,7 +82,6 @@ def _fetch(url: str, f, part: Path, timeout: float) -> None:
             if have:
                 log.info("%s: resuming at byte %d", part.name, have)
             expected = response.headers.get("Content-Length", "").strip()
-            received = 0
             while block := response.read(CHUNK):
                 _write(f, block)
                 received += len(block)
@@ -97,6 +96,8 @@ def _fetch(url: str, f, part: Path, timeout: float) -> None:
         raise OSError(f"{part}: cannot write ({e.args[0]})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
+        if not have + received:  # nothing kept (the caller removes the empty .part): no resume to offer
+            raise OSError(f"{url}: download failed ({reason})") from None
         raise OSError(f"{url}: download interrupted ({reason}); run again to resume from {part}") from None
 
 
