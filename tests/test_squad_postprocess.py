@@ -85,6 +85,24 @@ def test_a_repeated_phrase_is_one_answer(tok):
     assert nbest["r"][0]["start_logit"] == 3.0 and nbest["r"][0]["end_logit"] == 2.0
 
 
+@pytest.mark.parametrize("answer", ["Jose\u0301", "में", "ที่"])
+def test_an_answer_keeps_the_combining_marks_that_end_it(tok, answer):
+    """An uncased tokenizer strips accents: a combining mark after a word's last letter (a decomposed "é",
+    Devanagari's and Thai's vowel signs) is in no token, and the prediction, cut at the last token's end, lost
+    it ("Jose", a Hindi or Thai word as its first letter), which the official metric scores 0."""
+    context = f"They met {answer} again."
+    ex = [Example("m", "who ?", context, [], [])]
+    f = featurize(ex, tok)
+    cols = np.flatnonzero(f.offsets[0, :, 0] >= 0)
+    at = context.index(answer)
+    first = cols[f.offsets[0, cols, 0] == at][0]
+    last = cols[f.offsets[0, cols, 0] < at + len(answer)][-1]
+    start, end = np.full((1, 384), -100.0), np.full((1, 384), -100.0)
+    start[0, first], end[0, last] = 5.0, 5.0
+    preds, _, _ = postprocess(ex, f, start, end)
+    assert preds["m"] == answer
+
+
 def test_answer_in_the_overlap_is_taken_from_its_max_context_window(setup):
     ex, f = setup
     rows = windows_with(f, 30)
