@@ -580,7 +580,7 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
     from bertqa.cli import _format_answers
 
     spans = [{"answer": "Ada\nBrightwater", "start": 0, "end": 15}, {"answer": "the\tbridge \r\n keeper", "start": 1},
-             {"answer": "5\u00a0km  east\u2028of it", "start": 2}]  # fmt: skip
+             {"answer": "5\u00a0km  east\u2028of it\x85", "start": 2}]  # fmt: skip
     assert _format_answers(spans[0], as_json=False) == "Ada Brightwater"
     out = _format_answers(spans, as_json=False)
     assert out == "Ada Brightwater\tthe bridge keeper\t5\u00a0km  east of it"  # other spaces as they are
@@ -593,7 +593,7 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
 
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
     for argv, command in ((["evaluate"], "bertqa evaluate"), (["ask", "--model", "m", "--top-k", "many"], "bertqa ask"),
-                          (["frobnicate"], "bertqa")):  # fmt: skip
+                          (["frobnicate"], "bertqa"), (["ask", "--model", "m", "--bogus"], "bertqa ask")):  # fmt: skip
         code, _, err = run_main(argv, capsys, monkeypatch)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("bertqa: error: "), err  # as every other error

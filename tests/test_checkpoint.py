@@ -292,12 +292,12 @@ def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
     r = run_cli("convert", tmp_path / "bad.pt", tmp_path / "out2", "--config", hf_qa_dir / "config.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
     assert not (tmp_path / "out2").exists()
-    # A mistyped --vocab is named as such, not answered with "pass --vocab".
-    r = run_cli("convert", pt, tmp_path / "out2", "--config", hf_qa_dir / "config.json", "--vocab",
-                tmp_path / "vocb" / "vocab.txt")  # fmt: skip
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "vocb" in r.stderr, r.stderr
-    assert "no such tokenizer file" in r.stderr and "pass --vocab" not in r.stderr
-    assert not (tmp_path / "out2").exists()
+    # A mistyped --vocab, or one without a tokenizer, is named as the flag's, not answered with "pass --vocab".
+    for vocab, problem in ((tmp_path / "vocb" / "vocab.txt", "no such file or folder"), (tmp_path, "no tokenizer")):
+        r = run_cli("convert", pt, tmp_path / "out2", "--config", hf_qa_dir / "config.json", "--vocab", vocab)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"bertqa: error: --vocab {vocab}: {problem}") and "pass --vocab" not in r.stderr
+        assert not (tmp_path / "out2").exists()
 
 
 def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_dir, tmp_path):

@@ -104,10 +104,13 @@ def test_bad_output_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
 
 
 def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog):
-    """Below 17 (no LayerNormalization) the exporter's conversion fails and it keeps its own opset, logging a
-    traceback: the file was written, and the report said 18 where 16 was asked for."""
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"^--opset 16: .* \(it stays at opset"):
+    """The exporter writes its own opset and converts it; where that fails (99: no such opset) it keeps its own,
+    logging a traceback, and the file was written. Below 17 (no LayerNormalization) it is refused before the
+    model is loaded."""
+    with pytest.raises(ValueError, match=r"^--opset 16: the graph needs opset 17 or later"):
         export_onnx(tiny_dir, tmp_path / "model.onnx", opset=16, verbose=False, **WINDOWS)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"^--opset 99: .* \(it stays at opset"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", opset=99, verbose=False, **WINDOWS)
     assert list(tmp_path.iterdir()) == [] and not [r for r in caplog.records if r.name.startswith("onnxscript")]
     report = export_onnx(tiny_dir, tmp_path / "model.onnx", opset=17, verbose=False, **WINDOWS)
     assert report["opset"] == 17 and onnx.load(tmp_path / "model.onnx").opset_import[0].version == 17

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import uvicorn
 
-from bertqa.serve import _listen, create_app
+from bertqa.serve import DEFAULTS, _listen, _parameters, create_app
 
 CONTEXT = (
     "Super Bowl 50 was an American football game to determine the champion of the National Football League "
@@ -176,6 +176,8 @@ def test_hf_list_form_and_batch_form_agree(server):
     answers = [post(server, "/", {"inputs": inputs, "parameters": {"top_k": 5, "max_seq_len": 96, "max_answer_len": n}})
                for n in (96, 5000)]  # fmt: skip
     assert answers[0] == answers[1] and len(answers[0]) == 5
+    params = dict(zip(DEFAULTS, _parameters({"max_answer_len": 5000}, 512), strict=True))
+    assert params["max_answer_len"] == params["max_seq_len"] == 384
     pairs = post(server, "/v1/answer", {"question": QUESTIONS[:2], "context": [CONTEXT, CONTEXT[:120]]})
     assert pairs["answers"][0][0]["answer"] == listed[0]["answer"]
     assert pairs["answers"][1][0]["end"] <= 120

@@ -193,6 +193,15 @@ def test_small_edge_cases(tok):
     assert empty.input_ids.shape == (0, 384)
 
 
+def test_token_ends_cover_trailing_marks_within_their_own_context(tok):
+    """A mark that ends a context joins its last token, and one that starts the next context does not join the
+    previous context's last token (the contexts are processed as one text)."""
+    contexts = ["Jose\u0301", "\u0301x Jose\u0301 y"]
+    f = featurize([Example(str(i), "who ?", c, [], []) for i, c in enumerate(contexts)], tok)
+    spans = [[c[a:b] for a, b in f.offsets[i][f.offsets[i, :, 0] >= 0]] for i, c in enumerate(contexts)]
+    assert spans == [["Jose\u0301"], ["x", "Jose\u0301", "y"]]
+
+
 def test_each_distinct_question_and_context_is_tokenised_once(tok, monkeypatch):
     """One question asked of several contexts (a server's batch) and several questions of one context: the
     windows are those each example gets alone, and every distinct text is tokenised once (a long question

@@ -29,13 +29,15 @@ def cmd_convert(args):
     if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / "config.json").is_file())):
         raise UsageError(f"{dst}: exists and is not a model folder (no config.json), and converting replaces the "
                          "whole folder; name a new folder")  # fmt: skip
+    if args.vocab and not Path(args.vocab).exists():  # before the model takes seconds to load
+        raise UsageError(f"--vocab {args.vocab}: no such file or folder")
     tok_source = args.vocab or src
     model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
     try:
         tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
-    except FileNotFoundError:
-        if args.vocab:  # its error names it
-            raise
+    except FileNotFoundError as e:
+        if args.vocab:
+            raise UsageError(f"--vocab {e}") from None
         raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
@@ -125,7 +127,8 @@ def cmd_serve(args):
           trust_pickle=args.trust_pickle)  # fmt: skip
 
 
-# What ends a line or a column for str.splitlines and a tab-separated reader.
+# What ends a line or a column for str.splitlines and a tab-separated reader; and the line ends json.dumps leaves.
+_LINE_ENDS_JSON_KEEPS = re.compile("[\x85\u2028\u2029]")
 _LINE_OR_COLUMN_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
 
 
@@ -133,8 +136,8 @@ def _format_answers(result, as_json: bool) -> str:
     """One line a question: the answers separated by tabs, each with every line break or tab in it (a span across
     a wrapped line), and the whitespace around it, shown as one space (none at either end); the rest of the text
     as it is. JSON keeps the exact text and its offsets."""
-    if as_json:  # U+2028 / U+2029 escaped too: JSON allows them raw, but they end a line for str.splitlines
-        return json.dumps(result, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    if as_json:  # U+0085, U+2028, U+2029 escaped too: JSON allows them raw, but str.splitlines ends a line there
+        return _LINE_ENDS_JSON_KEEPS.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(result, ensure_ascii=False))
     answers = result if isinstance(result, list) else [result]
     return "\t".join(_one_line(a["answer"]) for a in answers)
 
@@ -175,9 +178,9 @@ def cmd_ask(args):
                 print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
         return
     try:
-        # Lines end at "\n" only (stdin's reader has made "\r\n" and "\r" into it), as when typed: not at the other
-        # characters str.splitlines breaks at (U+2028, form feed, ...), which would add answer lines.
-        questions = [line.strip() for line in sys.stdin.read().split("\n")]
+        # Lines end at "\n", "\r\n" or "\r" (stdin is read untranslated), not at the other characters
+        # str.splitlines breaks at (U+2028, form feed, ...): those would add answer lines.
+        questions = [line.strip() for line in re.split(r"\r\n|\r|\n", sys.stdin.read())]
     except UnicodeDecodeError:
         raise UsageError("stdin: not UTF-8 text") from None
     while questions and not questions[-1]:  # blank lines at the end (an editor's) ask nothing
@@ -264,6 +267,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="bertqa", description="Fine-tune and evaluate BERT on SQuAD.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    p.commands = sub.choices  # name -> its parser
 
     t = sub.add_parser("train", help="fine-tune on SQuAD (torchrun -m bertqa train ... for several devices)")
     _add_common(t, "training batch per device and micro-step (default 8)")
@@ -435,7 +439,10 @@ def main(argv=None) -> int:
     """Run one command. A user's mistake is one line on stderr and exit 1 (a usage error: exit 2); anything
     else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser: its --help lists the flags it takes, the top level's does not
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = getattr(args, "debug", False) or os.environ.get("BERTQA_DEBUG", "").lower() not in ("", "0", "false", "no")
     _setup_logging()
     try:
