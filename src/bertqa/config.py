@@ -24,9 +24,7 @@ class BertConfig:
     num_hidden_layers: int = 12  # transformer blocks
     num_attention_heads: int = 12  # heads per block; hidden_size must divide by it
     intermediate_size: int = 3072  # feed-forward width
-    hidden_act: str = (
-        "gelu"  # "gelu" = erf form (HF, Google, NVIDIA's bias_gelu); "gelu_new", "gelu_pytorch_tanh" = tanh form
-    )
+    hidden_act: str = "gelu"  # erf form (HF, Google, NVIDIA's bias_gelu); "gelu_new", "gelu_pytorch_tanh": tanh
     hidden_dropout_prob: float = 0.1  # dropout after embeddings, attention output and feed-forward
     attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
     max_position_embeddings: int = 512  # longest sequence the position table covers
