@@ -235,10 +235,8 @@ def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_
     r = run_cli("ask", "--model", qa_model_dir, "--context", context, stdin=f"{question}\u2028Again?\n{question}\n")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2 and r.stdout.splitlines()[1] == gold, r.stderr
     # "\r\n" and a lone "\r" end a line too (stdin is read untranslated): three questions, three answer lines.
-    r = subprocess.run([sys.executable, "-m", "bertqa", "ask", "--model", qa_model_dir, "--context", context],
-                       input=f"{question}\r{question}\r\n{question}".encode(), capture_output=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert r.returncode == 0 and r.stdout.decode().splitlines() == [gold] * 3, r.stderr
+    r = run_cli("ask", "--model", qa_model_dir, "--context", context, stdin=f"{question}\r{question}\r\n{question}")
+    assert r.returncode == 0 and r.stdout.splitlines() == [gold] * 3, r.stderr
 
 
 def test_ask_takes_the_config_of_weights_without_one(qa_model_dir, tiny_squad, tmp_path):

@@ -236,8 +236,10 @@ def _add_common(p, batch_help, output_dir: bool = True):
 
 
 def _add_checkpoint_options(p):
-    p.add_argument("--config", help="config.json for weights that have none beside them, or a preset (base, large)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    p.add_argument("--config", help="config.json (or bert_config.json) for weights that have none beside them, or a "
+                   "preset (base, large)")  # fmt: skip
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of the checkpoint (can run code: only for checkpoints you trust)")  # fmt: skip
 
 
 def _add_lower_case(p):
@@ -324,14 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert any recognised checkpoint into an HF folder")
     c.add_argument("src", help="HF folder, .safetensors/.bin file, or NVIDIA DeepLearningExamples .pt")
     c.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
-    c.add_argument("--config", help="config.json / bert_config.json, or a preset (base, large)")
+    _add_checkpoint_options(c)
     c.add_argument("--vocab", help="vocab.txt or tokenizer.json (default: beside the checkpoint)")
     _add_lower_case(c)
-    c.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow full unpickling (can run code: only for checkpoints you trust)",
-    )
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("score", help="official SQuAD v1.1 / v2.0 EM and F1 of a predictions file")
