@@ -240,3 +240,33 @@ def test_the_lower_case_flag_reaches_the_tokenizer(tiny_dir, tmp_path):
         cfg = _config(EvalConfig, build_parser().parse_args(args + flag))
         tokenizer, _ = load_tokenizer_and_model(cfg, Dist(), for_inference=False)
         assert tokenizer.do_lower_case is lower
+
+
+@pytest.mark.parametrize("settings", [{"strip_accents": False}, {"tokenize_chinese_chars": False},
+                                      {"strip_accents": True}, {}])  # fmt: skip
+def test_tokenizer_config_accent_and_cjk_settings_read_and_written_as_transformers_does(tmp_path, settings):
+    # An uncased vocabulary for an accented language keeps its accents when tokenizer_config.json says so;
+    # transformers reads these two settings from there, for a vocab.txt folder and (version 5) for every folder.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "vocab.txt").write_text("\n".join(specials + ["cafe", "café", "東", "京", "東京", "##京"]) + "\n")
+    (src / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, **settings}))
+    texts = ["Café au lait", "東京 CAFÉ"]
+    hf = transformers.BertTokenizerFast.from_pretrained(str(src))
+    ref = hf_encode(hf, texts)
+    ours = load_tokenizer(src)
+    assert ([e.ids for e in ours.tokenize(texts)], [e.offsets for e in ours.tokenize(texts)]) == ref
+    ours.save(tmp_path / "saved")  # tokenizer.json and tokenizer_config.json agree, for either reader
+    assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved")), texts) == ref
+    assert load_tokenizer(tmp_path / "saved").fingerprint == ours.fingerprint
+
+
+def test_bad_accent_setting_in_tokenizer_config_is_one_line(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"strip_accents": "yes"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: strip_accents must be true, false or null"):
+        load_tokenizer(tmp_path, do_lower_case=True)
+    (tmp_path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not a JSON object"):
+        load_tokenizer(tmp_path, do_lower_case=True)

@@ -73,12 +73,13 @@ class BertTokenizer:
         d.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(d / "tokenizer.json"))
         (d / "vocab.txt").write_text("".join(tok + "\n" for tok in self._vocab_lines()), encoding="utf-8")
-        config = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": self.do_lower_case,
-            "model_max_length": 512,
-            **SPECIAL_TOKENS,
-        }
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case}
+        norm = json.loads(self.backend.to_str()).get("normalizer") or {}
+        if norm.get("type") == "BertNormalizer":
+            # transformers' BertTokenizer builds its normaliser from these, not from tokenizer.json's.
+            config["strip_accents"] = norm.get("strip_accents")
+            config["tokenize_chinese_chars"] = norm.get("handle_chinese_chars", True)
+        config = {**config, "model_max_length": 512, **SPECIAL_TOKENS}
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
 
@@ -94,7 +95,8 @@ class BertTokenizer:
         return lines[::-1]
 
 
-def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
+def _from_vocab(vocab_file: Path, do_lower_case: bool, strip_accents: bool | None = None,
+                chinese_chars: bool = True) -> Tokenizer:  # fmt: skip
     vocab: dict[str, int] = {}
     with open(vocab_file, encoding="utf-8") as f:
         # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
@@ -103,9 +105,10 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool) -> Tokenizer:
     if not vocab:
         raise ValueError(f"{vocab_file}: empty vocabulary")
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    # Google's BasicTokenizer: clean text, split CJK characters, lower-case and strip accents when uncased.
+    # Google's BasicTokenizer: clean text, split CJK characters, lower-case and strip accents when uncased
+    # (unless tokenizer_config.json says otherwise, as transformers' BertTokenizer reads it).
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+        clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents, lowercase=do_lower_case
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = vocab.get("[CLS]"), vocab.get("[SEP]")
@@ -199,7 +202,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         _warn_if_cased(tokens, do_lower_case, vocab_file)
-        backend = _from_vocab(vocab_file, do_lower_case)
+        backend = _from_vocab(vocab_file, do_lower_case, *_normaliser_settings(folder))
         try:
             return BertTokenizer(backend, do_lower_case=do_lower_case)
         except ValueError as e:
@@ -222,6 +225,23 @@ def _lower_case_setting(folder: Path) -> bool | None:
             if isinstance(value, bool):
                 return value
     return None
+
+
+def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
+    """tokenizer_config.json's `strip_accents` (None: as lower-casing does) and `tokenize_chinese_chars`."""
+    f = folder / "tokenizer_config.json"
+    if not f.is_file():
+        return None, True
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        d = None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    strip, chinese = d.get("strip_accents"), d.get("tokenize_chinese_chars", True)
+    if strip is not None and not isinstance(strip, bool) or not isinstance(chinese, bool):
+        raise ValueError(f"{f}: strip_accents must be true, false or null and tokenize_chinese_chars true or false")
+    return strip, chinese
 
 
 def _lowercases(norm: dict) -> bool:
