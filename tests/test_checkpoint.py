@@ -152,6 +152,18 @@ def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
+def test_a_half_precision_source_is_saved_as_the_fp32_weights_it_becomes(hf_qa_dir, tmp_path):
+    # transformers writes the weights' dtype into config.json, and loads a model in the dtype named there.
+    half = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir), dtype=torch.float16)
+    half.save_pretrained(tmp_path / "fp16")
+    assert "float16" in json.dumps(json.loads((tmp_path / "fp16" / "config.json").read_text()))
+    out = save_pretrained(load_model(tmp_path / "fp16"), load_tokenizer(hf_qa_dir), tmp_path / "saved")
+    saved = json.loads((out / "config.json").read_text())
+    assert "float16" not in json.dumps(saved)
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(out))
+    assert {p.dtype for p in ref.parameters()} == {torch.float32}
+
+
 def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_path):
     cfg = json.loads((hf_qa_dir / "config.json").read_text())
     folder = tmp_path / "wrong"

@@ -89,7 +89,10 @@ class BertConfig:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        return {**self.extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
+        # The source's weight dtype is not carried: bertqa saves fp32 weights, and transformers loads a model in
+        # the dtype its config.json names ("auto", its default, reads it there first).
+        extra = {k: v for k, v in self.extra.items() if k not in ("torch_dtype", "dtype")}
+        return {**extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
