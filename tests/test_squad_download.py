@@ -2,9 +2,11 @@
 
 import hashlib
 import http.server
+import os
 import re
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,20 @@ def test_download_verifies_and_skips_when_present(server, tmp_path):
     Handler.log.clear()
     download_squad("v1.1", tmp_path, base_url=server, checksums=SUMS)
     assert Handler.log == []  # already there and verified: nothing fetched
+
+
+def test_a_file_reaches_the_disk_before_it_is_named_complete(server, tmp_path, monkeypatch):
+    import bertqa.squad.download as download
+
+    events = []
+    monkeypatch.setattr(download, "fsync_path", lambda p: events.append(("fsync", Path(p).name)))
+    real_replace = os.replace
+    monkeypatch.setattr(
+        download.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b))
+    )
+    download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert events[:3] == [("fsync", "train-v1.1.json.part"), ("rename", "train-v1.1.json"), ("fsync", tmp_path.name)]
+    assert events[3:] == [("fsync", "dev-v1.1.json.part"), ("rename", "dev-v1.1.json"), ("fsync", tmp_path.name)]
 
 
 def test_checksum_mismatch_keeps_nothing(server, tmp_path):

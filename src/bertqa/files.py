@@ -75,20 +75,20 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         # mkstemp makes it 0600: give it the mode of the file it replaces, else the one a plain open() would.
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK)
         if durable:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
 
 # fsync errors by which some file systems say they cannot flush a folder's entries (a file's are errors all the same)
 _CANNOT_FSYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", None), getattr(errno, "EOPNOTSUPP", None)}
 
 
-def _fsync(path) -> None:
+def fsync_path(path) -> None:
     """Flush a file, or a folder's entries, to disk. Windows flushes only a file opened for writing and cannot open
     a folder so; a file system that cannot flush a folder says EINVAL: those are skipped."""
     try:
@@ -179,8 +179,8 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
         if durable:
             for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
-                _fsync(inner)
-            _fsync(tmp)
+                fsync_path(inner)
+            fsync_path(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
@@ -193,7 +193,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
                 old.parent.rmdir()
             raise
         if durable:
-            _fsync(path.parent)
+            fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
     finally:

@@ -1,7 +1,8 @@
 """Download the official SQuAD files: sha256-verified, resumable, atomic.
 
 A file is written as `NAME.part`, resumed from there with an HTTP Range request after an interruption,
-verified, and only then renamed to `NAME`: a file under its final name is always complete and correct.
+verified, flushed to disk, and only then renamed to `NAME`: a file under its final name is always complete and
+correct.
 Only `urllib` is used, so there is nothing to install.
 """
 
@@ -14,6 +15,8 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from ..files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
         raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
     if dest.is_file():
         log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
+    fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
     os.replace(part, dest)
+    fsync_path(dest.parent)
     return dest
 
 
