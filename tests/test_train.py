@@ -439,6 +439,63 @@ def test_a_fresh_start_never_replaces_a_run_that_stopped_short(tiny_dir, small_s
     assert train(cfg_for(tiny_dir, small_squad, out, max_steps=2))["steps"] == 2
 
 
+def test_a_resume_over_a_train_file_changed_under_the_same_name_is_refused(tiny_dir, small_squad, tmp_path):
+    # With --max-steps the schedule does not depend on the data: only the windows' digest tells the runs apart.
+    data = tmp_path / "train.json"
+    shutil.copy(small_squad[0], data)
+    out = tmp_path / "run"
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt  # after the checkpoint at step 2 of 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, (data, data), out, save_every=2, max_steps=4), on_step=crash)
+    doc = json.loads(data.read_text())
+    doc["data"][0]["paragraphs"][0]["qas"][0]["question"] = "What else?"
+    data.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(other training windows: the train file"):
+        train(cfg_for(tiny_dir, (data, data), out, save_every=2, max_steps=4, resume=True))
+    shutil.copy(small_squad[0], data)  # the same contents again: resumed
+    summary = train(cfg_for(tiny_dir, (data, data), out, save_every=2, max_steps=4, resume=True))
+    assert summary["steps"] == 4
+
+
+def test_a_finished_run_whose_model_was_not_saved_is_not_replaced_by_a_fresh_start(tiny_dir, small_squad, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    out = tmp_path / "run"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the disk fills up while the model is written, after the final checkpoint
+        m.setattr(bertqa.train, "save_pretrained", disk_full)
+        with pytest.raises(OSError):
+            train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    message = r"checkpoint.pt: the run here finished but its model/ was not saved; --resume saves it"
+    with pytest.raises(ValueError, match=message):
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
+    (out / "model").mkdir()  # an older run's model beside it is not this run's either
+    shutil.copy(tiny_dir / "model.safetensors", out / "model" / "model.safetensors")
+    os.utime(out / "model" / "model.safetensors", ns=(0, 0))
+    with pytest.raises(ValueError, match=message):
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
+    train(cfg_for(tiny_dir, small_squad, out, max_steps=2, resume=True))
+    saved = bertqa.load_model(out / "model").state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert train(cfg_for(tiny_dir, small_squad, out, max_steps=1))["steps"] == 1  # now replaced as before
+
+
+def test_the_model_to_fine_tune_may_not_lie_in_the_folder_the_run_replaces(tiny_dir, tmp_path, small_squad):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_dir, out / "model")  # an earlier run's model, fine-tuned further
+    for model in (out / "model", out / "model" / "model.safetensors", out / "." / "model"):
+        with pytest.raises(ValueError, match=r"--model .*: lies in .*model, which this run replaces"):
+            cfg_for(model, small_squad, out).validate()
+    cfg_for(out, small_squad, out).validate()  # the output folder itself is not replaced
+
+
 def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_dir, small_squad, tmp_path):
     """A run started with --precision auto and the tokenizer's own lower-casing resumes when those are then
     given explicitly with the values they came to, and is refused when an explicit value differs from them."""
@@ -450,7 +507,12 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
     train(cfg_for(tiny_dir, small_squad, out, precision="auto", lower_case=None, max_steps=2))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     lower = state["resolved"]["lower_case"]
-    assert state["resolved"] == {"precision": chosen, "lower_case": lower} and isinstance(lower, bool)
+    assert state["resolved"] == {
+        "precision": chosen,
+        "lower_case": lower,
+        "train_data": state["resolved"]["train_data"],
+    }
+    assert isinstance(lower, bool)
     with pytest.raises(ValueError, match=rf"cannot resume a different run \(precision '{chosen}' -> '{other}'\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
     with pytest.raises(ValueError, match=rf"\(lower_case {lower} -> {not lower}\)"):

@@ -87,6 +87,10 @@ class TrainConfig(EvalConfig):
             raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
+        own, src = Path(self.output_dir, "model").resolve(), Path(self.model).resolve()
+        if src == own or own in src.parents:  # the fine-tuned model replaces that folder whole at the end
+            raise ValueError(f"--model {self.model}: lies in {own}, which this run replaces with its own model; "
+                             "copy it elsewhere first, or use another --output-dir")  # fmt: skip
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -169,16 +173,21 @@ RESUME_KEYS = ("model", "config", "train_file", "max_train_examples", "epochs", 
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
-    """Refuse to resume a run whose RESUME_KEYS differ. Where the checkpoint records what its run resolved a
-    default to ("auto" precision, the tokenizer's own lower-casing), the resolved values are compared: an explicit
-    `--precision bf16` resumes an "auto" run that chose bf16, and an "auto" run resumed on a device where auto
-    chooses otherwise is refused. Checkpoints without that record compare the values as given."""
+    """Refuse to resume a run whose RESUME_KEYS or training windows (their digest, where recorded) differ. Where
+    the checkpoint records what its run resolved a default to ("auto" precision, the tokenizer's own
+    lower-casing), the resolved values are compared: an explicit `--precision bf16` resumes an "auto" run that
+    chose bf16, and an "auto" run resumed on a device where auto chooses otherwise is refused. Checkpoints
+    without that record compare the values as given."""
     saved = json.loads(state["config"])
     now = {k: getattr(cfg, k) for k in RESUME_KEYS}
     if isinstance(state.get("resolved"), dict):
         saved.update(state["resolved"])
         now.update({k: v for k, v in resolved.items() if k in state["resolved"]})
     diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    # The windows follow from the settings too: their digest (older checkpoints have none) tells only the rest.
+    saved_data, now_data = saved.get("train_data"), resolved.get("train_data")
+    if not diff and saved_data and now_data and saved_data != now_data:
+        diff.append("other training windows: the train file's contents or bertqa's featurisation changed")
     if state["world_size"] != d.world_size:
         diff.append(f"world size {state['world_size']} -> {d.world_size}")
     if diff:
@@ -262,6 +271,12 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
     if step < total:
         raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
+    # Finished, but stopped (a full disk, a kill) before its model was saved, which is written after the
+    # checkpoint: the checkpoint holds the only copy of the trained weights.
+    weights = path.parent / "model" / "model.safetensors"
+    if not weights.is_file() or weights.stat().st_mtime_ns < path.stat().st_mtime_ns:
+        raise ValueError(f"{path}: the run here finished but its model/ was not saved; --resume saves it, or move "
+                         "the checkpoint away (or use another --output-dir) to start over")  # fmt: skip
 
 
 def _numbers(x, n: int, kind: type) -> bool:
@@ -434,7 +449,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     finite_since_log = torch.zeros((), device=d.device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
-    resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case}
+    # And which windows it trains on: a train file changed under the same name is another run.
+    resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case, "train_data": features.digest()}
     with fail_together(d):
         if d.is_main and not claimed:
             _claim(out_dir, held)

@@ -62,6 +62,15 @@ class Features:
     def attention_mask(self) -> np.ndarray:
         return np.arange(self.max_seq_length) < self.lengths[:, None]  # (N, L) bool
 
+    def digest(self) -> str:
+        """A hash of what training reads: the windows, their lengths and answer positions."""
+        h = hashlib.sha256()
+        for name in ("input_ids", "token_type_ids", "lengths", "start_positions", "end_positions"):
+            a = np.ascontiguousarray(getattr(self, name))
+            h.update(f"{name} {a.dtype.str} {a.shape};".encode())
+            h.update(a.data)
+        return h.hexdigest()[:16]
+
     def select(self, indices) -> Features:
         """A subset of the windows (example_index still refers to the original examples)."""
         return Features(**{name: getattr(self, name)[indices] for name in self.ARRAYS}, params=self.params)
