@@ -295,6 +295,22 @@ def test_align_to_words_widens_word_pieces_only():
     assert align_to_words(text, 0, 3) == (0, 3) and align_to_words(text, 0, len(text)) == (0, len(text))
 
 
+@pytest.mark.parametrize("lower_case", [True, False])
+def test_align_to_words_gives_the_tokenizers_own_words(minilm_dir, lower_case):
+    # The pipeline widened a span to its words' characters (Encoding.word_to_chars): the same for every token here.
+    # The text cleaning deletes control and format characters (a BOM, direction marks, \x1c, \x0c, \x85, NUL,
+    # U+FFFD): at a word's edge they are in no word; inside one, the word runs on across them.
+    from bertqa.tokenizer import load_tokenizer
+
+    text = ("\u200eDenver\u200e won; Den\u200bver, a\x1cb c\x0cd e\x85f \ufeffBroncos\u200b. x\x00y \ufffdz "
+            "\U0002b830q\U0002b930r 北京大学 gear-box \u2060end\u00ad!\u200f")  # fmt: skip
+    tok = load_tokenizer(minilm_dir, do_lower_case=lower_case)
+    (enc,) = tok.tokenize([text])
+    assert len(enc.ids) > 20 and len(set(enc.word_ids)) > 15
+    for (start, end), word in zip(enc.offsets, enc.word_ids):
+        assert align_to_words(text, start, end) == enc.word_to_chars(word), text[start:end]
+
+
 def test_a_context_without_tokens_gets_the_empty_answer(qa):
     for context in ("\u200b", "\ufffd\u200b"):  # not blank to str.strip(), yet no word piece
         assert qa("Who?", context) == {"score": 0.0, "start": 0, "end": 0, "answer": ""}

@@ -84,9 +84,16 @@ def check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-# CJK ideographs are words of their own for BERT's pre-tokenizer (Google's `_is_chinese_char` ranges).
+# CJK ideographs are words of their own for BERT's pre-tokenizer: the `tokenizers` library's ranges (Google's
+# `_is_chinese_char` starts the sixth at 0x2B820).
 _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
+        (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
+
+
+def _removed(ch: str) -> bool:
+    """Whether BERT's text cleaning deletes `ch` (control and format characters such as a BOM or a direction
+    mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join."""
+    return ch in "\0\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\t\n\r")
 
 
 def _in_word(ch: str) -> bool:
@@ -100,11 +107,22 @@ def _in_word(ch: str) -> bool:
 
 def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     """Widen [start, end) so that it neither starts nor ends inside a word (a span of word pieces such as
-    "##ing" becomes the whole word, as the pipeline's align_to_words did)."""
-    while 0 < start < len(context) and _in_word(context[start - 1]) and _in_word(context[start]):
-        start -= 1
-    while 0 < end < len(context) and _in_word(context[end - 1]) and _in_word(context[end]):
-        end += 1
+    "##ing" becomes the whole word, as the pipeline's align_to_words did). Characters that the text cleaning
+    deletes are taken in only between two characters of a word, never at its edges."""
+    while 0 < start < len(context) and _in_word(context[start]):
+        j = start - 1
+        while j > 0 and _removed(context[j]):
+            j -= 1
+        if _removed(context[j]) or not _in_word(context[j]):
+            break
+        start = j
+    while 0 < end < len(context) and _in_word(context[end - 1]):
+        j = end
+        while j < len(context) - 1 and _removed(context[j]):
+            j += 1
+        if _removed(context[j]) or not _in_word(context[j]):
+            break
+        end = j + 1
     return start, end
 
 
