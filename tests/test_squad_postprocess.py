@@ -139,6 +139,44 @@ def test_max_answer_length_and_order(setup):
     assert postprocess(ex, f, start, end)[0]["q"] == "60 61"
 
 
+def google_prelim_order(f, start, end, n_best_size, max_answer_length):
+    """(window, start, end) in the order of Google's run_squad prelim predictions, on logits masked as
+    postprocess masks them: each window's n best indexes (a stable sort, best first), every start with every
+    end, then a stable sort by start + end logit."""
+    prelim = []
+    for row in range(len(f)):
+        ctx = f.offsets[row, :, 0] >= 0
+        s = np.where(ctx & f.max_context[row], start[row], -np.inf).tolist()
+        e = np.where(ctx, end[row], -np.inf).tolist()
+        best_s = [i for i, _ in sorted(enumerate(s), key=lambda x: x[1], reverse=True)[:n_best_size]]
+        best_e = [i for i, _ in sorted(enumerate(e), key=lambda x: x[1], reverse=True)[:n_best_size]]
+        for i in best_s:
+            for j in best_e:
+                if s[i] > -np.inf and e[j] > -np.inf and i <= j and j - i + 1 <= max_answer_length:
+                    prelim.append((s[i] + e[j], (row, i, j)))
+    return [key for _, key in sorted(prelim, key=lambda x: x[0], reverse=True)]
+
+
+def test_equal_scores_are_ranked_as_googles_code_ranks_them(setup):
+    # Low-precision logits are often equal: which of them make a window's top n, and which equal-scoring span
+    # wins, follow Google's stable sorts (a partial sort would pick among them at random).
+    from bertqa.squad.postprocess import span_candidates
+
+    ex, f = setup
+    rng = np.random.default_rng(0)
+    for levels in (1, 2, 4):
+        start = rng.integers(0, levels, f.input_ids.shape).astype(np.float64)
+        end = rng.integers(0, levels, f.input_ids.shape).astype(np.float64)
+        cand = span_candidates(f, start, end, 20, 30)
+        got = list(zip(cand["row"].tolist(), cand["start"].tolist(), cand["end"].tolist()))
+        assert got == google_prelim_order(f, start, end, 20, 30)
+        best = google_prelim_order(f, start, end, 20, 30)[0]
+        assert (
+            postprocess(ex, f, start, end)[0]["q"]
+            == CONTEXT[f.offsets[best[0], best[1], 0] : f.offsets[best[0], best[2], 1]]
+        )
+
+
 def test_no_valid_span_predicts_empty(setup, tmp_path):
     ex, f = setup
     start, end = logits(f)

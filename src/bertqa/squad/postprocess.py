@@ -51,8 +51,10 @@ def span_candidates(features: Features, start, end, n_best_size: int, max_answer
     start = np.where(in_context & features.max_context[:, :width], start, -np.inf)
     end = np.where(in_context, end, -np.inf)
     n = min(n_best_size, width)
-    top_s = np.argpartition(-start, n - 1, axis=1)[:, :n]  # (N, n), unordered
-    top_e = np.argpartition(-end, n - 1, axis=1)[:, :n]
+    # Best first, equal logits by position (Google's stable _get_best_indexes): which of them make the top n,
+    # and the order of equal scores below, are Google's.
+    top_s = np.argsort(-start, axis=1, kind="stable")[:, :n]  # (N, n)
+    top_e = np.argsort(-end, axis=1, kind="stable")[:, :n]
     s_logit = np.take_along_axis(start, top_s, axis=1)
     e_logit = np.take_along_axis(end, top_e, axis=1)
     score = s_logit[:, :, None] + e_logit[:, None, :]  # (N, n, n): every start with every end
@@ -69,8 +71,8 @@ def span_candidates(features: Features, start, end, n_best_size: int, max_answer
     }
     cand["char_start"] = features.offsets[rows, cand["start"], 0]
     cand["char_end"] = features.offsets[rows, cand["end"], 1]
-    # Two stable sorts (faster than a lexsort over five keys); ties keep np.nonzero's (row, start, end)
-    # order, so the result is deterministic.
+    # Two stable sorts (faster than a lexsort over five keys); equal scores keep np.nonzero's order, Google's
+    # (window, then the start's rank, then the end's).
     order = np.argsort(-cand["score"], kind="stable")
     order = order[np.argsort(cand["example"][order], kind="stable")]
     return {k: v[order] for k, v in cand.items()}
