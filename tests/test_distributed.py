@@ -105,6 +105,25 @@ def test_rank_that_cannot_read_its_data_fails_every_rank_alike(tmp_path, tiny_di
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path, tiny_dir, tiny_squad):
+    # Rank 0 post-processes, scores and writes while rank 1 waits for the metrics: its failure is rank 1's too.
+    (tmp_path / "out" / "nbest_predictions.json").mkdir(parents=True)  # in the way of the n-best file
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--log-dir", log_dir, "--tee", "3", WORKER, "none",
+           "evaluate", "--model", tiny_dir, "--predict-file", tiny_squad, "--output-dir", tmp_path / "out",
+           "--device", "cpu", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32,
+           "--cache-dir", "none", "--no-progress", "--precision", "fp32"]  # fmt: skip
+    rc, _ = run_torchrun(cmd)
+    assert rc != 0
+    for rank in (0, 1):
+        (text,) = [f.read_text() for f in log_dir.glob(f"*/attempt_0/{rank}/stderr.log")]
+        errors = [line for line in text.splitlines() if line.startswith("bertqa: error")]
+        assert len(errors) == 1 and errors[0].startswith("bertqa: error: rank 0: "), text
+        assert "nbest_predictions.json" in errors[0] and "Traceback" not in text, text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nbest_predictions.json"]
+
+
 def test_resume_where_only_some_ranks_see_the_checkpoint_fails_every_rank(tmp_path, tiny_dir, tiny_squad):
     """Machines that do not share --output-dir: only rank 0 ever wrote a checkpoint, so only it would resume."""
     (tmp_path / "out-0").mkdir()

@@ -652,6 +652,28 @@ def test_bad_arguments_exit_with_one_line_and_write_nothing(change, message, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_predict_checks_its_output_on_rank_0_alone(tiny_dir, small_squad, tmp_path, monkeypatch):
+    # Only rank 0 writes it: on another machine of a torchrun the folder may not be there, or not be writable.
+    from bertqa.evaluate import PredictConfig, predict
+
+    (tmp_path / "file").write_text("")
+    cfg = PredictConfig(model=str(tiny_dir), predict_file=str(small_squad[1]), output=str(tmp_path / "file" / "p.json"),
+                        cache_dir=None, progress=False, precision="fp32")  # fmt: skip
+    with pytest.raises(ValueError, match=r"p\.json: cannot write in .*file"):
+        predict(cfg)
+
+    class Reached(Exception):
+        pass
+
+    def prepared(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(bertqa.evaluate, "is_rank_zero", lambda: False)
+    monkeypatch.setattr(bertqa.evaluate, "_prepared", prepared)
+    with pytest.raises(Reached):
+        predict(cfg)
+
+
 def test_evaluate_bad_input_writes_nothing(tiny_dir, small_squad, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": 3, "qas": []}]}]}')

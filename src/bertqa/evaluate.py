@@ -149,13 +149,14 @@ def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
         start, end = predict_logits(model, features, mine, batch_size, d.device, precision.autocast(), progress)
     infer_time = time.perf_counter() - t0
     parts = all_gather_objects(d, (start, end))
-    if not d.is_main:
-        return None
-    start = np.concatenate([p[0] for p in parts])
-    end = np.concatenate([p[1] for p in parts])
-    preds, nbest, null_odds = postprocess(
-        examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
-    )
+    with fail_together(d):  # rank 0 post-processes while the others wait for it: a failure there stops them too
+        if not d.is_main:
+            return None
+        start = np.concatenate([p[0] for p in parts])
+        end = np.concatenate([p[1] for p in parts])
+        preds, nbest, null_odds = postprocess(
+            examples, features, start, end, cfg.n_best_size, cfg.max_answer_length, v2, cfg.null_score_diff_threshold
+        )
     timing = {"e2e_inference_time": infer_time, "inference_sequences_per_second": len(features) / infer_time,
               "eval_features": len(features)}  # fmt: skip
     return preds, nbest, null_odds, timing
@@ -166,13 +167,15 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
     rank."""
     result = {}
     out = run_inference(model, data, cfg, d, precision)
-    if out is not None:
-        preds, nbest, null_odds, timing = out
-        result = {**timing, **score(data[0], preds, null_odds)}
-        if out_dir is not None:
-            # summary.json is removed first and written last (by `finish`): where it is, the predictions are its run's.
-            (out_dir / "summary.json").unlink(missing_ok=True)
-            write_predictions(out_dir, preds, nbest, null_odds)
+    with fail_together(d):  # rank 0 scores and writes while the others wait: a failure there stops them too
+        if out is not None:
+            preds, nbest, null_odds, timing = out
+            result = {**timing, **score(data[0], preds, null_odds)}
+            if out_dir is not None:
+                # summary.json is removed first and written last (by `finish`): where it is, the predictions are its
+                # run's.
+                (out_dir / "summary.json").unlink(missing_ok=True)
+                write_predictions(out_dir, preds, nbest, null_odds)
     return all_gather_objects(d, result)[0]
 
 
@@ -255,7 +258,8 @@ def predict(cfg: PredictConfig) -> dict:
     """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
     cfg.validate()
-    output = check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json"))
+    # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
+    output = check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json")) if is_rank_zero() else None
     with _prepared(cfg, require_answers=False) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:
