@@ -126,6 +126,11 @@ def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="exporter failed"):
             export_onnx(tiny_dir, tmp_path / "model.onnx", int8=int8, verbose=False, **WINDOWS)
     assert list(tmp_path.iterdir()) == []
+    # Nor the folders made for the output (a folder that was there stays, empty or not).
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(tiny_dir, tmp_path / "kept" / "new" / "sub" / "model.onnx", verbose=False, **WINDOWS)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
 def test_parity_failure_keeps_the_previous_file(reuse_trace, tiny_dir, tmp_path, monkeypatch):

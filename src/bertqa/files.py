@@ -263,8 +263,14 @@ def scratch_dir(path: str | os.PathLike, kind: str):
     delete it after. It is locked while in use, so that folders of the same kind left behind by a process
     killed outright (SIGKILL, power loss), which nothing holds any more, are deleted first: they may be large
     (an ONNX export's graphs). Folders that another live process is using are left alone. Where locks cannot
-    be taken (Windows, some network file systems) nothing is cleared."""
+    be taken (Windows, some network file systems) nothing is cleared. The folders made for it are removed again
+    (those left empty) when the block fails: it wrote nothing."""
     folder = _target(path).parent
+    made = []  # the folders above `path` that are not there yet, deepest first
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        made.append(parent)
     folder.mkdir(parents=True, exist_ok=True)
     prefix = f".{kind}-"
     for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
@@ -293,12 +299,19 @@ def scratch_dir(path: str | os.PathLike, kind: str):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         raise OSError(f"{folder}: cannot make and lock a temporary folder here")
+    done = False
     try:
         yield tmp
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if fd is not None:
             os.close(fd)
+        for parent in [] if done else made:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (another process wrote there meanwhile): kept, and the folders above it
+                break
 
 
 @contextmanager
