@@ -182,6 +182,28 @@ needs_onednn = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize("T", [5, 16, 21])
+def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T):
+    # transformers' additive mask gives every key of such a row the same lowest score: the mean of its values.
+    # The keys padded in CPU inference must not join that mean.
+    import bertqa.model as model
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
+    mask = torch.stack([torch.zeros(T, dtype=torch.bool), torch.arange(T) < 4])[:, None, None, :]
+    with torch.no_grad():
+        blocked = model.blocked_attention(q, k, v, mask, 0.0)
+        eager = model.eager_attention(q, k, v, mask, 0.0)
+    torch.testing.assert_close(blocked[0], v[0].mean(1, keepdim=True).expand(3, T, 8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(blocked, eager, atol=1e-6, rtol=0)
+
+
+def test_a_fresh_models_padding_row_starts_at_zero_as_in_transformers():
+    cfg = BertConfig(vocab_size=101, hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=80)
+    emb = BertForQuestionAnswering(cfg).bert.embeddings.word_embeddings.weight
+    assert not emb[cfg.pad_token_id].any() and emb[cfg.pad_token_id + 1].any()
+
+
 @needs_onednn
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
 def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
@@ -209,6 +231,14 @@ def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
         with torch.autocast("cpu", torch.bfloat16):
             flipped = lin(x)
     assert (flipped.float() - y.float()).abs().max() > 0.5
+    lin.weight.data.mul_(-1)  # a change torch's version counter does not see: eval() repacks
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(lin.eval()(x), y)
+    with torch.inference_mode():  # a layer made there: its weight has no version counter
+        made = Linear(48, 80, activation)
+        made.load_state_dict(lin.state_dict())
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(made(x), y) and made._packed is not None
 
 
 @needs_onednn

@@ -52,7 +52,7 @@ def _fused_linear_works() -> bool:
 class Linear(nn.Linear):
     """nn.Linear with an optional activation. In bf16 inference on a CPU it runs as one oneDNN kernel: the bias
     and the activation are applied in the GEMM's epilogue to the fp32 accumulator, and the weight is a bf16 copy
-    packed once (and again whenever the weight changes). That saves the bias copy, the separate activation pass
+    packed once (and again whenever the weight changes in place or model.eval() is called). That saves the bias copy, the separate activation pass
     and the per-call weight cast (12% of an inference step on MiniLM). Everywhere else (autograd, other devices
     and precisions, torch.compile, export) it is F.linear then the activation."""
 
@@ -84,15 +84,17 @@ class Linear(nn.Linear):
         )
 
     def train(self, mode: bool = True):
-        if mode:
-            self._packed = None  # training changes the weight: do not hold a stale packed copy meanwhile
+        # Training changes the weight: no stale packed copy is held meanwhile. eval() repacks too: a weight changed
+        # through .data (weight averaging, say) keeps its version counter, so only this tells of the change.
+        self._packed = None
         return super().train(mode)
 
     def __getstate__(self):  # copy.deepcopy, pickle: the packed weight is opaque to them, and rebuilt on use
         return {**self.__dict__, "_packed": None}
 
     def _packed_weight(self):
-        key = (self.weight._version, self.weight.data_ptr())
+        # A weight made under torch.inference_mode() has no version counter (and cannot change outside it).
+        key = (None if self.weight.is_inference() else self.weight._version, self.weight.data_ptr())
         if self._packed is None or self._packed[0] != key:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(torch.bfloat16))
             self._packed = (key, packed)
@@ -221,7 +223,7 @@ class BlockedAttention(torch.autograd.Function):
     faster than SDPA's fused kernels.
 
     Without a backward pass on a CPU, the keys are padded to a multiple of 16 (zero K^T columns and V rows, to
-    which the bias gives the lowest score, so a weight of exactly 0): torch's fp32 CPU softmax runs up to twice
+    which the bias gives a score of -inf, so a weight of exactly 0 even in a row whose real keys are all masked): torch's fp32 CPU softmax runs up to twice
     as fast per element on rows of such lengths. The sums are the same but for the GEMMs' order of summation
     (inference +1%)."""
 
@@ -234,8 +236,8 @@ class BlockedAttention(torch.autograd.Function):
         qh = q.reshape(n, T, hs)  # (B*nh, T, hs)
         vh = _padded(v, 2, Tk).view(n, Tk, hs)
         kt = _padded(k.transpose(-2, -1), 3, Tk).view(n, hs, Tk)  # K^T: the faster GEMM operand
-        if Tk > T:  # the padded keys get the lowest score
-            bias = _padded(q.new_zeros(B, 1, 1, T) if bias is None else bias, 3, Tk, torch.finfo(q.dtype).min)
+        if Tk > T:  # the padded keys get no weight
+            bias = _padded(q.new_zeros(B, 1, 1, T) if bias is None else bias, 3, Tk, -math.inf)
         if bias is not None:
             bias = bias.expand(B, nh, 1, Tk).reshape(n, 1, Tk)
         out = torch.empty(n, T, hs, dtype=q.dtype, device=q.device)
@@ -447,6 +449,9 @@ class BertForQuestionAnswering(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:  # as transformers: [PAD]'s row starts at zero (it gets no gradient)
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
