@@ -82,6 +82,18 @@ def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
     assert qa({"question": qs[0][0], "context": context}) == qa(qs[0][0], context)  # the pipeline's dict form
 
 
+def test_answering_again_reuses_the_packed_bf16_weights(qa_model_dir, tiny_squad):
+    # Each call (and each server batch) runs predict_logits: the fused layers' weights are packed once, not per call.
+    from bertqa.model import _fused_linear_works
+
+    qa = QuestionAnswerer.from_pretrained(qa_model_dir, device="cpu", precision="bf16")
+    (q, c, *_), (q2, c2, *_) = questions(tiny_squad)[:2]
+    first = qa(q, c)
+    packed = qa.model.qa_outputs._packed
+    assert (packed is not None) == _fused_linear_works()  # a torch build without the kernel packs nothing
+    assert qa(q2, c2) and qa(q, c) == first and qa.model.qa_outputs._packed is packed
+
+
 def hf_pipeline_answer(model, tokenizer, question, context, max_answer_len=30):
     """The removed HF pipeline's decoding for a context that fits one window, written out: softmax over the
     context tokens and [CLS] (everything else masked), [CLS] then zeroed, P(start) * P(end) over spans
