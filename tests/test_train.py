@@ -476,15 +476,17 @@ def test_a_finished_run_whose_model_was_not_saved_is_not_replaced_by_a_fresh_sta
     message = r"checkpoint.pt: the run here finished but its model/ was not saved; --resume saves it"
     with pytest.raises(ValueError, match=message):
         train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
-    (out / "model").mkdir()  # an older run's model beside it is not this run's either
-    shutil.copy(tiny_dir / "model.safetensors", out / "model" / "model.safetensors")
-    os.utime(out / "model" / "model.safetensors", ns=(0, 0))
+    shutil.copytree(tiny_dir, out / "model")  # another model beside it (an earlier run's) is not this run's
     with pytest.raises(ValueError, match=message):
         train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
     train(cfg_for(tiny_dir, small_squad, out, max_steps=2, resume=True))
     saved = bertqa.load_model(out / "model").state_dict()
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
-    assert train(cfg_for(tiny_dir, small_squad, out, max_steps=1))["steps"] == 1  # now replaced as before
+    # Now replaced as before, also from a copy of the folder whose files were stamped in another order.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    os.utime(copy / "model" / "model.safetensors", ns=(0, 0))
+    assert train(cfg_for(tiny_dir, small_squad, copy, max_steps=1))["steps"] == 1
 
 
 def test_the_model_to_fine_tune_may_not_lie_in_the_folder_the_run_replaces(tiny_dir, tmp_path, small_squad):

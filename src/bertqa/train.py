@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +130,13 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, schedule: tuple[int, int],
                     cfg: TrainConfig, d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
-                    since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None) -> None:  # fmt: skip
+                    since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None,
+                    run_id: str) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule (total and warm-up steps), scaler,
     step (of the total: a run that stopped short is told from a finished one, see refuse_to_replace), every
     rank's RNG and loss summed since the last metrics line (`since_log`: the sum and the number of finite
-    steps), what the run resolved its defaults to (`resolved`, see check_resumable) and the seconds it has
-    trained so far.
+    steps), what the run resolved its defaults to (`resolved`, see check_resumable), the seconds it has
+    trained so far, and the run's id (its model/run_config.json holds it too: see refuse_to_replace).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     per_rank = all_gather_objects(d, (rng_state(d.device), [float(t.item()) for t in since_log]))
     if not d.is_main:
@@ -155,6 +157,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "config": json.dumps(dataclasses.asdict(cfg)),
         "resolved": resolved,
         "train_seconds": train_seconds,  # so that a resumed run's summary times the whole run (None: not known)
+        "run_id": run_id,
     }
     with atomic_path(path, durable=True) as tmp:
         try:
@@ -271,12 +274,20 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
     if step < total:
         raise ValueError(f"{path}: a run that stopped at step {step} of {total} is here; --resume continues it, "
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
-    # Finished, but stopped (a full disk, a kill) before its model was saved, which is written after the
-    # checkpoint: the checkpoint holds the only copy of the trained weights.
-    weights = path.parent / "model" / "model.safetensors"
-    if not weights.is_file() or weights.stat().st_mtime_ns < path.stat().st_mtime_ns:
+    # Finished, but stopped (a full disk, a kill) before its model, written after the checkpoint, was saved: the
+    # checkpoint holds the only copy of the trained weights. The model/ saved after it names its run (checkpoints
+    # record the id since 2026-12-05).
+    if state.get("run_id") is not None and _model_run_id(path.parent / "model") != state["run_id"]:
         raise ValueError(f"{path}: the run here finished but its model/ was not saved; --resume saves it, or move "
                          "the checkpoint away (or use another --output-dir) to start over")  # fmt: skip
+
+
+def _model_run_id(folder: Path) -> str | None:
+    """The run id in a model folder's run_config.json (None where there is none)."""
+    try:
+        return json.loads((folder / "run_config.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _numbers(x, n: int, kind: type) -> bool:
@@ -457,6 +468,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         if not cfg.resume and ckpt_path.is_file():  # again: another run may have written it in the meantime
             # (a checkpoint without a total is older than any with a recorded schedule)
             refuse_to_replace(ckpt_path, cfg, d, older_schedule[0], resolved)
+    run_id = uuid.uuid4().hex  # a resumed run keeps its checkpoint's
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
         # Only rank 0 writes the checkpoint: on machines that do not share --output-dir, the others have none,
@@ -482,6 +494,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
             raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
         start_step, prior_seconds = state["step"], state.get("train_seconds")
+        run_id = state.get("run_id") or run_id
         if d.is_main:
             print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
     elif cfg.resume and d.is_main:
@@ -511,7 +524,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         if metrics is not None:
             metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
         save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg, d,
-                        final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds)  # fmt: skip
+                        final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
+                        run_id)  # fmt: skip
 
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -615,7 +629,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                "world_size": d.world_size, "precision": precision.name, "skipped_steps": skipped}  # fmt: skip
     if d.is_main:
         metrics.close()
-        run_config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
         save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
         # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must not
