@@ -238,10 +238,10 @@ def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
         d = None
     if not isinstance(d, dict):
         raise ValueError(f"{f}: not a JSON object")
-    strip, chinese = d.get("strip_accents"), d.get("tokenize_chinese_chars", True)
-    if strip is not None and not isinstance(strip, bool) or not isinstance(chinese, bool):
-        raise ValueError(f"{f}: strip_accents must be true, false or null and tokenize_chinese_chars true or false")
-    return strip, chinese
+    strip, chinese = d.get("strip_accents"), d.get("tokenize_chinese_chars")
+    if not all(v is None or isinstance(v, bool) for v in (strip, chinese)):
+        raise ValueError(f"{f}: strip_accents and tokenize_chinese_chars must be true, false or null")
+    return strip, chinese is not False
 
 
 def _lowercases(norm: dict) -> bool:
