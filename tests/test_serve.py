@@ -4,6 +4,7 @@ slow to load) run in this process, for the queue, timeout, error and readiness p
 
 import contextlib
 import http.client
+import http.server
 import json
 import re
 import select
@@ -19,9 +20,8 @@ from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
-import uvicorn
 
-from bertqa.serve import DEFAULTS, _listen, _parameters, create_app
+from bertqa.serve import DEFAULTS, _listen, _parameters, create_app, uvicorn_server
 
 CONTEXT = (
     "Super Bowl 50 was an American football game to determine the champion of the National Football League "
@@ -342,6 +342,65 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
         assert mark.text == expected["answers"][0][0]["answer"]
 
 
+@contextlib.contextmanager
+def prefix_proxy(target, prefix="/qa", only=None):
+    """A reverse proxy serving `target` under `prefix`, as a site mounts a service (404 elsewhere, and for paths
+    not in `only` if given); yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def forward(self):
+            path = self.path[len(prefix) :]
+            if not self.path.startswith(prefix + "/") or (only is not None and path not in only):
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            kept = {k: v for k, v in self.headers.items() if k.lower() == "content-type"}
+            status, headers, text = call(target, self.command, path, body, kept)
+            data = text.encode()
+            self.send_response(status)
+            for name in ("content-type", "retry-after"):
+                if name in headers:
+                    self.send_header(name, headers[name])
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = forward
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}{prefix}"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_page_works_under_a_proxys_path_prefix(server, tmp_path):
+    # The page calls the API by relative paths: served as https://site/qa/, it must reach /qa/v1/..., not /v1/...
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with prefix_proxy(server) as url, chromium_driver(tmp_path) as driver:
+        assert call(url.removesuffix("/qa"), "GET", "/v1/model")[0] == 404  # nothing outside the prefix
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "question").clear()
+        driver.find_element(By.ID, "question").send_keys(QUESTIONS[0])
+        driver.find_element(By.ID, "ask").click()
+        assert wait.until(ec.visibility_of_element_located((By.ID, "highlight"))).text
+    # A proxy that routes the page but not the API: a 404 is shown, not waited out as "model loading…".
+    with prefix_proxy(server, only={"/"}) as url, chromium_driver(tmp_path) as driver:
+        driver.get(url + "/")
+        WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
+        assert driver.find_element(By.ID, "model").text == "model unavailable: HTTP 404"
+
+
 def test_page_shows_a_model_that_failed_to_load(tmp_path):
     """A failed load is for good (503 without Retry-After): the page says so instead of "model loading…" forever."""
     from selenium.webdriver.common.by import By
@@ -350,7 +409,7 @@ def test_page_shows_a_model_that_failed_to_load(tmp_path):
     def load():
         raise ValueError("model.safetensors: truncated")
 
-    with running(create_app(load)) as url, chromium_driver(tmp_path) as driver:
+    with running(create_app(load)) as (url, _), chromium_driver(tmp_path) as driver:
         driver.get(url + "/")
         WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
         assert driver.find_element(By.ID, "model").text == (
@@ -392,23 +451,50 @@ class FakeQA:
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, grace_s=5.0):
+    """The app served as `bertqa serve` serves it, on a free port, in a thread; yields its URL and the server (its
+    should_exit shuts it down as SIGTERM does)."""
     sock = _listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn_server(app, grace_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(15)
         sock.close()
 
 
+def test_shutdown_answers_what_it_will_not_finish_with_a_json_503():
+    # uvicorn waits grace_s for the requests in flight, then cancels them into its own plain-text 500: those still
+    # unanswered a second before that, queued or in the model, get a 503 to retry elsewhere.
+    payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
+    for delay, expected in ((0.3, 200), (4.0, 503)):
+        fake = FakeQA()
+        app = create_app(fake, max_batch_size=1, max_wait_ms=0)  # (an app's lifespan runs once)
+        with running(app, grace_s=2.0) as (url, server), ThreadPoolExecutor(2) as pool:
+            wait_ready(url)
+            fake.delay = delay
+            fake.started.clear()
+            first = pool.submit(call, url, "POST", "/", payload)
+            assert fake.started.wait(10)
+            queued = pool.submit(call, url, "POST", "/", payload)
+            time.sleep(0.2)  # in the queue behind the first
+            t0 = time.monotonic()
+            server.should_exit = True
+            for status, headers, text in (first.result(), queued.result()):
+                if expected == 200:
+                    assert status == 200 and json.loads(text)["answer"] == "Denver"
+                else:
+                    assert_json_error(status, headers, text, 503)
+                    assert headers["retry-after"] == "1" and time.monotonic() - t0 < 2.0
+
+
 def test_full_queue_is_503_with_retry_after():
     fake = FakeQA(delay=0.3)
     app = create_app(fake, max_batch_size=1, max_wait_ms=0, max_queue=2)
-    with running(app) as url:
+    with running(app) as (url, _):
         wait_ready(url)
         payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
         refused_before = metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="503"}')
@@ -434,7 +520,7 @@ def test_full_queue_is_503_with_retry_after():
 def test_timeout_is_504_and_server_recovers():
     fake = FakeQA()
     app = create_app(fake, max_wait_ms=0, timeout_s=0.3)
-    with running(app) as url:
+    with running(app) as (url, _):
         wait_ready(url)
         fake.delay = 1.0
         payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
@@ -455,7 +541,7 @@ def test_a_timed_out_request_stops_its_work_for_those_queued_behind_it(tiny_dir)
         time.sleep(0.05)
         return forward(*args, **kwargs)
 
-    with running(create_app(qa, max_wait_ms=0, timeout_s=1.0)) as url:
+    with running(create_app(qa, max_wait_ms=0, timeout_s=1.0)) as (url, _):
         wait_ready(url)
         qa.model.forward = slow
         parameters = {"max_seq_len": 64, "doc_stride": 8, "max_question_len": 16}
@@ -477,7 +563,7 @@ def test_a_timed_out_request_stops_its_work_for_those_queued_behind_it(tiny_dir)
 ])  # fmt: skip
 def test_a_failed_request_gets_its_status_and_spares_its_batch(caplog, question, status, error, logged):
     app = create_app(FakeQA(), max_batch_size=8, max_wait_ms=300)
-    with running(app) as url:
+    with running(app) as (url, _):
         wait_ready(url)
         with ThreadPoolExecutor(2) as pool:  # batched together: the failure must not fail the good request
             bad, good = pool.map(
@@ -498,7 +584,7 @@ def test_a_failed_request_gets_its_status_and_spares_its_batch(caplog, question,
 
 def test_a_body_that_does_not_come_is_408_within_the_timeout():
     app = create_app(FakeQA(), max_wait_ms=0, timeout_s=0.5)
-    with running(app) as url:
+    with running(app) as (url, _):
         wait_ready(url)
         parts = urlsplit(url)
         with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
@@ -524,7 +610,7 @@ def test_a_model_that_failed_to_load_is_503_without_retry_after():
     def load():
         raise ValueError("model.safetensors: truncated")
 
-    with running(create_app(load)) as url:
+    with running(create_app(load)) as (url, _):
         deadline = time.monotonic() + 10
         while (reply := call(url, "GET", "/readyz"))[2].find("failed") < 0:
             assert time.monotonic() < deadline, reply
@@ -540,7 +626,7 @@ def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, 
 
     qa = QuestionAnswerer.from_pretrained(zebra_nan_dir, device="cpu", precision="fp32")
     app = create_app(qa, max_batch_size=8, max_wait_ms=300)
-    with running(app) as url:
+    with running(app) as (url, _):
         wait_ready(url)
         with ThreadPoolExecutor(2) as pool:  # batched together: only the request with "zebra" fails
             bad, good = pool.map(
@@ -576,7 +662,7 @@ def test_a_question_answerer_given_without_a_window_limit_gets_the_servers():
     fake, bounded = FakeQA(), FakeQA()
     fake.max_windows, bounded.max_windows = None, 100
     for qa, expected in ((fake, 64 * 40), (bounded, 100)):
-        with running(create_app(qa, max_batch_size=40)) as url:
+        with running(create_app(qa, max_batch_size=40)) as (url, _):
             wait_ready(url)
         assert qa.max_windows == expected
 
@@ -588,7 +674,7 @@ def test_ready_only_after_loading():
         loaded.wait(30)
         return FakeQA()
 
-    with running(create_app(load)) as url:
+    with running(create_app(load)) as (url, _):
         assert call(url, "GET", "/healthz")[0] == 200  # alive at once
         assert_json_error(*call(url, "GET", "/readyz"), 503)
         status, headers, text = call(url, "POST", "/", {"inputs": {"question": "Who?", "context": "Denver won."}})

@@ -149,6 +149,9 @@ class _Job:
     arrived: float = field(default_factory=time.monotonic)
 
 
+SHUTTING_DOWN = "server shutting down; retry"
+
+
 class Batcher:
     """Runs queued questions through the model in batches, in one dedicated worker thread."""
 
@@ -161,6 +164,8 @@ class Batcher:
         # One thread: the model is never run twice at once, and loading happens there too, off the loop.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="bertqa-model")
         self.seconds_per_batch = 1.0  # running estimate, for Retry-After
+        self.running: list[_Job] = []  # the requests of the batch in the model now
+        self.closing = False  # shutting down: no new request is taken
 
     def depth(self) -> int:
         """Questions waiting (a request that timed out stops counting at once)."""
@@ -171,6 +176,8 @@ class Batcher:
         return max(1, math.ceil(batches * self.seconds_per_batch))
 
     def submit(self, pairs: list, params: tuple) -> asyncio.Future:
+        if self.closing:
+            raise ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
         if self.depth() + len(pairs) > self.max_queue:
             raise ApiError(
                 503,
@@ -227,6 +234,7 @@ class Batcher:
             # the requests queued behind them time out too.
             answer = functools.partial(answer, should_stop=lambda: all(job.future.done() for job in jobs))
         start = time.perf_counter()
+        self.running = jobs
         try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self.worker, answer)
@@ -260,6 +268,21 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(ApiError(503, message))
         self.queue.clear()
+
+    def close(self, grace_s: float) -> None:
+        """Shutting down: refuse new requests (on connections kept open), go on answering those taken, and a
+        second before the grace period ends, when uvicorn would cancel them into its plain-text 500, refuse those
+        still unanswered, queued or in the model (503 with Retry-After: another instance, or this one restarted,
+        may answer them)."""
+        self.closing = True
+
+        def refuse() -> None:
+            for job in [*self.queue, *self.running]:
+                if not job.future.done():
+                    job.future.set_exception(ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"}))
+            self.queue.clear()
+
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), refuse)
 
 
 # --- Request parsing --------------------------------------------------------------------------------------
@@ -430,7 +453,7 @@ class _Server:
         finally:
             loading.cancel()
             batcher.cancel()
-            self.batcher.fail_waiting("server shutting down")
+            self.batcher.fail_waiting(SHUTTING_DOWN)
             self.batcher.worker.shutdown(wait=False, cancel_futures=True)
 
     def _load_and_warm_up(self):
@@ -617,6 +640,19 @@ def create_app(qa_or_loader, max_batch_size: int = 16, max_wait_ms: float = 5.0,
     return app
 
 
+def uvicorn_server(app, grace_s: float = 5.0):
+    """uvicorn's server for `app` (from create_app), which on SIGTERM or Ctrl-C stops taking connections, answers
+    the requests it holds for up to `grace_s`, and those it will not finish with a JSON 503 (see Batcher.close)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.server.batcher.close(grace_s)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s))
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the server starts (port 0: a free port, reported in the startup line)."""
     sock = None
@@ -640,8 +676,6 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     """Serve `model` (a fine-tuned checkpoint; `config` and `trust_pickle` as for `load_model`) until interrupted.
     Binds to loopback unless `host` says otherwise. A model that fails to load stops the server and raises its
     error."""
-    import uvicorn
-
     from .distributed import resolve_device
     from .runtime import Precision
 
@@ -661,7 +695,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
 
     app = create_app(load, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes, max_context_chars, stop)
     sock = _listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn_server(app)
     bound = sock.getsockname()[1]
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     print(
