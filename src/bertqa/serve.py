@@ -164,8 +164,8 @@ class Batcher:
         # One thread: the model is never run twice at once, and loading happens there too, off the loop.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="bertqa-model")
         self.seconds_per_batch = 1.0  # running estimate, for Retry-After
-        self.running: list[_Job] = []  # the requests of the batch in the model now
-        self.closing = False  # shutting down: no new request is taken
+        self.taken: list[_Job] = []  # the requests of the batch being answered now (all its parameter groups)
+        self.refusing = False  # shutting down, out of time: no request is taken any more
 
     def depth(self) -> int:
         """Questions waiting (a request that timed out stops counting at once)."""
@@ -176,7 +176,7 @@ class Batcher:
         return max(1, math.ceil(batches * self.seconds_per_batch))
 
     def submit(self, pairs: list, params: tuple) -> asyncio.Future:
-        if self.closing:
+        if self.refusing:
             raise ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
         if self.depth() + len(pairs) > self.max_queue:
             raise ApiError(
@@ -204,7 +204,8 @@ class Batcher:
             while self.depth() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 await self._wait(left)
             groups: dict[tuple, list[_Job]] = {}
-            for job in self._take():
+            self.taken = self._take()
+            for job in self.taken:
                 groups.setdefault(job.params, []).append(job)
             for params, jobs in groups.items():
                 await self._run(params, jobs)
@@ -227,6 +228,8 @@ class Batcher:
         return jobs
 
     async def _run(self, params: tuple, jobs: list[_Job]) -> None:
+        if all(job.future.done() for job in jobs):  # timed out or refused while waiting: nobody to answer
+            return
         pairs = [p for job in jobs for p in job.pairs]
         answer = functools.partial(self.qa.answer_pairs, pairs, *params)
         if "should_stop" in inspect.signature(self.qa.answer_pairs).parameters:
@@ -234,7 +237,6 @@ class Batcher:
             # the requests queued behind them time out too.
             answer = functools.partial(answer, should_stop=lambda: all(job.future.done() for job in jobs))
         start = time.perf_counter()
-        self.running = jobs
         try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self.worker, answer)
@@ -270,14 +272,14 @@ class Batcher:
         self.queue.clear()
 
     def close(self, grace_s: float) -> None:
-        """Shutting down: refuse new requests (on connections kept open), go on answering those taken, and a
-        second before the grace period ends, when uvicorn would cancel them into its plain-text 500, refuse those
-        still unanswered, queued or in the model (503 with Retry-After: another instance, or this one restarted,
-        may answer them)."""
-        self.closing = True
+        """Shutting down: go on answering, and a second before the grace period ends, when uvicorn would cancel
+        the requests left into its plain-text 500, refuse those still unanswered (queued, or in the batch being
+        answered) and any that come after (503 with Retry-After: another instance, or this one restarted, may
+        answer them)."""
 
         def refuse() -> None:
-            for job in [*self.queue, *self.running]:
+            self.refusing = True
+            for job in [*self.queue, *self.taken]:
                 if not job.future.done():
                     job.future.set_exception(ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"}))
             self.queue.clear()
