@@ -239,7 +239,8 @@ def _add_checkpoint_options(p):
     p.add_argument("--config", help="config.json (or bert_config.json) for weights that have none beside them, or a "
                    "preset (base, large)")  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of the checkpoint (can run code: only for checkpoints you trust)")  # fmt: skip
+                   help="allow full unpickling of the checkpoint (can run code: only for checkpoints you "
+                   "trust)")  # fmt: skip
 
 
 def _add_lower_case(p):

@@ -52,9 +52,10 @@ def _fused_linear_works() -> bool:
 class Linear(nn.Linear):
     """nn.Linear with an optional activation. In bf16 inference on a CPU it runs as one oneDNN kernel: the bias
     and the activation are applied in the GEMM's epilogue to the fp32 accumulator, and the weight is a bf16 copy
-    packed once (and again whenever the weight changes in place or model.eval() is called). That saves the bias copy, the separate activation pass
-    and the per-call weight cast (12% of an inference step on MiniLM). Everywhere else (autograd, other devices
-    and precisions, torch.compile, export) it is F.linear then the activation."""
+    packed once (and again whenever the weight changes in place or model.eval() is called). That saves the bias
+    copy, the separate activation pass and the per-call weight cast (12% of an inference step on MiniLM).
+    Everywhere else (autograd, other devices and precisions, torch.compile, export) it is F.linear then the
+    activation."""
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None):
         super().__init__(in_features, out_features)
@@ -223,9 +224,9 @@ class BlockedAttention(torch.autograd.Function):
     faster than SDPA's fused kernels.
 
     Without a backward pass on a CPU, the keys are padded to a multiple of 16 (zero K^T columns and V rows, to
-    which the bias gives a score of -inf, so a weight of exactly 0 even in a row whose real keys are all masked): torch's fp32 CPU softmax runs up to twice
-    as fast per element on rows of such lengths. The sums are the same but for the GEMMs' order of summation
-    (inference +1%)."""
+    which the bias gives a score of -inf, so a weight of exactly 0 even in a row whose real keys are all
+    masked): torch's fp32 CPU softmax runs up to twice as fast per element on rows of such lengths. The sums are
+    the same but for the GEMMs' order of summation (inference +1%)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float):

@@ -150,6 +150,7 @@ class _Job:
 
 
 SHUTTING_DOWN = "server shutting down; retry"
+RETRY_ELSEWHERE = {"Retry-After": "1", "Connection": "close"}  # another instance, or this one restarted, may answer
 
 
 class Batcher:
@@ -177,7 +178,7 @@ class Batcher:
 
     def submit(self, pairs: list, params: tuple) -> asyncio.Future:
         if self.refusing:
-            raise ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
+            raise ApiError(503, SHUTTING_DOWN, RETRY_ELSEWHERE)
         if self.depth() + len(pairs) > self.max_queue:
             raise ApiError(
                 503,
@@ -265,24 +266,21 @@ class Batcher:
         self.metrics.batch_seconds.observe(seconds)
         self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * seconds
 
-    def fail_waiting(self, message: str) -> None:
-        for job in self.queue:
+    def fail_waiting(self, message: str, headers: dict | None = None, also=()) -> None:
+        """Answer every request still waiting, queued or among `also`, with a 503."""
+        for job in [*self.queue, *also]:
             if not job.future.done():
-                job.future.set_exception(ApiError(503, message))
+                job.future.set_exception(ApiError(503, message, headers))
         self.queue.clear()
 
     def close(self, grace_s: float) -> None:
         """Shutting down: go on answering, and a second before the grace period ends, when uvicorn would cancel
         the requests left into its plain-text 500, refuse those still unanswered (queued, or in the batch being
-        answered) and any that come after (503 with Retry-After: another instance, or this one restarted, may
-        answer them)."""
+        answered) and any that come after (503 with Retry-After)."""
 
         def refuse() -> None:
             self.refusing = True
-            for job in [*self.queue, *self.taken]:
-                if not job.future.done():
-                    job.future.set_exception(ApiError(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"}))
-            self.queue.clear()
+            self.fail_waiting(SHUTTING_DOWN, RETRY_ELSEWHERE, also=self.taken)
 
         asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), refuse)
 
