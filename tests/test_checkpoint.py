@@ -164,6 +164,21 @@ def test_a_half_precision_source_is_saved_as_the_fp32_weights_it_becomes(hf_qa_d
     assert {p.dtype for p in ref.parameters()} == {torch.float32}
 
 
+def test_a_sources_labels_and_length_are_saved_as_the_model_has_them(hf_qa_dir, tmp_path):
+    # An encoder whose config.json came from a 3-label classifier: transformers sizes qa_outputs by num_labels.
+    encoder = transformers.BertModel.from_pretrained(str(hf_qa_dir))
+    encoder.config.id2label = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    encoder.config.label2id = {v: k for k, v in encoder.config.id2label.items()}
+    encoder.config.max_position_embeddings = 256
+    encoder.embeddings.position_embeddings.weight.data = encoder.embeddings.position_embeddings.weight.data[:256]
+    encoder.save_pretrained(tmp_path / "nli")
+    model = load_model(tmp_path / "nli")
+    out = save_pretrained(model, load_tokenizer(hf_qa_dir), tmp_path / "saved")
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(out))
+    assert ref.qa_outputs.weight.shape == (2, 384) and torch.equal(ref.qa_outputs.weight, model.qa_outputs.weight)
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).model_max_length == 256
+
+
 def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_path):
     cfg = json.loads((hf_qa_dir / "config.json").read_text())
     folder = tmp_path / "wrong"
@@ -372,6 +387,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
         ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be below 1, not 1.0"),
         ({"type_vocab_size": 1}, r"'type_vocab_size' must be at least 2 \(question and context segments\), not 1"),
         ({"model_type": "roberta"}, "model_type 'roberta' is not BERT; bertqa runs BERT-architecture models"),
+        ({"is_decoder": True}, r"is_decoder true \(a causal decoder\) is not supported: bertqa runs BERT encoders"),
+        ({"add_cross_attention": True}, r"add_cross_attention true \(cross-attention\) is not supported: .*"),
         (
             {"hidden_act": "gelu_fast"},
             r"unsupported hidden_act 'gelu_fast'; choose from \['gelu', 'gelu_new', .*'relu'\]",

@@ -301,7 +301,7 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
               if with_qa_head or not k.startswith("qa_outputs.")}  # fmt: skip
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp, model.config.max_position_embeddings)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(directory)

@@ -17,6 +17,10 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "blocked")
 ATTENTION_DROPOUT = False
 
 
+# Source config.json keys not written back (see to_dict).
+DROPPED_ON_SAVE = ("torch_dtype", "dtype", "id2label", "label2id", "num_labels", "_num_labels", "problem_type")
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522  # uncased WordPiece vocabulary of Google's BERT release
@@ -72,6 +76,11 @@ class BertConfig:
             raise ValueError(f"model_type {extra['model_type']!r} is not BERT; bertqa runs BERT-architecture models")
         if extra.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {extra['position_embedding_type']!r} is not supported")
+        for flag, what in (("is_decoder", "a causal decoder"), ("add_cross_attention", "cross-attention")):
+            if extra.get(flag):  # transformers then masks future tokens / adds layers; bertqa's encoder has neither
+                raise ValueError(
+                    f"{flag} {json.dumps(extra[flag])} ({what}) is not supported: bertqa runs BERT encoders"
+                )
         return cls(**known, extra=extra)
 
     @classmethod
@@ -91,7 +100,8 @@ class BertConfig:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         # The source's weight dtype is not carried: bertqa saves fp32 weights, and transformers loads a model in
         # the dtype its config.json names ("auto", its default, reads it there first).
-        extra = {k: v for k, v in self.extra.items() if k not in ("torch_dtype", "dtype")}
+        # Nor are its labels: transformers sizes qa_outputs by num_labels (len(id2label)), and bertqa's has 2.
+        extra = {k: v for k, v in self.extra.items() if k not in DROPPED_ON_SAVE}
         return {**extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -67,8 +67,9 @@ class BertTokenizer:
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids))
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the HF tokenizer files (`tokenizer.json`, `vocab.txt`, configs) into `directory`."""
+    def save(self, directory: str | os.PathLike, model_max_length: int = 512) -> None:
+        """Write the HF tokenizer files (`tokenizer.json`, `vocab.txt`, configs) into `directory`;
+        `model_max_length`: the model's position embeddings, where transformers' truncation stops."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(d / "tokenizer.json"))
@@ -79,7 +80,7 @@ class BertTokenizer:
             # transformers' BertTokenizer builds its normaliser from these, not from tokenizer.json's.
             config["strip_accents"] = norm.get("strip_accents")
             config["tokenize_chinese_chars"] = norm.get("handle_chinese_chars", True)
-        config = {**config, "model_max_length": 512, **SPECIAL_TOKENS}
+        config = {**config, "model_max_length": model_max_length, **SPECIAL_TOKENS}
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
 
