@@ -289,10 +289,11 @@ def test_labels_and_predictions_map_back_to_the_exact_answer(tok, case, question
 @settings(max_examples=40)
 @given(case=planted(), question=words())
 def test_the_api_answers_with_exact_slices_of_any_text(tiny_qa, case, question):
-    from bertqa.qa import _in_word, _removed
+    from bertqa.qa import _in_word
+    from bertqa.squad.data import bert_removes
 
     context = case[0]
-    kept = [i for i, ch in enumerate(context) if not _removed(ch)]  # what BERT's text cleaning leaves
+    kept = [i for i, ch in enumerate(context) if not bert_removes(ch)]  # what BERT's text cleaning leaves
     for r in tiny_qa(question, context, top_k=3, max_seq_len=64, doc_stride=32, max_question_len=16):
         a, b = r["start"], r["end"]
         assert context[a:b] == r["answer"] and r["answer"] and r["answer"] == r["answer"].strip()

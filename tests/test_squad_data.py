@@ -94,6 +94,17 @@ def test_training_realigns_nearby_and_skips_the_rest(tmp_path, caplog):
     assert [e.qid for e in ex] == ["near", "absent", "ok", "far", "neg"] and ex[0].answer_starts == [true - 3]
 
 
+def test_training_skips_answers_with_no_token(tmp_path):
+    # Characters BERT's text cleaning deletes (a zero-width space is a format character) make no token: such an
+    # answer would be labelled [CLS], "no answer", for an answerable question.
+    context = "Normandy\u200b\ufeff is in France."
+    doc = squad([qa("zw", "\u200b\ufeff", start=8), qa("blank", " ", start=8), qa("ok", "France", start=context.find("France"))],
+                context=context)  # fmt: skip
+    report = {}
+    assert [e.qid for e in read_squad(write(tmp_path, doc), is_training=True, report=report)] == ["ok"]
+    assert report["skipped_ids"] == ["zw", "blank"]
+
+
 def test_realign_picks_the_closest_occurrence(tmp_path):
     context = "cat " * 40
     doc = squad([qa("q", "cat", start=41)], context=context)  # occurrences at 40 and 44
@@ -125,21 +136,22 @@ BAD = [
     ([1, 2], "not a SQuAD file"),
     ({"version": "1.1"}, "not a SQuAD file"),
     (mutate(lambda d: d["data"].append("x")), "article 1: 'data[]' must be a JSON object, not string"),
-    (mutate(lambda d: d["data"][0].pop("paragraphs")), "article 0: 'paragraphs' is missing"),
+    (mutate(lambda d: d["data"][0].pop("paragraphs")), "article 0: 'paragraphs' is missing or null"),
     (mutate(lambda d: d["data"][0].update(title=3)), "article 0: 'title' must be a JSON string"),
     (
         mutate(lambda d: d["data"][0]["paragraphs"][0].update(context=None)),
-        "article 0 paragraph 0: 'context' is missing",
+        "article 0 paragraph 0: 'context' is missing or null",
     ),  # fmt: skip
     (
         mutate(lambda d: d["data"][0]["paragraphs"][0].update(qas={})),
         "article 0 paragraph 0: 'qas' must be a JSON array, not object",
     ),  # fmt: skip
-    (mutate(lambda d: _qas(d)[1].pop("id")), "article 0 paragraph 0 question 1: 'id' is missing"),
+    (mutate(lambda d: _qas(d)[1].pop("id")), "article 0 paragraph 0 question 1: 'id' is missing or null"),
     (mutate(lambda d: _qas(d)[1].update(id=7)), "question 1: 'id' must be a JSON string, not integer"),
-    (mutate(lambda d: _qas(d)[1].pop("question")), "question id 'q1': 'question' is missing"),
+    (mutate(lambda d: _qas(d)[1].pop("question")), "question id 'q1': 'question' is missing or null"),
+    (mutate(lambda d: _qas(d)[1].update(question=None)), "question id 'q1': 'question' is missing or null"),
     (mutate(lambda d: _qas(d)[1].update(answers="x")), "question id 'q1': 'answers' must be a JSON array"),
-    (mutate(lambda d: _qas(d)[0]["answers"][0].pop("text")), "question id 'q0': 'answers[0].text' is missing"),
+    (mutate(lambda d: _qas(d)[0]["answers"][0].pop("text")), "question id 'q0': 'answers[0].text' is missing or null"),
     (
         mutate(lambda d: _qas(d)[0]["answers"][0].update(answer_start="3")),
         "question id 'q0': 'answers[0].answer_start' must be a JSON integer, not string",
@@ -152,7 +164,7 @@ BAD = [
     (mutate(lambda d: _qas(d)[1].update(answers=[])), "question id 'q1': no answers and not marked is_impossible"),
     (mutate(lambda d: _qas(d)[1].update(is_impossible=True)), "is_impossible is true but answers is not empty"),
     (mutate(lambda d: _qas(d)[1].update(is_impossible="no")), "'is_impossible' must be a JSON boolean"),
-    (mutate(lambda d: _qas(d)[1].update(plausible_answers=[{}])), "'plausible_answers[0].text' is missing"),
+    (mutate(lambda d: _qas(d)[1].update(plausible_answers=[{}])), "'plausible_answers[0].text' is missing or null"),
 ]
 
 

@@ -33,7 +33,7 @@ from .checkpoint import load_model
 from .config import check_seq_len
 from .inference import default_batch_size, predict_logits
 from .runtime import Precision
-from .squad.data import Example, unpaired_surrogate
+from .squad.data import Example, bert_removes, unpaired_surrogate
 from .squad.features import featurize
 from .squad.postprocess import span_candidates
 from .tokenizer import load_tokenizer
@@ -90,12 +90,6 @@ _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73
         (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
 
 
-def _removed(ch: str) -> bool:
-    """Whether BERT's text cleaning deletes `ch` (control and format characters such as a BOM or a direction
-    mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join."""
-    return ch in "\0\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\t\n\r")
-
-
 def _in_word(ch: str) -> bool:
     """Whether `ch` can sit inside a word as BERT splits words: not space, punctuation or a CJK ideograph."""
     cp = ord(ch)
@@ -111,16 +105,16 @@ def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     deletes are taken in only between two characters of a word, never at its edges."""
     while 0 < start < len(context) and _in_word(context[start]):
         j = start - 1
-        while j > 0 and _removed(context[j]):
+        while j > 0 and bert_removes(context[j]):
             j -= 1
-        if _removed(context[j]) or not _in_word(context[j]):
+        if bert_removes(context[j]) or not _in_word(context[j]):
             break
         start = j
     while 0 < end < len(context) and _in_word(context[end - 1]):
         j = end
-        while j < len(context) - 1 and _removed(context[j]):
+        while j < len(context) - 1 and bert_removes(context[j]):
             j += 1
-        if _removed(context[j]) or not _in_word(context[j]):
+        if bert_removes(context[j]) or not _in_word(context[j]):
             break
         end = j + 1
     return start, end

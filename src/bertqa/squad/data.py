@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,13 +98,19 @@ _JSON_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean", l
 def _expect(value, kind: type, what: str, where: str, path):
     """Type check one field; a JSON true/false is never accepted as a number."""
     if value is None:
-        raise SquadFormatError(f"{path}: {where}: '{what}' is missing")
+        raise SquadFormatError(f"{path}: {where}: '{what}' is missing or null")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SquadFormatError(
             f"{path}: {where}: '{what}' must be a JSON {_JSON_TYPE[kind]}, "
             f"not {_JSON_TYPE.get(type(value), type(value).__name__)}"
         )
     return value
+
+
+def bert_removes(ch: str) -> bool:
+    """Whether BERT's text cleaning deletes `ch` (control and format characters such as a BOM or a direction
+    mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join."""
+    return ch in "\0\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\t\n\r")
 
 
 def unpaired_surrogate(text: str) -> int | None:
@@ -219,7 +226,7 @@ def parse_squad(
                     )
                 if is_training and not impossible:
                     text, start = texts[0], starts[0]
-                    if not text.strip():
+                    if all(c.isspace() or bert_removes(c) for c in text):  # no token to label
                         skipped.append(qid)
                         continue
                     if start < 0 or context[start : start + len(text)] != text:  # (a negative start would wrap)
