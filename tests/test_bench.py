@@ -86,6 +86,19 @@ def test_weights_without_a_config_beside_them_take_config(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]["bertqa"]["windows_per_s"] > 0
 
 
+def test_data_for_weights_without_a_tokenizer_beside_them_takes_tokenizer(tmp_path, tiny_squad):
+    import bertqa.bench as bench
+    from bertqa import BertForQuestionAnswering
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config.to_json(tmp_path / "config.json")
+    torch.save(BertForQuestionAnswering(config).state_dict(), tmp_path / "bare.pt")
+    cfg = bench.BenchConfig(model=str(tmp_path / "bare.pt"), data=str(tiny_squad), seq_len=96, device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json or vocab.txt beside it .*; or pass --tokenizer$"):
+        bench.bench(cfg)
+
+
 def test_hf_rows_can_train_without_attention_dropout(tiny_dir):
     from bertqa.bench import hf_model
     from bertqa.checkpoint import load_model
@@ -233,8 +246,8 @@ def test_random_windows_fit_a_small_vocabulary():
     assert w.input_ids.max() < 50 and w.input_ids.min() >= 1
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile):
+@pytest.mark.parametrize("compile, device", [(False, "cpu"), (True, "cpu"), (False, "meta")])
+def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile, device):
     """The machine's drift must not land in the ratios: the rows' segments alternate, and each row's figure is
     the median of its own segments. (Rows, model and transformers are stand-ins: only the order is tested.)"""
     import types
@@ -281,10 +294,14 @@ def test_rows_take_turns_segment_by_segment(monkeypatch, capsys, compile):
 
     monkeypatch.setattr(bench, "matmul_peak", matmul_peak)
     monkeypatch.setattr(bench, "hf_model", lambda config, state: None)
+    monkeypatch.setattr(bench, "memory_in_use", lambda device: 3 * 2**30)
+    monkeypatch.setattr("bertqa.distributed.resolve_device", lambda name: torch.device(device))  # a GPU stand-in
     result = bench.bench(bench.BenchConfig(preset="base", mode="infer", seq_len=32, segments=3, compare="hf",
                                            steps=5, warmup=2, compile=compile))  # fmt: skip
-    # Compiled, bertqa warms up on every timed batch, so that no graph is compiled inside a timed segment.
-    assert warmups == [5 if compile else 2, 2, 2]
+    # Compiled, bertqa warms up on every timed batch, so that no graph is compiled inside a timed segment; on a
+    # GPU every row does, so that no kernel for a new length is built inside one.
+    assert warmups == ([5, 5, 5] if device != "cpu" else [5 if compile else 2, 2, 2])
+    assert result["memory_baseline_mb"] == 3072.0
     assert next(peaks, None) is None and result["matmul_peak_tflops"] == 4.0 / 1e12
     assert result["versions"] == {"torch": torch.__version__, "transformers": "0.0-stand-in"}
     assert result["rows"]["bertqa"]["mfu"] == 1.0 / 4.0  # FakeRow's 1 FLOP/s against the highest peak measured
@@ -367,6 +384,7 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
         (["--preset", "base", "--mode", "fly"], "--mode 'fly': choose train or infer"),
         (["--preset", "base", "--seq-len", "4096"], "--seq-len 4096: must be between 16 and 512"),
         (["--preset", "base", "--compare", "tf"], "--compare 'tf': only hf is supported"),
+        (["--preset", "base", "--tokenizer", "."], "--tokenizer is for --data's windows (random windows need none)"),
         (["--model", "no/such/dir"], "--model no/such/dir: no such file or folder"),
         (["--preset", "base", "--data", "x.json"], "--data x.json: no such file"),
         ([], "give exactly one of --model or --preset"),

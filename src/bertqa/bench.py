@@ -399,6 +399,8 @@ def _check(cfg: BenchConfig) -> None:
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if cfg.data and cfg.preset and not cfg.tokenizer:
         raise ValueError("--data with --preset needs --tokenizer (vocab.txt or tokenizer.json)")
+    if cfg.tokenizer and not cfg.data:
+        raise ValueError("--tokenizer is for --data's windows (random windows need none)")
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -427,7 +429,11 @@ def bench(cfg: BenchConfig) -> dict:
     if cfg.data:
         from .tokenizer import load_tokenizer
 
-        windows = data_windows(cfg.data, load_tokenizer(cfg.tokenizer or cfg.model, config=model.config), cfg.seq_len)
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, config=model.config)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; or pass --tokenizer" if cfg.tokenizer is None else str(e)) from None
+        windows = data_windows(cfg.data, tokenizer, cfg.seq_len)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
     batches = -(-len(windows.lengths) // cfg.batch_size)
@@ -460,12 +466,16 @@ def bench(cfg: BenchConfig) -> dict:
         return hf_model(config, state, attention_dropout=dropout["hf"]).to(device)
 
     # Compiled, every timed batch runs once in the warm-up: a batch of new guards (no padding mask, another
-    # attention path) would otherwise compile inside a timed segment.
-    makers = {"bertqa": (ours, True, max(cfg.warmup, cfg.steps) if cfg.compile else cfg.warmup, None)}
+    # attention path) would otherwise compile inside a timed segment. On a GPU every row's does, for every row's
+    # first call at a new length builds kernels and plans (cuDNN's attention: 125-450 ms each, model.py), which
+    # would land in the first segment. On a CPU a new length costs little: oneDNN's kernels, rebuilt in every
+    # pass anyway with bertqa's 64-entry kernel caches (__init__.py).
+    warm = max(cfg.warmup, cfg.steps) if device.type != "cpu" else cfg.warmup
+    makers = {"bertqa": (ours, True, max(cfg.warmup, cfg.steps) if cfg.compile else warm, None)}
     if cfg.compare == "hf":
         dropout["hf"] = bool(cfg.hf_attention_dropout and config.attention_probs_dropout_prob > 0)
-        makers["hf-run_qa"] = (hf, False, cfg.warmup, windows.max_seq_length)  # every window padded in full
-        makers["hf-best"] = (hf, True, cfg.warmup, None)
+        makers["hf-run_qa"] = (hf, False, warm, windows.max_seq_length)  # every window padded in full
+        makers["hf-best"] = (hf, True, warm, None)
     factor = 3 if cfg.mode == "train" else 1  # the backward pass costs twice the forward
 
     def flops(lengths):
@@ -474,6 +484,11 @@ def bench(cfg: BenchConfig) -> dict:
     rows = {name: Row(make, windows, cfg.mode, cfg.batch_size, grouped, warmup=warmup, flops=flops, pad_to=pad_to,
                       **timing)
             for name, (make, grouped, warmup, pad_to) in makers.items()}  # fmt: skip
+    baseline = memory_in_use(device)  # what every row's peak memory is growth above
+    baseline_mb = None if baseline is None else baseline / 2**20
+    print(f"bertqa:   before the rows: {'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} "
+          f"{'resident' if device.type == 'cpu' else 'allocated'} (torch{', transformers' * (cfg.compare == 'hf')}, "
+          "the windows, a copy of the weights); each row's peak memory is its growth above it", flush=True)  # fmt: skip
     for name, row in rows.items():
         row.start()
         print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}", flush=True)
@@ -490,7 +505,7 @@ def bench(cfg: BenchConfig) -> dict:
     result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": where,
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,
-              "compile": cfg.compile, "versions": versions, "rows": rows}  # fmt: skip
+              "compile": cfg.compile, "versions": versions, "memory_baseline_mb": baseline_mb, "rows": rows}  # fmt: skip
     if cfg.mode == "train":  # which rows trained with attention dropout (the HF rows: as the config says, by default)
         result["attention_dropout"] = dropout
     by_segment_lines = []

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", help="or a randomly initialised BERT: base or large")
     b.add_argument("--mode", default="train", help="train (forward, backward, AdamW step) or infer")
     b.add_argument("--data", help="SQuAD JSON for real windows (default: random full-length windows)")
-    b.add_argument("--tokenizer", help="tokenizer for --data with --preset")
+    b.add_argument("--tokenizer", help="tokenizer for --data (default: the one beside --model; needed with --preset)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--seq-len", type=int, default=384)
     b.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -393,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, help="make each segment whole passes over those batches, this long at least"
     )
     b.add_argument("--segments", type=int, default=3, help="timed segments per row, taken in turns (figures: medians)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per row first (on a GPU, or with --compile: one pass over the timed batches "
+                        "at least, as their first call at a new length builds kernels there)")  # fmt: skip
     b.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
     b.add_argument("--device", help="default: the accelerator if present")
     b.add_argument("--compare", help="hf: also time transformers as run_qa.py runs it and at its best")
