@@ -124,6 +124,18 @@ def test_evaluate_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nbest_predictions.json"]
 
 
+@pytest.mark.parametrize("in_the_way", ["metrics.jsonl", "curves.png"])  # written at the start, at the end
+def test_training_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path, tiny_dir, tiny_squad,
+                                                                                in_the_way):  # fmt: skip
+    (tmp_path / "out" / in_the_way).mkdir(parents=True)
+    rc, elapsed, _, ranks = torchrun_train(tmp_path, "none", tiny_dir, tiny_squad)
+    assert rc != 0 and elapsed < LIMIT_S
+    for text in ranks:
+        errors = [line for line in text.splitlines() if line.startswith("bertqa: error")]
+        assert errors == [f"bertqa: error: rank 0: {tmp_path / 'out' / in_the_way}: Is a directory"], text
+        assert "Traceback" not in text, text
+
+
 def test_resume_where_only_some_ranks_see_the_checkpoint_fails_every_rank(tmp_path, tiny_dir, tiny_squad):
     """Machines that do not share --output-dir: only rank 0 ever wrote a checkpoint, so only it would resume."""
     (tmp_path / "out-0").mkdir()

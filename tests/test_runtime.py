@@ -1,5 +1,6 @@
 """Precision choice (auto on every kind of device, with the probes mocked), scoped settings, atomic writes."""
 
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,19 @@ def test_auto_on_cpus(features, expected, why):
     p = Precision.resolve("auto", CPU, features=features)
     assert p.name == expected and why in p.reason and p.describe().startswith(f"{expected} (auto: ")
     assert Precision.resolve(None, CPU, features=features).name == expected  # None means auto
+
+
+def test_auto_on_cpus_needs_onednn(monkeypatch):
+    # Without oneDNN (switched off, or a build without it) torch's bf16 matmuls are emulated whatever the CPU has.
+    bf16 = {"avx512_bf16": True, "amx_bf16": True}
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    p = Precision.resolve("auto", CPU, features=bf16)
+    assert p.name == "fp32" and "oneDNN is off" in p.reason
+    monkeypatch.undo()
+    assert torch.backends.mkldnn.enabled and Precision.resolve("auto", CPU, features=bf16).name == "bf16"
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    p = Precision.resolve("auto", CPU, features=bf16)
+    assert p.name == "fp32" and "oneDNN is not in this torch" in p.reason
 
 
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "tf32")])
@@ -100,6 +114,45 @@ def test_scope_restores_what_it_changed():
     assert torch.get_float32_matmul_precision() == before
 
 
+@pytest.fixture
+def fp32_settings():
+    """Puts torch's float32 precision settings back as they were (legacy flags, then the per-backend ones)."""
+    b = torch.backends
+    backends = [b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv]
+    legacy = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    newer = [(x, x.fp32_precision) for x in backends]
+    yield b
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = legacy[:2]
+    torch.set_float32_matmul_precision(legacy[2])
+    for x, value in newer:
+        x.fp32_precision = value
+
+
+def test_scope_works_under_torchs_per_backend_precision_settings(fp32_settings):
+    b = fp32_settings
+    # A caller (transformers' enable_tf32, torch's own advice) set TF32 through the newer API: the legacy flags
+    # no longer read, and the scope read them.
+    b.cuda.matmul.fp32_precision = "tf32"
+    b.mkldnn.matmul.fp32_precision = "bf16"
+    with Precision("fp32", CPU).scope():
+        assert b.cuda.matmul.fp32_precision == "ieee" and b.mkldnn.matmul.fp32_precision == "ieee"
+    assert b.cuda.matmul.fp32_precision == "tf32" and b.mkldnn.matmul.fp32_precision == "bf16"
+    with Precision("tf32", CPU).scope():
+        assert b.cuda.matmul.fp32_precision == "tf32"
+    assert b.cuda.matmul.fp32_precision == "tf32" and b.mkldnn.matmul.fp32_precision == "bf16"
+
+
+def test_scope_leaves_both_apis_readable_and_as_they_were(fp32_settings):
+    b = fp32_settings
+    before = [(x, x.fp32_precision) for x in (b, b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul)]
+    legacy = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    for name in ("tf32", "fp32", "bf16"):
+        with Precision(name, CPU).scope():
+            assert b.cuda.matmul.allow_tf32 == (name == "tf32")  # the legacy flags read inside it too
+        assert (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == legacy
+        assert [(x, x.fp32_precision) for x, _ in before] == before
+
+
 def test_autocast_only_for_half_precisions():
     assert Precision("bf16", CPU).autocast_dtype == torch.bfloat16
     with Precision("bf16", CPU).autocast():
@@ -124,6 +177,42 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
     assert target.read_text() == '{\n    "v": 1\n}\n' and [p.name for p in tmp_path.iterdir()] == ["out.json"]
     write_json(target, {"v": 2})
     assert '"v": 2' in target.read_text() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_full_disk_names_the_file_not_its_temp(tmp_path, monkeypatch):
+    from bertqa.cli import message_line
+    from bertqa.train import MetricsLog
+
+    target = tmp_path / "summary.json"
+    with pytest.raises(OSError) as e, atomic_path(target) as tmp:
+        tmp.write_text("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to a full disk raises: no file name
+    assert message_line(e.value) == f"{target}: No space left on device"
+
+    def io_error(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(OSError) as e, atomic_path(target, durable=True) as tmp:
+        tmp.write_text("{}")
+    assert message_line(e.value) == f"{target}: Input/output error" and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.file.close()
+    log.file = open("/dev/full", "w")  # every write there fails as on a full disk
+    with pytest.raises(OSError) as e:
+        log.log({"step": 1, "loss": 2.0})
+    assert message_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: No space left on device"
+    with pytest.raises(OSError):
+        log.file.close()  # its buffer keeps the line it could not write
+    log.file = open(log.path, "a")
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(OSError) as e:
+        log.sync()
+    assert message_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: Input/output error"
+    monkeypatch.undo()
+    log.close()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the names of open files in /proc")

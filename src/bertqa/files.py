@@ -77,11 +77,18 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         if durable:
             fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.strerror and e.filename in (None, tmp):  # a full disk: name the file
+            raise named(e, path) from e
         raise
     if durable:
         fsync_path(path.parent)
+
+
+def named(e: OSError, path) -> OSError:
+    """`e` naming `path`: a write's or an fsync's OSError (a full disk, an I/O error) names no file."""
+    return OSError(e.errno, e.strerror, str(path))
 
 
 # fsync errors by which some file systems say they cannot flush a folder's entries (a file's are errors all the same)
@@ -99,7 +106,7 @@ def fsync_path(path) -> None:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in _CANNOT_FSYNC or not stat.S_ISDIR(os.fstat(fd).st_mode):  # a file's data must reach the disk
-            raise
+            raise named(e, path) from e
     finally:
         os.close(fd)
 

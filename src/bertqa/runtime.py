@@ -55,6 +55,8 @@ def native_precision(precision: str, device: torch.device, features: dict | None
         native = major >= (8 if precision == "bf16" else 7)
         return native, f"CUDA compute capability {major}.{minor}"
     if device.type == "cpu":
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return False, f"oneDNN is {'off' if torch.backends.mkldnn.is_available() else 'not in this torch'}"
         features = cpu_features() if features is None else features
         have = [f for f in CPU_NATIVE[precision] if features.get(f)]
         if have:
@@ -71,6 +73,14 @@ def _nvidia(device: torch.device) -> bool:
 def _has_tf32(device: torch.device) -> bool:
     """TF32 tensor cores: NVIDIA compute capability 8.0 (Ampere) and later."""
     return _nvidia(device) and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _fp32_precisions() -> list:
+    """(backend, value) of torch's per-backend float32 precision settings (torch 2.9 and later; [] before)."""
+    b = torch.backends
+    backends = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None), b.mkldnn,
+                getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None), getattr(b.mkldnn, "rnn", None)]  # fmt: skip
+    return [(x, x.fp32_precision) for x in backends if x is not None and hasattr(x, "fp32_precision")]
 
 
 @dataclass
@@ -122,18 +132,28 @@ class Precision:
 
     @contextlib.contextmanager
     def scope(self):
-        """Set the float32 matmul precision this precision implies (TF32 or not) and put back what was there."""
+        """Set the float32 matmul precision this precision implies (TF32 or not) and put back what was there.
+        It is set through torch's legacy flags, which keep the per-backend settings of the newer API
+        (`torch.backends.*.fp32_precision`) in step; both are saved and restored. Where a caller set the newer ones
+        in a way the legacy flags cannot express, reading those flags raises: only the newer ones are saved then."""
         tf32 = self.name == "tf32"
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                 torch.get_float32_matmul_precision())  # fmt: skip
+        newer = _fp32_precisions()
+        try:
+            legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                      torch.get_float32_matmul_precision())  # fmt: skip
+        except RuntimeError:  # "you have used mix of the legacy and new APIs"
+            legacy = None
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
         try:
             yield self
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-            torch.set_float32_matmul_precision(saved[2])
+            if legacy is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
+                torch.set_float32_matmul_precision(legacy[2])
+            for backend, value in newer:  # parents before children, so that each child gets its own value back
+                backend.fp32_precision = value
 
     def describe(self) -> str:
         return self.name if self.reason == "asked for" else f"{self.name} ({self.reason})"

@@ -35,7 +35,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, remove_stale_temps
+from .files import atomic_path, exclusive, named, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 from .squad.postprocess import PREDICTION_FILES
 
@@ -338,8 +338,11 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise named(e, self.path) from e
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and v is not None:  # None: no finite loss since the last line
@@ -347,8 +350,11 @@ class MetricsLog:
 
     def sync(self) -> None:
         """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise named(e, self.path) from e
 
     def close(self) -> None:
         self.file.close()
@@ -505,7 +511,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
-    metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
+    with fail_together(d):  # rank 0 writes; a failure there (a full disk) must not leave the others in DDP's set-up
+        metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
     if metrics is not None:
         held.callback(metrics.close)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
@@ -521,11 +528,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
 
     def save(step: int, seconds: float | None) -> None:
-        if metrics is not None:
-            metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg, d,
-                        final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
-                        run_id)  # fmt: skip
+        with fail_together(d):  # rank 0 writes (a full disk fails there) while the others would go on training
+            if metrics is not None:
+                metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg,
+                            d, final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
+                            run_id)  # fmt: skip
 
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
@@ -627,15 +635,16 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
                "world_size": d.world_size, "precision": precision.name, "skipped_steps": skipped}  # fmt: skip
-    if d.is_main:
-        metrics.close()
-        run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
-        save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
-        # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must not
-        # be left beside it by an evaluation that fails (out of memory, non-finite logits) or that is not asked for.
-        for name in ("summary.json", *PREDICTION_FILES):
-            (out_dir / name).unlink(missing_ok=True)
+    with fail_together(d):  # rank 0 writes while the others go on to the evaluation's collectives
+        if d.is_main:
+            metrics.close()
+            run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
+            save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+            # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
+            # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for.
+            for name in ("summary.json", *PREDICTION_FILES):
+                (out_dir / name).unlink(missing_ok=True)
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
     if d.is_main:
