@@ -2,10 +2,12 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_fault_worker.py FAULT ARG...
 
-FAULT is `none`, `raise` (rank 1 raises a ValueError after step 2) or `kill` (rank 1 SIGKILLs itself after
-step 2). `{rank}` in an ARG becomes this process's rank, so that ranks can be given different files.
+FAULT is `none`, `raise` (rank 1 raises a ValueError after step 2), `kill` (rank 1 SIGKILLs itself after
+step 2), `full` (rank 0's disk fills after step 2: writing metrics.jsonl fails) or `eio` (after step 2, flushing
+metrics.jsonl to disk fails on rank 0, as before a checkpoint). `{rank}` in an ARG becomes this process's rank, so that ranks can be given different files.
 """
 
+import errno
 import functools
 import os
 import signal
@@ -16,10 +18,28 @@ from bertqa.cli import main
 
 
 def fault(kind, step, loss):
-    if os.environ["RANK"] != "1" or step != 2:
+    if os.environ["RANK"] != ("0" if kind in ("full", "eio") else "1") or step != 2:
         return
     if kind == "raise":
         raise ValueError("injected fault on rank 1 at step 2")
+    if kind == "full":  # metrics.jsonl's file object now writes to /dev/full, which fails as a full disk does
+        log = bertqa.train.MetricsLog.log
+
+        def full_log(self, record):
+            if self.file.name != "/dev/full":
+                self.file.close()
+                self.file = open("/dev/full", "wb", buffering=0)
+            log(self, record)
+
+        bertqa.train.MetricsLog.log = full_log
+        return
+    if kind == "eio":
+
+        def fsync(fd):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # as the OS reports it: no file name
+
+        os.fsync = fsync
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from skips import platform_skip
 
 from bertqa.distributed import Dist, distributed, fail_together, resolve_device
 
@@ -134,6 +135,22 @@ def test_training_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(
         errors = [line for line in text.splitlines() if line.startswith("bertqa: error")]
         assert errors == [f"bertqa: error: rank 0: {tmp_path / 'out' / in_the_way}: Is a directory"], text
         assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("fault, error", [("full", "No space left on device"), ("eio", "Input/output error")])
+def test_a_disk_failing_on_rank_0_mid_training_stops_every_rank_with_its_error(tmp_path, tiny_dir, tiny_squad, fault,
+                                                                               error):  # fmt: skip
+    # full: the metrics line of step 3 cannot be written; eio: metrics.jsonl cannot be flushed before the
+    # checkpoint of step 3 (whose gather of the ranks' RNG states must not meet the failed rank's agreement).
+    if fault == "full" and not os.path.exists("/dev/full"):
+        platform_skip("no /dev/full (Linux's device on which every write fails as on a full disk)")
+    rc, elapsed, _, ranks = torchrun_train(tmp_path, fault, tiny_dir, tiny_squad, "out", "--save-every", 3)
+    assert rc != 0 and elapsed < LIMIT_S
+    for text in ranks:
+        errors = [line for line in text.splitlines() if line.startswith("bertqa: error")]
+        assert errors == [f"bertqa: error: rank 0: {tmp_path / 'out' / 'metrics.jsonl'}: {error}"], text
+        assert "Traceback" not in text, text
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
 def test_resume_where_only_some_ranks_see_the_checkpoint_fails_every_rank(tmp_path, tiny_dir, tiny_squad):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from skips import platform_skip
 
 from bertqa.files import atomic_dir, atomic_path, remove_stale_temps, write_json
 from bertqa.runtime import Precision, rng_state, set_rng_state
@@ -118,7 +119,7 @@ def test_scope_restores_what_it_changed():
 def fp32_settings():
     """Puts torch's float32 precision settings back as they were (legacy flags, then the per-backend ones)."""
     b = torch.backends
-    backends = [b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv]
+    backends = [b, b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn, b.mkldnn.matmul]  # (mkldnn's own setter sets b's)
     legacy = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     newer = [(x, x.fp32_precision) for x in backends]
     yield b
@@ -181,7 +182,6 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
 
 def test_a_full_disk_names_the_file_not_its_temp(tmp_path, monkeypatch):
     from bertqa.cli import message_line
-    from bertqa.train import MetricsLog
 
     target = tmp_path / "summary.json"
     with pytest.raises(OSError) as e, atomic_path(target) as tmp:
@@ -196,17 +196,26 @@ def test_a_full_disk_names_the_file_not_its_temp(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e, atomic_path(target, durable=True) as tmp:
         tmp.write_text("{}")
     assert message_line(e.value) == f"{target}: Input/output error" and list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
 
+
+def test_a_metrics_line_the_disk_refuses_names_the_file(tmp_path, monkeypatch):
+    from bertqa.cli import message_line
+    from bertqa.train import MetricsLog
+
+    if not os.path.exists("/dev/full"):
+        platform_skip("no /dev/full (Linux's device on which every write fails as on a full disk)")
     log = MetricsLog(tmp_path, tensorboard=False)
     log.file.close()
-    log.file = open("/dev/full", "w")  # every write there fails as on a full disk
+    log.file = open("/dev/full", "wb", buffering=0)  # every write there fails as on a full disk
     with pytest.raises(OSError) as e:
         log.log({"step": 1, "loss": 2.0})
     assert message_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: No space left on device"
-    with pytest.raises(OSError):
-        log.file.close()  # its buffer keeps the line it could not write
-    log.file = open(log.path, "a")
+    log.close()  # nothing left to write: a line the disk refused is not kept to fail again
+    log.file = open(log.path, "ab", buffering=0)
+
+    def io_error(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     monkeypatch.setattr(os, "fsync", io_error)
     with pytest.raises(OSError) as e:
         log.sync()

@@ -79,7 +79,8 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.strerror and e.filename in (None, tmp):  # a full disk: name the file
+        if isinstance(e, OSError) and e.strerror and (e.filename is None or os.fspath(e.filename) == tmp):
+            # A write's or an fsync's error (a full disk) names no file, or names the temporary one: name the file.
             raise named(e, path) from e
         raise
     if durable:

@@ -76,11 +76,37 @@ def _has_tf32(device: torch.device) -> bool:
 
 
 def _fp32_precisions() -> list:
-    """(backend, value) of torch's per-backend float32 precision settings (torch 2.9 and later; [] before)."""
+    """(setting, value) of the per-operation float32 precision settings of torch 2.9 and later ([] before) that
+    the legacy TF32 flags write: CUDA's matmul (allow_tf32, set_float32_matmul_precision), cuDNN's convolutions and
+    RNNs (cudnn.allow_tf32), oneDNN's matmul (set_float32_matmul_precision). Only these: the backend-wide ones are
+    not written by those flags, and torch 2.13's `torch.backends.mkldnn.fp32_precision` sets the global one."""
     b = torch.backends
-    backends = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None), b.mkldnn,
-                getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None), getattr(b.mkldnn, "rnn", None)]  # fmt: skip
-    return [(x, x.fp32_precision) for x in backends if x is not None and hasattr(x, "fp32_precision")]
+    settings = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+                getattr(b.mkldnn, "matmul", None)]  # fmt: skip
+    return [(x, x.fp32_precision) for x in settings if x is not None and hasattr(x, "fp32_precision")]
+
+
+def _set_cuda_tf32(value: bool):
+    torch.backends.cuda.matmul.allow_tf32 = value
+
+
+def _set_cudnn_tf32(value: bool):
+    torch.backends.cudnn.allow_tf32 = value
+
+
+# torch's legacy TF32 flags, (getter, setter): CUDA's matmuls, cuDNN's, and the float32 matmul precision.
+_LEGACY = [(lambda: torch.backends.cuda.matmul.allow_tf32, _set_cuda_tf32),
+           (lambda: torch.backends.cudnn.allow_tf32, _set_cudnn_tf32),
+           (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision)]  # fmt: skip
+
+
+def _readable(getter):
+    """A legacy flag's value, or None where the newer settings were set in a way it cannot express (torch then
+    raises "you have used mix of the legacy and new APIs")."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
 
 
 @dataclass
@@ -138,22 +164,17 @@ class Precision:
         in a way the legacy flags cannot express, reading those flags raises: only the newer ones are saved then."""
         tf32 = self.name == "tf32"
         newer = _fp32_precisions()
-        try:
-            legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                      torch.get_float32_matmul_precision())  # fmt: skip
-        except RuntimeError:  # "you have used mix of the legacy and new APIs"
-            legacy = None
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        legacy = [(setter, _readable(getter)) for getter, setter in _LEGACY]
+        for (_, setter), value in zip(_LEGACY, (tf32, tf32, "high" if tf32 else "highest")):
+            setter(value)
         try:
             yield self
         finally:
-            if legacy is not None:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
-                torch.set_float32_matmul_precision(legacy[2])
-            for backend, value in newer:  # parents before children, so that each child gets its own value back
-                backend.fp32_precision = value
+            for setter, value in legacy:
+                if value is not None:
+                    setter(value)
+            for setting, value in newer:  # last: each gets its own value back, whatever the legacy setters wrote
+                setting.fp32_precision = value
 
     def describe(self) -> str:
         return self.name if self.reason == "asked for" else f"{self.name} ({self.reason})"

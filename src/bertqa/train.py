@@ -328,7 +328,8 @@ class MetricsLog:
         # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
+        # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
+        self.file = open(self.path, "ab", buffering=0)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -339,8 +340,7 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self.file.write((json.dumps(record) + "\n").encode())
         except OSError as e:
             raise named(e, self.path) from e
         if self.tb is not None:
@@ -351,7 +351,6 @@ class MetricsLog:
     def sync(self) -> None:
         """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
         try:
-            self.file.flush()
             os.fsync(self.file.fileno())
         except OSError as e:
             raise named(e, self.path) from e
@@ -528,9 +527,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
 
     def save(step: int, seconds: float | None) -> None:
-        with fail_together(d):  # rank 0 writes (a full disk fails there) while the others would go on training
+        # Rank 0 writes (a full disk fails there) while the others would go on training. Two agreements: the
+        # checkpoint's own gather of every rank's RNG state must not meet a rank that already failed.
+        with fail_together(d):
             if metrics is not None:
                 metrics.sync()  # the lines up to `step` reach the disk before the checkpoint that resumes past them
+        with fail_together(d):
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg,
                             d, final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
                             run_id)  # fmt: skip
@@ -614,10 +616,11 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             finite_since_log.zero_()
             elapsed = time.perf_counter() - t0
             seq_s = (done - start_step) * global_batch / elapsed
-            if d.is_main:
-                metrics.log({"step": done, "epoch": done / steps_per_epoch, "loss": avg, "lr": lr,
-                             "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
-                bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
+            with fail_together(d):  # a full disk on rank 0 stops every rank, not only rank 0
+                if d.is_main:
+                    metrics.log({"step": done, "epoch": done / steps_per_epoch, "loss": avg, "lr": lr,
+                                 "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
+                    bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save(done, None if prior_seconds is None else prior_seconds + time.perf_counter() - t0)
             saved_step = done
