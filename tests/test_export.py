@@ -98,6 +98,8 @@ def test_bad_output_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
             export_onnx(tiny_dir, output, verbose=False)
     with pytest.raises(FileNotFoundError, match=r"^--model \S+nowhere: no such checkpoint file or folder$"):
         export_onnx(tmp_path / "nowhere", tmp_path / "model.onnx", verbose=False)
+    with pytest.raises(ValueError, match=r"^--max-query-length must be a positive integer, got 0$"):
+        export_onnx(tmp_path / "nowhere", tmp_path / "model.onnx", max_query_length=0, verbose=False)  # before all
     with pytest.raises(FileNotFoundError, match=r"^--check-file \S+none\.json: no such file$"):
         export_onnx(tiny_dir, tmp_path / "model.onnx", check_file=tmp_path / "none.json", verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "file"]

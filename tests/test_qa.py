@@ -228,6 +228,7 @@ def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
     assert r.returncode == 0 and r.stdout.splitlines() == [g for _, g in same], r.stderr
     for args, message in ((["--question", "Who?"], "exactly one of --context or --context-file"),
                           (["--question", "Who?", "--context-file", tmp_path / "none.txt"], "none.txt"),
+                          (["--question", "Who?", "--context-file", ""], "--context-file : No such file"),
                           (["--question", " ", "--context", context], "question is empty")):  # fmt: skip
         r = run_cli("ask", "--model", qa_model_dir, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -432,7 +432,9 @@ def bench(cfg: BenchConfig) -> dict:
         try:
             tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, config=model.config)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}; or pass --tokenizer" if cfg.tokenizer is None else str(e)) from None
+            if cfg.tokenizer is not None:
+                raise
+            raise FileNotFoundError(f"{e}; or pass --tokenizer") from None
         windows = data_windows(cfg.data, tokenizer, cfg.seq_len)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
@@ -484,11 +486,14 @@ def bench(cfg: BenchConfig) -> dict:
     rows = {name: Row(make, windows, cfg.mode, cfg.batch_size, grouped, warmup=warmup, flops=flops, pad_to=pad_to,
                       **timing)
             for name, (make, grouped, warmup, pad_to) in makers.items()}  # fmt: skip
-    baseline = memory_in_use(device)  # what every row's peak memory is growth above
+    # Each row's peak memory is its own growth, above what the process held as it started: this, and the models
+    # of the rows built before it.
+    baseline = memory_in_use(device)
     baseline_mb = None if baseline is None else baseline / 2**20
-    print(f"bertqa:   before the rows: {'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} "
-          f"{'resident' if device.type == 'cpu' else 'allocated'} (torch{', transformers' * (cfg.compare == 'hf')}, "
-          "the windows, a copy of the weights); each row's peak memory is its growth above it", flush=True)  # fmt: skip
+    held = (f"resident (torch{', transformers' * (cfg.compare == 'hf')}, the windows, a copy of the weights)"
+            if device.type == "cpu" else "allocated on the device")  # fmt: skip
+    print(f"bertqa:   before the rows: {'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
+          "each row's peak memory is its own growth above what was held when it started", flush=True)  # fmt: skip
     for name, row in rows.items():
         row.start()
         print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}", flush=True)

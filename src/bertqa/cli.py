@@ -156,7 +156,7 @@ def cmd_ask(args):
     for flag, value in (("--top-k", args.top_k), ("--max-answer-length", args.max_answer_length)):
         if value < 1:  # checked before the model takes seconds to load
             raise UsageError(f"{flag} must be a positive integer, got {value}")
-    if args.context_file:
+    if args.context_file is not None:  # "" too: named below as no such file, not taken as no file given
         try:
             with open(args.context_file, encoding="utf-8", newline="") as f:  # "\r\n" kept: offsets index the file
                 args.context = f.read()

@@ -25,7 +25,7 @@ from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
-from .squad.features import load_features
+from .squad.features import check_window_params, load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
 from .squad.postprocess import postprocess, write_prediction_files, write_predictions
 from .tokenizer import check_vocabulary, load_tokenizer
@@ -72,6 +72,7 @@ class EvalConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{self.flag(name)} must be a positive integer, got {value}")
+        check_window_params(self.max_seq_length, self.doc_stride, self.max_query_length, flags=True)
         if not math.isfinite(self.null_score_diff_threshold):  # nan would pass every comparison
             raise ValueError(
                 f"--null-score-diff-threshold must be a finite number, got {self.null_score_diff_threshold}"

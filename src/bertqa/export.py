@@ -29,7 +29,7 @@ from .config import check_seq_len
 from .files import atomic_path, check_output, scratch_dir
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
-from .squad.features import Features, featurize
+from .squad.features import Features, check_window_params, featurize
 from .tokenizer import load_tokenizer
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -266,6 +266,7 @@ def export_onnx(
     complete or not at all."""
     say = print if verbose else (lambda *a, **k: None)
     output = check_output(output, ".onnx")
+    check_window_params(max_seq_length, doc_stride, max_query_length, flags=True)
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model}: no such checkpoint file or folder")
     if opset is not None and opset < MIN_OPSET:  # before the slow part, as the exporter would only log it

@@ -76,21 +76,24 @@ class Features:
         return Features(**{name: getattr(self, name)[indices] for name in self.ARRAYS}, params=self.params)
 
 
-def _check_params(max_seq_length, doc_stride, max_query_length) -> None:
-    for name, value in (("max_seq_length", max_seq_length), ("doc_stride", doc_stride),
-                        ("max_query_length", max_query_length)):  # fmt: skip
+def check_window_params(max_seq_length, doc_stride, max_query_length, flags: bool = False) -> None:
+    """The window settings, refused in one line where they make no windows or leave context unseen; `flags`: named
+    as the command line's flags (--doc-stride), else as the parameters."""
+    seq, stride, query = ("--max-seq-length", "--doc-stride", "--max-query-length") if flags else (
+        "max_seq_length", "doc_stride", "max_query_length")  # fmt: skip
+    for name, value in ((seq, max_seq_length), (stride, doc_stride), (query, max_query_length)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     shortest = max_seq_length - max_query_length - 3  # [CLS], [SEP], [SEP]
     if shortest < 1:
         raise ValueError(
-            f"max_seq_length {max_seq_length} leaves no room for context after a {max_query_length}-token "
-            f"question and 3 special tokens"
+            f"{seq} {max_seq_length} leaves no room for context after a {max_query_length}-token question and 3 "
+            "special tokens"
         )
     if doc_stride > shortest:
         raise ValueError(
-            f"doc_stride {doc_stride} is longer than the shortest context window ({shortest} = max_seq_length "
-            f"- max_query_length - 3): windows would leave context tokens unseen"
+            f"{stride} {doc_stride} is longer than the shortest context window ({shortest} = {seq} - {query} - 3): "
+            "windows would leave context tokens unseen"
         )
 
 
@@ -149,7 +152,7 @@ def featurize(
     answer whenever it has one, so evaluation windows carry labels too (for an evaluation loss);
     `is_training` additionally insists that every answerable example has an answer. With `max_windows`,
     inputs that need more windows are refused before any window is built (a server's guard)."""
-    _check_params(max_seq_length, doc_stride, max_query_length)
+    check_window_params(max_seq_length, doc_stride, max_query_length)
     L, stride = int(max_seq_length), int(doc_stride)
     t0 = time.perf_counter()
 
@@ -315,7 +318,7 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
     params = {**_DEFAULTS, **params}  # spelling out a default must give the same key as leaving it out
     if cache_dir is None:
         return featurize(examples, tokenizer, **params)
-    _check_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
+    check_window_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
     key = _cache_key(data_path, examples, tokenizer, {k: int(v) for k, v in params.items()})
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     if path.is_file():
