@@ -205,8 +205,9 @@ def test_a_metrics_line_the_disk_refuses_names_the_file(tmp_path, monkeypatch):
     if not os.path.exists("/dev/full"):
         platform_skip("no /dev/full (Linux's device on which every write fails as on a full disk)")
     log = MetricsLog(tmp_path, tensorboard=False)
-    log.file.close()
-    log.file = open("/dev/full", "wb", buffering=0)  # every write there fails as on a full disk
+    full = os.open("/dev/full", os.O_WRONLY)  # every write there fails as on a full disk
+    os.dup2(full, log.file.fileno())  # the log's own file object now writes there
+    os.close(full)
     with pytest.raises(OSError) as e:
         log.log({"step": 1, "loss": 2.0})
     assert message_line(e.value) == f"{tmp_path / 'metrics.jsonl'}: No space left on device"

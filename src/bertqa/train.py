@@ -340,7 +340,9 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         try:
-            self.file.write((json.dumps(record) + "\n").encode())
+            line = memoryview((json.dumps(record) + "\n").encode())
+            while line:  # a disk filling up mid-line takes part of it: the rest then fails, naming the disk's error
+                line = line[self.file.write(line) :]
         except OSError as e:
             raise named(e, self.path) from e
         if self.tb is not None:
