@@ -160,8 +160,8 @@ class Precision:
     def scope(self):
         """Set the float32 matmul precision this precision implies (TF32 or not) and put back what was there.
         It is set through torch's legacy flags, which keep the per-backend settings of the newer API
-        (`torch.backends.*.fp32_precision`) in step; both are saved and restored. Where a caller set the newer ones
-        in a way the legacy flags cannot express, reading those flags raises: only the newer ones are saved then."""
+        (`torch.backends.*.fp32_precision`) in step; both are saved and restored, the newer ones last. Where a caller
+        set the newer ones in a way a legacy flag cannot express, reading that flag raises: it is not saved then."""
         tf32 = self.name == "tf32"
         newer = _fp32_precisions()
         legacy = [(setter, _readable(getter)) for getter, setter in _LEGACY]
