@@ -667,6 +667,22 @@ def test_waits_that_would_answer_nobody_are_refused(settings, message):
         create_app(FakeQA(), **{"max_wait_ms": 5.0, "timeout_s": 30.0, **settings})
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    ],
+)
+def test_bad_serve_flags_are_named_before_serves_imports(monkeypatch, capsys, flags, message):
+    # Checked first, in no time: without the serve extra this was the install hint instead.
+    from bertqa.cli import main
+
+    monkeypatch.setitem(sys.modules, "bertqa.serve", None)  # as if starlette and uvicorn were not installed
+    assert main(["serve", "--model", "nowhere", *flags]) == 1
+    assert capsys.readouterr().err.strip() == f"bertqa: error: {message}"
+
+
 def test_a_question_answerer_given_without_a_window_limit_gets_the_servers():
     """A tiny doc_stride over a long context multiplies the windows; a QuestionAnswerer made by the caller
     (max_windows None) is bounded as `bertqa serve`'s own is."""

@@ -636,6 +636,7 @@ def common_args(model, squad, out):
         ({"--precision": "fp8"}, "invalid choice: 'fp8'"),
         ({"--max-seq-length": 20}, "--max-seq-length 20 leaves no room for context"),
         ({"--doc-stride": 0}, "--doc-stride must be a positive integer, got 0"),
+        ({"--epochs": -3}, "--epochs must be positive, got -3.0"),  # with --max-steps too
         ({"--doc-stride": 94}, "--doc-stride 94 is longer than the shortest context window (93 = --max-seq-length -"),
         ({"--max-seq-length": 600}, "exceeds the model's 512 position embeddings"),
         ({"--device": "cuda:7"}, "--device cuda:7: not usable here"),

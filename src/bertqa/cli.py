@@ -106,17 +106,17 @@ def cmd_export(args):
 
 
 def cmd_serve(args):
+    if not 0 <= args.port <= 65535:  # before the imports, which take seconds
+        raise UsageError(f"--port {args.port}: must be between 0 and 65535")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {args.threads}")
     try:
         from .serve import serve
     except ImportError as e:
         raise UsageError(f"serve needs starlette and uvicorn: pip install 'bertqa[serve]' ({e})") from None
 
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: must be between 0 and 65535")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation note per request
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be a positive integer, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

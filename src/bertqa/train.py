@@ -76,7 +76,7 @@ class TrainConfig(EvalConfig):
         for name in ("epochs", "lr", "warmup", "weight_decay", "max_grad_norm"):  # nan passes every comparison
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if not (self.epochs > 0 or self.max_steps):
+        if not self.epochs > 0:  # also with --max-steps, which then sets the length: a negative count is a typo
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         if self.lr <= 0 or not 0 <= self.warmup <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
