@@ -86,20 +86,6 @@ def _fp32_precisions() -> list:
     return [(x, x.fp32_precision) for x in settings if x is not None and hasattr(x, "fp32_precision")]
 
 
-def _set_cuda_tf32(value: bool):
-    torch.backends.cuda.matmul.allow_tf32 = value
-
-
-def _set_cudnn_tf32(value: bool):
-    torch.backends.cudnn.allow_tf32 = value
-
-
-# torch's legacy TF32 flags, (getter, setter): CUDA's matmuls, cuDNN's, and the float32 matmul precision.
-_LEGACY = [(lambda: torch.backends.cuda.matmul.allow_tf32, _set_cuda_tf32),
-           (lambda: torch.backends.cudnn.allow_tf32, _set_cudnn_tf32),
-           (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision)]  # fmt: skip
-
-
 def _readable(getter):
     """A legacy flag's value, or None where the newer settings were set in a way it cannot express (torch then
     raises "you have used mix of the legacy and new APIs")."""
@@ -164,15 +150,21 @@ class Precision:
         set the newer ones in a way a legacy flag cannot express, reading that flag raises: it is not saved then."""
         tf32 = self.name == "tf32"
         newer = _fp32_precisions()
-        legacy = [(setter, _readable(getter)) for getter, setter in _LEGACY]
-        for (_, setter), value in zip(_LEGACY, (tf32, tf32, "high" if tf32 else "highest")):
-            setter(value)
+        cuda = _readable(lambda: torch.backends.cuda.matmul.allow_tf32)
+        cudnn = _readable(lambda: torch.backends.cudnn.allow_tf32)
+        matmul = _readable(torch.get_float32_matmul_precision)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
         try:
             yield self
         finally:
-            for setter, value in legacy:
-                if value is not None:
-                    setter(value)
+            if cuda is not None:
+                torch.backends.cuda.matmul.allow_tf32 = cuda
+            if cudnn is not None:
+                torch.backends.cudnn.allow_tf32 = cudnn
+            if matmul is not None:
+                torch.set_float32_matmul_precision(matmul)
             for setting, value in newer:  # last: each gets its own value back, whatever the legacy setters wrote
                 setting.fp32_precision = value
 

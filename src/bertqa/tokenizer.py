@@ -214,31 +214,32 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     )
 
 
-def _lower_case_setting(folder: Path) -> bool | None:
-    """`do_lower_case` as tokenizer_config.json, else the model's config.json, states it; None if neither does."""
-    for name in ("tokenizer_config.json", "config.json"):
-        f = folder / name
-        if f.is_file():
-            try:
-                value = json.loads(f.read_text(encoding="utf-8")).get("do_lower_case")
-            except (ValueError, AttributeError):
-                raise ValueError(f"{f}: not a JSON object") from None
-            if isinstance(value, bool):
-                return value
-    return None
-
-
-def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
-    """tokenizer_config.json's `strip_accents` (None: as lower-casing does) and `tokenize_chinese_chars`."""
-    f = folder / "tokenizer_config.json"
+def _json_object(f: Path) -> dict:
+    """The JSON object a tokenizer or model config file holds ({} where there is no such file)."""
     if not f.is_file():
-        return None, True
+        return {}
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
     except ValueError:
         d = None
     if not isinstance(d, dict):
         raise ValueError(f"{f}: not a JSON object")
+    return d
+
+
+def _lower_case_setting(folder: Path) -> bool | None:
+    """`do_lower_case` as tokenizer_config.json, else the model's config.json, states it; None if neither does."""
+    for name in ("tokenizer_config.json", "config.json"):
+        value = _json_object(folder / name).get("do_lower_case")
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
+    """tokenizer_config.json's `strip_accents` (None: as lower-casing does) and `tokenize_chinese_chars`."""
+    f = folder / "tokenizer_config.json"
+    d = _json_object(f)
     strip, chinese = d.get("strip_accents"), d.get("tokenize_chinese_chars")
     if not all(v is None or isinstance(v, bool) for v in (strip, chinese)):
         raise ValueError(f"{f}: strip_accents and tokenize_chinese_chars must be true, false or null")

@@ -35,7 +35,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, named, remove_stale_temps
+from .files import atomic_path, exclusive, fsync_path, named, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 from .squad.postprocess import PREDICTION_FILES
 
@@ -352,10 +352,7 @@ class MetricsLog:
 
     def sync(self) -> None:
         """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
-        try:
-            os.fsync(self.file.fileno())
-        except OSError as e:
-            raise named(e, self.path) from e
+        fsync_path(self.path)  # its data, whichever descriptor asks; an error names the file
 
     def close(self) -> None:
         self.file.close()
