@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import logging
 import re
 import select
 import shutil
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bertqa.serve import DEFAULTS, _listen, _parameters, create_app, uvicorn_server
+from bertqa.squad.features import TooManyWindows
 
 CONTEXT = (
     "Super Bowl 50 was an American football game to determine the champion of the National Football League "
@@ -255,6 +257,8 @@ def test_bad_request_is_refused_and_server_stays_up(server, case):
     assert_json_error(status, headers, text, expected)
     if expected == 405:
         assert method not in headers["allow"]
+    if "body too large" in case:  # the rest of the body is not read: the connection ends with the answer
+        assert headers["connection"] == "close"
     assert call(server, "GET", "/healthz")[0] == 200
 
 
@@ -429,8 +433,9 @@ class Panic(BaseException):
 
 
 class FakeQA:
-    """Answers with the context's first word after `delay` seconds; the question "boom" is a bug, "huge" runs
-    out of memory, "panic" panics."""
+    """Answers with the context's first word after `delay` seconds; the question "boom" is a bug, "bad value" a
+    bug raising ValueError, "huge" runs out of memory, "panic" panics, "windows" needs too many windows. `asked`:
+    every question that reached the model."""
 
     config = SimpleNamespace(max_position_embeddings=512, to_dict=dict)
     precision = SimpleNamespace(name="fp32", describe=lambda: "fp32")
@@ -439,12 +444,18 @@ class FakeQA:
     def __init__(self, delay=0.0):
         self.delay = delay
         self.started = threading.Event()  # set when a batch reaches the model
+        self.asked = []
 
     def answer_pairs(self, pairs, top_k, *rest):
+        self.asked += [q for q, _ in pairs]
         self.started.set()
         time.sleep(self.delay)
         if any(q == "boom" for q, _ in pairs):
             raise RuntimeError("secret detail of a bug")
+        if any(q == "bad value" for q, _ in pairs):
+            raise ValueError("secret detail of a bug in numpy")
+        if any(q == "windows" for q, _ in pairs):
+            raise TooManyWindows("these inputs need 9000 windows, more than the limit of 2048")
         if any(q == "panic" for q, _ in pairs):
             raise Panic("the tokenizer panicked")
         if any(q == "huge" for q, _ in pairs):
@@ -568,6 +579,8 @@ def test_a_timed_out_request_stops_its_work_for_those_queued_behind_it(tiny_dir)
 
 @pytest.mark.parametrize("question, status, error, logged", [
     ("boom", 500, "internal error", "secret detail of a bug"),  # a bug: no details reach the client
+    ("bad value", 500, "internal error", "secret detail of a bug in numpy"),  # also as a ValueError
+    ("windows", 400, "these inputs need 9000 windows, more than the limit of 2048", ""),  # the request's own
     ("panic", 500, "internal error", "Panic: the tokenizer panicked"),  # no Exception: the batcher outlives it
     ("huge", 503, "out of memory answering this request; fewer questions or shorter contexts may fit",
      "can't allocate memory"),
@@ -591,6 +604,7 @@ def test_a_failed_request_gets_its_status_and_spares_its_batch(caplog, question,
             metric(text, 'bertqa_batch_size_bucket{le="2.0"}') - metric(text, 'bertqa_batch_size_bucket{le="1.0"}') == 1
         )
     assert logged in caplog.text and ("Traceback" in caplog.text) == (status == 500)  # out of memory: one line
+    assert status != 400 or not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_a_body_that_does_not_come_is_408_within_the_timeout():
@@ -617,19 +631,76 @@ def test_an_address_that_cannot_be_listened_on_is_named():
                 _listen(host, where)
 
 
-def test_a_model_that_failed_to_load_is_503_without_retry_after():
-    def load():
-        raise ValueError("model.safetensors: truncated")
+@pytest.mark.parametrize("error", [ValueError("model.safetensors: truncated"), Panic("the tokenizer panicked")])
+def test_a_model_that_failed_to_load_is_503_without_retry_after(error):
+    """A Rust panic in the tokenizer (no Exception) too: it left the server "loading" for ever."""
+    failures = []
 
-    with running(create_app(load)) as (url, _):
+    def load():
+        raise error
+
+    with running(create_app(load, on_load_error=failures.append)) as (url, _):
         deadline = time.monotonic() + 10
         while (reply := call(url, "GET", "/readyz"))[2].find("failed") < 0:
             assert time.monotonic() < deadline, reply
             time.sleep(0.05)
         status, headers, text = call(url, "POST", "/", {"inputs": {"question": "Who?", "context": "Denver won."}})
         assert_json_error(status, headers, text, 503)
-        assert json.loads(text)["error"] == "model failed to load: model.safetensors: truncated"
+        assert json.loads(text)["error"] == f"model failed to load: {error}"
         assert "retry-after" not in headers  # for good: a client told to retry in 1 s would retry for ever
+    assert len(failures) == 1 and str(error) in str(failures[0]) and isinstance(failures[0], Exception)
+
+
+def test_a_request_whose_client_hung_up_stops_counting_and_is_not_answered():
+    """It used to wait in the queue, count towards the 503 limit and be answered in full, for nobody."""
+    fake = FakeQA()
+    app = create_app(fake, max_batch_size=1, max_wait_ms=0)
+    batcher = app.state.server.batcher
+    with running(app) as (url, _):
+        wait_ready(url)
+        fake.delay = 1.0
+        fake.started.clear()
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, url, "POST", "/v1/answer", {"question": "first", "context": "Denver won."})
+            assert fake.started.wait(10)  # in the model for a second: the next request queues
+            body = json.dumps({"question": "gone", "context": "Denver won."}).encode()
+            parts = urlsplit(url)
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                deadline = time.monotonic() + 5
+                while batcher.depth() < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 3  # hung up: out of the queue at once, not after the 30 s timeout
+            while batcher.depth() > 0:
+                assert time.monotonic() < deadline, "a request whose client left still counts in the queue"
+                time.sleep(0.01)
+            assert first.result()[0] == 200
+        fake.delay = 0.0
+        assert post(url, "/v1/answer", {"question": "next", "context": "Denver won."})["answers"]
+        assert "gone" not in fake.asked and fake.asked[-2:] == ["first", "next"]
+        assert metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="499"}') == 1
+
+
+def test_a_body_still_coming_at_shutdown_is_a_json_503():
+    """uvicorn cancels what is left when its grace period ends, into its own plain-text 500: a request still
+    sending its body gets the 503 to retry elsewhere, as queued ones do."""
+    app = create_app(FakeQA(), timeout_s=30.0)
+    with running(app, grace_s=3.0) as (url, server):
+        wait_ready(url)
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n")  # fmt: skip
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            server.should_exit = True
+            reply = http.client.HTTPResponse(sock)
+            reply.begin()
+            assert reply.status == 503 and time.monotonic() - t0 < 3.0  # before uvicorn would cancel it
+            assert reply.getheader("retry-after") == "1" and reply.getheader("connection") == "close"
+            assert json.loads(reply.read()) == {"error": "server shutting down; retry"}
 
 
 def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, caplog):

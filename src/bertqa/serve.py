@@ -38,6 +38,7 @@ from starlette.routing import Route
 from .cli import is_out_of_memory
 from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs, window_settings
+from .squad.features import TooManyWindows
 
 log = logging.getLogger("bertqa.serve")
 
@@ -167,6 +168,7 @@ class Batcher:
         self.seconds_per_batch = 1.0  # running estimate, for Retry-After
         self.taken: list[_Job] = []  # the requests of the batch being answered now (all its parameter groups)
         self.refusing = False  # shutting down, out of time: no request is taken any more
+        self.refused = asyncio.Event()  # set with `refusing`: requests still sending their bodies stop waiting
 
     def depth(self) -> int:
         """Questions waiting (a request that timed out stops counting at once)."""
@@ -280,6 +282,7 @@ class Batcher:
 
         def refuse() -> None:
             self.refusing = True
+            self.refused.set()
             self.fail_waiting(SHUTTING_DOWN, RETRY_ELSEWHERE, also=self.taken)
 
         asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), refuse)
@@ -288,29 +291,61 @@ class Batcher:
 # --- Request parsing --------------------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int, timeout_s: float) -> dict:
-    too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
+async def _first(main: asyncio.Future, timeout: float, stop) -> str | None:
+    """Wait for the future `main`, for the coroutine `stop` (cancelled after) or for `timeout` seconds, whichever
+    ends first: "main", "stop" or None."""
+    stopping = asyncio.ensure_future(stop)
+    try:
+        await asyncio.wait({main, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if main.done():
+        return "main"
+    return "stop" if stopping.done() else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up. The body has been read: what the connection says next is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+CLIENT_GONE = "client closed the request"
+
+
+async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
+    # Closed after these answers: on a kept connection the rest of the body (too big, or trickling) would still
+    # be read, and a chunked one has no end.
+    too_big = ApiError(
+        413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)", {"Connection": "close"}
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, too_big)
+        raise too_big
 
     async def read() -> bytearray:
         body = bytearray()
         async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
             body += chunk
             if len(body) > limit:
-                raise ApiError(413, too_big)
+                raise too_big
         return body
 
-    try:  # a client that sends its body a byte at a time (or never) must not hold a connection for ever
-        body = await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
-        # Closed after the answer: on a kept connection, the rest of a trickling body would keep arriving.
-        raise ApiError(
-            408, f"request body not received within {timeout_s:g} s (--timeout)", {"Connection": "close"}
-        ) from None
+    # A client that sends its body a byte at a time (or never) must not hold a connection for ever, nor past a
+    # shutdown (which would cancel it into uvicorn's plain-text 500).
+    reading = asyncio.ensure_future(read())
+    try:
+        first = await _first(reading, timeout_s, refused.wait())
+    finally:
+        reading.cancel()  # (nothing, once it is done)
+    if first == "stop":
+        raise ApiError(503, SHUTTING_DOWN, RETRY_ELSEWHERE)
+    if first is None:
+        raise ApiError(408, f"request body not received within {timeout_s:g} s (--timeout)", {"Connection": "close"})
+    try:
+        body = reading.result()
     except ClientDisconnect:  # the client hung up: nobody to answer, and not a server error
-        raise ApiError(499, "client closed the request") from None
+        raise ApiError(499, CLIENT_GONE) from None
     try:
         data = json.loads(bytes(body))
     except json.JSONDecodeError as e:
@@ -470,8 +505,12 @@ class _Server:
             self.batcher.qa = await asyncio.get_running_loop().run_in_executor(
                 self.batcher.worker, self._load_and_warm_up
             )
-        except Exception as e:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the server must say it failed
             self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, Exception):
+                e = RuntimeError(f"{type(e).__name__}: {e}")
             if self.on_load_error is not None:
                 self.on_load_error(e)
             else:
@@ -519,30 +558,32 @@ class _Server:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def hf_answer(self, request: Request) -> Response:
-        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"])
+        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"],
+                                self.batcher.refused)  # fmt: skip
         _only(data, ("inputs", "parameters", "options"), "")  # `options` (wait_for_model, ...) has no use here
         if "inputs" not in data:
             raise ApiError(400, "inputs is missing: send {inputs: {question, context}, parameters: {...}}")
         pairs, batched = _hf_pairs(data["inputs"])
         params = self._params(data)
-        results = await self._answer(pairs, params)
+        results = await self._answer(request, pairs, params)
         # The pipeline gives a bare answer for top_k 1, a list of them otherwise.
         if dict(zip(DEFAULTS, params))["top_k"] == 1:
             results = [r[0] for r in results]
         return JSONResponse(results if batched else results[0])
 
     async def v1_answer(self, request: Request) -> Response:
-        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"])
+        data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"],
+                                self.batcher.refused)  # fmt: skip
         _only(data, ("question", "context", "parameters"), "")
         pairs = _v1_pairs(data)
-        results = await self._answer(pairs, self._params(data))
+        results = await self._answer(request, pairs, self._params(data))
         return JSONResponse({"answers": results})
 
     def _params(self, data: dict) -> tuple:
         self._require_ready()  # the model's position count is needed to check them
         return _parameters(data.get("parameters"), self.qa.config.max_position_embeddings)
 
-    async def _answer(self, pairs: list, params: tuple) -> list[list[dict]]:
+    async def _answer(self, request: Request, pairs: list, params: tuple) -> list[list[dict]]:
         try:
             check_pairs(pairs)
         except ValueError as e:
@@ -557,14 +598,22 @@ class _Server:
             )
         future = self.batcher.submit(pairs, params)
         try:
-            return await asyncio.wait_for(future, self.settings["timeout_s"])
-        except asyncio.TimeoutError:
-            raise ApiError(504, f"no answer within {self.settings['timeout_s']:g} s; retry later") from None
+            first = await _first(future, self.settings["timeout_s"], _disconnected(request))
+        finally:
+            # Unless answered: timed out, the client hung up, or this task was cancelled. The request stops counting
+            # in the queue, and its windows stop running once nobody else waits for them (Batcher._run).
+            future.cancel()
+        if first == "stop":
+            raise ApiError(499, CLIENT_GONE)
+        if first is None:
+            raise ApiError(504, f"no answer within {self.settings['timeout_s']:g} s; retry later")
+        try:
+            return future.result()
         except NonFiniteLogits as e:  # the model's fault, not the request's
             log.error("%s", e)
             raise ApiError(500, str(e)) from None
-        except ValueError as e:  # the model's own input checks: the request's fault
-            raise ApiError(400, str(e).splitlines()[0]) from None
+        except TooManyWindows as e:  # the one check of a request that only the windowing can make
+            raise ApiError(400, str(e)) from None
         except Exception as e:
             if not is_out_of_memory(e):
                 raise

@@ -139,6 +139,10 @@ def _cover_removed_marks(contexts: list[str], ptr: np.ndarray, offsets: np.ndarr
     return out
 
 
+class TooManyWindows(ValueError):
+    """The inputs need more windows than `featurize`'s max_windows allows: the caller's input, not a fault."""
+
+
 def featurize(
     examples: list[Example],
     tokenizer,
@@ -177,7 +181,7 @@ def featurize(
     W = L - q_len - 3
     K = 1 + np.maximum(0, -(-(T - W) // stride))  # ceil division; an empty context still gets one window
     if max_windows is not None and K.sum() > max_windows:
-        raise ValueError(f"these inputs need {K.sum()} windows, more than the limit of {max_windows}: shorter "
+        raise TooManyWindows(f"these inputs need {K.sum()} windows, more than the limit of {max_windows}: shorter "
                          "contexts or a larger doc_stride")  # fmt: skip
 
     # Per window (row): its example, position among the example's windows, and its context slice.
