@@ -80,6 +80,17 @@ def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
     same = [q for q, c, *_ in qs if c == context]
     assert [r["answer"] for r in qa(same, context)] == [qa(q, context)["answer"] for q in same]
     assert qa({"question": qs[0][0], "context": context}) == qa(qs[0][0], context)  # the pipeline's dict form
+    pairs = [{"question": q, "context": c} for q, c, *_ in qs[:2]]
+    assert qa(tuple(pairs)) == qa(pairs) == [qa(q, c) for q, c, *_ in qs[:2]]  # a tuple of them, as a list
+
+
+def test_none_means_the_default_as_in_the_pipeline(qa, tiny_squad):
+    """HF-style wrappers pass None for what their caller left unset; align_to_words=None turned alignment off."""
+    question, context, _, _ = questions(tiny_squad)[0]
+    unset = dict(top_k=None, max_answer_len=None, handle_impossible_answer=None, doc_stride=None, max_seq_len=None,
+                 max_question_len=None, align_to_words=None)  # fmt: skip
+    assert qa(question, context, **unset) == qa(question, context)
+    assert qa(question, context, **{**unset, "top_k": 3}) == qa(question, context, top_k=3)
 
 
 def test_answering_again_reuses_the_packed_bf16_weights(qa_model_dir, tiny_squad):
@@ -168,6 +179,10 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question="Who?", context="Some text.", max_seq_len=60, max_question_len=64), "leaves fewer than"),
         (dict(question="Who?", context="Some text.", max_seq_len="384"), "max_seq_len must be a positive integer"),
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
+        (dict(question={"question": "Who?", "context": "Me."}, context="You."), "carries its own context"),
+        (dict(question=[{"question": "Who?", "context": "Me."}], context="You."), "carries its own context"),
+        (dict(question="Who?", context="Some text.", align_to_words="no"), "align_to_words must be True or False"),
+        (dict(question="Who?", context="Some text.", handle_impossible_answer=1), "handle_impossible_answer must be"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -229,7 +244,7 @@ def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
     for args, message in ((["--question", "Who?"], "exactly one of --context or --context-file"),
                           (["--question", "Who?", "--context-file", tmp_path / "none.txt"], "none.txt"),
                           (["--question", "Who?", "--context-file", ""], "--context-file : No such file"),
-                          (["--question", " ", "--context", context], "question is empty")):  # fmt: skip
+                          (["--question", " ", "--context", context], "--question: empty")):  # fmt: skip
         r = run_cli("ask", "--model", qa_model_dir, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr

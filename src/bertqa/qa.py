@@ -11,17 +11,19 @@ starts from), and of the null answer ([CLS], from the window with the lowest nul
 v2.0 code takes it); P(end) likewise over end logits, each token's counted once at its highest over the
 windows that hold it (an answer may end in any of them: so no span scores above 1), and a span scores
 P(start) * P(end). For a context that fits one window this is exactly the
-pipeline's score, which keeps [CLS] in its softmax too. With `handle_impossible_answer` the null answer is
+pipeline's score (which keeps [CLS] in its softmax too) for an answer that one span gives; an answer that
+several spans give scores as its best (the pipeline summed some of them). With `handle_impossible_answer` the null answer is
 also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the
 default, as the pipeline's) an answer that starts or ends inside a word is widened to whole words. The search
 is the pipeline's too: the best of every valid (start, end) pair (see `rank_answers`).
 
-One difference from the pipeline, as bertqa's API defines it: `max_answer_len` defaults to 30 tokens (the
-SQuAD recipes' max_answer_length), where the pipeline's default was 15.
+The README ("Asking questions") lists where bertqa differs from the pipeline; in the defaults, `max_answer_len` is
+30 tokens (the SQuAD recipes' max_answer_length), where the pipeline's was 15.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import unicodedata
@@ -46,9 +48,14 @@ def _logsumexp(x: np.ndarray) -> float:
 
 def input_pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
     """(question, context) pairs from the pipeline's input forms, and whether the input was a batch."""
-    if isinstance(question, dict) and context is None:  # qa({"question": ..., "context": ...})
+    dicts = isinstance(question, dict) or (
+        isinstance(question, (list, tuple)) and any(isinstance(q, dict) for q in question)
+    )
+    if dicts and context is not None:
+        raise ValueError("a {'question', 'context'} dict carries its own context: give no context with it")
+    if isinstance(question, dict):  # qa({"question": ..., "context": ...})
         question, context = question.get("question"), question.get("context")
-    elif isinstance(question, list) and context is None and any(isinstance(q, dict) for q in question):
+    elif dicts:
         for i, q in enumerate(question):
             if not isinstance(q, dict):
                 raise ValueError(f"input {i}: expected a {{'question', 'context'}} dict like the others")
@@ -303,7 +310,7 @@ class QuestionAnswerer:
         `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring)."""
         pairs, batched = input_pairs(question, context)
         check_pairs(pairs)
-        check_positive(top_k=top_k, max_answer_len=max_answer_len)  # the window settings: in answer_pairs
+        (top_k,) = _or_defaults(top_k=top_k)
         results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
                                     max_question_len, align_to_words)  # fmt: skip
         if top_k == 1:
@@ -314,8 +321,15 @@ class QuestionAnswerer:
                      max_seq_len=None, max_question_len=64, align_to_words=True, *,
                      should_stop=None) -> list[list[dict]]:  # fmt: skip
         """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry);
-        the window settings are resolved and checked here, before any work.
+        the parameters are checked here, before any work, None meaning the default (as in the pipeline).
         `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
+        top_k, max_answer_len, handle_impossible_answer, max_question_len, align_to_words = _or_defaults(
+            top_k=top_k, max_answer_len=max_answer_len, handle_impossible_answer=handle_impossible_answer,
+            max_question_len=max_question_len, align_to_words=align_to_words)  # fmt: skip
+        check_positive(top_k=top_k, max_answer_len=max_answer_len)  # the window settings: in window_settings
+        for name, value in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
+            if not isinstance(value, (bool, np.bool_)):  # "no" would read as True
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
                                                   self.config.max_position_embeddings)  # fmt: skip
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
@@ -326,3 +340,9 @@ class QuestionAnswerer:
                                         self.device, self.precision.autocast(), should_stop=should_stop)  # fmt: skip
         return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer,
                             align_to_words)  # fmt: skip
+
+
+def _or_defaults(**values) -> list:
+    """The values of answer_pairs' parameters, None read as the parameter's default, as the pipeline reads it."""
+    defaults = inspect.signature(QuestionAnswerer.answer_pairs).parameters
+    return [defaults[name].default if value is None else value for name, value in values.items()]
