@@ -146,7 +146,10 @@ def inputs(tiny_dir, tiny_squad, tmp_path_factory):
     (root / "huge-int.json").write_text('{"data": [], "version": ' + "9" * 5000 + "}")
     (root / "latin1.txt").write_bytes("Café Zoë".encode("latin-1"))
     (root / "a-file").write_text("not a folder")
-    f.update({name: root / name for name in ("no-questions.json", "huge-int.json", "latin1.txt", "a-file")})
+    (root / "blank.txt").write_text(" \n\t\n")
+    f.update(
+        {name: root / name for name in ("no-questions.json", "huge-int.json", "latin1.txt", "a-file", "blank.txt")}
+    )
     return f
 
 
@@ -444,6 +447,20 @@ CLI_CASES = {
                                        "{squad}", *FAST], ["--output-dir", "is a file, not a folder"]),
     "ask: --context-file not UTF-8": (["ask", "--model", "{tiny}", "--question", "Who?", "--context-file",
                                        "{latin1.txt}"], ["--context-file", "latin1.txt", "not UTF-8"]),
+    "evaluate: --predict-file ''": (["evaluate", "--model", "{tiny}", "--predict-file", "", "--output-dir",
+                                     "{out}/eval", *FAST], ["--predict-file '': no such file"]),
+    "evaluate: --output-dir ''": (["evaluate", "--model", "{tiny}", "--predict-file", "{squad}", "--output-dir", "",
+                                   *FAST], ["--output-dir '': empty"]),
+    "predict: --input ''": (["predict", "--model", "{tiny}", "--input", "", "--output", "{out}/pred.json", *FAST],
+                            ["--input '': no such file"]),
+    "train: --predict-file ''": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--predict-file", "",
+                                  "--output-dir", "{out}/run", *FAST], ["--predict-file '': no such file"]),
+    "ask: blank --context-file": (["ask", "--model", "{tiny}", "--question", "Who?", "--context-file",
+                                   "{blank.txt}"], ["--context-file", "blank.txt", "empty"]),
+    "ask: blank --question": (["ask", "--model", "{tiny}", "--question", " ", "--context", "Ada."],
+                              ["--question", "empty"]),
+    "ask: blank --context": (["ask", "--model", "{tiny}", "--question", "Who?", "--context", " \t"],
+                             ["--context", "empty"]),
     "ask: --top-k 0": (["ask", "--model", "{tiny}", "--question", "Who?", "--context", "Ada.", "--top-k", "0"],
                        ["--top-k"]),
     "bench: --data without questions": (["bench", "--model", "{tiny}", "--data", "{no-questions.json}",
@@ -535,6 +552,71 @@ def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_p
     assert tree(tmp_path) == ["pred.nbest.json"]
 
 
+# (command line, the input file it names, relative to a fresh folder holding it)
+OVERWRITES = {
+    "predict: --output is --input": (["predict", "--input", "dev.json", "--output", "dev.json"], "dev.json"),
+    "predict: the n-best file is --input": (["predict", "--input", "dev.nbest.json", "--output", "dev.json"],
+                                            "dev.nbest.json"),
+    "predict: --output links to --input": (["predict", "--input", "dev.json", "--output", "link.json"], "dev.json"),
+    "evaluate: predictions.json is --predict-file": (["evaluate", "--predict-file", "out/predictions.json",
+                                                      "--output-dir", "out"], "out/predictions.json"),
+    "train: summary.json is --train-file": (["train", "--train-file", "out/summary.json", "--output-dir", "out"],
+                                            "out/summary.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(OVERWRITES))
+def test_no_command_writes_over_its_own_input(case, inputs, tmp_path, capsys, monkeypatch):
+    """Refused before any work, naming both files; the input left as it was."""
+    argv, given = OVERWRITES[case]
+    (tmp_path / given).parent.mkdir(exist_ok=True)
+    shutil.copy(inputs["squad"], tmp_path / given)
+    if "link.json" in argv:
+        (tmp_path / "link.json").symlink_to(tmp_path / given)
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main([*argv, "--model", inputs["tiny"], *FAST], capsys, monkeypatch)
+    line = one_error_line(err)
+    assert code == 1 and f" {given}, its own input" in line, line
+    assert (tmp_path / given).read_bytes() == Path(inputs["squad"]).read_bytes() and tree(tmp_path) == before
+
+
+def test_a_run_that_fails_after_making_its_output_folder_removes_it(inputs, tmp_path, capsys, monkeypatch):
+    """The folder is made once the inputs are read; a failure after that (here the model's logits) must not
+    leave it behind, empty, nor the folders made above it."""
+    import bertqa.evaluate
+    from bertqa.inference import NonFiniteLogits
+
+    def fail(*args):
+        raise NonFiniteLogits("the model's logits are NaN")
+
+    monkeypatch.setattr(bertqa.evaluate, "run_evaluation", fail)
+    argv = ["evaluate", "--model", inputs["tiny"], "--predict-file", inputs["squad"], "--output-dir",
+            tmp_path / "runs" / "eval", *FAST]  # fmt: skip
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and err.splitlines()[-1] == "bertqa: error: the model's logits are NaN" and tree(tmp_path) == []
+    (tmp_path / "mine").mkdir()  # the user's own folder is kept
+    code, _, err = run_main([*argv[:6], tmp_path / "mine", *FAST], capsys, monkeypatch)
+    assert code == 1 and tree(tmp_path) == ["mine"]
+
+
+def test_version_2_with_negative_reads_and_scores_a_file_that_does_not_say_v2(inputs, tmp_path, capsys, monkeypatch):
+    """v2.0 data with no version and no is_impossible (unanswerable = no answers): the flag says what it is."""
+    doc = json.loads(Path(inputs["squad"]).read_text())
+    doc.pop("version", None)
+    first = doc["data"][0]["paragraphs"][0]["qas"][0]
+    first["answers"] = []
+    (tmp_path / "v2.json").write_text(json.dumps(doc))
+    argv = ["evaluate", "--model", inputs["tiny"], "--predict-file", tmp_path / "v2.json", *FAST]
+    code, _, err = run_main([*argv, "--output-dir", tmp_path / "v1"], capsys, monkeypatch)
+    assert code == 1 and "no answers and not marked is_impossible" in err.splitlines()[-1]
+    code, out, err = run_main([*argv, "--output-dir", tmp_path / "v2", "--version-2-with-negative"], capsys,
+                              monkeypatch)  # fmt: skip
+    summary = json.loads(out.splitlines()[-1])
+    assert code == 0 and summary["NoAns_total"] == 1 and summary["HasAns_total"] == summary["total"] - 1, err
+    assert (tmp_path / "v2" / "null_odds.json").is_file()
+
+
 def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "bertqa", *args], capture_output=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -596,7 +678,9 @@ def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():
 
 def test_usage_errors_exit_2_in_one_line(capsys, monkeypatch):
     for argv, command in ((["evaluate"], "bertqa evaluate"), (["ask", "--model", "m", "--top-k", "many"], "bertqa ask"),
-                          (["frobnicate"], "bertqa"), (["ask", "--model", "m", "--bogus"], "bertqa ask")):  # fmt: skip
+                          (["frobnicate"], "bertqa"), (["ask", "--model", "m", "--bogus"], "bertqa ask"),
+                          (["export", "onnx", "--model", "m", "--output", "m.onnx", "--bogus"], "bertqa export onnx"),
+                          (["export", "onnx", "--bogus"], "bertqa export onnx")):  # fmt: skip
         code, _, err = run_main(argv, capsys, monkeypatch)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("bertqa: error: "), err  # as every other error

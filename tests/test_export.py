@@ -224,6 +224,39 @@ def test_runner_rejects_a_graph_without_the_logits(tmp_path):
         OnnxRunner(tmp_path / "other.onnx")
 
 
+def test_runner_rejects_inputs_it_cannot_feed(tmp_path):
+    """A graph exported with fixed shapes (1 x 384, say) or int32 inputs: refused when loaded, naming the input,
+    not an onnxruntime error on the first batch."""
+    from onnx import TensorProto, helper
+
+    for dtype, shape, named in ((TensorProto.INT64, [1, 384], r"int64\) of shape \[1, 384\]"),
+                                (TensorProto.INT32, ["b", "t"], r"int32\) of shape \[b, t\]")):  # fmt: skip
+        inputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.INPUTS]
+        outputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.OUTPUTS]
+        nodes = [helper.make_node("Identity", [src], [dst]) for src, dst in zip(export.INPUTS, export.OUTPUTS)]
+        model = helper.make_model(helper.make_graph(nodes, "fixed", inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+        model.ir_version = 8
+        onnx.save(model, str(tmp_path / "other.onnx"))
+        with pytest.raises(ValueError, match=r"other\.onnx: graph input input_ids is tensor\(" + named):
+            OnnxRunner(tmp_path / "other.onnx")
+
+
+def test_a_graph_onnxruntime_cannot_load_is_named_by_the_output(tiny_dir, tmp_path, monkeypatch):
+    """Not by the scratch file it was written to, which is gone by then."""
+
+    def refuse(path, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : opset 99 is not supported")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ValueError) as e:
+        export_onnx(tiny_dir, out, verbose=False, **WINDOWS)
+    assert str(e.value).startswith(f"export onnx: onnxruntime cannot run the graph written for {out} (opset ")
+    assert "not a loadable ONNX graph ([ONNXRuntimeError]" in str(e.value) and ".onnx-export" not in str(e.value)
+    assert str(e.value).endswith(f"; {out} not written") and list(tmp_path.iterdir()) == []
+
+
 def test_an_int8_graph_with_non_finite_logits_is_not_written(reuse_trace, tiny_dir, tmp_path, monkeypatch):
     real, reports = export.compare, []
 

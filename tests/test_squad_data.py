@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bertqa.squad.data import SquadFormatError, is_squad_v2, read_squad
+from bertqa.squad.data import SquadFormatError, is_squad_v2, parse_squad, read_squad
 
 CONTEXT = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
 
@@ -65,6 +65,13 @@ def test_reads_v2(tmp_path):
     path = write(tmp_path, doc)
     for is_training in (False, True):
         y, n = read_squad(path, is_training)
+        assert not y.is_impossible and n.is_impossible
+    # ... and without its version too: nothing says v2.0 but --version-2-with-negative (parse_squad's v2).
+    doc.pop("version")
+    with pytest.raises(SquadFormatError, match="question id 'n': no answers and not marked is_impossible"):
+        parse_squad(doc, path, False)
+    for is_training in (False, True):
+        y, n = parse_squad(doc, path, is_training, v2=True)
         assert not y.is_impossible and n.is_impossible
 
 

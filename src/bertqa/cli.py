@@ -164,6 +164,15 @@ def cmd_ask(args):
             raise UsageError(f"--context-file {args.context_file}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise UsageError(f"--context-file {args.context_file}: {e.strerror}") from None
+    # Blank text, named by where it came from, before the model takes seconds to load.
+    given = {
+        "--question": args.question,
+        "--context": args.context if args.context_file is None else None,
+        f"--context-file {args.context_file}": args.context if args.context_file is not None else None,
+    }
+    for flag, text in given.items():
+        if text is not None and not text.strip():
+            raise UsageError(f"{flag}: empty" + (" (only white space)" if text else ""))
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
     qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision,
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
@@ -415,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a fine-tuned model for other runtimes")
     xs = x.add_subparsers(dest="format", required=True, parser_class=Parser)
+    x.formats = xs.choices  # name -> its parser
     o = xs.add_parser("onnx", help="ONNX graph (dynamic batch and length), checked against PyTorch with onnxruntime")
     o.add_argument("--model", required=True, help="a fine-tuned checkpoint")
     o.add_argument("--output", required=True, help="FILE.onnx (written atomically)")
@@ -436,13 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run one command. A user's mistake is one line on stderr and exit 1 (a usage error: exit 2); anything
+    """Run one command. A user's mistake is one line on stderr and exit 1 (a flag the parser rejects: exit 2); anything
     else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser: its --help lists the flags it takes, the top level's does not
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = parser.commands[args.command]
+        if args.command == "export":  # `export onnx`: the format's own parser holds its flags
+            command = command.formats[args.format]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = getattr(args, "debug", False) or os.environ.get("BERTQA_DEBUG", "").lower() not in ("", "0", "false", "no")
     _setup_logging()
     try:

@@ -27,7 +27,7 @@ from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import check_window_params, load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
-from .squad.postprocess import postprocess, write_prediction_files, write_predictions
+from .squad.postprocess import PREDICTION_FILES, postprocess, write_prediction_files, write_predictions
 from .tokenizer import check_vocabulary, load_tokenizer
 
 
@@ -60,6 +60,7 @@ class EvalConfig:
     # Fields whose command-line flag is not their name with dashes.
     FLAGS = {}
     POSITIVE = ("batch_size", "n_best_size", "max_answer_length")
+    WRITES = ("summary.json", *PREDICTION_FILES)  # the files a run writes in output_dir (or removes there)
 
     def flag(self, name: str) -> str:
         return self.FLAGS.get(name, "--" + name.replace("_", "-"))
@@ -79,14 +80,18 @@ class EvalConfig:
             )
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
-            if path and not Path(path).is_file():
-                raise FileNotFoundError(f"{self.flag(name)} {path}: no such file")
+            if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
+                raise FileNotFoundError(f"{self.flag(name)} {path or repr(path)}: no such file")
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes
         # --output instead.
-        if self.output_dir and is_rank_zero():
-            check_output_dir(self.output_dir)
+        if self.output_dir is not None and is_rank_zero():
+            check_output_dir(self.output_dir, writes=self.WRITES, inputs=self.inputs())
+
+    def inputs(self) -> dict:
+        """The run's input files, by flag: what it must not write over."""
+        return {self.flag(name): getattr(self, name, None) for name in ("train_file", "predict_file")}
 
 
 @dataclass(kw_only=True)
@@ -94,7 +99,7 @@ class PredictConfig(EvalConfig):
     """`bertqa predict`: the evaluation path without scoring, for files that may carry no answers."""
 
     predict_file: str  # the SQuAD JSON to answer (--input)
-    output_dir: str = ""  # unused
+    output_dir: None = None  # unused
     output: str  # predictions JSON; n-best and null odds beside it
     FLAGS = {"predict_file": "--input"}
 
@@ -109,7 +114,8 @@ def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist,
     # Each fail_together ends in a gather that is also the barrier: the cache is written before it is read.
     with fail_together(d):
         doc = load_json(path)
-        examples = parse_squad(doc, path, is_training=is_training, require_answers=require_answers)
+        examples = parse_squad(doc, path, is_training=is_training, require_answers=require_answers,
+                               v2=cfg.version_2_with_negative is True)  # fmt: skip
         if limit:
             examples = examples[:limit]
         if not examples:
@@ -122,10 +128,11 @@ def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist,
     return doc, examples, features
 
 
-def score(doc: dict, preds: dict, null_odds: dict | None) -> dict:
-    """Official EM/F1 of the predictions as written; on v2.0 data also the HasAns/NoAns breakdown and, from
-    the null odds, the best thresholds (`best_*`), as the official script reports them."""
-    if not is_squad_v2(doc):
+def score(doc: dict, preds: dict, null_odds: dict | None, v2: bool = False) -> dict:
+    """Official EM/F1 of the predictions as written; on v2.0 data (or with `v2`, whatever the file says) also
+    the HasAns/NoAns breakdown and, from the null odds, the best thresholds (`best_*`), as the official script
+    reports them."""
+    if not (v2 or is_squad_v2(doc)):
         return evaluate_v1(doc["data"], preds)
     scores = dict(evaluate_v2(doc["data"], preds))
     if null_odds is not None:
@@ -171,7 +178,7 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
     with fail_together(d):  # rank 0 scores and writes while the others wait: a failure there stops them too
         if out is not None:
             preds, nbest, null_odds, timing = out
-            result = {**timing, **score(data[0], preds, null_odds)}
+            result = {**timing, **score(data[0], preds, null_odds, cfg.version_2_with_negative is True)}
             if out_dir is not None:
                 # summary.json is removed first and written last (by `finish`): where it is, the predictions are its
                 # run's.
@@ -260,7 +267,8 @@ def predict(cfg: PredictConfig) -> dict:
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
     cfg.validate()
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
-    output = check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json")) if is_rank_zero() else None
+    output = (check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json"), inputs=cfg.inputs())
+              if is_rank_zero() else None)  # fmt: skip
     with _prepared(cfg, require_answers=False) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:

@@ -185,6 +185,11 @@ class OnnxRunner:
         names = tuple(i.name for i in self.session.get_inputs())
         if sorted(names) != sorted(INPUTS):
             raise ValueError(f"{path}: graph inputs are {list(names)}, expected {list(INPUTS)}")
+        for i in self.session.get_inputs():  # what predict_logits feeds: int64 batches of any size and length
+            if i.type != "tensor(int64)" or len(i.shape) != 2 or any(isinstance(d, int) for d in i.shape):
+                shape = ", ".join("?" if d is None else str(d) for d in i.shape)
+                raise ValueError(f"{path}: graph input {i.name} is {i.type} of shape [{shape}]; bertqa feeds int64 "
+                                 "(batch, sequence) with both axes free, as `bertqa export onnx` writes")  # fmt: skip
         names = tuple(o.name for o in self.session.get_outputs())
         if not set(OUTPUTS) <= set(names):
             raise ValueError(f"{path}: graph outputs are {list(names)}, expected {list(OUTPUTS)}")
@@ -220,6 +225,17 @@ def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_str
         examples = [Example(f"sample-{i}", q, c, [], []) for i, (q, c) in enumerate(pairs)]
     features = featurize(examples, tokenizer, max_seq_length, doc_stride, max_query_length)
     return features.select(np.arange(min(limit, len(features))))
+
+
+def _runner(graph: Path, output: Path, opset: int) -> OnnxRunner:
+    """OnnxRunner on a graph just written in the scratch folder, its errors naming the output instead (the
+    scratch folder is gone by the time they are read)."""
+    try:
+        return OnnxRunner(graph)
+    except ValueError as e:
+        reason = str(e).removeprefix(f"{graph}: ")
+        raise ValueError(f"export onnx: onnxruntime cannot run the graph written for {output} (opset {opset}): "
+                         f"{reason}; {output} not written") from None  # fmt: skip
 
 
 @torch.inference_mode()
@@ -296,7 +312,7 @@ def export_onnx(
         report["export_seconds"] = round(time.perf_counter() - t0, 1)
         say(f"bertqa: exported {model} -> ONNX opset {report['opset']}, free batch and sequence axes, "
             f"{ATTENTION} attention, in {report['export_seconds']} s")  # fmt: skip
-        check = compare(net, OnnxRunner(fp32), features)
+        check = compare(net, _runner(fp32, output, report["opset"]), features)
         where = f"{check['windows']} windows (batches {' and '.join(check['shapes'])})"
         say(f"bertqa: fp32 parity on {where}: max |onnxruntime - pytorch| = {check['max_abs_diff']:.2e} "
             f"(limit {FP32_TOLERANCE:.0e})")  # fmt: skip
@@ -310,7 +326,7 @@ def export_onnx(
             report["fp32_size_bytes"] = fp32.stat().st_size
             report["fp32_max_abs_diff"] = check["max_abs_diff"]
             _quantize(fp32, tmp)
-            check = compare(net, OnnxRunner(tmp), features)
+            check = compare(net, _runner(tmp, output, report["opset"]), features)
             if not np.isfinite(check["max_abs_diff"]):  # int8 is held to no bound but this one
                 raise NonFiniteLogits(f"export onnx: the int8 graph's logits are NaN or infinite; {output} not written")
             report.update({k: check[k] for k in ("max_abs_diff", "start_argmax_agreement", "end_argmax_agreement")})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import json
 import logging
 import os
@@ -112,9 +113,11 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...] = ()) -> Path:
+def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...] = (), inputs: dict | None = None
+                 ) -> Path:  # fmt: skip
     """`--output` checked before any work is done: it ends in `suffix`, neither it nor the files written beside
-    it (its name with each suffix of `beside` instead) is a folder, and the folder it goes in can be written."""
+    it (its name with each suffix of `beside` instead) is a folder or one of the run's `inputs` ({flag: path}),
+    and the folder it goes in can be written."""
     path = Path(output)
     if path.suffix != suffix:
         raise ValueError(f"--output {output}: must end in {suffix}")
@@ -123,18 +126,32 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     for other in (path.with_suffix(s) for s in beside):
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
+    check_not_inputs([path, *(path.with_suffix(s) for s in beside)], inputs, f"--output {output}")
     _check_writable(path.absolute().parents, f"--output {output}")
     return path
 
 
-def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir") -> Path:
-    """An output folder checked before any work is done: not a file, and it (or the folder it will be made in)
-    can be written."""
+def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
+    """Refuse, before any work, a run that would write over one of its own inputs ({flag: path}; an unset
+    flag's None is skipped): the file it writes is that input itself (the same path, a link to it, a hard link)."""
+    for flag, given in (inputs or {}).items():
+        for out in outputs:
+            if given and Path(out).exists() and Path(given).exists() and os.path.samefile(out, given):
+                raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
+
+
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),
+                     inputs: dict | None = None) -> Path:  # fmt: skip
+    """An output folder checked before any work is done: not a file, none of the files the run `writes` there
+    is one of its `inputs` ({flag: path}), and it (or the folder it will be made in) can be written."""
+    if not str(output_dir):  # Path("") would be the current folder
+        raise ValueError(f"{flag} '': empty; name the folder to write in")
     path = Path(output_dir)
     if path.is_symlink() and not path.exists():
         raise ValueError(f"{flag} {output_dir}: a symbolic link to nothing")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
+    check_not_inputs([path / name for name in writes], inputs, f"{flag} {output_dir}")
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     return path
 
@@ -274,12 +291,7 @@ def scratch_dir(path: str | os.PathLike, kind: str):
     be taken (Windows, some network file systems) nothing is cleared. The folders made for it are removed again
     (those left empty) when the block fails: it wrote nothing."""
     folder = _target(path).parent
-    made = []  # the folders above `path` that are not there yet, deepest first
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            break
-        made.append(parent)
-    folder.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(folder)
     prefix = f".{kind}-"
     for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
         if not old.is_dir() or old.is_symlink():
@@ -315,28 +327,48 @@ def scratch_dir(path: str | os.PathLike, kind: str):
         shutil.rmtree(tmp, ignore_errors=True)
         if fd is not None:
             os.close(fd)
-        for parent in [] if done else made:
-            try:
-                parent.rmdir()
-            except OSError:  # not empty (another process wrote there meanwhile): kept, and the folders above it
-                break
+        if not done:
+            _remove_empty(made)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """mkdir -p; returns the folders it made, deepest first."""
+    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove folders that _make_folder made, deepest first, as long as they are empty."""
+    for parent in made:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (another process wrote there meanwhile): kept, and the folders above it
+            break
 
 
 @contextmanager
 def exclusive(folder: str | os.PathLike):
     """Hold the lock on `folder` itself while the block runs, so that a second run started on the same folder
     stops at once rather than delete the first one's temporary files or mix its outputs in. Where locks cannot
-    be taken (Windows, some network file systems) the block runs unguarded."""
+    be taken (Windows, some network file systems) the block runs unguarded. A folder made for the block is
+    removed again when the block fails having written nothing there."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(folder)
+    done = False
     try:
-        fd = _lock(folder)
-    except _NoLocks:
-        yield
-        return
-    if fd is None:
-        raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
-    try:
-        yield
+        try:
+            fd = _lock(folder)
+        except _NoLocks:
+            fd = -1
+        if fd is None:
+            raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
+        try:
+            yield
+            done = True
+        finally:
+            if fd >= 0:
+                os.close(fd)
     finally:
-        os.close(fd)
+        if not done:
+            _remove_empty(made)

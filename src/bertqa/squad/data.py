@@ -173,13 +173,14 @@ def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None =
 
 
 def parse_squad(
-    doc, path, is_training: bool, report: dict | None = None, require_answers: bool = True
+    doc, path, is_training: bool, report: dict | None = None, require_answers: bool = True, v2: bool = False
 ) -> list[Example]:
     """`read_squad` on an already parsed JSON document (`path` only names it in errors). With
-    `require_answers=False` (prediction) a question may come without answers."""
+    `require_answers=False` (prediction) a question may come without answers. `v2` reads the file as SQuAD v2.0
+    whatever it says (--version-2-with-negative: a question without answers is unanswerable)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
-    v2 = is_squad_v2(doc)
+    v2 = v2 or is_squad_v2(doc)
     examples: list[Example] = []
     seen: set[str] = set()
     realigned, skipped = 0, []
