@@ -535,6 +535,13 @@ def test_only_rank_0_checks_the_output_folder_it_alone_writes(inputs, tmp_path, 
         monkeypatch.delenv("RANK")
 
 
+def test_predict_takes_no_output_dir():
+    """PredictConfig's output_dir is unused (predict writes --output): its old default, "", must still do."""
+    from bertqa.evaluate import PredictConfig
+
+    PredictConfig(model=".", predict_file=__file__, output="pred.json", output_dir="").validate()
+
+
 def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_path, capsys, monkeypatch):
     """A folder where the n-best file goes: refused before any work, not after writing half of the set."""
     import bertqa.evaluate
@@ -562,6 +569,8 @@ OVERWRITES = {
                                                       "--output-dir", "out"], "out/predictions.json"),
     "train: summary.json is --train-file": (["train", "--train-file", "out/summary.json", "--output-dir", "out"],
                                             "out/summary.json"),
+    "train: --train-file in out/model": (["train", "--train-file", "out/model/dev.json", "--output-dir", "out"],
+                                           "out/model/dev.json"),
 }  # fmt: skip
 
 
@@ -569,7 +578,7 @@ OVERWRITES = {
 def test_no_command_writes_over_its_own_input(case, inputs, tmp_path, capsys, monkeypatch):
     """Refused before any work, naming both files; the input left as it was."""
     argv, given = OVERWRITES[case]
-    (tmp_path / given).parent.mkdir(exist_ok=True)
+    (tmp_path / given).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(inputs["squad"], tmp_path / given)
     if "link.json" in argv:
         (tmp_path / "link.json").symlink_to(tmp_path / given)

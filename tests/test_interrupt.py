@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bertqa.files
 from bertqa.distributed import Dist
 from bertqa.files import atomic_dir, atomic_path, exclusive, remove_stale_temps, scratch_dir
 from bertqa.train import TrainConfig, load_checkpoint, train
@@ -273,6 +274,24 @@ def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp
         (ours / "fp32.onnx").write_bytes(b"graph")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".onnx-export-k1ll3d00", ours.name, "run"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx-export-k1ll3d00", "run"]
+
+
+def test_a_folder_made_for_a_failed_block_is_removed_and_no_other(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError), exclusive(tmp_path / "runs" / "eval"):
+        raise RuntimeError("the run failed before writing")
+    assert list(tmp_path.iterdir()) == []  # nor the folder made above it
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError), exclusive(tmp_path / "mine"):
+        raise RuntimeError
+    with pytest.raises(RuntimeError), exclusive(tmp_path / "written"):
+        (tmp_path / "written" / "metrics.jsonl").write_text("{}\n")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "written"]
+    # Another run made the folder and took it between our look and our lock: its folder, not ours to remove.
+    monkeypatch.setattr(bertqa.files, "_lock", lambda folder: None)
+    with pytest.raises(ValueError, match="another run is writing here"), exclusive(tmp_path / "theirs"):
+        pass
+    assert (tmp_path / "theirs").is_dir()
 
 
 def test_an_output_folder_reached_through_a_symlink_is_held_as_the_folder(tmp_path):

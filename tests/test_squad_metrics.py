@@ -168,6 +168,7 @@ def test_a_v2_question_without_answers_is_unanswerable_with_or_without_is_imposs
     v1 = write(tmp_path, "v1.json", {"version": "1.1", "data": data})  # v1.1 has no unanswerable questions
     with pytest.raises(SquadFormatError, match="question id 'q2': no answers and not marked is_impossible"):
         score_files(v1, tmp_path / "p.json")
+    assert score_files(v1, tmp_path / "p.json", v2=True) == out  # --version-2-with-negative: the v2.0 script's
     del data[0]["paragraphs"][0]["qas"][1]["answers"]  # no "answers" list at all: as unanswerable as an empty one
     path = write(tmp_path, "v2.json", {"version": "v2.0", "data": data})
     assert score_files(path, tmp_path / "p.json") == out

@@ -48,7 +48,7 @@ def cmd_convert(args):
 def cmd_score(args):
     from .squad.metrics import score_files
 
-    result = score_files(args.data_file, args.pred_file, args.na_prob_file)
+    result = score_files(args.data_file, args.pred_file, args.na_prob_file, args.version_2_with_negative)
     # As the official scripts print it: v1.1's on one line, v2.0's (which has "total") indented.
     print(json.dumps(result, indent=2 if "total" in result else None))
 
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_file")
     s.add_argument("pred_file")
     s.add_argument("--na-prob-file", help="v2.0: no-answer probabilities (null_odds.json)")
+    s.add_argument("--version-2-with-negative", action="store_true",
+                   help="score as SQuAD v2.0 (no answers: unanswerable) whatever the file says")  # fmt: skip
     s.set_defaults(func=cmd_score)
 
     pr = sub.add_parser("predict", help="predictions (n-best, null odds) for a SQuAD file, answers not needed")

@@ -61,6 +61,7 @@ class EvalConfig:
     FLAGS = {}
     POSITIVE = ("batch_size", "n_best_size", "max_answer_length")
     WRITES = ("summary.json", *PREDICTION_FILES)  # the files a run writes in output_dir (or removes there)
+    OUTPUT_DIR = True  # output_dir is used (predict writes --output instead)
 
     def flag(self, name: str) -> str:
         return self.FLAGS.get(name, "--" + name.replace("_", "-"))
@@ -86,7 +87,7 @@ class EvalConfig:
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes
         # --output instead.
-        if self.output_dir is not None and is_rank_zero():
+        if self.OUTPUT_DIR and is_rank_zero():
             check_output_dir(self.output_dir, writes=self.WRITES, inputs=self.inputs())
 
     def inputs(self) -> dict:
@@ -99,9 +100,10 @@ class PredictConfig(EvalConfig):
     """`bertqa predict`: the evaluation path without scoring, for files that may carry no answers."""
 
     predict_file: str  # the SQuAD JSON to answer (--input)
-    output_dir: None = None  # unused
+    output_dir: str = ""  # unused
     output: str  # predictions JSON; n-best and null odds beside it
     FLAGS = {"predict_file": "--input"}
+    OUTPUT_DIR = False
 
 
 def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist, limit=None,

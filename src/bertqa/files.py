@@ -133,10 +133,14 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
 
 def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     """Refuse, before any work, a run that would write over one of its own inputs ({flag: path}; an unset
-    flag's None is skipped): the file it writes is that input itself (the same path, a link to it, a hard link)."""
+    flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, where
+    symbolic links lead (files are written through them)."""
     for flag, given in (inputs or {}).items():
+        if not given:
+            continue
+        real = Path(given).resolve()
         for out in outputs:
-            if given and Path(out).exists() and Path(given).exists() and os.path.samefile(out, given):
+            if Path(out).resolve() in (real, *real.parents):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
 
 
@@ -355,20 +359,18 @@ def exclusive(folder: str | os.PathLike):
     removed again when the block fails having written nothing there."""
     folder = Path(folder)
     made = _make_folder(folder)
+    try:
+        fd = _lock(folder)
+    except _NoLocks:
+        fd = -1
+    if fd is None:  # (another run's folder, even one it made a moment ago: not ours to remove)
+        raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
     done = False
     try:
-        try:
-            fd = _lock(folder)
-        except _NoLocks:
-            fd = -1
-        if fd is None:
-            raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
-        try:
-            yield
-            done = True
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        yield
+        done = True
     finally:
-        if not done:
+        if not done:  # while still held: another run cannot have taken the folder meanwhile
             _remove_empty(made)
+        if fd >= 0:
+            os.close(fd)

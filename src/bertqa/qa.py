@@ -10,10 +10,10 @@ context token, each counted once (from the window that gives it the most context
 starts from), and of the null answer ([CLS], from the window with the lowest null score, as Google's SQuAD
 v2.0 code takes it); P(end) likewise over end logits, each token's counted once at its highest over the
 windows that hold it (an answer may end in any of them: so no span scores above 1), and a span scores
-P(start) * P(end). For a context that fits one window this is exactly the
-pipeline's score (which keeps [CLS] in its softmax too) for an answer that one span gives; an answer that
-several spans give scores as its best (the pipeline summed some of them). With `handle_impossible_answer` the null answer is
-also a candidate, and wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the
+P(start) * P(end). For a context that fits one window this is exactly the pipeline's score (which keeps [CLS]
+in its softmax too) for an answer that one span gives; an answer that several spans give scores as its best
+(the pipeline summed some of them). With `handle_impossible_answer` the null answer is also a candidate, and
+wins when it beats every span: the rule `evaluate` applies. With `align_to_words` (the
 default, as the pipeline's) an answer that starts or ends inside a word is widened to whole words. The search
 is the pipeline's too: the best of every valid (start, end) pair (see `rank_answers`).
 

@@ -314,25 +314,23 @@ CLIENT_GONE = "client closed the request"
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
-    # Closed after these answers: on a kept connection the rest of the body (too big, or trickling) would still
-    # be read, and a chunked one has no end.
-    too_big = ApiError(
-        413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)", {"Connection": "close"}
-    )
+    too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_big
+        # uvicorn reads the declared rest and drops it, so the client, still sending, gets this answer (closed at
+        # once, with bytes unread, its connection would be reset instead).
+        raise ApiError(413, too_big)
 
     async def read() -> bytearray:
         body = bytearray()
         async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
             body += chunk
-            if len(body) > limit:
-                raise too_big
+            if len(body) > limit:  # nor an end: read on, as a declared rest is, it could go on for ever
+                raise ApiError(413, too_big, {"Connection": "close"})
         return body
 
     # A client that sends its body a byte at a time (or never) must not hold a connection for ever, nor past a
-    # shutdown (which would cancel it into uvicorn's plain-text 500).
+    # shutdown (which would cancel it into uvicorn's plain-text 500). Closed after the 408: the rest could trickle in.
     reading = asyncio.ensure_future(read())
     try:
         first = await _first(reading, timeout_s, refused.wait())

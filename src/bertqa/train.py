@@ -68,7 +68,7 @@ class TrainConfig(EvalConfig):
 
     FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
-    WRITES = (CHECKPOINT, "metrics.jsonl", "curves.png", *EvalConfig.WRITES)
+    WRITES = (CHECKPOINT, "metrics.jsonl", "curves.png", "model", *EvalConfig.WRITES)  # model/: replaced whole
 
     def validate(self) -> None:
         super().validate()

@@ -192,13 +192,14 @@ def _load_mapping(path, value_type, what: str) -> dict:
     return doc
 
 
-def score_files(data_path, predictions_path, na_prob_path=None) -> dict:
-    """Score a predictions file against a SQuAD file, picking the v1.1 or v2.0 metric from the data.
+def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False) -> dict:
+    """Score a predictions file against a SQuAD file, picking the v1.1 or v2.0 metric from the data (v2.0 with
+    `v2`, whatever the file says, as running the official v2.0 script on it does).
 
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
     doc = load_json(data_path)
-    v2 = is_squad_v2(doc)
+    v2 = v2 or is_squad_v2(doc)
     # Validates, with one-line errors naming the question. In v2.0, as the official script reads it, a question
     # with no answers is unanswerable, is_impossible or not (HF's squad_v2 exports leave it out).
     parse_squad(doc, data_path, is_training=False, require_answers=not v2)
