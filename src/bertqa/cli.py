@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run one command. A user's mistake is one line on stderr and exit 1 (a flag the parser rejects: exit 2); anything
-    else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
+    """Run one command. A user's mistake is one line on stderr and exit 1 (a flag the parser rejects: exit 2);
+    anything else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)

@@ -325,7 +325,7 @@ async def _read_json(request: Request, limit: int, timeout_s: float, refused: as
         body = bytearray()
         async for chunk in request.stream():  # counted as it comes: a chunked body has no length up front
             body += chunk
-            if len(body) > limit:  # nor an end: read on, as a declared rest is, it could go on for ever
+            if len(body) > limit:  # closed: a chunked body has no end to drain it to, as a declared rest is
                 raise ApiError(413, too_big, {"Connection": "close"})
         return body
 
