@@ -3,16 +3,25 @@
 # evaluate on the whole dev sample (4,961 questions), print EM/F1 and answer one question. About 6 minutes
 # on 2 CPU cores (see the README's results for what it reaches).
 #   MODEL=path        your own checkpoint instead of the offline all-MiniLM-L6-v2 weights
-#   SQUAD_DIR=path    a folder with train-subset.json + dev-a.json (default: ../shared/data/squad-v1.1);
-#                     where it is absent, the official SQuAD v1.1 files are downloaded into data/squad
+#   SQUAD_DIR=path    a folder with train-subset.json + dev-a.json (the sample) or train-v1.1.json +
+#                     dev-v1.1.json (the official files). Unset: ../shared/data/squad-v1.1 where it holds the
+#                     sample, else the official SQuAD v1.1 files, downloaded into data/squad
 #   EXAMPLES=N        training questions to use (default 5000); OUT=folder (default runs/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 BERTQA=.venv/bin/bertqa
-SQUAD_DIR=${SQUAD_DIR:-../shared/data/squad-v1.1}
-if [ -f "$SQUAD_DIR/train-subset.json" ] && [ -f "$SQUAD_DIR/dev-a.json" ]; then
-  TRAIN=$SQUAD_DIR/train-subset.json DEV=$SQUAD_DIR/dev-a.json
+if [ -n "${SQUAD_DIR:-}" ]; then  # the user's folder: used, or refused, never silently replaced by a download
+  if [ -f "$SQUAD_DIR/train-subset.json" ] && [ -f "$SQUAD_DIR/dev-a.json" ]; then
+    TRAIN=$SQUAD_DIR/train-subset.json DEV=$SQUAD_DIR/dev-a.json
+  elif [ -f "$SQUAD_DIR/train-v1.1.json" ] && [ -f "$SQUAD_DIR/dev-v1.1.json" ]; then
+    TRAIN=$SQUAD_DIR/train-v1.1.json DEV=$SQUAD_DIR/dev-v1.1.json
+  else
+    echo "demo: SQUAD_DIR $SQUAD_DIR holds neither train-subset.json + dev-a.json nor train-v1.1.json + dev-v1.1.json" >&2
+    exit 1
+  fi
+elif [ -f ../shared/data/squad-v1.1/train-subset.json ] && [ -f ../shared/data/squad-v1.1/dev-a.json ]; then
+  TRAIN=../shared/data/squad-v1.1/train-subset.json DEV=../shared/data/squad-v1.1/dev-a.json
 else
   $BERTQA download squad --version 1.1 --dir data/squad
   TRAIN=data/squad/train-v1.1.json DEV=data/squad/dev-v1.1.json
