@@ -37,7 +37,6 @@ from .evaluate import (
 )
 from .files import atomic_path, exclusive, fsync_path, named, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
-from .squad.postprocess import PREDICTION_FILES
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 
@@ -424,7 +423,7 @@ def _claim(out_dir: Path, held: contextlib.ExitStack) -> None:
     held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
     # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size); the
     # files themselves are only ever renamed into place whole, so they hold the previous save.
-    for name in (CHECKPOINT, "model", "metrics.jsonl", "summary.json", "curves.png", *PREDICTION_FILES):
+    for name in TrainConfig.WRITES:
         remove_stale_temps(out_dir / name)
 
 
@@ -646,7 +645,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
             # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
             # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for.
-            for name in ("summary.json", *PREDICTION_FILES):
+            for name in EvalConfig.WRITES:
                 (out_dir / name).unlink(missing_ok=True)
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
