@@ -210,6 +210,11 @@ def _q(qid="q", question="Who?", text="Ada", start=0, **extra):
         ),
         (_doc("Ada \udc00won.", [_q()]), "article 0 paragraph 0: 'context' is not valid Unicode"),
         (_doc("Ada won.", [_q(qid="q\ud83d")]), "article 0 paragraph 0 question 0: 'id' is not valid Unicode"),
+        (_doc("Ada won.", [_q(text="A\ud800")]), "question id 'q': 'answers[0].text' is not valid Unicode"),
+        (
+            {"data": [{"title": "t\udc80", "paragraphs": []}]},
+            "article 0: 'title' is not valid Unicode (an unpaired surrogate '\\udc80' at character 1)",
+        ),
         (_doc("Ada won.", [_q(), _q()]), "question id 'q': duplicate question id"),
     ],
 )

@@ -331,6 +331,19 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
         candidates = driver.find_elements(By.CSS_SELECTOR, "#candidates li")
         assert len(candidates) == len(expected["answers"][0]) == top_k
         assert "%" in driver.find_element(By.ID, "score").text
+        assert driver.find_element(By.ID, "status").text.startswith("Answered in ")
+
+        # Another candidate, picked with the keyboard: it is shown, marked, and keeps the focus (the list is rebuilt).
+        from selenium.webdriver.common.keys import Keys
+
+        second = expected["answers"][0][1]
+        pick = driver.find_elements(By.CSS_SELECTOR, "#candidates button")[1]
+        pick.send_keys(Keys.ENTER)
+        wait.until(ec.staleness_of(pick))
+        focused = driver.switch_to.active_element
+        assert focused.get_attribute("aria-current") == "true" and focused.text == (second["answer"] or "(no answer)")
+        if second["answer"]:
+            assert driver.find_element(By.ID, "highlight").text == second["answer"]
 
         # Offsets count code points; JavaScript counts UTF-16 units. An emoji up front tells them apart.
         # (ChromeDriver types only the Basic Multilingual Plane, hence the script.)
@@ -347,9 +360,10 @@ def test_page_answers_in_headless_chromium(server, tmp_path):
 
 
 @contextlib.contextmanager
-def prefix_proxy(target, prefix="/qa", only=None):
+def prefix_proxy(target, prefix="/qa", only=None, replace=None):
     """A reverse proxy serving `target` under `prefix`, as a site mounts a service (404 elsewhere, and for paths
-    not in `only` if given); yields its URL."""
+    not in `only` if given; `replace` maps paths to the (status, content type, body) it answers in their place);
+    yields its URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def forward(self):
@@ -363,7 +377,11 @@ def prefix_proxy(target, prefix="/qa", only=None):
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
             kept = {k: v for k, v in self.headers.items() if k.lower() == "content-type"}
-            status, headers, text = call(target, self.command, path, body, kept)
+            if replace and path in replace:
+                status, content_type, text = replace[path]
+                headers = {"content-type": content_type}
+            else:
+                status, headers, text = call(target, self.command, path, body, kept)
             data = text.encode()
             self.send_response(status)
             for name in ("content-type", "retry-after"):
@@ -407,6 +425,31 @@ def test_page_works_under_a_proxys_path_prefix(server, tmp_path):
         driver.get(url + "/")
         WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
         assert driver.find_element(By.ID, "model").text == "model unavailable: HTTP 404"
+
+
+def test_page_names_replies_that_are_not_the_apis(server, tmp_path):
+    """Something else answering at the API's paths (a proxy's sign-in page, say) is named on the page: not
+    "model loading…" forever, nor a JavaScript error about `answers`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    html = (200, "text/html", "<html><body>Please sign in</body></html>")
+    with prefix_proxy(server, replace={"/v1/model": html}) as url, chromium_driver(tmp_path) as driver:
+        driver.get(url + "/")
+        WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
+        assert driver.find_element(By.ID, "model").text == (
+            "model unavailable: the reply to /qa/v1/model is not a model's description"
+        )
+    with prefix_proxy(server, replace={"/v1/answer": html}) as url, chromium_driver(tmp_path) as driver:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "ask").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+        assert driver.find_element(By.ID, "status").text == (
+            "the server's reply (HTTP 200) is not an answer: is something else at this address?"
+        )
+        assert not driver.find_element(By.ID, "result").is_displayed()
 
 
 def test_page_shows_a_model_that_failed_to_load(tmp_path):

@@ -185,6 +185,19 @@ def test_malformed_files_give_one_line_naming_file_and_place(tmp_path, content, 
     assert text.startswith(f"{path}: ") and message in text and "\n" not in text
 
 
+def test_optional_fields_may_be_null(tmp_path):
+    """A field that may be left out may be null too (JSON writers put null for absent), not 'missing or null'."""
+    doc = mutate(lambda d: (d["data"][0].update(title=None), [q.update(is_impossible=None, plausible_answers=None)
+                                                             for q in _qas(d)]))  # fmt: skip
+    for is_training in (False, True):
+        ex = read_squad(write(tmp_path, doc), is_training)
+        assert ex[0].title == "" and not any(e.is_impossible or e.plausible_answers for e in ex)
+    unanswered = mutate(lambda d: _qas(d)[1].update(answers=None))  # a prediction input needs no answers
+    assert parse_squad(unanswered, "in.json", False, require_answers=False)[1].answers == []
+    with pytest.raises(SquadFormatError, match="question id 'q1': no answers and not marked is_impossible"):
+        parse_squad(unanswered, "in.json", False)
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_squad(tmp_path / "absent.json", False)

@@ -137,6 +137,12 @@ def _text(value, what: str, where: str, path) -> str:
     return value
 
 
+def _optional(record: dict, key: str, default):
+    """A field that may be left out, and so may be null (JSON writers put null for absent)."""
+    value = record.get(key)
+    return default if value is None else value
+
+
 def _realign(context: str, text: str, start: int) -> int | None:
     """Position of `text` in `context` closest to `start` (within REALIGN_WINDOW), or None."""
     lo = max(0, start - REALIGN_WINDOW)
@@ -151,12 +157,12 @@ def _realign(context: str, text: str, start: int) -> int | None:
 
 
 def _read_answers(qa: dict, key: str, where: str, path) -> tuple[list[str], list[int]]:
-    answers = qa.get(key, [])
+    answers = _optional(qa, key, [])
     _expect(answers, list, key, where, path)
     texts, starts = [], []
     for j, ans in enumerate(answers):
         _expect(ans, dict, f"{key}[{j}]", where, path)
-        texts.append(_expect(ans.get("text"), str, f"{key}[{j}].text", where, path))
+        texts.append(_text(ans.get("text"), f"{key}[{j}].text", where, path))
         starts.append(_expect(ans.get("answer_start"), int, f"{key}[{j}].answer_start", where, path))
     return texts, starts
 
@@ -187,8 +193,7 @@ def parse_squad(
     for a, article in enumerate(doc["data"]):
         where = f"article {a}"
         _expect(article, dict, "data[]", where, path)
-        title = article.get("title", "")
-        _expect(title, str, "title", where, path)
+        title = _text(_optional(article, "title", ""), "title", where, path)
         _expect(article.get("paragraphs"), list, "paragraphs", where, path)
         for p, paragraph in enumerate(article["paragraphs"]):
             where = f"article {a} paragraph {p}"
@@ -213,7 +218,7 @@ def parse_squad(
                 texts, starts = _read_answers(qa, "answers", where, path)
                 # v2.0 without the key (HF datasets' squad_v2 export): no answers means unanswerable, as the
                 # official v2.0 script reads it.
-                impossible = qa.get("is_impossible", v2 and not texts and (require_answers or is_training))
+                impossible = _optional(qa, "is_impossible", v2 and not texts and (require_answers or is_training))
                 _expect(impossible, bool, "is_impossible", where, path)
                 plausible, _ = _read_answers(qa, "plausible_answers", where, path)
                 if impossible and texts:
