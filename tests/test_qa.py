@@ -407,7 +407,9 @@ def late_starts_early_ends(features, seed=0, slope=0.3):
 
 @pytest.mark.parametrize("align_words", [False, True])
 def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(minilm_dir, tiny_squad, monkeypatch, align_words):
-    import bertqa.qa
+    import importlib
+
+    module = importlib.import_module("bertqa.squad.postprocess")  # (bertqa.squad.postprocess is the function)
     from bertqa.tokenizer import load_tokenizer
 
     qs = questions(tiny_squad)
@@ -420,7 +422,7 @@ def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(minilm_dir, tiny
         ranked = rank_answers(examples, features, start, end, top_k, max_len, False, align_words)
         assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == expected
         # Scored a window at a time (an example's windows split over groups), the answers are the same.
-        monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1)
+        monkeypatch.setattr(module, "PAIR_BUDGET", 1)
         assert rank_answers(examples, features, start, end, top_k, max_len, False, align_words) == ranked
         monkeypatch.undo()
 
@@ -473,16 +475,17 @@ def test_word_pieces_of_one_character_each_count_in_the_softmax(minilm_dir):
 def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):
     """Logits that send the search to the last column of every window: scored in groups of PAIR_BUDGET
     pairs, not all at once (76 windows of 384 tokens: 11 M pairs, about 200 MB)."""
+    import importlib
     import tracemalloc
 
-    import bertqa.qa
+    module = importlib.import_module("bertqa.squad.postprocess")  # (bertqa.squad.postprocess is the function)
     from bertqa.tokenizer import load_tokenizer
 
     examples = [Example(str(i), "Who?", f"Ada Lovelace wrote program {i}. " * 400, [], []) for i in range(4)]
     features = featurize(examples, load_tokenizer(minilm_dir), 384, 128, 64)
     assert len(features) > 70
     start, end = late_starts_early_ends(features, slope=1.0)
-    monkeypatch.setattr(bertqa.qa, "PAIR_BUDGET", 1 << 16)
+    monkeypatch.setattr(module, "PAIR_BUDGET", 1 << 16)
     tracemalloc.start()
     try:
         ranked = rank_answers(examples, features, start, end, 2, 30)

@@ -284,3 +284,32 @@ def test_write_predictions(tmp_path, setup):
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_predictions(tmp_path / "v2", changed, bad_nbest)
     assert {p.name: p.read_bytes() for p in (tmp_path / "v2").iterdir()} == before
+
+
+def test_a_deep_n_best_stays_within_its_pair_budget(tok, monkeypatch):
+    """--n-best-size 384 pairs every start with every end: scored in groups of PAIR_BUDGET pairs, not all at once
+    (76 windows of 384 tokens: 11 M pairs, 250 MB before; SQuAD dev's 10,833 windows would take 44 GB), and with
+    the same n-best whether an example's windows are scored together or one at a time."""
+    import importlib
+    import tracemalloc
+
+    module = importlib.import_module("bertqa.squad.postprocess")  # (bertqa.squad.postprocess is the function)
+
+    text = " ".join(f"Ada Lovelace wrote program {j}." for j in range(400))  # no span text twice
+    examples = [Example(str(i), "Who?", f"{text} {i}", ["Ada"], [0]) for i in range(4)]
+    features = featurize(examples, tok, 384, 128, 64)
+    assert len(features) > 70
+    start, end = np.random.default_rng(0).normal(size=(2, *features.input_ids.shape))
+    monkeypatch.setattr(module, "PAIR_BUDGET", 1 << 16)
+    tracemalloc.start()
+    try:
+        deep = postprocess(examples, features, start, end, n_best_size=384, max_answer_length=30, version_2=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert [len(deep[1][ex.qid]) for ex in examples] == [385] * 4  # the n-best and the null answer
+    for budget in (1, 1 << 40):  # each window alone; every window at once
+        monkeypatch.setattr(module, "PAIR_BUDGET", budget)
+        assert postprocess(examples, features, start, end, n_best_size=384, max_answer_length=30,
+                           version_2=True) == deep  # fmt: skip

@@ -37,7 +37,7 @@ from .inference import default_batch_size, predict_logits
 from .runtime import Precision
 from .squad.data import Example, bert_removes, unpaired_surrogate
 from .squad.features import featurize
-from .squad.postprocess import span_candidates
+from .squad.postprocess import best_spans
 from .tokenizer import load_tokenizer
 
 
@@ -146,12 +146,6 @@ def window_settings(max_seq_len: int | None, doc_stride: int | None, max_questio
     return max_seq_len, doc_stride
 
 
-# Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_len
-# lets most pairs be valid): a deep search over the server's 2,048 windows of 384 tokens stays within 40-100 MB
-# (measured: 104 MB at max_answer_len 384) instead of taking several GB.
-PAIR_BUDGET = 1 << 21
-
-
 def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, align_words: bool = False) -> list[list[dict]]:  # fmt: skip
     """The `top_k` best distinct answers of every example, best first, from its windows' logits (see the
@@ -171,16 +165,18 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
     ends = -np.sort(np.where(in_context, -end, np.inf), axis=1)
     order = np.argsort(features.example_index, kind="stable")
     rows_of = np.split(order, np.cumsum(np.bincount(features.example_index, minlength=len(examples)))[:-1])
-    results = [[] for _ in examples]
+    results, contexts = [[] for _ in examples], [ex.context for ex in examples]
     pending = list(range(len(examples)))
     n = max(20, top_k)
     while pending:
-        found = _best_spans(examples, features, start, end, rows_of, pending, n, top_k, max_answer_len, align_words)
+        rows = np.concatenate([rows_of[e] for e in pending])
+        found = best_spans(contexts, features, start, end, rows, n, top_k, max_answer_len,
+                           align_to_words if align_words else None)  # fmt: skip
         # The best score a pair left out of this search can have, per window (none left past the last column).
         left_out = np.maximum(starts[:, n] + ends[:, 0], starts[:, 0] + ends[:, n]) if n < width else None
         deeper = []
         for e in pending:
-            spans = found[e]
+            spans = found.get(e, [])
             kth = spans[top_k - 1][0] if len(spans) == top_k else -np.inf
             if left_out is not None and left_out[rows_of[e]].max() > kth:
                 deeper.append(e)
@@ -189,45 +185,6 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
                                  features.params["doc_stride"], top_k, handle_impossible_answer)  # fmt: skip
         pending, n = deeper, n * 2
     return results
-
-
-def _best_spans(examples, features, start, end, rows_of, pending, n, top_k, max_answer_len, align_words) -> dict:
-    """{example: its best `top_k` distinct (logit score, char start, char end), best first} among the pairs
-    of each of its windows' top-n starts and ends, scoring at most PAIR_BUDGET pairs at a time. An answer in
-    the top k over all windows is in the top k of the windows it comes from, so the top k of every group of
-    windows, merged, hold it."""
-    rows = np.concatenate([rows_of[e] for e in pending])
-    found = {e: [] for e in pending}
-    step = max(1, PAIR_BUDGET // (n * n))
-    for a in range(0, len(rows), step):
-        group = rows[a : a + step]
-        cand = span_candidates(features.select(group), start[group], end[group], n, max_answer_len)
-        ids, first = np.unique(cand["example"], return_index=True)  # sorted by example: where each one starts
-        bounds = [*first.tolist(), len(cand["example"])]
-        for e, lo, hi in zip(ids.tolist(), bounds, bounds[1:]):
-            found[e] += _spans_of(examples[e].context, cand, lo, hi, top_k, align_words)
-    for e, spans in found.items():
-        best = {}
-        for span in sorted(spans, key=lambda x: -x[0]):  # stable: ties keep window order
-            best.setdefault(examples[e].context[span[1] : span[2]], span)
-        found[e] = list(best.values())[:top_k]
-    return found
-
-
-def _spans_of(context: str, cand, lo: int, hi: int, top_k: int, align_words: bool) -> list[tuple[float, int, int]]:
-    """The best `top_k` distinct (logit score, char start, char end) among one example's candidates."""
-    spans, seen = [], set()
-    for a in range(lo, hi):
-        if len(spans) == top_k:
-            break
-        cs, ce = int(cand["char_start"][a]), int(cand["char_end"][a])
-        if align_words:
-            cs, ce = align_to_words(context, cs, ce)
-        if context[cs:ce] in seen:  # the same words at two places are one answer, with the better score
-            continue
-        seen.add(context[cs:ce])
-        spans.append((float(cand["score"][a]), cs, ce))
-    return spans
 
 
 def _best_end_logits(rows, end, in_context, stride: int) -> np.ndarray:
@@ -255,9 +212,9 @@ def _scored(context, spans, rows, start, end, counted, in_context, stride: int, 
     log_z = _logsumexp(s_all) + _logsumexp(e_all)
     null = start[w, 0] + end[w, 0] if handle_impossible else None
     answers = [{"score": float(np.exp(score - log_z)), "start": cs, "end": ce, "answer": context[cs:ce]}
-               for score, cs, ce in spans]  # fmt: skip
+               for score, cs, ce, *_ in spans]  # fmt: skip
     if null is not None:
-        at = sum(1 for score, _, _ in spans if score >= null)
+        at = sum(1 for score, *_ in spans if score >= null)
         answers.insert(at, {"score": float(np.exp(null - log_z)), "start": 0, "end": 0, "answer": ""})
     return answers[:top_k] or [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
 

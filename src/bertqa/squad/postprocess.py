@@ -23,6 +23,12 @@ from bertqa.files import write_json_files
 from bertqa.squad.data import Example
 from bertqa.squad.features import Features
 
+# Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_length
+# lets most pairs be valid): a deep search (the server's 2,048 windows of 384 tokens; --n-best-size 384 over
+# SQuAD dev's 10,833 windows, 1.6 billion pairs) stays within 40-100 MB (measured: 104 MB for the server's at
+# max_answer_len 384) instead of taking several or tens of GB.
+PAIR_BUDGET = 1 << 21
+
 # The null odds of a question with no valid span in any window: the null answer wins at any threshold. Finite,
 # because JSON has no infinity (json.dumps would write `Infinity`, which JSON readers refuse).
 NO_SPAN_ODDS = 1e30
@@ -78,6 +84,47 @@ def span_candidates(features: Features, start, end, n_best_size: int, max_answer
     return {k: v[order] for k, v in cand.items()}
 
 
+def best_spans(contexts, features: Features, start, end, rows, n: int, k: int, max_answer_length: int,
+               align=None) -> dict[int, list[tuple]]:  # fmt: skip
+    """{example: its best `k` distinct spans (score, char start, char end, start logit, end logit), best first}
+    among the pairs of the top-n starts and ends of each of the windows `rows` (grouped by example), scoring at
+    most PAIR_BUDGET pairs at a time. `align(context, char_start, char_end)`, if given, moves a span's ends (to
+    whole words, say) before its text is compared. An answer in the top k over all windows is in the top k of the
+    group of windows it comes from, so the groups' top k, merged, hold it; equal scores keep window order.
+    Examples without any valid span are left out."""
+    found, split = {}, set()
+    step = max(1, PAIR_BUDGET // min(n, start.shape[1]) ** 2)
+    for a in range(0, len(rows), step):
+        group = rows[a : a + step]
+        cand = span_candidates(features.select(group), start[group], end[group], n, max_answer_length)
+        ids, first = np.unique(cand["example"], return_index=True)  # sorted by example: where each one starts
+        bounds = [*first.tolist(), len(cand["example"])]
+        columns = [cand[c] for c in ("score", "char_start", "char_end", "start_logit", "end_logit")]
+        for e, lo, hi in zip(ids.tolist(), bounds, bounds[1:]):
+            if e in found:
+                split.add(e)
+            found.setdefault(e, []).extend(_distinct(contexts[e], _ranked(columns, lo, hi, 2 * k), k, align))
+    for e in split:  # (a stable sort: equal scores keep window order)
+        found[e] = _distinct(contexts[e], sorted(found[e], key=lambda span: -span[0]), k)
+    return found
+
+
+def _distinct(context: str, spans, k: int, align=None) -> list[tuple]:
+    """The first `k` spans (score, char start, char end, ...) of distinct text: the same text at two places (a
+    repeated phrase) is one answer, with the better score."""
+    out, seen = [], set()
+    for span in spans:
+        if len(out) == k:
+            break
+        if align is not None:
+            span = (span[0], *align(context, span[1], span[2]), *span[3:])
+        text = context[span[1] : span[2]]
+        if text not in seen:
+            seen.add(text)
+            out.append(span)
+    return out
+
+
 def postprocess(
     examples: list[Example],
     features: Features,
@@ -111,9 +158,9 @@ def postprocess(
             f"features do not match the {len(examples)} examples (pass the very list they were built from)"
         )
 
-    cand = span_candidates(features, start, end, n_best_size, max_answer_length)
-    bounds = np.searchsorted(cand["example"], np.arange(len(examples) + 1)).tolist()
-    columns = [cand[k] for k in ("char_start", "char_end", "start_logit", "end_logit")]
+    rows = np.argsort(features.example_index, kind="stable")
+    found = best_spans([ex.context for ex in examples], features, start, end, rows, n_best_size, n_best_size,
+                       max_answer_length)  # fmt: skip
 
     if version_2:
         # Null score: [CLS] start + end, the lowest over the example's windows (Google's choice: the
@@ -124,16 +171,9 @@ def postprocess(
 
     predictions, nbest, null_odds = {}, {}, {} if version_2 else None
     for e, ex in enumerate(examples):
-        entries, seen = [], set()
-        for char_start, char_end, start_logit, end_logit in _ranked(columns, bounds[e], bounds[e + 1], 2 * n_best_size):
-            if len(entries) == n_best_size:
-                break
-            text = ex.context[char_start:char_end]
-            # The same text at two places (a repeated phrase) is one answer: keep its best score only.
-            if text in seen:
-                continue
-            seen.add(text)
-            entries.append({"text": text, "start_logit": start_logit, "end_logit": end_logit})
+        entries = [
+            {"text": ex.context[cs:ce], "start_logit": s, "end_logit": t} for _, cs, ce, s, t in found.get(e, [])
+        ]
         best = entries[0] if entries else None
         if version_2:
             row = null_row[e]
