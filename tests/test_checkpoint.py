@@ -1,6 +1,7 @@
 """Checkpoint loading/saving: HF folders, NVIDIA .pt files, strictness and bad files."""
 
 import argparse
+import errno
 import json
 import shutil
 import subprocess
@@ -8,8 +9,9 @@ import sys
 
 import pytest
 import torch
+from skips import file_size_limit
 
-from bertqa import load_model, load_tokenizer, save_pretrained
+from bertqa import cli, load_model, load_tokenizer, save_pretrained
 from bertqa.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -150,6 +152,29 @@ def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
     save_pretrained(ours, None, out)
     assert not (out / "tokenizer.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_a_model_folder_that_cannot_be_written_names_the_file_and_keeps_the_old_folder(minilm_dir, tmp_path):
+    """A write that fails (a full disk; here a file size limit) names the model folder's file, not the temporary
+    folder's nor nothing (safetensors' error was an "internal error"), and leaves the previous folder whole."""
+    from bertqa.config import BertConfig
+    from bertqa.model import BertForQuestionAnswering
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    tokenizer = load_tokenizer(minilm_dir)
+    out = save_pretrained(model, tokenizer, tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    weights = (out / "model.safetensors").stat().st_size
+    assert (out / "tokenizer.json").stat().st_size > weights + 4096
+    # A failed write() names no file: the folder is named then.
+    for limit, path in ((4096, out / "model.safetensors"), (weights + 4096, out)):
+        with file_size_limit(limit), pytest.raises(OSError) as caught:
+            save_pretrained(model, tokenizer, out)
+        assert (caught.value.errno, caught.value.filename) == (errno.EFBIG, str(path))
+        assert cli.error_line(caught.value, False) == f"{path}: File too large"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
 def test_a_half_precision_source_is_saved_as_the_fp32_weights_it_becomes(hf_qa_dir, tmp_path):

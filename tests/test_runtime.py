@@ -196,6 +196,13 @@ def test_a_full_disk_names_the_file_not_its_temp(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e, atomic_path(target, durable=True) as tmp:
         tmp.write_text("{}")
     assert message_line(e.value) == f"{target}: Input/output error" and list(tmp_path.iterdir()) == []
+    # A folder: an error that names a file in its temporary folder names the folder's own; one that names none,
+    # the folder. An error naming a file elsewhere (a source being read) is left alone.
+    folder = tmp_path / "model"
+    for named, shown in (("sub/w.bin", folder / "sub" / "w.bin"), (None, folder), ("/elsewhere/x", "/elsewhere/x")):
+        with pytest.raises(OSError) as e, atomic_dir(folder) as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([] if named is None else [str(tmp / named)]))
+        assert message_line(e.value) == f"{shown}: No space left on device" and not folder.exists()
 
 
 def test_a_metrics_line_the_disk_refuses_names_the_file(tmp_path, monkeypatch):

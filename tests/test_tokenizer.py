@@ -102,6 +102,24 @@ def test_cased_vocab_and_fingerprint(vocab_only_dir, tmp_path):
     assert load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True).fingerprint == lower.fingerprint
 
 
+def test_a_vocabulary_file_is_read_under_any_name(vocab_only_dir, tmp_path):
+    """A vocabulary is told from weights by its content (NVIDIA's lies at vocab/vocab); a weights file, by its
+    content or its name (a Git LFS stub is text), still stands for the tokenizer beside it."""
+    vocab = (vocab_only_dir / "vocab.txt").read_bytes()
+    want = load_tokenizer(vocab_only_dir / "vocab.txt", do_lower_case=True).tokenize(["Who ruled Normandy?"])[0].ids
+    for name in ("vocab/vocab", "uncased.vocab", "VOCAB.TXT"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(vocab)
+        assert load_tokenizer(tmp_path / name, do_lower_case=True).tokenize(["Who ruled Normandy?"])[0].ids == want
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "vocab.txt").write_bytes(vocab)
+    (tmp_path / "run" / "ckpt").write_bytes(b"\x80\x04\x95" + bytes(64))  # a pickle, with no suffix
+    (tmp_path / "run" / "model.bin").write_text("version https://git-lfs.github.com/spec/v1\n")
+    for weights in ("ckpt", "model.bin"):
+        tokenizer = load_tokenizer(tmp_path / "run" / weights, do_lower_case=True)
+        assert tokenizer.tokenize(["Who ruled Normandy?"])[0].ids == want
+
+
 def test_bad_tokenizer_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from official_squad import official_v1, official_v2
 from safetensors.torch import load_file
-from skips import platform_skip
+from skips import file_size_limit, platform_skip
 
 import bertqa.evaluate
 import bertqa.train
@@ -304,23 +304,20 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_kept(
 ):
     real, saves = torch.save, []
 
-    def disk_full(obj, f, *args, **kwargs):
+    def disk_full(obj, f, *args, **kwargs):  # the second save's writes fail, as on a full disk
         saves.append(f)
         if len(saves) == 1:
             return real(obj, f, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a checkpoint")
-        raise RuntimeError(
-            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/7: file write failed"
-        )
+        with file_size_limit(4096):
+            return real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full)
     out = tmp_path / "run"
     with pytest.raises(OSError) as caught:
         train(cfg_for(tiny_dir, small_squad, out, save_every=2))
-    assert cli.message_line(caught.value) == (
-        f"{out / 'checkpoint.pt'}: cannot write the checkpoint ([enforce fail at inline_container.cc:778] . "
-        "PytorchStreamWriter failed writing file data/7: file write failed)"
+    # torch's own words (2.13: "[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3994").
+    assert cli.message_line(caught.value).startswith(
+        f"{out / 'checkpoint.pt'}: cannot write the checkpoint (is the disk full? torch: "
     )
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -489,13 +486,21 @@ def test_a_finished_run_whose_model_was_not_saved_is_not_replaced_by_a_fresh_sta
     assert train(cfg_for(tiny_dir, small_squad, copy, max_steps=1))["steps"] == 1
 
 
-def test_the_model_to_fine_tune_may_not_lie_in_the_folder_the_run_replaces(tiny_dir, tmp_path, small_squad):
+def test_the_model_to_fine_tune_may_not_lie_where_the_run_writes(tiny_dir, tmp_path, small_squad):
     out = tmp_path / "run"
     shutil.copytree(tiny_dir, out / "model")  # an earlier run's model, fine-tuned further
     for model in (out / "model", out / "model" / "model.safetensors", out / "." / "model"):
-        with pytest.raises(ValueError, match=r"--model .*: lies in .*model, which this run replaces"):
+        with pytest.raises(ValueError, match=rf"^--output-dir {out}: this run would write {out / 'model'} over "
+                           rf"--model {model}, its own input$"):  # fmt: skip
             cfg_for(model, small_squad, out).validate()
+    # An earlier run's checkpoint (the first save would replace it), and a config.json in the model folder.
+    torch.save({"model": bertqa.load_model(tiny_dir).state_dict()}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=rf"this run would write {out / 'checkpoint.pt'} over --model "):
+        cfg_for(out / "checkpoint.pt", small_squad, out).validate()
+    with pytest.raises(ValueError, match=rf"this run would write {out / 'model'} over --config "):
+        cfg_for(tiny_dir, small_squad, out, config=str(out / "model" / "config.json")).validate()
     cfg_for(out, small_squad, out).validate()  # the output folder itself is not replaced
+    cfg_for(tiny_dir, small_squad, out, config="base").validate()  # a preset's name is no file
 
 
 def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_dir, small_squad, tmp_path):

@@ -299,7 +299,14 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
         model.config.to_json(tmp / "config.json")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
               if with_qa_head or not k.startswith("qa_outputs.")}  # fmt: skip
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # a failed write (a full disk: "... I/O error: ... (os error 28)")
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            name = Path(directory) / "model.safetensors"
+            if code:
+                raise OSError(int(code[1]), os.strerror(int(code[1])), str(name)) from None
+            raise OSError(f"{name}: cannot write the weights ({str(e).splitlines()[0]})") from None
         if tokenizer is not None:
             tokenizer.save(tmp, model.config.max_position_embeddings)
         for name, text in (extra_files or {}).items():

@@ -92,7 +92,10 @@ class EvalConfig:
 
     def inputs(self) -> dict:
         """The run's input files, by flag: what it must not write over."""
-        return {self.flag(name): getattr(self, name, None) for name in ("train_file", "predict_file")}
+        files = {self.flag(name): getattr(self, name, None) for name in ("model", "train_file", "predict_file")}
+        if self.config and Path(self.config).is_file():  # (else a preset's name)
+            files[self.flag("config")] = self.config
+        return files
 
 
 @dataclass(kw_only=True)

@@ -204,7 +204,13 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a write's error (a full disk) names no file, or one in the temporary folder
+            inner = None if e.filename is None else Path(os.fspath(e.filename))
+            if e.strerror and (inner is None or inner.is_relative_to(tmp)):
+                raise named(e, path if inner is None else path / inner.relative_to(tmp)) from e
+            raise
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
         if durable:
             for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder

@@ -72,7 +72,8 @@ class BertTokenizer:
         `model_max_length`: the model's position embeddings, where transformers' truncation stops."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(d / "tokenizer.json"))
+        # What backend.save writes, written by Python: a failed write (a full disk) is an OSError naming the file.
+        (d / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
         (d / "vocab.txt").write_text("".join(tok + "\n" for tok in self._vocab_lines()), encoding="utf-8")
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case}
         norm = json.loads(self.backend.to_str()).get("normalizer") or {}
@@ -130,8 +131,8 @@ def _has_upper_case(tokens) -> bool:
 
 
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, config=None) -> BertTokenizer:
-    """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json` or a `vocab.txt`,
-    or a weights file (the tokenizer beside it).
+    """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json`, a vocabulary file
+    (`vocab.txt`, or any other name: a text file), or a weights file (the tokenizer beside it).
 
     Lower-casing is never guessed from a name. `do_lower_case` (--lower-case / --no-lower-case) overrides what
     the files say; by default it is what `tokenizer.json`'s normaliser does, else `tokenizer_config.json`'s
@@ -160,14 +161,34 @@ def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
                     f"{config.vocab_size:,}")  # fmt: skip
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _is_text(p: Path) -> bool:
+    """Whether a file is a vocabulary by its content, whatever its name (NVIDIA's lies at vocab/vocab): UTF-8
+    text from its start. Weights are binary (pickle, zip, safetensors' length prefix), but for a Git LFS stub in
+    their place, which a weights file's name tells apart (the weights loader then names it)."""
+    if p.suffix.lower() in WEIGHT_SUFFIXES:
+        return False
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4  # a character cut by the 4 KB read
+    return True
+
+
 def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> BertTokenizer:
     p = Path(path)
-    if p.is_file() and p.suffix not in (".json", ".txt"):
+    if p.is_file() and p.suffix.lower() not in (".json", ".txt") and not _is_text(p):
         p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
         json_file, vocab_file, folder = p / "tokenizer.json", p / "vocab.txt", p
     elif p.is_file():
-        json_file = p if p.suffix == ".json" else None
+        json_file = p if p.suffix.lower() == ".json" else None
         vocab_file = None if json_file else p
         folder = p.parent
     else:

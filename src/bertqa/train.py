@@ -88,10 +88,6 @@ class TrainConfig(EvalConfig):
             raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
-        own, src = Path(self.output_dir, "model").resolve(), Path(self.model).resolve()
-        if src == own or own in src.parents:  # the fine-tuned model replaces that folder whole at the end
-            raise ValueError(f"--model {self.model}: lies in {own}, which this run replaces with its own model; "
-                             "copy it elsewhere first, or use another --output-dir")  # fmt: skip
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -162,10 +158,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
     with atomic_path(path, durable=True) as tmp:
         try:
             torch.save(state, tmp)
-        except RuntimeError as e:  # torch's writer on a full disk: "PytorchStreamWriter failed writing file ..."
-            if "PytorchStreamWriter" not in str(e):
-                raise
-            raise OSError(f"{path}: cannot write the checkpoint ({' '.join(str(e).split())[:200]})") from None
+        except RuntimeError as e:
+            # The C++ writer's only error (pickling's are others): a failed write, a full disk most likely, which
+            # it words as "PytorchStreamWriter failed writing file ..." or "unexpected pos 704 vs 598" (torch 2.13).
+            detail = " ".join(str(e).split())[:200]
+            raise OSError(f"{path}: cannot write the checkpoint (is the disk full? torch: {detail})") from None
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
