@@ -306,9 +306,10 @@ def test_a_file_system_that_cannot_flush_a_folder_still_gets_the_folder(tmp_path
         (tmp / "w").write_text("weights")
     assert (tmp_path / "model" / "w").read_text() == "weights"
     monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"), atomic_dir(tmp_path / "model", durable=True) as tmp:
+    with pytest.raises(OSError, match="I/O error") as e, atomic_dir(tmp_path / "model", durable=True) as tmp:
         (tmp / "w").write_text("new")  # a failed flush is an error: the data may not be on the disk
     assert (tmp_path / "model" / "w").read_text() == "weights"
+    assert e.value.filename == str(tmp_path / "model" / "w")  # the folder's file, not the temporary folder's
     monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
     with pytest.raises(OSError, match="Invalid argument"), atomic_dir(tmp_path / "model", durable=True) as tmp:
         (tmp / "w").write_text("new")  # EINVAL for a file's data is a failure too

@@ -434,22 +434,25 @@ def test_page_names_replies_that_are_not_the_apis(server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     html = (200, "text/html", "<html><body>Please sign in</body></html>")
-    with prefix_proxy(server, replace={"/v1/model": html}) as url, chromium_driver(tmp_path) as driver:
-        driver.get(url + "/")
-        WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
-        assert driver.find_element(By.ID, "model").text == (
-            "model unavailable: the reply to /qa/v1/model is not a model's description"
-        )
-    with prefix_proxy(server, replace={"/v1/answer": html}) as url, chromium_driver(tmp_path) as driver:
-        driver.get(url + "/")
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)
-        driver.find_element(By.ID, "ask").click()
-        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
-        assert driver.find_element(By.ID, "status").text == (
-            "the server's reply (HTTP 200) is not an answer: is something else at this address?"
-        )
-        assert not driver.find_element(By.ID, "result").is_displayed()
+    null = (200, "application/json", "null")  # JSON, but nothing in it
+    for reply in (html, null):
+        with prefix_proxy(server, replace={"/v1/model": reply}) as url, chromium_driver(tmp_path) as driver:
+            driver.get(url + "/")
+            WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
+            assert driver.find_element(By.ID, "model").text == (
+                "model unavailable: the reply to /qa/v1/model is not a model's description"
+            )
+    for reply in (html, null, (200, "application/json", '{"answers": [[1]]}')):
+        with prefix_proxy(server, replace={"/v1/answer": reply}) as url, chromium_driver(tmp_path) as driver:
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: "cpu" in d.find_element(By.ID, "model").text)
+            driver.find_element(By.ID, "ask").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+            assert driver.find_element(By.ID, "status").text == (
+                "the server's reply (HTTP 200) is not an answer: is something else at this address?"
+            )
+            assert not driver.find_element(By.ID, "result").is_displayed()
 
 
 def test_page_shows_a_model_that_failed_to_load(tmp_path):

@@ -1,5 +1,6 @@
 """Logits -> n-best spans -> predictions, with logits placed by hand on known spans."""
 
+import importlib
 import json
 import time
 
@@ -157,7 +158,7 @@ def google_prelim_order(f, start, end, n_best_size, max_answer_length):
     return [key for _, key in sorted(prelim, key=lambda x: x[0], reverse=True)]
 
 
-def test_equal_scores_are_ranked_as_googles_code_ranks_them(setup):
+def test_equal_scores_are_ranked_as_googles_code_ranks_them(setup, monkeypatch):
     # Low-precision logits are often equal: which of them make a window's top n, and which equal-scoring span
     # wins, follow Google's stable sorts (a partial sort would pick among them at random).
     from bertqa.squad.postprocess import span_candidates
@@ -175,6 +176,11 @@ def test_equal_scores_are_ranked_as_googles_code_ranks_them(setup):
             postprocess(ex, f, start, end)[0]["q"]
             == CONTEXT[f.offsets[best[0], best[1], 0] : f.offsets[best[0], best[2], 1]]
         )
+        # Scored a window at a time, the n-best is the same, equal scores in the same order.
+        whole = postprocess(ex, f, start, end)
+        monkeypatch.setattr(importlib.import_module("bertqa.squad.postprocess"), "PAIR_BUDGET", 1)
+        assert postprocess(ex, f, start, end) == whole
+        monkeypatch.undo()
 
 
 def test_no_valid_span_predicts_empty(setup, tmp_path):
@@ -290,7 +296,6 @@ def test_a_deep_n_best_stays_within_its_pair_budget(tok, monkeypatch):
     """--n-best-size 384 pairs every start with every end: scored in groups of PAIR_BUDGET pairs, not all at once
     (76 windows of 384 tokens: 11 M pairs, 250 MB before; SQuAD dev's 10,833 windows would take 44 GB), and with
     the same n-best whether an example's windows are scored together or one at a time."""
-    import importlib
     import tracemalloc
 
     module = importlib.import_module("bertqa.squad.postprocess")  # (bertqa.squad.postprocess is the function)

@@ -114,8 +114,9 @@ def test_a_vocabulary_file_is_read_under_any_name(vocab_only_dir, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "vocab.txt").write_bytes(vocab)
     (tmp_path / "run" / "ckpt").write_bytes(b"\x80\x04\x95" + bytes(64))  # a pickle, with no suffix
-    (tmp_path / "run" / "model.bin").write_text("version https://git-lfs.github.com/spec/v1\n")
-    for weights in ("ckpt", "model.bin"):
+    for stub in ("model.bin", "bert_model"):  # Git LFS stubs in the weights' place: text, but not a vocabulary
+        (tmp_path / "run" / stub).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    for weights in ("ckpt", "model.bin", "bert_model"):
         tokenizer = load_tokenizer(tmp_path / "run" / weights, do_lower_case=True)
         assert tokenizer.tokenize(["Who ruled Normandy?"])[0].ids == want
 

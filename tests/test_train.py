@@ -322,6 +322,15 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_kept(
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary file left
+    # Out of memory while torch.save copies tensors is not the file's fault: it stays an out-of-memory error.
+    oom = (
+        "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"
+    )
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError(oom)))
+    with pytest.raises(RuntimeError) as caught:
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "oom", save_every=2))
+    assert cli.error_line(caught.value, False).startswith("out of memory (")
+    monkeypatch.setattr(torch, "save", real)
 
 
 def open_files() -> set[str]:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
-from .files import atomic_dir
+from .files import LFS_POINTER, atomic_dir
 from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
@@ -73,8 +73,6 @@ def _group(keys) -> list[str]:
         lines.append(name)
     return lines
 
-
-LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
 
 # Weights in a folder that bertqa does not read, and what they are (for the error that names them).
 OTHER_FORMATS = [

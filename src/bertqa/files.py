@@ -18,6 +18,8 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts (one in weights' place)
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -206,16 +208,16 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     try:
         try:
             yield tmp
-        except OSError as e:  # a write's error (a full disk) names no file, or one in the temporary folder
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
+            if durable:
+                for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
+                    fsync_path(inner)
+                fsync_path(tmp)
+        except OSError as e:  # a write's or a flush's error names no file, or one in the temporary folder
             inner = None if e.filename is None else Path(os.fspath(e.filename))
             if e.strerror and (inner is None or inner.is_relative_to(tmp)):
                 raise named(e, path if inner is None else path / inner.relative_to(tmp)) from e
             raise
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
-        if durable:
-            for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
-                fsync_path(inner)
-            fsync_path(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name

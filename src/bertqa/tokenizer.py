@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordPiece
 
+from .files import LFS_POINTER
+
 SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -167,17 +169,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 def _is_text(p: Path) -> bool:
     """Whether a file is a vocabulary by its content, whatever its name (NVIDIA's lies at vocab/vocab): UTF-8
     text from its start. Weights are binary (pickle, zip, safetensors' length prefix), but for a Git LFS stub in
-    their place, which a weights file's name tells apart (the weights loader then names it)."""
+    their place, told apart by its first line or its name (the weights loader then names it)."""
     if p.suffix.lower() in WEIGHT_SUFFIXES:
         return False
     with open(p, "rb") as f:
         head = f.read(4096)
-    if not head or b"\0" in head:
+    if not head or b"\0" in head or head.startswith(LFS_POINTER):
         return False
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
-        return e.start > len(head) - 4  # a character cut by the 4 KB read
+        return len(head) == 4096 and e.start > len(head) - 4  # a character cut by the 4 KB read
     return True
 
 

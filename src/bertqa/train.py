@@ -159,8 +159,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         try:
             torch.save(state, tmp)
         except RuntimeError as e:
-            # The C++ writer's only error (pickling's are others): a failed write, a full disk most likely, which
-            # it words as "PytorchStreamWriter failed writing file ..." or "unexpected pos 704 vs 598" (torch 2.13).
+            # A failed write of torch's zip writer (inline_container.cc), a full disk most likely, which it words as
+            # "PytorchStreamWriter failed writing file ..." or "unexpected pos 704 vs 598" (torch 2.13). Others (out
+            # of memory copying a GPU's tensors) are not the file's.
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
             detail = " ".join(str(e).split())[:200]
             raise OSError(f"{path}: cannot write the checkpoint (is the disk full? torch: {detail})") from None
 
