@@ -34,11 +34,18 @@ def default_tokenizer_dir() -> Path:
     return out
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: all-MiniLM-L6-v2's)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=positive, default=3, help="timed passes (the fastest is kept)")
     args = parser.parse_args()
 
     from bertqa.squad.data import read_squad

@@ -49,13 +49,20 @@ def measure(model, features, device, precision: Precision, name: str, batch_size
                   f"(passes: {', '.join(f'{t:.3f}' for t in times)} s{memory})", flush=True)  # fmt: skip
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (its tokenizer beside it)")
     ap.add_argument("--data", required=True, help="SQuAD JSON")
     ap.add_argument("--sizes", type=sizes, default=[32, 64, 128, 256])
     ap.add_argument("--large", type=sizes, default=[], help="batch sizes for a random BERT-large too")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=positive, default=3, help="timed passes (the fastest is kept)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device")
     args = ap.parse_args()

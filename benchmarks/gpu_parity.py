@@ -2,7 +2,7 @@
 padded windows, with the padding mask and without one (where SDPA may take its flash kernel), forward logits and
 one training step's loss and gradients (dropout off, so both compute the same thing). Prints one line per check
 and exits non-zero if any differs by more than its precision allows. Made for a session lent a GPU
-(scripts/gpu_check.sh); on a CPU it checks fp32 and, where native, bf16.
+(scripts/gpu_check.sh); on a CPU it checks fp32 and bf16 (emulated, slowly, where the CPU has no native bf16).
 
     python benchmarks/gpu_parity.py --device cuda
 """

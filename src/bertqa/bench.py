@@ -191,15 +191,19 @@ def random_windows(n: int, seq_len: int, vocab: int, seed: int = 0) -> Windows:
     return Windows(ids, types, np.full(n, seq_len, np.int32), starts, starts + 3)
 
 
-def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query_length: int = 64) -> Windows:
-    from .squad.data import read_squad
+def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query_length: int = 64,
+                 mode: str = "train") -> Windows:  # fmt: skip
+    """The windows of a SQuAD file: as training reads it (labelled questions; answers realigned, or the question
+    skipped), or for inference as predict reads it (every question, answers or not)."""
+    from .squad.data import load_json, parse_squad
     from .squad.features import featurize
 
-    examples = read_squad(path, is_training=True)
+    train = mode == "train"
+    examples = parse_squad(load_json(path), path, is_training=train, require_answers=train)
     if not examples:
-        raise ValueError(f"--data {path}: no usable training questions")
+        raise ValueError(f"--data {path}: no usable {'training ' if train else ''}questions")
     f = featurize(examples, tokenizer, seq_len, min(doc_stride, seq_len - max_query_length - 3), max_query_length,
-                  is_training=True)  # fmt: skip
+                  is_training=train)  # fmt: skip
     return Windows(f.input_ids, f.token_type_ids, f.lengths, f.start_positions, f.end_positions)
 
 
@@ -390,6 +394,11 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--seq-len {cfg.seq_len}: must be between 16 and 512")
     if cfg.data and cfg.seq_len < 96:  # room for a 64-token question, 3 special tokens and some context
         raise ValueError(f"--seq-len {cfg.seq_len}: with --data it must be at least 96")
+    dropout = [f"--{'' if on else 'no-'}{name.replace('_', '-')}" for name, on in (
+        ("attention_dropout", cfg.attention_dropout), ("hf_attention_dropout", None if cfg.hf_attention_dropout else False))
+        if on is not None]  # fmt: skip
+    if cfg.mode == "infer" and dropout:
+        raise ValueError(f"{dropout[0]} is for --mode train: inference runs no dropout")
     if cfg.compare not in (None, "hf"):
         raise ValueError(f"--compare {cfg.compare!r}: only hf is supported")
     from pathlib import Path
@@ -435,7 +444,7 @@ def bench(cfg: BenchConfig) -> dict:
             if cfg.tokenizer is not None:
                 raise
             raise FileNotFoundError(f"{e}; or pass --tokenizer") from None
-        windows = data_windows(cfg.data, tokenizer, cfg.seq_len)
+        windows = data_windows(cfg.data, tokenizer, cfg.seq_len, mode=cfg.mode)
     else:
         windows = random_windows(max(cfg.batch_size * 64, 2048), cfg.seq_len, model.config.vocab_size)
     batches = -(-len(windows.lengths) // cfg.batch_size)
