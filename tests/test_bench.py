@@ -422,6 +422,10 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
             "--no-hf-attention-dropout is for --mode train: inference runs no dropout",
         ),
         (
+            ["--preset", "base", "--mode", "infer", "--hf-attention-dropout"],  # (its default, given)
+            "--hf-attention-dropout is for --mode train: inference runs no dropout",
+        ),
+        (
             ["--preset", "base", "--config", "c.json"],
             "--config and --trust-pickle are for --model weights, not --preset",
         ),

@@ -370,7 +370,7 @@ class BenchConfig:
     device: str | None = None
     compare: str | None = None  # "hf": also time transformers, as run_qa.py runs it and at its best
     attention_dropout: bool | None = None  # None: the training default (bertqa.train)
-    hf_attention_dropout: bool = True  # the HF rows train with the config's attention dropout, as transformers does
+    hf_attention_dropout: bool | None = None  # None: the HF rows train with the config's, as transformers does
 
 
 def _check(cfg: BenchConfig) -> None:
@@ -394,9 +394,8 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--seq-len {cfg.seq_len}: must be between 16 and 512")
     if cfg.data and cfg.seq_len < 96:  # room for a 64-token question, 3 special tokens and some context
         raise ValueError(f"--seq-len {cfg.seq_len}: with --data it must be at least 96")
-    dropout = [f"--{'' if on else 'no-'}{name.replace('_', '-')}" for name, on in (
-        ("attention_dropout", cfg.attention_dropout), ("hf_attention_dropout", None if cfg.hf_attention_dropout else False))
-        if on is not None]  # fmt: skip
+    given = {"attention-dropout": cfg.attention_dropout, "hf-attention-dropout": cfg.hf_attention_dropout}
+    dropout = [f"--{'' if on else 'no-'}{name}" for name, on in given.items() if on is not None]
     if cfg.mode == "infer" and dropout:
         raise ValueError(f"{dropout[0]} is for --mode train: inference runs no dropout")
     if cfg.compare not in (None, "hf"):
@@ -484,7 +483,7 @@ def bench(cfg: BenchConfig) -> dict:
     warm = max(cfg.warmup, cfg.steps) if device.type != "cpu" else cfg.warmup
     makers = {"bertqa": (ours, True, max(cfg.warmup, cfg.steps) if cfg.compile else warm, None)}
     if cfg.compare == "hf":
-        dropout["hf"] = bool(cfg.hf_attention_dropout and config.attention_probs_dropout_prob > 0)
+        dropout["hf"] = cfg.hf_attention_dropout is not False and config.attention_probs_dropout_prob > 0
         makers["hf-run_qa"] = (hf, False, warm, windows.max_seq_length)  # every window padded in full
         makers["hf-best"] = (hf, True, warm, None)
     factor = 3 if cfg.mode == "train" else 1  # the backward pass costs twice the forward

@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--hf-attention-dropout",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="train the HF rows with the config's attention dropout, as transformers does (default: yes)",
     )
     b.set_defaults(func=cmd_bench)
