@@ -504,6 +504,8 @@ class FakeQA:
             raise TooManyWindows("these inputs need 9000 windows, more than the limit of 2048")
         if any(q == "panic" for q, _ in pairs):
             raise Panic("the tokenizer panicked")
+        if any(q == "stop" for q, _ in pairs):
+            raise StopIteration("a generator ran dry")
         if any(q == "huge" for q, _ in pairs):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 98765432100 bytes.")
         return [
@@ -730,6 +732,57 @@ def test_a_request_whose_client_hung_up_stops_counting_and_is_not_answered():
         assert post(url, "/v1/answer", {"question": "next", "context": "Denver won."})["answers"]
         assert "gone" not in fake.asked and fake.asked[-2:] == ["first", "next"]
         assert metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="499"}') == 1
+
+
+def test_a_request_that_hung_up_while_an_earlier_group_of_its_batch_ran_is_not_answered():
+    """A batch of two parameter groups runs one group after the other: a request of the second whose client left
+    meanwhile used to go through the model with its group."""
+    fake = FakeQA()
+    app = create_app(fake, max_batch_size=8, max_wait_ms=1000)
+
+    def ask(question, top_k):
+        return {"question": question, "context": "Denver won.", "parameters": {"top_k": top_k}}
+
+    def queued(n):  # in this order, within the batch's 1,000 ms
+        deadline = time.monotonic() + 0.8
+        while app.state.server.batcher.depth() < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+
+    with running(app) as (url, _), ThreadPoolExecutor(2) as pool:
+        wait_ready(url)
+        fake.delay, fake.asked = 1.5, []
+        fake.started.clear()
+        slow = pool.submit(call, url, "POST", "/v1/answer", ask("slow", 1))
+        queued(1)
+        body = json.dumps(ask("gone", 2)).encode()
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            queued(2)
+            live = pool.submit(call, url, "POST", "/v1/answer", ask("live", 2))
+            assert fake.started.wait(10) and fake.asked == ["slow"]  # the first group runs,
+            taken = app.state.server.batcher.taken
+            assert [job.pairs[0][0] for job in taken] == ["slow", "gone", "live"]  # the three in one batch
+        deadline = time.monotonic() + 5
+        while metric(call(url, "GET", "/metrics")[2], 'bertqa_errors_total{code="499"}') < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert slow.result()[0] == live.result()[0] == 200
+    assert fake.asked == ["slow", "live"]
+
+
+def test_a_model_raising_stop_iteration_fails_its_request_not_the_server():
+    """asyncio cannot hand a StopIteration to the awaiting request: the batcher waited for ever, and every later
+    request timed out."""
+    app = create_app(FakeQA(), max_batch_size=1, max_wait_ms=0, timeout_s=5.0)
+    with running(app) as (url, _):
+        wait_ready(url)
+        assert 'bertqa_errors_total{code="499"} 0' in call(url, "GET", "/metrics")[2]  # from zero, as the others
+        status, headers, text = call(url, "POST", "/v1/answer", {"question": "stop", "context": "Denver won."})
+        assert_json_error(status, headers, text, 500)
+        assert post(url, "/v1/answer", {"question": "next", "context": "Denver won."})["answers"]
 
 
 def test_a_body_still_coming_at_shutdown_is_a_json_503(monkeypatch):

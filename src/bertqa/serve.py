@@ -94,11 +94,21 @@ class Histogram:
         return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {self.count}"]
 
 
+def _no_stop_iteration(fn):
+    """fn(), in the worker thread. A StopIteration it raises becomes a RuntimeError: asyncio cannot set one on the
+    awaiting future (it raises a TypeError in the event loop instead), which would leave the batcher waiting for
+    ever and every later request to time out."""
+    try:
+        return fn()
+    except StopIteration as e:
+        raise RuntimeError(f"StopIteration: {e}") from e
+
+
 class Metrics:
     """Everything is updated on the event loop's thread, so nothing needs a lock."""
 
     # Error statuses this server gives, shown from zero so that rates work before the first one.
-    ERROR_CODES = (400, 404, 405, 408, 413, 500, 503, 504)
+    ERROR_CODES = (400, 404, 405, 408, 413, 499, 500, 503, 504)
 
     def __init__(self):
         self.latency = Histogram(
@@ -231,7 +241,9 @@ class Batcher:
         return jobs
 
     async def _run(self, params: tuple, jobs: list[_Job]) -> None:
-        if all(job.future.done() for job in jobs):  # timed out or refused while waiting: nobody to answer
+        # Timed out, refused or hung up while waiting (for an earlier group of the batch, say): nobody to answer.
+        jobs = [job for job in jobs if not job.future.done()]
+        if not jobs:
             return
         pairs = [p for job in jobs for p in job.pairs]
         answer = functools.partial(self.qa.answer_pairs, pairs, *params)
@@ -242,7 +254,7 @@ class Batcher:
         start = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self.worker, answer)
+            results = await loop.run_in_executor(self.worker, _no_stop_iteration, answer)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the batcher must outlive it
