@@ -125,10 +125,11 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
         raise ValueError(f"--output {output}: must end in {suffix}")
     if path.is_dir():
         raise ValueError(f"--output {output}: is a folder; name the {suffix} file to write")
-    for other in (path.with_suffix(s) for s in beside):
+    others = [path.with_suffix(s) for s in beside]
+    for other in others:
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
-    check_not_inputs([path, *(path.with_suffix(s) for s in beside)], inputs, f"--output {output}")
+    check_not_inputs([path, *others], inputs, f"--output {output}")
     _check_writable(path.absolute().parents, f"--output {output}")
     return path
 
