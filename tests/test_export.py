@@ -105,6 +105,43 @@ def test_bad_output_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "file"]
 
 
+def test_export_never_writes_over_its_own_input(tiny_dir, tmp_path, monkeypatch):
+    """The check file, the model file and the config file are the run's inputs: an --output naming one of them
+    (or a link to one) is refused before any work, and the file is left as it was."""
+    monkeypatch.setattr(export, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    squad = tmp_path / "check.onnx"
+    squad.write_text(json.dumps({"version": "1.1", "data": []}))
+    weights = tmp_path / "weights.onnx"
+    shutil.copyfile(tiny_dir / "model.safetensors", weights)
+    config = tmp_path / "config.onnx"
+    shutil.copyfile(tiny_dir / "config.json", config)
+    (tmp_path / "link.onnx").symlink_to(squad)
+    cases = [
+        ({"check_file": squad}, squad, "--check-file"),
+        ({"check_file": squad}, tmp_path / "link.onnx", "--check-file"),
+        ({"config": config}, config, "--config"),
+    ]
+    for kwargs, output, flag in [*cases, ({}, weights, "--model")]:
+        model = weights if flag == "--model" else tiny_dir
+        before = {p: p.read_bytes() for p in (squad, weights, config)}
+        with pytest.raises(
+            ValueError, match=rf"^--output \S+: this run would write \S+ over {flag} \S+, its own input$"
+        ):
+            export_onnx(model, output, verbose=False, **kwargs)
+        assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_bad_check_file_is_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "squad.json").mkdir()
+    with pytest.raises(ValueError, match=r"^--check-file \S+squad\.json: is a folder, not a SQuAD JSON file$"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", check_file=tmp_path / "squad.json", verbose=False)
+    (tmp_path / "bad.json").write_text('{"version": "1.1", "data": [{"paragraphs": 3}]}')
+    with pytest.raises(ValueError, match=r"^\S+bad\.json: "):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", check_file=tmp_path / "bad.json", verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "squad.json"]
+
+
 def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog):
     """The exporter writes its own opset and converts it; where that fails (99: no such opset) it keeps its own,
     logging a traceback, and the file was written. Below 17 (no LayerNormalization) it is refused before the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -208,21 +209,29 @@ class OnnxRunner:
         return batched_logits(features, indices, batch_size, lambda rows: self(**_array_batch(features, rows)))
 
 
-def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_stride: int = 128,
-                  max_query_length: int = 64, limit: int = CHECK_WINDOWS) -> Features:  # fmt: skip
-    """Real windows to compare the graph on: the first `limit` of `check_file` (a SQuAD JSON), else the
+def check_examples(check_file=None, limit: int = CHECK_WINDOWS) -> list[Example]:
+    """The questions to compare the graph on: the first `limit` of `check_file` (a SQuAD JSON), else the
     built-in question/context pairs (one of them several windows long)."""
-    if check_file is not None:
-        if not Path(check_file).is_file():
-            raise FileNotFoundError(f"--check-file {check_file}: no such file")
-        # Answers are not needed to compare logits: a file to predict on (none given) will do.
-        examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
-        if not examples:
-            raise ValueError(f"--check-file {check_file}: no questions to check the graph on")
-    else:
+    if check_file is None:
         long = " ".join(context for _, context in SAMPLES)
         pairs = [*SAMPLES, ("Who kept the lighthouse?", " ".join([long] * 3))]
-        examples = [Example(f"sample-{i}", q, c, [], []) for i, (q, c) in enumerate(pairs)]
+        return [Example(f"sample-{i}", q, c, [], []) for i, (q, c) in enumerate(pairs)]
+    if Path(check_file).is_dir():
+        raise ValueError(f"--check-file {check_file}: is a folder, not a SQuAD JSON file")
+    if not Path(check_file).is_file():
+        raise FileNotFoundError(f"--check-file {check_file}: no such file")
+    # Answers are not needed to compare logits: a file to predict on (none given) will do.
+    examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
+    if not examples:
+        raise ValueError(f"--check-file {check_file}: no questions to check the graph on")
+    return examples
+
+
+def check_windows(tokenizer, check_file=None, max_seq_length: int = 384, doc_stride: int = 128,
+                  max_query_length: int = 64, limit: int = CHECK_WINDOWS) -> Features:  # fmt: skip
+    """Real windows to compare the graph on: the first `limit` windows of `check_file`'s questions (a SQuAD JSON,
+    or the list `check_examples` read from it), else of the built-in ones."""
+    examples = check_file if isinstance(check_file, list) else check_examples(check_file, limit)
     features = featurize(examples, tokenizer, max_seq_length, doc_stride, max_query_length)
     return features.select(np.arange(min(limit, len(features))))
 
@@ -281,10 +290,14 @@ def export_onnx(
     file; `int8` writes the dynamically quantised graph and reports how far it moves. `output` appears
     complete or not at all."""
     say = print if verbose else (lambda *a, **k: None)
-    output = check_output(output, ".onnx")
+    inputs = {"--model": model, "--check-file": check_file}
+    if isinstance(config, (str, os.PathLike)) and Path(config).is_file():  # (else a preset's name or a BertConfig)
+        inputs["--config"] = config
+    output = check_output(output, ".onnx", inputs=inputs)
     check_window_params(max_seq_length, doc_stride, max_query_length, flags=True)
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model}: no such checkpoint file or folder")
+    examples = check_examples(check_file)  # a bad --check-file is refused before the model loads
     if opset is not None and opset < MIN_OPSET:  # before the slow part, as the exporter would only log it
         raise ValueError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or later (LayerNormalization)")
     _onnxruntime()  # fail before the slow part when the extra is missing
@@ -301,7 +314,7 @@ def export_onnx(
             f"--model {model}: {nbytes / 1e9:.2f} GB of fp32 weights exceed what a single-file ONNX graph holds (2 GB)"
         )
     check_seq_len(max_seq_length, net.config.max_position_embeddings, "--max-seq-length")
-    features = check_windows(tokenizer, check_file, max_seq_length, doc_stride, max_query_length)
+    features = check_windows(tokenizer, examples, max_seq_length, doc_stride, max_query_length)
 
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}
     # The graphs are written in a scratch folder beside the output (which also clears what a killed export left:
