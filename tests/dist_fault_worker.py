@@ -4,7 +4,9 @@
 
 FAULT is `none`, `raise` (rank 1 raises a ValueError after step 2), `kill` (rank 1 SIGKILLs itself after
 step 2), `full` (rank 0's disk fills after step 2: writing metrics.jsonl fails) or `eio` (after step 2, flushing
-metrics.jsonl to disk fails on rank 0, as before a checkpoint). `{rank}` in an ARG becomes this process's rank, so that ranks can be given different files.
+metrics.jsonl to disk fails on rank 0, as before a checkpoint), or `inway=PATH` (a folder appears at PATH on rank 0
+once the command's up-front checks, which refuse one there, have passed). `{rank}` in an ARG becomes this
+process's rank, so that ranks can be given different files.
 """
 
 import errno
@@ -13,6 +15,7 @@ import os
 import signal
 import sys
 
+import bertqa.evaluate
 import bertqa.train
 from bertqa.cli import main
 
@@ -45,7 +48,16 @@ def fault(kind, step, loss):
 
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
-    if kind != "none":
+    if kind.startswith("inway="):
+        validate = bertqa.evaluate.EvalConfig.validate  # (TrainConfig's calls it first)
+
+        def then_in_the_way(self):
+            validate(self)
+            if os.environ["RANK"] == "0":
+                os.makedirs(kind.removeprefix("inway="), exist_ok=True)
+
+        bertqa.evaluate.EvalConfig.validate = then_in_the_way
+    elif kind != "none":
         # The CLI looks `train` up in bertqa.train when it runs, so this puts our on_step under the real CLI.
         bertqa.train.train = functools.partial(bertqa.train.train, on_step=functools.partial(fault, kind))
     sys.exit(main([a.replace("{rank}", os.environ["RANK"]) for a in args]))

@@ -108,10 +108,11 @@ def test_rank_that_cannot_read_its_data_fails_every_rank_alike(tmp_path, tiny_di
 
 def test_evaluate_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path, tiny_dir, tiny_squad):
     # Rank 0 post-processes, scores and writes while rank 1 waits for the metrics: its failure is rank 1's too.
-    (tmp_path / "out" / "nbest_predictions.json").mkdir(parents=True)  # in the way of the n-best file
+    # A folder in the way of the n-best file, made after the up-front checks (which refuse one there).
+    in_the_way = f"inway={tmp_path / 'out' / 'nbest_predictions.json'}"
     log_dir = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--log-dir", log_dir, "--tee", "3", WORKER, "none",
+           "--log-dir", log_dir, "--tee", "3", WORKER, in_the_way,
            "evaluate", "--model", tiny_dir, "--predict-file", tiny_squad, "--output-dir", tmp_path / "out",
            "--device", "cpu", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32,
            "--cache-dir", "none", "--no-progress", "--precision", "fp32"]  # fmt: skip
@@ -128,8 +129,8 @@ def test_evaluate_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(
 @pytest.mark.parametrize("in_the_way", ["metrics.jsonl", "curves.png"])  # written at the start, at the end
 def test_training_whose_writing_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path, tiny_dir, tiny_squad,
                                                                                 in_the_way):  # fmt: skip
-    (tmp_path / "out" / in_the_way).mkdir(parents=True)
-    rc, elapsed, _, ranks = torchrun_train(tmp_path, "none", tiny_dir, tiny_squad)
+    # (made after the up-front checks, which refuse a folder there)
+    rc, elapsed, _, ranks = torchrun_train(tmp_path, f"inway={tmp_path / 'out' / in_the_way}", tiny_dir, tiny_squad)
     assert rc != 0 and elapsed < LIMIT_S
     for text in ranks:
         errors = [line for line in text.splitlines() if line.startswith("bertqa: error")]
@@ -256,9 +257,13 @@ def test_ranks_end_cleanly_after_ddp_and_a_gather():
     ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two': expected an integer >= 1"),
     ({"WORLD_SIZE": "2", "RANK": "-1"}, "environment variable RANK='-1': expected an integer >= 0"),
     ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2: must be below WORLD_SIZE=2"),
+    # torch's own errors for these name no variable ("invalid literal for int() with base 10: 'abc'")
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "abc"}, "environment variable MASTER_PORT='abc': expected a port number, 0 to 65535"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "99999"}, "environment variable MASTER_PORT='99999': expected a port number, 0 to 65535"),
 ])  # fmt: skip
 def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: pytest.fail("tried to meet"))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -321,3 +326,19 @@ def test_a_rank_takes_its_local_rank_gpu_or_its_one_visible_gpu(monkeypatch, vis
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch, "empty", lambda *shape, device=None: probed.append(device))
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", expected) == probed[0]
+
+
+def test_devices_that_cannot_run_a_model_are_refused_in_one_line(monkeypatch):
+    """An empty name is not the default device; "meta" holds no data (the run failed after loading the model); a
+    backend whose plugin is missing raised an ImportError, reported as an internal error."""
+    for name, message in [("", "--device '': empty; name a device"), (" ", "--device '': empty"),
+                          ("meta", "--device meta: holds no data")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            resolve_device(name)
+
+    def no_plugin(*shape, device=None):
+        raise ModuleNotFoundError("No module named 'torch.hpu'")
+
+    monkeypatch.setattr(torch, "empty", no_plugin)
+    with pytest.raises(ValueError, match=r"^--device hpu: not usable here \(No module named 'torch\.hpu'\)$"):
+        resolve_device("hpu")

@@ -81,12 +81,26 @@ def test_choices_a_cuda_gpu_would_emulate_are_warned_about(monkeypatch, caplog):
     gpu = torch.device("cuda", 0)
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         assert Precision.resolve("bf16", gpu).name == "bf16"
-    assert "compute capability 7.5: bf16 has no tensor cores here, likely slower than fp32" in caplog.text
+    assert (
+        "compute capability 7.5: bf16 has no tensor cores or matrix units here, likely slower than fp32" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         assert Precision.resolve("fp16", gpu).name == "fp16" and Precision.resolve("tf32", CPU).name == "tf32"
     assert "bf16" not in caplog.text and "cpu has no TF32 matmuls: tf32 computes as fp32" in caplog.text
     assert "fp32 matmuls: this GPU has no TF32" in Precision.resolve("auto", gpu).reason
+
+
+def test_choices_a_rocm_or_xpu_gpu_would_emulate_are_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(gcnArchName="gfx906"))
+    monkeypatch.setattr(torch.xpu, "get_device_properties",
+                        lambda device=None: SimpleNamespace(has_subgroup_matrix_multiply_accumulate=False))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        assert Precision.resolve("bf16", torch.device("cuda", 0)).name == "bf16"
+        assert Precision.resolve("fp16", torch.device("xpu", 0)).name == "fp16"
+    assert "ROCm GPU gfx906 lacks bf16 matrix instructions: bf16 has no tensor cores or matrix units" in caplog.text
+    assert "XPU does not report matrix engines (subgroup matrix multiply-accumulate): fp16 has no" in caplog.text
 
 
 def test_other_accelerators_never_get_a_guessed_precision():

@@ -842,8 +842,10 @@ def test_nan_logits_are_a_500_that_says_so_and_spare_their_batch(zebra_nan_dir, 
     ({"max_wait_ms": float("nan")}, "max_wait_ms (--max-wait-ms) must be >= 0"),
     ({"timeout_s": float("inf")}, "timeout_s (--timeout) must be a positive number of seconds, got inf"),
     ({"timeout_s": 0}, "timeout_s (--timeout) must be a positive number of seconds, got 0"),
+    ({"max_batch_size": 0}, "max_batch_size (--max-batch-size) must be a positive integer, got 0"),
+    ({"max_body_bytes": -1}, "max_body_bytes (--max-body-bytes) must be a positive integer, got -1"),
 ])  # fmt: skip
-def test_waits_that_would_answer_nobody_are_refused(settings, message):
+def test_bad_server_settings_are_refused_naming_the_flag(settings, message):
     # A batch that waits past the timeout (or forever) would turn every lone request into a 504.
     with pytest.raises(ValueError, match=re.escape(message)):
         create_app(FakeQA(), **{"max_wait_ms": 5.0, "timeout_s": 30.0, **settings})

@@ -84,6 +84,10 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     assert schedule_steps(1.0, 100, None, 0.29) == (100, 29)
     assert schedule_steps(1.05, 100, None, 0.1) == (105, 10)  # a real fraction still rounds up / down
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
+    assert schedule_steps(1e-9, 100, None, 0.1) == (
+        1,
+        0,
+    )  # a tiny --epochs trains a step, not none (an untrained model)
 
 
 def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_schedule(tiny_dir, small_squad,
@@ -651,6 +655,8 @@ def common_args(model, squad, out):
         ({"--max-seq-length": 20}, "--max-seq-length 20 leaves no room for context"),
         ({"--doc-stride": 0}, "--doc-stride must be a positive integer, got 0"),
         ({"--epochs": -3}, "--epochs must be positive, got -3.0"),  # with --max-steps too
+        ({"--warmup": 1.5}, "--warmup must be a fraction of the steps in [0, 1], got 1.5"),  # each flag named alone
+        ({"--weight-decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
         ({"--doc-stride": 94}, "--doc-stride 94 is longer than the shortest context window (93 = --max-seq-length -"),
         ({"--max-seq-length": 600}, "exceeds the model's 512 position embeddings"),
         ({"--device": "cuda:7"}, "--device cuda:7: not usable here"),

@@ -49,12 +49,16 @@ def default_device() -> str:
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
     type is given the local rank as its index."""
+    if name is not None and not name.strip():
+        raise ValueError("--device '': empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
     what = f"--device {name}" if name else f"the default device ({default_device()})"
     name = name or default_device()
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: holds no data (tensors of shapes only); name a device that computes")
     if device.type != "cpu" and device.index is None:
         # One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank, Slurm's --gpus-per-task=1): its own is 0.
         alone = device.type == "cuda" and torch.cuda.device_count() == 1
@@ -63,7 +67,8 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
             what += f" as {device} (LOCAL_RANK {local_rank}{', its one visible GPU' if alone else ''})"
     try:
         torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, AttributeError) as e:
+    except (RuntimeError, AssertionError, AttributeError, ImportError, NotImplementedError) as e:
+        # (a backend whose plugin is not installed: torch.hpu, say, is then a module it cannot import)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{what}: not usable here ({first})") from None
     return device
@@ -119,6 +124,9 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
     if backend is None:
         backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
+    port = os.environ.get("MASTER_PORT", "").strip()
+    if port and not (port.isdecimal() and int(port) <= 65535):  # torch's own error would not name it
+        raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 0 to 65535")
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug

@@ -112,13 +112,13 @@ class Precision:
         if requested not in PRECISIONS:
             raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
         if requested != "auto":
-            if requested in ("bf16", "fp16") and (device.type == "cpu" or _nvidia(device)):
+            if requested in ("bf16", "fp16") and device.type in ("cpu", "cuda", "xpu"):  # (ROCm's GPUs are "cuda")
                 native, why = native_precision(requested, device, features)
                 if not native:
                     slow = (
                         "will be emulated, far slower"
                         if device.type == "cpu"
-                        else "has no tensor cores here, likely slower"
+                        else "has no tensor cores or matrix units here, likely slower"
                     )
                     log.warning("%s: %s %s than fp32", why, requested, slow)
             if requested == "tf32" and (device.type == "cpu" or _nvidia(device)) and not _has_tf32(device):

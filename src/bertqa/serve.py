@@ -462,8 +462,9 @@ def _v1_pairs(data: dict) -> list:
 class _Server:
     def __init__(self, qa_or_loader, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes,
                  max_context_chars, on_load_error):  # fmt: skip
-        check_positive(max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                  max_context_chars=max_context_chars)  # fmt: skip
+        values = {"max_batch_size": max_batch_size, "max_queue": max_queue, "max_body_bytes": max_body_bytes,
+                  "max_context_chars": max_context_chars}  # fmt: skip
+        check_positive(**{f"{name} (--{name.replace('_', '-')})": value for name, value in values.items()})
         if not 0 < timeout_s < math.inf:
             raise ValueError(f"timeout_s (--timeout) must be a positive number of seconds, got {timeout_s!r}")
         if not 0 <= max_wait_ms / 1000 < timeout_s:  # a batch that waits past the timeout answers nobody

@@ -67,7 +67,7 @@ class TrainConfig(EvalConfig):
 
     FLAGS = {"train_batch_size": "--batch-size", "batch_size": "--eval-batch-size"}
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
-    WRITES = (CHECKPOINT, "metrics.jsonl", "curves.png", "model", *EvalConfig.WRITES)  # model/: replaced whole
+    WRITES = (CHECKPOINT, "metrics.jsonl", "curves.png", "model/", *EvalConfig.WRITES)  # model/: replaced whole
 
     def validate(self) -> None:
         super().validate()
@@ -78,8 +78,13 @@ class TrainConfig(EvalConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.epochs > 0:  # also with --max-steps, which then sets the length: a negative count is a typo
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        if self.lr <= 0 or not 0 <= self.warmup <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("--lr must be positive, --warmup in [0, 1], --weight-decay and --max-grad-norm >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup <= 1:
+            raise ValueError(f"--warmup must be a fraction of the steps in [0, 1], got {self.warmup}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
         if not 0 <= self.seed < 2**63:  # numpy refuses a negative seed; torch takes seed + rank below 2^64
@@ -106,7 +111,7 @@ def schedule_steps(epochs: float, steps_per_epoch: int, max_steps: int | None, w
     1.1 epochs hold, or warm up for a step less. `exact=False`: the products as they are, as runs took them
     until checkpoints recorded "warmup_steps" (a resume of such a checkpoint goes on with that schedule)."""
     fix = (lambda x: round(x, 6)) if exact else (lambda x: x)
-    total = max_steps or math.ceil(fix(epochs * steps_per_epoch))
+    total = max_steps or max(1, math.ceil(fix(epochs * steps_per_epoch)))  # (a tiny --epochs: one step, not none)
     return total, int(fix(warmup * total))
 
 
