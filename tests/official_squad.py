@@ -51,7 +51,7 @@ def official_v2(data, preds) -> dict:
     for qa in questions(data):
         golds = [a["text"] for a in qa["answers"] if normalize(a["text"])] or [""]
         pred = preds[qa["id"]]
-        rows.append((golds != [""], max(float(normalize(pred) == normalize(g)) for g in golds),
+        rows.append((bool(qa["answers"]), max(float(normalize(pred) == normalize(g)) for g in golds),
                      max(f1_v2(pred, g) for g in golds)))  # fmt: skip
     out = {"exact": 100.0 * sum(r[1] for r in rows) / len(rows), "f1": 100.0 * sum(r[2] for r in rows) / len(rows),
            "total": len(rows)}  # fmt: skip

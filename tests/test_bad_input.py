@@ -481,6 +481,16 @@ CLI_CASES = {
     "score: an integer Python will not parse": (["score", "{huge-int.json}", "{squad}"],
                                                 ["huge-int.json", "not usable JSON"]),
     "download: --dir is a file": (["download", "squad", "--dir", "{a-file}"], ["a-file"]),
+    # An empty path was the current folder, or no file at all, with an error naming neither.
+    "score: empty PREDICTIONS": (["score", "{squad}", ""], ["PREDICTIONS '': empty"]),
+    "score: empty --na-prob-file": (["score", "{squad}", "{squad}", "--na-prob-file", ""], ["--na-prob-file '': empty"]),
+    "score: --na-prob-thresh nan": (["score", "{squad}", "{squad}", "--na-prob-thresh", "nan"],
+                                    ["--na-prob-thresh must be a finite number, got nan"]),
+    "evaluate: empty --cache-dir": (["evaluate", "--model", "{tiny}", "--predict-file", "{squad}", "--output-dir",
+                                     "{out}/run", *FAST, "--cache-dir", ""], ["--cache-dir '': empty"]),
+    "convert: empty --vocab": (["convert", "{tiny}", "{out}/converted", "--vocab", ""], ["--vocab '': empty"]),
+    "evaluate: empty --device": (["evaluate", "--model", "{tiny}", "--predict-file", "{squad}", "--output-dir",
+                                  "{out}/run", *FAST, "--device", ""], ["--device '': empty"]),
 }  # fmt: skip
 
 
@@ -593,6 +603,40 @@ def test_no_command_writes_over_its_own_input(case, inputs, tmp_path, capsys, mo
     line = one_error_line(err)
     assert code == 1 and f" {given}, its own input" in line, line
     assert (tmp_path / given).read_bytes() == Path(inputs["squad"]).read_bytes() and tree(tmp_path) == before
+
+
+def test_no_command_writes_over_a_file_of_its_model_folder(inputs, tmp_path, capsys, monkeypatch):
+    """The model folder is an input too: predictions written as its config.json would replace the model's. Other
+    names in it may be written (predictions beside the model they came from)."""
+    model = tmp_path / "model"
+    shutil.copytree(inputs["tiny"], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for output in ("config.json", "tokenizer_config.json"):
+        code, _, err = run_main(["predict", "--model", model, "--input", inputs["squad"], "--output", model / output,
+                                 *FAST], capsys, monkeypatch)  # fmt: skip
+        line = one_error_line(err)
+        assert code == 1 and f"would write {model / output} over a file it reads from --model {model}" in line, line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    code, _, err = run_main(["predict", "--model", model, "--input", inputs["squad"], "--output",
+                             model / "predictions.json", *FAST], capsys, monkeypatch)  # fmt: skip
+    assert code == 0 and (model / "predictions.json").is_file(), err
+
+
+def test_a_folder_where_evaluate_writes_a_file_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    """It failed after the whole inference, with some of the new prediction files in place and others not."""
+    out = tmp_path / "out"
+    (out / "nbest_predictions.json").mkdir(parents=True)
+    (out / "predictions.json").write_text("{}")
+    code, _, err = run_main(["evaluate", "--model", inputs["tiny"], "--predict-file", inputs["squad"], "--output-dir",
+                             out, *FAST], capsys, monkeypatch)  # fmt: skip
+    line = one_error_line(err)
+    assert (
+        code == 1
+        and f"--output-dir {out}: {out / 'nbest_predictions.json'}, which this run writes, is a folder" in line
+    )
+    assert (
+        tree(out) == ["nbest_predictions.json", "predictions.json"] and (out / "predictions.json").read_text() == "{}"
+    )
 
 
 def test_a_run_that_fails_after_making_its_output_folder_removes_it(inputs, tmp_path, capsys, monkeypatch):

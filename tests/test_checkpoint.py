@@ -378,12 +378,25 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.json").write_text("{}")
     r = run_cli("convert", pt, tmp_path / "other", "--config", cfg)
-    assert r.returncode == 1 and "exists and is not a model folder" in r.stderr, r.stderr
+    assert r.returncode == 1 and "exists and is not a model folder (it holds data.json, not a model's" in r.stderr
+    (tmp_path / "project").mkdir()  # a config.json does not make a model folder of a folder holding other files
+    (tmp_path / "project" / ".git").mkdir()
+    shutil.copy(cfg, tmp_path / "project" / "config.json")
+    r = run_cli("convert", pt, tmp_path / "project", "--config", cfg)
+    assert r.returncode == 1 and "not a model folder (it holds .git, not a model's file)" in r.stderr, r.stderr
+    shutil.copy(hf_qa_dir / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
+    (tmp_path / "other" / "data.json").rename(tmp_path / "data.json")
+    r = run_cli("convert", pt, tmp_path / "other", "--config", cfg)
+    assert r.returncode == 1 and "not a model folder (no config.json)" in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "nv.pt", "tokenizer.json"]
-    assert (tmp_path / "other" / "data.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == [".git", "config.json"]
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["tokenizer.json"]
     for _ in range(2):  # a new folder, then the model folder it made: replaced whole
         r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
         assert r.returncode == 0, r.stderr
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # HF's other model files are a model folder's too
+    r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
+    assert r.returncode == 0 and not (tmp_path / "hf" / "pytorch_model.bin").exists(), r.stderr
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path):

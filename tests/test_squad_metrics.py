@@ -156,6 +156,9 @@ def test_score_files_detects_version(tmp_path):
     out = score_files(v2, write(tmp_path, "p2.json", V2_PREDS), write(tmp_path, "na.json", V2_PROBS))
     assert out["exact"] == 50.0 and out["best_f1"] == 87.5
     assert "best_f1" not in score_files(v2, tmp_path / "p2.json")
+    # The official script's --na-prob-thresh: above it a question counts as unanswered.
+    strict = score_files(v2, tmp_path / "p2.json", tmp_path / "na.json", na_prob_thresh=0.5)
+    assert strict == evaluate_v2(V2, V2_PREDS, V2_PROBS, na_prob_thresh=0.5) and strict["exact"] != out["exact"]
 
 
 def test_a_v2_question_without_answers_is_unanswerable_with_or_without_is_impossible(tmp_path):
@@ -172,6 +175,31 @@ def test_a_v2_question_without_answers_is_unanswerable_with_or_without_is_imposs
     del data[0]["paragraphs"][0]["qas"][1]["answers"]  # no "answers" list at all: as unanswerable as an empty one
     path = write(tmp_path, "v2.json", {"version": "v2.0", "data": data})
     assert score_files(path, tmp_path / "p.json") == out
+
+
+def test_score_reads_only_what_the_official_scripts_read(tmp_path):
+    """Ids and answer texts: answers without answer_start, a blank context, a question without text, "answers":
+    null in v2.0 (unanswerable; it was a TypeError) are all scored as the official scripts score them."""
+    data = dataset(("q1", ["Paris"]), ("q2", []))
+    qas = data[0]["paragraphs"][0]["qas"]
+    for qa in qas:
+        del qa["is_impossible"], qa["question"]
+    del qas[0]["answers"][0]["answer_start"]
+    qas[1]["answers"] = None
+    data[0]["paragraphs"][0]["context"] = " "
+    preds = write(tmp_path, "p.json", {"q1": "the Paris", "q2": ""})
+    out = score_files(write(tmp_path, "v2.json", {"version": "v2.0", "data": data}), preds)
+    assert out["exact"] == 100.0 and out["HasAns_total"] == 1 and out["NoAns_total"] == 1
+    assert evaluate_v2(data, {"q1": "Paris", "q2": "x"})["NoAns_exact"] == 0.0
+    v1 = write(tmp_path, "v1.json", {"version": "1.1", "data": data})
+    with pytest.raises(SquadFormatError, match=r"v1\.json: question id 'q2': 'answers' is missing or null$"):
+        score_files(v1, preds)
+    qas[1]["answers"] = [{"text": 5}]
+    with pytest.raises(SquadFormatError, match=r"question id 'q2': 'answers\[0\]\.text' must be a JSON string"):
+        score_files(write(tmp_path, "v2.json", {"version": "v2.0", "data": data}), preds)
+    qas[1]["id"] = "q1"
+    with pytest.raises(SquadFormatError, match=r"question id 'q1': duplicate question id$"):
+        score_files(write(tmp_path, "v2.json", {"version": "v2.0", "data": data}), preds)
 
 
 @pytest.mark.parametrize(

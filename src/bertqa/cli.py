@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -18,6 +19,22 @@ class UsageError(ValueError):
     """A bad command-line value, reported as one line."""
 
 
+def _not_a_model_folder(path: Path) -> str | None:
+    """Why the existing `path` may not be replaced whole by a model folder, or None: it may be an empty folder or
+    a model folder (a config.json, and only a model's files)."""
+    if not path.is_dir():
+        return "a file"
+    from .files import MODEL_FILE
+
+    names = sorted(p.name for p in path.iterdir())
+    other = next((name for name in names if not MODEL_FILE.fullmatch(name)), None)
+    if other is not None:
+        return f"it holds {other}, not a model's file"
+    if names and "config.json" not in names:
+        return "no config.json"
+    return None
+
+
 def cmd_convert(args):
     from .checkpoint import load_model, save_pretrained
     from .tokenizer import load_tokenizer
@@ -26,9 +43,12 @@ def cmd_convert(args):
     # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise UsageError(f"{dst}: it holds {src}, and converting replaces the whole folder; name a new folder")
-    if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / "config.json").is_file())):
-        raise UsageError(f"{dst}: exists and is not a model folder (no config.json), and converting replaces the "
-                         "whole folder; name a new folder")  # fmt: skip
+    why = _not_a_model_folder(dst) if dst.exists() else None
+    if why:
+        raise UsageError(f"{dst}: exists and is not a model folder ({why}), and converting replaces the whole "
+                         "folder; name a new folder")  # fmt: skip
+    if args.vocab is not None and not args.vocab.strip():
+        raise UsageError("--vocab '': empty; name the vocabulary file or tokenizer folder, or leave the flag out")
     if args.vocab and not Path(args.vocab).exists():  # before the model takes seconds to load
         raise UsageError(f"--vocab {args.vocab}: no such file or folder")
     tok_source = args.vocab or src
@@ -48,7 +68,17 @@ def cmd_convert(args):
 def cmd_score(args):
     from .squad.metrics import score_files
 
-    result = score_files(args.data_file, args.pred_file, args.na_prob_file, args.version_2_with_negative)
+    for flag, path in (
+        ("DATA", args.data_file),
+        ("PREDICTIONS", args.pred_file),
+        ("--na-prob-file", args.na_prob_file),
+    ):
+        if path is not None and not path.strip():
+            raise UsageError(f"{flag} '': empty; name the JSON file")
+    if not math.isfinite(args.na_prob_thresh):
+        raise UsageError(f"--na-prob-thresh must be a finite number, got {args.na_prob_thresh}")
+    result = score_files(args.data_file, args.pred_file, args.na_prob_file, args.version_2_with_negative,
+                         args.na_prob_thresh)  # fmt: skip
     # As the official scripts print it: v1.1's on one line, v2.0's (which has "total") indented.
     print(json.dumps(result, indent=2 if "total" in result else None))
 
@@ -70,6 +100,8 @@ def _config(cls, args, renames=None):
     values = {k: v for k, v in values.items() if k in fields and v is not None}
     if values.get("cache_dir") == "none":
         values["cache_dir"] = None
+    elif values.get("cache_dir", "x").strip() == "":  # Path("") would be the current folder
+        raise UsageError("--cache-dir '': empty; name a folder, or none for no features cache")
     return cls(**values)
 
 
@@ -345,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_file")
     s.add_argument("pred_file")
     s.add_argument("--na-prob-file", help="v2.0: no-answer probabilities (null_odds.json)")
+    s.add_argument("--na-prob-thresh", type=float, default=1.0,
+                   help="v2.0 with --na-prob-file: above it a question counts as unanswered (default 1.0)")  # fmt: skip
     s.add_argument("--version-2-with-negative", action="store_true",
                    help="score as SQuAD v2.0 (no answers: unanswerable) whatever the file says")  # fmt: skip
     s.set_defaults(func=cmd_score)

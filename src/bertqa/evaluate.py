@@ -183,12 +183,12 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
     with fail_together(d):  # rank 0 scores and writes while the others wait: a failure there stops them too
         if out is not None:
             preds, nbest, null_odds, timing = out
-            result = {**timing, **score(data[0], preds, null_odds, cfg.version_2_with_negative is True)}
-            if out_dir is not None:
+            if out_dir is not None:  # before scoring: a scoring error does not lose the inference's predictions
                 # summary.json is removed first and written last (by `finish`): where it is, the predictions are its
                 # run's.
                 (out_dir / "summary.json").unlink(missing_ok=True)
                 write_predictions(out_dir, preds, nbest, null_odds)
+            result = {**timing, **score(data[0], preds, null_odds, cfg.version_2_with_negative is True)}
     return all_gather_objects(d, result)[0]
 
 

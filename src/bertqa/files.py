@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -134,23 +135,36 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     return path
 
 
+# The files of a model folder: those bertqa writes (save_pretrained, and a training run's own record), and the
+# other weight and tokenizer files of HF's folders.
+MODEL_FILE = re.compile(
+    r"config\.json|run_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
+    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.txt"
+)
+
+
 def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     """Refuse, before any work, a run that would write over one of its own inputs ({flag: path}; an unset
-    flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, where
-    symbolic links lead (files are written through them)."""
+    flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, or
+    that is one of the model files (MODEL_FILE) of an input folder, where symbolic links lead (files are written
+    through them)."""
     for flag, given in (inputs or {}).items():
         if not given:
             continue
         real = Path(given).resolve()
         for out in outputs:
-            if Path(out).resolve() in (real, *real.parents):
+            resolved = Path(out).resolve()
+            if resolved in (real, *real.parents):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
+            if resolved.parent == real and real.is_dir() and MODEL_FILE.fullmatch(resolved.name):
+                raise ValueError(f"{what}: this run would write {out} over a file it reads from {flag} {given}")
 
 
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),
                      inputs: dict | None = None) -> Path:  # fmt: skip
     """An output folder checked before any work is done: not a file, none of the files the run `writes` there
-    is one of its `inputs` ({flag: path}), and it (or the folder it will be made in) can be written."""
+    (names; a folder's ends in "/") is a folder or one of its `inputs` ({flag: path}), and it (or the folder it
+    will be made in) can be written."""
     if not str(output_dir):  # Path("") would be the current folder
         raise ValueError(f"{flag} '': empty; name the folder to write in")
     path = Path(output_dir)
@@ -158,6 +172,9 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
         raise ValueError(f"{flag} {output_dir}: a symbolic link to nothing")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
+    for name in writes:
+        if not name.endswith("/") and (path / name).is_dir():
+            raise ValueError(f"{flag} {output_dir}: {path / name}, which this run writes, is a folder")
     check_not_inputs([path / name for name in writes], inputs, f"{flag} {output_dir}")
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     return path

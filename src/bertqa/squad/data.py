@@ -167,6 +167,36 @@ def _read_answers(qa: dict, key: str, where: str, path) -> tuple[list[str], list
     return texts, starts
 
 
+def check_gold(doc, path, v2: bool) -> None:
+    """Check what the official scripts read of a SQuAD file to score predictions against, with one-line errors
+    naming the question: each question's `id` (unique) and its answers' texts. A v2.0 question may have none, or
+    no `answers` at all (unanswerable); a v1.1 question needs one. Contexts, questions and answer positions are
+    not read, as the official scripts do not read them."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
+    seen: set[str] = set()
+    for a, article in enumerate(doc["data"]):
+        _expect(article, dict, "data[]", f"article {a}", path)
+        _expect(article.get("paragraphs"), list, "paragraphs", f"article {a}", path)
+        for p, paragraph in enumerate(article["paragraphs"]):
+            where = f"article {a} paragraph {p}"
+            _expect(paragraph, dict, "paragraphs[]", where, path)
+            _expect(paragraph.get("qas"), list, "qas", where, path)
+            for q, qa in enumerate(paragraph["qas"]):
+                _expect(qa, dict, "qas[]", f"{where} question {q}", path)
+                qid = _text(qa.get("id"), "id", f"{where} question {q}", path)
+                if qid in seen:
+                    raise SquadFormatError(f"{path}: question id {qid!r}: duplicate question id")
+                seen.add(qid)
+                answers = _optional(qa, "answers", []) if v2 else qa.get("answers")
+                _expect(answers, list, "answers", f"question id {qid!r}", path)
+                for j, ans in enumerate(answers):
+                    _expect(ans, dict, f"answers[{j}]", f"question id {qid!r}", path)
+                    _text(ans.get("text"), f"answers[{j}].text", f"question id {qid!r}", path)
+                if not answers and not v2:
+                    raise SquadFormatError(f"{path}: question id {qid!r}: no answers and not marked is_impossible")
+
+
 def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None = None) -> list[Example]:
     """Read a SQuAD v1.1 or v2.0 file.
 

@@ -14,7 +14,7 @@ import re
 import string
 from collections import Counter, OrderedDict
 
-from bertqa.squad.data import SquadFormatError, is_squad_v2, load_json, parse_squad
+from bertqa.squad.data import SquadFormatError, check_gold, is_squad_v2, load_json
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     exact_raw, f1_raw, answered, missing = {}, {}, set(), []
     for qa in _questions(dataset):
         qid = qa["id"]
-        golds = [a["text"] for a in qa.get("answers", []) if normalize_answer(a["text"])] or [""]
+        golds = [a["text"] for a in qa.get("answers") or [] if normalize_answer(a["text"])] or [""]
         if qid not in predictions:
             missing.append(qid)
             exact_raw[qid] = f1_raw[qid] = 0
@@ -192,17 +192,18 @@ def _load_mapping(path, value_type, what: str) -> dict:
     return doc
 
 
-def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False) -> dict:
+def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False, na_prob_thresh: float = 1.0) -> dict:
     """Score a predictions file against a SQuAD file, picking the v1.1 or v2.0 metric from the data (v2.0 with
-    `v2`, whatever the file says, as running the official v2.0 script on it does).
+    `v2`, whatever the file says, as running the official v2.0 script on it does). v2.0 with `na_prob_path`:
+    above `na_prob_thresh` a question counts as unanswered (the official script's --na-prob-thresh).
 
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
     doc = load_json(data_path)
     v2 = v2 or is_squad_v2(doc)
-    # Validates, with one-line errors naming the question. In v2.0, as the official script reads it, a question
-    # with no answers is unanswerable, is_impossible or not (HF's squad_v2 exports leave it out).
-    parse_squad(doc, data_path, is_training=False, require_answers=not v2)
+    # In v2.0, as the official script reads it, a question with no answers is unanswerable, is_impossible or not
+    # (HF's squad_v2 exports leave it out).
+    check_gold(doc, data_path, v2)
     if not any(True for _ in _questions(doc["data"])):
         raise SquadFormatError(f"{data_path}: no questions to score")
     predictions = _load_mapping(predictions_path, str, "an answer string")
@@ -216,4 +217,4 @@ def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False
         lacking = [qa["id"] for qa in _questions(doc["data"]) if qa["id"] in predictions and qa["id"] not in na_probs]
         if lacking:
             raise SquadFormatError(f"{na_prob_path}: no probability for question id {lacking[0]!r}")
-    return evaluate_v2(doc["data"], predictions, na_probs)
+    return evaluate_v2(doc["data"], predictions, na_probs, na_prob_thresh)
