@@ -239,6 +239,19 @@ def test_the_runner_refuses_nan_logits_naming_the_window(fp32_graph, tiny_dir):
         runner.predict_logits(features, batch_size=len(features))
 
 
+def test_the_runner_names_a_batch_the_graph_cannot_run(fp32_graph):
+    """Windows longer than the model's 512 positions: onnxruntime's own error (a broadcast it cannot do) was
+    raised as it came, naming neither the graph nor the batch."""
+    runner = OnnxRunner(fp32_graph[0], threads=1)
+    ids = np.full((2, 600), 1000, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"^\S+model\.onnx: onnxruntime cannot run a batch of 2 x 600 tokens \("):
+        runner(ids, np.zeros_like(ids), np.ones_like(ids))
+    with pytest.raises(
+        ValueError, match=r"^threads must be a positive integer \(0 or None: onnxruntime's default\), got -1$"
+    ):
+        OnnxRunner(fp32_graph[0], threads=-1)
+
+
 def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")

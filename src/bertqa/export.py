@@ -173,6 +173,8 @@ class OnnxRunner:
 
     def __init__(self, path, threads: int | None = None, providers=None):
         ort = _onnxruntime()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ValueError(f"threads must be a positive integer (0 or None: onnxruntime's default), got {threads!r}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -182,7 +184,9 @@ class OnnxRunner:
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: no such ONNX file") from None
-            raise ValueError(f"{path}: not a loadable ONNX graph ({str(e).splitlines()[0]})") from None
+            raise ValueError(
+                f"{path}: not a loadable ONNX graph ({(str(e) or type(e).__name__).splitlines()[0]})"
+            ) from None
         names = tuple(i.name for i in self.session.get_inputs())
         if sorted(names) != sorted(INPUTS):
             raise ValueError(f"{path}: graph inputs are {list(names)}, expected {list(INPUTS)}")
@@ -199,7 +203,12 @@ class OnnxRunner:
     def __call__(self, input_ids, token_type_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """Start and end logits, float32 (batch, seq), for int64 (batch, seq) arrays."""
         feed = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
-        start, end = self.session.run(list(OUTPUTS), feed)
+        try:
+            start, end = self.session.run(list(OUTPUTS), feed)
+        except Exception as e:  # onnxruntime's own exception types; e.g. windows longer than the position table
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            shape = " x ".join(map(str, getattr(input_ids, "shape", ())))
+            raise ValueError(f"{self.path}: onnxruntime cannot run a batch of {shape} tokens ({why})") from None
         return start, end
 
     def predict_logits(self, features: Features, indices=None, batch_size: int = 32):
