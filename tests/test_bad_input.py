@@ -616,7 +616,22 @@ def test_no_command_writes_over_a_file_of_its_model_folder(inputs, tmp_path, cap
                                  *FAST], capsys, monkeypatch)  # fmt: skip
         line = one_error_line(err)
         assert code == 1 and f"would write {model / output} over a file it reads from --model {model}" in line, line
+    # The weights file as --model (config and tokenizer are read beside it), an NVIDIA folder's bert_config.json,
+    # and an HF cache's snapshot, each of whose files links to a blob named by its hash elsewhere.
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for p in model.iterdir():
+        shutil.copy(p, blobs / f"hash-{p.name}")
+        (snapshot / p.name).symlink_to(blobs / f"hash-{p.name}")
+    for source, output in ((model / "model.safetensors", model / "tokenizer.json"), (model, model / "bert_config.json"),
+                          (snapshot, snapshot / "config.json"), (model, model / "Tokenizer.json")):  # fmt: skip
+        code, _, err = run_main(["predict", "--model", source, "--input", inputs["squad"], "--output", output, *FAST],
+                                capsys, monkeypatch)  # fmt: skip
+        line = one_error_line(err)
+        assert code == 1 and f"would write {output} over a file it reads from --model {source}" in line, line
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in blobs.iterdir()} == {f"hash-{k}": v for k, v in before.items()}
     code, _, err = run_main(["predict", "--model", model, "--input", inputs["squad"], "--output",
                              model / "predictions.json", *FAST], capsys, monkeypatch)  # fmt: skip
     assert code == 0 and (model / "predictions.json").is_file(), err

@@ -324,14 +324,14 @@ def test_a_rank_takes_its_local_rank_gpu_or_its_one_visible_gpu(monkeypatch, vis
     # GPU is cuda:0; cuda:3 was "not usable here".
     probed = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    monkeypatch.setattr(torch, "empty", lambda *shape, device=None: probed.append(device))
+    monkeypatch.setattr(torch, "zeros", lambda *shape, device=None: probed.append(device))
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", expected) == probed[0]
 
 
 def test_devices_that_cannot_run_a_model_are_refused_in_one_line(monkeypatch):
     """An empty name is not the default device; "meta" holds no data (the run failed after loading the model); a
     backend whose plugin is missing raised an ImportError, reported as an internal error."""
-    for name, message in [("", "--device '': empty; name a device"), (" ", "--device '': empty"),
+    for name, message in [("", "--device '': empty; name a device"), (" ", "--device ' ': empty"),
                           ("meta", "--device meta: holds no data")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             resolve_device(name)
@@ -339,6 +339,6 @@ def test_devices_that_cannot_run_a_model_are_refused_in_one_line(monkeypatch):
     def no_plugin(*shape, device=None):
         raise ModuleNotFoundError("No module named 'torch.hpu'")
 
-    monkeypatch.setattr(torch, "empty", no_plugin)
+    monkeypatch.setattr(torch, "zeros", no_plugin)
     with pytest.raises(ValueError, match=r"^--device hpu: not usable here \(No module named 'torch\.hpu'\)$"):
         resolve_device("hpu")

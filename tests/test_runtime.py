@@ -98,9 +98,14 @@ def test_choices_a_rocm_or_xpu_gpu_would_emulate_are_warned_about(monkeypatch, c
                         lambda device=None: SimpleNamespace(has_subgroup_matrix_multiply_accumulate=False))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         assert Precision.resolve("bf16", torch.device("cuda", 0)).name == "bf16"
-        assert Precision.resolve("fp16", torch.device("xpu", 0)).name == "fp16"
+        assert Precision.resolve("bf16", torch.device("xpu", 0)).name == "bf16"
     assert "ROCm GPU gfx906 lacks bf16 matrix instructions: bf16 has no tensor cores or matrix units" in caplog.text
-    assert "XPU does not report matrix engines (subgroup matrix multiply-accumulate): fp16 has no" in caplog.text
+    assert "XPU does not report matrix engines (subgroup matrix multiply-accumulate): bf16 has no" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bertqa"):  # fp16 runs at twice the fp32 rate on them even so
+        Precision.resolve("fp16", torch.device("cuda", 0))
+        Precision.resolve("fp16", torch.device("xpu", 0))
+    assert caplog.text == ""
 
 
 def test_other_accelerators_never_get_a_guessed_precision():

@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pred_file")
     s.add_argument("--na-prob-file", help="v2.0: no-answer probabilities (null_odds.json)")
     s.add_argument("--na-prob-thresh", type=float, default=1.0,
-                   help="v2.0 with --na-prob-file: above it a question counts as unanswered (default 1.0)")  # fmt: skip
+                   help="v2.0: a question whose no-answer probability is above it counts as unanswered (default "
+                        "1.0; without --na-prob-file every probability is 0), as in the official script")  # fmt: skip
     s.add_argument("--version-2-with-negative", action="store_true",
                    help="score as SQuAD v2.0 (no answers: unanswerable) whatever the file says")  # fmt: skip
     s.set_defaults(func=cmd_score)

@@ -50,7 +50,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
     type is given the local rank as its index."""
     if name is not None and not name.strip():
-        raise ValueError("--device '': empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
+        raise ValueError(f"--device {name!r}: empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
     what = f"--device {name}" if name else f"the default device ({default_device()})"
     name = name or default_device()
     try:
@@ -66,7 +66,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if local_rank:
             what += f" as {device} (LOCAL_RANK {local_rank}{', its one visible GPU' if alone else ''})"
     try:
-        torch.empty(1, device=device)
+        torch.zeros(1, device=device)  # a kernel runs: a GPU this build has no kernels for fails here
     except (RuntimeError, AssertionError, AttributeError, ImportError, NotImplementedError) as e:
         # (a backend whose plugin is not installed: torch.hpu, say, is then a module it cannot import)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

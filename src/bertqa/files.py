@@ -136,28 +136,44 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
 
 
 # The files of a model folder: those bertqa writes (save_pretrained, and a training run's own record), and the
-# other weight and tokenizer files of HF's folders.
+# other config, weight and tokenizer files of HF's and NVIDIA's folders (case aside: some file systems ignore it).
 MODEL_FILE = re.compile(
-    r"config\.json|run_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
-    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.txt"
+    r"(bert_|run_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
+    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.txt",
+    re.IGNORECASE,
 )
 
 
 def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     """Refuse, before any work, a run that would write over one of its own inputs ({flag: path}; an unset
-    flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, or
-    that is one of the model files (MODEL_FILE) of an input folder, where symbolic links lead (files are written
-    through them)."""
+    flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, where
+    symbolic links lead (files are written through them), or that is a model file (MODEL_FILE) of an input folder,
+    or of the folder of a --model file (its config and tokenizer are read beside the weights)."""
     for flag, given in (inputs or {}).items():
         if not given:
             continue
         real = Path(given).resolve()
+        folder = real if real.is_dir() else real.parent if flag == "--model" else None
         for out in outputs:
             resolved = Path(out).resolve()
             if resolved in (real, *real.parents):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
-            if resolved.parent == real and real.is_dir() and MODEL_FILE.fullmatch(resolved.name):
+            if folder is not None and _model_file_of(Path(out), folder):
                 raise ValueError(f"{what}: this run would write {out} over a file it reads from {flag} {given}")
+
+
+def _model_file_of(path: Path, folder: Path) -> bool:
+    """Whether `path` is, or would be written as, a model file of `folder`: a model file's name in it, or (links
+    followed, as an HF cache's snapshot links each file to a blob) the same file as one of its model files."""
+    if MODEL_FILE.fullmatch(path.name) and path.parent.resolve() == folder:
+        return True
+    if not path.exists():
+        return False
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(MODEL_FILE.fullmatch(name) and os.path.samefile(path, folder / name) for name in names)
 
 
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),

@@ -112,7 +112,14 @@ class Precision:
         if requested not in PRECISIONS:
             raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
         if requested != "auto":
-            if requested in ("bf16", "fp16") and device.type in ("cpu", "cuda", "xpu"):  # (ROCm's GPUs are "cuda")
+            # Other GPUs without matrix units (ROCm's are "cuda") still run fp16 at twice the fp32 rate: bf16 only.
+            if (
+                requested == "bf16"
+                and device.type in ("cuda", "xpu")
+                or requested == "fp16"
+                and _nvidia(device)
+                or (requested in ("bf16", "fp16") and device.type == "cpu")
+            ):
                 native, why = native_precision(requested, device, features)
                 if not native:
                     slow = (

@@ -194,8 +194,8 @@ def _load_mapping(path, value_type, what: str) -> dict:
 
 def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False, na_prob_thresh: float = 1.0) -> dict:
     """Score a predictions file against a SQuAD file, picking the v1.1 or v2.0 metric from the data (v2.0 with
-    `v2`, whatever the file says, as running the official v2.0 script on it does). v2.0 with `na_prob_path`:
-    above `na_prob_thresh` a question counts as unanswered (the official script's --na-prob-thresh).
+    `v2`, whatever the file says, as running the official v2.0 script on it does). v2.0: a question whose
+    no-answer probability (from `na_prob_path`, else 0) is above `na_prob_thresh` counts as unanswered.
 
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
@@ -208,8 +208,8 @@ def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False
         raise SquadFormatError(f"{data_path}: no questions to score")
     predictions = _load_mapping(predictions_path, str, "an answer string")
     if not v2:
-        if na_prob_path is not None:
-            log.warning("%s is SQuAD v1.1: the no-answer probabilities are not used", data_path)
+        if na_prob_path is not None or na_prob_thresh != 1.0:
+            log.warning("%s is SQuAD v1.1: no-answer probabilities and their threshold are not used", data_path)
         return evaluate_v1(doc["data"], predictions)
     na_probs = None
     if na_prob_path is not None:
