@@ -318,6 +318,47 @@ def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
     assert torch.equal(model.qa_outputs.weight, sd["qa_outputs.weight"])
 
 
+def test_an_nvidia_checkpoint_saved_mid_pretraining_loads(hf_qa_dir, tmp_path):
+    """NVIDIA's run_pretraining.py keeps its data loader, of a class its script defines, in every checkpoint before
+    the last step: unpickled in full, that class is missing here. It was reported as a corrupt file."""
+    nv = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
+    script = ("import sys, torch\n"
+              "class pretraining_dataset:\n    def __init__(self, f):\n        self.files = [f]\n"
+              "class Loader:\n    def __init__(self):\n        self.dataset = pretraining_dataset('shard_0.hdf5')\n"
+              "ckpt = torch.load(sys.argv[1])\n"
+              "torch.save({**ckpt, 'files': [0, 'shard_0.hdf5'], 'data_loader': Loader()}, sys.argv[2])\n"
+              "torch.save(Loader(), sys.argv[3])\n")  # fmt: skip
+    mid, other = tmp_path / "ckpt_1000.pt", tmp_path / "loader.pt"
+    subprocess.run([sys.executable, "-c", script, nv, mid, other], check=True)
+    cfg = hf_qa_dir / "config.json"
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        load_model(mid, config=cfg)
+    ours, reference = load_model(mid, config=cfg, trust_pickle=True), load_model(nv, config=cfg)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"loader\.pt: unpickling it needs the class 'Loader' of the script"):
+        load_model(other, config=cfg, trust_pickle=True)
+
+
+def test_weights_of_the_right_shape_but_no_float_data_are_refused(hf_qa_dir, tmp_path):
+    """Integers and booleans were cast to floats, and meta tensors (no data) failed inside torch's load_state_dict."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(hf_qa_dir / "model.safetensors"))
+    sd["qa_outputs.weight"] = sd["qa_outputs.weight"].to(torch.int32)
+    sd["qa_outputs.bias"] = torch.empty_like(sd["qa_outputs.bias"], device="meta")
+    torch.save(sd, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointError, match=r"2 non-float key\(s\): qa_outputs\.bias: meta tensor, no data, "
+                                              r"qa_outputs\.weight: int32$"):  # fmt: skip
+        load_model(tmp_path / "bad.bin", config=hf_qa_dir / "config.json")
+
+
+def test_safetensors_under_another_name_load(hf_qa_dir, tmp_path):
+    """A .bin that is a safetensors file was refused with torch's unpickling boilerplate as the reason."""
+    shutil.copy(hf_qa_dir / "model.safetensors", tmp_path / "weights.bin")
+    ours = load_model(tmp_path / "weights.bin", config=hf_qa_dir / "config.json")
+    assert torch.equal(ours.qa_outputs.weight, load_model(hf_qa_dir).qa_outputs.weight)
+
+
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 

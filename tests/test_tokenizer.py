@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -161,6 +162,14 @@ def test_a_lowercase_step_in_a_sequence_of_normalisers_is_read_as_lower_casing(v
         tok = load_tokenizer(tmp_path)
         assert tok.do_lower_case and load_tokenizer(tmp_path, do_lower_case=True).do_lower_case
     assert caplog.text == "" and tok.tokenize(["Paris"])[0].ids == tok.tokenize(["paris"])[0].ids
+    # Saved, transformers reads it as it is: it used to be declared a BertTokenizer, whose normaliser transformers
+    # builds from tokenizer_config.json, and which cleans the text (the NUL) and splits CJK characters apart.
+    tok.save(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    texts = ["東京 Café\x00x", "Paris"]
+    ours = tok.tokenize(texts)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert hf_encode(hf, texts) == ([e.ids for e in ours], [e.offsets for e in ours])
 
 
 def test_a_repeated_token_counts_up_to_the_highest_id(tmp_path):
@@ -279,6 +288,25 @@ def test_tokenizer_config_accent_and_cjk_settings_read_and_written_as_transforme
     ours.save(tmp_path / "saved")  # tokenizer.json and tokenizer_config.json agree, for either reader
     assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved")), texts) == ref
     assert load_tokenizer(tmp_path / "saved").fingerprint == ours.fingerprint
+
+
+@pytest.mark.parametrize("settings", [{"do_lower_case": False}, {"strip_accents": False},
+                                      {"tokenize_chinese_chars": False}, {"do_lower_case": True}])  # fmt: skip
+def test_tokenizer_config_settings_win_over_tokenizer_json_as_in_transformers(minilm_dir, tmp_path, settings):
+    """A folder whose tokenizer_config.json states a setting its tokenizer.json's BertNormalizer does not follow:
+    transformers builds the normaliser from tokenizer_config.json. bertqa followed tokenizer.json."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder)
+    config = json.loads((minilm_dir / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    texts = ["Héllo WORLD Café", "東京 naïve Übung"]
+    ref = hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts)
+    ours = load_tokenizer(folder)
+    assert ([e.ids for e in ours.tokenize(texts)], [e.offsets for e in ours.tokenize(texts)]) == ref
+    assert ours.do_lower_case is settings.get("do_lower_case", True)
+    assert load_tokenizer(folder, do_lower_case=True).do_lower_case  # the flag still wins over both
 
 
 def test_bad_accent_setting_in_tokenizer_config_is_one_line(tmp_path):

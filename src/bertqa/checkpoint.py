@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import types
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -83,6 +84,28 @@ OTHER_FORMATS = [
 ]
 
 
+def _stubbing_pickle(stubbed: list):
+    """The pickle module, but for a class of the script that saved the file (its `__main__`), which this process
+    lacks: a stand-in whose objects hold nothing, its name added to `stubbed`. NVIDIA's run_pretraining.py keeps its
+    data loader (of its own `pretraining_dataset` class) in every checkpoint before the last step, beside the
+    weights under "model"."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except AttributeError:
+                if module != "__main__":
+                    raise
+                stubbed.append(name)
+                return type(name, (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, s: None})
+
+    module = types.ModuleType("pickle")
+    module.__dict__.update(vars(pickle))
+    module.Unpickler = Unpickler
+    return module
+
+
 def _read_pickle(path: Path, trust_pickle: bool):
     if zipfile.is_zipfile(path):
         try:
@@ -93,9 +116,16 @@ def _read_pickle(path: Path, trust_pickle: bool):
         if any(name.endswith("/constants.pkl") for name in names):
             raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
                                   "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
+    stubbed: list[str] = []
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except OSError:  # missing, unreadable: the file system's own words
+        if not trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stubbing_pickle(stubbed))
+        if stubbed and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
+            raise CheckpointError(f"{path}: unpickling it needs the class {stubbed[0]!r} of the script that saved it; "
+                                  "save the weights alone (a state dict)")  # fmt: skip
+        return ckpt
+    except (OSError, CheckpointError):  # missing, unreadable: the file system's own words; ours
         raise
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         # Only a readable pickle that names a Python global is worth unpickling in full; garbage is not.
@@ -117,9 +147,12 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
     path = Path(path)
     with open(path, "rb") as f:  # a repository cloned without git-lfs holds a small text stub in its place
-        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+        head = f.read(max(len(LFS_POINTER), 9))
+        if head.startswith(LFS_POINTER):
             raise CheckpointError(f"{path}: a Git LFS pointer, not the weights; fetch them with `git lfs pull`")
-    if path.suffix == ".safetensors":
+    # safetensors under another name: an 8-byte little-endian header length, then the JSON header
+    safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    if path.suffix == ".safetensors" or safetensors:
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -204,6 +237,13 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
         for k in set(out) & set(expected)
         if out[k].shape != expected[k].shape
     )
+    # Right shapes, but no weights: integers or booleans (cast, they would load as other numbers), or meta tensors
+    # (a model built without memory): shapes and no data.
+    kinds = sorted(
+        f"{k}: {'meta tensor, no data' if v.is_meta else str(v.dtype).removeprefix('torch.')}"
+        for k, v in out.items()
+        if k in expected and (v.is_meta or not v.is_floating_point())
+    )
     missing_head = QA_HEAD.issubset(missing)
     if missing_head:
         missing = [k for k in missing if k not in QA_HEAD]
@@ -213,7 +253,7 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
                               "BERT weight; is it another kind of model?")  # fmt: skip
     problems = []
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes),
-                        ("doubled", twice)):  # fmt: skip
+                        ("non-float", kinds), ("doubled", twice)):  # fmt: skip
         if keys:
             lines, first = (_group(keys), 10) if title in ("missing", "unexpected") else (keys, 3)  # (long lines)
             shown = ", ".join(lines[:first]) + (f", ... and {len(lines) - first} more" if len(lines) > first else "")

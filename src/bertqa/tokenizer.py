@@ -77,10 +77,20 @@ class BertTokenizer:
         # What backend.save writes, written by Python: a failed write (a full disk) is an OSError naming the file.
         (d / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
         (d / "vocab.txt").write_text("".join(tok + "\n" for tok in self._vocab_lines()), encoding="utf-8")
-        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case}
-        norm = json.loads(self.backend.to_str()).get("normalizer") or {}
+        state = json.loads(self.backend.to_str())
+        norm, pre = state.get("normalizer") or {}, state.get("pre_tokenizer") or {}
+        # transformers' BertTokenizer builds its normaliser (always cleaning the text) and pre-tokenizer itself, from
+        # these settings, not from tokenizer.json's; a tokenizer it cannot build so is read from tokenizer.json as is.
+        bert = (
+            norm.get("type") == "BertNormalizer"
+            and norm.get("clean_text", True)
+            and pre.get("type") == "BertPreTokenizer"
+        )
+        config = {
+            "tokenizer_class": "BertTokenizer" if bert else "PreTrainedTokenizerFast",
+            "do_lower_case": self.do_lower_case,
+        }
         if norm.get("type") == "BertNormalizer":
-            # transformers' BertTokenizer builds its normaliser from these, not from tokenizer.json's.
             config["strip_accents"] = norm.get("strip_accents")
             config["tokenize_chinese_chars"] = norm.get("handle_chinese_chars", True)
         config = {**config, "model_max_length": model_max_length, **SPECIAL_TOKENS}
@@ -201,17 +211,22 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
-        lower = _lowercases(norm)  # what the tokenizer does
-        if do_lower_case is not None and do_lower_case != bool(lower):
-            if norm.get("type") != "BertNormalizer":
+        bert = norm.get("type") == "BertNormalizer"
+        # As transformers' BertTokenizer(Fast): the settings tokenizer_config.json states win over tokenizer.json's
+        # BertNormalizer; --[no-]lower-case over both.
+        wanted = _stated_settings(folder) if bert else {}
+        if do_lower_case is not None:
+            if not bert and do_lower_case != _lowercases(norm):
                 raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
-            backend.normalizer = normalizers.BertNormalizer(
-                clean_text=norm.get("clean_text", True), handle_chinese_chars=norm.get("handle_chinese_chars", True),
-                strip_accents=norm.get("strip_accents"), lowercase=do_lower_case,
-            )  # fmt: skip
-            lower = do_lower_case
+            wanted["lowercase"] = do_lower_case
+        if bert:
+            current = {"clean_text": norm.get("clean_text", True), "handle_chinese_chars": norm.get("handle_chinese_chars",
+                       True), "strip_accents": norm.get("strip_accents"), "lowercase": _lowercases(norm)}  # fmt: skip
+            if {**current, **wanted} != current:
+                backend.normalizer = normalizers.BertNormalizer(**{**current, **wanted})
+                norm = json.loads(backend.to_str()).get("normalizer")
         try:
-            tokenizer = BertTokenizer(backend, do_lower_case=bool(lower))
+            tokenizer = BertTokenizer(backend, do_lower_case=_lowercases(norm))
         except ValueError as e:
             raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
         _warn_if_cased(tokenizer.backend.get_vocab(), tokenizer.do_lower_case, json_file)
@@ -267,6 +282,19 @@ def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
     if not all(v is None or isinstance(v, bool) for v in (strip, chinese)):
         raise ValueError(f"{f}: strip_accents and tokenize_chinese_chars must be true, false or null")
     return strip, chinese is not False
+
+
+def _stated_settings(folder: Path) -> dict:
+    """The normaliser settings that tokenizer_config.json states for a BERT tokenizer, as BertNormalizer's
+    arguments (transformers builds BertTokenizer's normaliser from them); those it leaves out are not given."""
+    d = _json_object(folder / "tokenizer_config.json")
+    if d.get("tokenizer_class") not in (None, "BertTokenizer", "BertTokenizerFast"):
+        return {}
+    strip, chinese = _normaliser_settings(folder)  # (checked there)
+    stated = {"lowercase": d.get("do_lower_case"), "strip_accents": strip, "handle_chinese_chars": chinese}
+    given = {"lowercase": isinstance(d.get("do_lower_case"), bool), "strip_accents": "strip_accents" in d,
+             "handle_chinese_chars": d.get("tokenize_chinese_chars") is not None}  # fmt: skip
+    return {k: v for k, v in stated.items() if given[k]}
 
 
 def _lowercases(norm: dict) -> bool:
