@@ -625,7 +625,8 @@ def test_no_command_writes_over_a_file_of_its_model_folder(inputs, tmp_path, cap
         shutil.copy(p, blobs / f"hash-{p.name}")
         (snapshot / p.name).symlink_to(blobs / f"hash-{p.name}")
     for source, output in ((model / "model.safetensors", model / "tokenizer.json"), (model, model / "bert_config.json"),
-                          (snapshot, snapshot / "config.json"), (model, model / "Tokenizer.json")):  # fmt: skip
+                           (snapshot, snapshot / "config.json"), (model, model / "Tokenizer.json"),
+                           (snapshot / "model.safetensors", snapshot / "tokenizer_config.json")):  # fmt: skip
         code, _, err = run_main(["predict", "--model", source, "--input", inputs["squad"], "--output", output, *FAST],
                                 capsys, monkeypatch)  # fmt: skip
         line = one_error_line(err)
@@ -635,6 +636,14 @@ def test_no_command_writes_over_a_file_of_its_model_folder(inputs, tmp_path, cap
     code, _, err = run_main(["predict", "--model", model, "--input", inputs["squad"], "--output",
                              model / "predictions.json", *FAST], capsys, monkeypatch)  # fmt: skip
     assert code == 0 and (model / "predictions.json").is_file(), err
+    # Neither a hard link to a model file (the output replaces the name, not the file) nor a broken link among the
+    # model's files (an OSError while comparing) stops a run.
+    (snapshot / "added_tokens.json").symlink_to(blobs / "nowhere")
+    (tmp_path / "out").mkdir()
+    os.link(blobs / "hash-config.json", tmp_path / "out" / "pred.json")
+    code, _, err = run_main(["predict", "--model", snapshot, "--input", inputs["squad"], "--output",
+                             tmp_path / "out" / "pred.json", *FAST], capsys, monkeypatch)  # fmt: skip
+    assert code == 0 and (blobs / "hash-config.json").read_bytes() == before["config.json"], err
 
 
 def test_a_folder_where_evaluate_writes_a_file_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):

@@ -324,7 +324,9 @@ def test_an_nvidia_checkpoint_saved_mid_pretraining_loads(hf_qa_dir, tmp_path):
     nv = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
     script = ("import sys, torch\n"
               "class pretraining_dataset:\n    def __init__(self, f):\n        self.files = [f]\n"
+              "class Files(list):\n    pass\nclass Options(dict):\n    pass\n"
               "class Loader:\n    def __init__(self):\n        self.dataset = pretraining_dataset('shard_0.hdf5')\n"
+              "        self.files, self.options = Files(['a', 'b']), Options(workers=4)\n"
               "ckpt = torch.load(sys.argv[1])\n"
               "torch.save({**ckpt, 'files': [0, 'shard_0.hdf5'], 'data_loader': Loader()}, sys.argv[2])\n"
               "torch.save(Loader(), sys.argv[3])\n")  # fmt: skip

@@ -291,7 +291,8 @@ def test_tokenizer_config_accent_and_cjk_settings_read_and_written_as_transforme
 
 
 @pytest.mark.parametrize("settings", [{"do_lower_case": False}, {"strip_accents": False},
-                                      {"tokenize_chinese_chars": False}, {"do_lower_case": True}])  # fmt: skip
+                                      {"tokenize_chinese_chars": False}, {"do_lower_case": True},
+                                      {"tokenizer_class": "ElectraTokenizer", "do_lower_case": False}])  # fmt: skip
 def test_tokenizer_config_settings_win_over_tokenizer_json_as_in_transformers(minilm_dir, tmp_path, settings):
     """A folder whose tokenizer_config.json states a setting its tokenizer.json's BertNormalizer does not follow:
     transformers builds the normaliser from tokenizer_config.json. bertqa followed tokenizer.json."""

@@ -98,12 +98,21 @@ def _stubbing_pickle(stubbed: list):
                 if module != "__main__":
                     raise
                 stubbed.append(name)
-                return type(name, (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, s: None})
+                ignore = lambda self, *args, **kwargs: None  # noqa: E731
+                # (what unpickling calls on an object: to make it, set its state, fill it as a dict or as a list)
+                return type(
+                    name, (), dict.fromkeys(("__init__", "__setstate__", "__setitem__", "append", "extend"), ignore)
+                )
 
     module = types.ModuleType("pickle")
     module.__dict__.update(vars(pickle))
     module.Unpickler = Unpickler
     return module
+
+
+def _needs_class(path: Path, name: str) -> CheckpointError:
+    return CheckpointError(f"{path}: unpickling it needs the class {name!r} of the script that saved it; save the "
+                           "weights alone (a state dict)")  # fmt: skip
 
 
 def _read_pickle(path: Path, trust_pickle: bool):
@@ -122,8 +131,7 @@ def _read_pickle(path: Path, trust_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=True)
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stubbing_pickle(stubbed))
         if stubbed and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
-            raise CheckpointError(f"{path}: unpickling it needs the class {stubbed[0]!r} of the script that saved it; "
-                                  "save the weights alone (a state dict)")  # fmt: skip
+            raise _needs_class(path, stubbed[0])
         return ckpt
     except (OSError, CheckpointError):  # missing, unreadable: the file system's own words; ours
         raise
@@ -137,6 +145,8 @@ def _read_pickle(path: Path, trust_pickle: bool):
         if isinstance(e, ModuleNotFoundError):  # unpickled in full (trust_pickle), it names what it needs
             raise CheckpointError(f"{path}: unpickling it needs the Python module {e.name!r}, which is not "
                                   "installed here; install it, or save the weights alone (a state dict)") from None  # fmt: skip
+        if stubbed:  # a stand-in that could not take what the class held
+            raise _needs_class(path, stubbed[0]) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first})"

@@ -153,7 +153,8 @@ def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
         if not given:
             continue
         real = Path(given).resolve()
-        folder = real if real.is_dir() else real.parent if flag == "--model" else None
+        # (the folder the loader reads: a --model file's own, not that of the file its link leads to)
+        folder = real if real.is_dir() else Path(given).absolute().parent.resolve() if flag == "--model" else None
         for out in outputs:
             resolved = Path(out).resolve()
             if resolved in (real, *real.parents):
@@ -164,16 +165,18 @@ def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
 
 def _model_file_of(path: Path, folder: Path) -> bool:
     """Whether `path` is, or would be written as, a model file of `folder`: a model file's name in it, or (links
-    followed, as an HF cache's snapshot links each file to a blob) the same file as one of its model files."""
-    if MODEL_FILE.fullmatch(path.name) and path.parent.resolve() == folder:
+    followed, as an HF cache's snapshot links each file to a blob) where one of its model files leads. (A hard
+    link is no such file: the output replaces its name, not the file.)"""
+    if MODEL_FILE.fullmatch(path.name) and path.absolute().parent.resolve() == folder:
         return True
-    if not path.exists():
+    if not path.is_symlink() and not any(p.is_symlink() for p in path.absolute().parents):
         return False
+    target = path.resolve()
     try:
         names = os.listdir(folder)
     except OSError:
         return False
-    return any(MODEL_FILE.fullmatch(name) and os.path.samefile(path, folder / name) for name in names)
+    return any(MODEL_FILE.fullmatch(name) and (folder / name).resolve() == target for name in names)
 
 
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),

@@ -285,10 +285,11 @@ def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
 
 
 def _stated_settings(folder: Path) -> dict:
-    """The normaliser settings that tokenizer_config.json states for a BERT tokenizer, as BertNormalizer's
-    arguments (transformers builds BertTokenizer's normaliser from them); those it leaves out are not given."""
+    """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of any BERT-family class), as
+    BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
+    tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
     d = _json_object(folder / "tokenizer_config.json")
-    if d.get("tokenizer_class") not in (None, "BertTokenizer", "BertTokenizerFast"):
+    if d.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # tokenizer.json as it is
         return {}
     strip, chinese = _normaliser_settings(folder)  # (checked there)
     stated = {"lowercase": d.get("do_lower_case"), "strip_accents": strip, "handle_chinese_chars": chinese}
