@@ -136,7 +136,8 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
 
 
 # The files of a model folder: those bertqa writes (save_pretrained, and a training run's own record), and the
-# other config, weight and tokenizer files of HF's and NVIDIA's folders (case aside: some file systems ignore it).
+# other config, weight and tokenizer files of HF's and NVIDIA's folders, matched whatever their case (some file
+# systems ignore it).
 MODEL_FILE = re.compile(
     r"(bert_|run_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
     r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.txt",
