@@ -444,3 +444,73 @@ def test_the_configs_activation_names_are_the_models():
 
     assert sorted(config.ACTIVATIONS) == sorted(model.ACTIVATIONS)
     assert set(config.ACTIVATIONS) <= set(ACT2CLS)
+
+
+def test_reentrant_activation_checkpointing_gets_the_gradients_of_a_plain_backward():
+    """Its first forward runs each layer without autograd, then runs it again from the same input: the in-place
+    residual add of inference overwrote that input, and the gradients came out wrong (no error, the same loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, ours = hf_pair("gelu", attn="blocked")
+    ids, types, mask = padded_batch()
+    grads = []
+    for reentrant in (None, True):
+        ours.zero_grad()
+        if reentrant:
+            for layer in ours.bert.encoder.layer:
+                layer.forward = lambda x, m, f=layer.forward: checkpoint(f, x, m, use_reentrant=True)
+        out = ours(ids, types, mask, start_positions=torch.tensor([1, 2, 3, 4]), end_positions=torch.tensor([2] * 4))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@needs_onednn
+def test_fused_linear_edges():
+    """A weight made under inference_mode, reloaded there (no version counter tells of the copy); a frozen weight
+    with a trainable bias (the fused kernel has no backward: the bias got no gradient); a float16 layer under
+    bf16 autocast (oneDNN's kernel refused it)."""
+    from bertqa.model import Linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        lin = Linear(8, 4)
+        with torch.autocast("cpu", torch.bfloat16):
+            lin(x)
+            new = {"weight": torch.randn(4, 8), "bias": torch.randn(4)}
+            lin.load_state_dict(new)
+            torch.testing.assert_close(lin(x).float(), x @ new["weight"].T + new["bias"], atol=0.1, rtol=0.02)
+    lin = Linear(8, 4)
+    lin.weight.requires_grad_(False)
+    with torch.autocast("cpu", torch.bfloat16):
+        lin(x).float().sum().backward()
+    assert lin.bias.grad is not None and torch.equal(lin.bias.grad, torch.full((4,), 3.0))
+    half = Linear(8, 4).half()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert half(x).shape == (3, 4)
+
+
+def test_half_precision_rows_with_every_key_masked_stay_finite():
+    """In fp16 a score below -16 plus the dtype's lowest value overflowed to -inf, and such a row's softmax to NaN."""
+    import bertqa.model as model
+
+    q, k, v = torch.full((1, 2, 5, 8), 5.0), torch.full((1, 2, 5, 8), -5.0), torch.randn(1, 2, 5, 8)
+    mask = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+    for attention in (model.eager_attention, model.blocked_attention):
+        with torch.no_grad():
+            out = attention(q.half(), k.half(), v.half(), mask, 0.0)
+        assert out.isfinite().all(), attention.__name__
+        torch.testing.assert_close(out.float(), v.half().float().mean(2, keepdim=True).expand_as(v), atol=2e-3, rtol=0)
+
+
+def test_dropout_whose_rate_rounds_to_0_or_1_takes_torchs():
+    """BitDropout's rate is a multiple of 2^-16: 1 - 2^-20 rounded to 1 divided by zero, 2^-20 dropped nothing."""
+    from bertqa.model import dropout
+
+    x = torch.ones(4096)
+    assert (dropout(x, 1 - 2**-20, True) == 0).sum() > 4000
+    torch.manual_seed(0)
+    assert 0 < (dropout(torch.ones(2**22), 2**-20, True) == 0).sum() < 30

@@ -79,7 +79,10 @@ class Linear(nn.Linear):
         return (
             bf16
             and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and self.weight.dtype in (torch.float32, torch.bfloat16)  # (oneDNN's kernel takes no other)
+            and not (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+            )
             and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
             and _fused_linear_works()
         )
@@ -89,6 +92,12 @@ class Linear(nn.Linear):
         # through .data (weight averaging, say) keeps its version counter, so only this tells of the change.
         self._packed = None
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # load_state_dict copies into the weight in place, which a weight made under inference_mode has no version
+        # counter to tell of.
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # copy.deepcopy, pickle: the packed weight is opaque to them, and rebuilt on use
         return {**self.__dict__, "_packed": None}
@@ -129,7 +138,8 @@ class BitDropout(torch.autograd.Function):
 def dropout(x, p: float, training: bool):
     """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels), except
     under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph."""
-    if training and 0 < p < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    # (BitDropout's p is a multiple of 2^-16: one that rounds to 0 or 1 takes F.dropout's)
+    if training and 0 < round(p * 65536) < 65536 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return BitDropout.apply(x, p)
     return F.dropout(x, p, training)
 
@@ -154,11 +164,12 @@ def sdpa_attention(q, k, v, mask, dropout_p):
 
 def padding_bias(mask, like):
     """The additive form of a (B, 1, 1, T) attention mask, in the dtype and on the device of `like`: 0 where it
-    attends, the dtype's lowest value where it does not; None without a mask."""
+    attends, half the dtype's lowest value where it does not (no weight, and finite: in fp16 a score below -16
+    plus the lowest value would be -inf, and a row of masked keys alone then NaN); None without a mask."""
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
-        ~mask, torch.finfo(like.dtype).min
+        ~mask, torch.finfo(like.dtype).min / 2
     )
 
 
@@ -358,10 +369,12 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, h, residual):
         y = self.dropout(self.dense(h))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or residual.requires_grad:
             return self.LayerNorm(y + residual)
         # Without autograd the residual (the layer's own input or its attention's output, which nothing reads
-        # after this) takes the sum in place: the same fp32 sum, no new tensor, and 1.3% faster inference.
+        # after this) takes the sum in place: the same fp32 sum, no new tensor, and 1.3% faster inference. Not an
+        # input that needs a gradient: reentrant activation checkpointing runs the layer without autograd first,
+        # then again from that same input.
         return self.LayerNorm(residual.add_(y))
 
 
