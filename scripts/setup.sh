@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install bertqa with its test extras and the offline pretrained weights.
+# Create .venv and install bertqa with its extras (test, plot, tensorboard, serve, onnx) and the offline pretrained
+# weights.
 # torch is installed only when the venv has none: by default torch==2.13.0 (on the project's CI machines a
 # CPU wheel on local disk). GPU users install their own build into .venv first, or set BERTQA_TORCH to the
 # pip arguments they want, e.g. BERTQA_TORCH="torch --index-url https://download.pytorch.org/whl/cu128".

@@ -264,7 +264,8 @@ def _add_common(p, batch_help, output_dir: bool = True):
         help="SQuAD v2.0 null answers (default: detected from the data)",
     )
     p.add_argument("--null-score-diff-threshold", type=float, default=0.0)
-    p.add_argument("--cache-dir", help="features cache (default ~/.cache/bertqa/features; 'none' disables it)")
+    p.add_argument("--cache-dir", help="features cache (default $XDG_CACHE_HOME/bertqa/features, else "
+                   "~/.cache/bertqa/features; 'none' disables it)")  # fmt: skip
     p.add_argument(
         "--attention",
         choices=ATTENTION_CHOICES,
