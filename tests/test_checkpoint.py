@@ -465,7 +465,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
     "change, message",
     [
         ({"pad_token_id": 1000}, "pad_token_id 1000 is not a token of the 1000-token vocabulary"),
-        ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be below 1, not 1.0"),
+        ({"hidden_dropout_prob": 1.0}, "'hidden_dropout_prob' must be at least 0 and below 1, not 1.0"),
         ({"type_vocab_size": 1}, r"'type_vocab_size' must be at least 2 \(question and context segments\), not 1"),
         ({"model_type": "roberta"}, "model_type 'roberta' is not BERT; bertqa runs BERT-architecture models"),
         ({"is_decoder": True}, r"is_decoder true \(a causal decoder\) is not supported: bertqa runs BERT encoders"),
@@ -483,3 +483,15 @@ def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_
     path.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 32, "num_attention_heads": 2, **change}))
     with pytest.raises(ValueError, match=f"^{path}: {message}$"):
         BertConfig.from_json(path)
+
+
+def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
+    """from_json checks the JSON's types first; a BertConfig built in Python took NaN or a negative rate, which
+    failed only in training (NaN: "cannot convert float NaN to integer")."""
+    from bertqa.config import BertConfig
+
+    for value in (float("nan"), -0.1, 1.0):
+        with pytest.raises(
+            ValueError, match=rf"^'attention_probs_dropout_prob' must be at least 0 and below 1, not {value}$"
+        ):
+            BertConfig(attention_probs_dropout_prob=value)

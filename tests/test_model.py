@@ -514,3 +514,15 @@ def test_dropout_whose_rate_rounds_to_0_or_1_takes_torchs():
     assert (dropout(x, 1 - 2**-20, True) == 0).sum() > 4000
     torch.manual_seed(0)
     assert 0 < (dropout(torch.ones(2**22), 2**-20, True) == 0).sum() < 30
+
+
+def test_inference_adds_each_sublayer_into_its_residual_in_place():
+    """What makes inference 1.3% faster; a change that always added out of place would pass every other test."""
+    _, ours = hf_pair("gelu")
+    sublayer = ours.bert.encoder.layer[0].attention.output
+    with torch.inference_mode():
+        h, residual = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+        before = residual.clone()
+        y = sublayer(h, residual)
+        torch.testing.assert_close(residual, sublayer.dense(h) + before)  # the sum, in the residual's own memory
+        torch.testing.assert_close(y, sublayer.LayerNorm(sublayer.dense(h) + before))

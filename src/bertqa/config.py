@@ -54,8 +54,8 @@ class BertConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; choose from {sorted(ACTIVATIONS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if getattr(self, name) >= 1:
-                raise ValueError(f"'{name}' must be below 1, not {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < 1:  # (NaN too)
+                raise ValueError(f"'{name}' must be at least 0 and below 1, not {getattr(self, name)}")
 
     @classmethod
     def preset(cls, name: str) -> BertConfig:
