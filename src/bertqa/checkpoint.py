@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
-from .files import LFS_POINTER, atomic_dir
+from .files import LFS_POINTER, atomic_dir, first_line
 from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
@@ -147,9 +147,8 @@ def _read_pickle(path: Path, trust_pickle: bool):
                                   "installed here; install it, or save the weights alone (a state dict)") from None  # fmt: skip
         if stubbed:  # a stand-in that could not take what the class held
             raise _needs_class(path, stubbed[0]) from None
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first})"
+            f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first_line(e)})"
         ) from None
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .cli import error_line
+from .files import first_line
 
 
 @dataclass
@@ -69,8 +70,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         torch.zeros(1, device=device)  # a kernel runs: a GPU this build has no kernels for fails here
     except (RuntimeError, AssertionError, AttributeError, ImportError, NotImplementedError) as e:
         # (a backend whose plugin is not installed: torch.hpu, say, is then a module it cannot import)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{what}: not usable here ({first})") from None
+        raise ValueError(f"{what}: not usable here ({first_line(e)})") from None
     return device
 
 

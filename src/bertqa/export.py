@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_seq_len
-from .files import atomic_path, check_output, scratch_dir
+from .files import atomic_path, check_output, first_line, scratch_dir
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, check_window_params, featurize
@@ -184,9 +184,7 @@ class OnnxRunner:
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: no such ONNX file") from None
-            raise ValueError(
-                f"{path}: not a loadable ONNX graph ({(str(e) or type(e).__name__).splitlines()[0]})"
-            ) from None
+            raise ValueError(f"{path}: not a loadable ONNX graph ({first_line(e)})") from None
         names = tuple(i.name for i in self.session.get_inputs())
         if sorted(names) != sorted(INPUTS):
             raise ValueError(f"{path}: graph inputs are {list(names)}, expected {list(INPUTS)}")
@@ -206,9 +204,10 @@ class OnnxRunner:
         try:
             start, end = self.session.run(list(OUTPUTS), feed)
         except Exception as e:  # onnxruntime's own exception types; e.g. windows longer than the position table
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
             shape = " x ".join(map(str, getattr(input_ids, "shape", ())))
-            raise ValueError(f"{self.path}: onnxruntime cannot run a batch of {shape} tokens ({why})") from None
+            raise ValueError(
+                f"{self.path}: onnxruntime cannot run a batch of {shape} tokens ({first_line(e)})"
+            ) from None
         return start, end
 
     def predict_logits(self, features: Features, indices=None, batch_size: int = 32):

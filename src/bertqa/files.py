@@ -91,6 +91,11 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         fsync_path(path.parent)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line, for a one-line error; its type's name if it has none."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def named(e: OSError, path) -> OSError:
     """`e` naming `path`: a write's or an fsync's OSError (a full disk, an I/O error) names no file."""
     return OSError(e.errno, e.strerror, str(path))

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .cli import is_out_of_memory
+from .files import first_line
 from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs, window_settings
 from .squad.features import TooManyWindows
@@ -519,7 +520,7 @@ class _Server:
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the server must say it failed
-            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.load_error = first_line(e)
             if not isinstance(e, Exception):
                 e = RuntimeError(f"{type(e).__name__}: {e}")
             if self.on_load_error is not None:
