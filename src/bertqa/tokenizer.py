@@ -211,22 +211,23 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
-        bert = norm.get("type") == "BertNormalizer"
+        bert, lower = norm.get("type") == "BertNormalizer", _lowercases(norm)
         # As transformers' BertTokenizer(Fast): the settings tokenizer_config.json states win over tokenizer.json's
         # BertNormalizer; --[no-]lower-case over both.
         wanted = _stated_settings(folder) if bert else {}
         if do_lower_case is not None:
-            if not bert and do_lower_case != _lowercases(norm):
+            if not bert and do_lower_case != lower:
                 raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
             wanted["lowercase"] = do_lower_case
         if bert:
             current = {"clean_text": norm.get("clean_text", True), "handle_chinese_chars": norm.get("handle_chinese_chars",
-                       True), "strip_accents": norm.get("strip_accents"), "lowercase": _lowercases(norm)}  # fmt: skip
-            if {**current, **wanted} != current:
-                backend.normalizer = normalizers.BertNormalizer(**{**current, **wanted})
-                norm = json.loads(backend.to_str()).get("normalizer")
+                       True), "strip_accents": norm.get("strip_accents"), "lowercase": lower}  # fmt: skip
+            settings = {**current, **wanted}
+            if settings != current:
+                backend.normalizer = normalizers.BertNormalizer(**settings)
+                lower = settings["lowercase"]
         try:
-            tokenizer = BertTokenizer(backend, do_lower_case=_lowercases(norm))
+            tokenizer = BertTokenizer(backend, do_lower_case=lower)
         except ValueError as e:
             raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
         _warn_if_cased(tokenizer.backend.get_vocab(), tokenizer.do_lower_case, json_file)
@@ -274,10 +275,11 @@ def _lower_case_setting(folder: Path) -> bool | None:
     return None
 
 
-def _normaliser_settings(folder: Path) -> tuple[bool | None, bool]:
-    """tokenizer_config.json's `strip_accents` (None: as lower-casing does) and `tokenize_chinese_chars`."""
+def _normaliser_settings(folder: Path, d: dict | None = None) -> tuple[bool | None, bool]:
+    """tokenizer_config.json's (`d`, where it has been read already) `strip_accents` (None: as lower-casing does)
+    and `tokenize_chinese_chars`."""
     f = folder / "tokenizer_config.json"
-    d = _json_object(f)
+    d = _json_object(f) if d is None else d
     strip, chinese = d.get("strip_accents"), d.get("tokenize_chinese_chars")
     if not all(v is None or isinstance(v, bool) for v in (strip, chinese)):
         raise ValueError(f"{f}: strip_accents and tokenize_chinese_chars must be true, false or null")
@@ -291,7 +293,7 @@ def _stated_settings(folder: Path) -> dict:
     d = _json_object(folder / "tokenizer_config.json")
     if d.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # tokenizer.json as it is
         return {}
-    strip, chinese = _normaliser_settings(folder)  # (checked there)
+    strip, chinese = _normaliser_settings(folder, d)  # (checked there)
     stated = {"lowercase": d.get("do_lower_case"), "strip_accents": strip, "handle_chinese_chars": chinese}
     given = {"lowercase": isinstance(d.get("do_lower_case"), bool), "strip_accents": "strip_accents" in d,
              "handle_chinese_chars": d.get("tokenize_chinese_chars") is not None}  # fmt: skip
