@@ -663,6 +663,31 @@ def test_a_folder_where_evaluate_writes_a_file_is_refused_before_any_work(inputs
     )
 
 
+def test_train_refuses_to_replace_a_model_folder_that_is_not_a_models(inputs, tmp_path, capsys, monkeypatch):
+    """Training replaces OUTPUT/model whole with its model: a folder of the user's own files there (or a file) was
+    deleted when the run finished."""
+    from bertqa.train import TrainConfig
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    argv = ["train", "--model", inputs["tiny"], "--train-file", inputs["squad"], "--output-dir", out, "--max-steps",
+            "1", *FAST]  # fmt: skip
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    line = one_error_line(err)
+    assert code == 1 and f"{out / 'model'} exists and is not a model folder (it holds notes.txt" in line, line
+    assert tree(out) == ["model", "model/notes.txt"]
+    (out / "model" / "notes.txt").unlink()
+    (out / "model").rmdir()
+    (out / "model").write_text("mine")
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and "is not a model folder (a file)" in one_error_line(err) and tree(out) == ["model"]
+    # An earlier run's model folder, or an empty one, is replaced as before.
+    (out / "model").unlink()
+    shutil.copytree(inputs["tiny"], out / "model")
+    TrainConfig(model=str(inputs["tiny"]), train_file=str(inputs["squad"]), output_dir=str(out)).validate()
+
+
 def test_a_run_that_fails_after_making_its_output_folder_removes_it(inputs, tmp_path, capsys, monkeypatch):
     """The folder is made once the inputs are read; a failure after that (here the model's logits) must not
     leave it behind, empty, nor the folders made above it."""
@@ -728,6 +753,12 @@ def test_questions_on_stdin_that_are_not_utf8(inputs, errors, message, capsys, m
     monkeypatch.setattr(sys, "stdin", stdin)
     code, out, err = run_main(["ask", "--model", inputs["tiny"], "--context", "Ada won."], capsys, monkeypatch)
     assert code == 1 and one_error_line(err) == f"bertqa: error: {message}" and out == ""
+
+
+def test_ask_with_stdin_closed_and_no_question(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python makes of a closed stdin (`bertqa ask ... <&-`)
+    code, out, err = run_main(["ask", "--model", inputs["tiny"], "--context", "Ada won."], capsys, monkeypatch)
+    assert code == 1 and out == "" and "no --question and no stdin" in one_error_line(err)  # was an internal error
 
 
 def test_blank_lines_on_stdin_end_the_questions_or_are_refused(inputs, capsys, monkeypatch):

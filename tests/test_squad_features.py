@@ -4,6 +4,7 @@ SQuAD training sample plus a small-window configuration that forces many overlap
 import json
 import logging
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,42 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
         again = load_features(small_file, examples, tok, cache)
     assert same(again, good) and "unreadable feature cache" in caplog.text
     assert again.params["max_seq_length"] == 384
+    # Damage that zipfile and numpy report with other exceptions (they stopped every later run on that data):
+    # an empty file, as a power loss can leave one (EOFError), and a compression method zipfile does not know,
+    # as a flipped bit in the zip's directory makes one (NotImplementedError).
+    raw = path.read_bytes()
+    entry = raw.index(b"PK\x01\x02")  # the first entry of the zip's central directory; +10: its method
+    for damaged in (b"", raw[: entry + 10] + (99).to_bytes(2, "little") + raw[entry + 12 :]):
+        path.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert same(load_features(small_file, examples, tok, cache), good)
+        assert "unreadable feature cache" in caplog.text
+    # A cache folder that cannot be searched (one left by another user) is a warning too, not an error.
+    real_is_file = Path.is_file
+
+    def is_file(self, *args, **kwargs):
+        if self.parent == cache:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert same(load_features(small_file, examples, tok, cache), good)
+    assert "unreadable feature cache (Permission denied)" in caplog.text
+
+
+def test_the_default_cache_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from bertqa.evaluate import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home" / ".cache" / "bertqa" / "features")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "bertqa" / "features")
+    # Empty or relative, the spec's default: it was the current folder's bertqa/features.
+    for value in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert default_cache_dir() == home
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == home

@@ -88,6 +88,8 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
         1,
         0,
     )  # a tiny --epochs trains a step, not none (an untrained model)
+    with pytest.raises(ValueError, match=r"--epochs 1e\+308: too many steps"):  # was an internal OverflowError
+        schedule_steps(1e308, 100, None, 0.1)
 
 
 def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_schedule(tiny_dir, small_squad,
@@ -116,6 +118,28 @@ def test_a_checkpoint_saved_before_the_schedule_was_recorded_resumes_on_its_own_
         warmup = 28 if older else 29
         assert lr_at(out, 29) == pytest.approx(1e-3 * lr_factor(28, warmup, 50))  # step 29 runs at index 28
         assert torch.load(out / "checkpoint.pt", weights_only=True)["warmup_steps"] == warmup
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_a_file_where_tensorboard_writes_is_refused_before_any_work(tmp_path):
+    """It failed after the model and the features were loaded, with an earlier run's metrics.jsonl emptied."""
+    from bertqa.train import MetricsLog
+
+    (tmp_path / "tensorboard").write_text("mine")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    cfg = TrainConfig(model=".", train_file=__file__, output_dir=str(tmp_path), tensorboard=True)
+    with pytest.raises(ValueError, match=f"--output-dir {tmp_path}: {tmp_path / 'tensorboard'}, where --tensorboard"):
+        cfg.validate()
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path, tensorboard=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 10, "loss": 1.0}\n'  # not emptied first
+    (tmp_path / "tensorboard").unlink()
+    (tmp_path / "tensorboard").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="where --tensorboard writes, is a symbolic link to nothing"):
+        cfg.validate()
+    (tmp_path / "tensorboard").unlink()
+    cfg.tensorboard = False
+    cfg.validate()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")

@@ -19,31 +19,16 @@ class UsageError(ValueError):
     """A bad command-line value, reported as one line."""
 
 
-def _not_a_model_folder(path: Path) -> str | None:
-    """Why the existing `path` may not be replaced whole by a model folder, or None: it may be an empty folder or
-    a model folder (a config.json, and only a model's files)."""
-    if not path.is_dir():
-        return "a file"
-    from .files import MODEL_FILE
-
-    names = sorted(p.name for p in path.iterdir())
-    other = next((name for name in names if not MODEL_FILE.fullmatch(name)), None)
-    if other is not None:
-        return f"it holds {other}, not a model's file"
-    if names and "config.json" not in names:
-        return "no config.json"
-    return None
-
-
 def cmd_convert(args):
     from .checkpoint import load_model, save_pretrained
+    from .files import not_a_model_folder
     from .tokenizer import load_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise UsageError(f"{dst}: it holds {src}, and converting replaces the whole folder; name a new folder")
-    why = _not_a_model_folder(dst) if dst.exists() else None
+    why = not_a_model_folder(dst) if dst.exists() else None
     if why:
         raise UsageError(f"{dst}: exists and is not a model folder ({why}), and converting replaces the whole "
                          "folder; name a new folder")  # fmt: skip
@@ -205,6 +190,8 @@ def cmd_ask(args):
     for flag, text in given.items():
         if text is not None and not text.strip():
             raise UsageError(f"{flag}: empty" + (" (only white space)" if text else ""))
+    if args.question is None and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("no --question and no stdin to read questions from (one question per line)")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
     qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision,
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip

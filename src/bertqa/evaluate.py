@@ -32,7 +32,10 @@ from .tokenizer import check_vocabulary, load_tokenizer
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bertqa", "features")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the XDG spec's default (not the current folder)
+        base = os.path.expanduser("~/.cache")
+    return os.path.join(base, "bertqa", "features")
 
 
 @dataclass(kw_only=True)

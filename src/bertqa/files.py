@@ -150,6 +150,20 @@ MODEL_FILE = re.compile(
 )
 
 
+def not_a_model_folder(path: Path) -> str | None:
+    """Why the existing `path` may not be replaced whole by a model folder, or None: it may be an empty folder or
+    a model folder (a config.json, and only a model's files)."""
+    if not path.is_dir():
+        return "a file"
+    names = sorted(p.name for p in path.iterdir())
+    other = next((name for name in names if not MODEL_FILE.fullmatch(name)), None)
+    if other is not None:
+        return f"it holds {other}, not a model's file"
+    if names and "config.json" not in names:
+        return "no config.json"
+    return None
+
+
 def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     """Refuse, before any work, a run that would write over one of its own inputs ({flag: path}; an unset
     flag's None is skipped): an output (a file, or a folder replaced whole) that is the input or holds it, where
@@ -188,8 +202,9 @@ def _model_file_of(path: Path, folder: Path) -> bool:
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),
                      inputs: dict | None = None) -> Path:  # fmt: skip
     """An output folder checked before any work is done: not a file, none of the files the run `writes` there
-    (names; a folder's ends in "/") is a folder or one of its `inputs` ({flag: path}), and it (or the folder it
-    will be made in) can be written."""
+    (names; a model folder's, which the run replaces whole, ends in "/") is a folder or one of its `inputs`
+    ({flag: path}), no model folder it writes is there as anything but an empty or model folder (the user's own
+    files would go with it), and it (or the folder it will be made in) can be written."""
     if not str(output_dir):  # Path("") would be the current folder
         raise ValueError(f"{flag} '': empty; name the folder to write in")
     path = Path(output_dir)
@@ -201,6 +216,11 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
         if not name.endswith("/") and (path / name).is_dir():
             raise ValueError(f"{flag} {output_dir}: {path / name}, which this run writes, is a folder")
     check_not_inputs([path / name for name in writes], inputs, f"{flag} {output_dir}")
+    for name in writes:
+        why = name.endswith("/") and (path / name).exists() and not_a_model_folder(path / name)
+        if why:
+            raise ValueError(f"{flag} {output_dir}: {path / name} exists and is not a model folder ({why}), and this "
+                             "run replaces it whole with its model; move it, or name another folder")  # fmt: skip
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     return path
 
@@ -252,6 +272,9 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
         try:
             yield tmp
             os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
+            for inner in tmp.rglob("*"):  # files a library wrote through its own temporary file are 0600 (safetensors)
+                if inner.is_file() and not inner.is_symlink():
+                    os.chmod(inner, 0o666 & ~_UMASK)
             if durable:
                 for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
                     fsync_path(inner)

@@ -93,6 +93,10 @@ class TrainConfig(EvalConfig):
             raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
+        board = Path(self.output_dir) / "tensorboard"
+        if self.tensorboard and (board.exists() or board.is_symlink()) and not board.is_dir():
+            what = "a file" if board.exists() else "a symbolic link to nothing"
+            raise ValueError(f"--output-dir {self.output_dir}: {board}, where --tensorboard writes, is {what}")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -111,6 +115,8 @@ def schedule_steps(epochs: float, steps_per_epoch: int, max_steps: int | None, w
     1.1 epochs hold, or warm up for a step less. `exact=False`: the products as they are, as runs took them
     until checkpoints recorded "warmup_steps" (a resume of such a checkpoint goes on with that schedule)."""
     fix = (lambda x: round(x, 6)) if exact else (lambda x: x)
+    if not max_steps and not math.isfinite(epochs * steps_per_epoch):
+        raise ValueError(f"--epochs {epochs}: too many steps ({epochs} x {steps_per_epoch} steps an epoch)")
     total = max_steps or max(1, math.ceil(fix(epochs * steps_per_epoch)))  # (a tiny --epochs: one step, not none)
     return total, int(fix(warmup * total))
 
@@ -320,6 +326,13 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
+            from torch.utils.tensorboard import SummaryWriter
+
+            # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on a
+            # resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's curves).
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
@@ -335,13 +348,6 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
         # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
         self.file = open(self.path, "ab", buffering=0)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on a
-            # resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's curves).
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
 
     def log(self, record: dict) -> None:
         try:

@@ -18,14 +18,13 @@ import json
 import logging
 import time
 import unicodedata
-import zipfile
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from bertqa.files import atomic_path
+from bertqa.files import atomic_path, first_line
 from bertqa.squad.data import Example
 from bertqa.squad.download import sha256_file
 
@@ -325,15 +324,17 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
     check_window_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
     key = _cache_key(data_path, examples, tokenizer, {k: int(v) for k, v in params.items()})
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
-    if path.is_file():
-        try:
+    try:  # a cache only saves time: one that cannot be read (a folder not searchable, a damaged file) is a miss
+        if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     log.info("features from cache %s", path)
                     arrays = {name: z[name] for name in Features.ARRAYS}
                     return Features(**arrays, params=json.loads(str(z["params"])))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            log.warning("%s: unreadable feature cache (%s); rebuilding it", path, e)
+    except Exception as e:  # zipfile and numpy raise many kinds: EOFError, NotImplementedError, RuntimeError, ...
+        log.warning(
+            "%s: unreadable feature cache (%s); rebuilding it", path, getattr(e, "strerror", None) or first_line(e)
+        )
     features = featurize(examples, tokenizer, **params)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see half a cache
