@@ -3,6 +3,7 @@
 import argparse
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,10 @@ def test_real_encoder_matches_transformers(minilm_dir, real_batch, capsys):
 
 
 def test_real_qa_logits_match_transformers(hf_qa_dir, real_batch):
-    ours = load_model(hf_qa_dir).eval()
-    ref = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir)).eval()
+    ours = load_model(hf_qa_dir)  # in eval mode as it comes, as from_pretrained's (it came in training mode)
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir))
+    assert not ours.training and not ref.training
+    assert torch.equal(qa_logits(ours, real_batch)[0], qa_logits(ours, real_batch)[0])  # no dropout
     ids, types, mask = real_batch
     for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):
         assert max_diff(got, want, mask) < 1e-4
@@ -142,6 +145,10 @@ def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
     ours = load_model(hf_qa_dir).eval()
     out = save_pretrained(ours, load_tokenizer(hf_qa_dir), tmp_path / "saved")
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
+    # Every file as readable as a plain write makes it: safetensors wrote its file 0600, unreadable to other users.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~umask for p in out.iterdir()}
     ref = transformers.BertForQuestionAnswering.from_pretrained(str(out)).eval()
     ids, types, mask = real_batch
     for got, want in zip(qa_logits(ours, real_batch), qa_logits(ref, real_batch)):

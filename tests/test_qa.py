@@ -174,9 +174,10 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question="Who?", context="Some text.", max_seq_len=1024), "exceeds the model's 512"),
         (
             dict(question="Who?", context="Some text.", max_seq_len=100, doc_stride=40, max_question_len=64),
-            "leaves fewer than",
+            "doc_stride 40 exceeds the 33 context tokens a window holds",
         ),  # fmt: skip
-        (dict(question="Who?", context="Some text.", max_seq_len=60, max_question_len=64), "leaves fewer than"),
+        (dict(question="Who?", context="Some text.", max_seq_len=60, max_question_len=64), "leaves no context tokens"),
+        (dict(question="Who?", context="Some text.", max_seq_len=4), "leaves no context tokens after a 1-token"),
         (dict(question="Who?", context="Some text.", max_seq_len="384"), "max_seq_len must be a positive integer"),
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
         (dict(question={"question": "Who?", "context": "Me."}, context="You."), "carries its own context"),
@@ -192,15 +193,22 @@ def test_bad_input_is_a_one_line_value_error(qa):
 @pytest.mark.parametrize(
     ("given", "positions", "expected"),
     [
-        ((None, None), 512, (384, 128)),  # the pipeline's defaults
-        ((None, None), 256, (256, 128)),  # a model of fewer positions: its own length
-        ((192, None), 512, (192, 96)),  # half the window, as the pipeline
-        ((100, None), 512, (100, 33)),  # no more than a window's context tokens (doc_stride is a step here)
-        ((200, 50), 512, (200, 50)),  # given, kept
+        ((None, None, None), 512, (384, 128, 64)),  # the pipeline's defaults
+        ((None, None, None), 256, (256, 128, 64)),  # a model of fewer positions: its own length
+        ((192, None, None), 512, (192, 96, 64)),  # half the window, as the pipeline
+        ((100, None, 64), 512, (100, 33, 64)),  # no more than a window's context tokens (doc_stride is a step here)
+        ((200, 50, 64), 512, (200, 50, 64)),  # given, kept
+        # Unset, the question's limit leaves a short window room for its context: at 64 tokens a 64-token
+        # limit was refused, and at 68 it left windows of one context token each, one token apart.
+        ((64, None, None), 512, (64, 31, 30)),
+        ((68, None, None), 512, (68, 33, 32)),
+        ((None, None, None), 64, (64, 31, 30)),  # a model of 64 positions answers with the defaults
+        ((130, None, None), 512, (130, 64, 63)),
+        ((131, None, None), 512, (131, 64, 64)),  # from 131 tokens on, the 64 of the pipeline
     ],
 )
 def test_unset_window_settings_take_the_pipelines_defaults(given, positions, expected):
-    assert window_settings(*given, 64, positions) == expected
+    assert window_settings(*given, positions) == expected
 
 
 def test_a_model_of_fewer_than_384_positions_answers_with_the_defaults(qa, tiny_squad, monkeypatch):
@@ -211,6 +219,10 @@ def test_a_model_of_fewer_than_384_positions_answers_with_the_defaults(qa, tiny_
     assert r == qa(question, long, max_seq_len=256, doc_stride=128) and long[r["start"] : r["end"]] == r["answer"]
     # max_seq_len alone: doc_stride follows it (was refused: 128 left no room in a 160-token window)
     assert qa(question, long, max_seq_len=160) == qa(question, long, max_seq_len=160, doc_stride=80)
+    # A short window alone: the question's limit follows it (was refused: a 64-token limit left no room in 64)
+    short = qa(question, long, max_seq_len=64)
+    assert short == qa(question, long, max_seq_len=64, doc_stride=31, max_question_len=30)
+    assert long[short["start"] : short["end"]] == short["answer"]
 
 
 def test_a_checkpoint_without_a_qa_head_is_refused(minilm_dir, tmp_path):

@@ -180,6 +180,9 @@ def test_hf_list_form_and_batch_form_agree(server):
     assert answers[0] == answers[1] and len(answers[0]) == 5
     params = dict(zip(DEFAULTS, _parameters({"max_answer_len": 5000}, 512), strict=True))
     assert params["max_answer_len"] == params["max_seq_len"] == 384
+    assert params["max_question_len"] == 64  # unset: as the window leaves room for it (was 400 at 64 tokens)
+    params = dict(zip(DEFAULTS, _parameters({"max_seq_len": 64}, 512), strict=True))
+    assert (params["max_seq_len"], params["doc_stride"], params["max_question_len"]) == (64, 31, 30)
     pairs = post(server, "/v1/answer", {"question": QUESTIONS[:2], "context": [CONTEXT, CONTEXT[:120]]})
     assert pairs["answers"][0][0]["answer"] == listed[0]["answer"]
     assert pairs["answers"][1][0]["end"] <= 120

@@ -304,7 +304,8 @@ def load_model(
 
     `config` is a BertConfig, a path to a config.json, or a preset name; by default the `config.json` or
     `bert_config.json` beside the weights. A checkpoint without a QA head gets a fresh one (to fine-tune),
-    unless `require_qa_head` (to answer questions: a random head would answer nonsense).
+    unless `require_qa_head` (to answer questions: a random head would answer nonsense). The model comes in
+    eval mode (no dropout), as transformers' `from_pretrained` returns it: call `.train()` to fine-tune it.
     """
     weights, config = _find(Path(path), config)
     sd = read_state_dict(weights, trust_pickle)
@@ -324,7 +325,7 @@ def load_model(
     if verbose:
         for note in notes:
             print(f"bertqa: {weights.name}: {note}")
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:

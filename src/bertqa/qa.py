@@ -127,23 +127,32 @@ def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def window_settings(max_seq_len: int | None, doc_stride: int | None, max_question_len: int,
-                    max_positions: int) -> tuple[int, int]:  # fmt: skip
-    """(max_seq_len, doc_stride), checked, with one-line errors for settings the model or the windowing cannot
-    take. Unset (None), they are the pipeline's: max_seq_len the model's length up to 384, doc_stride half of it
-    up to 128, and (a step here, see the module docstring) no more than the context tokens a window holds."""
-    check_positive(max_question_len=max_question_len)
+def window_settings(max_seq_len: int | None, doc_stride: int | None, max_question_len: int | None,
+                    max_positions: int) -> tuple[int, int, int]:  # fmt: skip
+    """(max_seq_len, doc_stride, max_question_len), checked, with one-line errors for settings the model or the
+    windowing cannot take. Unset (None), max_seq_len and doc_stride are the pipeline's: max_seq_len the model's
+    length up to 384, doc_stride half of it up to 128, and (a step here, see the module docstring) no more than
+    the context tokens a window holds; max_question_len is 64 tokens, or half a shorter window's (below 131
+    tokens), so that a window keeps room for its context."""
     if max_seq_len is None:
         max_seq_len = min(max_positions, 384)
     check_positive(max_seq_len=max_seq_len)
-    if doc_stride is None:
-        doc_stride = max(1, min(128, max_seq_len // 2, max_seq_len - max_question_len - 3))
-    check_positive(doc_stride=doc_stride)
     check_seq_len(max_seq_len, max_positions, "max_seq_len")
-    if max_seq_len - max_question_len - 3 < doc_stride:
-        raise ValueError(f"max_seq_len {max_seq_len} leaves fewer than doc_stride {doc_stride} context tokens "
-                         f"after a {max_question_len}-token question and 3 special tokens")  # fmt: skip
-    return max_seq_len, doc_stride
+    if max_question_len is None:
+        max_question_len = max(1, min(64, (max_seq_len - 3) // 2))
+    check_positive(max_question_len=max_question_len)
+    room = max_seq_len - max_question_len - 3  # the context tokens of a window whose question is that long
+    if room < 1:
+        raise ValueError(f"max_seq_len {max_seq_len} leaves no context tokens after a {max_question_len}-token "
+                         "question (max_question_len) and 3 special tokens; raise max_seq_len or lower "
+                         "max_question_len")  # fmt: skip
+    if doc_stride is None:
+        doc_stride = min(128, max_seq_len // 2, room)
+    check_positive(doc_stride=doc_stride)
+    if doc_stride > room:
+        raise ValueError(f"doc_stride {doc_stride} exceeds the {room} context tokens a window holds (max_seq_len "
+                         f"{max_seq_len} - max_question_len {max_question_len} - 3 special tokens)")  # fmt: skip
+    return max_seq_len, doc_stride, max_question_len
 
 
 def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len: int = 30,
@@ -260,7 +269,7 @@ class QuestionAnswerer:
 
     def __call__(self, question=None, context=None, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, doc_stride: int | None = None,
-                 max_seq_len: int | None = None, max_question_len: int = 64, align_to_words: bool = True):  # fmt: skip
+                 max_seq_len: int | None = None, max_question_len: int | None = None, align_to_words: bool = True):  # fmt: skip
         """Answer one question (a dict, or a list of `top_k` dicts when top_k > 1) or a batch: lists of
         questions and contexts, many questions about one context, or one question about many contexts (a list
         with one result per pair). Each answer: {"score", "start", "end", "answer"}, where
@@ -275,20 +284,20 @@ class QuestionAnswerer:
         return results if batched else results[0]
 
     def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
-                     max_seq_len=None, max_question_len=64, align_to_words=True, *,
+                     max_seq_len=None, max_question_len=None, align_to_words=True, *,
                      should_stop=None) -> list[list[dict]]:  # fmt: skip
         """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry);
         the parameters are checked here, before any work, None meaning the default (as in the pipeline).
         `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
-        top_k, max_answer_len, handle_impossible_answer, max_question_len, align_to_words = _or_defaults(
+        top_k, max_answer_len, handle_impossible_answer, align_to_words = _or_defaults(
             top_k=top_k, max_answer_len=max_answer_len, handle_impossible_answer=handle_impossible_answer,
-            max_question_len=max_question_len, align_to_words=align_to_words)  # fmt: skip
+            align_to_words=align_to_words)  # fmt: skip
         check_positive(top_k=top_k, max_answer_len=max_answer_len)  # the window settings: in window_settings
         for name, value in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
             if not isinstance(value, (bool, np.bool_)):  # "no" would read as True
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        max_seq_len, doc_stride = window_settings(max_seq_len, doc_stride, max_question_len,
-                                                  self.config.max_position_embeddings)  # fmt: skip
+        max_seq_len, doc_stride, max_question_len = window_settings(max_seq_len, doc_stride, max_question_len,
+                                                                    self.config.max_position_embeddings)  # fmt: skip
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
         features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len,
                              max_windows=self.max_windows)  # fmt: skip

@@ -404,7 +404,7 @@ def _parameters(raw, max_positions: int) -> tuple:
     if params["top_k"] > MAX_TOP_K:
         raise ApiError(400, f"parameters.top_k {params['top_k']} exceeds the limit of {MAX_TOP_K}")
     try:
-        params["max_seq_len"], params["doc_stride"] = window_settings(
+        params["max_seq_len"], params["doc_stride"], params["max_question_len"] = window_settings(
             params["max_seq_len"], params["doc_stride"], params["max_question_len"], max_positions
         )
     except ValueError as e:
