@@ -429,6 +429,10 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
             ["--preset", "base", "--config", "c.json"],
             "--config and --trust-pickle are for --model weights, not --preset",
         ),
+        # Empty, --data was the current folder (random windows instead), --model a preset named None.
+        (["--preset", "base", "--data", ""], "--data '': empty"),
+        (["--model", ""], "--model '': empty"),
+        (["--preset", "base", "--no-hf-attention-dropout"], "--no-hf-attention-dropout is for --compare hf's rows"),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):

@@ -374,6 +374,10 @@ class BenchConfig:
 
 
 def _check(cfg: BenchConfig) -> None:
+    for flag, path in (("--model", cfg.model), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer),
+                       ("--config", cfg.config)):  # fmt: skip
+        if path is not None and not str(path):  # Path("") would be the current folder
+            raise ValueError(f"{flag} '': empty; name the file or folder, or leave the flag out")
     if (cfg.model is None) == (cfg.preset is None):
         raise ValueError("give exactly one of --model or --preset")
     if cfg.preset is not None and (cfg.config is not None or cfg.trust_pickle):
@@ -398,6 +402,8 @@ def _check(cfg: BenchConfig) -> None:
     dropout = [f"--{'' if on else 'no-'}{name}" for name, on in given.items() if on is not None]
     if cfg.mode == "infer" and dropout:
         raise ValueError(f"{dropout[0]} is for --mode train: inference runs no dropout")
+    if cfg.hf_attention_dropout is not None and cfg.compare != "hf":
+        raise ValueError(f"{dropout[-1]} is for --compare hf's rows")
     if cfg.compare not in (None, "hf"):
         raise ValueError(f"--compare {cfg.compare!r}: only hf is supported")
     from pathlib import Path
