@@ -572,6 +572,13 @@ def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_p
         and "pred.nbest.json, written beside it, is a folder" in line
     )
     assert tree(tmp_path) == ["pred.nbest.json"]
+    # A legal --output name whose n-best file's name is too long, in a folder to be made, failed after the inference.
+    long = tmp_path / "new" / ("p" * 245 + ".json")
+    code, _, err = run_main([*argv[:6], long, *FAST], capsys, monkeypatch)
+    assert code == 1 and "written beside it, is longer than 255 bytes" in one_error_line(err)
+    assert tree(tmp_path) == ["pred.nbest.json"]
+    code, _, err = run_main([*argv[:6], tmp_path / "new" / ("p" * 252 + ".json"), *FAST], capsys, monkeypatch)
+    assert code == 1 and "the name of the file is longer than 255 bytes" in one_error_line(err)
 
 
 # (command line, the input file it names, relative to a fresh folder holding it)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from skips import platform_skip
 
-from bertqa.files import atomic_dir, atomic_path, remove_stale_temps, write_json
+from bertqa.files import atomic_dir, atomic_path, remove_output, remove_stale_temps, write_json
 from bertqa.runtime import Precision, rng_state, set_rng_state
 
 CPU = torch.device("cpu")
@@ -389,6 +389,12 @@ def test_an_existing_files_mode_is_kept_and_a_symlink_is_written_through(tmp_pat
     link.symlink_to(os.path.relpath(target, tmp_path))
     write_json(link, {"v": 2})  # as `> latest.json` in a shell: the file it points to is rewritten
     assert link.is_symlink() and '"v": 2' in target.read_text()
+    # An earlier run's output removed through a link (evaluate's summary.json, a v1.1 run's null_odds.json): the link
+    # stays, and the next write lands in its target again (the link was deleted, and then replaced by a file).
+    remove_output(link)
+    assert link.is_symlink() and not target.exists()
+    write_json(link, {"v": 3})
+    assert link.is_symlink() and '"v": 3' in target.read_text()
     folder_link = tmp_path / "model"
     folder_link.symlink_to("runs")
     with atomic_dir(folder_link) as tmp:

@@ -192,6 +192,16 @@ def test_optional_fields_may_be_null(tmp_path):
     for is_training in (False, True):
         ex = read_squad(write(tmp_path, doc), is_training)
         assert ex[0].title == "" and not any(e.is_impossible or e.plausible_answers for e in ex)
+    # Evaluation and prediction need no answer_start (the official scripts read only the texts): -1, no position.
+    # It stopped them with "'answers[0].answer_start' is missing or null". Training needs it.
+    startless = mutate(lambda d: [a.pop("answer_start") for q in _qas(d) for a in q["answers"]])
+    ex = read_squad(write(tmp_path, startless), False)
+    assert ex[0].answer_starts == [-1] and ex[0].answers == ["Normandy"]
+    with pytest.raises(SquadFormatError, match="question id 'q0': 'answers\\[0\\].answer_start' is missing"):
+        read_squad(write(tmp_path, startless), True)
+    # plausible_answers' starts are read by nothing, training included.
+    plausible = mutate(lambda d: _qas(d)[1].update(answers=[], is_impossible=True, plausible_answers=[{"text": "x"}]))
+    assert read_squad(write(tmp_path, plausible), True)[1].plausible_answers == ["x"]
     unanswered = mutate(lambda d: _qas(d)[1].update(answers=None))  # a prediction input needs no answers
     assert parse_squad(unanswered, "in.json", False, require_answers=False)[1].answers == []
     with pytest.raises(SquadFormatError, match="question id 'q1': no answers and not marked is_impossible"):

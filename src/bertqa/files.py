@@ -53,6 +53,13 @@ def _target(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def remove_output(path: str | os.PathLike) -> None:
+    """Remove an earlier run's output file, if any. Through a symlink the target goes and the link stays, so that
+    the next write of `path` lands where the link points again, as the writes here do (the link replaced by a
+    plain file would leave its target stale)."""
+    _target(path).unlink(missing_ok=True)
+
+
 def _tmp_file_prefix(path: Path) -> str:
     # mkstemp adds 8 random characters; ".", ".", ".tmp" and the suffix come with them
     return f".{_fit(path.stem, 14 + len(os.fsencode(path.suffix)))}."
@@ -129,9 +136,14 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     path = Path(output)
     if path.suffix != suffix:
         raise ValueError(f"--output {output}: must end in {suffix}")
+    others = [path.with_suffix(s) for s in beside]
+    for other in [path, *others]:  # (in a folder still to be made, a name too long failed after the work)
+        if len(os.fsencode(other.name)) > NAME_MAX:
+            what = "the file" if other == path else f"{other.name[-40:]!r}, written beside it,"
+            raise ValueError(f"--output {output}: the name of {what} is longer than {NAME_MAX} bytes; name a "
+                             "shorter file")  # fmt: skip
     if path.is_dir():
         raise ValueError(f"--output {output}: is a folder; name the {suffix} file to write")
-    others = [path.with_suffix(s) for s in beside]
     for other in others:
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
@@ -251,7 +263,7 @@ def write_json_files(files: dict, remove=(), indent: int | None = 4) -> None:
             tmp = renames.enter_context(atomic_path(path))
             tmp.write_text(_json_text(obj, indent), encoding="utf-8")
         for path in remove:
-            Path(path).unlink(missing_ok=True)
+            remove_output(path)
 
 
 def _json_text(obj, indent: int | None) -> str:

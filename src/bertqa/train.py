@@ -35,7 +35,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, fsync_path, named, remove_stale_temps
+from .files import atomic_path, exclusive, fsync_path, named, remove_output, remove_stale_temps
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -657,7 +657,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
             # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for.
             for name in EvalConfig.WRITES:
-                (out_dir / name).unlink(missing_ok=True)
+                remove_output(out_dir / name)
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
     if d.is_main:

@@ -156,14 +156,18 @@ def _realign(context: str, text: str, start: int) -> int | None:
     return best
 
 
-def _read_answers(qa: dict, key: str, where: str, path) -> tuple[list[str], list[int]]:
+def _read_answers(qa: dict, key: str, where: str, path, need_starts: bool = True) -> tuple[list[str], list[int]]:
+    """The answers' texts and start offsets. Without `need_starts` (evaluation and prediction: they label no
+    windows to learn from, and the official scripts read only the texts) a missing start is -1, no position."""
     answers = _optional(qa, key, [])
     _expect(answers, list, key, where, path)
     texts, starts = [], []
     for j, ans in enumerate(answers):
         _expect(ans, dict, f"{key}[{j}]", where, path)
         texts.append(_text(ans.get("text"), f"{key}[{j}].text", where, path))
-        starts.append(_expect(ans.get("answer_start"), int, f"{key}[{j}].answer_start", where, path))
+        start = ans.get("answer_start")
+        starts.append(-1 if start is None and not need_starts else
+                      _expect(start, int, f"{key}[{j}].answer_start", where, path))  # fmt: skip
     return texts, starts
 
 
@@ -245,12 +249,12 @@ def parse_squad(
                         skipped.append(qid)
                         continue
                     raise SquadFormatError(f"{path}: {where}: 'question' is empty")
-                texts, starts = _read_answers(qa, "answers", where, path)
+                texts, starts = _read_answers(qa, "answers", where, path, need_starts=is_training)
                 # v2.0 without the key (HF datasets' squad_v2 export): no answers means unanswerable, as the
                 # official v2.0 script reads it.
                 impossible = _optional(qa, "is_impossible", v2 and not texts and (require_answers or is_training))
                 _expect(impossible, bool, "is_impossible", where, path)
-                plausible, _ = _read_answers(qa, "plausible_answers", where, path)
+                plausible, _ = _read_answers(qa, "plausible_answers", where, path, need_starts=False)  # (texts only)
                 if impossible and texts:
                     raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
                 if not impossible and not texts and (require_answers or is_training):
