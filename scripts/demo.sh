@@ -7,11 +7,16 @@
 #                     dev-v1.1.json (the official files). Unset: ../shared/data/squad-v1.1 where it holds the
 #                     sample, else the official SQuAD v1.1 files, downloaded into data/squad
 #   EXAMPLES=N        training questions to use (default 5000); OUT=folder (default runs/demo)
+# Relative paths are taken from the folder the script is run in; the defaults are in the repository.
 set -euo pipefail
+# The user's paths are taken from where the script is run (it then works from the repository's root).
+for name in SQUAD_DIR MODEL OUT; do
+  value=${!name:-}
+  if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then printf -v "$name" '%s' "$PWD/$value"; fi
+done
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-BERTQA=.venv/bin/bertqa
-if [ -n "${SQUAD_DIR:-}" ]; then  # the user's folder: used, or refused, never silently replaced by a download
+TRAIN= DEV=  # (not taken from the environment: unset, the data is downloaded below)
+if [ -n "${SQUAD_DIR:-}" ]; then  # the user's folder: used, or refused (before the set-up), never silently replaced
   if [ -f "$SQUAD_DIR/train-subset.json" ] && [ -f "$SQUAD_DIR/dev-a.json" ]; then
     TRAIN=$SQUAD_DIR/train-subset.json DEV=$SQUAD_DIR/dev-a.json
   elif [ -f "$SQUAD_DIR/train-v1.1.json" ] && [ -f "$SQUAD_DIR/dev-v1.1.json" ]; then
@@ -22,7 +27,10 @@ if [ -n "${SQUAD_DIR:-}" ]; then  # the user's folder: used, or refused, never s
   fi
 elif [ -f ../shared/data/squad-v1.1/train-subset.json ] && [ -f ../shared/data/squad-v1.1/dev-a.json ]; then
   TRAIN=../shared/data/squad-v1.1/train-subset.json DEV=../shared/data/squad-v1.1/dev-a.json
-else
+fi
+bash scripts/setup.sh
+BERTQA=.venv/bin/bertqa
+if [ -z "$TRAIN" ]; then
   $BERTQA download squad --version 1.1 --dir data/squad
   TRAIN=data/squad/train-v1.1.json DEV=data/squad/dev-v1.1.json
 fi

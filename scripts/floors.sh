@@ -8,6 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv-floors
+# The floors are those of Python 3.10 and 3.11: numpy 1.24 and safetensors 0.4 have no wheels for later ones.
+VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
+version=$("$PYTHON" -c "$VERSION") || { echo "floors.sh: cannot run $PYTHON" >&2; exit 1; }
+case $version in
+  3.10|3.11) ;;
+  *) echo "floors.sh: $PYTHON is Python $version; the floors (numpy 1.24, safetensors 0.4) install on 3.10 and 3.11:" \
+       "run it with PYTHON=python3.11" >&2
+     exit 1 ;;
+esac
 
 # Each dependency at its floor; a dependency without a `>=` floor (or with a marker) is refused, not guessed at.
 floors=$("$PYTHON" - <<'EOF'
@@ -26,7 +35,10 @@ EOF
 mapfile -t FLOORS <<<"$floors"
 echo "floors: ${FLOORS[*]}"
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# The script's own venv: made afresh when it cannot run pip or is of another Python than $PYTHON.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || [ "$("$VENV/bin/python" -c "$VERSION")" != "$version" ]; then
+  "$PYTHON" -m venv --clear "$VENV"
+fi
 # --no-compile: byte-compiling all of torch at install took 3x longer than the install; Python compiles what the
 # tests import as they import it.
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)

@@ -7,7 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# None yet, or one whose interpreter cannot start (gone with a Python upgrade): made afresh, not left to fail the same
+# way at every run; a link to such a venv is left to its owner. One without pip (uv's, say) keeps its packages and
+# gets pip.
+if ! .venv/bin/python -c '' 2>/dev/null; then
+  if [ -L .venv ]; then echo "setup: .venv links to a venv whose python cannot start; remake it, or remove the link" >&2; exit 1; fi
+  "$PYTHON" -m venv --clear .venv
+fi
+.venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --upgrade >/dev/null
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # Pinned: an unpinned `torch` from PyPI is a multi-GB CUDA build, wasted on a CPU-only machine.

@@ -10,7 +10,7 @@ from bertqa.model import BertForQuestionAnswering
 transformers = pytest.importorskip("transformers")
 
 
-def hf_pair(hidden_act, seed=0, attn="eager"):
+def hf_pair(hidden_act, seed=0, attn="eager", **config):
     torch.manual_seed(seed)
     cfg = dict(
         vocab_size=101,
@@ -20,6 +20,7 @@ def hf_pair(hidden_act, seed=0, attn="eager"):
         intermediate_size=80,
         max_position_embeddings=64,
         hidden_act=hidden_act,
+        **config,
     )
     hf = transformers.BertForQuestionAnswering(transformers.BertConfig(**cfg)).eval()
     ours = BertForQuestionAnswering(BertConfig(**cfg), attn_implementation=attn).eval()
@@ -58,12 +59,8 @@ def test_parity_with_transformers_on_padded_batch(hidden_act, attn):
 def test_training_gradients_match_transformers(attn):
     """In training mode (dropout off, so both compute the same thing) the loss and every gradient agree: the
     written-out paths auto picks on a CPU are as exact as SDPA."""
-    hf, ours = hf_pair("gelu", attn=attn)
-    for m in (hf, ours):
-        for module in m.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    ours.set_attention_dropout(False)
+    # No dropout, set in the configs: transformers before 5 takes the attention's from the config, not a module.
+    hf, ours = hf_pair("gelu", attn=attn, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     hf.train()
     ours.train()
     ids, types, mask = padded_batch()
