@@ -21,8 +21,8 @@ STEPS, SAVE_EVERY = 10, 2
 
 # `bertqa train` with hooks that change no number, each set by an environment variable: PAUSE seconds after
 # each metrics line, so the test can see where the run is; the checkpoint of step STALL_AT written half-way,
-# then hanging until killed; STALL_METRICS=marker: hang once metrics.jsonl is opened to be written, marker
-# created.
+# then hanging until killed; STALL_METRICS=marker: hang in the rewrite of metrics.jsonl, its new text written
+# beside it but not yet renamed into place, marker created (a rewrite in place never gets there: the test fails).
 HOOKED_CLI = """
 import io, os, sys, time
 from pathlib import Path
@@ -47,13 +47,13 @@ def stalling_save(obj, f):
             time.sleep(600)
     save(obj, f)
 torch.save = stalling_save
-def stalling_open(file, mode="r", *args, **kwargs):
-    f = open(file, mode, *args, **kwargs)
-    if marker and Path(file).name == "metrics.jsonl" and mode != "r":
+replace = os.replace
+def stalling_replace(src, dst, *args, **kwargs):
+    if marker and Path(dst).name == "metrics.jsonl":
         Path(marker).touch()
         time.sleep(600)
-    return f
-bertqa.train.open = stalling_open
+    return replace(src, dst, *args, **kwargs)
+os.replace = stalling_replace
 sys.exit(main(sys.argv[1:]))
 """
 

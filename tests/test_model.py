@@ -136,22 +136,29 @@ def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
     ref = [t.float().requires_grad_() for t in (q, k, v)]
     out_ref = model.eager_attention(*ref, mask, 0.0)
     out_ref.backward(grad.float())
+    # The outputs cannot tell (torch's bf16 softmax computes in fp32 too): what the softmax is given is recorded.
+    softmax, given = torch._softmax, []
+    monkeypatch.setattr(torch, "_softmax", lambda x, *a, **kw: given.append(x.dtype) or softmax(x, *a, **kw))
     for keep in (True, False):
         monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep else T - 1)
         ours = [t.clone().requires_grad_() for t in (q, k, v)]
         out = model.blocked_attention(*ours, mask, 0.0)
+        assert given == [torch.float32] * 3  # the forward pass's three blocks
         out.backward(grad)
+        assert given == [torch.float32] * (3 if keep else 6)  # probabilities recomputed: three more
+        given.clear()
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), out_ref, atol=2e-2, rtol=2e-2)
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
     with torch.no_grad():
         torch.testing.assert_close(model.blocked_attention(q, k, v, mask, 0.0).float(), out_ref, atol=2e-2, rtol=2e-2)
+    assert given == [torch.float32] * 3
 
 
 @pytest.mark.parametrize("T", [17, 24, 32])
 @pytest.mark.parametrize("masked", [True, False])
-def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output(T, masked):
+def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output(T, masked, monkeypatch):
     """Without autograd the keys are padded to a multiple of 16 (zero K and V, the lowest bias): the output is
     that of the unpadded autograd path and of the written-out form, with or without a padding mask; the
     padded keys would take weight if they were not masked."""
@@ -160,10 +167,15 @@ def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(3, 4, T, 8, generator=g) for _ in range(3))
     mask = (torch.arange(T) < torch.tensor([[T - 5], [T], [3]]))[:, None, None, :] if masked else None
+    probs, keys = model._probs, []  # the width of the scores each block soft-maxes
+    monkeypatch.setattr(model, "_probs", lambda *a, **kw: keys.append(a[5].size(-1)) or probs(*a, **kw))
     with torch.no_grad():
         padded = model.blocked_attention(q, k, v, mask, 0.0)
         eager = model.eager_attention(q, k, v, mask, 0.0)
+    assert set(keys) == {-(-T // 16) * 16}
+    keys.clear()
     unpadded = model.blocked_attention(*(t.clone().requires_grad_() for t in (q, k, v)), mask, 0.0).detach()
+    assert set(keys) == {T}  # with autograd, not padded
     torch.testing.assert_close(padded, unpadded, atol=1e-6, rtol=0)
     torch.testing.assert_close(padded, eager, atol=1e-5, rtol=0)
     with torch.no_grad():  # the same keys, padded by hand but given a score of 0: they dilute the weights
@@ -180,7 +192,7 @@ needs_onednn = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("T", [5, 16, 21])
-def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T):
+def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T, monkeypatch):
     # transformers' additive mask gives every key of such a row the same lowest score: the mean of its values.
     # The keys padded in CPU inference must not join that mean.
     import bertqa.model as model
@@ -188,9 +200,12 @@ def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
     mask = torch.stack([torch.zeros(T, dtype=torch.bool), torch.arange(T) < 4])[:, None, None, :]
+    probs, keys = model._probs, []
+    monkeypatch.setattr(model, "_probs", lambda *a, **kw: keys.append(a[5].size(-1)) or probs(*a, **kw))
     with torch.no_grad():
         blocked = model.blocked_attention(q, k, v, mask, 0.0)
         eager = model.eager_attention(q, k, v, mask, 0.0)
+    assert set(keys) == {16 if T <= 16 else 32}  # (the keys were padded)
     torch.testing.assert_close(blocked[0], v[0].mean(1, keepdim=True).expand(3, T, 8), atol=1e-6, rtol=0)
     torch.testing.assert_close(blocked, eager, atol=1e-6, rtol=0)
 

@@ -186,8 +186,9 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question="Who?", context="Some text.", handle_impossible_answer=1), "handle_impossible_answer must be"),
     ]
     for kwargs, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as e:
             qa(**kwargs)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from official_squad import official_v2
 
 from bertqa.squad import metrics
 from bertqa.squad.data import SquadFormatError
@@ -113,6 +114,25 @@ def test_evaluate_v2_quirks():
     assert out["total"] == 4 and out["exact"] == 75.0 and out["HasAns_exact"] == 50.0
     with pytest.raises(ValueError, match="no-answer probabilities lack 1"):
         evaluate_v2(V2, V2_PREDS, {"q1": 0.1, "q2": 0.9, "q3": 0.8})
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([[], ["Paris"], ["the Paris", "France"], ["the"]]),  # golds
+                  st.sampled_from(["", "Paris", "paris.", "the", ".", "France", "Lyon"]),  # the prediction
+                  st.sampled_from([0.0, 0.1, 0.3, 0.3, 0.5, 0.9, 1.0])),  # no-answer probability (ties)
+        min_size=1, max_size=8),
+    st.sampled_from([1.0, 0.5, 0.3, 0.0]),
+)  # fmt: skip
+def test_evaluate_v2_matches_the_official_thresholds_and_sweep(rows, na_prob_thresh):
+    """Against evaluate-v2.0.py's apply_no_ans_threshold and find_best_thresh as tests/official_squad.py restates
+    them: ties in probability, predictions that normalise to nothing, a sweep where nothing improves."""
+    data = dataset(*((f"q{i}", golds) for i, (golds, _, _) in enumerate(rows)))
+    preds = {f"q{i}": pred for i, (_, pred, _) in enumerate(rows)}
+    probs = {f"q{i}": p for i, (_, _, p) in enumerate(rows)}
+    got = evaluate_v2(data, preds, probs, na_prob_thresh=na_prob_thresh)
+    assert got == pytest.approx(official_v2(data, preds, probs, na_prob_thresh), abs=1e-9)
 
 
 @given(st.text())

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import time
 
 import numpy as np
@@ -58,6 +59,13 @@ def logits(f, *spans):
     return start, end
 
 
+def google_softmax(entries):
+    """Google's `_compute_softmax` over the n-best's start + end logits: the probabilities its n-best lists."""
+    scores = [x["start_logit"] + x["end_logit"] for x in entries]
+    exps = [math.exp(v - max(scores)) for v in scores]
+    return [v / sum(exps) for v in exps]
+
+
 def test_known_span_comes_back(setup):
     ex, f = setup
     row = max_context_window(f, 17)
@@ -67,6 +75,7 @@ def test_known_span_comes_back(setup):
     assert top == {"text": "17 18 19", "probability": top["probability"], "start_logit": 5.0, "end_logit": 4.0}
     assert len(nbest["q"]) == 20
     assert sum(x["probability"] for x in nbest["q"]) == pytest.approx(1.0)
+    assert [x["probability"] for x in nbest["q"]] == pytest.approx(google_softmax(nbest["q"]), rel=1e-12)
     scores = [x["start_logit"] + x["end_logit"] for x in nbest["q"]]
     assert scores == sorted(scores, reverse=True)
     assert len({x["text"] for x in nbest["q"]}) == 20
@@ -212,6 +221,7 @@ def test_version_2_null_decision(setup):
     null = [x for x in nbest["q"] if x["text"] == ""]
     assert null == [{"text": "", "probability": null[0]["probability"], "start_logit": 5.0, "end_logit": 5.0}]
     assert nbest["q"][0]["text"] == "" and len(nbest["q"]) == 20
+    assert [x["probability"] for x in nbest["q"]] == pytest.approx(google_softmax(nbest["q"]), rel=1e-12)
     assert postprocess(ex, f, start, end, version_2=True, null_score_diff_threshold=2.5)[0]["q"] == "40 41"
     start[2, 0] = end[2, 0] = 3.0  # null 6 < 8: the span wins; the null entry ranks below it
     preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
@@ -259,6 +269,16 @@ def test_labels_as_logits_reproduce_the_answers(source, minilm_dir, tiny_squad, 
     result = evaluate_v1(data, preds)
     print(f"postprocess of {len(f)} windows in {seconds:.2f} s; {result}")
     assert result["exact_match"] > 99.0 and result["f1"] > 99.5
+    # Exactly the context's text under each labelled span (EM normalises case, articles and punctuation away), but
+    # for labels longer than max_answer_length (30 tokens), which no prediction may be.
+    by_qid, exact = {e.qid: e for e in examples}, 0
+    for row in labelled:
+        ex = examples[f.example_index[row]]
+        s_, e_ = f.offsets[row, f.start_positions[row], 0], f.offsets[row, f.end_positions[row], 1]
+        if f.end_positions[row] - f.start_positions[row] < 30:
+            assert preds[ex.qid] == by_qid[ex.qid].context[s_:e_], ex.qid
+            exact += 1
+    assert exact >= 0.99 * len(set(f.example_index[labelled]))
     assert len(preds) == len(examples) and all(len(v) == 20 for v in nbest.values())
 
 

@@ -281,6 +281,18 @@ def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
         summary["f1"],
         summary["NoAns_exact"],
     )
+    # The null answer is predicted where its odds beat the threshold (0 by default), and only there; a threshold
+    # below every odds predicts it everywhere, one above every odds nowhere.
+    preds = json.loads((out / "predictions.json").read_text())
+    assert all((preds[q] == "") == (null_odds[q] > 0.0) for q in preds)
+    for threshold, null_everywhere in ((-1e9, True), (1e9, False)):
+        cfg = EvalConfig(model=str(tiny_dir), predict_file=str(v2), output_dir=str(tmp_path / f"t{threshold}"),
+                         max_seq_length=128, doc_stride=64, max_query_length=32, cache_dir=None, progress=False,
+                         null_score_diff_threshold=threshold)  # fmt: skip
+        s = evaluate(cfg)
+        assert (s["NoAns_exact"], s["HasAns_exact"]) == ((100.0, 0.0) if null_everywhere else (0.0, s["HasAns_exact"]))
+        preds = json.loads((tmp_path / f"t{threshold}" / "predictions.json").read_text())
+        assert all((p == "") == null_everywhere for p in preds.values())
 
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, small_squad, tmp_path):
