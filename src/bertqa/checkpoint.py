@@ -165,7 +165,7 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     else:
         sd = _read_pickle(path, trust_pickle)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
@@ -354,7 +354,7 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
             name = Path(directory) / "model.safetensors"
             if code:
                 raise OSError(int(code[1]), os.strerror(int(code[1])), str(name)) from None
-            raise OSError(f"{name}: cannot write the weights ({str(e).splitlines()[0]})") from None
+            raise OSError(f"{name}: cannot write the weights ({first_line(e)})") from None
         if tokenizer is not None:
             tokenizer.save(tmp, model.config.max_position_embeddings)
         for name, text in (extra_files or {}).items():

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordPiece
 
-from .files import LFS_POINTER
+from .files import LFS_POINTER, first_line
 
 SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
@@ -209,7 +209,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         try:
             backend = Tokenizer.from_file(str(json_file))
         except Exception as e:  # the Rust error is long; keep the first line
-            raise ValueError(f"{json_file}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{json_file}: not a tokenizers JSON file ({first_line(e)})") from None
         norm = json.loads(backend.to_str()).get("normalizer") or {}
         bert, lower = norm.get("type") == "BertNormalizer", _lowercases(norm)
         # As transformers' BertTokenizer(Fast): the settings tokenizer_config.json states win over tokenizer.json's
