@@ -156,6 +156,15 @@ def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
     assert given == [torch.float32] * 3
 
 
+def score_widths(monkeypatch) -> list[int]:
+    """The width (keys) of the scores each block of the blocked attention soft-maxes, appended as it runs."""
+    import bertqa.model as model
+
+    probs, widths = model._probs, []
+    monkeypatch.setattr(model, "_probs", lambda *a, **kw: widths.append(a[5].size(-1)) or probs(*a, **kw))
+    return widths
+
+
 @pytest.mark.parametrize("T", [17, 24, 32])
 @pytest.mark.parametrize("masked", [True, False])
 def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output(T, masked, monkeypatch):
@@ -167,8 +176,7 @@ def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(3, 4, T, 8, generator=g) for _ in range(3))
     mask = (torch.arange(T) < torch.tensor([[T - 5], [T], [3]]))[:, None, None, :] if masked else None
-    probs, keys = model._probs, []  # the width of the scores each block soft-maxes
-    monkeypatch.setattr(model, "_probs", lambda *a, **kw: keys.append(a[5].size(-1)) or probs(*a, **kw))
+    keys = score_widths(monkeypatch)
     with torch.no_grad():
         padded = model.blocked_attention(q, k, v, mask, 0.0)
         eager = model.eager_attention(q, k, v, mask, 0.0)
@@ -200,8 +208,7 @@ def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
     mask = torch.stack([torch.zeros(T, dtype=torch.bool), torch.arange(T) < 4])[:, None, None, :]
-    probs, keys = model._probs, []
-    monkeypatch.setattr(model, "_probs", lambda *a, **kw: keys.append(a[5].size(-1)) or probs(*a, **kw))
+    keys = score_widths(monkeypatch)
     with torch.no_grad():
         blocked = model.blocked_attention(q, k, v, mask, 0.0)
         eager = model.eager_attention(q, k, v, mask, 0.0)

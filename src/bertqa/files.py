@@ -284,11 +284,12 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
         try:
             yield tmp
             os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
-            for inner in tmp.rglob("*"):  # files a library wrote through its own temporary file are 0600 (safetensors)
+            entries = sorted(tmp.rglob("*"), reverse=True)  # files and subfolders before their folder
+            for inner in entries:  # files a library wrote through its own temporary file are 0600 (safetensors)
                 if inner.is_file() and not inner.is_symlink():
                     os.chmod(inner, 0o666 & ~_UMASK)
             if durable:
-                for inner in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before their folder
+                for inner in entries:
                     fsync_path(inner)
                 fsync_path(tmp)
         except OSError as e:  # a write's or a flush's error names no file, or one in the temporary folder
