@@ -194,9 +194,29 @@ def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output
             assert (model.eager_attention(q, zk, zv, leaky, 0.0) - padded).abs().max() > 1e-3
 
 
-needs_onednn = pytest.mark.skipif(
-    not torch.backends.mkldnn.is_available(), reason=PLATFORM + "torch built without oneDNN"
+def _fused_linear_runs() -> bool:
+    from bertqa.model import _fused_linear_works
+
+    return _fused_linear_works()
+
+
+# oneDNN's bf16 linear needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU its weight reorder refuses
+# bf16, and bertqa keeps F.linear there (as in a torch built without oneDNN).
+needs_fused_linear = pytest.mark.skipif(
+    not _fused_linear_runs(), reason=PLATFORM + "oneDNN's bf16 linear does not run here (no AVX-512 or no oneDNN)"
 )
+
+
+def test_the_fused_linear_runs_wherever_the_cpu_can_run_it():
+    """The probe behind needs_fused_linear: a broken one would skip those tests on every CPU, and turn the fused
+    path off for every user."""
+    from bertqa.runtime import cpu_features
+
+    features = cpu_features()
+    if not features or not torch.backends.mkldnn.is_available():
+        pytest.skip(PLATFORM + "this torch cannot tell the CPU's features, or has no oneDNN")
+    avx512 = all(features.get(name) for name in ("avx512_bw", "avx512_vl", "avx512_dq"))
+    assert _fused_linear_runs() == (avx512 or bool(features.get("avx_ne_convert"))), features
 
 
 @pytest.mark.parametrize("T", [5, 16, 21])
@@ -223,7 +243,7 @@ def test_a_fresh_models_padding_row_starts_at_zero_as_in_transformers():
     assert not emb[cfg.pad_token_id].any() and emb[cfg.pad_token_id + 1].any()
 
 
-@needs_onednn
+@needs_fused_linear
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu"])
 def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
     """In bf16 inference on a CPU a Linear is one oneDNN kernel: on bf16-exact inputs and weights it gives the
@@ -260,12 +280,11 @@ def test_fused_bf16_linear_matches_fp32_arithmetic(activation):
             assert torch.equal(made(x), y) and made._packed is not None
 
 
-@needs_onednn
+@needs_fused_linear
 def test_fused_linear_only_in_cpu_bf16_inference(monkeypatch):
     import bertqa.model as model
     from bertqa.model import Linear
 
-    assert model._fused_linear_works()  # the probe passes on an x86 build with oneDNN
     lin, x = Linear(8, 4), torch.randn(2, 8)
     with torch.autocast("cpu", torch.bfloat16):
         assert not lin.fused_bf16(x)  # autograd through the weight: F.linear
@@ -283,7 +302,7 @@ def test_fused_linear_only_in_cpu_bf16_inference(monkeypatch):
             assert not lin.fused_bf16(x) and lin(x).dtype == torch.bfloat16  # autocast's F.linear
 
 
-@needs_onednn
+@needs_fused_linear
 def test_bf16_inference_fused_agrees_with_autocast_training_path():
     """The whole model in bf16: inference (fused kernels) against the autograd path (F.linear under autocast),
     same weights; and a model that ran the fused path still deep-copies and pickles (the packed weights are
@@ -486,7 +505,7 @@ def test_reentrant_activation_checkpointing_gets_the_gradients_of_a_plain_backwa
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@needs_onednn
+@needs_fused_linear
 def test_fused_linear_edges():
     """A weight made under inference_mode, reloaded there (no version counter tells of the copy); a frozen weight
     with a trainable bias (the fused kernel has no backward: the bias got no gradient); a float16 layer under
