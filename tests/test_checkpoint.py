@@ -161,6 +161,23 @@ def test_round_trip_through_save_pretrained(hf_qa_dir, real_batch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
+def test_save_pretrained_refuses_to_replace_what_is_not_a_model_folder(hf_qa_dir, tmp_path):
+    """The Python API replaced any folder (or file) at its destination whole: a user's notes went with it."""
+    model, tokenizer = load_model(hf_qa_dir), load_tokenizer(hf_qa_dir)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    (tmp_path / "file").write_text("precious")
+    for target, why in ((tmp_path / "mine", "it holds notes.txt, not a model's file"), (tmp_path / "file", "a file")):
+        with pytest.raises(CheckpointError) as e:
+            save_pretrained(model, tokenizer, target)
+        assert str(e.value) == (f"{target}: exists and is not a model folder ({why}), and saving replaces the whole "
+                                "folder; name a new folder")  # fmt: skip
+    assert (tmp_path / "mine" / "notes.txt").read_text() == (tmp_path / "file").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+    (tmp_path / "empty").mkdir()
+    assert (save_pretrained(model, tokenizer, tmp_path / "empty") / "model.safetensors").is_file()
+
+
 def test_a_model_folder_that_cannot_be_written_names_the_file_and_keeps_the_old_folder(minilm_dir, tmp_path):
     """A write that fails (a full disk; here a file size limit) names the model folder's file, not the temporary
     folder's nor nothing (safetensors' error was an "internal error"), and leaves the previous folder whole."""
@@ -366,6 +383,18 @@ def test_safetensors_under_another_name_load(hf_qa_dir, tmp_path):
     shutil.copy(hf_qa_dir / "model.safetensors", tmp_path / "weights.bin")
     ours = load_model(tmp_path / "weights.bin", config=hf_qa_dir / "config.json")
     assert torch.equal(ours.qa_outputs.weight, load_model(hf_qa_dir).qa_outputs.weight)
+
+
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir, monkeypatch):
+    monkeypatch.chdir(hf_qa_dir)  # a model folder: Path("") would load it
+    with pytest.raises(CheckpointError, match="model path '': empty"):
+        load_model("")
+    r = run_cli("ask", "--model", "", "--question", "Who?", "--context", "Denver won.", cwd=hf_qa_dir)
+    assert (
+        r.returncode == 1
+        and r.stdout == ""
+        and r.stderr.strip().splitlines() == ["bertqa: error: model path '': empty; name the checkpoint file or folder"]
+    )
 
 
 def run_cli(*args, cwd=None):

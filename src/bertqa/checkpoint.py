@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
-from .files import LFS_POINTER, atomic_dir, first_line
+from .files import LFS_POINTER, atomic_dir, first_line, not_a_model_folder
 from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
@@ -307,6 +307,8 @@ def load_model(
     unless `require_qa_head` (to answer questions: a random head would answer nonsense). The model comes in
     eval mode (no dropout), as transformers' `from_pretrained` returns it: call `.train()` to fine-tune it.
     """
+    if not os.fspath(path):  # Path("") is the current folder: a model there would load unasked
+        raise CheckpointError("model path '': empty; name the checkpoint file or folder")
     weights, config = _find(Path(path), config)
     sd = read_state_dict(weights, trust_pickle)
     with torch.device("meta"):
@@ -335,13 +337,24 @@ def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:
     return model
 
 
+def check_save_target(directory: str | os.PathLike) -> None:
+    """Refuse a `directory` that save_pretrained may not replace whole: one that exists and is neither empty nor a
+    model folder (files.not_a_model_folder)."""
+    why = not_a_model_folder(Path(directory)) if Path(directory).exists() else None
+    if why:
+        raise CheckpointError(f"{directory}: exists and is not a model folder ({why}), and saving replaces the whole "
+                              "folder; name a new folder")  # fmt: skip
+
+
 def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
                     with_qa_head: bool = True):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling, flushed to
     disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss.
     Without `with_qa_head` the weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no
-    fine-tuned head)."""
+    fine-tuned head). An existing `directory` must be empty or a model folder (files.not_a_model_folder): one
+    holding anything else is refused, not replaced."""
+    check_save_target(directory)
     model = _unwrap(model)
     with atomic_dir(directory, durable=True) as tmp:
         model.config.to_json(tmp / "config.json")

@@ -20,18 +20,14 @@ class UsageError(ValueError):
 
 
 def cmd_convert(args):
-    from .checkpoint import load_model, save_pretrained
-    from .files import not_a_model_folder
+    from .checkpoint import check_save_target, load_model, save_pretrained
     from .tokenizer import load_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise UsageError(f"{dst}: it holds {src}, and converting replaces the whole folder; name a new folder")
-    why = not_a_model_folder(dst) if dst.exists() else None
-    if why:
-        raise UsageError(f"{dst}: exists and is not a model folder ({why}), and converting replaces the whole "
-                         "folder; name a new folder")  # fmt: skip
+    check_save_target(dst)  # before the model takes seconds to load
     if args.vocab is not None and not args.vocab.strip():
         raise UsageError("--vocab '': empty; name the vocabulary file or tokenizer folder, or leave the flag out")
     if args.vocab and not Path(args.vocab).exists():  # before the model takes seconds to load
