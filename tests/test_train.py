@@ -140,6 +140,15 @@ def test_a_file_where_tensorboard_writes_is_refused_before_any_work(tmp_path):
     (tmp_path / "tensorboard").unlink()
     cfg.tensorboard = False
     cfg.validate()
+    # A checkpoint kept on another disk, not mounted now: --resume would start over and write onto the mount point.
+    (tmp_path / "checkpoint.pt").symlink_to(tmp_path / "unmounted" / "checkpoint.pt")
+    for resume in (True, False):
+        cfg.resume = resume
+        with pytest.raises(
+            ValueError, match=r"checkpoint.pt is a symbolic link to nothing \(.*unmounted/checkpoint.pt\)"
+        ):
+            cfg.validate()
+    assert not (tmp_path / "unmounted").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")

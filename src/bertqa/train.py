@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,12 @@ class TrainConfig(EvalConfig):
         if self.tensorboard and (board.exists() or board.is_symlink()) and not board.is_dir():
             what = "a file" if board.exists() else "a symbolic link to nothing"
             raise ValueError(f"--output-dir {self.output_dir}: {board}, where --tensorboard writes, is {what}")
+        ckpt = Path(self.output_dir) / "checkpoint.pt"
+        if (
+            ckpt.is_symlink() and not ckpt.exists()
+        ):  # a disk not mounted: --resume would start over, onto the mount point
+            raise ValueError(f"--output-dir {self.output_dir}: {ckpt} is a symbolic link to nothing "
+                             f"({os.readlink(ckpt)}); restore what it leads to, or remove the link")  # fmt: skip
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -219,6 +226,13 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, 
     of one line that leaves it in place: never resumed from, never silently replaced by a fresh start. Its
     `"schedule"` entry is the (total, warm-up) steps to go on with: `schedule`, or `older_schedule` for a
     checkpoint saved before they were recorded (schedule_steps' exact=False)."""
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.load reads damaged records without checking their CRCs
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:  # torch's legacy format, or not a checkpoint: torch.load below tells which
+        damaged = None
+    if damaged is not None:
+        raise ValueError(f"{path}: damaged ({damaged} fails its checksum); {BAD_CHECKPOINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
