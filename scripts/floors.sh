@@ -56,9 +56,9 @@ sys.exit(f"floors.sh: {', '.join(extras)} installed in .venv-floors; remove the 
 EOF
 
 # Every test that needs none of the extras. Left out: test_checkpoint, test_model, test_tokenizer, test_train and
-# test_distributed import transformers at the top; test_serve, test_export, test_interrupt and the first four
-# --deselect below need conftest's tiny_dir (written by transformers) or transformers itself. The last two are
-# left out for time only: 6 and 8 command-line runs that check argument handling, not the dependencies.
+# test_distributed import transformers at the top; test_serve, test_export, test_interrupt, test_bad_input and the
+# first four --deselect below need conftest's tiny_dir (written by transformers) or transformers itself. The last
+# two are left out for time only: 6 and 8 command-line runs that check argument handling, not the dependencies.
 TESTS=(
   tests/test_squad_data.py tests/test_squad_download.py tests/test_squad_features.py tests/test_squad_metrics.py
   tests/test_squad_postprocess.py tests/test_runtime.py tests/test_bench.py tests/test_qa.py

@@ -144,11 +144,14 @@ def test_resume_from_part_file(server, tmp_path, ignore_range):
     assert (tmp_path / "dev-v1.1.json").read_bytes() == data
 
 
-def test_errors(server, tmp_path):
+def test_errors(server, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown SQuAD version '3.0'"):
         download_squad("3.0", tmp_path)
     with pytest.raises(OSError, match="HTTP 404"):
         download_squad("2.0", tmp_path, base_url=server)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--dir '': empty; name the folder to download into"):
+        download_squad("1.1", "", base_url=server, checksums=SUMS)  # not into the current folder
     assert list(tmp_path.iterdir()) == []
 
 

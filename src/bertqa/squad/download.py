@@ -135,6 +135,8 @@ def download_squad(
     `base_url` replaces the official location (a mirror, or a local server in tests); `checksums` maps
     file names to sha256 and overrides the published sums in SQUAD_SHA256.
     """
+    if not os.fspath(directory):  # Path("") is the current folder
+        raise ValueError("--dir '': empty; name the folder to download into")
     version = str(version).lstrip("v")
     if version not in SQUAD_FILES:
         raise ValueError(f"unknown SQuAD version {version!r} (choose 1.1 or 2.0)")
