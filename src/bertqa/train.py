@@ -99,9 +99,9 @@ class TrainConfig(EvalConfig):
             what = "a file" if board.exists() else "a symbolic link to nothing"
             raise ValueError(f"--output-dir {self.output_dir}: {board}, where --tensorboard writes, is {what}")
         ckpt = Path(self.output_dir) / "checkpoint.pt"
-        if (
-            ckpt.is_symlink() and not ckpt.exists()
-        ):  # a disk not mounted: --resume would start over, onto the mount point
+        # A link to nothing (a disk not mounted) is not "no checkpoint": --resume would start over, writing onto the
+        # mount point.
+        if ckpt.is_symlink() and not ckpt.exists():
             raise ValueError(f"--output-dir {self.output_dir}: {ckpt} is a symbolic link to nothing "
                              f"({os.readlink(ckpt)}); restore what it leads to, or remove the link")  # fmt: skip
 
@@ -229,7 +229,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, 
     try:
         with zipfile.ZipFile(path) as archive:  # torch.load reads damaged records without checking their CRCs
             damaged = archive.testzip()
-    except zipfile.BadZipFile:  # torch's legacy format, or not a checkpoint: torch.load below tells which
+    except OSError:
+        raise
+    except Exception:  # torch's legacy format, or not a checkpoint (zipfile's errors vary): torch.load below tells
         damaged = None
     if damaged is not None:
         raise ValueError(f"{path}: damaged ({damaged} fails its checksum); {BAD_CHECKPOINT}")
