@@ -356,8 +356,13 @@ def test_a_second_evaluation_into_the_same_output_folder_is_refused(tiny_dir, ti
                            timeout=300)  # fmt: skip
     assert r.returncode == 1 and f"{out}: another run is writing here" in r.stderr, r.stderr
     assert list(out.iterdir()) == []
+    # What an evaluation killed while writing leaves: the next one, holding the folder, clears it.
+    stale = [out / ".predictions.k1ll3d00.tmp.json", out / ".summary.k1ll3d00.tmp.json"]
+    for path in stale:
+        path.write_text("{")
     r = subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (out / "summary.json").is_file(), r.stderr
+    assert not any(path.exists() for path in stale)
 
 
 def test_a_kill_while_metrics_are_rewritten_on_resume_loses_no_line(reference, tiny_dir, tiny_squad, tmp_path):

@@ -348,6 +348,29 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_failed_atomic_write_removes_the_folders_it_made_and_names_its_output(tmp_path, monkeypatch):
+    import functools
+    import tempfile
+
+    from bertqa.files import scratch_dir
+
+    for write in (atomic_path, atomic_dir):
+        with pytest.raises(KeyboardInterrupt), write(tmp_path / "new" / "sub" / "out.json"):
+            raise KeyboardInterrupt
+        assert list(tmp_path.iterdir()) == []  # new/sub/ were made for it, and nothing was written there
+
+    def refused(*args, dir=None, prefix="", **kwargs):  # a folder it may not write in (where a link leads, say)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, f"{prefix}x1y2z3w4"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    target = tmp_path / "new" / "out.onnx"
+    for write in (atomic_path, atomic_dir, functools.partial(scratch_dir, kind="onnx-export")):
+        with pytest.raises(PermissionError) as e, write(target):
+            pass
+        assert e.value.filename == str(target) and list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
     import bertqa.files
 

@@ -245,7 +245,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
         if claim is not None:
             with fail_together(d):
                 if early and d.is_main:
-                    held.enter_context(exclusive(claim))
+                    held.enter_context(exclusive(claim, clear=cfg.WRITES))
         precision = Precision.resolve(cfg.precision, d.device)
         with precision.scope():
             tokenizer, model = load_tokenizer_and_model(cfg, d)
@@ -254,7 +254,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
             if claim is not None:
                 with fail_together(d):
                     if not early and d.is_main:
-                        held.enter_context(exclusive(claim))
+                        held.enter_context(exclusive(claim, clear=cfg.WRITES))
             if d.is_main:
                 print(startup_line(d, precision, cfg.attention), flush=True)
             yield d, precision, model, data

@@ -77,9 +77,14 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
     old file or the new one (for checkpoints; it costs the time the disk takes). `within`: a folder on the
     same file system (a `scratch_dir` for `path`) to make the temporary file in instead."""
     path = _target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
-    fd, tmp = tempfile.mkstemp(dir=within or path.parent, prefix=_tmp_file_prefix(path), suffix=f".tmp{path.suffix}")
+    made = _make_folder(path.parent)
+    try:
+        # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
+        fd, tmp = tempfile.mkstemp(dir=within or path.parent, prefix=_tmp_file_prefix(path),
+                                   suffix=f".tmp{path.suffix}")  # fmt: skip
+    except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
+        _remove_empty(made)
+        raise named(e, path) from e
     os.close(fd)
     try:
         yield Path(tmp)
@@ -90,6 +95,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)  # the folders made for it: nothing was written there
         if isinstance(e, OSError) and e.strerror and (e.filename is None or os.fspath(e.filename) == tmp):
             # A write's or an fsync's error (a full disk) names no file, or names the temporary one: name the file.
             raise named(e, path) from e
@@ -278,8 +284,13 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
     the old one is the user's previous model)."""
     path = _target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
+    made = _make_folder(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
+    except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
+        _remove_empty(made)
+        raise named(e, path) from e
+    done = False
     try:
         try:
             yield tmp
@@ -299,7 +310,10 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
             raise
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
+            try:
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
+            except OSError as e:
+                raise named(e, path) from e
             path.rename(old)
         try:
             tmp.rename(path)
@@ -312,8 +326,11 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
             fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_empty(made)
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -399,7 +416,11 @@ def scratch_dir(path: str | os.PathLike, kind: str):
             if not old.exists():
                 _log.info("removed %s, left by a run that was killed", old)
     for _ in range(10):  # a run clearing stale folders can take a new one between mkdtemp and its lock: retry
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+        except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
+            _remove_empty(made)
+            raise named(e, _target(path)) from e
         try:
             fd = _lock(tmp)
         except _NoLocks:
@@ -439,11 +460,13 @@ def _remove_empty(made: list[Path]) -> None:
 
 
 @contextmanager
-def exclusive(folder: str | os.PathLike):
+def exclusive(folder: str | os.PathLike, clear=()):
     """Hold the lock on `folder` itself while the block runs, so that a second run started on the same folder
     stops at once rather than delete the first one's temporary files or mix its outputs in. Where locks cannot
     be taken (Windows, some network file systems) the block runs unguarded. A folder made for the block is
-    removed again when the block fails having written nothing there."""
+    removed again when the block fails having written nothing there. `clear`: the names of outputs in `folder`
+    whose temporary files or folders, left by a run killed mid-write, are deleted once it is held
+    (remove_stale_temps)."""
     folder = Path(folder)
     made = _make_folder(folder)
     try:
@@ -454,6 +477,8 @@ def exclusive(folder: str | os.PathLike):
         raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
     done = False
     try:
+        for name in clear:
+            remove_stale_temps(folder / name)
         yield
         done = True
     finally:

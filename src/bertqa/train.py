@@ -36,7 +36,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, fsync_path, named, remove_output, remove_stale_temps
+from .files import atomic_path, exclusive, fsync_path, named, remove_output
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -447,11 +447,10 @@ def deterministic_kernels(enabled: bool):
 
 def _claim(out_dir: Path, held: contextlib.ExitStack) -> None:
     """Hold OUTPUT for this run (rank 0) and clear what a killed save left there."""
-    held.enter_context(exclusive(out_dir))  # one run per output folder, until this one ends
-    # A save cut short by a kill leaves its temporary file or folder (a checkpoint's or a model's size); the
-    # files themselves are only ever renamed into place whole, so they hold the previous save.
-    for name in TrainConfig.WRITES:
-        remove_stale_temps(out_dir / name)
+    # One run per output folder, until this one ends. A save cut short by a kill leaves its temporary file or folder
+    # (a checkpoint's or a model's size), cleared now; the files themselves are only ever renamed into place whole,
+    # so they hold the previous save.
+    held.enter_context(exclusive(out_dir, clear=TrainConfig.WRITES))
 
 
 def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: contextlib.ExitStack) -> dict:
