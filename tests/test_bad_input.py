@@ -257,6 +257,9 @@ def test_blank_and_invalid_text_is_refused(doc, message):
         (_doc("Ada won.", [_q(question="")]), "question id 'q': 'question' is empty"),
         (_doc("Ada won.", [_q(question=" \n\t")]), "question id 'q': 'question' is empty"),
         (_doc("  ", [_q()]), "question id 'q': the context (article 0 paragraph 0) is empty"),
+        # Characters BERT's cleaning deletes give no token either: the model saw [CLS] [SEP] context [SEP].
+        (_doc("Ada won.", [_q(question="\u200b\ufeff")]), "question id 'q': 'question' is empty"),
+        (_doc("\u200b\x00 ", [_q()]), "question id 'q': the context (article 0 paragraph 0) is empty"),
     ],
 )
 def test_blank_questions_and_contexts_are_refused_for_evaluation_and_skipped_in_training(doc, message):

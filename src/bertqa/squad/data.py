@@ -113,6 +113,11 @@ def bert_removes(ch: str) -> bool:
     return ch in "\0\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\t\n\r")
 
 
+def blank(text: str) -> bool:
+    """Whether `text` gives BERT no token: only whitespace and characters its cleaning deletes (bert_removes)."""
+    return all(c.isspace() or bert_removes(c) for c in text)
+
+
 def unpaired_surrogate(text: str) -> int | None:
     """Index of the first unpaired surrogate in `text`, else None. JSON's "\\ud800" escapes and undecodable
     bytes read with Python's surrogateescape make such strings: not Unicode text, so they can be neither
@@ -233,7 +238,7 @@ def parse_squad(
             where = f"article {a} paragraph {p}"
             _expect(paragraph, dict, "paragraphs[]", where, path)
             context = _text(paragraph.get("context"), "context", where, path)
-            blank_context = not context.strip()
+            blank_context = blank(context)
             _expect(paragraph.get("qas"), list, "qas", where, path)
             for q, qa in enumerate(paragraph["qas"]):
                 where = f"article {a} paragraph {p} question {q}"
@@ -244,7 +249,7 @@ def parse_squad(
                     raise SquadFormatError(f"{path}: {where}: duplicate question id")
                 seen.add(qid)
                 question = _text(qa.get("question"), "question", where, path)
-                if not question.strip():
+                if blank(question):  # (zero-width or control characters alone too: the model sees none)
                     if is_training:  # one bad question need not stop a training run: skipped and counted
                         skipped.append(qid)
                         continue
@@ -266,7 +271,7 @@ def parse_squad(
                     )
                 if is_training and not impossible:
                     text, start = texts[0], starts[0]
-                    if all(c.isspace() or bert_removes(c) for c in text):  # no token to label
+                    if blank(text):  # no token to label
                         skipped.append(qid)
                         continue
                     if start < 0 or context[start : start + len(text)] != text:  # (a negative start would wrap)
