@@ -69,6 +69,17 @@ def _tmp_dir_prefix(path: Path, kind: str) -> str:
     return f".{_fit(path.name, 14)}.{kind}-"  # kind: "tmp" or "old"; mkdtemp adds 8 random characters
 
 
+def _temporary(make, path: Path, made=(), **kwargs):
+    """make(**kwargs): tempfile's mkstemp or mkdtemp, for a write to `path`. Where it fails (a folder one may not
+    write in) the error names `path`, not the temporary name, and the folders made for the write (_make_folder's
+    `made`) are removed again."""
+    try:
+        return make(**kwargs)
+    except OSError as e:
+        _remove_empty(made)
+        raise named(e, path) from e
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | None = None):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
@@ -78,13 +89,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
     same file system (a `scratch_dir` for `path`) to make the temporary file in instead."""
     path = _target(path)
     made = _make_folder(path.parent)
-    try:
-        # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
-        fd, tmp = tempfile.mkstemp(dir=within or path.parent, prefix=_tmp_file_prefix(path),
-                                   suffix=f".tmp{path.suffix}")  # fmt: skip
-    except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
-        _remove_empty(made)
-        raise named(e, path) from e
+    # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
+    fd, tmp = _temporary(tempfile.mkstemp, path, made, dir=within or path.parent, prefix=_tmp_file_prefix(path),
+                         suffix=f".tmp{path.suffix}")  # fmt: skip
     os.close(fd)
     try:
         yield Path(tmp)
@@ -285,11 +292,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     the old one is the user's previous model)."""
     path = _target(path)
     made = _make_folder(path.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
-    except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
-        _remove_empty(made)
-        raise named(e, path) from e
+    tmp = Path(_temporary(tempfile.mkdtemp, path, made, dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
     done = False
     try:
         try:
@@ -310,10 +313,8 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
             raise
         old = None
         if path.exists():
-            try:
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_dir_prefix(path, "old"))) / path.name
-            except OSError as e:
-                raise named(e, path) from e
+            old = Path(_temporary(tempfile.mkdtemp, path, dir=path.parent, prefix=_tmp_dir_prefix(path, "old")))
+            old = old / path.name
             path.rename(old)
         try:
             tmp.rename(path)
@@ -416,11 +417,7 @@ def scratch_dir(path: str | os.PathLike, kind: str):
             if not old.exists():
                 _log.info("removed %s, left by a run that was killed", old)
     for _ in range(10):  # a run clearing stale folders can take a new one between mkdtemp and its lock: retry
-        try:
-            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
-        except OSError as e:  # a folder it cannot write in: the output's name, not the temporary one's
-            _remove_empty(made)
-            raise named(e, _target(path)) from e
+        tmp = Path(_temporary(tempfile.mkdtemp, _target(path), made, dir=folder, prefix=prefix))
         try:
             fd = _lock(tmp)
         except _NoLocks:
