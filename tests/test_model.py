@@ -5,7 +5,7 @@ import torch
 from skips import PLATFORM
 
 from bertqa.config import BertConfig
-from bertqa.model import BertForQuestionAnswering
+from bertqa.model import BertForQuestionAnswering, _fused_linear_works
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,16 +194,10 @@ def test_blocked_attention_inference_pads_keys_to_16_without_changing_the_output
             assert (model.eager_attention(q, zk, zv, leaky, 0.0) - padded).abs().max() > 1e-3
 
 
-def _fused_linear_runs() -> bool:
-    from bertqa.model import _fused_linear_works
-
-    return _fused_linear_works()
-
-
 # oneDNN's bf16 linear needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU its weight reorder refuses
 # bf16, and bertqa keeps F.linear there (as in a torch built without oneDNN).
 needs_fused_linear = pytest.mark.skipif(
-    not _fused_linear_runs(), reason=PLATFORM + "oneDNN's bf16 linear does not run here (no AVX-512 or no oneDNN)"
+    not _fused_linear_works(), reason=PLATFORM + "oneDNN's bf16 linear does not run here (no AVX-512 or no oneDNN)"
 )
 
 
@@ -216,7 +210,7 @@ def test_the_fused_linear_runs_wherever_the_cpu_can_run_it():
     if not features or not torch.backends.mkldnn.is_available():
         pytest.skip(PLATFORM + "this torch cannot tell the CPU's features, or has no oneDNN")
     avx512 = all(features.get(name) for name in ("avx512_bw", "avx512_vl", "avx512_dq"))
-    assert _fused_linear_runs() == (avx512 or bool(features.get("avx_ne_convert"))), features
+    assert _fused_linear_works() == (avx512 or bool(features.get("avx_ne_convert"))), features
 
 
 @pytest.mark.parametrize("T", [5, 16, 21])
