@@ -3,6 +3,8 @@ SQuAD training sample plus a small-window configuration that forces many overlap
 
 import json
 import logging
+import os
+import time
 import unicodedata
 from pathlib import Path
 
@@ -296,6 +298,25 @@ def _lowercase_off(tok, tmp_path):
     other = load_tokenizer(path)
     assert other.fingerprint != tok.fingerprint
     return other
+
+
+def test_cache_write_removes_what_killed_writes_left(small_file, tok, tmp_path):
+    # A run killed while writing a cache entry (SIGKILL, or SIGTERM, which Python does not turn into an exception)
+    # leaves the temporary file: the next write into the folder removes those untouched for an hour, and no other.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    examples = read_squad(small_file, is_training=False)
+    old = cache / ".squad-features-0123456789abcdef01234567.k1ll3d00.tmp.npz"
+    fresh = cache / ".squad-features-0123456789abcdef01234567.wr1t1ng0.tmp.npz"  # another run, writing now
+    other = cache / ".notes.abcdefgh.tmp.npz"  # not the cache's
+    for path in (old, fresh, other):
+        path.write_bytes(b"PK half a zip")
+    stale = time.time() - features_module.STALE_WRITE_S - 60
+    for path in (old, other):
+        os.utime(path, (stale, stale))
+    load_features(small_file, examples, tok, cache)
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert len(list(cache.glob("squad-features-*.npz"))) == 1
 
 
 def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path, monkeypatch, caplog):

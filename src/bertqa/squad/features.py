@@ -309,6 +309,26 @@ def _cache_key(data_path, examples, tokenizer, params: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+# A cache write takes seconds: a temporary cache file untouched for this long was left by a killed run.
+STALE_WRITE_S = 3600
+
+
+def remove_killed_writes(cache_dir: Path) -> list[Path]:
+    """Delete the temporary files that cache writes killed outright (SIGKILL, SIGTERM, a power loss) left in
+    `cache_dir` (a full train set's are hundreds of MB each), and return them. Concurrent runs share the folder, so
+    a temporary file is judged by its age, not by a lock on the folder."""
+    removed = []
+    for tmp in sorted(cache_dir.glob(".squad-features-*.tmp.npz")):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_WRITE_S:
+                tmp.unlink()
+                removed.append(tmp)
+                log.info("removed %s, left by a run that was killed", tmp)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
 def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Features:
     """`featurize(examples, tokenizer, **params)`, cached in `cache_dir` (None: no cache).
 
@@ -336,6 +356,7 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
             "%s: unreadable feature cache (%s); rebuilding it", path, getattr(e, "strerror", None) or first_line(e)
         )
     features = featurize(examples, tokenizer, **params)
+    remove_killed_writes(path.parent)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see half a cache
             arrays = {name: getattr(features, name) for name in Features.ARRAYS}
