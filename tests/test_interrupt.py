@@ -284,6 +284,42 @@ def test_a_scratch_folder_is_cleared_once_its_process_is_killed(tmp_path):
         holder.wait()
 
 
+def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_path):
+    # `bertqa convert` holds no lock on its output's parent: each atomic_dir locks its own temporary folders, and
+    # clears only those that no live process holds.
+    target = tmp_path / "model"
+    holder = subprocess.Popen(  # a process writing the folder, as a convert saving a model does
+        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import atomic_dir\n"
+         "with atomic_dir(sys.argv[1]) as w:\n"
+         "    (w / 'model.safetensors').write_bytes(b'half')\n    print(w, flush=True)\n    time.sleep(300)",
+         str(target)],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        theirs = holder.stdout.readline().strip()
+        with atomic_dir(target) as ours:
+            (ours / "config.json").write_text("{}")
+            assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(ours)])  # a live one is kept
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(target)])  # left, as a killed convert
+        with atomic_dir(target) as ours:
+            (ours / "config.json").write_text('{"new": 1}')
+            assert sorted(tmp_path.iterdir()) == [ours, target]
+        assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed between its two renames: the previous folder was moved aside and the new one not yet put in place.
+    # The next write to it puts the previous one back first (and keeps it when it fails itself).
+    aside = tmp_path / ".model.old-k1ll3d00"
+    aside.mkdir()
+    target.rename(aside / "model")
+    (tmp_path / ".model.tmp-k1ll3d00").mkdir()  # the new version, never put in place
+    with pytest.raises(RuntimeError, match="stop"), atomic_dir(target):
+        raise RuntimeError("stop")
+    assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
+
+
 def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp_path, monkeypatch):
     import fcntl
 
@@ -292,10 +328,17 @@ def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     (tmp_path / ".onnx-export-k1ll3d00").mkdir()  # a killed export's, which cannot be told from a live one's
+    (tmp_path / ".model.tmp-k1ll3d00").mkdir()  # a killed convert's, likewise
     with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours, exclusive(tmp_path / "run"):
         (ours / "fp32.onnx").write_bytes(b"graph")
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".onnx-export-k1ll3d00", ours.name, "run"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".onnx-export-k1ll3d00", "run"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [".model.tmp-k1ll3d00", ".onnx-export-k1ll3d00", ours.name, "run"]
+        )
+    with atomic_dir(tmp_path / "model") as ours:
+        (ours / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-k1ll3d00", ".onnx-export-k1ll3d00", "model",
+                                                          "run"]  # fmt: skip
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"
 
 
 def test_a_folder_made_for_a_failed_block_is_removed_and_no_other(tmp_path, monkeypatch):

@@ -286,13 +286,18 @@ def _json_text(obj, indent: int | None) -> str:
 @contextmanager
 def atomic_dir(path: str | os.PathLike, durable: bool = False):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole (the old folder,
-    if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched.
+    if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched. Both
+    folders are locked while in use, so that those of a write to `path` that was killed outright are cleared
+    first (clear_killed), the previous version put back where the write was killed between its renames.
     `durable`: everything in the folder, then the folder, is flushed to disk before the renames, and the renames
     before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
     the old one is the user's previous model)."""
     path = _target(path)
     made = _make_folder(path.parent)
-    tmp = Path(_temporary(tempfile.mkdtemp, path, made, dir=path.parent, prefix=_tmp_dir_prefix(path, "tmp")))
+    clear_killed(path.parent, _tmp_dir_prefix(path, "old"), restore=path)
+    clear_killed(path.parent, _tmp_dir_prefix(path, "tmp"))
+    tmp, fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "tmp"), made)
+    old_fd = None
     done = False
     try:
         try:
@@ -313,7 +318,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
             raise
         old = None
         if path.exists():
-            old = Path(_temporary(tempfile.mkdtemp, path, dir=path.parent, prefix=_tmp_dir_prefix(path, "old")))
+            old, old_fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "old"))
             old = old / path.name
             path.rename(old)
         try:
@@ -330,6 +335,9 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for held in (fd, old_fd):
+            if held is not None:
+                os.close(held)
         if not done:
             _remove_empty(made)
 
@@ -391,6 +399,47 @@ def _lock(folder: Path) -> int | None:
     return None
 
 
+def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None:
+    """Delete the folders named `prefix`* in `folder` that no live process holds locked: left by a process killed
+    outright (SIGKILL, power loss). `restore`: the output of the atomic_dir whose previous version such a folder
+    may hold (killed between its two renames): put back first where the output is missing. Where locks cannot
+    be taken (Windows, some network file systems) nothing is cleared."""
+    for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
+        if not old.is_dir() or old.is_symlink():
+            continue
+        try:
+            held = _lock(old)
+        except _NoLocks:
+            break
+        except OSError:  # another user's, say: not ours to judge
+            continue
+        if held is not None:
+            if restore is not None and not restore.exists() and (old / restore.name).is_dir():
+                (old / restore.name).rename(restore)
+                _log.info("put back %s, which a run killed while replacing it had moved to %s", restore, old)
+            shutil.rmtree(old, ignore_errors=True)
+            os.close(held)
+            if not old.exists():
+                _log.info("removed %s, left by a run that was killed", old)
+
+
+def _locked_temp_dir(path: Path, prefix: str, made=()) -> tuple[Path, int | None]:
+    """A new folder `prefix`XXXXXXXX beside `path` (for a write to `path`: see _temporary) and the descriptor
+    holding its lock, so that clear_killed leaves it alone while this process lives; None where locks cannot be
+    taken (it is used unlocked)."""
+    for _ in range(10):  # a run clearing killed folders can take a new one between mkdtemp and its lock: retry
+        tmp = Path(_temporary(tempfile.mkdtemp, path, made, dir=path.parent, prefix=prefix))
+        try:
+            fd = _lock(tmp)
+        except _NoLocks:
+            return tmp, None
+        if fd is not None:
+            return tmp, fd
+        shutil.rmtree(tmp, ignore_errors=True)
+    _remove_empty(made)
+    raise OSError(f"{path.parent}: cannot make and lock a temporary folder here")
+
+
 @contextmanager
 def scratch_dir(path: str | os.PathLike, kind: str):
     """Yield a new, empty temporary folder beside `path` (its target, if a symlink), named `.KIND-XXXXXXXX`, and
@@ -402,32 +451,8 @@ def scratch_dir(path: str | os.PathLike, kind: str):
     folder = _target(path).parent
     made = _make_folder(folder)
     prefix = f".{kind}-"
-    for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
-        if not old.is_dir() or old.is_symlink():
-            continue
-        try:
-            held = _lock(old)
-        except _NoLocks:
-            break
-        except OSError:  # another user's, say: not ours to judge
-            continue
-        if held is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            os.close(held)
-            if not old.exists():
-                _log.info("removed %s, left by a run that was killed", old)
-    for _ in range(10):  # a run clearing stale folders can take a new one between mkdtemp and its lock: retry
-        tmp = Path(_temporary(tempfile.mkdtemp, _target(path), made, dir=folder, prefix=prefix))
-        try:
-            fd = _lock(tmp)
-        except _NoLocks:
-            fd = None
-            break  # used unlocked
-        if fd is not None:
-            break
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        raise OSError(f"{folder}: cannot make and lock a temporary folder here")
+    clear_killed(folder, prefix)
+    tmp, fd = _locked_temp_dir(_target(path), prefix, made)
     done = False
     try:
         yield tmp
