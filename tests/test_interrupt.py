@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import bertqa.files
 from bertqa.distributed import Dist
-from bertqa.files import atomic_dir, atomic_path, exclusive, remove_stale_temps, scratch_dir
+from bertqa.files import _tmp_dir_prefix, atomic_dir, atomic_path, exclusive, remove_stale_temps, scratch_dir
 from bertqa.train import TrainConfig, load_checkpoint, train
 
 STEPS, SAVE_EVERY = 10, 2
@@ -318,6 +318,19 @@ def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_p
     with pytest.raises(RuntimeError, match="stop"), atomic_dir(target):
         raise RuntimeError("stop")
     assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
+    # Another output's, whose names begin as this one's, are left to it: "model.old-1", and names that `_fit` cuts
+    # to the same first 241 bytes.
+    for other, name in (("model.old-1", "model"), ("x" * 250 + "B", "x" * 250 + "A")):
+        aside = tmp_path / f"{_tmp_dir_prefix(tmp_path / other, 'old')}k1ll3d00"
+        aside.mkdir()
+        (aside / other).mkdir()
+        (aside / other / "config.json").write_text("its previous version")
+        with atomic_dir(tmp_path / name) as ours:
+            (ours / "config.json").write_text("{}")
+        assert (aside / other / "config.json").is_file()
+        with atomic_dir(tmp_path / other) as ours:  # its own next write puts it back first
+            assert (tmp_path / other / "config.json").read_text() == "its previous version" and not aside.exists()
+            (ours / "config.json").write_text("{}")
 
 
 def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp_path, monkeypatch):
@@ -372,9 +385,9 @@ def test_an_output_folder_reached_through_a_symlink_is_held_as_the_folder(tmp_pa
 
 def test_a_folder_killed_between_its_two_renames_is_put_back(tmp_path):
     folder = tmp_path / "model"
-    (tmp_path / ".model.old-abc" / "model").mkdir(parents=True)  # the previous folder, moved aside
-    (tmp_path / ".model.old-abc" / "model" / "weights").write_text("previous")
-    (tmp_path / ".model.tmp-def").mkdir()  # the new one, never renamed into place
+    (tmp_path / ".model.old-abcd1234" / "model").mkdir(parents=True)  # the previous folder, moved aside
+    (tmp_path / ".model.old-abcd1234" / "model" / "weights").write_text("previous")
+    (tmp_path / ".model.tmp-defg5678").mkdir()  # the new one, never renamed into place
     remove_stale_temps(folder)
     assert (folder / "weights").read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["model"]
 

@@ -348,13 +348,16 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     that no live process is writing (see `exclusive`). A folder killed between atomic_dir's two renames is
     missing, its previous version moved aside: that version is put back first."""
     path = _target(path)
-    file_prefix, tmp_prefix, old_prefix = (glob.escape(p) for p in (
-        _tmp_file_prefix(path), _tmp_dir_prefix(path, "tmp"), _tmp_dir_prefix(path, "old")))  # fmt: skip
-    for old in sorted(path.parent.glob(f"{old_prefix}*")):
+    file_prefix, tmp_prefix, old_prefix = (
+        _tmp_file_prefix(path),
+        _tmp_dir_prefix(path, "tmp"),
+        _tmp_dir_prefix(path, "old"),
+    )
+    for old in _made_by_tempfile(path.parent, old_prefix):
         if not path.exists() and (old / path.name).is_dir():
             (old / path.name).rename(path)
-    stale = sorted({*path.parent.glob(f"{file_prefix}*.tmp{glob.escape(path.suffix)}"),
-                    *path.parent.glob(f"{tmp_prefix}*"), *path.parent.glob(f"{old_prefix}*")})  # fmt: skip
+    stale = sorted({*_made_by_tempfile(path.parent, file_prefix, f".tmp{path.suffix}"),
+                    *_made_by_tempfile(path.parent, tmp_prefix), *_made_by_tempfile(path.parent, old_prefix)})  # fmt: skip
     for tmp in stale:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -399,14 +402,23 @@ def _lock(folder: Path) -> int | None:
     return None
 
 
+def _made_by_tempfile(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """What tempfile's mkstemp or mkdtemp made in `folder` with this prefix and suffix (8 random characters between),
+    not the temporary files of another output whose name begins with this one's ("model.old-1" beside "model")."""
+    name = re.compile(f"{re.escape(prefix)}[a-z0-9_]{{8}}{re.escape(suffix)}")
+    return sorted(p for p in folder.glob(f"{glob.escape(prefix)}*") if name.fullmatch(p.name))
+
+
 def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None:
     """Delete the folders named `prefix`* in `folder` that no live process holds locked: left by a process killed
     outright (SIGKILL, power loss). `restore`: the output of the atomic_dir whose previous version such a folder
     may hold (killed between its two renames): put back first where the output is missing. Where locks cannot
     be taken (Windows, some network file systems) nothing is cleared."""
-    for old in sorted(folder.glob(f"{glob.escape(prefix)}*")):
+    for old in _made_by_tempfile(folder, prefix):
         if not old.is_dir() or old.is_symlink():
             continue
+        if restore is not None and [p.name for p in old.iterdir()] != [restore.name]:
+            continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
         try:
             held = _lock(old)
         except _NoLocks:
