@@ -4,10 +4,12 @@ import argparse
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from skips import file_size_limit
@@ -330,6 +332,14 @@ def test_torchscript_and_weights_of_other_formats_are_named(hf_qa_dir, tmp_path)
         (folder / name).write_text("{}")
         with pytest.raises(CheckpointError, match=f"^{folder}: holds {name}, {what}"):
             load_model(folder)
+    # An HF Trainer's checkpoint folder: its optimizer, scheduler and RNG states are pickles beside the sharded weights.
+    folder = tmp_path / "model-safetensors-index-json"
+    for extra in ("rng_state.pth", "optimizer.pt"):  # one pickle (it was loaded as the weights), then two
+        torch.save({"step": 1}, folder / extra)
+        with pytest.raises(
+            CheckpointError, match=f"^{folder}: holds model.safetensors.index.json, an index of weights"
+        ):
+            load_model(folder)
 
 
 def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
@@ -526,8 +536,20 @@ def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
     failed only in training (NaN: "cannot convert float NaN to integer")."""
     from bertqa.config import BertConfig
 
-    for value in (float("nan"), -0.1, 1.0):
-        with pytest.raises(
-            ValueError, match=rf"^'attention_probs_dropout_prob' must be at least 0 and below 1, not {value}$"
-        ):
+    for value, shown, message in ((float("nan"), "NaN", "a number >= 0"), (-0.1, "-0.1", "a number >= 0"),
+                                  (1.0, "1.0", "at least 0 and below 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^'attention_probs_dropout_prob' must be {message}, not {shown}$"):
             BertConfig(attention_probs_dropout_prob=value)
+    # Every field, as config.json's are: a division by zero heads, or a size that fails deep in torch, before.
+    for change, message in ((dict(num_attention_heads=0), "'num_attention_heads' must be a positive integer, not 0"),
+                            (dict(type_vocab_size="2"), "'type_vocab_size' must be a positive integer, not \"2\""),
+                            (dict(hidden_size=-4, num_attention_heads=2), "'hidden_size' must be a positive integer"),
+                            (dict(hidden_act=None), "'hidden_act' must be a string, not null")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            BertConfig(**change)
+    # numpy's numbers are numbers (held as Python's, which config.json can take).
+    config = BertConfig(
+        vocab_size=np.int64(100), hidden_size=16, num_attention_heads=2, layer_norm_eps=np.float32(1e-5)
+    )
+    assert type(config.vocab_size) is int and type(config.layer_norm_eps) is float
+    assert json.loads(json.dumps(config.to_dict()))["vocab_size"] == 100

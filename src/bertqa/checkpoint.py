@@ -183,7 +183,8 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
             other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
-            if not pickles and other is not None:
+            if other is not None and (not pickles or other[0].name.endswith(".index.json")):
+                # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside a sharded model)
                 raise CheckpointError(f"{path}: holds {other[0].name}, {other[1]}; bertqa reads one safetensors or "
                                       "PyTorch weights file: convert the model to one first")  # fmt: skip
             if len(pickles) != 1:

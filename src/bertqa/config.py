@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ class BertConfig:
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a BertConfig made in Python is checked as one read from config.json
+            if f.name != "extra":
+                setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.default))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
@@ -68,9 +72,6 @@ class BertConfig:
     def from_dict(cls, d: dict) -> BertConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
-        for f in dataclasses.fields(cls):
-            if f.name in known:
-                _check_value(f.name, known[f.name], f.default)
         extra = {k: v for k, v in d.items() if k not in names}
         if extra.get("model_type", "bert") != "bert":  # NVIDIA's bert_config.json has none
             raise ValueError(f"model_type {extra['model_type']!r} is not BERT; bertqa runs BERT-architecture models")
@@ -114,21 +115,25 @@ def check_seq_len(length: int, max_positions: int, name: str) -> None:
         raise ValueError(f"{name} {length} exceeds the model's {max_positions} position embeddings")
 
 
-def _check_value(name: str, value, default) -> None:
-    """A config.json value of the kind its field takes: a typo there is one line, not a crash in the model."""
+def _check_value(name: str, value, default):
+    """A config value of the kind its field takes (a typo in config.json is one line, not a crash in the model),
+    returned as a Python int or float where it is another kind of number (numpy's, say: config.json takes no other)."""
     if isinstance(default, str):
         kind, ok = "a string", isinstance(value, str)
     elif isinstance(default, int):
         # pad_token_id may be 0 (or null: no padding row); every size is at least 1.
         kind = "an integer >= 0" if name == "pad_token_id" else "a positive integer"
         ok = (value is None and name == "pad_token_id") or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= (name != "pad_token_id")
+            isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= (name != "pad_token_id")
         )
+        value = int(value) if ok and value is not None else value
     else:
         kind = "a number >= 0"
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < float("inf")
+        value = float(value) if ok and not isinstance(value, (int, float)) else value
     if not ok:
-        raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value)[:40]}")
+        raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value, default=repr)[:40]}")
+    return value
 
 
 # The hidden_act names the model runs (model.ACTIVATIONS gives each its function): transformers' names, so that a
