@@ -390,8 +390,9 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
 
 
 def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
-    """bertqa's SDPA calls may take flash, memory-efficient or math kernels, never cuDNN attention (a plan built per
-    sequence length on CUDA); the process's own SDPA settings are as they were afterwards."""
+    """bertqa's SDPA calls may take flash, memory-efficient, math or a device's own ("overrideable") kernels, never
+    cuDNN attention (a plan built per sequence length on CUDA); the process's own SDPA settings are as they were
+    afterwards."""
     import torch.nn.functional as F
 
     seen = []
@@ -399,7 +400,8 @@ def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
 
     def spy(*args, **kwargs):
         b = torch.backends.cuda
-        seen.append((b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()))
+        seen.append((b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
+                     torch._C._get_overrideable_sdp_enabled()))  # (XPU's oneDNN attention, out-of-tree devices')  # fmt: skip
         return real(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
@@ -407,7 +409,7 @@ def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
     ours.set_attention("sdpa")
     assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default, which bertqa must not change for others
     ours(torch.ones(2, 9, dtype=torch.long), attention_mask=torch.ones(2, 9, dtype=torch.long))
-    assert seen and set(seen) == {(False, True, True, True)}, seen
+    assert seen and set(seen) == {(False, True, True, True, True)}, seen
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 

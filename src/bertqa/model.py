@@ -152,8 +152,11 @@ class Dropout(nn.Dropout):
 # SDPA's kernels, without cuDNN attention: torch's own choice (torch 2.11 on an H200 took it for every call,
 # padded or not) builds a plan per sequence length, measured at 125-450 ms for a MiniLM training step at each new
 # length, against 16 ms for the same step with the flash / memory-efficient kernels. Length-grouped batches and
-# evaluation meet new lengths at almost every step. On a CPU this changes nothing (cuDNN is CUDA's).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# evaluation meet new lengths at almost every step. On a CPU this changes nothing (cuDNN is CUDA's). The
+# "overrideable" backend stays on where torch has it (2.5 on): XPU's oneDNN attention and out-of-tree devices' are it.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] + (
+    [SDPBackend.OVERRIDEABLE] if hasattr(SDPBackend, "OVERRIDEABLE") else []
+)
 
 
 def sdpa_attention(q, k, v, mask, dropout_p):
