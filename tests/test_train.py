@@ -422,9 +422,12 @@ def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_d
     out = tmp_path / "run"
     train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
     assert (out / "predictions.json").is_file() and (out / "nbest_predictions.json").is_file()
-    summary = train(cfg_for(tiny_dir, small_squad, out))  # the same folder, another model, nothing evaluated
+    (out / "curves.png").write_bytes(b"\x89PNG the first run's curves")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # not installed: this run draws no curves
+        summary = train(cfg_for(tiny_dir, small_squad, out))  # the same folder, another model, nothing evaluated
     assert "f1" not in summary and not (out / "predictions.json").exists()
-    assert not (out / "nbest_predictions.json").exists()
+    assert not (out / "nbest_predictions.json").exists() and not (out / "curves.png").exists()
     # Nor does a run whose evaluation fails leave them, or the earlier summary, beside its own model.
     train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
     model_before = (out / "model" / "model.safetensors").read_bytes()

@@ -668,7 +668,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
             save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+            if not plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
+                remove_output(out_dir / "curves.png")  # (without matplotlib: not an earlier run's curves left)
             # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
             # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for.
             for name in EvalConfig.WRITES:
