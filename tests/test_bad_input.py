@@ -327,17 +327,17 @@ def test_labels_and_predictions_map_back_to_the_exact_answer(tok, case, question
 @settings(max_examples=40)
 @given(case=planted(), question=words())
 def test_the_api_answers_with_exact_slices_of_any_text(tiny_qa, case, question):
-    from bertqa.qa import _in_word
     from bertqa.squad.data import bert_removes
 
+    in_word = tiny_qa.tokenizer.in_word
     context = case[0]
     kept = [i for i, ch in enumerate(context) if not bert_removes(ch)]  # what BERT's text cleaning leaves
     for r in tiny_qa(question, context, top_k=3, max_seq_len=64, doc_stride=32, max_question_len=16):
         a, b = r["start"], r["end"]
         assert context[a:b] == r["answer"] and r["answer"] and r["answer"] == r["answer"].strip()
         before, after = [i for i in kept if i < a], [i for i in kept if i >= b]  # whole words of the cleaned text
-        assert not before or not (_in_word(context[before[-1]]) and _in_word(context[a]))
-        assert not after or not (_in_word(context[b - 1]) and _in_word(context[after[0]]))
+        assert not before or not (in_word(context[before[-1]]) and in_word(context[a]))
+        assert not after or not (in_word(context[b - 1]) and in_word(context[after[0]]))
 
 
 def test_a_1mb_context_through_the_reader(tok, tmp_path):
@@ -431,6 +431,7 @@ def test_any_json_body_is_answered_or_refused_with_a_json_error(client, request)
         ),
         (b'{"inputs": {"question": "Who?", "context": ""}}', "context is empty"),
         (b'{"inputs": {"question": "\\t", "context": "Ada won."}}', "question is empty"),
+        (b'{"question": "\\u200b\\u0000", "context": "Ada won."}', "question is empty"),  # invisible: no token
     ],
 )
 def test_text_that_is_not_text_is_a_400_naming_the_field(client, body, field):
@@ -807,6 +808,12 @@ def test_blank_lines_on_stdin_end_the_questions_or_are_refused(inputs, capsys, m
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\n\nWho lost?\n"))
     code, out, err = run_main(argv, capsys, monkeypatch)
     assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
+    # So is a line of invisible characters alone (zero-width, control): the model would see no question token.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\n\u200b\ufeff\nWho lost?\n"))
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
+    code, out, err = run_main([*argv, "--question", "\u200b"], capsys, monkeypatch)
+    assert code == 1 and out == "" and "--question: empty (only white space or invisible characters)" in err
 
 
 def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():

@@ -149,7 +149,7 @@ def test_handle_impossible_answer_applies_the_v2_null_rule(tiny_dir, tiny_squad)
     start, end = predict_logits(qa.model, features, np.arange(len(features)), 32, qa.device)
     answers = qa([q for q, *_ in qs], [c for _, c, *_ in qs], handle_impossible_answer=True, max_seq_len=64,
                  doc_stride=16, max_question_len=32)  # fmt: skip
-    assert rank_answers(examples, features, start, end, 1, 30, True, True) == [[a] for a in answers]
+    assert rank_answers(examples, features, start, end, 1, 30, True, qa.tokenizer.in_word) == [[a] for a in answers]
     # Make [CLS] likelier in every window of some examples, by amounts around the best span's margin.
     rng = np.random.default_rng(0)
     boost = rng.uniform(-2, 12, len(examples))[features.example_index]
@@ -167,6 +167,7 @@ def test_handle_impossible_answer_applies_the_v2_null_rule(tiny_dir, tiny_squad)
 def test_bad_input_is_a_one_line_value_error(qa):
     cases = [
         (dict(question="", context="Some text."), "question is empty"),
+        (dict(question="\u200b\x00", context="Some text."), "question is empty"),  # gives the model no token
         (dict(question="Who?", context="   "), "context is empty"),
         (dict(question=3, context="Some text."), "question must be a string"),
         (dict(question=["a?", "b?"], context=["x", "y", "z"]), "2 questions but 3 contexts"),
@@ -326,14 +327,19 @@ def test_help_and_score_do_not_import_torch(tiny_squad, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_align_to_words_widens_word_pieces_only():
+def test_align_to_words_widens_word_pieces_only(minilm_dir):
+    from bertqa.tokenizer import load_tokenizer
+
+    in_word = load_tokenizer(minilm_dir).in_word
     text = "The unbelievable gear-box, 北京大学 and naïve café."
-    assert align_to_words(text, text.index("believ"), text.index("believ") + 6) == (4, 16)  # "unbelievable"
-    assert text[slice(*align_to_words(text, text.index("box"), text.index("box") + 3))] == "box"  # "-" splits words
-    assert text[slice(*align_to_words(text, text.index("京"), text.index("京") + 1))] == "京"  # CJK: one per word
+    assert align_to_words(text, text.index("believ"), text.index("believ") + 6, in_word) == (4, 16)  # "unbelievable"
+    box = text.index("box")
+    assert text[slice(*align_to_words(text, box, box + 3, in_word))] == "box"  # "-" splits words
+    assert text[slice(*align_to_words(text, text.index("京"), text.index("京") + 1, in_word))] == "京"  # one per word
     i = text.index("ïve")
-    assert text[slice(*align_to_words(text, i, i + 2))] == "naïve"
-    assert align_to_words(text, 0, 3) == (0, 3) and align_to_words(text, 0, len(text)) == (0, len(text))
+    assert text[slice(*align_to_words(text, i, i + 2, in_word))] == "naïve"
+    assert align_to_words(text, 0, 3, in_word) == (0, 3)
+    assert align_to_words(text, 0, len(text), in_word) == (0, len(text))
 
 
 @pytest.mark.parametrize("lower_case", [True, False])
@@ -343,13 +349,17 @@ def test_align_to_words_gives_the_tokenizers_own_words(minilm_dir, lower_case):
     # U+FFFD): at a word's edge they are in no word; inside one, the word runs on across them.
     from bertqa.tokenizer import load_tokenizer
 
+    # Words as the tokenizer's own tables and normaliser split them, not Python's: uncased, accent stripping turns
+    # "≠" and "≮" into "=" and "<", punctuation; U+166D is punctuation to `tokenizers`, and characters newer than
+    # its tables (U+2E43, U+0890, unassigned ones) are neither punctuation nor deleted.
     text = ("\u200eDenver\u200e won; Den\u200bver, a\x1cb c\x0cd e\x85f \ufeffBroncos\u200b. x\x00y \ufffdz "
-            "\U0002b830q\U0002b930r 北京大学 gear-box \u2060end\u00ad!\u200f")  # fmt: skip
+            "\U0002b830q\U0002b930r 北京大学 gear-box \u2060end\u00ad!\u200f x≠y 5≮6 a\u166db c\u2e43d e\u0890f "
+            "g\U0001fae8h i\u0378j")  # fmt: skip
     tok = load_tokenizer(minilm_dir, do_lower_case=lower_case)
     (enc,) = tok.tokenize([text])
     assert len(enc.ids) > 20 and len(set(enc.word_ids)) > 15
     for (start, end), word in zip(enc.offsets, enc.word_ids):
-        assert align_to_words(text, start, end) == enc.word_to_chars(word), text[start:end]
+        assert align_to_words(text, start, end, tok.in_word) == enc.word_to_chars(word), text[start:end]
 
 
 def test_a_context_without_tokens_gets_the_empty_answer(qa):
@@ -387,7 +397,7 @@ def test_the_window_limit_is_checked_before_any_window_is_built(qa):
     assert peak < 64 * 2**20
 
 
-def every_pair_answers(examples, features, start, end, top_k, max_answer_len, align_words):
+def every_pair_answers(examples, features, start, end, top_k, max_answer_len, in_word):
     """The reference search, as the pipeline's: every valid (start, end) pair of every window scored, the
     best score of each distinct answer text kept. [(answer, start, end)] per example, best first."""
     best = [{} for _ in examples]
@@ -400,8 +410,8 @@ def every_pair_answers(examples, features, start, end, top_k, max_answer_len, al
                 if features.offsets[r, j, 0] < 0:
                     continue
                 cs, ce = int(features.offsets[r, i, 0]), int(features.offsets[r, j, 1])
-                if align_words:
-                    cs, ce = align_to_words(context, cs, ce)
+                if in_word is not None:
+                    cs, ce = align_to_words(context, cs, ce, in_word)
                 score = float(start[r, i]) + float(end[r, j])
                 if context[cs:ce] not in best[e] or score > best[e][context[cs:ce]][0]:
                     best[e][context[cs:ce]] = (score, cs, ce)
@@ -427,16 +437,18 @@ def test_the_search_finds_the_best_pairs_of_all_as_the_pipeline(minilm_dir, tiny
 
     qs = questions(tiny_squad)
     examples = [Example(qid, q, c, [], []) for q, c, _, qid in qs]
-    features = featurize(examples, load_tokenizer(minilm_dir), 40, 8, 16)
+    tok = load_tokenizer(minilm_dir)
+    features = featurize(examples, tok, 40, 8, 16)
     assert np.bincount(features.example_index).min() >= 3  # several windows per context, some spans cross them
     start, end = late_starts_early_ends(features)
+    in_word = tok.in_word if align_words else None
     for top_k, max_len in ((1, 30), (3, 8), (25, 30), (5, 2)):
-        expected = every_pair_answers(examples, features, start, end, top_k, max_len, align_words)
-        ranked = rank_answers(examples, features, start, end, top_k, max_len, False, align_words)
+        expected = every_pair_answers(examples, features, start, end, top_k, max_len, in_word)
+        ranked = rank_answers(examples, features, start, end, top_k, max_len, False, in_word)
         assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == expected
         # Scored a window at a time (an example's windows split over groups), the answers are the same.
         monkeypatch.setattr(module, "PAIR_BUDGET", 1)
-        assert rank_answers(examples, features, start, end, top_k, max_len, False, align_words) == ranked
+        assert rank_answers(examples, features, start, end, top_k, max_len, False, in_word) == ranked
         monkeypatch.undo()
 
 
@@ -507,7 +519,7 @@ def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):
         tracemalloc.stop()
     assert peak < 48 * 2**20
     assert [[(a["answer"], a["start"], a["end"]) for a in r] for r in ranked] == every_pair_answers(
-        examples, features, start, end, 2, 30, False
+        examples, features, start, end, 2, 30, None
     )
 
 

@@ -182,6 +182,14 @@ def test_a_repeated_token_counts_up_to_the_highest_id(tmp_path):
         check_vocabulary(tok, SimpleNamespace(vocab_size=5), tmp_path / "vocab.txt")
 
 
+def test_blank_lines_at_the_end_of_a_vocab_txt_are_no_tokens(tmp_path):
+    """An editor's extra newline: no row of the model's embedding table is behind it (transformers counts it as a
+    token "" and lets it be; counted here, the model was refused as another's)."""
+    (tmp_path / "vocab.txt").write_text("[PAD]\n\n[UNK]\n[CLS]\n[SEP]\nhello\n\n\n")  # the blank line inside stays
+    tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True, config=SimpleNamespace(vocab_size=6))
+    assert tok.vocab_size == 6 and tok.backend.get_vocab()["hello"] == 5 and tok.backend.get_vocab()[""] == 1
+
+
 def test_a_saved_vocab_txt_keeps_every_id_of_a_source_that_repeats_a_token(tmp_path):
     """Read back by line number (transformers' slow BertTokenizer, Google's and NVIDIA's scripts), the saved
     vocab.txt must give every token the id the model was trained with, not shift the tokens after a repeat."""

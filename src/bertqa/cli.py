@@ -162,7 +162,7 @@ def _one_line(text: str) -> str:
 
 def cmd_ask(args):
     from .qa import QuestionAnswerer
-    from .squad.data import unpaired_surrogate
+    from .squad.data import blank, unpaired_surrogate
 
     if (args.context is None) == (args.context_file is None):
         raise UsageError("give the text with exactly one of --context or --context-file")
@@ -184,8 +184,9 @@ def cmd_ask(args):
         f"--context-file {args.context_file}": args.context if args.context_file is not None else None,
     }
     for flag, text in given.items():
-        if text is not None and not text.strip():
-            raise UsageError(f"{flag}: empty" + (" (only white space)" if text else ""))
+        # (a question of invisible characters alone asks nothing; such a context is answered: with nothing)
+        if text is not None and (blank(text) if flag == "--question" else not text.strip()):
+            raise UsageError(f"{flag}: empty" + (" (only white space or invisible characters)" if text else ""))
     if args.question is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise UsageError("no --question and no stdin to read questions from (one question per line)")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
@@ -198,7 +199,7 @@ def cmd_ask(args):
         return
     if sys.stdin.isatty():  # typed questions: answer each as it comes
         for line in sys.stdin:
-            if line.strip():
+            if not blank(line):
                 print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
         return
     try:
@@ -214,6 +215,8 @@ def cmd_ask(args):
             raise UsageError(f"stdin line {n}: empty question (one question per line, one answer line each)")
         if unpaired_surrogate(q) is not None:  # what undecodable bytes become under Python's surrogateescape
             raise UsageError(f"stdin line {n}: not UTF-8 text")
+        if blank(q):
+            raise UsageError(f"stdin line {n}: empty question (only invisible characters)")
     if not questions:
         raise UsageError("no --question and nothing on stdin (one question per line)")
     # One batch: the context is tokenised once and the windows of all questions share forward passes.

@@ -23,10 +23,10 @@ The README ("Asking questions") lists where bertqa differs from the pipeline; in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
-import unicodedata
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from .checkpoint import load_model
 from .config import check_seq_len
 from .inference import default_batch_size, predict_logits
 from .runtime import Precision
-from .squad.data import Example, bert_removes, unpaired_surrogate
+from .squad.data import Example, bert_removes, blank, unpaired_surrogate
 from .squad.features import featurize
 from .squad.postprocess import best_spans
 from .tokenizer import load_tokenizer
@@ -78,7 +78,8 @@ def check_pairs(pairs) -> None:
         for name, value in (("question", q), ("context", c)):
             if not isinstance(value, str):
                 raise ValueError(f"{where}{name} must be a string, not {type(value).__name__}")
-            if not value.strip():
+            # A question of invisible characters alone (zero-width, control) gives the model no token: asks nothing.
+            if blank(value) if name == "question" else not value.strip():
                 raise ValueError(f"{where}{name} is empty")
             at = unpaired_surrogate(value)
             if at is not None:  # from a JSON "\ud800" escape or undecodable command-line bytes: not text
@@ -91,37 +92,23 @@ def check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-# CJK ideographs are words of their own for BERT's pre-tokenizer: the `tokenizers` library's ranges (Google's
-# `_is_chinese_char` starts the sixth at 0x2B820).
-_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-        (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # fmt: skip
-
-
-def _in_word(ch: str) -> bool:
-    """Whether `ch` can sit inside a word as BERT splits words: not space, punctuation or a CJK ideograph."""
-    cp = ord(ch)
-    if ch.isspace() or unicodedata.category(ch).startswith("P") or (33 <= cp <= 47 or 58 <= cp <= 64 or
-                                                                    91 <= cp <= 96 or 123 <= cp <= 126):  # fmt: skip
-        return False
-    return not any(lo <= cp <= hi for lo, hi in _CJK)
-
-
-def align_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+def align_to_words(context: str, start: int, end: int, in_word) -> tuple[int, int]:
     """Widen [start, end) so that it neither starts nor ends inside a word (a span of word pieces such as
-    "##ing" becomes the whole word, as the pipeline's align_to_words did). Characters that the text cleaning
-    deletes are taken in only between two characters of a word, never at its edges."""
-    while 0 < start < len(context) and _in_word(context[start]):
+    "##ing" becomes the whole word, as the pipeline's align_to_words did), words as `in_word` (the tokenizer's
+    BertTokenizer.in_word) tells them. Characters that the text cleaning deletes are taken in only between two
+    characters of a word, never at its edges."""
+    while 0 < start < len(context) and in_word(context[start]):
         j = start - 1
         while j > 0 and bert_removes(context[j]):
             j -= 1
-        if bert_removes(context[j]) or not _in_word(context[j]):
+        if bert_removes(context[j]) or not in_word(context[j]):
             break
         start = j
-    while 0 < end < len(context) and _in_word(context[end - 1]):
+    while 0 < end < len(context) and in_word(context[end - 1]):
         j = end
         while j < len(context) - 1 and bert_removes(context[j]):
             j += 1
-        if bert_removes(context[j]) or not _in_word(context[j]):
+        if bert_removes(context[j]) or not in_word(context[j]):
             break
         end = j + 1
     return start, end
@@ -156,9 +143,10 @@ def window_settings(max_seq_len: int | None, doc_stride: int | None, max_questio
 
 
 def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len: int = 30,
-                 handle_impossible_answer: bool = False, align_words: bool = False) -> list[list[dict]]:  # fmt: skip
+                 handle_impossible_answer: bool = False, in_word=None) -> list[list[dict]]:  # fmt: skip
     """The `top_k` best distinct answers of every example, best first, from its windows' logits (see the
-    module docstring for the score). Pure numpy over what `featurize` and `predict_logits` return.
+    module docstring for the score). Pure numpy over what `featurize` and `predict_logits` return. `in_word`:
+    the tokenizer's BertTokenizer.in_word, to widen answers to whole words (align_to_words); None: not widened.
 
     Exact, as the pipeline's search over every pair: each window's top-n starts are paired with its top-n
     ends (n = 20 first), and a pair left out has its start or its end past the top n, so it scores at most
@@ -180,7 +168,7 @@ def rank_answers(examples, features, start, end, top_k: int = 1, max_answer_len:
     while pending:
         rows = np.concatenate([rows_of[e] for e in pending])
         found = best_spans(contexts, features, start, end, rows, n, top_k, max_answer_len,
-                           align_to_words if align_words else None)  # fmt: skip
+                           None if in_word is None else functools.partial(align_to_words, in_word=in_word))  # fmt: skip
         # The best score a pair left out of this search can have, per window (none left past the last column).
         left_out = np.maximum(starts[:, n] + ends[:, 0], starts[:, 0] + ends[:, n]) if n < width else None
         deeper = []
@@ -305,7 +293,7 @@ class QuestionAnswerer:
             start, end = predict_logits(self.model, features, np.arange(len(features)), self.batch_size,
                                         self.device, self.precision.autocast(), should_stop=should_stop)  # fmt: skip
         return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer,
-                            align_to_words)  # fmt: skip
+                            self.tokenizer.in_word if align_to_words else None)  # fmt: skip
 
 
 def _or_defaults(**values) -> list:

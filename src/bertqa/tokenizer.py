@@ -47,6 +47,21 @@ class BertTokenizer:
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
         # The highest id + 1, not the number of tokens: a vocab.txt that repeats a token has ids past their count.
         self.vocab_size = max(vocab.values()) + 1
+        self._in_word: dict[str, bool] = {}  # in_word's answers, by character
+
+    def in_word(self, ch: str) -> bool:
+        """Whether `ch` sits inside a word as this tokenizer splits words: between two letters, its normaliser and
+        pre-tokenizer leave one word. Not space, punctuation or a CJK ideograph as the `tokenizers` library's
+        tables have them, after normalising (an uncased model's accent stripping turns '≠' into '=');
+        characters the text cleaning deletes join the letters beside them."""
+        known = self._in_word.get(ch)
+        if known is None:
+            text = f"a{ch}a"
+            if self.backend.normalizer is not None:
+                text = self.backend.normalizer.normalize_str(text)
+            pre = self.backend.pre_tokenizer
+            known = self._in_word[ch] = pre is None or len(pre.pre_tokenize_str(text)) == 1
+        return known
 
     @property
     def fingerprint(self) -> str:
@@ -111,11 +126,12 @@ class BertTokenizer:
 
 def _from_vocab(vocab_file: Path, do_lower_case: bool, strip_accents: bool | None = None,
                 chinese_chars: bool = True) -> Tokenizer:  # fmt: skip
-    vocab: dict[str, int] = {}
     with open(vocab_file, encoding="utf-8") as f:
-        # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
-        for i, line in enumerate(f):
-            vocab[line.rstrip("\n")] = i
+        lines = [line.rstrip("\n") for line in f]
+    while lines and not lines[-1]:  # blank lines at the end are no tokens: the model's vocabulary has no row for them
+        lines.pop()
+    # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
+    vocab = {token: i for i, token in enumerate(lines)}
     if not vocab:
         raise ValueError(f"{vocab_file}: empty vocabulary")
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))

@@ -7,10 +7,10 @@ user can fix the file without reading a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,10 +107,23 @@ def _expect(value, kind: type, what: str, where: str, path):
     return value
 
 
+@functools.cache
 def bert_removes(ch: str) -> bool:
     """Whether BERT's text cleaning deletes `ch` (control and format characters such as a BOM or a direction
-    mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join."""
-    return ch in "\0\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\t\n\r")
+    mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join. Asked of
+    the `tokenizers` library's own cleaning, whose Unicode tables are not Python's (it keeps unassigned code
+    points and format characters newer than its tables: they are [UNK] to the model, not nothing)."""
+    if "\ud800" <= ch <= "\udfff":  # half a surrogate pair: not text, refused where it is read (unpaired_surrogate)
+        return False
+    return _cleaning().normalize_str(ch) == ""
+
+
+@functools.cache
+def _cleaning():
+    from tokenizers import normalizers  # (here, so that `bertqa score`, which reads SQuAD files too, does not load it)
+
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
+                                      lowercase=False)  # fmt: skip
 
 
 def blank(text: str) -> bool:
