@@ -285,14 +285,17 @@ def test_the_lower_case_flag_reaches_the_tokenizer(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("settings", [{"strip_accents": False}, {"tokenize_chinese_chars": False},
-                                      {"strip_accents": True}, {}])  # fmt: skip
+                                      {"strip_accents": True, "do_lower_case": False}, {}])  # fmt: skip
 def test_tokenizer_config_accent_and_cjk_settings_read_and_written_as_transformers_does(tmp_path, settings):
     # An uncased vocabulary for an accented language keeps its accents when tokenizer_config.json says so;
     # transformers reads these two settings from there, for a vocab.txt folder and (version 5) for every folder.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     src = tmp_path / "src"
     src.mkdir()
-    (src / "vocab.txt").write_text("\n".join(specials + ["cafe", "café", "東", "京", "東京", "##京"]) + "\n")
+    # (cased pieces too: stripping accents without lower-casing must show, "Café" -> "Cafe")
+    (src / "vocab.txt").write_text(
+        "\n".join(specials + ["cafe", "café", "Cafe", "Café", "東", "京", "東京", "##京"]) + "\n"
+    )
     (src / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, **settings}))
     texts = ["Café au lait", "東京 CAFÉ"]
     hf = transformers.BertTokenizerFast.from_pretrained(str(src))
@@ -316,6 +319,10 @@ def test_tokenizer_config_settings_win_over_tokenizer_json_as_in_transformers(mi
         shutil.copy(minilm_dir / name, folder)
     config = json.loads((minilm_dir / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    if settings.get("do_lower_case"):  # MiniLM's tokenizer.json lower-cases already: one that does not, so it shows
+        state = json.loads((folder / "tokenizer.json").read_text())
+        state["normalizer"]["lowercase"] = False
+        (folder / "tokenizer.json").write_text(json.dumps(state))
     texts = ["Héllo WORLD Café", "東京 naïve Übung"]
     ref = hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts)
     ours = load_tokenizer(folder)

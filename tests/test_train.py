@@ -568,6 +568,7 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
     """A run started with --precision auto and the tokenizer's own lower-casing resumes when those are then
     given explicitly with the values they came to, and is refused when an explicit value differs from them."""
     from bertqa.runtime import Precision
+    from bertqa.tokenizer import load_tokenizer
 
     chosen = Precision.resolve("auto", torch.device("cpu")).name
     other = "fp32" if chosen != "fp32" else "bf16"
@@ -580,7 +581,7 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
         "lower_case": lower,
         "train_data": state["resolved"]["train_data"],
     }
-    assert isinstance(lower, bool)
+    assert lower is load_tokenizer(tiny_dir).do_lower_case is True  # what the tiny model's tokenizer does
     with pytest.raises(ValueError, match=rf"cannot resume a different run \(precision '{chosen}' -> '{other}'\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
     with pytest.raises(ValueError, match=rf"\(lower_case {lower} -> {not lower}\)"):
