@@ -315,6 +315,7 @@ def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_p
     aside.mkdir()
     target.rename(aside / "model")
     (tmp_path / ".model.tmp-k1ll3d00").mkdir()  # the new version, never put in place
+    (tmp_path / ".model.old-3mpty000").mkdir()  # another write's, killed before it moved the folder aside
     with pytest.raises(RuntimeError, match="stop"), atomic_dir(target):
         raise RuntimeError("stop")
     assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'

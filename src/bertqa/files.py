@@ -417,22 +417,25 @@ def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None
     for old in _made_by_tempfile(folder, prefix):
         if not old.is_dir() or old.is_symlink():
             continue
-        if restore is not None and [p.name for p in old.iterdir()] != [restore.name]:
-            continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
         try:
             held = _lock(old)
         except _NoLocks:
             break
         except OSError:  # another user's, say: not ours to judge
             continue
-        if held is not None:
+        if held is None:
+            continue
+        try:
+            if restore is not None and [p.name for p in old.iterdir()] not in ([], [restore.name]):
+                continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
             if restore is not None and not restore.exists() and (old / restore.name).is_dir():
                 (old / restore.name).rename(restore)
                 _log.info("put back %s, which a run killed while replacing it had moved to %s", restore, old)
             shutil.rmtree(old, ignore_errors=True)
+        finally:
             os.close(held)
-            if not old.exists():
-                _log.info("removed %s, left by a run that was killed", old)
+        if not old.exists():
+            _log.info("removed %s, left by a run that was killed", old)
 
 
 def _locked_temp_dir(path: Path, prefix: str, made=()) -> tuple[Path, int | None]:
