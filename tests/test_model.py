@@ -367,8 +367,8 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
 
 
 def test_auto_attention_choices_on_a_cpu(monkeypatch):
-    """auto: blocked on a CPU in training and inference; with attention dropout in training, written out up to
-    KEEP_PROBS_MAX_LEN tokens and fused beyond."""
+    """auto: blocked on a CPU in training and in bf16 inference, SDPA's fused kernel in fp32 inference; with
+    attention dropout in training, written out up to KEEP_PROBS_MAX_LEN tokens and fused beyond."""
     import bertqa.model as model
 
     _, ours = hf_pair("gelu")
@@ -386,6 +386,12 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
         calls.clear()
         ours(torch.ones(2, T, dtype=torch.long))
         assert set(calls) == {used}, (training, dropout, T)
+    ours.eval()
+    for autocast, used in ((False, "sdpa"), (True, "blocked")):  # inference (no autograd): fp32, then bf16
+        calls.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours(torch.ones(2, 8, dtype=torch.long))
+        assert set(calls) == {used}, autocast
     assert model.auto_attention(torch.device("cuda"), 8, 0.0) == "sdpa"
 
 

@@ -210,7 +210,8 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     described = {
         "sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-        "auto": f"auto (blocked on a CPU, with attention dropout eager up to {KEEP_PROBS_MAX_LEN} tokens; else sdpa)"
+        "auto": f"auto (blocked on a CPU but sdpa in fp32 inference, with attention dropout eager up to "
+        f"{KEEP_PROBS_MAX_LEN} tokens; else sdpa)"
         if d.device.type == "cpu"
         else "auto (sdpa: flash/memory-efficient kernels)",
     }
