@@ -3,7 +3,7 @@
 # weights.
 # torch is installed only when the venv has none: by default torch==2.13.0 (on the project's CI machines a
 # CPU wheel on local disk); one older than 2.13 is refused unless BERTQA_TORCH names its replacement. GPU users install their own build into .venv first, or set BERTQA_TORCH to the
-# pip arguments they want, e.g. BERTQA_TORCH="torch --index-url https://download.pytorch.org/whl/cu128".
+# pip arguments they want, e.g. BERTQA_TORCH="torch>=2.13 --index-url https://download.pytorch.org/whl/cu128".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,7 +29,11 @@ elif ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__v
     exit 1
   fi
   # shellcheck disable=SC2086
-  "${PIP[@]}" $BERTQA_TORCH
+  "${PIP[@]}" --upgrade $BERTQA_TORCH
+  if ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"; then
+    echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
+    exit 1
+  fi
 fi
 "${PIP[@]}" -e ".[test,plot,tensorboard,serve,onnx]"
 # all-MiniLM-L6-v2 (6 layers, hidden 384, uncased BERT vocab): the offline stand-in for bert-base-uncased.
