@@ -334,6 +334,30 @@ def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_p
             (ours / "config.json").write_text("{}")
 
 
+def test_a_folder_another_writer_removes_while_it_is_cleared_is_passed_over(tmp_path, monkeypatch):
+    # Another write to the same output made `.model.old-*` and lost it to this one's lock before taking it: it
+    # removes the (empty) folder and makes another. This write, which has just locked it, goes on without it.
+    import bertqa.files as files
+
+    target = tmp_path / "model"
+    target.mkdir()
+    theirs = tmp_path / f"{_tmp_dir_prefix(target, 'old')}r4c1ng00"
+    theirs.mkdir()
+    real = files._lock
+
+    def lock(folder):
+        fd = real(folder)
+        if fd is not None and folder == theirs:  # the other writer, right after: its lock fails, it removes the folder
+            assert real(folder) is None
+            shutil.rmtree(folder)
+        return fd
+
+    monkeypatch.setattr(files, "_lock", lock)
+    with atomic_dir(target) as ours:
+        (ours / "config.json").write_text("{}")
+    assert list(tmp_path.iterdir()) == [target] and (target / "config.json").is_file()
+
+
 def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp_path, monkeypatch):
     import fcntl
 

@@ -426,7 +426,11 @@ def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None
         if held is None:
             continue
         try:
-            if restore is not None and [p.name for p in old.iterdir()] not in ([], [restore.name]):
+            try:
+                names = [p.name for p in old.iterdir()]
+            except OSError:  # removed meanwhile: the writer whose lock this took made it, and tries another
+                continue
+            if restore is not None and names not in ([], [restore.name]):
                 continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
             if restore is not None and not restore.exists() and (old / restore.name).is_dir():
                 (old / restore.name).rename(restore)
