@@ -153,6 +153,10 @@ def test_errors(server, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--dir '': empty; name the folder to download into"):
         download_squad("1.1", "", base_url=server, checksums=SUMS)  # not into the current folder
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "notes.txt").write_text("mine")  # was "notes.txt: File exists"
+    with pytest.raises(ValueError, match="^--dir notes.txt: is a file, not a folder; name the folder to download"):
+        download_squad("1.1", "notes.txt", base_url=server, checksums=SUMS)
+    assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_content_length_that_is_not_a_number_is_ignored(server, tmp_path):

@@ -143,6 +143,8 @@ def download_squad(
     base = (base_url or SQUAD_URL).rstrip("/") + "/"
     sums = {**SQUAD_SHA256, **(checksums or {})}
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--dir {directory}: is a file, not a folder; name the folder to download into")
     directory.mkdir(parents=True, exist_ok=True)
     for name in SQUAD_FILES[version]:  # every file's place, before the first is fetched
         _check_place(directory / name)
