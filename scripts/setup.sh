@@ -2,8 +2,9 @@
 # Create .venv and install bertqa with its extras (test, plot, tensorboard, serve, onnx) and the offline pretrained
 # weights.
 # torch is installed only when the venv has none: by default torch==2.13.0 (on the project's CI machines a
-# CPU wheel on local disk); one older than 2.13 is refused unless BERTQA_TORCH names its replacement. GPU users install their own build into .venv first, or set BERTQA_TORCH to the
-# pip arguments they want, e.g. BERTQA_TORCH="torch>=2.13 --index-url https://download.pytorch.org/whl/cu128".
+# CPU wheel on local disk); one older than 2.13 is refused unless BERTQA_TORCH names its replacement. GPU users
+# install their own build into .venv first, or set BERTQA_TORCH to the pip arguments they want, e.g.
+# BERTQA_TORCH="torch>=2.13 --index-url https://download.pytorch.org/whl/cu128".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,12 +17,15 @@ if ! .venv/bin/python -c '' 2>/dev/null; then
 fi
 .venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --upgrade >/dev/null
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+torch_recent() {  # whether .venv's torch is at least pyproject.toml's floor, 2.13
+  .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"
+}
 have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
 if [ -z "$have" ]; then
   # Pinned: an unpinned `torch` from PyPI is a multi-GB CUDA build, wasted on a CPU-only machine.
   # shellcheck disable=SC2086
   "${PIP[@]}" ${BERTQA_TORCH:-torch==2.13.0}
-elif ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))" 2>/dev/null; then
+elif ! torch_recent 2>/dev/null; then
   # Older than pyproject.toml's floor: pip would replace it with the newest torch it finds (the user's own CUDA build
   # with a multi-GB one of its choosing), so it is replaced only as BERTQA_TORCH says.
   if [ -z "${BERTQA_TORCH:-}" ]; then
@@ -30,7 +34,7 @@ elif ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__v
   fi
   # shellcheck disable=SC2086
   "${PIP[@]}" --upgrade $BERTQA_TORCH
-  if ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"; then
+  if ! torch_recent; then
     echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
     exit 1
   fi
