@@ -317,12 +317,15 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     with pytest.raises(KeyboardInterrupt):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3), on_step=crash)
     assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 4
-    with pytest.raises(ValueError, match=r"cannot resume a different run \(seed 42 -> 7\)"):
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(--seed 42 -> 7\)"):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, seed=7, resume=True))
-    with pytest.raises(ValueError, match=r"cannot resume a different run \(max_grad_norm 1.0 -> 0.5\)"):
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(--batch-size 4 -> 2\)"):  # the flag's name
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, train_batch_size=2,
+                      resume=True))  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(--max-grad-norm 1.0 -> 0.5\)"):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, max_grad_norm=0.5,
                       resume=True))  # fmt: skip
-    with pytest.raises(ValueError, match=r"cannot resume a different run \(config None -> '.*other.json'\)"):
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(--config None -> '.*other.json'\)"):
         shutil.copy(tiny_dir / "config.json", tmp_path / "other.json")  # e.g. another activation or dropout
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3,
                       config=str(tmp_path / "other.json"), resume=True))  # fmt: skip
@@ -582,7 +585,7 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
         "train_data": state["resolved"]["train_data"],
     }
     assert lower is load_tokenizer(tiny_dir).do_lower_case is True  # what the tiny model's tokenizer does
-    with pytest.raises(ValueError, match=rf"cannot resume a different run \(precision '{chosen}' -> '{other}'\)"):
+    with pytest.raises(ValueError, match=rf"cannot resume a different run \(--precision '{chosen}' -> '{other}'\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
     with pytest.raises(ValueError, match=rf"\(lower_case {lower} -> {not lower}\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=not lower, max_steps=2, resume=True))

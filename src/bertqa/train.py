@@ -204,7 +204,7 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved
     if isinstance(state.get("resolved"), dict):
         saved.update(state["resolved"])
         now.update({k: v for k, v in resolved.items() if k in state["resolved"]})
-    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    diff = [f"{cfg.flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     # The windows follow from the settings too: their digest (older checkpoints have none) tells only the rest.
     saved_data, now_data = saved.get("train_data"), resolved.get("train_data")
     if not diff and saved_data and now_data and saved_data != now_data:
