@@ -34,10 +34,12 @@ elif ! torch_recent 2>/dev/null; then
   fi
   # shellcheck disable=SC2086
   "${PIP[@]}" --upgrade $BERTQA_TORCH
-  if ! torch_recent; then
-    echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
-    exit 1
-  fi
+fi
+# What BERTQA_TORCH installed, into a new venv or over an old torch: one older than the floor would be replaced by the
+# install below as the newest torch pip finds.
+if [ -n "${BERTQA_TORCH:-}" ] && ! torch_recent; then
+  echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
+  exit 1
 fi
 "${PIP[@]}" -e ".[test,plot,tensorboard,serve,onnx]"
 # all-MiniLM-L6-v2 (6 layers, hidden 384, uncased BERT vocab): the offline stand-in for bert-base-uncased.

@@ -587,7 +587,7 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
     assert lower is load_tokenizer(tiny_dir).do_lower_case is True  # what the tiny model's tokenizer does
     with pytest.raises(ValueError, match=rf"cannot resume a different run \(--precision '{chosen}' -> '{other}'\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
-    with pytest.raises(ValueError, match=rf"\(lower_case {lower} -> {not lower}\)"):
+    with pytest.raises(ValueError, match=rf"cannot resume a different run \(--lower-case {lower} -> {not lower}\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=not lower, max_steps=2, resume=True))
     summary = train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=lower, max_steps=2, resume=True))
     assert summary["steps"] == 2 and summary["precision"] == chosen

@@ -1,0 +1,85 @@
+"""scripts/setup.sh's torch handling, run against a stand-in .venv: its python is the real one with a fake `torch`
+package whose version is what the last stand-in `pip install` named, and its pip only logs its arguments."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  echo "$*" >> "$FAKE_LOG"
+  for arg in "$@"; do case $arg in torch==*) echo "${arg#torch==}" > "$FAKE_TORCH";; esac; done
+  exit 0
+fi
+PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" "$@"
+"""
+
+FAKE_TORCH = """import os
+if not os.path.exists(os.environ["FAKE_TORCH"]):
+    raise ImportError("no torch")
+__version__ = open(os.environ["FAKE_TORCH"]).read().strip()
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    (tmp_path / "site" / "torch").mkdir(parents=True)
+    (tmp_path / "site" / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    return tmp_path
+
+
+def setup(project, torch_before=None, bertqa_torch=None):
+    """Runs setup.sh; returns (exit code, stderr, the pip calls)."""
+    if torch_before:
+        (project / "torch-version").write_text(torch_before)
+    env = {**os.environ, "FAKE_LOG": str(project / "pip.log"), "FAKE_TORCH": str(project / "torch-version"),
+           "FAKE_SITE": str(project / "site"), "REAL_PYTHON": sys.executable}  # fmt: skip
+    env.pop("BERTQA_TORCH", None)
+    if bertqa_torch:
+        env["BERTQA_TORCH"] = bertqa_torch
+    r = subprocess.run(["bash", "scripts/setup.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    log = project / "pip.log"
+    return r.returncode, r.stderr, log.read_text().splitlines() if log.exists() else []
+
+
+def installs_bertqa(calls):
+    return any("-e .[" in call for call in calls)
+
+
+def test_a_new_venv_gets_the_pinned_torch_then_bertqa(project):
+    rc, err, calls = setup(project)
+    assert rc == 0, err
+    assert any(call.endswith("torch==2.13.0") for call in calls) and installs_bertqa(calls)
+
+
+@pytest.mark.parametrize("before", [None, "2.6.0+cu118"])
+def test_bertqa_torch_that_installs_an_old_torch_is_refused_before_bertqa(project, before):
+    # pip would otherwise replace that torch with the newest one it finds, when it installs bertqa (torch>=2.13).
+    rc, err, calls = setup(project, torch_before=before, bertqa_torch="torch==2.6.0 --index-url http://127.0.0.1:1/")
+    assert rc == 1 and "left torch older than 2.13" in err and len(err.strip().splitlines()) == 1
+    assert any("torch==2.6.0" in call for call in calls) and not installs_bertqa(calls)
+
+
+def test_an_old_torch_is_kept_and_refused_without_bertqa_torch(project):
+    rc, err, calls = setup(project, torch_before="2.6.0")
+    assert rc == 1 and "has torch 2.6.0, and bertqa needs torch >= 2.13" in err
+    assert not any("install" in call for call in calls)
+
+
+def test_bertqa_torch_replaces_an_old_torch(project):
+    rc, err, calls = setup(project, torch_before="2.6.0", bertqa_torch="torch==2.13.1")
+    assert rc == 0, err
+    assert any("--upgrade torch==2.13.1" in call for call in calls) and installs_bertqa(calls)
+    assert (project / "torch-version").read_text().strip() == "2.13.1"
