@@ -242,24 +242,63 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_with_one_line(saved
     assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
 
 
-def test_remove_stale_temps_removes_only_what_atomic_writes_left_behind(tmp_path):
+def test_remove_stale_temps_removes_what_killed_writes_left_and_only_that(tmp_path):
     target, folder = tmp_path / "checkpoint.pt", tmp_path / "model"
     keep = [target, tmp_path / ".checkpoint.pt", tmp_path / ".summary.abc.tmp.json", tmp_path / ".checkpoint.x.pt",
             tmp_path / ".model.x", folder]  # fmt: skip
     for p in keep:
         p.write_text("x")
-    # The names atomic_path and atomic_dir really use, as a killed write would leave them.
-    with atomic_path(target) as tmp:
-        tmp.write_text("half")
-        assert remove_stale_temps(target) == [tmp] and not tmp.exists()
-        tmp.write_text("whole")  # (the write goes on, as in the process that is not killed)
+    # Live writes hold their temporary file's or folder's lock (here this process, as another process would).
+    with atomic_path(target) as live:
+        live.write_text("half")
+        assert remove_stale_temps(target) == [] and live.exists()
+        live.write_text("whole")
     assert target.read_text() == "whole"
     folder.unlink()
-    with atomic_dir(folder) as tmp:
-        (tmp / "weights").write_text("half")
-        assert remove_stale_temps(folder) == [tmp] and not tmp.exists()
-        tmp.mkdir()
+    with atomic_dir(folder) as live_dir:
+        (live_dir / "weights").write_text("half")
+        assert remove_stale_temps(folder) == [] and live_dir.exists()
+    # The names they really use, as the same writes killed outright leave them: no process holds them.
+    live.write_text("half")
+    live_dir.mkdir()
+    assert remove_stale_temps(target) == [live] and remove_stale_temps(folder) == [live_dir]
     assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_claim_leaves_the_live_writes_of_other_processes_alone(tmp_path):
+    # `convert` into OUT/model holds no lock on OUT: a `train --output-dir OUT` starting meanwhile deleted its
+    # temporary folder, and the convert failed.
+    out = tmp_path / "run"
+    with atomic_dir(out / "model") as model, atomic_path(out / "checkpoint.pt") as checkpoint:
+        (model / "config.json").write_text("{}")
+        checkpoint.write_text("saved")
+        with exclusive(out, clear=("checkpoint.pt", "model/")):
+            pass
+        assert model.exists() and checkpoint.exists()
+    assert (out / "model" / "config.json").is_file() and (out / "checkpoint.pt").read_text() == "saved"
+
+
+def test_a_file_write_clears_what_a_killed_write_of_the_same_file_left(tmp_path):
+    # `predict --output` takes no lock: each atomic_path locks its temporary file, and clears the ones of the
+    # same file that no live process holds.
+    target = tmp_path / "pred.json"
+    holder = subprocess.Popen(  # a process writing the file, as a predict does
+        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import atomic_path\n"
+         "with atomic_path(sys.argv[1]) as w:\n"
+         "    w.write_text('half')\n    print(w, flush=True)\n    time.sleep(300)",
+         str(target)],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        theirs = holder.stdout.readline().strip()
+        bertqa.files.write_json(target, {"v": 1})
+        assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(target)])  # a live one is kept
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        bertqa.files.write_json(target, {"v": 2})
+        assert list(tmp_path.iterdir()) == [target] and json.loads(target.read_text()) == {"v": 2}
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_scratch_folder_is_cleared_once_its_process_is_killed(tmp_path):
@@ -367,11 +406,17 @@ def test_where_folders_cannot_be_locked_the_scratch_and_the_claim_still_work(tmp
     monkeypatch.setattr(fcntl, "flock", no_locks)
     (tmp_path / ".onnx-export-k1ll3d00").mkdir()  # a killed export's, which cannot be told from a live one's
     (tmp_path / ".model.tmp-k1ll3d00").mkdir()  # a killed convert's, likewise
-    with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours, exclusive(tmp_path / "run"):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".checkpoint.k1ll3d00.tmp.pt").write_text("half")  # a killed or a live train's
+    with (
+        scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours,
+        exclusive(tmp_path / "run", clear=["checkpoint.pt"]),
+    ):
         (ours / "fp32.onnx").write_bytes(b"graph")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             [".model.tmp-k1ll3d00", ".onnx-export-k1ll3d00", ours.name, "run"]
         )
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".checkpoint.k1ll3d00.tmp.pt"]
     with atomic_dir(tmp_path / "model") as ours:
         (ours / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-k1ll3d00", ".onnx-export-k1ll3d00", "model",

@@ -89,10 +89,11 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
     same file system (a `scratch_dir` for `path`) to make the temporary file in instead."""
     path = _target(path)
     made = _make_folder(path.parent)
+    prefix, suffix = _tmp_file_prefix(path), f".tmp{path.suffix}"
+    if within is None:  # (a scratch folder's own killed contents go with it)
+        clear_killed_files(path.parent, prefix, suffix)
     # The suffix is kept, so libraries that infer the format from the name (savefig, np.savez) still can.
-    fd, tmp = _temporary(tempfile.mkstemp, path, made, dir=within or path.parent, prefix=_tmp_file_prefix(path),
-                         suffix=f".tmp{path.suffix}")  # fmt: skip
-    os.close(fd)
+    tmp, fd = _locked_temp_file(path, made, dir=within or path.parent, prefix=prefix, suffix=suffix)
     try:
         yield Path(tmp)
         # mkstemp makes it 0600: give it the mode of the file it replaces, else the one a plain open() would.
@@ -107,6 +108,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
             # A write's or an fsync's error (a full disk) names no file, or names the temporary one: name the file.
             raise named(e, path) from e
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     if durable:
         fsync_path(path.parent)
 
@@ -344,56 +348,56 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete what `atomic_path(path)` or `atomic_dir(path)` leave beside `path` when their process is killed
-    outright (SIGKILL, power loss) mid-write, a temporary file or folder, and return those. Only for a path
-    that no live process is writing (see `exclusive`). A folder killed between atomic_dir's two renames is
-    missing, its previous version moved aside: that version is put back first."""
+    outright (SIGKILL, power loss) mid-write, a temporary file or folder, and return those; a folder killed between
+    atomic_dir's two renames is missing, its previous version moved aside: that version is put back. What a live
+    process is writing is locked, and left alone; where locks cannot be taken (Windows, some network file
+    systems) nothing is deleted."""
     path = _target(path)
-    file_prefix, tmp_prefix, old_prefix = (
-        _tmp_file_prefix(path),
-        _tmp_dir_prefix(path, "tmp"),
-        _tmp_dir_prefix(path, "old"),
-    )
-    for old in _made_by_tempfile(path.parent, old_prefix):
-        if not path.exists() and (old / path.name).is_dir():
-            (old / path.name).rename(path)
-    stale = sorted({*_made_by_tempfile(path.parent, file_prefix, f".tmp{path.suffix}"),
-                    *_made_by_tempfile(path.parent, tmp_prefix), *_made_by_tempfile(path.parent, old_prefix)})  # fmt: skip
-    for tmp in stale:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-    return stale
+    return sorted([*clear_killed(path.parent, _tmp_dir_prefix(path, "old"), restore=path),
+                   *clear_killed(path.parent, _tmp_dir_prefix(path, "tmp")),
+                   *clear_killed_files(path.parent, _tmp_file_prefix(path), f".tmp{path.suffix}")])  # fmt: skip
 
 
 class _NoLocks(Exception):
-    """The file system takes no lock on a folder (some NFS and FUSE mounts), or this is not POSIX."""
+    """The file system takes no lock (some NFS and FUSE mounts, on a folder), or this is not POSIX."""
 
 
-def _lock(folder: Path) -> int | None:
-    """An open descriptor of `folder` holding its lock (a POSIX lock on the open folder: no file is left behind,
-    and the system drops it when the process dies), or None where another process holds it or the folder went
-    away. _NoLocks where locks cannot be taken here at all."""
+def _flock(fd: int) -> bool:
+    """Take the lock of an open file or folder without waiting: False where another process holds it. _NoLocks
+    where locks cannot be taken here at all."""
     try:
         import fcntl
     except ImportError:
         raise _NoLocks from None
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        raise _NoLocks from None
+    return True
+
+
+def _lock(path: Path, folder: bool = True) -> int | None:
+    """An open descriptor of `path` (a folder, or a file opened for writing: network file systems lock only
+    those) holding its lock (flock: no file is left behind, and the system drops it when the process dies), or
+    None where another process holds it or it went away. _NoLocks where locks cannot be taken here at all."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if folder else os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if not _flock(fd):
+            os.close(fd)
+            return None
+    except _NoLocks:
         os.close(fd)
-        return None
-    except OSError:
-        os.close(fd)
-        raise _NoLocks from None
+        raise
     try:
-        # Locked, but the folder may have been deleted (and another made under its name) while it was opened.
-        # Followed through a symlink, as the open was: a linked output folder is the folder it points to.
-        now, locked = os.stat(folder), os.fstat(fd)
+        # Locked, but it may have been deleted (and another made under its name) while it was opened. Followed
+        # through a symlink, as the open was: a linked output folder is the folder it points to.
+        now, locked = os.stat(path), os.fstat(fd)
         if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
             return fd
     except OSError:
@@ -409,11 +413,12 @@ def _made_by_tempfile(folder: Path, prefix: str, suffix: str = "") -> list[Path]
     return sorted(p for p in folder.glob(f"{glob.escape(prefix)}*") if name.fullmatch(p.name))
 
 
-def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None:
+def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> list[Path]:
     """Delete the folders named `prefix`* in `folder` that no live process holds locked: left by a process killed
-    outright (SIGKILL, power loss). `restore`: the output of the atomic_dir whose previous version such a folder
-    may hold (killed between its two renames): put back first where the output is missing. Where locks cannot
-    be taken (Windows, some network file systems) nothing is cleared."""
+    outright (SIGKILL, power loss); return those. `restore`: the output of the atomic_dir whose previous version
+    such a folder may hold (killed between its two renames): put back first where the output is missing. Where
+    locks cannot be taken (Windows, some network file systems) nothing is cleared."""
+    removed = []
     for old in _made_by_tempfile(folder, prefix):
         if not old.is_dir() or old.is_symlink():
             continue
@@ -440,6 +445,52 @@ def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> None
             os.close(held)
         if not old.exists():
             _log.info("removed %s, left by a run that was killed", old)
+            removed.append(old)
+    return removed
+
+
+def clear_killed_files(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """Delete atomic_path's temporary files named `prefix`XXXXXXXX`suffix` in `folder` that no live process holds
+    locked (left by a process killed outright); return those. Where locks cannot be taken nothing is deleted."""
+    removed = []
+    for tmp in _made_by_tempfile(folder, prefix, suffix):
+        try:
+            held = _lock(tmp, folder=False)
+        except _NoLocks:
+            break
+        except OSError:  # a folder or a link by that name, another user's file: not ours to judge
+            continue
+        if held is None:
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+            _log.info("removed %s, left by a run that was killed", tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(held)
+    return removed
+
+
+def _locked_temp_file(path: Path, made=(), **kwargs) -> tuple[str, int | None]:
+    """mkstemp(**kwargs) for a write to `path` (see _temporary), and the descriptor holding the new file's lock, so
+    that clear_killed_files leaves it alone while this process lives; None where locks cannot be taken."""
+    for _ in range(10):  # a run clearing killed files can take a new one between mkstemp and its lock: retry
+        fd, tmp = _temporary(tempfile.mkstemp, path, made, **kwargs)
+        try:
+            locked = _flock(fd) and os.path.samestat(os.fstat(fd), os.stat(tmp))
+        except _NoLocks:
+            os.close(fd)
+            return tmp, None
+        except OSError:  # deleted meanwhile
+            locked = False
+        if locked:
+            return tmp, fd
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+    _remove_empty(made)
+    raise OSError(f"{path.parent}: cannot make and lock a temporary file here")
 
 
 def _locked_temp_dir(path: Path, prefix: str, made=()) -> tuple[Path, int | None]:
@@ -518,7 +569,7 @@ def exclusive(folder: str | os.PathLike, clear=()):
         raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
     done = False
     try:
-        for name in clear:
+        for name in clear if fd >= 0 else ():  # unlocked, another run's live temporary files could not be told
             remove_stale_temps(folder / name)
         yield
         done = True
