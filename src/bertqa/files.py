@@ -86,7 +86,8 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
     file system), on any exception it is removed and `path` keeps what it had. `durable`: the file and then
     the rename are flushed to disk (fsync), so that a power loss, not only a killed process, leaves either the
     old file or the new one (for checkpoints; it costs the time the disk takes). `within`: a folder on the
-    same file system (a `scratch_dir` for `path`) to make the temporary file in instead."""
+    same file system (a `scratch_dir` for `path`) to make the temporary file in instead. The temporary file is
+    locked while in use: write into it, not a new file renamed onto its name (which no lock would hold)."""
     path = _target(path)
     made = _make_folder(path.parent)
     prefix, suffix = _tmp_file_prefix(path), f".tmp{path.suffix}"
