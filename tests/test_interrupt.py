@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -278,76 +279,66 @@ def test_a_claim_leaves_the_live_writes_of_other_processes_alone(tmp_path):
     assert (out / "model" / "config.json").is_file() and (out / "checkpoint.pt").read_text() == "saved"
 
 
+@contextmanager
+def writer(call: str, write: str, target):
+    """Another process inside `with CALL as w:` of bertqa.files (its path argument `target`), having run `write`, until
+    killed: yields (its temporary file or folder, a function that kills it outright)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time\nfrom bertqa.files import {call.split('(')[0]}\n"
+         f"with {call} as w:\n    {write}\n    print(w, flush=True)\n    time.sleep(300)", str(target)],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def kill():
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+
+    try:
+        yield holder.stdout.readline().strip(), kill
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_file_write_clears_what_a_killed_write_of_the_same_file_left(tmp_path):
     # `predict --output` takes no lock: each atomic_path locks its temporary file, and clears the ones of the
     # same file that no live process holds.
     target = tmp_path / "pred.json"
-    holder = subprocess.Popen(  # a process writing the file, as a predict does
-        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import atomic_path\n"
-         "with atomic_path(sys.argv[1]) as w:\n"
-         "    w.write_text('half')\n    print(w, flush=True)\n    time.sleep(300)",
-         str(target)],
-        stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        theirs = holder.stdout.readline().strip()
+    with writer("atomic_path(sys.argv[1])", "w.write_text('half')", target) as (theirs, kill):  # as a predict does
         bertqa.files.write_json(target, {"v": 1})
         assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(target)])  # a live one is kept
-        holder.send_signal(signal.SIGKILL)
-        assert holder.wait(timeout=30) == -signal.SIGKILL
+        kill()
         bertqa.files.write_json(target, {"v": 2})
         assert list(tmp_path.iterdir()) == [target] and json.loads(target.read_text()) == {"v": 2}
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_scratch_folder_is_cleared_once_its_process_is_killed(tmp_path):
-    holder = subprocess.Popen(  # a process writing in its scratch folder, as an ONNX export does
-        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import scratch_dir\n"
-         "with scratch_dir(sys.argv[1], 'onnx-export') as w:\n"
-         "    (w / 'fp32.onnx').write_bytes(b'half')\n    print(w, flush=True)\n    time.sleep(300)",
-         str(tmp_path / "model.onnx")],
-        stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        theirs = holder.stdout.readline().strip()
+    # a process writing in its scratch folder, as an ONNX export does
+    with writer("scratch_dir(sys.argv[1], 'onnx-export')", "(w / 'fp32.onnx').write_bytes(b'half')",
+                tmp_path / "model.onnx") as (theirs, kill):  # fmt: skip
         with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours:
             assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(ours)])  # a live one is kept
-        holder.send_signal(signal.SIGKILL)
-        assert holder.wait(timeout=30) == -signal.SIGKILL
+        kill()
         assert [str(p) for p in tmp_path.iterdir()] == [theirs]  # left behind, as a killed export leaves it
         with scratch_dir(tmp_path / "model.onnx", "onnx-export") as ours:
             assert list(tmp_path.iterdir()) == [ours] and list(ours.iterdir()) == []
         assert list(tmp_path.iterdir()) == []
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_path):
     # `bertqa convert` holds no lock on its output's parent: each atomic_dir locks its own temporary folders, and
     # clears only those that no live process holds.
     target = tmp_path / "model"
-    holder = subprocess.Popen(  # a process writing the folder, as a convert saving a model does
-        [sys.executable, "-c", "import sys, time\nfrom bertqa.files import atomic_dir\n"
-         "with atomic_dir(sys.argv[1]) as w:\n"
-         "    (w / 'model.safetensors').write_bytes(b'half')\n    print(w, flush=True)\n    time.sleep(300)",
-         str(target)],
-        stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        theirs = holder.stdout.readline().strip()
+    # a process writing the folder, as a convert saving a model does
+    with writer("atomic_dir(sys.argv[1])", "(w / 'model.safetensors').write_bytes(b'half')", target) as (theirs, kill):
         with atomic_dir(target) as ours:
             (ours / "config.json").write_text("{}")
             assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(ours)])  # a live one is kept
-        holder.send_signal(signal.SIGKILL)
-        assert holder.wait(timeout=30) == -signal.SIGKILL
+        kill()
         assert sorted(map(str, tmp_path.iterdir())) == sorted([theirs, str(target)])  # left, as a killed convert
         with atomic_dir(target) as ours:
             (ours / "config.json").write_text('{"new": 1}')
             assert sorted(tmp_path.iterdir()) == [ours, target]
         assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
-    finally:
-        holder.kill()
-        holder.wait()
     # Killed between its two renames: the previous folder was moved aside and the new one not yet put in place.
     # The next write to it puts the previous one back first (and keeps it when it fails itself).
     aside = tmp_path / ".model.old-k1ll3d00"
