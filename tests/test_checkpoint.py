@@ -281,7 +281,9 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     lfs = "version https://git-lfs.github.com/spec/v1\noid sha256:4a1c0e9f\nsize 437985387\n"  # cloned without git-lfs
     (tmp_path / "lfs.safetensors").write_text(lfs)
     (tmp_path / "lfs.bin").write_text(lfs)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     for name, pattern in [
+        ("model.safetensors.index.json", "an index of weights sharded over several files; bertqa reads one"),
         ("lfs.safetensors", "a Git LFS pointer, not the weights; fetch them with `git lfs pull`"),
         ("lfs.bin", "a Git LFS pointer, not the weights"),
         ("cut.safetensors", "not a readable safetensors"),
@@ -295,6 +297,7 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         with pytest.raises(CheckpointError, match=pattern) as e:
             load_model(tmp_path / name, config=cfg)
         assert len(str(e.value).splitlines()) == 1 and name in str(e.value)
+        assert "will likely succeed" not in str(e.value)  # torch's advice to unpickle in full: not for garbage
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model(tmp_path / "absent.pt", config=cfg)
 
@@ -486,6 +489,27 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # HF's other model files are a model folder's too
     r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
     assert r.returncode == 0 and not (tmp_path / "hf" / "pytorch_model.bin").exists(), r.stderr
+
+
+def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):
+    # An HF cache's snapshot links each file to a blob elsewhere: the folder of the link is still read from.
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(hf_qa_dir / name, snapshot / name)
+    (snapshot / "model.safetensors").symlink_to(hf_qa_dir / "model.safetensors")
+    before = sorted(p.name for p in snapshot.iterdir())
+    r = run_cli("convert", snapshot / "model.safetensors", snapshot)
+    assert r.returncode == 1 and "it holds the config and tokenizer read beside" in r.stderr, r.stderr
+    out = tmp_path / "out"
+    r = run_cli("convert", hf_qa_dir, out)
+    assert r.returncode == 0, r.stderr
+    written = (out / "config.json").read_text()
+    for flag, path in (("--config", out / "config.json"), ("--vocab", out / "tokenizer.json")):
+        r = run_cli("convert", hf_qa_dir, out, flag, path)
+        assert r.returncode == 1 and f"it holds {flag} {path}" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in snapshot.iterdir()) == before and (snapshot / "model.safetensors").is_symlink()
+    assert (out / "config.json").read_text() == written
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path):

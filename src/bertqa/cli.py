@@ -24,9 +24,16 @@ def cmd_convert(args):
     from .tokenizer import load_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
-    # The output folder is replaced whole: never the source's own folder, nor a folder that is not a model's.
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
-        raise UsageError(f"{dst}: it holds {src}, and converting replaces the whole folder; name a new folder")
+    # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
+    # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
+    # cache, --config, --vocab), nor a folder that is not a model's.
+    inputs = {str(src): src, f"--config {args.config}": args.config, f"--vocab {args.vocab}": args.vocab}
+    if src.exists() and not src.is_dir():
+        inputs[f"the config and tokenizer read beside {src}"] = src.absolute().parent
+    for what, given in inputs.items():
+        real = Path(given).resolve() if given and Path(given).exists() else None
+        if real is not None and dst.resolve() in (real, *real.parents):
+            raise UsageError(f"{dst}: it holds {what}, and converting replaces the whole folder; name a new folder")
     check_save_target(dst)  # before the model takes seconds to load
     if args.vocab is not None and not args.vocab.strip():
         raise UsageError("--vocab '': empty; name the vocabulary file or tokenizer folder, or leave the flag out")
