@@ -84,6 +84,11 @@ OTHER_FORMATS = [
 ]
 
 
+def _other_format(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; bertqa reads one safetensors or PyTorch weights file: convert the model "
+                           "to one first")  # fmt: skip
+
+
 def _stubbing_pickle(stubbed: list):
     """The pickle module, but for a class of the script that saved the file (its `__main__`), which this process
     lacks: a stand-in whose objects hold nothing, its name added to `stubbed`. NVIDIA's run_pretraining.py keeps its
@@ -147,8 +152,11 @@ def _read_pickle(path: Path, trust_pickle: bool):
                                   "installed here; install it, or save the weights alone (a state dict)") from None  # fmt: skip
         if stubbed:  # a stand-in that could not take what the class held
             raise _needs_class(path, stubbed[0]) from None
+        reason = first_line(e)
+        if "WeightsUnpickler error:" in str(e):  # the cause alone: torch's preamble advises unpickling in full
+            reason = " ".join(str(e).split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({first_line(e)})"
+            f"{path}: not a readable PyTorch checkpoint: truncated, corrupt or another kind of file ({reason})"
         ) from None
 
 
@@ -185,8 +193,7 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
             other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
             if other is not None and (not pickles or other[0].name.endswith(".index.json")):
                 # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside a sharded model)
-                raise CheckpointError(f"{path}: holds {other[0].name}, {other[1]}; bertqa reads one safetensors or "
-                                      "PyTorch weights file: convert the model to one first")  # fmt: skip
+                raise _other_format(path, f"holds {other[0].name}, {other[1]}")
             if len(pickles) != 1:
                 raise CheckpointError(
                     f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "
@@ -195,6 +202,9 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
             weights = pickles[0]  # an NVIDIA checkpoint folder: ckpt.pt + bert_config.json + vocab.txt
         folder = path
     elif path.is_file():
+        other = next((what for pattern, what in OTHER_FORMATS if path.match(pattern)), None)
+        if other is not None:
+            raise _other_format(path, other)
         weights, folder = path, path.parent
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
