@@ -510,6 +510,11 @@ def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):
         assert r.returncode == 1 and f"it holds {flag} {path}" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert sorted(p.name for p in snapshot.iterdir()) == before and (snapshot / "model.safetensors").is_symlink()
     assert (out / "config.json").read_text() == written
+    # A preset name reads no file: a folder of that name (an earlier conversion's) is not an input. (The preset
+    # does not fit these weights: refused for that, after the check.)
+    shutil.copytree(out, tmp_path / "base")
+    r = run_cli("convert", hf_qa_dir / "model.safetensors", "base", "--config", "base", cwd=tmp_path)
+    assert r.returncode == 1 and "does not match the BERT model of its config" in r.stderr, r.stderr
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path):

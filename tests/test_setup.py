@@ -35,6 +35,8 @@ def project(tmp_path):
     python.parent.mkdir(parents=True)
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
+    if subprocess.run([python, "-c", ""], env={**os.environ, "REAL_PYTHON": sys.executable}).returncode != 0:
+        pytest.skip("the temporary folder cannot run programs (mounted noexec)")
     (tmp_path / "site" / "torch").mkdir(parents=True)
     (tmp_path / "site" / "torch" / "__init__.py").write_text(FAKE_TORCH)
     return tmp_path
@@ -44,8 +46,9 @@ def setup(project, torch_before=None, bertqa_torch=None):
     """Runs setup.sh; returns (exit code, stderr, the pip calls)."""
     if torch_before:
         (project / "torch-version").write_text(torch_before)
+    # PYTHON: were the stand-in to fail, setup.sh would build a real venv with it, and install for real
     env = {**os.environ, "FAKE_LOG": str(project / "pip.log"), "FAKE_TORCH": str(project / "torch-version"),
-           "FAKE_SITE": str(project / "site"), "REAL_PYTHON": sys.executable}  # fmt: skip
+           "FAKE_SITE": str(project / "site"), "REAL_PYTHON": sys.executable, "PYTHON": "false"}  # fmt: skip
     env.pop("BERTQA_TORCH", None)
     if bertqa_torch:
         env["BERTQA_TORCH"] = bertqa_torch

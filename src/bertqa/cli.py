@@ -27,7 +27,8 @@ def cmd_convert(args):
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
     # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
     # cache, --config, --vocab), nor a folder that is not a model's.
-    inputs = {str(src): src, f"--config {args.config}": args.config, f"--vocab {args.vocab}": args.vocab}
+    config = None if args.config in ("base", "large") else args.config  # a preset reads no file (load_model's rule)
+    inputs = {str(src): src, f"--config {args.config}": config, f"--vocab {args.vocab}": args.vocab}
     if src.exists() and not src.is_dir():
         inputs[f"the config and tokenizer read beside {src}"] = src.absolute().parent
     for what, given in inputs.items():
