@@ -50,7 +50,9 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
     if dest.is_file() and sha256_file(dest) == sha256:
         return dest
     try:
-        f = open(part, "ab")  # local trouble (permissions, a full disk) is told apart from the network's
+        # Unbuffered: every block is written by _write, where local trouble (a full disk) is told apart from the
+        # network's; a buffer's last bytes would be written by close(), whose error names no file.
+        f = open(part, "ab", buffering=0)
     except OSError as e:
         raise OSError(f"{part}: cannot write ({e.strerror})") from None
     try:
@@ -120,9 +122,10 @@ class _Unwritable(Exception):
 
 
 def _write(f, block: bytes) -> None:
+    view = memoryview(block)
     try:
-        f.write(block)
-        f.flush()  # a full disk shows here, not when the file is closed
+        while view:  # (an unbuffered write may take part of the block)
+            view = view[f.write(view) :]
     except OSError as e:
         raise _Unwritable(e.strerror or str(e)) from None
 
