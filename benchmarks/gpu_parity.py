@@ -10,12 +10,13 @@ and exits non-zero if any differs by more than its precision allows. Made for a 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
+from _common import run
 
 from bertqa.bench import hf_model
 from bertqa.config import BertConfig
+from bertqa.distributed import resolve_device
 from bertqa.model import BertForQuestionAnswering
 from bertqa.runtime import Precision
 
@@ -86,7 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # one that cannot run: one line, not a traceback from deep inside
     names = ["fp32", "bf16"] + (["tf32", "fp16"] if device.type == "cuda" else [])
     failed = 0
     for name in names:
@@ -103,4 +104,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

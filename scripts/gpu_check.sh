@@ -20,6 +20,10 @@ PY=${PYTHON:-python3}
 LIMIT=${STEP_LIMIT:-240}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  echo "gpu_check: $PY's torch sees no CUDA GPU (or cannot be imported); this script is for a machine with one" >&2
+  exit 1
+fi
 status=0
 step() {
   local name=$1
@@ -45,7 +49,7 @@ finetune() {
 step versions bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc
   $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')\""
-step parity "$PY" benchmarks/gpu_parity.py
+step parity "$PY" benchmarks/gpu_parity.py --device cuda
 LARGE=(--preset large --seq-len 384 --batch-size 32 --precision bf16 --segments 3)
 step train-large "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compare hf --steps 10 --warmup 5
 step infer-large "$PY" -m bertqa bench "${LARGE[@]}" --mode infer --compare hf --steps 20 --warmup 5

@@ -1,0 +1,33 @@
+"""What the benchmark scripts share: argument types, and bad input told in one line (scripts run as
+`python benchmarks/NAME.py`, so this folder is on their import path)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positives(text: str) -> list[int]:
+    """A comma-separated list of positive integers."""
+    values = [positive(s) for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no number in {text!r}")
+    return values
+
+
+def run(main) -> None:
+    """Exit with main()'s status; a bad argument or file that bertqa refuses (its ValueErrors, and OSErrors, one
+    line each) as one line 'NAME: error: ...' and status 1, not a traceback."""
+    try:
+        status = main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"{Path(sys.argv[0]).stem}: error: {e}")
+    sys.exit(status or 0)
