@@ -122,6 +122,38 @@ def test_a_vocabulary_file_is_read_under_any_name(vocab_only_dir, tmp_path):
         assert tokenizer.tokenize(["Who ruled Normandy?"])[0].ids == want
 
 
+def test_a_vocabulary_file_named_is_read_as_one_and_refused_as_one(vocab_only_dir, tmp_path):
+    # An empty or non-UTF-8 file was taken for weights, and the tokenizer beside it loaded in its place, silently.
+    shutil.copy(vocab_only_dir / "vocab.txt", tmp_path / "vocab.txt")
+    (tmp_path / "latin").write_bytes("été\n".encode("latin-1"))
+    (tmp_path / "empty").write_bytes(b"")
+    for name, why in (("latin", "not UTF-8 text (byte 0)"), ("empty", "empty vocabulary")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {re.escape(why)}$"):
+            load_tokenizer(tmp_path / name)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (vocab_only_dir / "vocab.txt").read_bytes())
+    with pytest.raises(ValueError, match=r"bom.txt: starts with a byte-order mark \(U\+FEFF\)"):  # not "lacks [PAD]"
+        load_tokenizer(tmp_path / "bom.txt")
+
+
+@pytest.mark.parametrize("file, form", [("tokenizer_config.json", str), ("special_tokens_map.json", dict)])
+def test_a_tokenizer_whose_config_names_other_special_tokens_is_refused(vocab_only_dir, tmp_path, file, form):
+    # transformers builds its inputs with the tokens these files name; bertqa's windows hold [CLS] and [SEP].
+    shutil.copy(vocab_only_dir / "vocab.txt", tmp_path / "vocab.txt")
+
+    def token(text):  # (special_tokens_map.json may give a token as an object)
+        return {"content": text} if form is dict else text
+
+    (tmp_path / file).write_text(json.dumps({"cls_token": "[CLS]", "sep_token": token("[unused2]")}))
+    with pytest.raises(
+        ValueError, match=rf"{file}: sep_token '\[unused2\]': bertqa builds its windows with BERT's \[SEP\]"
+    ):
+        load_tokenizer(tmp_path)
+    hf = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    assert hf("a", "b")["input_ids"][-1] == hf.convert_tokens_to_ids("[unused2]")  # what it would have differed by
+    (tmp_path / file).write_text(json.dumps({"cls_token": "[CLS]", "sep_token": token("[SEP]")}))
+    assert load_tokenizer(tmp_path).sep_id == hf.convert_tokens_to_ids("[SEP]")
+
+
 def test_bad_tokenizer_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)

@@ -130,6 +130,8 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool, strip_accents: bool | Non
         lines = [line.rstrip("\n") for line in f]
     while lines and not lines[-1]:  # blank lines at the end are no tokens: the model's vocabulary has no row for them
         lines.pop()
+    if lines and lines[0].startswith("\ufeff"):  # (transformers too would read it as part of the first token)
+        raise ValueError(f"{vocab_file}: starts with a byte-order mark (U+FEFF); save it as UTF-8 without one")
     # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
     vocab = {token: i for i, token in enumerate(lines)}
     if not vocab:
@@ -192,26 +194,38 @@ def check_vocabulary(tokenizer: BertTokenizer, config, source) -> None:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def _is_text(p: Path) -> bool:
-    """Whether a file is a vocabulary by its content, whatever its name (NVIDIA's lies at vocab/vocab): UTF-8
-    text from its start. Weights are binary (pickle, zip, safetensors' length prefix), but for a Git LFS stub in
-    their place, told apart by its first line or its name (the weights loader then names it)."""
+def _is_weights(p: Path) -> bool:
+    """Whether a file given for the tokenizer is weights (its tokenizer then lies beside it), not a vocabulary of
+    any name (NVIDIA's lies at vocab/vocab): a weights file's suffix, binary content (pickle, zip and safetensors'
+    length prefix all hold a NUL byte at their start), or a Git LFS stub in the weights' place. Any other file is
+    read as the vocabulary it was given as, and refused as one where it is not (empty, not UTF-8)."""
     if p.suffix.lower() in WEIGHT_SUFFIXES:
-        return False
+        return True
     with open(p, "rb") as f:
         head = f.read(4096)
-    if not head or b"\0" in head or head.startswith(LFS_POINTER):
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return len(head) == 4096 and e.start > len(head) - 4  # a character cut by the 4 KB read
-    return True
+    return b"\0" in head or head.startswith(LFS_POINTER)
+
+
+# The special tokens bertqa builds windows with, by the names tokenizer configs give them.
+SPECIAL_TOKENS_USED = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+
+
+def _check_special_tokens(folder: Path) -> None:
+    """Refuse a tokenizer whose config names other special tokens than BERT's: bertqa's windows would hold [CLS]
+    and [SEP] where its model was trained with others (transformers reads them from these files)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        d = _json_object(folder / name)
+        for key, ours in SPECIAL_TOKENS_USED.items():
+            value = d.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and value != ours:
+                raise ValueError(f"{folder / name}: {key} {value!r}: bertqa builds its windows with BERT's {ours}, "
+                                 "and this tokenizer's model was trained with another")  # fmt: skip
 
 
 def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> BertTokenizer:
     p = Path(path)
-    if p.is_file() and p.suffix.lower() not in (".json", ".txt") and not _is_text(p):
+    if p.is_file() and p.suffix.lower() not in (".json", ".txt") and _is_weights(p):
         p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
         json_file, vocab_file, folder = p / "tokenizer.json", p / "vocab.txt", p
@@ -221,6 +235,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         folder = p.parent
     else:
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
+    _check_special_tokens(folder)
     if json_file is not None and json_file.is_file():
         try:
             backend = Tokenizer.from_file(str(json_file))
