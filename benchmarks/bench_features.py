@@ -51,6 +51,8 @@ def main() -> None:
     from bertqa.tokenizer import load_tokenizer
 
     tok_dir = args.tokenizer or default_tokenizer_dir()
+    if not (Path(tok_dir) / "tokenizer.json").is_file():  # (transformers would time an empty tokenizer without it)
+        raise FileNotFoundError(f"--tokenizer {tok_dir}: no tokenizer.json there, which transformers' side reads")
     tok = load_tokenizer(tok_dir)
     _ = tok.fingerprint  # computed once per tokenizer; not part of featurisation
 

@@ -18,12 +18,12 @@ OUT=${OUT:-runs/gpu-check}
 WORK=${WORK:-runs/gpu-check-work}
 PY=${PYTHON:-python3}
 LIMIT=${STEP_LIMIT:-240}
-mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   echo "gpu_check: $PY's torch sees no CUDA GPU (or cannot be imported); this script is for a machine with one" >&2
   exit 1
 fi
+mkdir -p "$OUT"
 status=0
 step() {
   local name=$1

@@ -127,7 +127,9 @@ def test_a_vocabulary_file_named_is_read_as_one_and_refused_as_one(vocab_only_di
     shutil.copy(vocab_only_dir / "vocab.txt", tmp_path / "vocab.txt")
     (tmp_path / "latin").write_bytes("été\n".encode("latin-1"))
     (tmp_path / "empty").write_bytes(b"")
-    for name, why in (("latin", "not UTF-8 text (byte 0)"), ("empty", "empty vocabulary")):
+    (tmp_path / "utf16").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n", encoding="utf-16")  # NUL bytes, but text
+    for name, why in (("latin", "not UTF-8 text (byte 0)"), ("empty", "empty vocabulary"),
+                      ("utf16", "not UTF-8 text (byte 0)")):  # fmt: skip
         with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {re.escape(why)}$"):
             load_tokenizer(tmp_path / name)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (vocab_only_dir / "vocab.txt").read_bytes())

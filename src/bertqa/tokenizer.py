@@ -203,6 +203,8 @@ def _is_weights(p: Path) -> bool:
         return True
     with open(p, "rb") as f:
         head = f.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # UTF-16 / UTF-32 text: NULs, but text
+        return False
     return b"\0" in head or head.startswith(LFS_POINTER)
 
 
