@@ -375,11 +375,11 @@ def test_a_folder_another_writer_removes_while_it_is_cleared_is_passed_over(tmp_
     theirs.mkdir()
     real = files._lock
 
-    def lock(folder):
-        fd = real(folder)
-        if fd is not None and folder == theirs:  # the other writer, right after: its lock fails, it removes the folder
-            assert real(folder) is None
-            shutil.rmtree(folder)
+    def lock(path, folder=True):
+        fd = real(path, folder)
+        if fd is not None and path == theirs:  # the other writer, right after: its lock fails, it removes the folder
+            assert real(path) is None
+            shutil.rmtree(path)
         return fd
 
     monkeypatch.setattr(files, "_lock", lock)

@@ -414,36 +414,44 @@ def _made_by_tempfile(folder: Path, prefix: str, suffix: str = "") -> list[Path]
     return sorted(p for p in folder.glob(f"{glob.escape(prefix)}*") if name.fullmatch(p.name))
 
 
+def _unheld(folder: Path, prefix: str, suffix: str = "", folders: bool = True):
+    """The temporary folders (or files) `prefix`XXXXXXXX`suffix` in `folder` that no live process holds locked,
+    each yielded while this process holds its lock. Where locks cannot be taken (Windows, some network file
+    systems) none."""
+    for tmp in _made_by_tempfile(folder, prefix, suffix):
+        if folders and (not tmp.is_dir() or tmp.is_symlink()):
+            continue
+        try:
+            held = _lock(tmp, folder=folders)
+        except _NoLocks:
+            return
+        except OSError:  # a link or a folder by a file's name, another user's: not ours to judge
+            continue
+        if held is None:
+            continue
+        try:
+            yield tmp
+        finally:
+            os.close(held)
+
+
 def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> list[Path]:
     """Delete the folders named `prefix`* in `folder` that no live process holds locked: left by a process killed
     outright (SIGKILL, power loss); return those. `restore`: the output of the atomic_dir whose previous version
     such a folder may hold (killed between its two renames): put back first where the output is missing. Where
     locks cannot be taken (Windows, some network file systems) nothing is cleared."""
     removed = []
-    for old in _made_by_tempfile(folder, prefix):
-        if not old.is_dir() or old.is_symlink():
-            continue
+    for old in _unheld(folder, prefix):
         try:
-            held = _lock(old)
-        except _NoLocks:
-            break
-        except OSError:  # another user's, say: not ours to judge
+            names = [p.name for p in old.iterdir()]
+        except OSError:  # removed meanwhile: the writer whose lock this took made it, and tries another
             continue
-        if held is None:
-            continue
-        try:
-            try:
-                names = [p.name for p in old.iterdir()]
-            except OSError:  # removed meanwhile: the writer whose lock this took made it, and tries another
-                continue
-            if restore is not None and names not in ([], [restore.name]):
-                continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
-            if restore is not None and not restore.exists() and (old / restore.name).is_dir():
-                (old / restore.name).rename(restore)
-                _log.info("put back %s, which a run killed while replacing it had moved to %s", restore, old)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            os.close(held)
+        if restore is not None and names not in ([], [restore.name]):
+            continue  # another output's previous version, whose name begins as this one's (`_fit` cut both)
+        if restore is not None and not restore.exists() and (old / restore.name).is_dir():
+            (old / restore.name).rename(restore)
+            _log.info("put back %s, which a run killed while replacing it had moved to %s", restore, old)
+        shutil.rmtree(old, ignore_errors=True)
         if not old.exists():
             _log.info("removed %s, left by a run that was killed", old)
             removed.append(old)
@@ -454,23 +462,13 @@ def clear_killed_files(folder: Path, prefix: str, suffix: str) -> list[Path]:
     """Delete atomic_path's temporary files named `prefix`XXXXXXXX`suffix` in `folder` that no live process holds
     locked (left by a process killed outright); return those. Where locks cannot be taken nothing is deleted."""
     removed = []
-    for tmp in _made_by_tempfile(folder, prefix, suffix):
-        try:
-            held = _lock(tmp, folder=False)
-        except _NoLocks:
-            break
-        except OSError:  # a folder or a link by that name, another user's file: not ours to judge
-            continue
-        if held is None:
-            continue
+    for tmp in _unheld(folder, prefix, suffix, folders=False):
         try:
             tmp.unlink()
-            removed.append(tmp)
-            _log.info("removed %s, left by a run that was killed", tmp)
         except OSError:
-            pass
-        finally:
-            os.close(held)
+            continue
+        removed.append(tmp)
+        _log.info("removed %s, left by a run that was killed", tmp)
     return removed
 
 
