@@ -88,6 +88,7 @@ def test_eager_blocked_and_sdpa_agree_and_mask_matters():
     _, ours = hf_pair("gelu")
     ids, types, mask = padded_batch()
     with torch.no_grad():
+        ours.set_attention("sdpa")
         sdpa = ours.bert(ids, types, mask)
         ours.set_attention("blocked")
         blocked = ours.bert(ids, types, mask)
@@ -422,7 +423,7 @@ def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
 def test_compile_traces_the_model_whole():
     """torch.compile (--compile) sees one graph, no breaks: auto attention takes SDPA under compilation, and its
     backend restriction (sdpa_kernel) traces."""
-    _, ours = hf_pair("gelu")
+    _, ours = hf_pair("gelu", attn="auto")
     ids = torch.ones(2, 9, dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
