@@ -15,6 +15,14 @@ def positive(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def positives(text: str) -> list[int]:
     """A comma-separated list of positive integers."""
     values = [positive(s) for s in text.split(",") if s.strip()]

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import positive, run
+from _common import positive, run, seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-v1.1" / "dev-a.json"
@@ -46,21 +46,21 @@ def with_random_head(encoder: Path, out: Path, seed: int) -> Path:
 
 
 def squad_pairs(path: Path) -> list[tuple[str, str]]:
-    data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    return [(qa["question"], p["context"]) for article in data for p in article["paragraphs"] for qa in p["qas"]]
+    """(question, context) of every question in the SQuAD file, refused in one line where it is not SQuAD or
+    holds no question (before any server starts)."""
+    from bertqa.squad.data import read_squad
+
+    pairs = [(ex.question, ex.context) for ex in read_squad(path, is_training=False)]
+    if not pairs:
+        raise ValueError(f"{path}: no question to ask")
+    return pairs
 
 
 def server_command(model: Path, **options) -> list[str]:
-    """`bertqa serve`, or `serve(...)` itself where the CLI does not have it yet."""
-    from bertqa import cli
-
-    if hasattr(cli, "cmd_serve"):
-        args = [sys.executable, "-m", "bertqa", "serve", "--model", str(model), "--port", "0"]
-        for key, value in options.items():
-            args += ["--" + key.replace("_", "-"), str(value)]
-        return args
-    kwargs = "".join(f", {key}={value!r}" for key, value in options.items())
-    return [sys.executable, "-c", f"from bertqa.serve import serve; serve({str(model)!r}, port=0{kwargs})"]
+    args = [sys.executable, "-m", "bertqa", "serve", "--model", str(model), "--port", "0"]
+    for key, value in options.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
 
 
 def request(url: str, method: str, path: str, body: bytes | None = None, timeout: float = 60.0):
@@ -83,15 +83,19 @@ def start_server(command: list[str], threads: int | None) -> tuple[subprocess.Po
             found = re.search(r" on (http://[\d.]+:\d+) \(", proc.stdout.readline())
             if found:
                 url = found.group(1)
-                while time.monotonic() < deadline:  # loaded and warmed up
+                while time.monotonic() < deadline and proc.poll() is None:  # loaded and warmed up
                     try:
                         if request(url, "GET", "/readyz", timeout=5)[0] == 200:
                             return proc, url
                     except OSError:
                         pass
                     time.sleep(0.2)
+    if proc.poll() is not None:  # its own error line is already on stderr
+        raise SystemExit(f"bench_serve: the server exited with status {proc.returncode} before it was ready: "
+                         f"{' '.join(command)}")  # fmt: skip
     proc.kill()
-    raise SystemExit(f"bench_serve: the server did not become ready: {' '.join(command)}")
+    proc.wait()
+    raise SystemExit(f"bench_serve: the server did not become ready in 120 s: {' '.join(command)}")
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -175,7 +179,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD file the questions come from")
     parser.add_argument("--clients", type=positive, default=16)
-    parser.add_argument("--seconds", type=float, default=20.0, help="load time of each run")
+    parser.add_argument("--seconds", type=seconds, default=20.0, help="load time of each run")
     parser.add_argument("--max-batch-size", type=positive, default=16, help="of the batched run")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--precision", default="fp32")
