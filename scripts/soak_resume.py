@@ -25,13 +25,16 @@ than --save-every.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,21 +99,47 @@ def per_step(out: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
+@contextmanager
+def killed_on_exit(proc):
+    """Kill `proc` (SIGKILL) if it still runs when the block ends: also when this script fails or is interrupted,
+    no training is left running."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+def count(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--train-file", required=True)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--cycles", type=int, default=30, help="kills before the run is let finish")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--save-every", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--cycles", type=count(0), default=30, help="kills before the run is let finish")
+    p.add_argument("--steps", type=count(1), default=40)
+    p.add_argument("--save-every", type=count(1), default=4)
+    p.add_argument("--batch-size", type=count(1), default=4)
+    p.add_argument("--max-seq-length", type=count(1), default=128)
     p.add_argument("--seed", type=int, default=0, help="training seed, and the kill delays' seed")
     a = p.parse_args()
     work = Path(a.workdir)
-    if work.exists() and any(work.iterdir()):
-        sys.exit(f"soak_resume: {work} is not empty; pass a new --workdir")
+    for flag, path in (("--model", a.model), ("--train-file", a.train_file)):
+        if not Path(path).exists():
+            sys.exit(f"soak_resume: {flag} {path}: no such file or folder")
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        sys.exit(f"soak_resume: {work} is not an empty folder; pass a new --workdir")
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (work, *work.parents)))  # deepest first
     (work / "logs").mkdir(parents=True)
     rng = random.Random(a.seed)
 
@@ -119,10 +148,17 @@ def main() -> int:
     ref = work / "reference"
     with open(work / "logs" / "reference.log", "w") as log:
         proc = subprocess.Popen(train_cmd(a, ref, False), stdout=log, stderr=subprocess.STDOUT)
-        wait_until_training(proc, Path(log.name))
-        startup_s = time.monotonic() - t0
-        if proc.wait() != 0:
-            sys.exit(f"soak_resume: the reference run failed, see {log.name}")
+        with killed_on_exit(proc):
+            wait_until_training(proc, Path(log.name))
+            startup_s = time.monotonic() - t0
+            proc.wait()
+    if proc.returncode != 0:  # bertqa's own one-line error is the log's last line; the workdir is emptied again
+        lines = (work / "logs" / "reference.log").read_text(errors="replace").strip().splitlines() or ["(no output)"]
+        for inner in work.iterdir():
+            shutil.rmtree(inner)
+        for folder in made:
+            folder.rmdir()
+        sys.exit(f"soak_resume: the reference run failed: {lines[-1]}")
     loop_s = json.loads((ref / "summary.json").read_text())["e2e_train_time"]
     ref_step_s = loop_s / a.steps
     end_s = max(0.0, time.monotonic() - t0 - startup_s - loop_s)
@@ -140,22 +176,22 @@ def main() -> int:
         with open(log_path, "w") as log:
             since = time.time()
             proc = subprocess.Popen(train_cmd(a, out, True), stdout=log, stderr=subprocess.STDOUT)
-            if kills < a.cycles and rng.random() < 0.25:
-                delay = rng.uniform(0, startup_s)  # while loading
-            elif kills < a.cycles:
-                # Once this start has logged a random step of the next three checkpoints' worth, a random part
-                # of a step later (in that step, or the checkpoint write after it) or, after the last step,
-                # in the final save. Counted in steps: under load, step times vary too much to aim in seconds.
-                target = rng.randint(min(at + 1, a.steps), min(a.steps, at + 3 * a.save_every))
-                step_s = wait_for_step(proc, out, since, target) or ref_step_s
-                delay = rng.uniform(0, end_s if target == a.steps else step_s)
-            else:
-                delay = None
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            with killed_on_exit(proc):
+                if kills < a.cycles and rng.random() < 0.25:
+                    delay = rng.uniform(0, startup_s)  # while loading
+                elif kills < a.cycles:
+                    # Once this start has logged a random step of the next three checkpoints' worth, a random part
+                    # of a step later (in that step, or the checkpoint write after it) or, after the last step,
+                    # in the final save. Counted in steps: under load, step times vary too much to aim in seconds.
+                    target = rng.randint(min(at + 1, a.steps), min(a.steps, at + 3 * a.save_every))
+                    step_s = wait_for_step(proc, out, since, target) or ref_step_s
+                    delay = rng.uniform(0, end_s if target == a.steps else step_s)
+                else:
+                    delay = None
+                try:
+                    proc.wait(timeout=delay)
+                except subprocess.TimeoutExpired:
+                    pass
         text = log_path.read_text()
         # How far the previous kill set the run back: what it had logged minus where this start picked up.
         m = re.search(r"resumed from .* at step (\d+)", text)
