@@ -241,6 +241,12 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
     msg = str(e.value)
     assert "mis-shaped" in msg and "checkpoint (384,) vs model (768,)" in msg
     assert len(msg.splitlines()) < 30  # grouped and capped, not one line per tensor
+    # A size no tensor can have is config.json's error, in one line (it was an internal error building the model).
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10**20}))
+    with pytest.raises(
+        ValueError, match=r"wrong/config\.json: 'vocab_size' must be a positive integer below 2\^31, not 1000"
+    ):
+        load_model(folder)
     # Fewer layers in the config: the extra layers are unexpected keys, grouped by layer range.
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
     with pytest.raises(CheckpointError, match=r"unexpected(.|\n)*encoder\.layer\.4-5\.attention\.self\.query\.weight"):
@@ -252,6 +258,14 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
     # An extra key that is neither a BERT weight nor a known unused head.
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "extra.pt", extra={"bert.adapter.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key(.|\n)*bert\.adapter\.weight"):
+        load_model(pt, config=hf_qa_dir / "config.json")
+    # A layer's key holding braces is listed as it is (they were taken for format fields: an internal KeyError).
+    pt = nvidia_checkpoint(
+        hf_qa_dir, tmp_path / "braces.pt", extra={"bert.encoder.layer.0.adapter.{a}.weight": torch.zeros(3)}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"1 unexpected key\(s\): bert\.encoder\.layer\.0\.adapter\.\{a\}\.weight"
+    ):
         load_model(pt, config=hf_qa_dir / "config.json")
     # Two names for one weight: which one holds it cannot be told (the later one used to win, silently).
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "twice.pt", extra={"bert.embeddings.LayerNorm.gamma": torch.ones(384)})
@@ -570,9 +584,13 @@ def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
         with pytest.raises(ValueError, match=rf"^'attention_probs_dropout_prob' must be {message}, not {shown}$"):
             BertConfig(attention_probs_dropout_prob=value)
     # Every field, as config.json's are: a division by zero heads, or a size that fails deep in torch, before.
-    for change, message in ((dict(num_attention_heads=0), "'num_attention_heads' must be a positive integer, not 0"),
-                            (dict(type_vocab_size="2"), "'type_vocab_size' must be a positive integer, not \"2\""),
+    for change, message in ((dict(num_attention_heads=0), "'num_attention_heads' must be a positive integer below 2^31, not 0"),
+                            (dict(type_vocab_size="2"), "'type_vocab_size' must be a positive integer below 2^31, not \"2\""),
                             (dict(hidden_size=-4, num_attention_heads=2), "'hidden_size' must be a positive integer"),
+                            # sizes torch cannot make a tensor of (they failed building the model: "internal error")
+                            (dict(vocab_size=2**62), "'vocab_size' must be a positive integer below 2^31, not 4611686018427387904"),
+                            (dict(max_position_embeddings=2**63), "'max_position_embeddings' must be a positive integer below 2^31"),
+                            (dict(pad_token_id=2**31), "'pad_token_id' must be an integer >= 0 below 2^31, not 2147483648"),
                             (dict(hidden_act=None), "'hidden_act' must be a string, not null")):  # fmt: skip
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             BertConfig(**change)

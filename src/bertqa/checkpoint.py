@@ -53,15 +53,15 @@ def _rename(key: str) -> str:
 
 def _group(keys) -> list[str]:
     """Collapse `encoder.layer.<i>.` into one line per parameter name, with the layer indices."""
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # (text before the layer index, text after it): layer indices
     for k in keys:
         m = re.match(r"^(.*\.layer\.)(\d+)(\..*)$", k)
         if m:
-            groups[m.group(1) + "{}" + m.group(3)].append(int(m.group(2)))
+            groups[m.group(1), m.group(3)].append(int(m.group(2)))
         else:
-            groups[k] = []
+            groups[k, ""] = []
     lines = []
-    for name, layers in sorted(groups.items()):
+    for (name, after), layers in sorted(groups.items()):
         if layers:
             layers.sort()
             if len(layers) == 1:
@@ -70,7 +70,7 @@ def _group(keys) -> list[str]:
                 span = f"{layers[0]}-{layers[-1]}"
             else:
                 span = ",".join(map(str, layers))
-            name = name.format(span) + (f" ({len(layers)} layers)" if len(layers) > 1 else "")
+            name += span + after + (f" ({len(layers)} layers)" if len(layers) > 1 else "")
         lines.append(name)
     return lines
 

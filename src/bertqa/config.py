@@ -121,10 +121,13 @@ def _check_value(name: str, value, default):
     if isinstance(default, str):
         kind, ok = "a string", isinstance(value, str)
     elif isinstance(default, int):
-        # pad_token_id may be 0 (or null: no padding row); every size is at least 1.
-        kind = "an integer >= 0" if name == "pad_token_id" else "a positive integer"
+        # pad_token_id may be 0 (or null: no padding row); every size is at least 1, and below 2^31 (torch takes no
+        # larger size of a tensor's dimension than 2^63, and no model needs one near 2^31).
+        kind = ("an integer >= 0" if name == "pad_token_id" else "a positive integer") + " below 2^31"
         ok = (value is None and name == "pad_token_id") or (
-            isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= (name != "pad_token_id")
+            isinstance(value, numbers.Integral)
+            and not isinstance(value, bool)
+            and (name != "pad_token_id") <= value < 2**31
         )
         value = int(value) if ok and value is not None else value
     else:
