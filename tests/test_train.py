@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from skips import file_size_limit, platform_skip
 
 import bertqa.evaluate
+import bertqa.files
 import bertqa.train
 from bertqa import cli
 from bertqa.evaluate import EvalConfig, evaluate
@@ -240,7 +241,7 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     assert 0 < summary["f1"] < 100  # a random model: partial credit, so F1 is really computed
 
 
-def test_evaluate_again_that_fails_to_write_leaves_no_summary_beside_older_predictions(
+def test_evaluate_again_that_fails_to_write_leaves_the_earlier_set_and_its_summary(
     tiny_dir, small_squad, tmp_path, monkeypatch
 ):
     out = tmp_path / "eval"
@@ -250,15 +251,20 @@ def test_evaluate_again_that_fails_to_write_leaves_no_summary_beside_older_predi
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"summary.json", "predictions.json", "nbest_predictions.json"} <= set(before)
 
-    def disk_full(*args):
-        raise OSError(28, "No space left on device", str(out / "predictions.json"))
+    json_text, written = bertqa.files._json_text, []
 
-    monkeypatch.setattr(bertqa.evaluate, "write_predictions", disk_full)
+    def disk_full_at_the_second_file(obj, indent):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(obj)
+        return json_text(obj, indent)
+
+    monkeypatch.setattr(bertqa.files, "_json_text", disk_full_at_the_second_file)
     with pytest.raises(OSError, match="No space left"):
         evaluate(cfg)
-    # The earlier predictions stay, whole; the summary, which would claim them for this run, is gone.
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert after == {name: data for name, data in before.items() if name != "summary.json"}
+    # The earlier predictions stay, whole, and their summary with them (it was deleted before the new set was
+    # written: a failure lost it); no temporary file is left.
+    assert written and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):

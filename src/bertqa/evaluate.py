@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
-from .files import check_output, check_output_dir, exclusive, remove_output, write_json
+from .files import check_output, check_output_dir, exclusive, write_json
 from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -187,10 +187,10 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
         if out is not None:
             preds, nbest, null_odds, timing = out
             if out_dir is not None:  # before scoring: a scoring error does not lose the inference's predictions
-                # summary.json is removed first and written last (by `finish`): where it is, the predictions are its
-                # run's.
-                remove_output(out_dir / "summary.json")
-                write_predictions(out_dir, preds, nbest, null_odds)
+                # An earlier summary.json goes when the new predictions land (once they are written: a failure
+                # before leaves the earlier set and its summary whole), and the new one is written last (by
+                # `finish`): where it is, the predictions beside it are its run's.
+                write_predictions(out_dir, preds, nbest, null_odds, remove=[out_dir / "summary.json"])
             result = {**timing, **score(data[0], preds, null_odds, cfg.version_2_with_negative is True)}
     return all_gather_objects(d, result)[0]
 

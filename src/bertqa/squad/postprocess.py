@@ -200,19 +200,22 @@ def postprocess(
 PREDICTION_FILES = ("predictions.json", "nbest_predictions.json", "null_odds.json")
 
 
-def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
+def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None,
+                      remove=()) -> list[Path]:  # fmt: skip
     """Write PREDICTION_FILES into `output_dir` (see write_prediction_files)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return write_prediction_files([out / name for name in PREDICTION_FILES], predictions, nbest, null_odds)
+    return write_prediction_files([out / name for name in PREDICTION_FILES], predictions, nbest, null_odds, remove)
 
 
-def write_prediction_files(paths, predictions: dict, nbest: dict, null_odds: dict | None = None) -> list[Path]:
+def write_prediction_files(paths, predictions: dict, nbest: dict, null_odds: dict | None = None,
+                           remove=()) -> list[Path]:  # fmt: skip
     """Write the predictions, n-best and (v2.0 only) null odds into `paths` as one set
     (bertqa.files.write_json_files): a failure while writing leaves an earlier set whole, and the predictions land
-    last. A v1.1 set removes the null odds an earlier v2.0 set left at paths[2], which would not belong to it."""
+    last. A v1.1 set removes the null odds an earlier v2.0 set left at paths[2], which would not belong to it;
+    the paths in `remove` (files of the earlier set's run) go at the same moment, once the new set is written."""
     files = dict(zip(paths, (predictions, nbest, null_odds)))
-    stale = []
+    stale = list(remove)
     if null_odds is None:
         del files[paths[2]]
         stale.append(paths[2])
