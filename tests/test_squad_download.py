@@ -127,8 +127,8 @@ def test_a_failure_before_any_byte_offers_no_resume(server, tmp_path):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/dataset/"
     Handler.cut_after = 0
     for url in (closed, server):
-        with pytest.raises(OSError, match="download failed") as err:
-            download_squad("1.1", tmp_path, base_url=url, checksums=SUMS)
+        with pytest.raises(OSError, match="download failed") as err:  # into folders made for it: removed again
+            download_squad("1.1", tmp_path / "made" / "for it", base_url=url, checksums=SUMS)
         assert "resume" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
@@ -159,6 +159,10 @@ def test_errors(server, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="^--dir notes.txt: is a file, not a folder; name the folder to download"):
         download_squad("1.1", "notes.txt", base_url=server, checksums=SUMS)
     assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "dl")  # was "gone: File exists"
+    with pytest.raises(ValueError, match="^--dir gone: a symbolic link to nothing$"):
+        download_squad("1.1", "gone", base_url=server, checksums=SUMS)
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_a_content_length_that_is_not_a_number_is_ignored(server, tmp_path):

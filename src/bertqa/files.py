@@ -534,6 +534,18 @@ def scratch_dir(path: str | os.PathLike, kind: str):
             _remove_empty(made)
 
 
+@contextmanager
+def folder_for(folder: str | os.PathLike):
+    """mkdir -p `folder` for the block; the folders it made are removed again (those still empty) when the block
+    fails."""
+    made = _make_folder(Path(folder))
+    try:
+        yield
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
 def _make_folder(folder: Path) -> list[Path]:
     """mkdir -p; returns the folders it made, deepest first."""
     made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
