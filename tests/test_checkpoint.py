@@ -503,6 +503,13 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # HF's other model files are a model folder's too
     r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
     assert r.returncode == 0 and not (tmp_path / "hf" / "pytorch_model.bin").exists(), r.stderr
+    # The current folder, a model folder, cannot be renamed ("..old-XXXX: Device or resource busy", and that
+    # empty ..old- folder left in it); nor may an empty DST stand for it.
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    for dst, message in ((".", "DST .: the current folder cannot be replaced"), ("", "DST '': empty")):
+        r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
 
 
 def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):

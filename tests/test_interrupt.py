@@ -1,5 +1,6 @@
 """Training killed outright (SIGKILL) and resumed: real `bertqa train` processes, the tiny model, tiny-squad."""
 
+import errno
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,6 +364,25 @@ def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_p
         with atomic_dir(tmp_path / other) as ours:  # its own next write puts it back first
             assert (tmp_path / other / "config.json").read_text() == "its previous version" and not aside.exists()
             (ours / "config.json").write_text("{}")
+
+
+def test_a_folder_that_cannot_be_moved_aside_leaves_no_old_folder(tmp_path, monkeypatch):
+    """Replacing a folder that cannot be renamed (the current folder: EBUSY) fails whole: the folder as it was and
+    nothing beside it (the empty `.NAME.old-*` folder made for it was left behind)."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    rename = Path.rename
+
+    def busy(self, dest):
+        if self == target:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(OSError, match="busy"), atomic_dir(target) as new:
+        (new / "config.json").write_text('{"new": 1}')
+    assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == "{}"
 
 
 def test_a_folder_another_writer_removes_while_it_is_cleared_is_passed_over(tmp_path, monkeypatch):

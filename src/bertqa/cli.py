@@ -23,7 +23,11 @@ def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, save_pretrained
     from .tokenizer import load_tokenizer
 
+    if not args.dst:  # Path("") is the current folder
+        raise UsageError("DST '': empty; name the folder to write the model in")
     src, dst = Path(args.src), Path(args.dst)
+    if dst.resolve() == Path.cwd().resolve():  # a folder cannot be renamed while it is the current one
+        raise UsageError(f"DST {args.dst}: the current folder cannot be replaced; name a new folder")
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
     # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
     # cache, --config, --vocab), nor a folder that is not a model's.

@@ -324,8 +324,12 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
         old = None
         if path.exists():
             old, old_fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "old"))
+            try:
+                path.rename(old / path.name)
+            except BaseException:
+                old.rmdir()  # (empty: the folder did not move)
+                raise
             old = old / path.name
-            path.rename(old)
         try:
             tmp.rename(path)
         except BaseException:
