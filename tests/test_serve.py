@@ -7,6 +7,7 @@ import http.client
 import http.server
 import json
 import logging
+import os
 import re
 import select
 import shutil
@@ -859,6 +860,7 @@ def test_bad_server_settings_are_refused_naming_the_flag(settings, message):
     [
         (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
         (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--threads", "3000000000"], f"--threads 3000000000: more than this machine's {os.cpu_count()} CPUs"),
     ],
 )
 def test_bad_serve_flags_are_named_before_serves_imports(monkeypatch, capsys, flags, message):

@@ -135,6 +135,8 @@ def cmd_serve(args):
         raise UsageError(f"--port {args.port}: must be between 0 and 65535")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+    if args.threads is not None and args.threads > (os.cpu_count() or 1):  # (torch's own error named no flag)
+        raise UsageError(f"--threads {args.threads}: more than this machine's {os.cpu_count()} CPUs")
     try:
         from .serve import serve
     except ImportError as e:
