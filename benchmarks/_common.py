@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,14 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def cpu_threads(text: str) -> int:
+    """A positive number of threads, at most the machine's CPUs (torch's own error for a huge one names no flag)."""
+    value = positive(text)
+    if value > (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"{value}: more than this machine's {os.cpu_count()} CPUs")
     return value
 
 

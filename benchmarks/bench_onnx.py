@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from _common import positive, run
+from _common import cpu_threads, positive, run
 
 from bertqa.checkpoint import load_model
 from bertqa.export import OnnxRunner, export_onnx
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a fine-tuned QA checkpoint (HF folder)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=positive, help="first N questions only")
-    parser.add_argument("--threads", type=positive, default=os.cpu_count(), help="intra-op threads for every engine")
+    parser.add_argument("--threads", type=cpu_threads, default=os.cpu_count(), help="intra-op threads for every engine")
     parser.add_argument("--batch-size", type=positive, default=32)
     args = parser.parse_args()
 

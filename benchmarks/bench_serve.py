@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import positive, run, seconds
+from _common import cpu_threads, positive, run, seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-v1.1" / "dev-a.json"
@@ -48,9 +48,10 @@ def with_random_head(encoder: Path, out: Path, seed: int) -> Path:
 def squad_pairs(path: Path) -> list[tuple[str, str]]:
     """(question, context) of every question in the SQuAD file, refused in one line where it is not SQuAD or
     holds no question (before any server starts)."""
-    from bertqa.squad.data import read_squad
+    from bertqa.squad.data import load_json, parse_squad
 
-    pairs = [(ex.question, ex.context) for ex in read_squad(path, is_training=False)]
+    examples = parse_squad(load_json(path), path, is_training=False, require_answers=False)  # as predict reads it
+    pairs = [(ex.question, ex.context) for ex in examples]
     if not pairs:
         raise ValueError(f"{path}: no question to ask")
     return pairs
@@ -184,7 +185,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument(
-        "--threads", type=positive, help="the server's torch threads (OMP_NUM_THREADS; default: torch's)"
+        "--threads", type=cpu_threads, help="the server's torch threads (OMP_NUM_THREADS; default: torch's)"
     )
     args = parser.parse_args()
 
