@@ -506,7 +506,8 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
     # The current folder, a model folder, cannot be renamed ("..old-XXXX: Device or resource busy", and that
     # empty ..old- folder left in it); nor may an empty DST stand for it.
     before = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    for dst, message in ((".", "DST .: the current folder cannot be replaced"), ("", "DST '': empty")):
+    for dst, message in ((".", "DST .: a folder named '.' or '..' cannot be replaced; name the folder itself"),
+                         ("", "DST '': empty")):  # fmt: skip
         r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before

@@ -25,9 +25,9 @@ def cmd_convert(args):
 
     if not args.dst:  # Path("") is the current folder
         raise UsageError("DST '': empty; name the folder to write the model in")
+    if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
+        raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
-    if dst.resolve() == Path.cwd().resolve():  # a folder cannot be renamed while it is the current one
-        raise UsageError(f"DST {args.dst}: the current folder cannot be replaced; name a new folder")
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
     # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
     # cache, --config, --vocab), nor a folder that is not a model's.
