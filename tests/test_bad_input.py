@@ -572,6 +572,7 @@ def test_only_rank_0_checks_the_output_folder_it_alone_writes(inputs, tmp_path, 
     for where, message in (
         (inputs["squad"], "is a file, not a folder"),
         (tmp_path / "gone", "a symbolic link to nothing"),
+        (tmp_path / "gone" / "out", f"{tmp_path / 'gone'} is a symbolic link to nothing"),  # was "File exists"
     ):
         cfg = EvalConfig(model=str(inputs["tiny"]), predict_file=str(inputs["squad"]), output_dir=str(where))
         with pytest.raises(ValueError, match=f"--output-dir {where}: {message}"):

@@ -162,6 +162,8 @@ def test_errors(server, tmp_path, monkeypatch):
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "dl")  # was "gone: File exists"
     with pytest.raises(ValueError, match="^--dir gone: a symbolic link to nothing$"):
         download_squad("1.1", "gone", base_url=server, checksums=SUMS)
+    with pytest.raises(ValueError, match="^--dir gone/sub: gone is a symbolic link to nothing$"):  # above it too
+        download_squad("1.1", "gone/sub", base_url=server, checksums=SUMS)
     assert not (tmp_path / "nowhere").exists()
 
 

@@ -229,6 +229,16 @@ def _model_file_of(path: Path, folder: Path) -> bool:
     return any(MODEL_FILE.fullmatch(name) and (folder / name).resolve() == target for name in names)
 
 
+def check_no_dangling_link(path: Path, flag: str) -> None:
+    """Refuse a folder to make whose path, or a folder above it, is a symbolic link to nothing (mkdir says only
+    "File exists")."""
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link == path:
+        raise ValueError(f"{flag} {path}: a symbolic link to nothing")
+    if link is not None:
+        raise ValueError(f"{flag} {path}: {link} is a symbolic link to nothing")
+
+
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", writes: tuple[str, ...] = (),
                      inputs: dict | None = None) -> Path:  # fmt: skip
     """An output folder checked before any work is done: not a file, none of the files the run `writes` there
@@ -238,8 +248,7 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
     if not str(output_dir):  # Path("") would be the current folder
         raise ValueError(f"{flag} '': empty; name the folder to write in")
     path = Path(output_dir)
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{flag} {output_dir}: a symbolic link to nothing")
+    check_no_dangling_link(path, flag)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
     for name in writes:

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import folder_for, fsync_path
+from ..files import check_no_dangling_link, folder_for, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def download_squad(
     base = (base_url or SQUAD_URL).rstrip("/") + "/"
     sums = {**SQUAD_SHA256, **(checksums or {})}
     directory = Path(directory)
-    if directory.is_symlink() and not directory.exists():
-        raise ValueError(f"--dir {directory}: a symbolic link to nothing")
+    check_no_dangling_link(directory, "--dir")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"--dir {directory}: is a file, not a folder; name the folder to download into")
     with folder_for(directory):  # made for a download that fails before it writes anything: removed again
