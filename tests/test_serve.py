@@ -266,6 +266,31 @@ def test_bad_request_is_refused_and_server_stays_up(server, case):
     assert call(server, "GET", "/healthz")[0] == 200
 
 
+def test_a_body_is_json_by_its_type_and_utf_8_and_options_are_hfs(server):
+    """A form or text/plain body is a 415 (a web page may post those to the loopback server unasked); a whole
+    UTF-16 body is not UTF-8 (json.loads took bytes for UTF-16 and answered); HF's `options` are booleans."""
+    body = json.dumps({"inputs": OK_INPUT}).encode()
+    for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, headers, text = call(server, "POST", "/", body, {"Content-Type": media})
+        assert_json_error(status, headers, text, 415)
+        assert json.loads(text)["error"] == f"Content-Type must be application/json, not {media.split(';')[0]!r}"
+    for media in ("application/json; charset=utf-8", "APPLICATION/JSON"):
+        assert call(server, "POST", "/", body, {"Content-Type": media})[0] == 200
+    assert call(server, "POST", "/", b"\xef\xbb\xbf" + body)[0] == 200  # a UTF-8 byte-order mark is UTF-8
+    for encoding in ("utf-16", "utf-32"):
+        status, headers, text = call(server, "POST", "/", json.dumps({"inputs": OK_INPUT}).encode(encoding))
+        assert_json_error(status, headers, text, 400)
+        assert "not UTF-8" in text
+    for options, error in ((5, "options must be an object, not a number"),
+                           ({"anything": 1}, "unknown field in options: 'anything'"),
+                           ({"wait_for_model": "yes"}, "options.wait_for_model must be a boolean, not a string")):  # fmt: skip
+        status, headers, text = call(server, "POST", "/", {"inputs": OK_INPUT, "options": options})
+        assert_json_error(status, headers, text, 400)
+        assert json.loads(text)["error"].startswith(error), text
+    assert post(server, "/", {"inputs": OK_INPUT, "options": {"wait_for_model": True, "use_cache": False}})["answer"]
+    assert metric(call(server, "GET", "/metrics")[2], 'bertqa_errors_total{code="415"}') >= 3
+
+
 def test_still_answers_after_bad_requests(server):
     assert post(server, "/", {"inputs": OK_INPUT})["answer"]
     text = call(server, "GET", "/metrics")[2]

@@ -109,7 +109,7 @@ class Metrics:
     """Everything is updated on the event loop's thread, so nothing needs a lock."""
 
     # Error statuses this server gives, shown from zero so that rates work before the first one.
-    ERROR_CODES = (400, 404, 405, 408, 413, 499, 500, 503, 504)
+    ERROR_CODES = (400, 404, 405, 408, 413, 415, 499, 500, 503, 504)
 
     def __init__(self):
         self.latency = Histogram(
@@ -327,6 +327,11 @@ CLIENT_GONE = "client closed the request"
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
+    media = request.headers.get("content-type")  # none is taken for JSON (curl -d with no -H, a bare client)
+    media = None if media is None else media.split(";")[0].strip().lower()
+    if media is not None and media != "application/json" and not media.endswith("+json"):
+        # (a form or text/plain is what a web page may post to this loopback server without asking: refused)
+        raise ApiError(415, f"Content-Type must be application/json, not {media[:100]!r}")
     too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -358,7 +363,7 @@ async def _read_json(request: Request, limit: int, timeout_s: float, refused: as
     except ClientDisconnect:  # the client hung up: nobody to answer, and not a server error
         raise ApiError(499, CLIENT_GONE) from None
     try:
-        data = json.loads(bytes(body))
+        data = json.loads(bytes(body).decode("utf-8-sig"))  # (bytes would be taken for UTF-16 or -32 too)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError:
@@ -382,6 +387,18 @@ def _only(data: dict, allowed, where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise ApiError(400, f"unknown field {where}{unknown[0][:100]!r}; expected {', '.join(sorted(allowed))}")
+
+
+def _options(raw) -> None:
+    """HF's Inference API `options` (which have no use here) checked as that API defines them: booleans."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"options must be an object, not {_type(raw)}")
+    _only(raw, ("use_cache", "use_gpu", "wait_for_model"), "in options: ")
+    for key, value in raw.items():
+        if not isinstance(value, bool):
+            raise ApiError(400, f"options.{key} must be a boolean, not {_type(value)}")
 
 
 def _parameters(raw, max_positions: int) -> tuple:
@@ -572,7 +589,8 @@ class _Server:
     async def hf_answer(self, request: Request) -> Response:
         data = await _read_json(request, self.settings["max_body_bytes"], self.settings["timeout_s"],
                                 self.batcher.refused)  # fmt: skip
-        _only(data, ("inputs", "parameters", "options"), "")  # `options` (wait_for_model, ...) has no use here
+        _only(data, ("inputs", "parameters", "options"), "")
+        _options(data.get("options"))
         if "inputs" not in data:
             raise ApiError(400, "inputs is missing: send {inputs: {question, context}, parameters: {...}}")
         pairs, batched = _hf_pairs(data["inputs"])
