@@ -331,8 +331,11 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     with pytest.raises(ValueError, match=r"cannot resume a different run \(--max-grad-norm 1.0 -> 0.5\)"):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, max_grad_norm=0.5,
                       resume=True))  # fmt: skip
-    with pytest.raises(ValueError, match=r"cannot resume a different run \(--config None -> '.*other.json'\)"):
-        shutil.copy(tiny_dir / "config.json", tmp_path / "other.json")  # e.g. another activation or dropout
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))  # another activation
+    with pytest.raises(
+        ValueError, match=r"cannot resume a different run \(another model: its config.json \(or --config"
+    ):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3,
                       config=str(tmp_path / "other.json"), resume=True))  # fmt: skip
     before = torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
@@ -449,6 +452,19 @@ def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_d
         train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), seed=7))
     assert (out / "model" / "model.safetensors").read_bytes() != model_before  # the new model is there
     assert not any((out / name).exists() for name in ("summary.json", "predictions.json", "nbest_predictions.json"))
+    # Nor one that fails drawing its curves (a disk the model filled; Ctrl-C while matplotlib loads).
+    monkeypatch.undo()  # the evaluation runs again
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
+    model_before = (out / "model" / "model.safetensors").read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bertqa.train, "plot_curves", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), seed=7))
+    assert (out / "model" / "model.safetensors").read_bytes() != model_before
+    assert not any((out / name).exists() for name in ("summary.json", "predictions.json", "nbest_predictions.json"))
 
 
 def test_a_second_run_on_a_folder_stops_before_loading_anything(tiny_dir, small_squad, tmp_path, monkeypatch):
@@ -528,6 +544,34 @@ def test_a_resume_over_a_train_file_changed_under_the_same_name_is_refused(tiny_
     assert summary["steps"] == 4
 
 
+def test_a_resume_compares_the_model_and_train_file_by_content_not_by_path(tiny_dir, small_squad, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """The same files named from another folder resume (a job restarted elsewhere was refused: the paths were
+    compared as typed); another model's settings under the same name do not (a folder with other dropout was
+    taken: nothing compared its config)."""
+    for name in ("a", "b"):
+        shutil.copytree(tiny_dir, tmp_path / name / "m")
+        shutil.copy(small_squad[0], tmp_path / name / "train.json")
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tmp_path / "b" / "m" / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0}))
+    out = tmp_path / "run"
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt  # after the checkpoint at step 2 of 4
+
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for("m", ("train.json",) * 2, out, save_every=2, max_steps=4), on_step=crash)
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"cannot resume a different run \(another model: its config.json"):
+        train(cfg_for("m", ("train.json",) * 2, out, save_every=2, max_steps=4, resume=True))
+    monkeypatch.chdir(tmp_path)
+    summary = train(cfg_for("a/m", (tmp_path / "b" / "train.json",) * 2, out, save_every=2, max_steps=4,
+                            resume=True))  # fmt: skip
+    assert summary["steps"] == 4
+
+
 def test_a_finished_run_whose_model_was_not_saved_is_not_replaced_by_a_fresh_start(tiny_dir, small_squad, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
     out = tmp_path / "run"
@@ -589,6 +633,7 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
         "precision": chosen,
         "lower_case": lower,
         "train_data": state["resolved"]["train_data"],
+        "model_config": state["resolved"]["model_config"],
     }
     assert lower is load_tokenizer(tiny_dir).do_lower_case is True  # what the tiny model's tokenizer does
     with pytest.raises(ValueError, match=rf"cannot resume a different run \(--precision '{chosen}' -> '{other}'\)"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -193,18 +194,33 @@ RESUME_KEYS = ("model", "config", "train_file", "max_train_examples", "epochs", 
                "lower_case")  # fmt: skip
 
 
+# The paths whose files a checkpoint compares by content (the digest named), where it records that digest: the
+# same files named from another folder, or by another path, are the same run.
+COMPARED_BY_CONTENT = {"model": "model_config", "config": "model_config", "train_file": "train_data"}
+
+
+def config_digest(config) -> str:
+    """A hash of the model settings training depends on (config.json's fields bertqa reads, not its extras)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
-    """Refuse to resume a run whose RESUME_KEYS or training windows (their digest, where recorded) differ. Where
-    the checkpoint records what its run resolved a default to ("auto" precision, the tokenizer's own
-    lower-casing), the resolved values are compared: an explicit `--precision bf16` resumes an "auto" run that
-    chose bf16, and an "auto" run resumed on a device where auto chooses otherwise is refused. Checkpoints
-    without that record compare the values as given."""
+    """Refuse to resume a run whose RESUME_KEYS, model settings or training windows (their digests, where
+    recorded) differ. Where the checkpoint records what its run resolved a default to ("auto" precision, the
+    tokenizer's own lower-casing), the resolved values are compared: an explicit `--precision bf16` resumes an
+    "auto" run that chose bf16, and an "auto" run resumed on a device where auto chooses otherwise is refused.
+    Checkpoints without that record compare the values as given; those with the digests compare the model and
+    train file by them, not by the paths as typed (COMPARED_BY_CONTENT)."""
     saved = json.loads(state["config"])
     now = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    if isinstance(state.get("resolved"), dict):
-        saved.update(state["resolved"])
-        now.update({k: v for k, v in resolved.items() if k in state["resolved"]})
-    diff = [f"{cfg.flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    recorded = state["resolved"] if isinstance(state.get("resolved"), dict) else {}
+    saved.update(recorded)
+    now.update({k: v for k, v in resolved.items() if k in recorded})
+    keys = [k for k in RESUME_KEYS if COMPARED_BY_CONTENT.get(k) not in recorded]
+    diff = [f"{cfg.flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    if "model_config" in recorded and saved["model_config"] != now["model_config"]:
+        diff.append("another model: its config.json (or --config) holds other settings")
     # The windows follow from the settings too: their digest (older checkpoints have none) tells only the rest.
     saved_data, now_data = saved.get("train_data"), resolved.get("train_data")
     if not diff and saved_data and now_data and saved_data != now_data:
@@ -491,7 +507,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks, as separate devices would
     # What "auto" and the tokenizer's default came to in this run: a resume compares these (check_resumable).
     # And which windows it trains on: a train file changed under the same name is another run.
-    resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case, "train_data": features.digest()}
+    # And the model's settings (dropout, sizes): another folder's config under the same name is another run.
+    resolved = {"precision": precision.name, "lower_case": tokenizer.do_lower_case, "train_data": features.digest(),
+                "model_config": config_digest(model.config)}  # fmt: skip
     with fail_together(d):
         if d.is_main and not claimed:
             _claim(out_dir, held)
@@ -668,12 +686,13 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
             save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-            if not plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
-                remove_output(out_dir / "curves.png")  # (without matplotlib: not an earlier run's curves left)
             # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
-            # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for.
+            # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for,
+            # nor by a failure drawing the curves.
             for name in EvalConfig.WRITES:
                 remove_output(out_dir / name)
+            if not plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
+                remove_output(out_dir / "curves.png")  # (without matplotlib: not an earlier run's curves left)
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
     if d.is_main:
