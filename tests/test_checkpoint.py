@@ -511,6 +511,13 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
         r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+    # Nor by its name from inside it: replacing it would delete the current folder (and, named relatively, the
+    # renames after the first were looked up in the folder moved aside: the model folder was lost).
+    for dst in ("../hf", str(tmp_path / "hf")):
+        r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
+        assert r.returncode == 1 and f"DST {dst}: it holds the current folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):

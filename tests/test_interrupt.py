@@ -366,6 +366,19 @@ def test_a_folder_write_clears_what_a_killed_write_to_the_same_folder_left(tmp_p
             (ours / "config.json").write_text("{}")
 
 
+def test_a_folder_named_relatively_from_inside_it_is_replaced_whole(tmp_path, monkeypatch):
+    """After the folder is moved aside, a relative name would be looked up from inside it (the current folder,
+    moved with it): the new folder was not put in place, nor the old one back."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    monkeypatch.chdir(target)
+    with atomic_dir("../model") as new:
+        (new / "config.json").write_text('{"new": 1}')
+    monkeypatch.chdir(tmp_path)
+    assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
+
+
 def test_a_folder_that_cannot_be_moved_aside_leaves_no_old_folder(tmp_path, monkeypatch):
     """Replacing a folder that cannot be renamed (the current folder: EBUSY) fails whole: the folder as it was and
     nothing beside it (the empty `.NAME.old-*` folder made for it was left behind)."""

@@ -28,6 +28,9 @@ def cmd_convert(args):
     if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
+    if dst.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise UsageError(f"DST {args.dst}: it holds the current folder, which replacing it would delete; name a new "
+                         "folder or run from another")  # fmt: skip
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
     # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
     # cache, --config, --vocab), nor a folder that is not a model's.

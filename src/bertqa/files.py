@@ -306,7 +306,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     `durable`: everything in the folder, then the folder, is flushed to disk before the renames, and the renames
     before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
     the old one is the user's previous model)."""
-    path = _target(path)
+    path = Path(os.path.abspath(_target(path)))  # relative names would be looked up in a current folder moved aside
     made = _make_folder(path.parent)
     clear_killed(path.parent, _tmp_dir_prefix(path, "old"), restore=path)
     clear_killed(path.parent, _tmp_dir_prefix(path, "tmp"))
