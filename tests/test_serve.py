@@ -289,6 +289,13 @@ def test_a_body_is_json_by_its_type_and_utf_8_and_options_are_hfs(server):
         assert json.loads(text)["error"].startswith(error), text
     assert post(server, "/", {"inputs": OK_INPUT, "options": {"wait_for_model": True, "use_cache": False}})["answer"]
     assert metric(call(server, "GET", "/metrics")[2], 'bertqa_errors_total{code="415"}') >= 3
+    # Another site's page (a body with no Content-Type needs no CORS preflight); the server's own page is its host.
+    for origin in ("http://evil.example", "null"):
+        status, headers, text = call(server, "POST", "/v1/answer", json.dumps(OK_INPUT).encode(), {"Origin": origin})
+        assert_json_error(status, headers, text, 403)
+        assert json.loads(text)["error"] == f"cross-origin request refused: Origin {origin!r} is not this server"
+    own = "http://" + urlsplit(server).netloc
+    assert call(server, "POST", "/v1/answer", json.dumps(OK_INPUT).encode(), {"Origin": own})[0] == 200
 
 
 def test_still_answers_after_bad_requests(server):

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -109,7 +110,7 @@ class Metrics:
     """Everything is updated on the event loop's thread, so nothing needs a lock."""
 
     # Error statuses this server gives, shown from zero so that rates work before the first one.
-    ERROR_CODES = (400, 404, 405, 408, 413, 415, 499, 500, 503, 504)
+    ERROR_CODES = (400, 403, 404, 405, 408, 413, 415, 499, 500, 503, 504)
 
     def __init__(self):
         self.latency = Histogram(
@@ -327,10 +328,15 @@ CLIENT_GONE = "client closed the request"
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
-    media = request.headers.get("content-type")  # none is taken for JSON (curl -d with no -H, a bare client)
+    # A browser names the page's origin; another site's page may post here unasked (it cannot read the answer: no
+    # CORS headers are sent, so no other site can use the server, only load it). This server's own page is its host.
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+        raise ApiError(403, f"cross-origin request refused: Origin {origin[:100]!r} is not this server")
+    media = request.headers.get("content-type")  # none is taken for JSON (a bare HTTP client's request)
     media = None if media is None else media.split(";")[0].strip().lower()
     if media is not None and media != "application/json" and not media.endswith("+json"):
-        # (a form or text/plain is what a web page may post to this loopback server without asking: refused)
+        # (curl -d sends a form's type: -H 'Content-Type: application/json' is needed)
         raise ApiError(415, f"Content-Type must be application/json, not {media[:100]!r}")
     too_big = f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
     declared = request.headers.get("content-length", "")
