@@ -460,11 +460,13 @@ def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_d
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
+    assert (out / "curves.png").is_file()  # drawn by that run (matplotlib is installed)
     monkeypatch.setattr(bertqa.train, "plot_curves", disk_full)
     with pytest.raises(OSError, match="No space left"):
         train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), seed=7))
     assert (out / "model" / "model.safetensors").read_bytes() != model_before
-    assert not any((out / name).exists() for name in ("summary.json", "predictions.json", "nbest_predictions.json"))
+    names = ("summary.json", "predictions.json", "nbest_predictions.json", "curves.png")
+    assert not any((out / name).exists() for name in names)
 
 
 def test_a_second_run_on_a_folder_stops_before_loading_anything(tiny_dir, small_squad, tmp_path, monkeypatch):

@@ -404,18 +404,18 @@ class MetricsLog:
             self.tb = None
 
 
-def plot_curves(metrics_path: Path, out_png: Path) -> bool:
-    """Loss and learning-rate curves from metrics.jsonl, when matplotlib is installed."""
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    """Loss and learning-rate curves from metrics.jsonl, when matplotlib is installed (else none)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
-        return False
+        return
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(steps, [math.nan if r["loss"] is None else r["loss"] for r in rows])  # None: no finite loss
@@ -426,7 +426,6 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    return True
 
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
@@ -686,13 +685,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
             save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-            # The folder now holds this run's model: an earlier run's predictions and summary are not its, and must
-            # not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not asked for,
-            # nor by a failure drawing the curves.
-            for name in EvalConfig.WRITES:
+            # The folder now holds this run's model: an earlier run's predictions, summary and curves are not its,
+            # and must not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not
+            # asked for, nor by a failure drawing the curves (nor, without matplotlib, by no curves drawn).
+            for name in (*EvalConfig.WRITES, "curves.png"):
                 remove_output(out_dir / name)
-            if not plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"):
-                remove_output(out_dir / "curves.png")  # (without matplotlib: not an earlier run's curves left)
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
     if d.is_main:
