@@ -503,21 +503,23 @@ def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # HF's other model files are a model folder's too
     r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
     assert r.returncode == 0 and not (tmp_path / "hf" / "pytorch_model.bin").exists(), r.stderr
-    # The current folder, a model folder, cannot be renamed ("..old-XXXX: Device or resource busy", and that
-    # empty ..old- folder left in it); nor may an empty DST stand for it.
+
+
+def test_convert_refuses_a_dst_that_is_or_holds_the_current_folder(hf_qa_dir, tmp_path, monkeypatch, capsys):
+    """'.' cannot be renamed (EBUSY, and an empty ..old- folder was left in it); '' stood for it; by its name from
+    inside it, replacing it would delete the current folder (and, named relatively, atomic_dir's renames after the
+    first were looked up in the folder moved aside: the model folder was lost)."""
+    shutil.copytree(hf_qa_dir, tmp_path / "hf")
     before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    monkeypatch.chdir(tmp_path / "hf")
     for dst, message in ((".", "DST .: a folder named '.' or '..' cannot be replaced; name the folder itself"),
-                         ("", "DST '': empty")):  # fmt: skip
-        r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
-        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+                         ("", "DST '': empty"), ("../hf", "DST ../hf: it holds the current folder"),
+                         (str(tmp_path), f"DST {tmp_path}: it holds the current folder")):  # fmt: skip
+        assert cli.main(["convert", str(hf_qa_dir), dst]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
-    # Nor by its name from inside it: replacing it would delete the current folder (and, named relatively, the
-    # renames after the first were looked up in the folder moved aside: the model folder was lost).
-    for dst in ("../hf", str(tmp_path / "hf")):
-        r = run_cli("convert", pt, dst, "--config", cfg, cwd=tmp_path / "hf")
-        assert r.returncode == 1 and f"DST {dst}: it holds the current folder" in r.stderr, r.stderr
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):
