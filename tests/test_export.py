@@ -259,6 +259,9 @@ def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
         OnnxRunner(bad)
     with pytest.raises(FileNotFoundError, match="no such ONNX file"):
         OnnxRunner(tmp_path / "missing.onnx")
+    (tmp_path / "folder.onnx").mkdir()  # was "no such ONNX file"
+    with pytest.raises(ValueError, match=r"folder\.onnx: is a folder, not an ONNX file$"):
+        OnnxRunner(tmp_path / "folder.onnx")
 
 
 def test_runner_rejects_a_graph_without_the_logits(tmp_path):
@@ -289,6 +292,28 @@ def test_runner_rejects_inputs_it_cannot_feed(tmp_path):
         model.ir_version = 8
         onnx.save(model, str(tmp_path / "other.onnx"))
         with pytest.raises(ValueError, match=r"other\.onnx: graph input input_ids is tensor\(" + named):
+            OnnxRunner(tmp_path / "other.onnx")
+
+
+def test_runner_rejects_outputs_that_are_not_logits(tmp_path):
+    """Logits that are integers, or one number a window: refused when loaded, naming the output (they failed in
+    the first batch's layout with an AxisError that named no file)."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
+    for dtype, shape, nodes, named in (
+        (TensorProto.INT64, ["b", "t"], [helper.make_node("Identity", ["input_ids"], [o]) for o in export.OUTPUTS],
+         r"tensor\(int64\) of shape \[b, t\]"),
+        (TensorProto.FLOAT, ["b"], [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT)]
+         + [helper.make_node("ReduceMean", ["f"], [o], axes=[1], keepdims=0) for o in export.OUTPUTS],
+         r"tensor\(float\) of shape \[b\]"),
+    ):  # fmt: skip
+        outputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.OUTPUTS]
+        model = helper.make_model(helper.make_graph(nodes, "other", inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+        model.ir_version = 8
+        onnx.save(model, str(tmp_path / "other.onnx"))
+        with pytest.raises(ValueError, match=r"other\.onnx: graph output start_logits is " + named):
             OnnxRunner(tmp_path / "other.onnx")
 
 

@@ -182,6 +182,8 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            if Path(path).is_dir():
+                raise ValueError(f"{path}: is a folder, not an ONNX file") from None
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: no such ONNX file") from None
             raise ValueError(f"{path}: not a loadable ONNX graph ({first_line(e)})") from None
@@ -196,6 +198,11 @@ class OnnxRunner:
         names = tuple(o.name for o in self.session.get_outputs())
         if not set(OUTPUTS) <= set(names):
             raise ValueError(f"{path}: graph outputs are {list(names)}, expected {list(OUTPUTS)}")
+        for o in self.session.get_outputs():  # what batched_logits takes: float (batch, sequence)
+            if o.name in OUTPUTS and (o.type != "tensor(float)" or len(o.shape) != 2):
+                shape = ", ".join("?" if d is None else str(d) for d in o.shape)
+                raise ValueError(f"{path}: graph output {o.name} is {o.type} of shape [{shape}]; bertqa reads float "
+                                 "(batch, sequence) logits, as `bertqa export onnx` writes")  # fmt: skip
         self.path = Path(path)
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
