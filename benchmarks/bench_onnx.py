@@ -31,7 +31,7 @@ from bertqa.checkpoint import load_model
 from bertqa.export import OnnxRunner, export_onnx
 from bertqa.inference import predict_logits
 from bertqa.squad.data import load_json, read_squad
-from bertqa.squad.features import featurize
+from bertqa.squad.features import check_window_params, featurize
 from bertqa.squad.metrics import evaluate_v1
 from bertqa.squad.postprocess import postprocess
 from bertqa.tokenizer import load_tokenizer
@@ -84,7 +84,13 @@ def main() -> None:
     parser.add_argument("--limit", type=positive, help="first N questions only")
     parser.add_argument("--threads", type=cpu_threads, default=os.cpu_count(), help="intra-op threads for every engine")
     parser.add_argument("--batch-size", type=positive, default=32)
+    parser.add_argument("--max-seq-length", type=positive, default=384, help="the windows (as `bertqa evaluate`'s)")
+    parser.add_argument("--doc-stride", type=positive, default=128)
+    parser.add_argument("--max-query-length", type=positive, default=64)
     args = parser.parse_args()
+    windows = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+               "max_query_length": args.max_query_length}  # fmt: skip
+    check_window_params(**windows, flags=True)
 
     torch.set_num_threads(args.threads)
     machine = {
@@ -101,14 +107,14 @@ def main() -> None:
 
     examples = read_squad(args.data, is_training=False)[: args.limit]
     dataset = subset(load_json(args.data)["data"], {ex.qid for ex in examples})
-    features = featurize(examples, load_tokenizer(args.model))
+    features = featurize(examples, load_tokenizer(args.model), **windows)
     print(f"bertqa: {len(examples)} questions -> {len(features)} windows of up to {features.max_seq_length} tokens")
 
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         graphs = {}
         for name, int8 in (("onnx fp32", False), ("onnx int8", True)):
             path = Path(tmp) / f"{name.split()[1]}.onnx"
-            report = export_onnx(args.model, path, int8=int8, check_file=args.data, verbose=False)
+            report = export_onnx(args.model, path, int8=int8, check_file=args.data, verbose=False, **windows)
             print(f"bertqa: exported {name} in {report['export_seconds']} s; on the data's first {report['windows']} "
                   f"windows its logits are within {report['max_abs_diff']:.1e} of PyTorch's")  # fmt: skip
             graphs[name] = path
