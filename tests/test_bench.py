@@ -399,6 +399,16 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
     assert mem.base == 100 and mem.grown == 250
 
 
+def test_a_warmup_given_through_the_api_is_checked_with_the_other_counts(capsys):
+    """A float or None got past the check, and failed after the header, in the first row's warm-up."""
+    import bertqa.bench as bench
+
+    for warmup in (1.5, None, True):
+        with pytest.raises(ValueError, match=rf"^--warmup must be an integer >= 0, got {warmup}$"):
+            bench.bench(bench.BenchConfig(preset="base", warmup=warmup))
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -392,8 +392,8 @@ def _check(cfg: BenchConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if cfg.seconds is not None and not 0 < cfg.seconds < float("inf"):
         raise ValueError(f"--seconds must be a positive number, got {cfg.seconds}")
-    if cfg.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise ValueError(f"--warmup must be an integer >= 0, got {cfg.warmup}")
     if not 16 <= cfg.seq_len <= 512:
         raise ValueError(f"--seq-len {cfg.seq_len}: must be between 16 and 512")
     if cfg.data and cfg.seq_len < 96:  # room for a 64-token question, 3 special tokens and some context
