@@ -264,17 +264,25 @@ def test_runner_rejects_a_file_that_is_not_a_graph(tmp_path):
         OnnxRunner(tmp_path / "folder.onnx")
 
 
+def other_graph(path, nodes, inputs, outputs):
+    """A hand-made ONNX graph (opset 17) saved at `path`: nodes, and (name, element type, shape) inputs and outputs."""
+    from onnx import helper
+
+    values = [[helper.make_tensor_value_info(*io) for io in group] for group in (inputs, outputs)]
+    model = helper.make_model(helper.make_graph(nodes, "other", *values), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 def test_runner_rejects_a_graph_without_the_logits(tmp_path):
     from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
-    output = helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "t"])
-    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "other", inputs, [output])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "other.onnx"))
+    inputs = [(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
+    nodes = [helper.make_node("Identity", ["input_ids"], ["logits"])]
+    graph = other_graph(tmp_path / "other.onnx", nodes, inputs, [("logits", TensorProto.INT64, ["b", "t"])])
     with pytest.raises(ValueError, match=r"other\.onnx: graph outputs are \['logits'\], expected \['start_logits', "):
-        OnnxRunner(tmp_path / "other.onnx")
+        OnnxRunner(graph)
 
 
 def test_runner_rejects_inputs_it_cannot_feed(tmp_path):
@@ -284,15 +292,11 @@ def test_runner_rejects_inputs_it_cannot_feed(tmp_path):
 
     for dtype, shape, named in ((TensorProto.INT64, [1, 384], r"int64\) of shape \[1, 384\]"),
                                 (TensorProto.INT32, ["b", "t"], r"int32\) of shape \[b, t\]")):  # fmt: skip
-        inputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.INPUTS]
-        outputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.OUTPUTS]
         nodes = [helper.make_node("Identity", [src], [dst]) for src, dst in zip(export.INPUTS, export.OUTPUTS)]
-        model = helper.make_model(helper.make_graph(nodes, "fixed", inputs, outputs),
-                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
-        model.ir_version = 8
-        onnx.save(model, str(tmp_path / "other.onnx"))
+        graph = other_graph(tmp_path / "other.onnx", nodes, [(name, dtype, shape) for name in export.INPUTS],
+                            [(name, dtype, shape) for name in export.OUTPUTS])  # fmt: skip
         with pytest.raises(ValueError, match=r"other\.onnx: graph input input_ids is tensor\(" + named):
-            OnnxRunner(tmp_path / "other.onnx")
+            OnnxRunner(graph)
 
 
 def test_runner_rejects_outputs_that_are_not_logits(tmp_path):
@@ -300,7 +304,7 @@ def test_runner_rejects_outputs_that_are_not_logits(tmp_path):
     the first batch's layout with an AxisError that named no file)."""
     from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
+    inputs = [(name, TensorProto.INT64, ["b", "t"]) for name in export.INPUTS]
     for dtype, shape, nodes, named in (
         (TensorProto.INT64, ["b", "t"], [helper.make_node("Identity", ["input_ids"], [o]) for o in export.OUTPUTS],
          r"tensor\(int64\) of shape \[b, t\]"),
@@ -308,13 +312,9 @@ def test_runner_rejects_outputs_that_are_not_logits(tmp_path):
          + [helper.make_node("ReduceMean", ["f"], [o], axes=[1], keepdims=0) for o in export.OUTPUTS],
          r"tensor\(float\) of shape \[b\]"),
     ):  # fmt: skip
-        outputs = [helper.make_tensor_value_info(name, dtype, shape) for name in export.OUTPUTS]
-        model = helper.make_model(helper.make_graph(nodes, "other", inputs, outputs),
-                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
-        model.ir_version = 8
-        onnx.save(model, str(tmp_path / "other.onnx"))
+        graph = other_graph(tmp_path / "other.onnx", nodes, inputs, [(name, dtype, shape) for name in export.OUTPUTS])
         with pytest.raises(ValueError, match=r"other\.onnx: graph output start_logits is " + named):
-            OnnxRunner(tmp_path / "other.onnx")
+            OnnxRunner(graph)
 
 
 def test_a_graph_onnxruntime_cannot_load_is_named_by_the_output(tiny_dir, tmp_path, monkeypatch):
