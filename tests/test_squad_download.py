@@ -84,6 +84,21 @@ def test_download_verifies_and_skips_when_present(server, tmp_path):
     assert Handler.log == []  # already there and verified: nothing fetched
 
 
+def test_a_linked_file_is_written_through_to_its_target_and_keeps_its_mode(server, tmp_path):
+    """As a shell's `>` writes: the link stays, its target gets the bytes (the link was replaced by a file and its
+    target left stale), and a file replaced keeps its permissions."""
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "train-v1.1.json"
+    target.write_text("stale")
+    target.chmod(0o640)
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "train-v1.1.json").symlink_to(target)
+    download_squad("1.1", tmp_path / "dl", base_url=server, checksums=SUMS)
+    assert (tmp_path / "dl" / "train-v1.1.json").is_symlink() and target.read_bytes() == FILES["train-v1.1.json"]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train-v1.1.json"]  # no .part left
+
+
 def test_a_file_reaches_the_disk_before_it_is_named_complete(server, tmp_path, monkeypatch):
     import bertqa.squad.download as download
 

@@ -12,11 +12,12 @@ import hashlib
 import http.client
 import logging
 import os
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import check_no_dangling_link, folder_for, fsync_path
+from ..files import _target, check_no_dangling_link, folder_for, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
-    """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`."""
-    dest = Path(dest)
+    """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`. A `dest` that
+    is a symbolic link is written through to its target, as a shell's `>` writes, and a replaced file keeps its
+    permissions."""
+    dest = _target(dest)
     part = _check_place(dest)
     if dest.is_file() and sha256_file(dest) == sha256:
         return dest
@@ -68,6 +71,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
         raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
     if dest.is_file():
         log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
+        os.chmod(part, stat.S_IMODE(dest.stat().st_mode))
     fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
     os.replace(part, dest)
     fsync_path(dest.parent)
