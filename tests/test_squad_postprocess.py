@@ -310,6 +310,10 @@ def test_write_predictions(tmp_path, setup):
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_predictions(tmp_path / "v2", changed, bad_nbest)
     assert {p.name: p.read_bytes() for p in (tmp_path / "v2").iterdir()} == before
+    # Into folders made for it: removed again (write_predictions made them itself, beyond the write's clean-up).
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_predictions(tmp_path / "new" / "deep", changed, bad_nbest)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_deep_n_best_stays_within_its_pair_budget(tok, monkeypatch):

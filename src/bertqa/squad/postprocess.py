@@ -202,9 +202,9 @@ PREDICTION_FILES = ("predictions.json", "nbest_predictions.json", "null_odds.jso
 
 def write_predictions(output_dir, predictions: dict, nbest: dict, null_odds: dict | None = None,
                       remove=()) -> list[Path]:  # fmt: skip
-    """Write PREDICTION_FILES into `output_dir` (see write_prediction_files)."""
+    """Write PREDICTION_FILES into `output_dir` (see write_prediction_files), made if need be (and removed again
+    when the write fails)."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     return write_prediction_files([out / name for name in PREDICTION_FILES], predictions, nbest, null_odds, remove)
 
 
