@@ -429,6 +429,38 @@ def test_the_metrics_file_is_closed_when_a_step_fails(tiny_dir, small_squad, tmp
     assert caught.tb is not None and str(tmp_path / "metrics.jsonl") not in open_files()
 
 
+def test_ctrl_c_while_the_previous_model_is_deleted_leaves_no_earlier_results_beside_the_new_one(
+    tiny_dir, small_squad, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), max_steps=2))
+    assert (out / "summary.json").is_file() and (out / "curves.png").is_file()
+    rmtree = bertqa.files.shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".model.old-" in str(path):
+            raise KeyboardInterrupt  # the new model/ is in place; the old one was being deleted
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(bertqa.files.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), max_steps=2, seed=7))
+    assert json.loads((out / "model" / "run_config.json").read_text())["seed"] == 7
+    names = ("summary.json", "predictions.json", "nbest_predictions.json", "curves.png")
+    assert not any((out / name).exists() for name in names)
+
+
+def test_a_failed_run_into_folders_it_made_leaves_none(tiny_dir, small_squad, tmp_path):
+    """Not even an empty metrics.jsonl (which kept the folders made for the run from being removed)."""
+
+    def crash(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "x" / "y" / "out", log_every=10), on_step=crash)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_without_a_predict_file_removes_an_earlier_runs_predictions(tiny_dir, small_squad, tmp_path,
                                                                           monkeypatch):  # fmt: skip
     out = tmp_path / "run"

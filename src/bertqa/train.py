@@ -403,6 +403,13 @@ class MetricsLog:
             self.tb.close()
             self.tb = None
 
+    def close_on_exit(self, kind, error, traceback) -> None:
+        """close(), as the run's exit callback; a failed run that logged no line leaves no empty file (nor so the
+        folders made for the run, which are removed again when empty)."""
+        self.close()
+        if kind is not None and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()
+
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
     """Loss and learning-rate curves from metrics.jsonl, when matplotlib is installed (else none)."""
@@ -555,7 +562,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     with fail_together(d):  # rank 0 writes; a failure there (a full disk) must not leave the others in DDP's set-up
         metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
     if metrics is not None:
-        held.callback(metrics.close)  # also when a step fails: TensorBoard's last scalars reach the disk
+        held.push(metrics.close_on_exit)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
     # CPU with attention dropout: auto attention branches at KEEP_PROBS_MAX_LEN tokens).
     # Evaluation and saving use the plain module, which shares the weights.
@@ -684,12 +691,16 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         if d.is_main:
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
-            save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-            # The folder now holds this run's model: an earlier run's predictions, summary and curves are not its,
-            # and must not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not
-            # asked for, nor by a failure drawing the curves (nor, without matplotlib, by no curves drawn).
-            for name in (*EvalConfig.WRITES, "curves.png"):
-                remove_output(out_dir / name)
+            try:
+                save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
+            finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
+                if _model_run_id(out_dir / "model") == run_id:
+                    # The folder holds this run's model: an earlier run's predictions, summary and curves are not
+                    # its, and must not be left beside it by an evaluation that fails (out of memory, non-finite
+                    # logits) or not asked for, nor by a failure drawing the curves (nor, without matplotlib, by no
+                    # curves drawn).
+                    for name in (*EvalConfig.WRITES, "curves.png"):
+                        remove_output(out_dir / name)
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
