@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 
 import bertqa.files
 from bertqa.distributed import Dist
-from bertqa.files import _tmp_dir_prefix, atomic_dir, atomic_path, exclusive, remove_stale_temps, scratch_dir
+from bertqa.files import (
+    _tmp_dir_prefix,
+    atomic_dir,
+    atomic_path,
+    exclusive,
+    remove_stale_temps,
+    scratch_dir,
+    write_json_files,
+)
 from bertqa.train import TrainConfig, load_checkpoint, train
 
 STEPS, SAVE_EVERY = 10, 2
@@ -377,6 +385,36 @@ def test_a_folder_named_relatively_from_inside_it_is_replaced_whole(tmp_path, mo
         (new / "config.json").write_text('{"new": 1}')
     monkeypatch.chdir(tmp_path)
     assert list(tmp_path.iterdir()) == [target] and (target / "config.json").read_text() == '{"new": 1}'
+
+
+def test_ctrl_c_during_the_renames_waits_until_they_are_done(tmp_path, monkeypatch):
+    """A set of prediction files (an old predictions.json beside a new n-best was left), and a folder between its
+    two renames (missing until the next save): SIGINT is delivered once the renames are done."""
+    write_json_files({tmp_path / "p.json": {"q": "old"}, tmp_path / "n.json": ["old"]})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    renames = []
+
+    def interrupted(rename):
+        def wrapper(*args):
+            renames.append(args)
+            if len(renames) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at the first rename
+            return rename(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(bertqa.files.os, "replace", interrupted(os.replace))
+    with pytest.raises(KeyboardInterrupt):
+        write_json_files({tmp_path / "p.json": {"q": "new"}, tmp_path / "n.json": ["new"]})
+    assert len(renames) == 2 and json.loads((tmp_path / "n.json").read_text()) == ["new"]
+    assert json.loads((tmp_path / "p.json").read_text()) == {"q": "new"}
+    renames.clear()
+    monkeypatch.setattr(Path, "rename", interrupted(Path.rename))
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "model") as new:
+        (new / "config.json").write_text('{"new": 1}')
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n.json", "p.json"]
 
 
 def test_a_folder_that_cannot_be_moved_aside_leaves_no_old_folder(tmp_path, monkeypatch):

@@ -14,8 +14,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -284,13 +286,35 @@ def write_json_files(files: dict, remove=(), indent: int | None = 4) -> None:
     """Write {path: obj} as one set. Each file goes to a temporary one first; only once all are written are the
     paths in `remove` deleted (an earlier set's files that would not belong with this one) and the files renamed
     into place, one after another in reverse order: the first path lands last. A failure while writing (a value
-    JSON cannot hold, a full disk) leaves every file as it was; the renames are quick, but not one atomic step."""
+    JSON cannot hold, a full disk) leaves every file as it was; the renames are quick, but not one atomic step, so
+    Ctrl-C and SIGTERM wait until they are done (deferred_signals)."""
     with ExitStack() as renames:
         for path, obj in files.items():
             tmp = renames.enter_context(atomic_path(path))
             tmp.write_text(_json_text(obj, indent), encoding="utf-8")
-        for path in remove:
-            remove_output(path)
+        with deferred_signals():
+            for path in remove:
+                remove_output(path)
+            renames.close()
+
+
+@contextmanager
+def deferred_signals():
+    """SIGINT and SIGTERM held back while the block runs, delivered when it ends (Ctrl-C then interrupts after the
+    block, not in it). Python runs signal handlers in the main thread only: elsewhere the block runs as it is."""
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)  # to the handler it was meant for (Ctrl-C: KeyboardInterrupt)
 
 
 def _json_text(obj, indent: int | None) -> str:
@@ -331,26 +355,27 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
                 raise named(e, path if inner is None else path / inner.relative_to(tmp)) from e
             raise
         old = None
-        if path.exists():
-            old, old_fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "old"))
+        with deferred_signals():  # no Ctrl-C between the renames (the folder would be missing) or before the old goes
+            if path.exists():
+                old, old_fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "old"))
+                try:
+                    path.rename(old / path.name)
+                except BaseException:
+                    old.rmdir()  # (empty: the folder did not move)
+                    raise
+                old = old / path.name
             try:
-                path.rename(old / path.name)
+                tmp.rename(path)
             except BaseException:
-                old.rmdir()  # (empty: the folder did not move)
+                if old is not None:
+                    old.rename(path)  # put the previous folder back
+                    old.parent.rmdir()
                 raise
-            old = old / path.name
-        try:
-            tmp.rename(path)
-        except BaseException:
+            done = True
+            if durable:
+                fsync_path(path.parent)
             if old is not None:
-                old.rename(path)  # put the previous folder back
-                old.parent.rmdir()
-            raise
-        if durable:
-            fsync_path(path.parent)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
-        done = True
+                shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for held in (fd, old_fd):
