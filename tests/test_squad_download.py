@@ -99,6 +99,22 @@ def test_a_linked_file_is_written_through_to_its_target_and_keeps_its_mode(serve
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train-v1.1.json"]  # no .part left
 
 
+def test_a_linked_files_place_is_checked_at_its_target_before_anything_is_fetched(server, tmp_path):
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "dl" / "dev-v1.1.json").symlink_to(tmp_path / "nowhere" / "dev-v1.1.json")
+    with pytest.raises(
+        ValueError, match=r"dev-v1\.1\.json: a symbolic link to .*nowhere/dev-v1\.1\.json, whose folder"
+    ):
+        download_squad("1.1", tmp_path / "dl", base_url=server, checksums=SUMS)
+    (tmp_path / "dl" / "dev-v1.1.json").unlink()
+    (tmp_path / "dl" / "dev-v1.1.json").symlink_to(tmp_path / "data" / "dev-v1.1.json")
+    (tmp_path / "data" / "dev-v1.1.json.part").mkdir()
+    with pytest.raises(ValueError, match=r"data/dev-v1\.1\.json\.part: is a folder"):
+        download_squad("1.1", tmp_path / "dl", base_url=server, checksums=SUMS)
+    assert Handler.log == [] and sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["dev-v1.1.json"]
+
+
 def test_a_file_reaches_the_disk_before_it_is_named_complete(server, tmp_path, monkeypatch):
     import bertqa.squad.download as download
 

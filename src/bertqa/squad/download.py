@@ -154,6 +154,9 @@ def download_squad(
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"--dir {directory}: is a file, not a folder; name the folder to download into")
     with folder_for(directory):  # made for a download that fails before it writes anything: removed again
-        for name in SQUAD_FILES[version]:  # every file's place, before the first is fetched
-            _check_place(directory / name)
+        for name in SQUAD_FILES[version]:  # every file's place (a link's: its target's), before the first is fetched
+            target = _target(directory / name)
+            if not target.parent.is_dir():
+                raise ValueError(f"{directory / name}: a symbolic link to {target}, whose folder does not exist")
+            _check_place(target)
         return [download_file(base + name, directory / name, sums[name]) for name in SQUAD_FILES[version]]
