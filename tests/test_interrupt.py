@@ -417,6 +417,21 @@ def test_ctrl_c_during_the_renames_waits_until_they_are_done(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n.json", "p.json"]
 
 
+def test_every_signal_held_is_delivered():
+    """A SIGTERM held after a Ctrl-C reaches its handler too (the KeyboardInterrupt of the first stopped the rest),
+    and both handlers are back afterwards."""
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt), bertqa.files.deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held
+        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_folder_that_cannot_be_moved_aside_leaves_no_old_folder(tmp_path, monkeypatch):
     """Replacing a folder that cannot be renamed (the current folder: EBUSY) fails whole: the folder as it was and
     nothing beside it (the empty `.NAME.old-*` folder made for it was left behind)."""

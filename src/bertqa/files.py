@@ -302,19 +302,30 @@ def write_json_files(files: dict, remove=(), indent: int | None = 4) -> None:
 def deferred_signals():
     """SIGINT and SIGTERM held back while the block runs, delivered when it ends (Ctrl-C then interrupts after the
     block, not in it). Python runs signal handlers in the main thread only: elsewhere the block runs as it is."""
-    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending = []
+    # SIGINT's hold first and its handler back last: a Ctrl-C between two of these steps is held, or raises once
+    # every other handler is back.
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]  # None: set from C
     handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signals}
     try:
         yield
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)  # to the handler it was meant for (Ctrl-C: KeyboardInterrupt)
+        for s in reversed(signals):
+            signal.signal(s, handlers[s])
+        _deliver(sorted(set(pending), key=signals.index, reverse=True))  # SIGTERM first
+
+
+def _deliver(signals: list) -> None:
+    """Raise each signal to the handler it was meant for, every one even when one raises (Ctrl-C:
+    KeyboardInterrupt)."""
+    if signals:
+        try:
+            signal.raise_signal(signals[0])
+        finally:
+            _deliver(signals[1:])
 
 
 def _json_text(obj, indent: int | None) -> str:
