@@ -450,6 +450,22 @@ def test_ctrl_c_while_the_previous_model_is_deleted_leaves_no_earlier_results_be
     assert not any((out / name).exists() for name in names)
 
 
+def test_a_resumed_finished_run_whose_model_save_fails_keeps_its_results(tiny_dir, small_squad, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """Its run id is its checkpoint's, so model/ (still its own) carries it: that is not this save's doing."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), max_steps=2))
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "predictions.json", "curves.png")}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bertqa.train, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), max_steps=2, resume=True))
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_a_failed_run_into_folders_it_made_leaves_none(tiny_dir, small_squad, tmp_path):
     """Not even an empty metrics.jsonl (which kept the folders made for the run from being removed)."""
 

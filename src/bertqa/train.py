@@ -691,10 +691,13 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         if d.is_main:
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
+            before, saved = _model_run_id(out_dir / "model"), False
             try:
                 save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
+                saved = True
             finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
-                if _model_run_id(out_dir / "model") == run_id:
+                # (a resumed run's id is its checkpoint's: a failed save leaves its own model and results as they were)
+                if _model_run_id(out_dir / "model") == run_id and (saved or before != run_id):
                     # The folder holds this run's model: an earlier run's predictions, summary and curves are not
                     # its, and must not be left beside it by an evaluation that fails (out of memory, non-finite
                     # logits) or not asked for, nor by a failure drawing the curves (nor, without matplotlib, by no
