@@ -97,8 +97,12 @@ class BertConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
 
+    def settings(self) -> dict:
+        """The fields bertqa reads and checks, without config.json's other entries (`extra`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        d = self.settings()
         # The source's weight dtype is not carried: bertqa saves fp32 weights, and transformers loads a model in
         # the dtype its config.json names ("auto", its default, reads it there first).
         # Nor are its labels: transformers sizes qa_outputs by num_labels (len(id2label)), and bertqa's has 2.

@@ -201,8 +201,7 @@ COMPARED_BY_CONTENT = {"model": "model_config", "config": "model_config", "train
 
 def config_digest(config) -> str:
     """A hash of the model settings training depends on (config.json's fields bertqa reads, not its extras)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(config.settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved: dict) -> None:
