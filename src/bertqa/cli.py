@@ -28,7 +28,8 @@ def cmd_convert(args):
     if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
-    if dst.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+    cwd = Path.cwd().resolve()
+    if dst.resolve() in (cwd, *cwd.parents):
         raise UsageError(f"DST {args.dst}: it holds the current folder, which replacing it would delete; name a new "
                          "folder or run from another")  # fmt: skip
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
