@@ -25,7 +25,6 @@ than --save-every.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import re
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from bertqa.files import folder_for
 
 
 def train_cmd(a, out: Path, resume: bool) -> list[str]:
@@ -139,26 +140,24 @@ def main() -> int:
             sys.exit(f"soak_resume: {flag} {path}: no such file or folder")
     if work.exists() and (not work.is_dir() or any(work.iterdir())):
         sys.exit(f"soak_resume: {work} is not an empty folder; pass a new --workdir")
-    made = list(itertools.takewhile(lambda folder: not folder.exists(), (work, *work.parents)))  # deepest first
-    (work / "logs").mkdir(parents=True)
     rng = random.Random(a.seed)
 
     # The reference run, timed: start-up (until it starts training), one step, and the end (final save, plots).
     t0 = time.monotonic()
     ref = work / "reference"
-    with open(work / "logs" / "reference.log", "w") as log:
-        proc = subprocess.Popen(train_cmd(a, ref, False), stdout=log, stderr=subprocess.STDOUT)
-        with killed_on_exit(proc):
-            wait_until_training(proc, Path(log.name))
-            startup_s = time.monotonic() - t0
-            proc.wait()
-    if proc.returncode != 0:  # bertqa's own one-line error is the log's last line; the workdir is emptied again
-        lines = (work / "logs" / "reference.log").read_text(errors="replace").strip().splitlines() or ["(no output)"]
-        for inner in work.iterdir():
-            shutil.rmtree(inner)
-        for folder in made:
-            folder.rmdir()
-        sys.exit(f"soak_resume: the reference run failed: {lines[-1]}")
+    with folder_for(work):  # the folders made for the workdir go again (emptied) when the reference run fails
+        (work / "logs").mkdir()
+        with open(work / "logs" / "reference.log", "w") as log:
+            proc = subprocess.Popen(train_cmd(a, ref, False), stdout=log, stderr=subprocess.STDOUT)
+            with killed_on_exit(proc):
+                wait_until_training(proc, Path(log.name))
+                startup_s = time.monotonic() - t0
+                proc.wait()
+        if proc.returncode != 0:  # bertqa's own one-line error is the log's last line
+            lines = Path(log.name).read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            for inner in work.iterdir():
+                shutil.rmtree(inner)
+            sys.exit(f"soak_resume: the reference run failed: {lines[-1]}")
     loop_s = json.loads((ref / "summary.json").read_text())["e2e_train_time"]
     ref_step_s = loop_s / a.steps
     end_s = max(0.0, time.monotonic() - t0 - startup_s - loop_s)
