@@ -418,6 +418,75 @@ def test_metrics_reach_the_disk_before_each_checkpoint(tiny_dir, small_squad, tm
     assert order == ["metrics", "checkpoint"] * 3  # steps 2, 4 and 6: a power loss keeps the lines a resume skips
 
 
+def test_a_fresh_run_into_a_finished_runs_folder_keeps_its_metrics_until_its_first_checkpoint(
+    tiny_dir, small_squad, tmp_path
+):
+    """The earlier run's checkpoint stays until the new run's first save: its lines must stay with it, else a
+    --resume of it goes on with the failed run's lines (and the earlier run's curves are lost)."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1))
+    os.chmod(out / "metrics.jsonl", 0o640)
+    earlier = (out / "metrics.jsonl").read_bytes()
+
+    def crash(step, loss):
+        if step == 3:
+            raise RuntimeError("a failed step")
+
+    for save_every in (0, 2):  # no checkpoint before the failure; then one at step 2
+        with pytest.raises(RuntimeError, match="a failed step"):
+            train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, seed=7, save_every=save_every),
+                  on_step=crash)  # fmt: skip
+        assert not list(out.glob(".metrics*"))
+        assert os.stat(out / "metrics.jsonl").st_mode & 0o777 == 0o640
+        if save_every == 0:
+            assert (out / "metrics.jsonl").read_bytes() == earlier
+            train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, resume=True))  # the finished run
+            assert (out / "metrics.jsonl").read_bytes() == earlier
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]  # the new run's, up to its failure
+
+
+def test_a_fresh_run_killed_before_or_after_its_first_checkpoint_leaves_the_lines_that_go_with_the_checkpoint(
+    tmp_path,
+):
+    from bertqa.train import MetricsLog
+
+    def lines():
+        return [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+
+    def killed(run_id, checkpoint_run_id, steps, loss):  # a fresh run into the folder, killed outright
+        log = MetricsLog(tmp_path, False, 0, run_id, checkpoint_run_id, keep_earlier=True)
+        for step in steps:
+            log.log({"step": step, "loss": loss})
+        log.file.close()  # (no close_on_exit: the process is gone)
+
+    log = MetricsLog(tmp_path, False, 0, "a")
+    for step in (1, 2, 3, 4):
+        log.log({"step": step, "loss": 1.0})
+    log.close()
+    killed("b", "a", (1, 2), 2.0)  # before its first checkpoint: the folder's checkpoint is still run a's
+    assert lines() == [(1, 2.0), (2, 2.0)] and len(list(tmp_path.glob(".metrics.jsonl.before-*"))) == 1
+    MetricsLog(tmp_path, False, 4, "a", "a").close()  # --resume of run a (finished at step 4)
+    assert lines() == [(s, 1.0) for s in (1, 2, 3, 4)] and not list(tmp_path.glob(".metrics*"))
+    killed("c", "a", (1, 2, 3), 3.0)  # after its checkpoint at step 2 was saved, before the lines were its own
+    MetricsLog(tmp_path, False, 2, "c", "c").close()  # --resume of run c
+    assert lines() == [(1, 3.0), (2, 3.0)] and not list(tmp_path.glob(".metrics*"))
+
+
+def test_a_fresh_run_whose_metrics_file_cannot_be_started_leaves_the_earlier_one(tmp_path, monkeypatch):
+    from bertqa.train import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+
+    def disk_full(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(bertqa.train, "atomic_path", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        MetricsLog(tmp_path, False, 0, "b", "a", keep_earlier=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4, "loss": 1.0}\n'
+
+
 def test_the_metrics_file_is_closed_when_a_step_fails(tiny_dir, small_squad, tmp_path):
     def crash(step, loss):
         if step == 3:

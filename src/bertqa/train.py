@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import stat
 import time
 import uuid
 import warnings
@@ -286,12 +287,13 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, 
 
 
 def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | None = None,
-                      resolved: dict | None = None) -> None:  # fmt: skip
+                      resolved: dict | None = None) -> str | None:  # fmt: skip
     """A run started afresh (no --resume) writes its own checkpoint over OUTPUT/checkpoint.pt at its first save:
     refuse where that file may hold a run that stopped short, whose steps would be lost. A finished run's
     checkpoint (the demo's rerun into the same folder) is replaced as before. Read memory-mapped where it can
     be: the step, not gigabytes of weights. Without `total_steps` and `resolved` (not known yet) a checkpoint
-    from before totals were recorded is let through, to be judged when they are."""
+    from before totals were recorded is let through, to be judged when they are. Returns the run id the
+    checkpoint records (None where it records none)."""
     unknown = f"{path}: a checkpoint is here, and how far its run got cannot be told"
     try:
         try:
@@ -305,7 +307,7 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
         raise ValueError(f"{unknown} ({type(e).__name__}); {BAD_CHECKPOINT}") from None
     if total is None:  # written before checkpoints recorded their total: this run's, if it is the same run
         if total_steps is None:
-            return
+            return None
         try:
             check_resumable(path, state, cfg, d, resolved)
         except (ValueError, KeyError, TypeError):
@@ -322,6 +324,7 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
     if state.get("run_id") is not None and _model_run_id(path.parent / "model") != state["run_id"]:
         raise ValueError(f"{path}: the run here finished but its model/ was not saved; --resume saves it, or move "
                          "the checkpoint away (or use another --output-dir) to start over")  # fmt: skip
+    return state.get("run_id")
 
 
 def _model_run_id(folder: Path) -> str | None:
@@ -353,17 +356,35 @@ def all_finite(d: Dist, *values):
 
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard scalars) on rank 0: on a resume, the lines up to `resume_step`, which the
-    resumed run goes on from; else none of an earlier run's."""
+    resumed run goes on from; else none of an earlier run's.
 
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0):
+    A fresh run into a folder whose checkpoint is an earlier (finished) run's (`keep_earlier`) sets that run's
+    lines aside, as `.metrics.jsonl.before-RUN_ID` (this run's id), until its own first checkpoint replaces the
+    earlier one (`checkpointed`): a run that fails before then puts them back, and one killed outright has them
+    put back at the next start into the folder (`checkpoint_run_id` is not its id), so that the folder's
+    checkpoint and its metrics.jsonl always go together, as a --resume needs them."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0, run_id: str = "",
+                 checkpoint_run_id: str | None = None, keep_earlier: bool = False):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
+        self.earlier = None  # where an earlier run's lines are set aside, until this run's first checkpoint
         if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
             from torch.utils.tensorboard import SummaryWriter
 
             # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on a
             # resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's curves).
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
+        real = Path(os.path.realpath(self.path))  # (a link's target is what is written, and set aside beside it)
+        for aside in real.parent.glob(f".{real.name}.before-*"):  # a killed fresh run's: see the class
+            run = aside.name.rpartition(".before-")[2]
+            try:
+                if run == checkpoint_run_id:  # that run's checkpoint was saved: the lines are its, not these
+                    aside.unlink()
+                else:  # killed before its first checkpoint: the folder's lines are these
+                    os.replace(aside, real)
+            except OSError as e:
+                raise named(e, aside) from e
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
@@ -374,9 +395,24 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
+        mode = None
+        if keep_earlier and real.is_file():
+            self.earlier = real.with_name(f".{real.name}.before-{run_id}")
+            mode = stat.S_IMODE(real.stat().st_mode)
+            try:
+                os.replace(real, self.earlier)
+            except OSError as e:
+                raise named(e, real) from e
         # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        except BaseException:
+            if self.earlier is not None:  # (a full disk): the earlier lines stay the folder's
+                os.replace(self.earlier, real)
+            raise
+        if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's)
+            os.chmod(real, mode)
         # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
         self.file = open(self.path, "ab", buffering=0)
 
@@ -402,11 +438,24 @@ class MetricsLog:
             self.tb.close()
             self.tb = None
 
+    def checkpointed(self) -> None:
+        """This run's checkpoint is saved: an earlier run's lines set aside are no longer the folder's."""
+        if self.earlier is not None:
+            self.earlier.unlink(missing_ok=True)
+            self.earlier = None
+
     def close_on_exit(self, kind, error, traceback) -> None:
         """close(), as the run's exit callback; a failed run that logged no line leaves no empty file (nor so the
-        folders made for the run, which are removed again when empty)."""
+        folders made for the run, which are removed again when empty); one that failed before its first
+        checkpoint puts back the earlier run's lines it set aside."""
         self.close()
-        if kind is not None and self.path.is_file() and self.path.stat().st_size == 0:
+        if kind is None:
+            return
+        if self.earlier is not None:
+            with contextlib.suppress(OSError):  # (else at the next start into the folder; the run's error stands)
+                os.replace(self.earlier, os.path.realpath(self.path))
+            self.earlier = None
+        elif self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
 
 
@@ -518,9 +567,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     with fail_together(d):
         if d.is_main and not claimed:
             _claim(out_dir, held)
+        checkpoint_run_id = None  # the run id of the checkpoint in the folder (a fresh run replaces it)
         if not cfg.resume and ckpt_path.is_file():  # again: another run may have written it in the meantime
             # (a checkpoint without a total is older than any with a recorded schedule)
-            refuse_to_replace(ckpt_path, cfg, d, older_schedule[0], resolved)
+            checkpoint_run_id = refuse_to_replace(ckpt_path, cfg, d, older_schedule[0], resolved)
     run_id = uuid.uuid4().hex  # a resumed run keeps its checkpoint's
     found = cfg.resume and ckpt_path.is_file()
     if cfg.resume and d.enabled and len(set(seen := all_gather_objects(d, found))) > 1:
@@ -547,7 +597,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
             raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
         start_step, prior_seconds = state["step"], state.get("train_seconds")
-        run_id = state.get("run_id") or run_id
+        run_id = checkpoint_run_id = state.get("run_id") or run_id
         if d.is_main:
             print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
     elif cfg.resume and d.is_main:
@@ -559,7 +609,10 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
     with fail_together(d):  # rank 0 writes; a failure there (a full disk) must not leave the others in DDP's set-up
-        metrics = MetricsLog(out_dir, cfg.tensorboard, resume_step=start_step) if d.is_main else None
+        metrics = None
+        if d.is_main:
+            metrics = MetricsLog(out_dir, cfg.tensorboard, start_step, run_id, checkpoint_run_id,
+                                 keep_earlier=not found and ckpt_path.is_file())  # fmt: skip
     if metrics is not None:
         held.push(metrics.close_on_exit)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
@@ -584,6 +637,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg,
                             d, final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
                             run_id)  # fmt: skip
+            if metrics is not None:
+                metrics.checkpointed()
 
     batches, batches_epoch = None, -1
     t0 = time.perf_counter()
