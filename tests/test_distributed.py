@@ -258,8 +258,15 @@ def test_ranks_end_cleanly_after_ddp_and_a_gather():
     ({"WORLD_SIZE": "2", "RANK": "-1"}, "environment variable RANK='-1': expected an integer >= 0"),
     ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2: must be below WORLD_SIZE=2"),
     # torch's own errors for these name no variable ("invalid literal for int() with base 10: 'abc'")
-    ({"WORLD_SIZE": "2", "MASTER_PORT": "abc"}, "environment variable MASTER_PORT='abc': expected a port number, 0 to 65535"),
-    ({"WORLD_SIZE": "2", "MASTER_PORT": "99999"}, "environment variable MASTER_PORT='99999': expected a port number, 0 to 65535"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "abc"}, "environment variable MASTER_PORT='abc': expected a port number, 1 to 65535"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "99999"}, "environment variable MASTER_PORT='99999': expected a port number, 1 to 65535"),
+    # Port 0 binds rank 0 to a random port that the others, dialling 0, never find: a 30-minute wait.
+    ({"WORLD_SIZE": "2", "MASTER_PORT": "0"}, "environment variable MASTER_PORT='0': expected a port number, 1 to 65535"),
+    # torch's store takes a C int ("incompatible constructor arguments", an internal error)
+    ({"WORLD_SIZE": "2147483648"}, "environment variable WORLD_SIZE='2147483648': expected an integer from 1 to 2147483647"),
+    # torch.device's index is 8 bits: LOCAL_RANK 256 was cuda:0, silently
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "256"}, "environment variable LOCAL_RANK='256': expected an integer from 0 to 127"),
+    ({"LOCAL_RANK": "99999999999999999999"}, "environment variable LOCAL_RANK='99999999999999999999': expected an integer from 0 to 127"),
 ])  # fmt: skip
 def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: pytest.fail("tried to meet"))

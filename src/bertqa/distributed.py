@@ -74,8 +74,9 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _env_int(name: str, default: int, least: int) -> int:
-    """A torchrun variable as an integer >= least, or a one-line error naming it."""
+def _env_int(name: str, default: int, least: int, most: int = 2**31 - 1) -> int:
+    """A torchrun variable as an integer from least to most, or a one-line error naming it. (torch keeps sizes
+    and ranks in C ints, and a device index in 8 bits, which wraps round without a word.)"""
     raw = os.environ.get(name, "").strip() or str(default)
     try:
         value = int(raw)
@@ -83,7 +84,12 @@ def _env_int(name: str, default: int, least: int) -> int:
         value = None
     if value is None or value < least:
         raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {least}")
+    if value > most:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer from {least} to {most}")
     return value
+
+
+MAX_DEVICE_INDEX = 127  # torch.device keeps its index in 8 bits: cuda:256 is cuda:0
 
 
 def is_rank_zero() -> bool:
@@ -105,7 +111,7 @@ EXIT_PAUSE_S = 0.1
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
     world = _env_int("WORLD_SIZE", 1, 1)
-    rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
+    rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0, most=MAX_DEVICE_INDEX)
     if rank >= world:
         raise ValueError(f"environment variable RANK={rank}: must be below WORLD_SIZE={world}")
     device = resolve_device(device_name, local_rank)
@@ -125,8 +131,9 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     if backend is None:
         backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     port = os.environ.get("MASTER_PORT", "").strip()
-    if port and not (port.isdecimal() and int(port) <= 65535):  # torch's own error would not name it
-        raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 0 to 65535")
+    # torch's own error would not name it; port 0 (any free one) would leave the other ranks no way to reach rank 0
+    if port and not (port.isdecimal() and 1 <= int(port) <= 65535):
+        raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 1 to 65535")
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
