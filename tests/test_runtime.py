@@ -348,6 +348,55 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["c"] and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_folder_named_through_a_link_and_dotdot_is_the_one_the_checks_saw(tmp_path, monkeypatch):
+    """`link/../mine` is, to the kernel (and to every check before the run), `mine` beside where the link leads;
+    atomic_dir read it as text, and replaced the user's own `mine` beside the link."""
+    from bertqa.files import check_output_dir
+
+    (tmp_path / "real" / "deep" / "x").mkdir(parents=True)
+    (tmp_path / "work" / "mine").mkdir(parents=True)
+    (tmp_path / "work" / "mine" / "notes.txt").write_text("the user's")
+    (tmp_path / "work" / "link").symlink_to("../real/deep/x")
+    monkeypatch.chdir(tmp_path / "work")
+    check_output_dir("link/..", writes=("mine/",))  # there is no `mine` where it looks: nothing to refuse
+    with atomic_dir("link/../mine") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "work" / "mine" / "notes.txt").read_text() == "the user's"
+    assert [p.name for p in (tmp_path / "real" / "deep" / "mine").iterdir()] == ["config.json"]
+
+
+def test_a_failed_write_through_dotdot_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from bertqa.files import write_json_files
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError):
+        write_json_files({"new/../x/p.json": {"a": float("nan")}})  # JSON has no NaN
+    assert list(tmp_path.iterdir()) == []  # `new` was made for it too
+
+
+def test_output_checks_look_where_links_lead(tmp_path):
+    from bertqa.files import check_output, check_output_dir
+
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "sub")
+    with pytest.raises(ValueError, match=r"--output .*gone/p.json: its folder .*gone: a symbolic link to nothing"):
+        check_output(tmp_path / "gone" / "p.json", ".json")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "link.json").symlink_to(tmp_path / "afile" / "real.json")  # written through: into a file
+    with pytest.raises(ValueError, match=r"cannot write in .*afile"):
+        check_output(tmp_path / "link.json", ".json")
+    # A --model file that is a link (an HF cache's snapshot): its folder holds the config and tokenizer it reads.
+    model = tmp_path / "out" / "model"
+    model.mkdir(parents=True)
+    for name in ("config.json", "vocab.txt"):
+        (model / name).write_text("{}")
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_bytes(b"weights")
+    (model / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    for given in (model, model / "model.safetensors"):
+        with pytest.raises(ValueError, match="would write .*model over --model .*, its own input"):
+            check_output_dir(tmp_path / "out", writes=("model/",), inputs={"--model": str(given)})
+
+
 def test_a_failed_atomic_write_removes_the_folders_it_made_and_names_its_output(tmp_path, monkeypatch):
     import functools
     import tempfile

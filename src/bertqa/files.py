@@ -168,7 +168,8 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
     check_not_inputs([path, *others], inputs, f"--output {output}")
-    _check_writable(path.absolute().parents, f"--output {output}")
+    check_no_dangling_link(path.parent, f"--output {output}: its folder")
+    _check_writable(_target(path).absolute().parents, f"--output {output}")  # (where a link to a file leads)
     return path
 
 
@@ -209,7 +210,7 @@ def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
         folder = real if real.is_dir() else Path(given).absolute().parent.resolve() if flag == "--model" else None
         for out in outputs:
             resolved = Path(out).resolve()
-            if resolved in (real, *real.parents):
+            if resolved in (real, *real.parents) or (folder is not None and resolved in (folder, *folder.parents)):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
             if folder is not None and _model_file_of(Path(out), folder):
                 raise ValueError(f"{what}: this run would write {out} over a file it reads from {flag} {given}")
@@ -341,7 +342,10 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     `durable`: everything in the folder, then the folder, is flushed to disk before the renames, and the renames
     before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
     the old one is the user's previous model)."""
-    path = Path(os.path.abspath(_target(path)))  # relative names would be looked up in a current folder moved aside
+    # Absolute, as the kernel reads it: relative names would be looked up in a current folder moved aside, and ".."
+    # after a link is the parent of where the link leads (the checks before the run saw that folder), not of the link.
+    path = _target(path)
+    path = Path(os.path.realpath(path.parent)) / path.name
     made = _make_folder(path.parent)
     clear_killed(path.parent, _tmp_dir_prefix(path, "old"), restore=path)
     clear_killed(path.parent, _tmp_dir_prefix(path, "tmp"))
@@ -598,6 +602,7 @@ def folder_for(folder: str | os.PathLike):
 def _make_folder(folder: Path) -> list[Path]:
     """mkdir -p; returns the folders it made, deepest first."""
     made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
+    made = [p for p in made if p.name != ".."]  # ("new/.." is the folder it is in: no folder made)
     folder.mkdir(parents=True, exist_ok=True)
     return made
 
