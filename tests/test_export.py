@@ -67,6 +67,9 @@ def test_parity_at_other_batch_sizes_and_lengths(fp32_graph, tiny_dir):
             assert a.shape == b.shape and a.dtype == np.float32
             assert np.array_equal(np.isneginf(a), np.isneginf(b))  # the same -inf beyond each batch's length
             assert np.abs(a[real] - b[real]).max() <= 1e-4
+    # No windows asked for, as a plain list (an empty list is an array of floats to numpy): no logits.
+    for got in (runner.predict_logits(features, []), predict_logits(model, features, [], 2, torch.device("cpu"))):
+        assert [(a.shape, a.dtype) for a in got] == [((0, features.max_seq_length), np.float32)] * 2
 
 
 def test_int8_is_smaller_and_keeps_the_answers(reuse_trace, fp32_graph, tiny_dir, tmp_path, capsys):

@@ -33,6 +33,8 @@ def batched_logits(features, indices, batch_size: int, run, progress: bool = Fal
     `should_stop()`, asked before each batch, abandons the work when True (raises Abandoned)."""
     L = features.max_seq_length
     indices = np.asarray(indices)
+    if not len(indices):  # ([] is an array of floats, which cannot index)
+        indices = indices.astype(np.intp)
     start = np.full((len(indices), L), -np.inf, dtype=np.float32)
     end = np.full((len(indices), L), -np.inf, dtype=np.float32)
     order = np.argsort(features.lengths[indices], kind="stable")
