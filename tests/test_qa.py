@@ -110,6 +110,22 @@ def test_answering_again_reuses_the_packed_bf16_weights(qa_model_dir, tiny_squad
     assert qa(q2, c2) and qa(q, c) == first and qa.model.qa_outputs._packed is packed
 
 
+def test_a_precision_resolved_already_is_used_as_it_is_and_not_warned_of_again(qa_model_dir, monkeypatch, caplog):
+    """serve resolves the precision for its start-up line, then loads the model: an emulated bf16 was warned of
+    twice."""
+    import bertqa.runtime
+    from bertqa.runtime import Precision
+
+    monkeypatch.setattr(bertqa.runtime, "native_precision", lambda *args: (False, "this CPU (mocked) lacks bf16"))
+    with caplog.at_level("WARNING", logger="bertqa"):
+        resolved = Precision.resolve("bf16", torch.device("cpu"))
+        qa = QuestionAnswerer.from_pretrained(qa_model_dir, device="cpu", precision=resolved)
+    assert qa.precision is resolved
+    assert [r.getMessage() for r in caplog.records].count(
+        "this CPU (mocked) lacks bf16: bf16 will be emulated, far slower than fp32"
+    ) == 1
+
+
 def hf_pipeline_answer(model, tokenizer, question, context, max_answer_len=30):
     """The removed HF pipeline's decoding for a context that fits one window, written out: softmax over the
     context tokens and [CLS] (everything else masked), [CLS] then zeroed, P(start) * P(end) over spans

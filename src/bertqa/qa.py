@@ -235,11 +235,12 @@ class QuestionAnswerer:
         self.name = name
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, precision: str | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, device=None, precision: str | Precision | None = None,
                         batch_size: int | None = None, attention: str = "auto", trust_pickle: bool = False,
                         config=None) -> QuestionAnswerer:  # fmt: skip
         """Load a fine-tuned checkpoint (anything `load_model` reads, with its tokenizer beside it). `device`:
-        default the accelerator if present; `precision`: auto (default), fp32, tf32, bf16 or fp16; `batch_size`:
+        default the accelerator if present; `precision`: auto (default), fp32, tf32, bf16 or fp16 (or a Precision
+        already resolved for the device, as `serve` has, which then says nothing of it again); `batch_size`:
         windows per forward pass (default 128 on a CUDA GPU, else 32)."""
         from .distributed import resolve_device
 
@@ -249,7 +250,9 @@ class QuestionAnswerer:
         model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
                            attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
         tokenizer = load_tokenizer(path, config=model.config)
-        return cls(model, tokenizer, device, Precision.resolve(precision, device), batch_size, str(path))
+        if not isinstance(precision, Precision):
+            precision = Precision.resolve(precision, device)
+        return cls(model, tokenizer, device, precision, batch_size, str(path))
 
     @property
     def config(self):

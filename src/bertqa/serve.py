@@ -771,7 +771,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     failed: list[Exception] = []
 
     def load():
-        return QuestionAnswerer.from_pretrained(model, device=device, precision=precision, config=config,
+        return QuestionAnswerer.from_pretrained(model, device=device, precision=resolved, config=config,
                                                 trust_pickle=trust_pickle)  # fmt: skip
 
     def stop(error: Exception) -> None:
