@@ -365,6 +365,26 @@ def test_a_folder_named_through_a_link_and_dotdot_is_the_one_the_checks_saw(tmp_
     assert [p.name for p in (tmp_path / "real" / "deep" / "mine").iterdir()] == ["config.json"]
 
 
+def test_a_folder_that_cannot_be_moved_aside_is_named_alone(tmp_path, monkeypatch):
+    """Moving a folder to another parent needs it writable: the error named the temporary folder too, gone by then."""
+    import pathlib
+
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w").write_text("old")
+    rename = pathlib.Path.rename
+
+    def refused(self, target):
+        if ".model.old-" in str(target):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self), None, str(target))
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", refused)
+    with pytest.raises(PermissionError) as e, atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w").write_text("new")
+    assert str(e.value) == f"[Errno {errno.EACCES}] {os.strerror(errno.EACCES)}: '{tmp_path / 'model'}'"
+    assert (tmp_path / "model" / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_a_failed_write_through_dotdot_removes_the_folders_it_made(tmp_path, monkeypatch):
     from bertqa.files import write_json_files
 

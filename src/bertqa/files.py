@@ -375,8 +375,10 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
                 old, old_fd = _locked_temp_dir(path, _tmp_dir_prefix(path, "old"))
                 try:
                     path.rename(old / path.name)
-                except BaseException:
+                except BaseException as e:
                     old.rmdir()  # (empty: the folder did not move)
+                    if isinstance(e, OSError) and e.strerror:  # (a folder not writable: its own name, not the gone one)
+                        raise named(e, path) from e
                     raise
                 old = old / path.name
             try:
