@@ -370,7 +370,7 @@ def test_a_folder_that_cannot_be_moved_aside_is_named_alone(tmp_path, monkeypatc
     import pathlib
 
     with atomic_dir(tmp_path / "model") as tmp:
-        (tmp / "w").write_text("old")
+        (tmp / "config.json").write_text("old")
     rename = pathlib.Path.rename
 
     def refused(self, target):
@@ -380,9 +380,21 @@ def test_a_folder_that_cannot_be_moved_aside_is_named_alone(tmp_path, monkeypatc
 
     monkeypatch.setattr(pathlib.Path, "rename", refused)
     with pytest.raises(PermissionError) as e, atomic_dir(tmp_path / "model") as tmp:
-        (tmp / "w").write_text("new")
+        (tmp / "config.json").write_text("new")
     assert str(e.value) == f"[Errno {errno.EACCES}] {os.strerror(errno.EACCES)}: '{tmp_path / 'model'}'"
-    assert (tmp_path / "model" / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (tmp_path / "model" / "config.json").read_text() == "old" and list(tmp_path.iterdir()) == [
+        tmp_path / "model"
+    ]
+    # The check before a run (train's --output-dir, convert's folder) refuses it first, not after the work.
+    from bertqa.checkpoint import CheckpointError, check_save_target
+    from bertqa.files import check_output_dir
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "model" and access(p, mode))
+    with pytest.raises(ValueError, match=r"model/? cannot be replaced: it is not writable here"):
+        check_output_dir(tmp_path, writes=("model/",))
+    with pytest.raises(CheckpointError, match=r"model: cannot be replaced: it is not writable here"):
+        check_save_target(tmp_path / "model")
 
 
 def test_a_failed_write_through_dotdot_removes_the_folders_it_made(tmp_path, monkeypatch):

@@ -355,6 +355,8 @@ def check_save_target(directory: str | os.PathLike) -> None:
     if why:
         raise CheckpointError(f"{directory}: exists and is not a model folder ({why}), and saving replaces the whole "
                               "folder; name a new folder")  # fmt: skip
+    if Path(directory).is_dir() and not os.access(directory, os.W_OK | os.X_OK):  # (moving it aside writes in it)
+        raise CheckpointError(f"{directory}: cannot be replaced: it is not writable here")
 
 
 def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,

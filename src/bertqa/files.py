@@ -263,6 +263,9 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
         if why:
             raise ValueError(f"{flag} {output_dir}: {path / name} exists and is not a model folder ({why}), and this "
                              "run replaces it whole with its model; move it, or name another folder")  # fmt: skip
+        if name.endswith("/") and (path / name).is_dir() and not os.access(path / name, os.W_OK | os.X_OK):
+            # (a folder moved to another folder is written in: its ".." changes)
+            raise ValueError(f"{flag} {output_dir}: {path / name} cannot be replaced: it is not writable here")
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     return path
 
