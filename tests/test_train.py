@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,6 +444,29 @@ def test_a_fresh_run_into_a_finished_runs_folder_keeps_its_metrics_until_its_fir
             train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, resume=True))  # the finished run
             assert (out / "metrics.jsonl").read_bytes() == earlier
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]  # the new run's, up to its failure
+
+
+def test_a_fresh_run_stopped_once_its_checkpoint_is_renamed_keeps_its_own_lines(tiny_dir, small_squad, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """Ctrl-C (or an I/O error) while the folder is flushed after the checkpoint's rename: the checkpoint is this
+    run's, and so must the lines be (they were put back to the earlier run's)."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1))
+    earlier = (out / "metrics.jsonl").read_bytes()
+    fsync = bertqa.files.fsync_path
+
+    def interrupted(path):
+        if Path(path) == out:
+            raise KeyboardInterrupt
+        return fsync(path)
+
+    monkeypatch.setattr(bertqa.files, "fsync_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, seed=7, save_every=2))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "metrics.jsonl").read_bytes() != earlier[: len((out / "metrics.jsonl").read_bytes())]
+    assert not list(out.glob(".metrics*"))
 
 
 def test_a_fresh_run_killed_before_or_after_its_first_checkpoint_leaves_the_lines_that_go_with_the_checkpoint(

@@ -397,6 +397,9 @@ class MetricsLog:
                 kept.append(line)
         mode = None
         if keep_earlier and real.is_file():
+            # The checkpoint as it is now: a failure once this run's own has replaced it (its folder's fsync failing
+            # after the rename, say) keeps this run's lines, as the next start after a kill at that point would.
+            self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, _file_id(out_dir / CHECKPOINT)
             self.earlier = real.with_name(f".{real.name}.before-{run_id}")
             mode = stat.S_IMODE(real.stat().st_mode)
             try:
@@ -453,10 +456,22 @@ class MetricsLog:
             return
         if self.earlier is not None:
             with contextlib.suppress(OSError):  # (else at the next start into the folder; the run's error stands)
-                os.replace(self.earlier, os.path.realpath(self.path))
+                if _file_id(self.checkpoint) != self.checkpoint_id:  # this run's checkpoint: its lines are the folder's
+                    self.earlier.unlink()
+                else:
+                    os.replace(self.earlier, os.path.realpath(self.path))
             self.earlier = None
         elif self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file `path` is now (a file replaced by a rename is another), None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
