@@ -63,6 +63,9 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     if device.type != "cpu" and device.index is None:
         # One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank, Slurm's --gpus-per-task=1): its own is 0.
         alone = device.type == "cuda" and torch.cuda.device_count() == 1
+        if not alone and local_rank > MAX_DEVICE_INDEX:
+            raise ValueError(f"environment variable LOCAL_RANK={local_rank}: above {MAX_DEVICE_INDEX}, the highest "
+                             f"{device.type} device index torch can hold; give each process one device, or --device cpu")  # fmt: skip
         device = torch.device(device.type, 0 if alone else local_rank)
         if local_rank:
             what += f" as {device} (LOCAL_RANK {local_rank}{', its one visible GPU' if alone else ''})"
@@ -111,7 +114,7 @@ EXIT_PAUSE_S = 0.1
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
     world = _env_int("WORLD_SIZE", 1, 1)
-    rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0, most=MAX_DEVICE_INDEX)
+    rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
     if rank >= world:
         raise ValueError(f"environment variable RANK={rank}: must be below WORLD_SIZE={world}")
     device = resolve_device(device_name, local_rank)
