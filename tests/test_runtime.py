@@ -404,6 +404,10 @@ def test_a_failed_write_through_dotdot_removes_the_folders_it_made(tmp_path, mon
     with pytest.raises(ValueError):
         write_json_files({"new/../x/p.json": {"a": float("nan")}})  # JSON has no NaN
     assert list(tmp_path.iterdir()) == []  # `new` was made for it too
+    (tmp_path / "x").mkdir()  # the user's own (empty) folder: `new/../x` is it, not a folder made for the write
+    with pytest.raises(ValueError):
+        write_json_files({"new/../x/p.json": {"a": float("nan")}})
+    assert list(tmp_path.iterdir()) == [tmp_path / "x"]
 
 
 def test_output_checks_look_where_links_lead(tmp_path):

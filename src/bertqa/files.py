@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import itertools
 import json
 import logging
 import os
@@ -605,10 +604,23 @@ def folder_for(folder: str | os.PathLike):
 
 
 def _make_folder(folder: Path) -> list[Path]:
-    """mkdir -p; returns the folders it made, deepest first."""
-    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
-    made = [p for p in made if p.name != ".."]  # ("new/.." is the folder it is in: no folder made)
-    folder.mkdir(parents=True, exist_ok=True)
+    """mkdir -p; returns the folders it made, deepest first. Made level by level from the top, each one judged as
+    the kernel sees it then: `new/../x` is the `x` that may be there already (not one made, whatever `new` is)."""
+    made = []
+    try:
+        for level in (*reversed(folder.parents), folder):
+            if level.is_dir():
+                continue
+            try:
+                level.mkdir()
+            except FileExistsError:
+                if not level.is_dir():  # a file, or a link to nothing, in the way
+                    raise
+                continue  # (made by another process meanwhile)
+            made.insert(0, level)
+    except BaseException:
+        _remove_empty(made)
+        raise
     return made
 
 
