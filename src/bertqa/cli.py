@@ -416,7 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    v.add_argument("--max-batch-size", type=int, default=16, help="questions answered in one model call")
+    v.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="questions of concurrent requests merged into one model call (a larger request runs alone)",
+    )
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     v.add_argument("--max-queue", type=int, default=256, help="questions waiting at most; beyond, 503 + Retry-After")
     v.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
