@@ -77,9 +77,10 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _env_int(name: str, default: int, least: int, most: int = 2**31 - 1) -> int:
-    """A torchrun variable as an integer from least to most, or a one-line error naming it. (torch keeps sizes
-    and ranks in C ints, and a device index in 8 bits, which wraps round without a word.)"""
+def _env_int(name: str, default: int, least: int) -> int:
+    """A torchrun variable as an integer from least to 2^31 - 1, or a one-line error naming it (torch keeps sizes
+    and ranks in C ints)."""
+    most = 2**31 - 1
     raw = os.environ.get(name, "").strip() or str(default)
     try:
         value = int(raw)
