@@ -178,6 +178,38 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_no_earlier_runs_ste
         11.0, 12.0, 13.0, 24.0, 25.0, 26.0]  # fmt: skip
     run(0, range(1, 3), 30.0)  # a fresh run into the same folder
     assert curve() == [(1, 31.0), (2, 32.0)]
+    lines = (tmp_path / "metrics.jsonl").read_bytes()
+    # A fresh run into it once its checkpoint is there (run "a"'s), failing before its own first checkpoint, and
+    # another killed outright there: the earlier run's curves are the folder's again (they had been hidden).
+    log = MetricsLog(tmp_path, True, 0, "b", "a", keep_earlier=True)
+    log.log({"step": 1, "loss": 40.0})
+    log.close_on_exit(RuntimeError, RuntimeError("a failed step"), None)
+    assert curve() == [(1, 31.0), (2, 32.0)] and (tmp_path / "metrics.jsonl").read_bytes() == lines
+    log = MetricsLog(tmp_path, True, 0, "c", "a", keep_earlier=True)
+    log.log({"step": 1, "loss": 50.0})
+    log.close()  # (killed: nothing put back)
+    assert curve() == [(1, 50.0)]
+    MetricsLog(tmp_path, True, 2, "a", "a").close()  # --resume of run "a" (finished at step 2)
+    assert curve() == [(1, 31.0), (2, 32.0)] and (tmp_path / "metrics.jsonl").read_bytes() == lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_a_tensorboard_folder_that_is_a_link_or_holds_other_files_is_not_set_aside(tmp_path):
+    from bertqa.train import MetricsLog
+
+    (tmp_path / "a" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "a" / "tensorboard" / "train.json").write_text("the user's")  # (a --train-file, say)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tensorboard").symlink_to(tmp_path / "shared")
+    for out in (tmp_path / "a", tmp_path / "b"):
+        log = MetricsLog(out, True, 0, "new", "old", keep_earlier=True)  # a fresh run, over run "old"'s checkpoint
+        log.log({"step": 1, "loss": 1.0})
+        log.checkpointed()
+        log.close()
+    assert (tmp_path / "a" / "tensorboard" / "train.json").read_text() == "the user's"
+    assert (tmp_path / "b" / "tensorboard").is_symlink() and list((tmp_path / "shared").glob("events.out.tfevents.*"))
 
 
 def test_startup_line_says_what_auto_attention_is_on_the_device():

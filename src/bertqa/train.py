@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import stat
 import time
 import uuid
@@ -359,32 +360,21 @@ class MetricsLog:
     resumed run goes on from; else none of an earlier run's.
 
     A fresh run into a folder whose checkpoint is an earlier (finished) run's (`keep_earlier`) sets that run's
-    lines aside, as `.metrics.jsonl.before-RUN_ID` (this run's id), until its own first checkpoint replaces the
-    earlier one (`checkpointed`): a run that fails before then puts them back, and one killed outright has them
-    put back at the next start into the folder (`checkpoint_run_id` is not its id), so that the folder's
-    checkpoint and its metrics.jsonl always go together, as a --resume needs them."""
+    metrics.jsonl and tensorboard folder aside, as `.metrics.jsonl.before-RUN_ID` and `.tensorboard.before-RUN_ID`
+    (this run's id), until its own first checkpoint replaces the earlier one (`checkpointed`): a run that fails
+    before then puts them back, and one killed outright has them put back at the next start into the folder
+    (`checkpoint_run_id` is not its id), so that the folder's checkpoint and its curves always go together, as a
+    --resume needs them."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0, run_id: str = "",
                  checkpoint_run_id: str | None = None, keep_earlier: bool = False):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
-        self.earlier = None  # where an earlier run's lines are set aside, until this run's first checkpoint
-        if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
-            from torch.utils.tensorboard import SummaryWriter
-
-            # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on a
-            # resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's curves).
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
-        real = Path(os.path.realpath(self.path))  # (a link's target is what is written, and set aside beside it)
-        for aside in real.parent.glob(f".{real.name}.before-*"):  # a killed fresh run's: see the class
-            run = aside.name.rpartition(".before-")[2]
-            try:
-                if run == checkpoint_run_id:  # that run's checkpoint was saved: the lines are its, not these
-                    aside.unlink()
-                else:  # killed before its first checkpoint: the folder's lines are these
-                    os.replace(aside, real)
-            except OSError as e:
-                raise named(e, aside) from e
+        self.earlier = {}  # {what a fresh run writes anew: where the earlier run's is set aside}
+        real = Path(os.path.realpath(self.path))  # (a link's target is what is written, and is set aside beside it)
+        board = out_dir / "tensorboard"
+        for written in (real, board):
+            _settle_set_aside(written, checkpoint_run_id)
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
@@ -395,24 +385,35 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
-        mode = None
-        if keep_earlier and real.is_file():
+        mode = stat.S_IMODE(real.stat().st_mode) if keep_earlier and real.is_file() else None
+        if keep_earlier:
             # The checkpoint as it is now: a failure once this run's own has replaced it (its folder's fsync failing
-            # after the rename, say) keeps this run's lines, as the next start after a kill at that point would.
+            # after the rename, say) keeps this run's curves, as the next start after a kill at that point would.
             self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, _file_id(out_dir / CHECKPOINT)
-            self.earlier = real.with_name(f".{real.name}.before-{run_id}")
-            mode = stat.S_IMODE(real.stat().st_mode)
-            try:
-                os.replace(real, self.earlier)
-            except OSError as e:
-                raise named(e, real) from e
-        # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
+            # TensorBoard's folder only where it is one of its own (else a fresh run hides the earlier events, the
+            # purge step below): a link, or a folder holding other files, is the user's, not to be moved or removed.
+            for written, there in ((real, real.is_file()), (board, tensorboard and _events_only(board))):
+                if there:
+                    aside = written.with_name(f".{written.name}.before-{run_id}")
+                    try:
+                        os.replace(written, aside)
+                    except OSError as e:
+                        self._put_back()
+                        raise named(e, written) from e
+                    self.earlier[written] = aside
         try:
+            if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
+                from torch.utils.tensorboard import SummaryWriter
+
+                # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on
+                # a resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's).
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
+            # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
         except BaseException:
-            if self.earlier is not None:  # (a full disk): the earlier lines stay the folder's
-                os.replace(self.earlier, real)
+            self.close_tb()
+            self._put_back()  # (a full disk): the earlier curves stay the folder's
             raise
         if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's)
             os.chmod(real, mode)
@@ -435,17 +436,27 @@ class MetricsLog:
         """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
         fsync_path(self.path)  # its data, whichever descriptor asks; an error names the file
 
-    def close(self) -> None:
-        self.file.close()
+    def close_tb(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
 
+    def close(self) -> None:
+        self.file.close()
+        self.close_tb()
+
     def checkpointed(self) -> None:
-        """This run's checkpoint is saved: an earlier run's lines set aside are no longer the folder's."""
-        if self.earlier is not None:
-            self.earlier.unlink(missing_ok=True)
-            self.earlier = None
+        """This run's checkpoint is saved: an earlier run's curves set aside are no longer the folder's."""
+        for aside in self.earlier.values():
+            _remove_path(aside)
+        self.earlier = {}
+
+    def _put_back(self) -> None:
+        """The earlier run's curves back in their place (this run's, which stand there, go)."""
+        for written, aside in self.earlier.items():
+            _remove_path(written, keep_file=True)
+            os.replace(aside, written)
+        self.earlier = {}
 
     def close_on_exit(self, kind, error, traceback) -> None:
         """close(), as the run's exit callback; a failed run that logged no line leaves no empty file (nor so the
@@ -454,15 +465,47 @@ class MetricsLog:
         self.close()
         if kind is None:
             return
-        if self.earlier is not None:
+        if self.earlier:
             with contextlib.suppress(OSError):  # (else at the next start into the folder; the run's error stands)
-                if _file_id(self.checkpoint) != self.checkpoint_id:  # this run's checkpoint: its lines are the folder's
-                    self.earlier.unlink()
+                if (
+                    _file_id(self.checkpoint) != self.checkpoint_id
+                ):  # this run's checkpoint: its curves are the folder's
+                    self.checkpointed()
                 else:
-                    os.replace(self.earlier, os.path.realpath(self.path))
-            self.earlier = None
+                    self._put_back()
         elif self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
+
+
+def _remove_path(path: Path, keep_file: bool = False) -> None:
+    """Remove a folder (not a link to one) whole, or a file (unless `keep_file`: a rename onto it replaces it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif not keep_file:
+        path.unlink(missing_ok=True)
+
+
+def _events_only(folder: Path) -> bool:
+    """A folder (not a link) holding TensorBoard's event files and nothing else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(p.is_file() and p.name.startswith("events.out.tfevents.") for p in folder.iterdir())
+
+
+def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
+    """What a fresh run killed outright left set aside for `written` (see MetricsLog): gone where the folder's
+    checkpoint is that run's, else put back in place of what that run wrote."""
+    prefix = f".{written.name}.before-"
+    names = os.listdir(written.parent) if written.parent.is_dir() else []
+    for aside in (written.parent / name for name in names if name.startswith(prefix)):
+        try:
+            if aside.name[len(prefix) :] == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
+                _remove_path(aside)
+            else:  # killed before its first checkpoint: the folder's curves are these
+                _remove_path(written, keep_file=True)
+                os.replace(aside, written)
+        except OSError as e:
+            raise named(e, aside) from e
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
