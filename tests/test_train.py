@@ -212,6 +212,26 @@ def test_a_tensorboard_folder_that_is_a_link_or_holds_other_files_is_not_set_asi
     assert (tmp_path / "b" / "tensorboard").is_symlink() and list((tmp_path / "shared").glob("events.out.tfevents.*"))
 
 
+def test_a_run_that_would_delete_its_current_folder_or_cache_is_refused_before_any_work(tiny_dir, small_squad,
+                                                                                         tmp_path, monkeypatch):  # fmt: skip
+    """From inside OUT/model, `--output-dir ..` replaced the current folder: the earlier run's results stayed beside
+    the new model (`..` was not found from a folder deleted), and the run failed. Features cached in OUT/model
+    stopped the model's save, after the whole training."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    monkeypatch.chdir(out / "model")
+    cfg = cfg_for(tiny_dir, small_squad, "..")
+    with pytest.raises(ValueError, match=r"--output-dir \.\.: \.\./model holds the current folder"):
+        cfg.validate()
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_for(tiny_dir, small_squad, out, cache_dir=str(out / "model" / "cache"))
+    with pytest.raises(ValueError, match=f"--cache-dir {out / 'model' / 'cache'}: lies in {out / 'model'}, which"):
+        cfg.validate()
+    cfg.cache_dir = str(out / "cache")  # beside it: fine
+    cfg.validate()
+
+
 def test_startup_line_says_what_auto_attention_is_on_the_device():
     from bertqa.distributed import Dist
     from bertqa.evaluate import startup_line

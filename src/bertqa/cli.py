@@ -21,6 +21,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, save_pretrained
+    from .files import holds_current_folder
     from .tokenizer import load_tokenizer
 
     if not args.dst:  # Path("") is the current folder
@@ -28,8 +29,7 @@ def cmd_convert(args):
     if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
-    cwd = Path.cwd().resolve()
-    if dst.resolve() in (cwd, *cwd.parents):
+    if holds_current_folder(dst):
         raise UsageError(f"DST {args.dst}: it holds the current folder, which replacing it would delete; name a new "
                          "folder or run from another")  # fmt: skip
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a

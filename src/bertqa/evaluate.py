@@ -92,6 +92,13 @@ class EvalConfig:
         # --output instead.
         if self.OUTPUT_DIR and is_rank_zero():
             check_output_dir(self.output_dir, writes=self.WRITES, inputs=self.inputs())
+            # The features cached inside what the run replaces (its model/) would stop its save, after the work.
+            cache = self.cache_dir and Path(self.cache_dir).resolve()
+            for name in self.WRITES if cache else ():
+                output = (Path(self.output_dir) / name).resolve()
+                if output in (cache, *cache.parents):
+                    raise ValueError(f"--cache-dir {self.cache_dir}: lies in {Path(self.output_dir) / name}, which this "
+                                     "run writes; name another folder")  # fmt: skip
 
     def inputs(self) -> dict:
         """The run's input files, by flag: what it must not write over."""

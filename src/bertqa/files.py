@@ -265,8 +265,17 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
         if name.endswith("/") and (path / name).is_dir() and not os.access(path / name, os.W_OK | os.X_OK):
             # (a folder moved to another folder is written in: its ".." changes)
             raise ValueError(f"{flag} {output_dir}: {path / name} cannot be replaced: it is not writable here")
+        if name.endswith("/") and holds_current_folder(path / name):
+            raise ValueError(f"{flag} {output_dir}: {path / name} holds the current folder, which replacing it would "
+                             "delete; run from another folder")  # fmt: skip
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     return path
+
+
+def holds_current_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is the current folder or lies above it (a folder replaced whole would take it along)."""
+    cwd = Path.cwd().resolve()
+    return Path(folder).resolve() in (cwd, *cwd.parents)
 
 
 def _check_writable(candidates, what: str) -> None:
