@@ -784,6 +784,27 @@ def test_real_processes_exit_non_zero_with_one_line(inputs, tmp_path):
     assert tree(tmp_path) == []
 
 
+def test_stdout_that_cannot_be_written_is_one_line_or_quiet_not_pythons_noise(inputs, tmp_path):
+    """Printed text waits in Python's buffer when stdout is not a terminal; a full disk, or a reader that left,
+    failed at exit: "Exception ignored ..." on stderr and exit status 120."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (Linux's device on which every write fails as on a full disk)")
+    data = Path(__file__).parent / "data" / "tiny-squad.json"
+    ids = [q["id"] for a in json.loads(data.read_text())["data"] for p in a["paragraphs"] for q in p["qas"]]
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(dict.fromkeys(ids, "Denver")))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (unbuffered, each print fails at once)
+    ask = ["ask", "--model", str(inputs["tiny"]), "--question", "Who won?", "--context", "Ada won."]
+    for args in (["score", str(data), str(predictions)], ["--help"], ask):
+        command = [sys.executable, "-m", "bertqa", *args]
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+        assert (r.returncode, r.stderr.decode().splitlines()) == (1, ["bertqa: error: stdout: No space left on device"])
+        gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        gone.stdout.close()  # the reader left before anything was written (`| head -c 0`)
+        assert (gone.wait(120), gone.stderr.read()) == (1, b""), args
+
+
 @pytest.mark.parametrize("errors, message", [("strict", "stdin: not UTF-8 text"),
                                              ("surrogateescape", "stdin line 2: not UTF-8 text")])  # fmt: skip
 def test_questions_on_stdin_that_are_not_utf8(inputs, errors, message, capsys, monkeypatch):

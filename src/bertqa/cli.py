@@ -497,28 +497,59 @@ def main(argv=None) -> int:
     anything else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # said by the command's parser: its --help lists the flags it takes, the top level's does not
-        command = parser.commands[args.command]
-        if args.command == "export":  # `export onnx`: the format's own parser holds its flags
-            command = command.formats[args.format]
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser: its --help lists the flags it takes, the top level's does not
+            command = parser.commands[args.command]
+            if args.command == "export":  # `export onnx`: the format's own parser holds its flags
+                command = command.formats[args.format]
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse's text is written while a failure can be told
+        return _exit_writing_stdout(e.code if isinstance(e.code, int) else 2 if e.code else 0)
     debug = getattr(args, "debug", False) or os.environ.get("BERTQA_DEBUG", "").lower() not in ("", "0", "false", "no")
     _setup_logging()
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("bertqa: interrupted", file=sys.stderr)
+        _stdout_error()
         return 130
     except BrokenPipeError:  # `bertqa ask ... | head -1`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_error()
         return 1
     except Exception as e:
+        if _stdout_error() is not None and isinstance(e, OSError) and e.filename is None:
+            e = OSError(e.errno, e.strerror, "stdout")  # (a print that failed: what it could not write is still held)
         if debug:
             traceback.print_exc()
         print(f"bertqa: error: {error_line(e, debug)}", file=sys.stderr)
         return 1
-    return 0
+    return _exit_writing_stdout(0)
+
+
+def _stdout_error() -> OSError | None:
+    """Write what stdout holds now, not at exit, where a failure (a reader gone, a full disk) is Python's noise on
+    stderr and exit status 120. Where it cannot be written, stdout then points at /dev/null (what it holds goes
+    there, quietly) and the error is returned."""
+    try:
+        sys.stdout.flush()
+        return None
+    except OSError as e:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # (no descriptor: nothing is written at exit either)
+            pass
+        return e
+
+
+def _exit_writing_stdout(code: int) -> int:
+    """`code`, once stdout is written; else 1, and a line saying why (not for a reader that left: `| head`)."""
+    e = _stdout_error()
+    if e is None:
+        return code
+    if not isinstance(e, BrokenPipeError):
+        print(f"bertqa: error: stdout: {e.strerror or e}", file=sys.stderr)
+    return max(code, 1)
 
 
 def _first_line(e: Exception) -> str:
