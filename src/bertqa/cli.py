@@ -531,6 +531,8 @@ def _stdout_error() -> OSError | None:
     """Write what stdout holds now, not at exit, where a failure (a reader gone, a full disk) is Python's noise on
     stderr and exit status 120. Where it cannot be written, stdout then points at /dev/null (what it holds goes
     there, quietly) and the error is returned."""
+    if sys.stdout is None:  # (started with stdout closed: nothing is written, at exit either)
+        return None
     try:
         sys.stdout.flush()
         return None
