@@ -212,6 +212,30 @@ def test_a_tensorboard_folder_that_is_a_link_or_holds_other_files_is_not_set_asi
     assert (tmp_path / "b" / "tensorboard").is_symlink() and list((tmp_path / "shared").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_a_failed_fresh_run_leaves_no_tensorboard_folder_where_the_earlier_run_had_none(tmp_path, monkeypatch):
+    """Its events would show in a --resume --tensorboard of the earlier run."""
+    from bertqa.train import MetricsLog
+
+    log = MetricsLog(tmp_path, True, 0, "b", "a", keep_earlier=True)  # run "a" logged no TensorBoard events
+    log.log({"step": 1, "loss": 40.0})
+    log.close_on_exit(RuntimeError, RuntimeError("a failed step"), None)
+    assert not (tmp_path / "tensorboard").exists() and not list(tmp_path.glob(".tensorboard*"))
+    log = MetricsLog(tmp_path, True, 0, "c", "a", keep_earlier=True)
+    log.log({"step": 1, "loss": 50.0})
+    log.close()  # killed: the next start into the folder (a --resume of run "a") clears its events
+    MetricsLog(tmp_path, False, 2, "a", "a").close()
+    assert not (tmp_path / "tensorboard").exists() and not list(tmp_path.glob(".tensorboard*"))
+    # From inside OUT/tensorboard (which the first checkpoint would delete) nothing is set aside.
+    (tmp_path / "tensorboard").mkdir()
+    monkeypatch.chdir(tmp_path / "tensorboard")
+    log = MetricsLog(tmp_path, True, 0, "d", "a", keep_earlier=True)
+    log.checkpointed()
+    log.close()
+    assert os.path.samefile(os.getcwd(), tmp_path / "tensorboard")  # (not moved aside and deleted)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_a_run_that_would_delete_its_current_folder_or_cache_is_refused_before_any_work(tiny_dir, small_squad,
                                                                                          tmp_path, monkeypatch):  # fmt: skip
     """From inside OUT/model, `--output-dir ..` replaced the current folder: the earlier run's results stayed beside

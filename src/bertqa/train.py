@@ -39,7 +39,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, fsync_path, named, remove_output
+from .files import atomic_path, exclusive, fsync_path, holds_current_folder, named, remove_output
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -391,12 +391,18 @@ class MetricsLog:
             # after the rename, say) keeps this run's curves, as the next start after a kill at that point would.
             self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, _file_id(out_dir / CHECKPOINT)
             # TensorBoard's folder only where it is one of its own (else a fresh run hides the earlier events, the
-            # purge step below): a link, or a folder holding other files, is the user's, not to be moved or removed.
-            for written, there in ((real, real.is_file()), (board, tensorboard and _events_only(board))):
+            # purge step below): a link, a folder holding other files or the current folder is the user's, not to
+            # be moved or removed. Where there is none, an empty folder stands for it (this run's then go).
+            none = not (board.exists() or board.is_symlink())
+            tb_own = tensorboard and not holds_current_folder(board) and (none or _events_only(board))
+            for written, there in ((real, real.is_file()), (board, tb_own)):
                 if there:
                     aside = written.with_name(f".{written.name}.before-{run_id}")
                     try:
-                        os.replace(written, aside)
+                        if written is board and none:
+                            aside.mkdir()
+                        else:
+                            os.replace(written, aside)
                     except OSError as e:
                         self._put_back()
                         raise named(e, written) from e
@@ -454,8 +460,7 @@ class MetricsLog:
     def _put_back(self) -> None:
         """The earlier run's curves back in their place (this run's, which stand there, go)."""
         for written, aside in self.earlier.items():
-            _remove_path(written, keep_file=True)
-            os.replace(aside, written)
+            _put_in_place(aside, written)
         self.earlier = {}
 
     def close_on_exit(self, kind, error, traceback) -> None:
@@ -485,6 +490,15 @@ def _remove_path(path: Path, keep_file: bool = False) -> None:
         path.unlink(missing_ok=True)
 
 
+def _put_in_place(aside: Path, written: Path) -> None:
+    """What was set aside back in its place, instead of what this run wrote there; an empty folder, which stood
+    for none, goes."""
+    _remove_path(written, keep_file=True)
+    os.replace(aside, written)
+    if written.is_dir() and not any(written.iterdir()):
+        written.rmdir()
+
+
 def _events_only(folder: Path) -> bool:
     """A folder (not a link) holding TensorBoard's event files and nothing else."""
     if folder.is_symlink() or not folder.is_dir():
@@ -502,8 +516,7 @@ def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
             if aside.name[len(prefix) :] == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
                 _remove_path(aside)
             else:  # killed before its first checkpoint: the folder's curves are these
-                _remove_path(written, keep_file=True)
-                os.replace(aside, written)
+                _put_in_place(aside, written)
         except OSError as e:
             raise named(e, aside) from e
 
