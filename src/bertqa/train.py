@@ -413,7 +413,7 @@ class MetricsLog:
 
                 # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on
                 # a resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's).
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
+                self.tb = SummaryWriter(str(board), purge_step=resume_step + 1 if resume_step else 0)
             # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
