@@ -793,14 +793,18 @@ def test_stdout_that_cannot_be_written_is_one_line_or_quiet_not_pythons_noise(in
     ids = [q["id"] for a in json.loads(data.read_text())["data"] for p in a["paragraphs"] for q in p["qas"]]
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps(dict.fromkeys(ids, "Denver")))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (unbuffered, each print fails at once)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # Unbuffered (as a write of 8 KB or more is), each write fails at once: the line named no file, and argparse
+    # dropped --help's failure (exit 0).
+    unbuffered = {**env, "PYTHONUNBUFFERED": "1"}
     ask = ["ask", "--model", str(inputs["tiny"]), "--question", "Who won?", "--context", "Ada won."]
-    for args in (["score", str(data), str(predictions)], ["--help"], ask):
+    for args, environ in [(args, environ) for args in (["score", str(data), str(predictions)], ["--help"], ask)
+                          for environ in (env, unbuffered)]:  # fmt: skip
         command = [sys.executable, "-m", "bertqa", *args]
         with open("/dev/full", "w") as full:
-            r = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+            r = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=environ, timeout=120)
         assert (r.returncode, r.stderr.decode().splitlines()) == (1, ["bertqa: error: stdout: No space left on device"])
-        gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
         gone.stdout.close()  # the reader left before anything was written (`| head -c 0`)
         assert (gone.wait(120), gone.stderr.read()) == (1, b""), args
     # Started with stdout closed (`>&-`): Python has no sys.stdout; nothing to write, and no error.

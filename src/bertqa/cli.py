@@ -312,6 +312,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # "bertqa: error: ..." as every other error, then where the usage is
         self.exit(2, f"bertqa: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):
+        # argparse drops a write that fails (--help to a full disk then exits 0): main() is told instead
+        if message:
+            try:
+                (file or sys.stderr).write(message)
+            except AttributeError:  # (no stderr either)
+                pass
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="bertqa", description="Fine-tune and evaluate BERT on SQuAD.")
@@ -496,6 +504,16 @@ def main(argv=None) -> int:
     """Run one command. A user's mistake is one line on stderr and exit 1 (a flag the parser rejects: exit 2);
     anything else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
+    real = sys.stdout
+    if real is not None:
+        sys.stdout = _Stdout(real)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout = real
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -506,6 +524,8 @@ def main(argv=None) -> int:
             command.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0) or a usage error (2): argparse's text is written while a failure can be told
         return _exit_writing_stdout(e.code if isinstance(e.code, int) else 2 if e.code else 0)
+    except OSError as e:  # --help that could not be written (a usage error's line on stderr: nothing more to say)
+        return _exit_writing_stdout(0, e) if e.filename == "stdout" else 2
     debug = getattr(args, "debug", False) or os.environ.get("BERTQA_DEBUG", "").lower() not in ("", "0", "false", "no")
     _setup_logging()
     try:
@@ -518,13 +538,40 @@ def main(argv=None) -> int:
         _stdout_error()
         return 1
     except Exception as e:
-        if _stdout_error() is not None and isinstance(e, OSError) and e.filename is None:
-            e = OSError(e.errno, e.strerror, "stdout")  # (a print that failed: what it could not write is still held)
+        _stdout_error()  # (a print that failed leaves what it could not write held, to fail again at exit)
         if debug:
             traceback.print_exc()
         print(f"bertqa: error: {error_line(e, debug)}", file=sys.stderr)
         return 1
     return _exit_writing_stdout(0)
+
+
+class _Stdout:
+    """sys.stdout while a command runs: a write or flush that fails (a full disk, a reader gone) names stdout,
+    however it is buffered (a write of 8 KB or more, or any with PYTHONUNBUFFERED, reaches the file at once)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise _named_stdout(e) from None
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise _named_stdout(e) from None
+
+
+def _named_stdout(e: OSError) -> OSError:
+    """The same error (BrokenPipeError stays one: the class follows errno), naming stdout."""
+    return OSError(e.errno, e.strerror, "stdout") if e.strerror else e
 
 
 def _stdout_error() -> OSError | None:
@@ -544,13 +591,13 @@ def _stdout_error() -> OSError | None:
         return e
 
 
-def _exit_writing_stdout(code: int) -> int:
+def _exit_writing_stdout(code: int, failed: OSError | None = None) -> int:
     """`code`, once stdout is written; else 1, and a line saying why (not for a reader that left: `| head`)."""
-    e = _stdout_error()
+    e = _stdout_error() or failed
     if e is None:
         return code
     if not isinstance(e, BrokenPipeError):
-        print(f"bertqa: error: stdout: {e.strerror or e}", file=sys.stderr)
+        print(f"bertqa: error: {message_line(e)}", file=sys.stderr)
     return max(code, 1)
 
 
