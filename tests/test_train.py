@@ -236,6 +236,45 @@ def test_a_failed_fresh_run_leaves_no_tensorboard_folder_where_the_earlier_run_h
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_what_a_failed_fresh_run_puts_back_is_what_the_folder_had(tmp_path):
+    """A folder with a finished run's checkpoint (run "a") and: no metrics.jsonl (the failed run's lines stayed, and
+    a resume of "a" went on with them); the user's own empty tensorboard/ (removed); run "a"'s events with a fresh
+    run without --tensorboard (a resume of that run with --tensorboard mixed "a"'s first steps into its curves)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bertqa.train import MetricsLog
+
+    def failed(tensorboard, run="b"):
+        log = MetricsLog(tmp_path, tensorboard, 0, run, "a", keep_earlier=True)
+        log.log({"step": 1, "loss": 40.0})
+        log.close_on_exit(RuntimeError, RuntimeError("a failed step"), None)
+
+    (tmp_path / "tensorboard").mkdir()
+    failed(True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tensorboard"]  # no metrics.jsonl, as before
+    assert list((tmp_path / "tensorboard").iterdir()) == []
+    log = MetricsLog(tmp_path, True, 0, "a", None)  # run "a" with its curves
+    log.log({"step": 1, "loss": 1.0})
+    log.close()
+    failed(False)  # put back: run "a"'s events, untouched
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0)]
+    log = MetricsLog(tmp_path, False, 0, "c", "a", keep_earlier=True)
+    log.checkpointed()  # run "c" (no --tensorboard) replaced run "a": its events went with its checkpoint
+    log.close()
+    assert not (tmp_path / "tensorboard").exists()
+    # What a killed run wrote is removed at the next start only where it is TensorBoard's events alone.
+    log = MetricsLog(tmp_path, True, 0, "d", "c", keep_earlier=True)
+    log.file.close()  # killed
+    log.tb.close()
+    (tmp_path / "tensorboard" / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="tensorboard: holds more than a run's TensorBoard events"):
+        MetricsLog(tmp_path, False, 1, "c", "c")
+    assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "the user's"
+
+
 def test_a_run_that_would_delete_its_current_folder_or_cache_is_refused_before_any_work(tiny_dir, small_squad,
                                                                                          tmp_path, monkeypatch):  # fmt: skip
     """From inside OUT/model, `--output-dir ..` replaced the current folder: the earlier run's results stayed beside

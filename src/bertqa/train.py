@@ -361,7 +361,7 @@ class MetricsLog:
 
     A fresh run into a folder whose checkpoint is an earlier (finished) run's (`keep_earlier`) sets that run's
     metrics.jsonl and tensorboard folder aside, as `.metrics.jsonl.before-RUN_ID` and `.tensorboard.before-RUN_ID`
-    (this run's id), until its own first checkpoint replaces the earlier one (`checkpointed`): a run that fails
+    (this run's id; `.NAME.none-RUN_ID` where there was none), until its own first checkpoint replaces the earlier one (`checkpointed`): a run that fails
     before then puts them back, and one killed outright has them put back at the next start into the folder
     (`checkpoint_run_id` is not its id), so that the folder's checkpoint and its curves always go together, as a
     --resume needs them."""
@@ -390,23 +390,25 @@ class MetricsLog:
             # The checkpoint as it is now: a failure once this run's own has replaced it (its folder's fsync failing
             # after the rename, say) keeps this run's curves, as the next start after a kill at that point would.
             self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, _file_id(out_dir / CHECKPOINT)
-            # TensorBoard's folder only where it is one of its own (else a fresh run hides the earlier events, the
-            # purge step below): a link, a folder holding other files or the current folder is the user's, not to
-            # be moved or removed. Where there is none, an empty folder stands for it (this run's then go).
-            none = not (board.exists() or board.is_symlink())
-            tb_own = tensorboard and not holds_current_folder(board) and (none or _events_only(board))
-            for written, there in ((real, real.is_file()), (board, tb_own)):
-                if there:
-                    aside = written.with_name(f".{written.name}.before-{run_id}")
-                    try:
-                        if written is board and none:
-                            aside.mkdir()
-                        else:
-                            os.replace(written, aside)
-                    except OSError as e:
-                        self._put_back()
-                        raise named(e, written) from e
-                    self.earlier[written] = aside
+            # TensorBoard's folder (this run's --tensorboard or not) only where it is one of its own: a link, a folder
+            # holding other files or the current folder is the user's, not to be moved or removed (a fresh run then
+            # hides its events, the purge step below). Where there is none, an empty `.NAME.none-RUN_ID` stands for
+            # it: this run's go when it fails.
+            lines_none, board_none = (not (p.exists() or p.is_symlink()) for p in (self.path, board))
+            plan = [(real, lines_none)] if real.is_file() or lines_none else []
+            if (tensorboard and board_none) or (_events_only(board) and not holds_current_folder(board)):
+                plan.append((board, board_none))
+            for written, none in plan:
+                aside = written.with_name(f".{written.name}.{'none' if none else 'before'}-{run_id}")
+                try:
+                    if none:
+                        aside.touch(exist_ok=False)
+                    else:
+                        os.replace(written, aside)
+                except OSError as e:
+                    self._put_back()
+                    raise named(e, written) from e
+                self.earlier[written] = aside
         try:
             if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
                 from torch.utils.tensorboard import SummaryWriter
@@ -471,7 +473,7 @@ class MetricsLog:
         if kind is None:
             return
         if self.earlier:
-            with contextlib.suppress(OSError):  # (else at the next start into the folder; the run's error stands)
+            with contextlib.suppress(OSError, ValueError):  # (else at the next start into the folder; its error stands)
                 if (
                     _file_id(self.checkpoint) != self.checkpoint_id
                 ):  # this run's checkpoint: its curves are the folder's
@@ -491,12 +493,19 @@ def _remove_path(path: Path, keep_file: bool = False) -> None:
 
 
 def _put_in_place(aside: Path, written: Path) -> None:
-    """What was set aside back in its place, instead of what this run wrote there; an empty folder, which stood
-    for none, goes."""
-    _remove_path(written, keep_file=True)
-    os.replace(aside, written)
-    if written.is_dir() and not any(written.iterdir()):
-        written.rmdir()
+    """What was set aside back in its place (an empty `.NAME.none-RUN_ID`: that there was none), instead of what
+    this run wrote there, which goes: TensorBoard's events only, never a folder holding anything else."""
+    if written.is_dir() and not written.is_symlink():
+        if not _events_only(written) or holds_current_folder(written):
+            raise ValueError(f"{written}: holds more than a run's TensorBoard events, or the current folder; the "
+                             f"earlier run's set aside are in {aside}: put them back by hand")  # fmt: skip
+        shutil.rmtree(written)
+    if aside.name.startswith(f".{written.name}.none-"):
+        if written.is_file():
+            written.unlink()
+        aside.unlink()
+    else:
+        os.replace(aside, written)
 
 
 def _events_only(folder: Path) -> bool:
@@ -509,16 +518,19 @@ def _events_only(folder: Path) -> bool:
 def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
     """What a fresh run killed outright left set aside for `written` (see MetricsLog): gone where the folder's
     checkpoint is that run's, else put back in place of what that run wrote."""
-    prefix = f".{written.name}.before-"
     names = os.listdir(written.parent) if written.parent.is_dir() else []
-    for aside in (written.parent / name for name in names if name.startswith(prefix)):
+    for name in names:
+        run = next((name[len(p) :] for p in (f".{written.name}.before-", f".{written.name}.none-") if name.startswith(p)),
+                   None)  # fmt: skip
+        if run is None:
+            continue
         try:
-            if aside.name[len(prefix) :] == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
-                _remove_path(aside)
+            if run == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
+                _remove_path(written.parent / name)
             else:  # killed before its first checkpoint: the folder's curves are these
-                _put_in_place(aside, written)
+                _put_in_place(written.parent / name, written)
         except OSError as e:
-            raise named(e, aside) from e
+            raise named(e, written.parent / name) from e
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
