@@ -270,9 +270,20 @@ def test_what_a_failed_fresh_run_puts_back_is_what_the_folder_had(tmp_path):
     log.file.close()  # killed
     log.tb.close()
     (tmp_path / "tensorboard" / "notes.txt").write_text("the user's")
-    with pytest.raises(ValueError, match="tensorboard: holds more than a run's TensorBoard events"):
+    with pytest.raises(
+        ValueError,
+        match="tensorboard: holds more than a run's TensorBoard events, or the current "
+        r"folder; remove the killed run's events.out.tfevents.\* from it, and ",
+    ):
         MetricsLog(tmp_path, False, 1, "c", "c")
     assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "the user's"
+    # metrics.jsonl a link to a file not there yet: none, as a missing file (the failed run's lines stayed, there).
+    shutil.rmtree(tmp_path / "tensorboard")
+    for p in tmp_path.iterdir():
+        p.unlink()
+    (tmp_path / "metrics.jsonl").symlink_to("gone.jsonl")
+    failed(False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"] and not (tmp_path / "gone.jsonl").exists()
 
 
 def test_a_run_that_would_delete_its_current_folder_or_cache_is_refused_before_any_work(tiny_dir, small_squad,

@@ -394,7 +394,9 @@ class MetricsLog:
             # holding other files or the current folder is the user's, not to be moved or removed (a fresh run then
             # hides its events, the purge step below). Where there is none, an empty `.NAME.none-RUN_ID` stands for
             # it: this run's go when it fails.
-            lines_none, board_none = (not (p.exists() or p.is_symlink()) for p in (self.path, board))
+            # (what is written is the link's target: a link to a file not there yet is no metrics.jsonl)
+            lines_none = not (real.exists() or real.is_symlink()) and real.parent.is_dir()
+            board_none = not (board.exists() or board.is_symlink())
             plan = [(real, lines_none)] if real.is_file() or lines_none else []
             if (tensorboard and board_none) or (_events_only(board) and not holds_current_folder(board)):
                 plan.append((board, board_none))
@@ -495,12 +497,14 @@ def _remove_path(path: Path, keep_file: bool = False) -> None:
 def _put_in_place(aside: Path, written: Path) -> None:
     """What was set aside back in its place (an empty `.NAME.none-RUN_ID`: that there was none), instead of what
     this run wrote there, which goes: TensorBoard's events only, never a folder holding anything else."""
+    none = aside.name.startswith(f".{written.name}.none-")
     if written.is_dir() and not written.is_symlink():
         if not _events_only(written) or holds_current_folder(written):
-            raise ValueError(f"{written}: holds more than a run's TensorBoard events, or the current folder; the "
-                             f"earlier run's set aside are in {aside}: put them back by hand")  # fmt: skip
+            todo = (f"remove the killed run's events.out.tfevents.* from it, and {aside}" if none else
+                    f"the earlier run's set aside are in {aside}: put them back by hand")  # fmt: skip
+            raise ValueError(f"{written}: holds more than a run's TensorBoard events, or the current folder; {todo}")
         shutil.rmtree(written)
-    if aside.name.startswith(f".{written.name}.none-"):
+    if none:
         if written.is_file():
             written.unlink()
         aside.unlink()
