@@ -393,8 +393,7 @@ class MetricsLog:
             # TensorBoard's folder (this run's --tensorboard or not) only where it is one of its own: a link, a folder
             # holding other files or the current folder is the user's, not to be moved or removed (a fresh run then
             # hides its events, the purge step below). Where there is none, an empty `.NAME.none-RUN_ID` stands for
-            # it: this run's go when it fails.
-            # (what is written is the link's target: a link to a file not there yet is no metrics.jsonl)
+            # it: this run's go when it fails. (metrics.jsonl's is its link's target: a link to no file is none.)
             lines_none = not (real.exists() or real.is_symlink()) and real.parent.is_dir()
             board_none = not (board.exists() or board.is_symlink())
             plan = [(real, lines_none)] if real.is_file() or lines_none else []
@@ -475,7 +474,8 @@ class MetricsLog:
         if kind is None:
             return
         if self.earlier:
-            with contextlib.suppress(OSError, ValueError):  # (else at the next start into the folder; its error stands)
+            # (else at the next start into the folder; the run's own error stands)
+            with contextlib.suppress(OSError, ValueError):
                 if (
                     _file_id(self.checkpoint) != self.checkpoint_id
                 ):  # this run's checkpoint: its curves are the folder's
@@ -486,11 +486,11 @@ class MetricsLog:
             self.path.unlink()
 
 
-def _remove_path(path: Path, keep_file: bool = False) -> None:
-    """Remove a folder (not a link to one) whole, or a file (unless `keep_file`: a rename onto it replaces it)."""
+def _remove_path(path: Path) -> None:
+    """Remove a folder (not a link to one) whole, or a file."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif not keep_file:
+    else:
         path.unlink(missing_ok=True)
 
 
