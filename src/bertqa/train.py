@@ -476,9 +476,8 @@ class MetricsLog:
         if self.earlier:
             # (else at the next start into the folder; the run's own error stands)
             with contextlib.suppress(OSError, ValueError):
-                if (
-                    _file_id(self.checkpoint) != self.checkpoint_id
-                ):  # this run's checkpoint: its curves are the folder's
+                # The checkpoint is another file now: this run's, whose curves are the folder's.
+                if _file_id(self.checkpoint) != self.checkpoint_id:
                     self.checkpointed()
                 else:
                     self._put_back()
