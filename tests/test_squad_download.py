@@ -150,6 +150,21 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     assert paths[0].read_bytes() == FILES["train-v1.1.json"] and not part.exists()
 
 
+def test_a_second_download_of_the_same_file_stops_instead_of_appending_to_it(server, tmp_path):
+    """Both appended to one .part (the checksum then failed and the partial download was lost), or the second
+    appended to the file the first had just named complete."""
+    fcntl = pytest.importorskip("fcntl")
+    part = tmp_path / "train-v1.1.json.part"
+    part.write_bytes(FILES["train-v1.1.json"][:10])
+    with open(part, "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another download, writing it
+        with pytest.raises(ValueError, match=r"train-v1.1.json.part: another download is writing it; wait for it"):
+            download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+        assert part.read_bytes() == FILES["train-v1.1.json"][:10] and Handler.log == []
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)  # once it is done: resumed
+    assert Handler.log[0] == ("train-v1.1.json", "bytes=10-") and paths[0].read_bytes() == FILES["train-v1.1.json"]
+
+
 def test_a_failure_before_any_byte_offers_no_resume(server, tmp_path):
     """Nothing kept (a refused connection, a body cut before its first byte): the empty .part is removed, and the
     error does not send the user to resume from it."""

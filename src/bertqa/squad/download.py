@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import _target, check_no_dangling_link, folder_for, fsync_path
+from ..files import _flock, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,43 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
         f = open(part, "ab", buffering=0)
     except OSError as e:
         raise OSError(f"{part}: cannot write ({e.strerror})") from None
-    try:
-        with f:
+    with f:  # locked from here until it is named complete: a second download of it stops, not appends to it
+        if not _held(f, part):
+            if dest.is_file() and sha256_file(dest) == sha256:  # the other one finished it meanwhile
+                return dest
+            raise ValueError(f"{part}: another download is writing it; wait for it to finish")
+        try:
             _fetch(url, f, part, timeout)
-    except BaseException:
-        if part.is_file() and part.stat().st_size == 0:  # nothing came: no empty .part left behind
-            part.unlink()
-        raise
-    got = sha256_file(part)
-    if got != sha256:
-        part.unlink()  # a bad prefix would poison every later resume
-        raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
-    if dest.is_file():
-        log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
-        os.chmod(part, stat.S_IMODE(dest.stat().st_mode))
-    fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
-    os.replace(part, dest)
-    fsync_path(dest.parent)
+        except BaseException:
+            if part.is_file() and part.stat().st_size == 0:  # nothing came: no empty .part left behind
+                part.unlink()
+            raise
+        got = sha256_file(part)
+        if got != sha256:
+            part.unlink()  # a bad prefix would poison every later resume
+            raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
+        if dest.is_file():
+            log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
+            os.chmod(part, stat.S_IMODE(dest.stat().st_mode))
+        fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
+        os.replace(part, dest)
+        fsync_path(dest.parent)
     return dest
+
+
+def _held(f, part: Path) -> bool:
+    """Whether this process now holds the lock of `part`, open as `f`, and it is still the file named so (another
+    download may have finished it, and named it complete, between the open and the lock). True where locks
+    cannot be taken."""
+    try:
+        if not _flock(f.fileno()):
+            return False
+    except _NoLocks:
+        return True
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(part))
+    except FileNotFoundError:
+        return False
 
 
 def _fetch(url: str, f, part: Path, timeout: float) -> None:
