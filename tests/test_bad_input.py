@@ -613,6 +613,21 @@ def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_p
     assert code == 1 and "the name of the file is longer than 255 bytes" in one_error_line(err)
 
 
+def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, capsys, monkeypatch):
+    """Its files landed beside a running evaluate's summary, or were removed by a running train at its end."""
+    import bertqa.evaluate
+    from bertqa.files import exclusive
+
+    monkeypatch.setattr(bertqa.evaluate, "run_inference", lambda *a: pytest.fail("predicted before checking"))
+    argv = ["predict", "--model", inputs["tiny"], "--input", inputs["squad"], "--output", tmp_path / "pred.json", *FAST]
+    with exclusive(tmp_path):  # a train or an evaluate with --output-dir there
+        code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == (f"bertqa: error: --output {tmp_path / 'pred.json'}: {tmp_path} is a "
+                                                 "folder another run is writing (its --output-dir); wait for it or "
+                                                 "write elsewhere")  # fmt: skip
+    assert tree(tmp_path) == []
+
+
 # (command line, the input file it names, relative to a fresh folder holding it)
 OVERWRITES = {
     "predict: --output is --input": (["predict", "--input", "dev.json", "--output", "dev.json"], "dev.json"),

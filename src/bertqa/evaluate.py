@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
-from .files import check_output, check_output_dir, exclusive, write_json
+from .files import check_not_claimed, check_output, check_output_dir, exclusive, write_json
 from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -285,11 +285,17 @@ def predict(cfg: PredictConfig) -> dict:
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
     output = (check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json"), inputs=cfg.inputs())
               if is_rank_zero() else None)  # fmt: skip
+    # (where the files land: beside a link's target)
+    folder = Path(os.path.realpath(output)).parent if output is not None else None
+    if folder is not None:
+        check_not_claimed(folder, f"--output {cfg.output}")
     with _prepared(cfg, require_answers=False) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:
         return {}
     preds, nbest, null_odds, timing = out
+    if folder is not None:
+        check_not_claimed(folder, f"--output {cfg.output}")  # (one may have started meanwhile)
     # One set, the file asked for landing last: an interrupted run never leaves it without its n-best beside it.
     paths = [output, output.with_suffix(".nbest.json"), output.with_suffix(".null_odds.json")]
     write_prediction_files(paths, preds, nbest, null_odds)

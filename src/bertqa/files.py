@@ -642,6 +642,22 @@ def _remove_empty(made: list[Path]) -> None:
             break
 
 
+def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
+    """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), whose
+    files it would mix with its own, or remove at its end. Only looked at, not held: runs that write single files
+    (predict --output) may share a folder."""
+    folder = Path(folder)
+    try:
+        fd = _lock(folder)
+    except _NoLocks:
+        return
+    if fd is not None:
+        os.close(fd)
+    elif folder.is_dir():
+        raise ValueError(f"{what}: {folder} is a folder another run is writing (its --output-dir); wait for it or "
+                         "write elsewhere")  # fmt: skip
+
+
 @contextmanager
 def exclusive(folder: str | os.PathLike, clear=()):
     """Hold the lock on `folder` itself while the block runs, so that a second run started on the same folder
