@@ -455,22 +455,25 @@ def _lock(path: Path, folder: bool = True) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        if not _flock(fd):
-            os.close(fd)
-            return None
+        if _flock_named(fd, path):
+            return fd
     except _NoLocks:
         os.close(fd)
         raise
-    try:
-        # Locked, but it may have been deleted (and another made under its name) while it was opened. Followed
-        # through a symlink, as the open was: a linked output folder is the folder it points to.
-        now, locked = os.stat(path), os.fstat(fd)
-        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
-            return fd
-    except OSError:
-        pass
     os.close(fd)
     return None
+
+
+def _flock_named(fd: int, path: str | os.PathLike) -> bool:
+    """_flock(fd), and `path` still names the file locked: it may have been deleted (and another made under its
+    name), or renamed, between the open and the lock. Followed through a symlink, as an open is: a linked output
+    folder is the folder it points to."""
+    if not _flock(fd):
+        return False
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 def _made_by_tempfile(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
@@ -544,12 +547,10 @@ def _locked_temp_file(path: Path, made=(), **kwargs) -> tuple[str, int | None]:
     for _ in range(10):  # a run clearing killed files can take a new one between mkstemp and its lock: retry
         fd, tmp = _temporary(tempfile.mkstemp, path, made, **kwargs)
         try:
-            locked = _flock(fd) and os.path.samestat(os.fstat(fd), os.stat(tmp))
+            locked = _flock_named(fd, tmp)  # (False: deleted meanwhile)
         except _NoLocks:
             os.close(fd)
             return tmp, None
-        except OSError:  # deleted meanwhile
-            locked = False
         if locked:
             return tmp, fd
         os.close(fd)

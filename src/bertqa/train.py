@@ -361,10 +361,10 @@ class MetricsLog:
 
     A fresh run into a folder whose checkpoint is an earlier (finished) run's (`keep_earlier`) sets that run's
     metrics.jsonl and tensorboard folder aside, as `.metrics.jsonl.before-RUN_ID` and `.tensorboard.before-RUN_ID`
-    (this run's id; `.NAME.none-RUN_ID` where there was none), until its own first checkpoint replaces the earlier one (`checkpointed`): a run that fails
-    before then puts them back, and one killed outright has them put back at the next start into the folder
-    (`checkpoint_run_id` is not its id), so that the folder's checkpoint and its curves always go together, as a
-    --resume needs them."""
+    (this run's id; `.NAME.none-RUN_ID` where there was none), until its own first checkpoint replaces the earlier
+    one (`checkpointed`): a run that fails before then puts them back, and one killed outright has them put back at
+    the next start into the folder (`checkpoint_run_id` is not its id), so that the folder's checkpoint and its
+    curves always go together, as a --resume needs them."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0, run_id: str = "",
                  checkpoint_run_id: str | None = None, keep_earlier: bool = False):  # fmt: skip

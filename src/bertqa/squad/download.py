@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import _flock, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path
+from ..files import _flock_named, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,9 @@ def _held(f, part: Path) -> bool:
     download may have finished it, and named it complete, between the open and the lock). True where locks
     cannot be taken."""
     try:
-        if not _flock(f.fileno()):
-            return False
+        return _flock_named(f.fileno(), part)
     except _NoLocks:
         return True
-    try:
-        return os.path.samestat(os.fstat(f.fileno()), os.stat(part))
-    except FileNotFoundError:
-        return False
 
 
 def _fetch(url: str, f, part: Path, timeout: float) -> None:
