@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -579,3 +580,133 @@ def test_a_kill_while_metrics_are_rewritten_on_resume_loses_no_line(reference, t
                stderr=subprocess.DEVNULL)  # fmt: skip
     kill_when(proc, marker.exists)
     assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+# A model folder replaced (a convert, a train's save: a whole new folder renamed in) while a reader loads it.
+
+
+@pytest.fixture
+def versions(minilm_dir, tmp_path):
+    """A tiny QA model folder `model`, what replaces it (`next`, other weights) and a replacer for a loader:
+    `swap()` renames a fresh copy of `next` in place of `model`, as atomic_dir does; `swap(missing=...)` calls
+    a load while there is no `model` (between the renames), and puts the copy in place after it."""
+    from bertqa import load_tokenizer, save_pretrained
+    from bertqa.config import BertConfig
+    from bertqa.model import BertForQuestionAnswering
+
+    tokenizer = load_tokenizer(minilm_dir)
+    folders = {}
+    for seed, name in ((0, "model"), (1, "next")):
+        torch.manual_seed(seed)
+        net = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16,
+                                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))  # fmt: skip
+        folders[name] = save_pretrained(net, tokenizer, tmp_path / name)
+    model, nxt = folders["model"], folders["next"]
+    state = {"version": 0}
+
+    def swap(missing=None):
+        state["version"] += 1
+        model.rename(tmp_path / f"gone{state['version']}")
+        try:
+            return missing() if missing else None
+        finally:
+            shutil.copytree(nxt, tmp_path / "copy")
+            (tmp_path / "copy").rename(model)
+
+    def tagged(load):  # a tokenizer says which version of the folder it was read from
+        def read(*args, **kwargs):
+            tokenizer = load(*args, **kwargs)
+            tokenizer.version = state["version"]
+            return tokenizer
+
+        return read
+
+    return model, load_file(nxt / "model.safetensors")["qa_outputs.weight"], swap, tagged, state
+
+
+def _replacing_before(load, swap, times=1):
+    calls = []
+
+    def replaced(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            swap()
+        return load(*args, **kwargs)
+
+    return replaced
+
+
+def test_a_model_folder_replaced_between_weights_and_tokenizer_is_read_again(versions, monkeypatch):
+    """The weights of one version with the tokenizer of the next answered wrongly, and nothing said so."""
+    import bertqa.qa
+
+    model, next_head, swap, tagged, state = versions
+    monkeypatch.setattr(bertqa.qa, "load_tokenizer", tagged(_replacing_before(bertqa.qa.load_tokenizer, swap)))
+    qa = bertqa.qa.QuestionAnswerer.from_pretrained(model, device="cpu", precision="fp32")
+    assert torch.equal(qa.model.qa_outputs.weight, next_head) and qa.tokenizer.version == state["version"] == 1
+
+
+def test_evaluate_reads_a_model_folder_replaced_while_loading_again(versions, tiny_squad, monkeypatch):
+    import bertqa.evaluate
+    from bertqa.evaluate import EvalConfig, load_tokenizer_and_model
+
+    model, next_head, swap, tagged, state = versions
+    monkeypatch.setattr(bertqa.evaluate, "load_tokenizer", tagged(bertqa.evaluate.load_tokenizer))
+    monkeypatch.setattr(bertqa.evaluate, "load_model", _replacing_before(bertqa.evaluate.load_model, swap))
+    cfg = EvalConfig(model=str(model), predict_file=str(tiny_squad), output_dir="unused", precision="fp32")
+    tokenizer, net = load_tokenizer_and_model(cfg, Dist())
+    assert torch.equal(net.qa_outputs.weight, next_head) and tokenizer.version == state["version"] == 1
+
+
+def test_convert_of_a_model_folder_replaced_while_loading_writes_one_version(versions, tmp_path, monkeypatch):
+    import bertqa.tokenizer
+    from bertqa import cli
+
+    model, next_head, swap, tagged, state = versions
+    monkeypatch.setattr(bertqa.tokenizer, "load_tokenizer", _replacing_before(bertqa.tokenizer.load_tokenizer, swap))
+    assert cli.main(["convert", str(model), str(tmp_path / "out")]) == 0
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["qa_outputs.weight"], next_head)
+
+
+def test_a_model_folder_missing_for_a_moment_while_it_is_replaced_is_read_again(versions, monkeypatch):
+    import bertqa.qa
+
+    model, next_head, swap, tagged, state = versions
+    real, calls = bertqa.qa.load_model, []
+
+    def load_between_the_renames(*args, **kwargs):
+        calls.append(1)
+        return swap(missing=lambda: real(*args, **kwargs)) if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(bertqa.qa, "load_model", load_between_the_renames)
+    qa = bertqa.qa.QuestionAnswerer.from_pretrained(model, device="cpu", precision="fp32")
+    assert torch.equal(qa.model.qa_outputs.weight, next_head) and len(calls) == 2
+
+
+def test_a_model_folder_replaced_at_every_read_is_refused_in_one_line(versions, monkeypatch):
+    import bertqa.qa
+
+    model, next_head, swap, tagged, state = versions
+    monkeypatch.setattr(bertqa.qa, "load_tokenizer", _replacing_before(bertqa.qa.load_tokenizer, swap, times=99))
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(str(model))}: replaced while it was being read, 3 times"):
+        bertqa.qa.QuestionAnswerer.from_pretrained(model, device="cpu", precision="fp32")
+    assert state["version"] == 3
+
+
+def test_export_of_a_model_folder_replaced_while_loading_exports_one_version(versions, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from bertqa import export
+
+    model, next_head, swap, tagged, state = versions
+    monkeypatch.setattr(export, "load_tokenizer", _replacing_before(export.load_tokenizer, swap))
+    traced = []
+
+    def trace(net, dst, opset, pad_id):  # the model as it reaches the exporter (and no slow trace)
+        traced.append(net.qa_outputs.weight.detach().clone())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_export_graph", trace)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_onnx(model, tmp_path / "model.onnx", verbose=False, max_seq_length=64, doc_stride=32,
+                           max_query_length=16)  # fmt: skip
+    assert len(traced) == 1 and torch.equal(traced[0], next_head)

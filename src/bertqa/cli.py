@@ -21,7 +21,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, save_pretrained
-    from .files import holds_current_folder
+    from .files import holds_current_folder, read_one_version
     from .tokenizer import load_tokenizer
 
     if not args.dst:  # Path("") is the current folder
@@ -49,13 +49,17 @@ def cmd_convert(args):
     if args.vocab and not Path(args.vocab).exists():  # before the model takes seconds to load
         raise UsageError(f"--vocab {args.vocab}: no such file or folder")
     tok_source = args.vocab or src
-    model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
-    try:
-        tokenizer = load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
-    except FileNotFoundError as e:
-        if args.vocab:
-            raise UsageError(f"--vocab {e}") from None
-        raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
+
+    def load():
+        model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
+        try:
+            return model, load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
+        except FileNotFoundError as e:
+            if args.vocab:
+                raise UsageError(f"--vocab {e}") from None
+            raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
+
+    model, tokenizer = read_one_version(src, load)
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
     head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"

@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import load_model
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
-from .files import check_not_claimed, check_output, check_output_dir, exclusive, write_json
+from .files import check_not_claimed, check_output, check_output_dir, exclusive, read_one_version, write_json
 from .inference import default_batch_size, predict_logits, shard
 from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
@@ -205,10 +205,15 @@ def run_evaluation(model, data, cfg: EvalConfig, d: Dist, precision: Precision, 
 def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = True):
     """Tokenizer and model, checked against the window length before anything is written. For inference the
     checkpoint must hold a fine-tuned QA head."""
-    tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)  # first: it fails faster than the weights
-    model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
-                       attn_implementation=cfg.attention, verbose=d.is_main,
-                       require_qa_head=for_inference)  # fmt: skip
+
+    def load():
+        tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)  # first: it fails faster than the weights
+        model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
+                           attn_implementation=cfg.attention, verbose=d.is_main,
+                           require_qa_head=for_inference)  # fmt: skip
+        return tokenizer, model
+
+    tokenizer, model = read_one_version(cfg.model, load)
     check_vocabulary(tokenizer, model.config, cfg.model)
     check_seq_len(cfg.max_seq_length, model.config.max_position_embeddings, "--max-seq-length")
     return tokenizer, model

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_seq_len
-from .files import atomic_path, check_output, first_line, scratch_dir
+from .files import atomic_path, check_output, first_line, read_one_version, scratch_dir
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, check_window_params, featurize
@@ -317,9 +317,13 @@ def export_onnx(
         raise ValueError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or later (LayerNormalization)")
     _onnxruntime()  # fail before the slow part when the extra is missing
     t0 = time.perf_counter()
-    net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
-                     require_qa_head=True).float().eval()  # fmt: skip
-    tokenizer = load_tokenizer(model, config=net.config)
+
+    def load():
+        net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
+                         require_qa_head=True).float().eval()  # fmt: skip
+        return net, load_tokenizer(model, config=net.config)
+
+    net, tokenizer = read_one_version(model, load)
     bad = next((name for name, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()), None)
     if bad is not None:  # every logit would be NaN: nothing worth exporting, and no parity to check
         raise NonFiniteLogits(f"--model {model}: its weight {bad} holds NaN or infinite values; nothing exported")

@@ -659,6 +659,35 @@ def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
                          "write elsewhere")  # fmt: skip
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def read_one_version(path: str | os.PathLike, read, tries: int = 3):
+    """`read()`, which reads the model at `path` (a folder, or a file and the files beside it), run again where
+    `path` or its folder was replaced while it ran (a `convert` or a train's save renames a whole new folder in:
+    atomic_dir), or where it failed while that happened (between the renames there is no folder): the weights of
+    one version with the tokenizer of the next would answer wrongly, and nothing would say so."""
+    path = Path(path)
+    watched = (path, path.absolute().parent)
+    for attempt in range(1, tries + 1):
+        before = [_identity(p) for p in watched]
+        try:
+            result = read()
+        except Exception:
+            if attempt < tries and [_identity(p) for p in watched] != before:
+                continue
+            raise
+        if [_identity(p) for p in watched] == before:
+            return result
+    raise RuntimeError(f"{path}: replaced while it was being read, {tries} times in a row; load it once what "
+                       "writes it has finished")  # fmt: skip
+
+
 @contextmanager
 def exclusive(folder: str | os.PathLike, clear=()):
     """Hold the lock on `folder` itself while the block runs, so that a second run started on the same folder

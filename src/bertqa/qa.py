@@ -33,6 +33,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_seq_len
+from .files import read_one_version
 from .inference import default_batch_size, predict_logits
 from .runtime import Precision
 from .squad.data import Example, bert_removes, blank, unpaired_surrogate
@@ -247,9 +248,13 @@ class QuestionAnswerer:
         device = resolve_device(None if device is None else str(device))
         if batch_size is not None:  # before the model takes seconds to load (the constructor checks it too)
             check_positive(batch_size=batch_size)
-        model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
-                           attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
-        tokenizer = load_tokenizer(path, config=model.config)
+
+        def load():
+            model = load_model(path, config=config, device=device, trust_pickle=trust_pickle,
+                               attn_implementation=attention, verbose=False, require_qa_head=True)  # fmt: skip
+            return model, load_tokenizer(path, config=model.config)
+
+        model, tokenizer = read_one_version(path, load)
         if not isinstance(precision, Precision):
             precision = Precision.resolve(precision, device)
         return cls(model, tokenizer, device, precision, batch_size, str(path))
