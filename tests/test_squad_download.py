@@ -23,9 +23,11 @@ SUMS = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves FILES with Range support; `cut_after` sends only that many bytes and drops the connection;
-    `ignore_range` answers 200 with the whole file, as servers without Range support do."""
+    `ignore_range` answers 200 with the whole file, as servers without Range support do; `length`: the
+    Content-Length sent (False: none); `resume`: how a Range request is answered wrongly ("page": a proxy's error
+    page with 200, "offset": 206 from byte 100, "416": refused)."""
 
-    log, cut_after, ignore_range, length = [], None, False, None
+    log, cut_after, ignore_range, length, resume = [], None, False, None, None
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
@@ -35,8 +37,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         data = FILES[name]
         m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and self.resume == "page":
+            data, m = b"<html><body>Service temporarily unavailable</body></html>", None
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         start = int(m.group(1)) if m and not self.ignore_range else 0
-        if start >= len(data) and m:
+        start = 100 if m and self.resume == "offset" else start
+        if m and (start >= len(data) or self.resume == "416"):
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{len(data)}")
             self.end_headers()
@@ -44,7 +55,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", self.length or str(len(data) - start))
+        if self.length is not False:
+            self.send_header("Content-Length", self.length or str(len(data) - start))
         self.end_headers()
         if self.length is not None:  # the body's end is the connection's
             self.close_connection = True
@@ -60,7 +72,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Handler.log, Handler.cut_after, Handler.ignore_range, Handler.length = [], None, False, None
+    Handler.log, Handler.cut_after, Handler.ignore_range, Handler.length, Handler.resume = [], None, False, None, None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -263,3 +275,71 @@ def test_local_trouble_is_not_called_a_network_interruption(server, tmp_path, mo
     with pytest.raises(OSError, match=r"train-v1.1.json.part: cannot write \(No space left on device\)$"):
         download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
     assert list(tmp_path.iterdir()) == []  # the empty .part is not left behind
+
+
+@pytest.mark.parametrize("resume", ["page", "offset", "416"])
+def test_a_resume_answered_with_something_else_keeps_the_part(server, tmp_path, resume):
+    """A proxy's error page with 200 truncated the good .part and failed the checksum (all of it lost); a 206 from
+    another byte was written as the file's start (a .part no resume could mend); a 416 for a short .part failed
+    the checksum and lost it."""
+    data = FILES["train-v1.1.json"]
+    part = tmp_path / "train-v1.1.json.part"
+    part.write_bytes(data[:3000])
+    Handler.resume = resume
+    said = {"page": r"the server answered a request from byte 3000 with a whole file of 57 bytes \(text/html\)",
+            "offset": rf"the server sent bytes 100-{len(data) - 1}/{len(data)} for a request from byte 3000",
+            "416": rf"HTTP 416 for bytes 3000- of a {len(data)}-byte file"}[resume]  # fmt: skip
+    with pytest.raises(OSError, match=rf"^{server}train-v1.1.json: {said}; {re.escape(str(part))} kept, to resume"):
+        download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert part.read_bytes() == data[:3000] and not (tmp_path / "train-v1.1.json").exists()
+    Handler.resume, Handler.log = None, []
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert Handler.log[0] == ("train-v1.1.json", "bytes=3000-") and paths[0].read_bytes() == data
+
+
+def test_a_whole_file_sent_for_a_resume_continues_the_part_or_replaces_one_it_cannot_be(server, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    from bertqa.squad import download
+
+    Handler.ignore_range = True  # a server without Range support
+    data = FILES["train-v1.1.json"]
+    part = tmp_path / "train-v1.1.json.part"
+    part.write_bytes(data[:3000])
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert paths[0].read_bytes() == data and not part.exists()
+    paths[0].unlink()
+    for held in (data[:2999] + b"?", data + b"tail of something else"):  # (a file of other bytes, or a longer one)
+        part.write_bytes(held)
+        with pytest.raises(OSError, match=rf"train-v1.1.json: the server answered a request from byte {len(held)} "
+                                          rf"with a whole file .*; {re.escape(str(part))} kept, to resume from"):  # fmt: skip
+            download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+        assert part.read_bytes() == held
+    # Where the file's size is known (the published files'), a longer .part is none of it: replaced.
+    monkeypatch.setitem(download.SQUAD_SHA256, "train-v1.1.json", SUMS["train-v1.1.json"])
+    monkeypatch.setitem(download.SQUAD_SIZES, "train-v1.1.json", len(data))
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
+    assert paths[0].read_bytes() == data and not part.exists()
+
+
+def test_a_body_cut_short_without_a_content_length_is_resumed_where_the_size_is_known(server, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """The connection's end was taken for the file's: the checksum failed, the partial download was dropped,
+    and on a flaky link every try started again from byte 0."""
+    from bertqa.squad import download
+
+    data = FILES["train-v1.1.json"]
+    monkeypatch.setitem(download.SQUAD_SHA256, "train-v1.1.json", SUMS["train-v1.1.json"])  # as if published
+    monkeypatch.setitem(download.SQUAD_SIZES, "train-v1.1.json", len(data))
+    Handler.length, Handler.cut_after = False, 1000
+    with pytest.raises(OSError, match=rf"download interrupted \(connection closed after 1000 of {len(data)} bytes\); "
+                                      "run again to resume"):  # fmt: skip
+        download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
+    assert (tmp_path / "train-v1.1.json.part").read_bytes() == data[:1000]
+    Handler.cut_after = None
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
+    assert [p.read_bytes() for p in paths] == [data, FILES["dev-v1.1.json"]]
+    # A mirror's own sums go without the published sizes (its files may be other bytes): the checksum decides.
+    (tmp_path / "train-v1.1.json").unlink()
+    Handler.cut_after = 1000
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        download_squad("1.1", tmp_path, base_url=server, checksums={**SUMS, "train-v1.1.json": SUMS["dev-v1.1.json"]})

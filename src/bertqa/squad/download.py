@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 
-# The published files' sha256 (sizes 30,288,272 / 4,854,279 / 42,123,633 / 4,370,528 bytes), the same
-# pins as other public loaders of these URLs (e.g. ParlAI's SQuAD and SQuAD2 build scripts).
+# The published files' sha256, the same pins as other public loaders of these URLs (e.g. ParlAI's SQuAD and
+# SQuAD2 build scripts), and their sizes: a body cut short with no Content-Length is then told from a whole one.
 SQUAD_SHA256 = {
     "train-v1.1.json": "3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955",
     "dev-v1.1.json": "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
     "train-v2.0.json": "68dcfbb971bd3e96d5b46c7177b16c1a4e7d4bdef19fb204502738552dede002",
     "dev-v2.0.json": "80a5225e94905956a6446d296ca1093975c4d3b3260f1d6c8f68bc2ab77182d8",
 }
+SQUAD_SIZES = {"train-v1.1.json": 30288272, "dev-v1.1.json": 4854279, "train-v2.0.json": 42123633,
+               "dev-v2.0.json": 4370528}  # fmt: skip
 SQUAD_FILES = {"1.1": ["train-v1.1.json", "dev-v1.1.json"], "2.0": ["train-v2.0.json", "dev-v2.0.json"]}
 
 CHUNK = 1 << 20
@@ -44,10 +46,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
+def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0, size: int | None = None
+                  ) -> Path:  # fmt: skip
     """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`. A `dest` that
     is a symbolic link is written through to its target, as a shell's `>` writes, and a replaced file keeps its
-    permissions."""
+    permissions. `size`, where known, tells a body cut short (with no Content-Length) from a whole one."""
     dest = _target(dest)
     part = _check_place(dest)
     if dest.is_file() and sha256_file(dest) == sha256:
@@ -64,7 +67,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
                 return dest
             raise ValueError(f"{part}: another download is writing it; wait for it to finish")
         try:
-            _fetch(url, f, part, timeout)
+            _fetch(url, f, part, timeout, size)
         except BaseException:
             if part.is_file() and part.stat().st_size == 0:  # nothing came: no empty .part left behind
                 part.unlink()
@@ -92,31 +95,50 @@ def _held(f, part: Path) -> bool:
         return True
 
 
-def _fetch(url: str, f, part: Path, timeout: float) -> None:
-    """The body of `url` into the .part open for appending as `f`, resumed from its end where the server
-    honours a Range request."""
-    have, received = f.tell(), 0
+def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
+    """The body of `url` into the .part open for appending as `f`, resumed from its end with a Range request. A
+    reply that is not the rest of the file leaves the .part as it was: a good partial download is not lost to a
+    proxy's error page or a broken server."""
+    have = f.tell()
+    received = 0  # bytes of the body read
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            # 206 continues the .part; a 200 means the server ignored Range and sends the whole file.
             content_range = response.headers.get("Content-Range", "")
-            if have and not (response.status == 206 and content_range.startswith(f"bytes {have}-")):
-                have = 0
-                f.truncate(0)
-            if have:
+            if have and response.status == 206:
+                if not content_range.startswith(f"bytes {have}-"):
+                    raise _NotTheRest(f"the server sent {content_range or 'a part with no Content-Range'} for a "
+                                      f"request from byte {have}")  # fmt: skip
                 log.info("%s: resuming at byte %d", part.name, have)
             expected = response.headers.get("Content-Length", "").strip()
+            length = int(expected) if expected.isascii() and expected.isdigit() else None  # "²" is a digit too
+            if have and response.status != 206:  # the server ignored Range and sends the whole file
+                if size is not None and have > size:  # a .part longer than the file is none of it
+                    f.truncate(0)
+                    have = 0
+                else:  # which starts with the .part
+                    received = _match_start(response, part, have, length)
             while block := response.read(CHUNK):
                 _write(f, block)
                 received += len(block)
             # http.client returns a short body without complaint when the connection drops.
-            if expected.isascii() and expected.isdigit() and received < int(expected):  # "²" is a digit too
+            if length is not None and received < length:
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")
+            if size is not None and f.tell() < size:  # (a body with no Content-Length ends where the connection does)
+                raise ConnectionError(f"connection closed after {f.tell()} of {size} bytes")
     except urllib.error.HTTPError as e:
-        # 416: the .part is already whole (an interruption after the last byte); it is verified next.
+        # 416: the .part is already whole (an interruption after the last byte); it is verified next. Unless the
+        # server's file is longer: then it refuses a range it has, and the .part is kept for a server that works.
+        total = e.headers.get("Content-Range", "").rpartition("/")[2].strip() if e.headers else ""
+        total = int(total) if total.isascii() and total.isdigit() else size
         if not (e.code == 416 and have):
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
+        if total is not None and have < total:
+            raise OSError(f"{url}: HTTP 416 for bytes {have}- of a {total}-byte file; {part} kept, to resume from "
+                          "once the server answers, or delete it to start over") from None  # fmt: skip
+    except _NotTheRest as e:
+        raise OSError(f"{url}: {e.args[0]}; {part} kept, to resume from once the server answers with the file, or "
+                      "delete it to start over") from None  # fmt: skip
     except _Unwritable as e:
         raise OSError(f"{part}: cannot write ({e.args[0]})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
@@ -124,6 +146,30 @@ def _fetch(url: str, f, part: Path, timeout: float) -> None:
         if not have + received:  # nothing kept (the caller removes the empty .part): no resume to offer
             raise OSError(f"{url}: download failed ({reason})") from None
         raise OSError(f"{url}: download interrupted ({reason}); run again to resume from {part}") from None
+
+
+def _match_start(response, part: Path, have: int, length: int | None) -> int:
+    """Read the first `have` bytes of a whole file's body (`length` bytes, where said), which must be those of the
+    .part; returns `have`."""
+    kind = response.headers.get("Content-Type") or "no Content-Type"
+    if length is not None and length < have:
+        raise _NotTheRest(f"the server answered a request from byte {have} with a whole file of {length} bytes "
+                          f"({kind})")  # fmt: skip
+    with open(part, "rb") as held:
+        done = 0
+        while done < have:
+            block = response.read(min(CHUNK, have - done))
+            if not block:
+                raise ConnectionError(f"connection closed after {done} bytes, before the {have} the .part holds")
+            if block != held.read(len(block)):
+                raise _NotTheRest(f"the server answered a request from byte {have} with a whole file whose first "
+                                  f"{have} bytes are not the .part's ({kind})")  # fmt: skip
+            done += len(block)
+    return have
+
+
+class _NotTheRest(Exception):
+    """The server's reply does not continue the .part."""
 
 
 def _check_place(dest: Path) -> Path:
@@ -173,4 +219,6 @@ def download_squad(
             if not target.parent.is_dir():
                 raise ValueError(f"{directory / name}: a symbolic link to {target}, whose folder does not exist")
             _check_place(target)
-        return [download_file(base + name, directory / name, sums[name]) for name in SQUAD_FILES[version]]
+        # The published sizes go with the published sums only (a mirror's own file has its own).
+        return [download_file(base + name, directory / name, sums[name], size=SQUAD_SIZES.get(name)
+                              if sums[name] == SQUAD_SHA256[name] else None) for name in SQUAD_FILES[version]]  # fmt: skip
