@@ -296,6 +296,14 @@ def test_a_body_is_json_by_its_type_and_utf_8_and_options_are_hfs(server):
         assert json.loads(text)["error"] == f"cross-origin request refused: Origin {origin!r} is not this server"
     own = "http://" + urlsplit(server).netloc
     assert call(server, "POST", "/v1/answer", json.dumps(OK_INPUT).encode(), {"Origin": own})[0] == 200
+    # Behind a reverse proxy that rewrites Host (nginx's default), the page's own requests name another host: the
+    # browser's Sec-Fetch-Site tells them apart (they were refused), or, from an older browser, X-Forwarded-Host.
+    site = "https://qa.example.org"
+    for headers, status in (({"Sec-Fetch-Site": "same-origin"}, 200), ({"X-Forwarded-Host": "qa.example.org"}, 200),
+                            ({"Sec-Fetch-Site": "cross-site", "X-Forwarded-Host": "qa.example.org"}, 403),
+                            ({"Sec-Fetch-Site": "same-site"}, 403), ({}, 403)):  # fmt: skip
+        got = call(server, "POST", "/v1/answer", json.dumps(OK_INPUT).encode(), {"Origin": site, **headers})
+        assert got[0] == status, (headers, got)
 
 
 def test_still_answers_after_bad_requests(server):
@@ -412,7 +420,8 @@ def prefix_proxy(target, prefix="/qa", only=None, replace=None):
                 self.send_error(404)
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            kept = {k: v for k, v in self.headers.items() if k.lower() == "content-type"}
+            # Every header but Host (set to the server's address, as nginx's and Apache's defaults do) and the length.
+            kept = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
             if replace and path in replace:
                 status, content_type, text = replace[path]
                 headers = {"content-type": content_type}

@@ -327,11 +327,24 @@ async def _disconnected(request: Request) -> None:
 CLIENT_GONE = "client closed the request"
 
 
+def _foreign_origin(headers) -> str | None:
+    """The Origin of a browser's request from another site's page, which may post here unasked (it cannot read the
+    answer: no CORS headers are sent, so no other site can use the server, only load it); else None. The browser
+    says which it is (Sec-Fetch-Site); one too old to say is judged by the host it names, which is this server's
+    own unless a reverse proxy rewrote Host (nginx's and Apache's default: then their X-Forwarded-Host, if sent)."""
+    origin = headers.get("origin")
+    site = headers.get("sec-fetch-site")
+    if origin is None or site is not None and site.lower() in ("same-origin", "none"):
+        return None
+    if site is not None:  # cross-site, same-site (another origin of the same site)
+        return origin
+    hosts = {headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0].strip()} - {""}
+    return None if urlsplit(origin).netloc.lower() in {h.lower() for h in hosts} else origin
+
+
 async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
-    # A browser names the page's origin; another site's page may post here unasked (it cannot read the answer: no
-    # CORS headers are sent, so no other site can use the server, only load it). This server's own page is its host.
-    origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+    origin = _foreign_origin(request.headers)
+    if origin is not None:
         raise ApiError(403, f"cross-origin request refused: Origin {origin[:100]!r} is not this server")
     media = request.headers.get("content-type")  # none is taken for JSON (a bare HTTP client's request)
     media = None if media is None else media.split(";")[0].strip().lower()
