@@ -420,17 +420,28 @@ def test_ctrl_c_during_the_renames_waits_until_they_are_done(tmp_path, monkeypat
 
 def test_every_signal_held_is_delivered():
     """A SIGTERM held after a Ctrl-C reaches its handler too (the KeyboardInterrupt of the first stopped the rest),
-    and both handlers are back afterwards."""
+    and both handlers are back afterwards. Each handler raises, as a server's SIGTERM handler does: the SIGTERM's
+    goes first and the Ctrl-C still reaches its own after it (the user's interrupt is what the caller sees)."""
     got = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+
+    def term(signum, frame):
+        got.append("TERM")
+        raise SystemExit(143)
+
+    def interrupt(signum, frame):
+        got.append("INT")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, term), signal.signal(signal.SIGINT, interrupt)
     try:
         with pytest.raises(KeyboardInterrupt), bertqa.files.deferred_signals():
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGTERM)
             assert got == []  # held
-        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert got == ["TERM", "INT"] and signal.getsignal(signal.SIGINT) is interrupt
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def test_a_folder_that_cannot_be_moved_aside_leaves_no_old_folder(tmp_path, monkeypatch):

@@ -942,3 +942,27 @@ def test_ready_only_after_loading():
         wait_ready(url, 10)
         assert post(url, "/", {"inputs": {"question": "Who?", "context": "Denver won."}})["answer"] == "Denver"
         assert metric(call(url, "GET", "/metrics")[2], "bertqa_ready") == 1
+
+
+def test_serve_warns_of_an_emulated_precision_once(tiny_dir, monkeypatch, caplog, capsys):
+    """serve resolves the precision for its start-up line, then loads the model: an emulated bf16 was warned of
+    twice (the precision's name, not the resolved one, was passed on to the load)."""
+    import bertqa.runtime
+    import bertqa.serve
+
+    monkeypatch.setattr(bertqa.runtime, "native_precision", lambda *args: (False, "this CPU (mocked) lacks bf16"))
+    loaded = []
+
+    class Server:  # uvicorn's, reduced to the load it starts
+        def __init__(self, app):
+            self.app = app
+
+        def run(self, sockets):
+            loaded.append(self.app.state.server.loader())
+
+    monkeypatch.setattr(bertqa.serve, "uvicorn_server", Server)
+    with caplog.at_level("WARNING", logger="bertqa"):
+        bertqa.serve.serve(tiny_dir, port=0, device="cpu", precision="bf16")
+    assert "precision bf16" in capsys.readouterr().out and loaded[0].precision.name == "bf16"
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned.count("this CPU (mocked) lacks bf16: bf16 will be emulated, far slower than fp32") == 1, warned
