@@ -659,7 +659,8 @@ def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
                          "write elsewhere")  # fmt: skip
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Which file or folder `path` is now (one replaced by a rename is another), None where there is none."""
     try:
         st = os.stat(path)
     except OSError:
@@ -675,14 +676,14 @@ def read_one_version(path: str | os.PathLike, read, tries: int = 3):
     path = Path(path)
     watched = (path, path.absolute().parent)
     for attempt in range(1, tries + 1):
-        before = [_identity(p) for p in watched]
+        before = [file_id(p) for p in watched]
         try:
             result = read()
         except Exception:
-            if attempt < tries and [_identity(p) for p in watched] != before:
+            if attempt < tries and [file_id(p) for p in watched] != before:
                 continue
             raise
-        if [_identity(p) for p in watched] == before:
+        if [file_id(p) for p in watched] == before:
             return result
     raise RuntimeError(f"{path}: replaced while it was being read, {tries} times in a row; load it once what "
                        "writes it has finished")  # fmt: skip

@@ -39,7 +39,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, fsync_path, holds_current_folder, named, remove_output
+from .files import atomic_path, exclusive, file_id, fsync_path, holds_current_folder, named, remove_output
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -389,7 +389,7 @@ class MetricsLog:
         if keep_earlier:
             # The checkpoint as it is now: a failure once this run's own has replaced it (its folder's fsync failing
             # after the rename, say) keeps this run's curves, as the next start after a kill at that point would.
-            self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, _file_id(out_dir / CHECKPOINT)
+            self.checkpoint, self.checkpoint_id = out_dir / CHECKPOINT, file_id(out_dir / CHECKPOINT)
             # TensorBoard's folder (this run's --tensorboard or not) only where it is one of its own: a link, a folder
             # holding other files or the current folder is the user's, not to be moved or removed (a fresh run then
             # hides its events, the purge step below). Where there is none, an empty `.NAME.none-RUN_ID` stands for
@@ -477,7 +477,7 @@ class MetricsLog:
             # (else at the next start into the folder; the run's own error stands)
             with contextlib.suppress(OSError, ValueError):
                 # The checkpoint is another file now: this run's, whose curves are the folder's.
-                if _file_id(self.checkpoint) != self.checkpoint_id:
+                if file_id(self.checkpoint) != self.checkpoint_id:
                     self.checkpointed()
                 else:
                     self._put_back()
@@ -534,15 +534,6 @@ def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
                 _put_in_place(written.parent / name, written)
         except OSError as e:
             raise named(e, written.parent / name) from e
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    """Which file `path` is now (a file replaced by a rename is another), None where there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
