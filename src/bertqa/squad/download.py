@@ -112,6 +112,10 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
                 log.info("%s: resuming at byte %d", part.name, have)
             expected = response.headers.get("Content-Length", "").strip()
             length = int(expected) if expected.isascii() and expected.isdigit() else None  # "²" is a digit too
+            start = have if response.status == 206 else 0  # where the body is in the file
+            if None not in (size, length) and start + length != size:  # (a proxy's page, say: not the file)
+                kind = response.headers.get("Content-Type") or "no Content-Type"
+                raise _NotTheRest(f"the server sent {length} bytes from byte {start} ({kind}) of a {size}-byte file")
             if have and response.status != 206:  # the server ignored Range and sends the whole file
                 if size is not None and have > size:  # a .part longer than the file is none of it
                     f.truncate(0)
@@ -124,7 +128,7 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
             # http.client returns a short body without complaint when the connection drops.
             if length is not None and received < length:
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")
-            if size is not None and f.tell() < size:  # (a body with no Content-Length ends where the connection does)
+            if length is None and size is not None and f.tell() < size:  # (such a body ends where the connection does)
                 raise ConnectionError(f"connection closed after {f.tell()} of {size} bytes")
     except urllib.error.HTTPError as e:
         # 416: the .part is already whole (an interruption after the last byte); it is verified next. Unless the
@@ -137,6 +141,8 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
             raise OSError(f"{url}: HTTP 416 for bytes {have}- of a {total}-byte file; {part} kept, to resume from "
                           "once the server answers, or delete it to start over") from None  # fmt: skip
     except _NotTheRest as e:
+        if not have:
+            raise OSError(f"{url}: {e.args[0]}; nothing was kept") from None
         raise OSError(f"{url}: {e.args[0]}; {part} kept, to resume from once the server answers with the file, or "
                       "delete it to start over") from None  # fmt: skip
     except _Unwritable as e:
