@@ -699,9 +699,59 @@ def test_a_model_folder_replaced_at_every_read_is_refused_in_one_line(versions, 
 
     model, next_head, swap, tagged, state = versions
     monkeypatch.setattr(bertqa.qa, "load_tokenizer", _replacing_before(bertqa.qa.load_tokenizer, swap, times=99))
-    with pytest.raises(RuntimeError, match=rf"^{re.escape(str(model))}: replaced while it was being read, 3 times"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(model))}: replaced while it was being read, 3 times") as e:
         bertqa.qa.QuestionAnswerer.from_pretrained(model, device="cpu", precision="fp32")
     assert state["version"] == 3
+    from bertqa import cli
+
+    assert cli.error_line(e.value, debug=False) == str(e.value)  # the user's situation, not an "internal error"
+
+
+def test_a_folder_replaced_twice_in_one_load_is_told_although_its_inode_number_comes_back(versions, monkeypatch):
+    """Each save deletes the folder it replaced: on ext4 the second one's folder got the inode number the first
+    freed, the one the load started with, so the load looked undisturbed (the weights of the first version, the
+    tokenizer of the third)."""
+    import bertqa.qa
+
+    model, next_head, swap, tagged, state = versions
+    nxt, load = model.parent / "next", bertqa.qa.load_tokenizer
+
+    def saved_twice(*args, **kwargs):
+        if not state["version"]:
+            for _ in range(2):  # as atomic_dir does: the new folder renamed in, then the old one deleted
+                state["version"] += 1
+                with atomic_dir(model) as new:
+                    for f in nxt.iterdir():
+                        shutil.copy(f, new / f.name)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(bertqa.qa, "load_tokenizer", saved_twice)
+    qa = bertqa.qa.QuestionAnswerer.from_pretrained(model, device="cpu", precision="fp32")
+    assert torch.equal(qa.model.qa_outputs.weight, next_head) and state["version"] == 2
+
+
+def test_what_a_load_notes_is_said_once_however_often_it_is_read(minilm_dir, tmp_path, monkeypatch, capsys):
+    """A pretrained encoder's notes (no QA head: a fresh one) were printed by every try."""
+    import bertqa.tokenizer
+    from bertqa import cli, load_model, save_pretrained
+
+    encoder = load_model(minilm_dir, verbose=False)
+    tokenizer = bertqa.tokenizer.load_tokenizer(minilm_dir)
+    model = save_pretrained(encoder, tokenizer, tmp_path / "encoder", with_qa_head=False)
+    load, calls = bertqa.tokenizer.load_tokenizer, []
+
+    def replaced_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            with atomic_dir(model) as new:
+                for f in (tmp_path / "encoder").iterdir():
+                    shutil.copy(f, new / f.name)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(bertqa.tokenizer, "load_tokenizer", replaced_once)
+    assert cli.main(["convert", str(model), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 2 and out.count("no QA head in the checkpoint: qa_outputs initialised fresh") == 1, out
 
 
 def test_export_of_a_model_folder_replaced_while_loading_exports_one_version(versions, tmp_path, monkeypatch):

@@ -335,10 +335,17 @@ def load_model(
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
     model.load_state_dict(sd, strict=not missing_head)
+    model.load_notes = [f"{weights.name}: {note}" for note in notes]
     if verbose:
-        for note in notes:
-            print(f"bertqa: {weights.name}: {note}")
+        print_load_notes(model)
     return model.to(device).eval()
+
+
+def print_load_notes(model) -> None:
+    """What load_model noted of the checkpoint it read (weights renamed or dropped, a fresh QA head): printed by
+    the caller once the load is final, where a load may be run again (files.read_one_version)."""
+    for note in model.load_notes:
+        print(f"bertqa: {note}")
 
 
 def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:

@@ -20,7 +20,7 @@ class UsageError(ValueError):
 
 
 def cmd_convert(args):
-    from .checkpoint import check_save_target, load_model, save_pretrained
+    from .checkpoint import check_save_target, load_model, print_load_notes, save_pretrained
     from .files import holds_current_folder, read_one_version
     from .tokenizer import load_tokenizer
 
@@ -51,7 +51,7 @@ def cmd_convert(args):
     tok_source = args.vocab or src
 
     def load():
-        model = load_model(src, config=args.config, trust_pickle=args.trust_pickle)
+        model = load_model(src, config=args.config, trust_pickle=args.trust_pickle, verbose=False)
         try:
             return model, load_tokenizer(tok_source, do_lower_case=args.lower_case, config=model.config)
         except FileNotFoundError as e:
@@ -60,6 +60,7 @@ def cmd_convert(args):
             raise UsageError(f"{tok_source}: no tokenizer.json or vocab.txt; pass --vocab PATH") from None
 
     model, tokenizer = read_one_version(src, load)
+    print_load_notes(model)
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
     head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model
+from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import check_not_claimed, check_output, check_output_dir, exclusive, read_one_version, write_json
@@ -209,11 +209,12 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
     def load():
         tokenizer = load_tokenizer(cfg.model, do_lower_case=cfg.lower_case)  # first: it fails faster than the weights
         model = load_model(cfg.model, config=cfg.config, device=d.device, trust_pickle=cfg.trust_pickle,
-                           attn_implementation=cfg.attention, verbose=d.is_main,
-                           require_qa_head=for_inference)  # fmt: skip
+                           attn_implementation=cfg.attention, verbose=False, require_qa_head=for_inference)  # fmt: skip
         return tokenizer, model
 
     tokenizer, model = read_one_version(cfg.model, load)
+    if d.is_main:
+        print_load_notes(model)
     check_vocabulary(tokenizer, model.config, cfg.model)
     check_seq_len(cfg.max_seq_length, model.config.max_position_embeddings, "--max-seq-length")
     return tokenizer, model

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len
 from .files import atomic_path, check_output, first_line, read_one_version, scratch_dir
 from .inference import NonFiniteLogits, batched_logits
@@ -319,11 +319,13 @@ def export_onnx(
     t0 = time.perf_counter()
 
     def load():
-        net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=verbose,
+        net = load_model(model, config, "cpu", trust_pickle, attn_implementation=ATTENTION, verbose=False,
                          require_qa_head=True).float().eval()  # fmt: skip
         return net, load_tokenizer(model, config=net.config)
 
     net, tokenizer = read_one_version(model, load)
+    if verbose:
+        print_load_notes(net)
     bad = next((name for name, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()), None)
     if bad is not None:  # every logit would be NaN: nothing worth exporting, and no parity to check
         raise NonFiniteLogits(f"--model {model}: its weight {bad} holds NaN or infinite values; nothing exported")

@@ -668,6 +668,18 @@ def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _pinned_id(path: Path, stack: ExitStack) -> tuple[int, int] | None:
+    """file_id of `path`, held open until `stack` closes: a folder replaced and deleted meanwhile cannot pass its
+    inode number on (to the next version, whose identity would then look unchanged)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # (a FIFO's open would wait for a writer)
+    except OSError:  # none there, or a folder where folders cannot be opened (Windows): not held
+        return file_id(path)
+    stack.callback(os.close, fd)
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def read_one_version(path: str | os.PathLike, read, tries: int = 3):
     """`read()`, which reads the model at `path` (a folder, or a file and the files beside it), run again where
     `path` or its folder was replaced while it ran (a `convert` or a train's save renames a whole new folder in:
@@ -676,17 +688,18 @@ def read_one_version(path: str | os.PathLike, read, tries: int = 3):
     path = Path(path)
     watched = (path, path.absolute().parent)
     for attempt in range(1, tries + 1):
-        before = [file_id(p) for p in watched]
-        try:
-            result = read()
-        except Exception:
-            if attempt < tries and [file_id(p) for p in watched] != before:
-                continue
-            raise
-        if [file_id(p) for p in watched] == before:
-            return result
-    raise RuntimeError(f"{path}: replaced while it was being read, {tries} times in a row; load it once what "
-                       "writes it has finished")  # fmt: skip
+        with ExitStack() as pinned:
+            before = [_pinned_id(p, pinned) for p in watched]
+            try:
+                result = read()
+            except Exception:
+                if attempt < tries and [file_id(p) for p in watched] != before:
+                    continue
+                raise
+            if [file_id(p) for p in watched] == before:
+                return result
+    raise ValueError(f"{path}: replaced while it was being read, {tries} times in a row; load it once what "
+                     "writes it has finished")  # fmt: skip
 
 
 @contextmanager
