@@ -828,14 +828,38 @@ def test_stdout_that_cannot_be_written_is_one_line_or_quiet_not_pythons_noise(in
     assert (closed.returncode, closed.stderr) == (0, b"")
 
 
-@pytest.mark.parametrize("errors, message", [("strict", "stdin: not UTF-8 text"),
-                                             ("surrogateescape", "stdin line 2: not UTF-8 text")])  # fmt: skip
-def test_questions_on_stdin_that_are_not_utf8(inputs, errors, message, capsys, monkeypatch):
-    # How Python decodes stdin depends on the locale: strictly, or undecodable bytes as surrogates.
-    stdin = io.TextIOWrapper(io.BytesIO(b"Who won?\nWh\xffo?\n"), encoding="utf-8", errors=errors)
+class _Terminal(io.TextIOWrapper):
+    def isatty(self):
+        return True
+
+
+# (Not a terminal in another encoding: a terminal gives its lines one at a time, a buffer in blocks.)
+@pytest.mark.parametrize("encoding, errors, message, terminal",
+                         [("utf-8", "strict", "stdin line 2: not UTF-8 text", False),
+                          ("utf-8", "surrogateescape", "stdin line 2: not UTF-8 text", False),
+                          ("ascii", "strict", "stdin: not UTF-8 text", False),
+                          ("utf-8", "strict", "stdin line 2: not UTF-8 text", True),
+                          ("utf-8", "surrogateescape", "stdin line 2: not UTF-8 text", True)])  # fmt: skip
+def test_questions_on_stdin_that_are_not_utf8(inputs, encoding, errors, message, terminal, capsys, monkeypatch):
+    """How Python decodes stdin depends on the locale: strictly (a strict UTF-8 locale named no line), undecodable
+    bytes as surrogates, or in another encoding. Typed questions (a terminal) are answered up to the bad line,
+    which was named by neither stdin nor its number (and ended in Python's own decoding error)."""
+    stdin = (_Terminal if terminal else io.TextIOWrapper)(io.BytesIO(b"Who won?\nWh\xffo?\n"), encoding=encoding,
+                                                          errors=errors)  # fmt: skip
     monkeypatch.setattr(sys, "stdin", stdin)
     code, out, err = run_main(["ask", "--model", inputs["tiny"], "--context", "Ada won."], capsys, monkeypatch)
-    assert code == 1 and one_error_line(err) == f"bertqa: error: {message}" and out == ""
+    assert code == 1 and one_error_line(err) == f"bertqa: error: {message}"
+    assert len(out.splitlines()) == (1 if terminal else 0)  # the first typed question was answered
+
+
+@pytest.mark.parametrize("flag", ["--question", "--context"])
+def test_ask_names_a_flag_that_is_not_utf8_before_loading_the_model(flag, tmp_path, capsys, monkeypatch):
+    """An undecodable byte in an argument (Python gives it as a surrogate) was "question is not valid Unicode",
+    naming no flag, once the model had loaded."""
+    given = {"--question": "Who won?", "--context": "Ada won.", flag: "Wh\udcffo"}
+    args = ["ask", "--model", tmp_path / "no-such-model", *(x for kv in given.items() for x in kv)]
+    code, out, err = run_main(args, capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == f"bertqa: error: {flag}: not UTF-8 text (character 3)" and out == ""
 
 
 def test_ask_with_stdin_closed_and_no_question(inputs, capsys, monkeypatch):

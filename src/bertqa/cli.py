@@ -210,6 +210,8 @@ def cmd_ask(args):
         # (a question of invisible characters alone asks nothing; such a context is answered: with nothing)
         if text is not None and (blank(text) if flag == "--question" else not text.strip()):
             raise UsageError(f"{flag}: empty" + (" (only white space or invisible characters)" if text else ""))
+        if text is not None and (at := unpaired_surrogate(text)) is not None:  # a byte the locale could not decode
+            raise UsageError(f"{flag}: not UTF-8 text (character {at + 1})")
     if args.question is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise UsageError("no --question and no stdin to read questions from (one question per line)")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
@@ -220,17 +222,27 @@ def cmd_ask(args):
     if args.question is not None:
         print(_format_answers(qa(args.question, args.context, **params), args.json), flush=True)
         return
+    stdin = _utf8_stdin()
     if sys.stdin.isatty():  # typed questions: answer each as it comes
-        for line in sys.stdin:
-            if not blank(line):
-                print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
+        n = 0
+        try:
+            for n, line in enumerate(stdin, 1):
+                line = line.decode("utf-8", "surrogateescape") if isinstance(line, bytes) else line
+                if unpaired_surrogate(line) is not None:
+                    raise UsageError(f"stdin line {n}: not UTF-8 text")
+                if not blank(line):
+                    print(_format_answers(qa(line.strip(), args.context, **params), args.json), flush=True)
+        except UnicodeDecodeError:  # (a terminal gives a line at a time: the line after the last one read)
+            raise UsageError(f"stdin line {n + 1}: not UTF-8 text") from None
         return
     try:
-        # Lines end at "\n", "\r\n" or "\r" (stdin is read untranslated), not at the other characters
-        # str.splitlines breaks at (U+2028, form feed, ...): those would add answer lines.
-        questions = [line.strip() for line in re.split(r"\r\n|\r|\n", sys.stdin.read())]
+        text = stdin.read()
+        text = text.decode("utf-8", "surrogateescape") if isinstance(text, bytes) else text
     except UnicodeDecodeError:
         raise UsageError("stdin: not UTF-8 text") from None
+    # Lines end at "\n", "\r\n" or "\r" (stdin is read untranslated), not at the other characters
+    # str.splitlines breaks at (U+2028, form feed, ...): those would add answer lines.
+    questions = [line.strip() for line in re.split(r"\r\n|\r|\n", text)]
     while questions and not questions[-1]:  # blank lines at the end (an editor's) ask nothing
         questions.pop()
     for n, q in enumerate(questions, 1):
@@ -245,6 +257,18 @@ def cmd_ask(args):
     # One batch: the context is tokenised once and the windows of all questions share forward passes.
     for result in qa(questions, args.context, **params):
         print(_format_answers(result, args.json))
+
+
+def _utf8_stdin():
+    """stdin's bytes where its text is UTF-8 (decoded by the caller, undecodable bytes kept as surrogates, so that
+    the line holding one is named: a strict decoder fails on a whole block of lines), else its text."""
+    import codecs
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    encoding = getattr(sys.stdin, "encoding", None)
+    if buffer is not None and encoding and codecs.lookup(encoding).name == "utf-8":
+        return buffer
+    return sys.stdin
 
 
 def _add_common(p, batch_help, output_dir: bool = True):
