@@ -25,7 +25,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Serves FILES with Range support; `cut_after` sends only that many bytes and drops the connection;
     `ignore_range` answers 200 with the whole file, as servers without Range support do; `length`: the
     Content-Length sent (False: none); `resume`: how a Range request is answered wrongly ("page": a proxy's error
-    page with 200, "offset": 206 from byte 100, "416": refused; "portal": every request gets the page)."""
+    page with 200, "offset": 206 from byte 100, "416": refused; "portal": every request gets the page, "chunked
+    portal": with no length, in chunks)."""
 
     log, cut_after, ignore_range, length, resume = [], None, False, None, None
 
@@ -37,11 +38,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         data = FILES[name]
         m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and self.resume == "page" or self.resume == "portal":
+        if m and self.resume == "page" or self.resume in ("portal", "chunked portal"):
             data, m = b"<html><body>Service temporarily unavailable</body></html>", None
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(data)))
+            if self.resume == "chunked portal":  # (a page made as it is sent)
+                self.send_header("Transfer-Encoding", "chunked")
+                data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+            else:
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
             return
@@ -345,19 +350,26 @@ def test_a_body_cut_short_without_a_content_length_is_resumed_where_the_size_is_
         download_squad("1.1", tmp_path, base_url=server, checksums={**SUMS, "train-v1.1.json": SUMS["dev-v1.1.json"]})
 
 
-def test_a_page_in_place_of_a_file_of_known_size_is_not_kept(server, tmp_path, monkeypatch):
-    """A captive portal's page (200, with its length) was kept as the .part, reported as a dropped connection to
-    resume from, which every run then repeated, and the real file was later appended to it."""
+@pytest.mark.parametrize("portal", ["portal", "chunked portal"])
+def test_a_page_in_place_of_a_file_of_known_size_is_not_kept(server, tmp_path, monkeypatch, portal):
+    """A captive portal's page (200, with its length or in chunks) was kept as the .part, reported as a dropped
+    connection to resume from, which every run then repeated, and the real file was later appended to it."""
     from bertqa.squad import download
 
     data = FILES["train-v1.1.json"]
     monkeypatch.setitem(download.SQUAD_SHA256, "train-v1.1.json", SUMS["train-v1.1.json"])  # as if published
     monkeypatch.setitem(download.SQUAD_SIZES, "train-v1.1.json", len(data))
-    Handler.resume = "portal"
+    Handler.resume = portal
     with pytest.raises(OSError, match=rf"^{server}train-v1.1.json: the server sent 57 bytes from byte 0 \(text/html\) "
                                       rf"of a {len(data)}-byte file; nothing was kept$"):  # fmt: skip
         download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
     assert list(tmp_path.iterdir()) == []
+    part = tmp_path / "train-v1.1.json.part"  # and sent for a resume: the .part stays as it was
+    part.write_bytes(data[:3000])
+    with pytest.raises(OSError, match=rf"train-v1.1.json: the server .*\(text/html\).*; {re.escape(str(part))} kept"):
+        download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
+    assert part.read_bytes() == data[:3000]
+    part.unlink()
     Handler.resume = None
     paths = download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
     assert paths[0].read_bytes() == data

@@ -113,8 +113,8 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
             expected = response.headers.get("Content-Length", "").strip()
             length = int(expected) if expected.isascii() and expected.isdigit() else None  # "²" is a digit too
             start = have if response.status == 206 else 0  # where the body is in the file
+            kind = response.headers.get("Content-Type") or "no Content-Type"
             if None not in (size, length) and start + length != size:  # (a proxy's page, say: not the file)
-                kind = response.headers.get("Content-Type") or "no Content-Type"
                 raise _NotTheRest(f"the server sent {length} bytes from byte {start} ({kind}) of a {size}-byte file")
             if have and response.status != 206:  # the server ignored Range and sends the whole file
                 if size is not None and have > size:  # a .part longer than the file is none of it
@@ -128,8 +128,13 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
             # http.client returns a short body without complaint when the connection drops.
             if length is not None and received < length:
                 raise ConnectionError(f"connection closed after {received} of {expected} bytes")
-            if length is None and size is not None and f.tell() < size:  # (such a body ends where the connection does)
-                raise ConnectionError(f"connection closed after {f.tell()} of {size} bytes")
+            if length is None and size is not None and f.tell() < size:
+                if response.chunked:  # ended by its last chunk (a cut one raises IncompleteRead): whole, not the file
+                    f.truncate(have)
+                    raise _NotTheRest(
+                        f"the server sent {received} bytes from byte {start} ({kind}) of a {size}-byte file"
+                    )
+                raise ConnectionError(f"connection closed after {f.tell()} of {size} bytes")  # (where the body ends)
     except urllib.error.HTTPError as e:
         # 416: the .part is already whole (an interruption after the last byte); it is verified next. Unless the
         # server's file is longer: then it refuses a range it has, and the .part is kept for a server that works.
