@@ -121,7 +121,7 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
                     f.truncate(0)
                     have = 0
                 else:  # which starts with the .part
-                    received = _match_start(response, part, have, length)
+                    received = _match_start(response, part, have, length, kind)
             while block := response.read(CHUNK):
                 _write(f, block)
                 received += len(block)
@@ -159,10 +159,9 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
         raise OSError(f"{url}: download interrupted ({reason}); run again to resume from {part}") from None
 
 
-def _match_start(response, part: Path, have: int, length: int | None) -> int:
-    """Read the first `have` bytes of a whole file's body (`length` bytes, where said), which must be those of the
-    .part; returns `have`."""
-    kind = response.headers.get("Content-Type") or "no Content-Type"
+def _match_start(response, part: Path, have: int, length: int | None, kind: str) -> int:
+    """Read the first `have` bytes of a whole file's body (`length` bytes, where said; `kind`, its Content-Type),
+    which must be those of the .part; returns `have`."""
     if length is not None and length < have:
         raise _NotTheRest(f"the server answered a request from byte {have} with a whole file of {length} bytes "
                           f"({kind})")  # fmt: skip
