@@ -18,8 +18,13 @@ case $version in
      exit 1 ;;
 esac
 
-# Each dependency at its floor; a dependency without a `>=` floor (or with a marker) is refused, not guessed at.
-floors=$("$PYTHON" - <<'EOF'
+# The script's own venv: made afresh when it cannot run pip or is of another Python than $PYTHON.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || [ "$("$VENV/bin/python" -c "$VERSION")" != "$version" ]; then
+  "$PYTHON" -m venv --clear "$VENV"
+fi
+# Each dependency at its floor; a dependency without a `>=` floor (or with a marker) is refused, not guessed at. Read
+# by the venv's Python: on 3.10 the TOML reader is pip's, which $PYTHON itself may lack.
+floors=$("$VENV/bin/python" - <<'EOF'
 import re, sys
 try:
     import tomllib
@@ -35,10 +40,6 @@ EOF
 mapfile -t FLOORS <<<"$floors"
 echo "floors: ${FLOORS[*]}"
 
-# The script's own venv: made afresh when it cannot run pip or is of another Python than $PYTHON.
-if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || [ "$("$VENV/bin/python" -c "$VERSION")" != "$version" ]; then
-  "$PYTHON" -m venv --clear "$VENV"
-fi
 # --no-compile: byte-compiling all of torch at install took 3x longer than the install; Python compiles what the
 # tests import as they import it.
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)

@@ -8,12 +8,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+RECENT='import sys; sys.exit(sys.version_info < (3, 10))'  # pyproject.toml's requires-python
+VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
 # None yet, or one whose interpreter cannot start (gone with a Python upgrade): made afresh, not left to fail the same
 # way at every run; a link to such a venv is left to its owner. One without pip (uv's, say) keeps its packages and
-# gets pip.
+# gets pip. One of a Python older than 3.10 is refused (its torch install fails; made, it was kept for every rerun).
 if ! .venv/bin/python -c '' 2>/dev/null; then
   if [ -L .venv ]; then echo "setup: .venv links to a venv whose python cannot start; remake it, or remove the link" >&2; exit 1; fi
+  if ! "$PYTHON" -c "$RECENT" 2>/dev/null; then
+    echo "setup: $PYTHON is Python $("$PYTHON" -c "$VERSION" 2>/dev/null || echo "that does not run"), and bertqa needs 3.10 or later: set PYTHON to one" >&2
+    exit 1
+  fi
   "$PYTHON" -m venv --clear .venv
+elif ! .venv/bin/python -c "$RECENT"; then
+  echo "setup: .venv is Python $(.venv/bin/python -c "$VERSION"), and bertqa needs 3.10 or later: remove .venv, and set PYTHON to a Python 3.10 or later" >&2
+  exit 1
 fi
 .venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --upgrade >/dev/null
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
@@ -21,6 +30,12 @@ torch_recent() {  # whether .venv's torch is at least pyproject.toml's floor, 2.
   .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"
 }
 have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+# Installed but failing to import (a CUDA build missing a library, say): named, not replaced by the pinned CPU build.
+if [ -z "$have" ] && dist=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then
+  why=$(.venv/bin/python -c "import torch" 2>&1 | tail -n 1 || true)
+  echo "setup: .venv has torch $dist, which fails to import ($why); repair it, or uninstall it to get torch==2.13.0" >&2
+  exit 1
+fi
 if [ -z "$have" ]; then
   # Pinned: an unpinned `torch` from PyPI is a multi-GB CUDA build, wasted on a CPU-only machine.
   # shellcheck disable=SC2086

@@ -1,5 +1,6 @@
 """scripts/setup.sh's torch handling, run against a stand-in .venv: its python is the real one with a fake `torch`
-package whose version is what the last stand-in `pip install` named, and its pip only logs its arguments."""
+package whose version is what the last stand-in `pip install` named (and no site-packages: the real torch is not
+seen), and its pip only logs its arguments."""
 
 import os
 import shutil
@@ -17,7 +18,7 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
   for arg in "$@"; do case $arg in torch==*) echo "${arg#torch==}" > "$FAKE_TORCH";; esac; done
   exit 0
 fi
-PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" "$@"
+PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" -S "$@"
 """
 
 FAKE_TORCH = """import os
@@ -86,3 +87,31 @@ def test_bertqa_torch_replaces_an_old_torch(project):
     assert rc == 0, err
     assert any("--upgrade torch==2.13.1" in call for call in calls) and installs_bertqa(calls)
     assert (project / "torch-version").read_text().strip() == "2.13.1"
+
+
+def test_a_torch_that_is_installed_but_fails_to_import_is_named_not_replaced(project):
+    """A CUDA build missing a library was taken for no torch: pip replaced it with the pinned CPU build (from PyPI,
+    a multi-GB CUDA one), and the import error was never shown."""
+    dist = project / "site" / "torch-2.14.0+cu128.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.0+cu128\n")
+    rc, err, calls = setup(project)  # (no torch-version file: the stand-in's import fails)
+    assert rc == 1 and err.strip() == (
+        "setup: .venv has torch 2.14.0+cu128, which fails to import (ImportError: no torch); repair it, or "
+        "uninstall it to get torch==2.13.0"
+    )
+    assert not any("install" in call for call in calls)
+
+
+def test_a_python_older_than_310_makes_no_venv(project, tmp_path):
+    """A first run with an old python3 made a venv that every later run kept, failing at torch's install."""
+    shutil.rmtree(project / ".venv")
+    old = tmp_path / "python3.9"
+    old.write_text('#!/usr/bin/env bash\ncase "$2" in *exit*) exit 1;; *print*) echo 3.9; exit 0;; esac\nexit 3\n')
+    old.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(old)}
+    r = subprocess.run(["bash", "scripts/setup.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"setup: {old} is Python 3.9, and bertqa needs 3.10 or later: set PYTHON to one"
+    )
+    assert not (project / ".venv").exists()
