@@ -30,7 +30,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
-for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+# loads(str): pip's tomli before pip 22.1 (tomli 1.x) reads no bytes.
+for dep in tomllib.loads(open("pyproject.toml", encoding="utf-8").read())["project"]["dependencies"]:
     m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][0-9.]*)\s*(,\s*<[^;]*)?", dep)
     if not m:
         sys.exit(f"floors.sh: cannot test the floor of {dep!r}: declare it as 'name>=X'")

@@ -30,10 +30,15 @@ torch_recent() {  # whether .venv's torch is at least pyproject.toml's floor, 2.
   .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"
 }
 have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
-# Installed but failing to import (a CUDA build missing a library, say): named, not replaced by the pinned CPU build.
-if [ -z "$have" ] && dist=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then
-  why=$(.venv/bin/python -c "import torch" 2>&1 | tail -n 1 || true)
-  echo "setup: .venv has torch $dist, which fails to import ($why); repair it, or uninstall it to get torch==2.13.0" >&2
+# Installed but failing to import (a CUDA build missing a library, say): named, not replaced by the pinned CPU build
+# (BERTQA_TORCH, where given, replaces it).
+if [ -z "$have" ] && [ -z "${BERTQA_TORCH:-}" ] &&
+  dist=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then
+  status=0
+  why=$(.venv/bin/python -c "import torch" 2>&1 | tail -n 1) || status=$?  # (pipefail: python's status)
+  if [ -z "$why" ] && [ "$status" -gt 128 ]; then why="killed by signal $((status - 128))"; fi
+  [ -n "$why" ] || why="exit status $status"
+  echo "setup: .venv has torch $dist, which fails to import ($why); repair it, set BERTQA_TORCH to the pip arguments for another, or uninstall it to get torch==2.13.0" >&2
   exit 1
 fi
 if [ -z "$have" ]; then

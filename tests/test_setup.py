@@ -22,6 +22,8 @@ PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" -S "$@"
 """
 
 FAKE_TORCH = """import os
+if os.environ.get("FAKE_TORCH_SIGNAL"):  # an import that kills the process (a build for CPU instructions it lacks)
+    os.kill(os.getpid(), int(os.environ["FAKE_TORCH_SIGNAL"]))
 if not os.path.exists(os.environ["FAKE_TORCH"]):
     raise ImportError("no torch")
 __version__ = open(os.environ["FAKE_TORCH"]).read().strip()
@@ -43,7 +45,7 @@ def project(tmp_path):
     return tmp_path
 
 
-def setup(project, torch_before=None, bertqa_torch=None):
+def setup(project, torch_before=None, bertqa_torch=None, **env_extra):
     """Runs setup.sh; returns (exit code, stderr, the pip calls)."""
     if torch_before:
         (project / "torch-version").write_text(torch_before)
@@ -51,6 +53,7 @@ def setup(project, torch_before=None, bertqa_torch=None):
     env = {**os.environ, "FAKE_LOG": str(project / "pip.log"), "FAKE_TORCH": str(project / "torch-version"),
            "FAKE_SITE": str(project / "site"), "REAL_PYTHON": sys.executable, "PYTHON": "false"}  # fmt: skip
     env.pop("BERTQA_TORCH", None)
+    env.update(env_extra)
     if bertqa_torch:
         env["BERTQA_TORCH"] = bertqa_torch
     r = subprocess.run(["bash", "scripts/setup.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
@@ -91,16 +94,25 @@ def test_bertqa_torch_replaces_an_old_torch(project):
 
 def test_a_torch_that_is_installed_but_fails_to_import_is_named_not_replaced(project):
     """A CUDA build missing a library was taken for no torch: pip replaced it with the pinned CPU build (from PyPI,
-    a multi-GB CUDA one), and the import error was never shown."""
+    a multi-GB CUDA one), and the import error was never shown. BERTQA_TORCH, where given, still replaces it."""
     dist = project / "site" / "torch-2.14.0+cu128.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.0+cu128\n")
+    advice = "repair it, set BERTQA_TORCH to the pip arguments for another, or uninstall it to get torch==2.13.0"
     rc, err, calls = setup(project)  # (no torch-version file: the stand-in's import fails)
-    assert rc == 1 and err.strip() == (
-        "setup: .venv has torch 2.14.0+cu128, which fails to import (ImportError: no torch); repair it, or "
-        "uninstall it to get torch==2.13.0"
+    assert (
+        rc == 1
+        and err.strip()
+        == f"setup: .venv has torch 2.14.0+cu128, which fails to import (ImportError: no torch); {advice}"
     )
     assert not any("install" in call for call in calls)
+    rc, err, calls = setup(project, FAKE_TORCH_SIGNAL="9")  # an import that dies says nothing on stderr
+    assert (
+        rc == 1
+        and err.strip() == f"setup: .venv has torch 2.14.0+cu128, which fails to import (killed by signal 9); {advice}"
+    )
+    rc, err, calls = setup(project, bertqa_torch="torch==2.13.1")
+    assert rc == 0 and any(call.endswith("torch==2.13.1") for call in calls) and installs_bertqa(calls), err
 
 
 def test_a_python_older_than_310_makes_no_venv(project, tmp_path):
