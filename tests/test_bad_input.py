@@ -613,6 +613,24 @@ def test_predict_checks_every_file_it_will_write_before_predicting(inputs, tmp_p
     assert code == 1 and "the name of the file is longer than 255 bytes" in one_error_line(err)
 
 
+@pytest.mark.parametrize("cache", ["pred.json", "pred.json/cache", "pred.nbest.json"])
+def test_predict_refuses_a_features_cache_in_a_file_it_writes(inputs, tmp_path, capsys, monkeypatch, cache):
+    """The cache made a folder where the predictions go: the run failed after the work ("Is a directory"), leaving
+    its n-best file without its predictions."""
+    import bertqa.evaluate
+
+    monkeypatch.setattr(bertqa.evaluate, "run_inference", lambda *a: pytest.fail("predicted before checking"))
+    written = "pred.nbest.json" if cache.startswith("pred.nbest") else "pred.json"
+    argv = ["predict", "--model", inputs["tiny"], "--input", inputs["squad"], "--output", tmp_path / "pred.json", *FAST,
+            "--cache-dir", tmp_path / cache]  # fmt: skip
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == (
+        f"bertqa: error: --cache-dir {tmp_path / cache}: lies in {tmp_path / written}, which this run writes; name "
+        "another folder"
+    )
+    assert tree(tmp_path) == []
+
+
 def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, capsys, monkeypatch):
     """Its files landed beside a running evaluate's summary, or were removed by a running train at its end."""
     import bertqa.evaluate

@@ -263,7 +263,7 @@ def same(a: Features, b: Features) -> bool:
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     examples = read_squad(small_file, is_training=False)
-    first = load_features(small_file, examples, tok, cache, doc_stride=100)
+    first = load_features(examples, tok, cache, doc_stride=100)
     assert len(list(cache.glob("*.npz"))) == 1 and same(first, featurize(examples, tok, doc_stride=100))
 
     def no_featurize(*args, **kwargs):
@@ -271,20 +271,34 @@ def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(features_module, "featurize", no_featurize)
-        assert same(load_features(small_file, examples, tok, cache, doc_stride=100), first)
+        assert same(load_features(examples, tok, cache, doc_stride=100), first)
         # Spelling out a default is the same key.
-        load_features(small_file, examples, tok, cache, doc_stride=100, max_seq_length=384)
+        load_features(examples, tok, cache, doc_stride=100, max_seq_length=384)
 
     # Each change is a miss that writes its own file.
-    load_features(small_file, examples, tok, cache, doc_stride=64)
-    load_features(small_file, examples, tok, cache, doc_stride=100, is_training=True)
-    load_features(small_file, examples[:-1], tok, cache, doc_stride=100)
-    load_features(small_file, examples, _lowercase_off(tok, tmp_path), cache, doc_stride=100)
-    # A changed data file is a miss even when it reads as the same examples.
-    small_file.write_text(json.dumps(json.loads(small_file.read_text()), indent=1))
-    assert same(load_features(small_file, examples, tok, cache, doc_stride=100), first)
+    load_features(examples, tok, cache, doc_stride=64)
+    load_features(examples, tok, cache, doc_stride=100, is_training=True)
+    load_features(examples[:-1], tok, cache, doc_stride=100)
+    load_features(examples, _lowercase_off(tok, tmp_path), cache, doc_stride=100)
+    # A context edited in the file, the questions' ids and answer positions unchanged: a miss.
+    doc = json.loads(small_file.read_text())
+    context = doc["data"][0]["paragraphs"][0]["context"]
+    doc["data"][0]["paragraphs"][0]["context"] = context.replace(context.split()[-1], "elsewhere")
+    small_file.write_text(json.dumps(doc))
+    edited = read_squad(small_file, is_training=False)
+    assert [(e.qid, e.answer_starts) for e in edited] == [(e.qid, e.answer_starts) for e in examples]
+    assert not same(load_features(edited, tok, cache, doc_stride=100), first)
     assert len(list(cache.glob("*.npz"))) == 6
-    assert load_features(small_file, examples, tok, None).params["doc_stride"] == 128  # no cache: no file
+    # The features are filed under the examples they were built from, not under the file as it is when the cache is
+    # written: the file replaced after it was read (a copy finishing) left the old text's windows filed as the new's.
+    with monkeypatch.context() as m:
+        m.setattr(features_module, "featurize", no_featurize)
+        assert same(load_features(examples, tok, cache, doc_stride=100), first)
+        # A file that reads as the same examples (reformatted) is a hit.
+        small_file.write_text(json.dumps(doc, indent=1))
+        assert same(load_features(read_squad(small_file, is_training=False), tok, cache, doc_stride=100),
+                    load_features(edited, tok, cache, doc_stride=100))  # fmt: skip
+    assert load_features(examples, tok, None).params["doc_stride"] == 128  # no cache: no file
     assert len(list(cache.iterdir())) == 6
 
 
@@ -314,7 +328,7 @@ def test_cache_write_removes_what_killed_writes_left(small_file, tok, tmp_path):
     stale = time.time() - features_module.STALE_WRITE_S - 60
     for path in (old, other):
         os.utime(path, (stale, stale))
-    load_features(small_file, examples, tok, cache)
+    load_features(examples, tok, cache)
     assert not old.exists() and fresh.exists() and other.exists()
     assert len(list(cache.glob("squad-features-*.npz"))) == 1
 
@@ -330,22 +344,22 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
         m.setattr(np, "savez", broken_savez)
         # The cache only saves time: the features come back all the same, with one warning naming the file.
-        assert same(load_features(small_file, examples, tok, cache), featurize(examples, tok))
+        assert same(load_features(examples, tok, cache), featurize(examples, tok))
     assert not cache.exists()  # neither a final file nor a temporary one, nor the folder made for them
     assert "cannot write the feature cache (disk full); going on without it" in caplog.text
     caplog.clear()
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # a cache folder that cannot be made: its parent is a file
     with caplog.at_level(logging.WARNING):
-        assert same(load_features(small_file, examples, tok, blocked / "cache"), featurize(examples, tok))
+        assert same(load_features(examples, tok, blocked / "cache"), featurize(examples, tok))
     assert f"{blocked / 'cache'}" in caplog.text and "cannot write the feature cache" in caplog.text
     caplog.clear()
 
-    good = load_features(small_file, examples, tok, cache)
+    good = load_features(examples, tok, cache)
     (path,) = cache.glob("*.npz")
     path.write_bytes(path.read_bytes()[:1000])  # e.g. a copy cut short
     with caplog.at_level(logging.WARNING):
-        again = load_features(small_file, examples, tok, cache)
+        again = load_features(examples, tok, cache)
     assert same(again, good) and "unreadable feature cache" in caplog.text
     assert again.params["max_seq_length"] == 384
     # Damage that zipfile and numpy report with other exceptions (they stopped every later run on that data):
@@ -357,7 +371,7 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
         path.write_bytes(damaged)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            assert same(load_features(small_file, examples, tok, cache), good)
+            assert same(load_features(examples, tok, cache), good)
         assert "unreadable feature cache" in caplog.text
     # A cache folder that cannot be searched (one left by another user) is a warning too, not an error.
     real_is_file = Path.is_file
@@ -370,7 +384,7 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
     monkeypatch.setattr(Path, "is_file", is_file)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert same(load_features(small_file, examples, tok, cache), good)
+        assert same(load_features(examples, tok, cache), good)
     assert "unreadable feature cache (Permission denied)" in caplog.text
 
 
@@ -387,3 +401,16 @@ def test_the_default_cache_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
         assert default_cache_dir() == home
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == home
+    # No home folder (HOME unset for a user id with no passwd entry, or relative): no cache, not one in a folder
+    # named "~" (or "rel") under wherever the command runs.
+    import pwd
+
+    monkeypatch.setenv("HOME", "rel")
+    assert default_cache_dir() is None
+    monkeypatch.delenv("HOME")
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert default_cache_dir() is None

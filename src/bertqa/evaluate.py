@@ -31,10 +31,13 @@ from .squad.postprocess import PREDICTION_FILES, postprocess, write_prediction_f
 from .tokenizer import check_vocabulary, load_tokenizer
 
 
-def default_cache_dir() -> str:
+def default_cache_dir() -> str | None:
+    """$XDG_CACHE_HOME/bertqa/features, else ~/.cache/bertqa/features; None (no cache) without a home folder."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # unset, empty or relative: the XDG spec's default (not the current folder)
         base = os.path.expanduser("~/.cache")
+    if not os.path.isabs(base):  # HOME unset for a user with no passwd entry (`docker run --user N`), or relative:
+        return None  # a folder named "~" in the current one, or a cache wherever the command runs
     return os.path.join(base, "bertqa", "features")
 
 
@@ -92,13 +95,16 @@ class EvalConfig:
         # --output instead.
         if self.OUTPUT_DIR and is_rank_zero():
             check_output_dir(self.output_dir, writes=self.WRITES, inputs=self.inputs())
-            # The features cached inside what the run replaces (its model/) would stop its save, after the work.
-            cache = self.cache_dir and Path(self.cache_dir).resolve()
-            for name in self.WRITES if cache else ():
-                output = (Path(self.output_dir) / name).resolve()
-                if output in (cache, *cache.parents):
-                    raise ValueError(f"--cache-dir {self.cache_dir}: lies in {Path(self.output_dir) / name}, which this "
-                                     "run writes; name another folder")  # fmt: skip
+            self.check_cache_outside([Path(self.output_dir) / name for name in self.WRITES])
+
+    def check_cache_outside(self, outputs) -> None:
+        """The features cached inside what the run writes (train's model/, predict's output file) would stop its
+        write, after the work."""
+        cache = self.cache_dir and Path(self.cache_dir).resolve()
+        for output in outputs if cache else ():
+            if output.resolve() in (cache, *cache.parents):
+                raise ValueError(f"--cache-dir {self.cache_dir}: lies in {output}, which this run writes; name another "
+                                 "folder")  # fmt: skip
 
     def inputs(self) -> dict:
         """The run's input files, by flag: what it must not write over."""
@@ -136,10 +142,10 @@ def load_examples_and_features(path, tokenizer, cfg, is_training: bool, d: Dist,
         if not examples:
             raise ValueError(f"{path}: no usable questions")
         if d.is_main:
-            features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+            features = load_features(examples, tokenizer, cfg.cache_dir, **params)
     with fail_together(d):
         if not d.is_main:
-            features = load_features(path, examples, tokenizer, cfg.cache_dir, **params)
+            features = load_features(examples, tokenizer, cfg.cache_dir, **params)
     return doc, examples, features
 
 
@@ -293,8 +299,10 @@ def predict(cfg: PredictConfig) -> dict:
               if is_rank_zero() else None)  # fmt: skip
     # (where the files land: beside a link's target)
     folder = Path(os.path.realpath(output)).parent if output is not None else None
+    paths = [output, output.with_suffix(".nbest.json"), output.with_suffix(".null_odds.json")] if output else []
     if folder is not None:
         check_not_claimed(folder, f"--output {cfg.output}")
+        cfg.check_cache_outside(paths)
     with _prepared(cfg, require_answers=False) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:
@@ -303,7 +311,6 @@ def predict(cfg: PredictConfig) -> dict:
     if folder is not None:
         check_not_claimed(folder, f"--output {cfg.output}")  # (one may have started meanwhile)
     # One set, the file asked for landing last: an interrupted run never leaves it without its n-best beside it.
-    paths = [output, output.with_suffix(".nbest.json"), output.with_suffix(".null_odds.json")]
     write_prediction_files(paths, preds, nbest, null_odds)
     summary = {**timing, "questions": len(preds), "predictions": str(output)}
     print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "

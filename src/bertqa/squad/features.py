@@ -26,7 +26,6 @@ import numpy as np
 
 from bertqa.files import atomic_path, first_line
 from bertqa.squad.data import Example
-from bertqa.squad.download import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +292,20 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(featurize).parameters.it
              if p.default is not p.empty and k != "max_windows"}  # fmt: skip
 
 
-def _cache_key(data_path, examples, tokenizer, params: dict) -> str:
-    """Everything the features depend on: the data file's bytes, which examples (and which answer
-    positions, since reading may re-anchor them), the tokenizer, every parameter, this code's format."""
+def _cache_key(examples, tokenizer, params: dict) -> str:
+    """Everything the features depend on: the examples as read (ids, texts and the answer each is labelled with,
+    which reading may re-anchor), the tokenizer, every parameter, this code's format. Not the data file's bytes,
+    read again: a file replaced after it was parsed would file these features under the new file's."""
     ex_hash = hashlib.sha256()
+    context = None
     for ex in examples:
-        ex_hash.update(f"{ex.qid}\t{ex.answer_starts[:1]}\t{ex.is_impossible}\n".encode())
+        if ex.context != context:  # (a paragraph's questions follow one another: its text is hashed once)
+            context = ex.context
+            ex_hash.update(json.dumps(["context", context]).encode() + b"\n")
+        fields = [ex.qid, ex.question, ex.answers[:1], ex.answer_starts[:1], ex.is_impossible]
+        ex_hash.update(json.dumps(fields).encode() + b"\n")
     key = {
         "format": FORMAT_VERSION,
-        "data_sha256": sha256_file(data_path),
         "examples": ex_hash.hexdigest(),
         "tokenizer": tokenizer.fingerprint,
         "params": params,
@@ -329,11 +333,12 @@ def remove_killed_writes(cache_dir: Path) -> list[Path]:
     return removed
 
 
-def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Features:
+def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     """`featurize(examples, tokenizer, **params)`, cached in `cache_dir` (None: no cache).
 
     The cache file name is a hash of the full key and the key itself is stored inside and compared, so
-    a changed data file, tokenizer or parameter (defaults included) is a miss, never a stale hit.
+    changed examples (a text edited in the file), tokenizer or parameter (defaults included) is a miss, never a stale
+    hit.
     """
     unknown = set(params) - set(_DEFAULTS)
     if unknown:
@@ -342,7 +347,7 @@ def load_features(data_path, examples, tokenizer, cache_dir, **params) -> Featur
     if cache_dir is None:
         return featurize(examples, tokenizer, **params)
     check_window_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
-    key = _cache_key(data_path, examples, tokenizer, {k: int(v) for k, v in params.items()})
+    key = _cache_key(examples, tokenizer, {k: int(v) for k, v in params.items()})
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     try:  # a cache only saves time: one that cannot be read (a folder not searchable, a damaged file) is a miss
         if path.is_file():
