@@ -631,6 +631,20 @@ def test_predict_refuses_a_features_cache_in_a_file_it_writes(inputs, tmp_path, 
     assert tree(tmp_path) == []
 
 
+def test_the_cache_check_takes_a_link_loop_as_a_path_not_an_internal_error(inputs, tmp_path):
+    """Path.resolve() raises RuntimeError on a loop ("internal error ... please report it"); a looping cache folder
+    is the usual unwritable cache (a warning), a looping output the output check's to name."""
+    from bertqa.evaluate import PredictConfig
+
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "out.json").symlink_to("out.json")
+    cfg = PredictConfig(model=str(inputs["tiny"]), predict_file=str(inputs["squad"]), output=str(tmp_path / "p.json"),
+                        cache_dir=str(tmp_path / "loop"))  # fmt: skip
+    cfg.check_cache_outside([tmp_path / "p.json", tmp_path / "out.json"])  # (no RuntimeError)
+    with pytest.raises(ValueError, match=f"lies in {tmp_path}, which this run writes"):  # and still a check
+        cfg.check_cache_outside([tmp_path])
+
+
 def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, capsys, monkeypatch):
     """Its files landed beside a running evaluate's summary, or were removed by a running train at its end."""
     import bertqa.evaluate

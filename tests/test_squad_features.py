@@ -405,8 +405,9 @@ def test_the_default_cache_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
     # named "~" (or "rel") under wherever the command runs.
     import pwd
 
-    monkeypatch.setenv("HOME", "rel")
-    assert default_cache_dir() is None
+    for home in ("rel", ""):  # ("" was /.cache: the root folder's)
+        monkeypatch.setenv("HOME", home)
+        assert default_cache_dir() is None
     monkeypatch.delenv("HOME")
 
     def no_entry(uid):

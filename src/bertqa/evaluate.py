@@ -35,9 +35,9 @@ def default_cache_dir() -> str | None:
     """$XDG_CACHE_HOME/bertqa/features, else ~/.cache/bertqa/features; None (no cache) without a home folder."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # unset, empty or relative: the XDG spec's default (not the current folder)
-        base = os.path.expanduser("~/.cache")
-    if not os.path.isabs(base):  # HOME unset for a user with no passwd entry (`docker run --user N`), or relative:
-        return None  # a folder named "~" in the current one, or a cache wherever the command runs
+        base = "" if os.environ.get("HOME") == "" else os.path.expanduser("~/.cache")  # ("" would be /.cache)
+    if not os.path.isabs(base):  # HOME unset for a user with no passwd entry (`docker run --user N`), empty or
+        return None  # relative: a folder named "~" in the current one, the root's, or wherever the command runs
     return os.path.join(base, "bertqa", "features")
 
 
@@ -100,9 +100,9 @@ class EvalConfig:
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its
         write, after the work."""
-        cache = self.cache_dir and Path(self.cache_dir).resolve()
+        cache = self.cache_dir and Path(os.path.realpath(self.cache_dir))  # (resolve() raises on a link loop)
         for output in outputs if cache else ():
-            if output.resolve() in (cache, *cache.parents):
+            if Path(os.path.realpath(output)) in (cache, *cache.parents):
                 raise ValueError(f"--cache-dir {self.cache_dir}: lies in {output}, which this run writes; name another "
                                  "folder")  # fmt: skip
 
