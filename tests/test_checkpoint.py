@@ -3,6 +3,7 @@
 import argparse
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -428,6 +429,23 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.fixture
+def run_here(capsys, monkeypatch):
+    """`bertqa ARGS` as cli.main runs it, in this process (no interpreter and torch start-up per call): an object
+    with the exit status and stderr, as run_cli's."""
+
+    def run(*args, cwd=None):
+        monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])  # (a handler on this call's stderr)
+        capsys.readouterr()  # (what came before: a fixture's progress bars)
+        with monkeypatch.context() as m:
+            if cwd is not None:
+                m.chdir(cwd)
+            code = cli.main([str(a) for a in args])
+        return argparse.Namespace(returncode=code, stderr=capsys.readouterr().err)
+
+    return run
+
+
 def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
     load_tokenizer(hf_qa_dir).save(tmp_path / "vocab")
@@ -472,36 +490,36 @@ def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_di
     assert load_model(tmp_path / "encoder").fresh_qa_head  # fine to train from
 
 
-def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa_dir, tmp_path):
+def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa_dir, tmp_path, run_here):
     (tmp_path / "models").mkdir()
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "models" / "nv.pt")
     (tmp_path / "models" / "notes.txt").write_text("mine")
     shutil.copy(hf_qa_dir / "tokenizer.json", tmp_path / "models" / "tokenizer.json")
     cfg = hf_qa_dir / "config.json"
     for dst, why in ((tmp_path / "models", "it holds"), (tmp_path, "it holds")):
-        r = run_cli("convert", pt, dst, "--config", cfg)
+        r = run_here("convert", pt, dst, "--config", cfg)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.json").write_text("{}")
-    r = run_cli("convert", pt, tmp_path / "other", "--config", cfg)
+    r = run_here("convert", pt, tmp_path / "other", "--config", cfg)
     assert r.returncode == 1 and "exists and is not a model folder (it holds data.json, not a model's" in r.stderr
     (tmp_path / "project").mkdir()  # a config.json does not make a model folder of a folder holding other files
     (tmp_path / "project" / ".git").mkdir()
     shutil.copy(cfg, tmp_path / "project" / "config.json")
-    r = run_cli("convert", pt, tmp_path / "project", "--config", cfg)
+    r = run_here("convert", pt, tmp_path / "project", "--config", cfg)
     assert r.returncode == 1 and "not a model folder (it holds .git, not a model's file)" in r.stderr, r.stderr
     shutil.copy(hf_qa_dir / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
     (tmp_path / "other" / "data.json").rename(tmp_path / "data.json")
-    r = run_cli("convert", pt, tmp_path / "other", "--config", cfg)
+    r = run_here("convert", pt, tmp_path / "other", "--config", cfg)
     assert r.returncode == 1 and "not a model folder (no config.json)" in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "nv.pt", "tokenizer.json"]
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == [".git", "config.json"]
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["tokenizer.json"]
     for _ in range(2):  # a new folder, then the model folder it made: replaced whole
-        r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
+        r = run_here("convert", pt, tmp_path / "hf", "--config", cfg)
         assert r.returncode == 0, r.stderr
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # HF's other model files are a model folder's too
-    r = run_cli("convert", pt, tmp_path / "hf", "--config", cfg)
+    r = run_here("convert", pt, tmp_path / "hf", "--config", cfg)
     assert r.returncode == 0 and not (tmp_path / "hf" / "pytorch_model.bin").exists(), r.stderr
 
 
@@ -522,7 +540,7 @@ def test_convert_refuses_a_dst_that_is_or_holds_the_current_folder(hf_qa_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
-def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):
+def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path, run_here):
     # An HF cache's snapshot links each file to a blob elsewhere: the folder of the link is still read from.
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
@@ -530,21 +548,21 @@ def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path):
         shutil.copy(hf_qa_dir / name, snapshot / name)
     (snapshot / "model.safetensors").symlink_to(hf_qa_dir / "model.safetensors")
     before = sorted(p.name for p in snapshot.iterdir())
-    r = run_cli("convert", snapshot / "model.safetensors", snapshot)
+    r = run_here("convert", snapshot / "model.safetensors", snapshot)
     assert r.returncode == 1 and "it holds the config and tokenizer read beside" in r.stderr, r.stderr
     out = tmp_path / "out"
-    r = run_cli("convert", hf_qa_dir, out)
+    r = run_here("convert", hf_qa_dir, out)
     assert r.returncode == 0, r.stderr
     written = (out / "config.json").read_text()
     for flag, path in (("--config", out / "config.json"), ("--vocab", out / "tokenizer.json")):
-        r = run_cli("convert", hf_qa_dir, out, flag, path)
+        r = run_here("convert", hf_qa_dir, out, flag, path)
         assert r.returncode == 1 and f"it holds {flag} {path}" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert sorted(p.name for p in snapshot.iterdir()) == before and (snapshot / "model.safetensors").is_symlink()
     assert (out / "config.json").read_text() == written
     # A preset name reads no file: a folder of that name (an earlier conversion's) is not an input. (The preset
     # does not fit these weights: refused for that, after the check.)
     shutil.copytree(out, tmp_path / "base")
-    r = run_cli("convert", hf_qa_dir / "model.safetensors", "base", "--config", "base", cwd=tmp_path)
+    r = run_here("convert", hf_qa_dir / "model.safetensors", "base", "--config", "base", cwd=tmp_path)
     assert r.returncode == 1 and "does not match the BERT model of its config" in r.stderr, r.stderr
 
 
