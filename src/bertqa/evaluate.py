@@ -295,11 +295,11 @@ def predict(cfg: PredictConfig) -> dict:
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
     cfg.validate()
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
-    output = (check_output(cfg.output, ".json", beside=(".nbest.json", ".null_odds.json"), inputs=cfg.inputs())
-              if is_rank_zero() else None)  # fmt: skip
+    beside = (".nbest.json", ".null_odds.json")
+    output = check_output(cfg.output, ".json", beside=beside, inputs=cfg.inputs()) if is_rank_zero() else None
     # (where the files land: beside a link's target)
     folder = Path(os.path.realpath(output)).parent if output is not None else None
-    paths = [output, output.with_suffix(".nbest.json"), output.with_suffix(".null_odds.json")] if output else []
+    paths = [output, *(output.with_suffix(suffix) for suffix in beside)] if output else []
     if folder is not None:
         check_not_claimed(folder, f"--output {cfg.output}")
         cfg.check_cache_outside(paths)

@@ -111,7 +111,7 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
                                       f"request from byte {have}")  # fmt: skip
                 log.info("%s: resuming at byte %d", part.name, have)
             expected = response.headers.get("Content-Length", "").strip()
-            length = int(expected) if expected.isascii() and expected.isdigit() else None  # "²" is a digit too
+            length = _number(expected)
             start = have if response.status == 206 else 0  # where the body is in the file
             kind = response.headers.get("Content-Type") or "no Content-Type"
             if None not in (size, length) and start + length != size:  # (a proxy's page, say: not the file)
@@ -138,8 +138,8 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
     except urllib.error.HTTPError as e:
         # 416: the .part is already whole (an interruption after the last byte); it is verified next. Unless the
         # server's file is longer: then it refuses a range it has, and the .part is kept for a server that works.
-        total = e.headers.get("Content-Range", "").rpartition("/")[2].strip() if e.headers else ""
-        total = int(total) if total.isascii() and total.isdigit() else size
+        total = _number(e.headers.get("Content-Range", "").rpartition("/")[2].strip() if e.headers else "")
+        total = size if total is None else total
         if not (e.code == 416 and have):
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
         if total is not None and have < total:
@@ -176,6 +176,11 @@ def _match_start(response, part: Path, have: int, length: int | None, kind: str)
                                   f"{have} bytes are not the .part's ({kind})")  # fmt: skip
             done += len(block)
     return have
+
+
+def _number(text: str) -> int | None:
+    """A header's byte count, None where it is not one."""
+    return int(text) if text.isascii() and text.isdigit() else None  # ("²" is a digit too)
 
 
 class _NotTheRest(Exception):
