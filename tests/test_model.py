@@ -567,3 +567,44 @@ def test_inference_adds_each_sublayer_into_its_residual_in_place():
         y = sublayer(h, residual)
         torch.testing.assert_close(residual, sublayer.dense(h) + before)  # the sum, in the residual's own memory
         torch.testing.assert_close(y, sublayer.LayerNorm(sublayer.dense(h) + before))
+
+
+def plain_layer_forward(layer, x, mask):
+    """BertLayer.forward through its modules, the activation's output kept by autograd."""
+    a = layer.attention(x, mask)
+    return layer.output(layer.intermediate(a), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
+def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(hidden_act, dtype, monkeypatch):
+    """Each layer keeps one 4C-wide tensor for the backward pass (the activation's input; the activation is
+    computed again there), not two, and the gradients, with dropout on and under autocast, are those of autograd
+    through the layer's own modules."""
+    import bertqa.model as model
+
+    _, ours = hf_pair(hidden_act, hidden_dropout_prob=0.1)
+    ours.train()
+    ids, types, mask = padded_batch()
+    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    kept, grads = [], []
+    for layer_forward in (model.BertLayer.forward, plain_layer_forward):
+        monkeypatch.setattr(model.BertLayer, "forward", layer_forward)
+        ours.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks
+        wide = []
+
+        def keep(t, wide=wide):  # 4 x 20 positions, 4C = 80 wide
+            wide.append(t.shape[-1:] == (80,) and t.numel() == 4 * 20 * 80)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = ours(ids, types, mask, starts, ends)
+        out.loss.backward()
+        kept.append(sum(wide))
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    assert kept == [3, 6]  # three layers
+    for name, grad in grads[1].items():
+        assert grads[0][name].dtype == torch.float32
+        torch.testing.assert_close(grads[0][name], grad, atol=0, rtol=0, msg=name)

@@ -149,6 +149,39 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+class ActivationLinear(torch.autograd.Function):
+    """linear(act(pre), weight, bias), the feed-forward block's activation and second linear layer, keeping only
+    `pre` for the backward pass, where act(pre) is computed again: autograd would keep both `pre` (for the
+    activation's gradient) and act(pre) (for the weight's), two 4C-wide tensors per window position and layer.
+    For fp32 MiniLM at batch 32 (an AVX2 CPU) that is 16-23% less kept at 256-384 tokens, the bench's training peak
+    11-13% lower, and steps 3% faster: the recomputation costs less than the page faults of a larger resident
+    set. The gradients are those autograd gives through the modules, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, pre, weight, bias, act):
+        h = act(pre)
+        y = F.linear(h, weight, bias)  # under autocast: in its dtype, as the layer it replaces
+        ctx.save_for_backward(pre, weight)
+        ctx.act, ctx.h_dtype, ctx.dtype, ctx.bias_dtype = act, h.dtype, y.dtype, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, weight = ctx.saved_tensors
+        with torch.enable_grad():  # h's dtype as in forward, whatever autocast made of the activation there
+            p = pre.detach().requires_grad_(ctx.needs_input_grad[0])
+            h = ctx.act(p.to(ctx.h_dtype))
+        g = grad.reshape(-1, grad.size(-1))
+        grad_w = grad_b = grad_pre = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ h.detach().reshape(-1, h.size(-1)).to(ctx.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            (grad_pre,) = torch.autograd.grad(h, p, grad @ weight.to(ctx.dtype))
+        return grad_pre, grad_w, grad_b, None
+
+
 # SDPA's kernels, without cuDNN attention: torch's own choice (torch 2.11 on an H200 took it for every call,
 # padded or not) builds a plan per sequence length, measured at 125-450 ms for a MiniLM training step at each new
 # length, against 16 ms for the same step with the flash / memory-efficient kernels. Length-grouped batches and
@@ -374,7 +407,10 @@ class BertSelfOutput(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
-        y = self.dropout(self.dense(h))
+        return self.add_norm(self.dense(h), residual)
+
+    def add_norm(self, y, residual):
+        y = self.dropout(y)
         if torch.is_grad_enabled() or residual.requires_grad:
             return self.LayerNorm(y + residual)
         # Without autograd the residual (the layer's own input or its attention's output, which nothing reads
@@ -418,6 +454,15 @@ class BertLayer(nn.Module):
 
     def forward(self, x, mask):
         a = self.attention(x, mask)
+        inner, outer = self.intermediate.dense, self.output.dense
+        if (
+            torch.is_grad_enabled()
+            and any(t.requires_grad for t in (a, inner.weight, inner.bias, outer.weight, outer.bias))
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+        ):  # training: the activation is recomputed in the backward pass (the two modules' hooks are not run)
+            pre = F.linear(a, inner.weight, inner.bias)
+            y = ActivationLinear.apply(pre, outer.weight, outer.bias, ACTIVATIONS[inner.activation][0])
+            return self.output.add_norm(y, a)
         return self.output(self.intermediate(a), a)
 
 
