@@ -1,5 +1,7 @@
 """The model against `transformers` (the reference implementation), fp32."""
 
+import copy
+
 import pytest
 import torch
 from skips import PLATFORM
@@ -579,12 +581,16 @@ def plain_layer_forward(layer, x, mask):
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
 def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(hidden_act, dtype, monkeypatch):
     """Each layer keeps one 4C-wide tensor for the backward pass (the activation's input; the activation is
-    computed again there), not two, and the gradients, with dropout on and under autocast, are those of autograd
-    through the layer's own modules."""
+    computed again there), not two, and the gradients, with dropout on, under autocast and with some of the
+    feed-forward parameters frozen, are those of autograd through the layer's own modules."""
     import bertqa.model as model
 
     _, ours = hf_pair(hidden_act, hidden_dropout_prob=0.1)
     ours.train()
+    frozen = {"bert.encoder.layer.1.output.dense.bias", "bert.encoder.layer.2.intermediate.dense.weight",
+              "bert.encoder.layer.2.output.dense.weight"}  # fmt: skip
+    for name, p in ours.named_parameters():
+        p.requires_grad_(name not in frozen)
     ids, types, mask = padded_batch()
     starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
     kept, grads = [], []
@@ -603,8 +609,67 @@ def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(
                 out = ours(ids, types, mask, starts, ends)
         out.loss.backward()
         kept.append(sum(wide))
-        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
-    assert kept == [3, 6]  # three layers
+        grads.append({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
+    assert kept == [3, 5]  # three layers (the plain form keeps no activation output for a frozen weight)
+    assert grads[0].keys() == grads[1].keys() == {n for n, _ in ours.named_parameters()} - frozen
     for name, grad in grads[1].items():
         assert grads[0][name].dtype == torch.float32
         torch.testing.assert_close(grads[0][name], grad, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # forward AD's first use, inside torch
+def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_the_result(monkeypatch):
+    """Hooks on the feed-forward modules run (pruning's pre-hook sets the weight it trains: it stayed unpruned and
+    its weight_orig got no gradient), a second backward pass through the first (create_graph) gets autograd's
+    gradients (the activation's second-order term was dropped), and torch.func and forward-mode AD work."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.utils import prune
+
+    import bertqa.model as model
+
+    _, base = hf_pair("gelu", attn="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, types, mask = padded_batch()
+    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+
+    def run(layer_forward, prepare):
+        monkeypatch.setattr(model.BertLayer, "forward", layer_forward)
+        ours = copy.deepcopy(base).train()
+        torch.manual_seed(0)  # the same torch.func input
+        result = prepare(ours)
+        return ours, result
+
+    def pruned(ours):  # two steps: the pruned weight is made again from the trained weight_orig
+        dense = ours.bert.encoder.layer[0].output.dense
+        prune.l1_unstructured(dense, "weight", 0.5)
+        optimizer = torch.optim.SGD(ours.parameters(), lr=1.0)
+        for _ in range(2):
+            optimizer.zero_grad()
+            ours(ids, types, mask, starts, ends).loss.backward()
+            optimizer.step()
+        return [dense.weight_orig.grad, dense.weight]
+
+    def penalty(ours):  # the squared norm of the gradients, differentiated
+        loss = ours(ids, types, mask, starts, ends).loss
+        grads = torch.autograd.grad(loss, list(ours.parameters()), create_graph=True)
+        sum((g * g).sum() for g in grads).backward()
+        return [p.grad for p in ours.parameters()]
+
+    def functional(ours):
+        layer, x = ours.bert.encoder.layer[0], torch.randn(2, 5, 48)
+        params = dict(layer.named_parameters())
+        grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x, None)).pow(2).sum())(params)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x)), None)).tangent
+        return [*grads.values(), tangent]
+
+    recomputing = model.BertLayer.forward
+    for prepare in (pruned, penalty, functional):
+        _, got = run(recomputing, prepare)
+        _, want = run(plain_layer_forward, prepare)
+        assert len(got) == len(want), prepare.__name__
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=prepare.__name__)  # (summation order)
+    called = []
+    _, _ = run(recomputing, lambda ours: ours.bert.encoder.layer[2].intermediate.register_forward_hook(
+        lambda *args: called.append(1)) and ours(ids, types, mask, starts, ends).loss.backward())  # fmt: skip
+    assert called == [1]

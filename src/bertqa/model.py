@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ATTENTION_CHOICES, BertConfig
@@ -168,18 +169,42 @@ class ActivationLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, weight = ctx.saved_tensors
+        # With create_graph=True (a gradient penalty, say) this pass is differentiated in turn: it then runs on
+        # `pre` itself, in the graph.
+        graph = torch.is_grad_enabled()
         with torch.enable_grad():  # h's dtype as in forward, whatever autocast made of the activation there
-            p = pre.detach().requires_grad_(ctx.needs_input_grad[0])
+            p = pre if graph else pre.detach().requires_grad_(ctx.needs_input_grad[0])
             h = ctx.act(p.to(ctx.h_dtype))
         g = grad.reshape(-1, grad.size(-1))
         grad_w = grad_b = grad_pre = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ h.detach().reshape(-1, h.size(-1)).to(ctx.dtype)).to(weight.dtype)
+            grad_w = (g.t() @ (h if graph else h.detach()).reshape(-1, h.size(-1)).to(ctx.dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            (grad_pre,) = torch.autograd.grad(h, p, grad @ weight.to(ctx.dtype))
+            (grad_pre,) = torch.autograd.grad(h, p, grad @ weight.to(ctx.dtype), create_graph=graph)
         return grad_pre, grad_w, grad_b, None
+
+
+def _recompute_activation(layer, a) -> bool:
+    """Whether `layer` trains with ActivationLinear: where autograd saves tensors for a backward pass, and where
+    the plain form's modules would do no more than their forward: no hooks on them or on every module (pruning
+    and weight norm set the weight in a pre-hook, Opacus records per-sample gradients in hooks), no torch.func
+    transform or forward-mode AD (the Function has no rules for them), no compilation, export or tracing
+    (inductor chooses what to recompute by itself)."""
+    modules = (layer.intermediate, layer.intermediate.dense, layer.output, layer.output.dense)
+    tensors = (a, *(t for m in modules[1::2] for t in (m.weight, m.bias)))
+    hooks = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    return (
+        torch.is_grad_enabled()
+        and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+        and any(t.requires_grad for t in tensors)
+        and all(type(m) is Linear for m in modules[1::2])
+        and not any(getattr(m, name) for m in modules for name in hooks)
+        and not any(getattr(nn.modules.module, "_global" + name) for name in hooks)
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+        and forward_ad._current_level < 0
+    )
 
 
 # SDPA's kernels, without cuDNN attention: torch's own choice (torch 2.11 on an H200 took it for every call,
@@ -454,12 +479,8 @@ class BertLayer(nn.Module):
 
     def forward(self, x, mask):
         a = self.attention(x, mask)
-        inner, outer = self.intermediate.dense, self.output.dense
-        if (
-            torch.is_grad_enabled()
-            and any(t.requires_grad for t in (a, inner.weight, inner.bias, outer.weight, outer.bias))
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
-        ):  # training: the activation is recomputed in the backward pass (the two modules' hooks are not run)
+        if _recompute_activation(self, a):  # training: the activation is computed again in the backward pass
+            inner, outer = self.intermediate.dense, self.output.dense
             pre = F.linear(a, inner.weight, inner.bias)
             y = ActivationLinear.apply(pre, outer.weight, outer.bias, ACTIVATIONS[inner.activation][0])
             return self.output.add_norm(y, a)
