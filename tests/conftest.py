@@ -6,6 +6,8 @@ or torch build lacks) is allowed there. CI also runs the property tests on a fix
 failure there repeats.
 """
 
+import argparse
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -120,3 +122,23 @@ def qa_model_dir(tmp_path_factory, minilm_dir, tiny_squad):
                       doc_stride=64, max_query_length=32, train_batch_size=10, lr=2e-4, warmup=0.1, max_steps=50,
                       precision="fp32", log_every=10, cache_dir=None, progress=False))  # fmt: skip
     return out / "model"
+
+
+@pytest.fixture
+def run_here(capsys, monkeypatch):
+    """`bertqa ARGS` as cli.main runs it, in this process (no interpreter and torch start-up per call, 2-4 s on
+    2 cores): an object with the exit status, stdout and stderr, as subprocess.run's. Tests of what only a real
+    process shows (its stdin, signals, exit codes from the interpreter) start one."""
+    from bertqa import cli
+
+    def run(*args, cwd=None):
+        monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])  # (a handler on this call's stderr)
+        capsys.readouterr()  # (what came before: a fixture's progress bars)
+        with monkeypatch.context() as m:
+            if cwd is not None:
+                m.chdir(cwd)
+            code = cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return argparse.Namespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

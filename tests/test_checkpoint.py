@@ -3,7 +3,6 @@
 import argparse
 import errno
 import json
-import logging
 import os
 import re
 import shutil
@@ -413,11 +412,11 @@ def test_safetensors_under_another_name_load(hf_qa_dir, tmp_path):
     assert torch.equal(ours.qa_outputs.weight, load_model(hf_qa_dir).qa_outputs.weight)
 
 
-def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir, monkeypatch):
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir, monkeypatch, run_here):
     monkeypatch.chdir(hf_qa_dir)  # a model folder: Path("") would load it
     with pytest.raises(CheckpointError, match="model path '': empty"):
         load_model("")
-    r = run_cli("ask", "--model", "", "--question", "Who?", "--context", "Denver won.", cwd=hf_qa_dir)
+    r = run_here("ask", "--model", "", "--question", "Who?", "--context", "Denver won.", cwd=hf_qa_dir)
     assert (
         r.returncode == 1
         and r.stdout == ""
@@ -425,31 +424,10 @@ def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir
     )
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bertqa", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture
-def run_here(capsys, monkeypatch):
-    """`bertqa ARGS` as cli.main runs it, in this process (no interpreter and torch start-up per call): an object
-    with the exit status and stderr, as run_cli's."""
-
-    def run(*args, cwd=None):
-        monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])  # (a handler on this call's stderr)
-        capsys.readouterr()  # (what came before: a fixture's progress bars)
-        with monkeypatch.context() as m:
-            if cwd is not None:
-                m.chdir(cwd)
-            code = cli.main([str(a) for a in args])
-        return argparse.Namespace(returncode=code, stderr=capsys.readouterr().err)
-
-    return run
-
-
-def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
+def test_convert_cli(hf_qa_dir, real_batch, tmp_path, run_here):
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
     load_tokenizer(hf_qa_dir).save(tmp_path / "vocab")
-    r = run_cli(
+    r = run_here(
         "convert",
         pt,
         tmp_path / "out",
@@ -465,22 +443,22 @@ def test_convert_cli(hf_qa_dir, real_batch, tmp_path):
     for got, want in zip(qa_logits(ref, real_batch), qa_logits(orig, real_batch)):
         assert max_diff(got, want, mask) < 1e-4
     (tmp_path / "bad.pt").write_text("hello")
-    r = run_cli("convert", tmp_path / "bad.pt", tmp_path / "out2", "--config", hf_qa_dir / "config.json")
+    r = run_here("convert", tmp_path / "bad.pt", tmp_path / "out2", "--config", hf_qa_dir / "config.json")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
     assert not (tmp_path / "out2").exists()
     # A mistyped --vocab, or one without a tokenizer, is named as the flag's, not answered with "pass --vocab".
     for vocab, problem in ((tmp_path / "vocb" / "vocab.txt", "no such file or folder"), (tmp_path, "no tokenizer")):
-        r = run_cli("convert", pt, tmp_path / "out2", "--config", hf_qa_dir / "config.json", "--vocab", vocab)
+        r = run_here("convert", pt, tmp_path / "out2", "--config", hf_qa_dir / "config.json", "--vocab", vocab)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert r.stderr.startswith(f"bertqa: error: --vocab {vocab}: {problem}") and "pass --vocab" not in r.stderr
         assert not (tmp_path / "out2").exists()
 
 
-def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_dir, tmp_path):
+def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_dir, tmp_path, run_here):
     """Saved, a freshly initialised QA head would pass for a fine-tuned one in evaluate, ask and serve."""
     from safetensors.torch import load_file
 
-    r = run_cli("convert", minilm_dir, tmp_path / "encoder")
+    r = run_here("convert", minilm_dir, tmp_path / "encoder")
     assert r.returncode == 0, r.stderr
     assert "no QA head: fine-tune it" in r.stdout
     saved = load_file(str(tmp_path / "encoder" / "model.safetensors"))
@@ -566,7 +544,7 @@ def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path, run_
     assert r.returncode == 1 and "does not match the BERT model of its config" in r.stderr, r.stderr
 
 
-def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path):
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp_path, run_here):
     """Another model's tokenizer would index past the embedding table (an IndexError deep in the model)."""
     from bertqa import QuestionAnswerer
 
@@ -574,7 +552,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
     load_tokenizer(hf_qa_dir).save(vocab)
     words = (vocab / "vocab.txt").read_text().splitlines()
     (vocab / "vocab.txt").write_text("\n".join(words + [f"extra{i}" for i in range(100)]) + "\n")
-    r = run_cli("convert", hf_qa_dir, tmp_path / "out", "--vocab", vocab / "vocab.txt")
+    r = run_here("convert", hf_qa_dir, tmp_path / "out", "--vocab", vocab / "vocab.txt")
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert f"{vocab / 'vocab.txt'}: the tokenizer has {len(words) + 100:,} tokens, more than the model's" in r.stderr
     folder = tmp_path / "mixed"

@@ -254,25 +254,25 @@ def test_a_model_of_fewer_than_384_positions_answers_with_the_defaults(qa, tiny_
     assert long[short["start"] : short["end"]] == short["answer"]
 
 
-def test_a_checkpoint_without_a_qa_head_is_refused(minilm_dir, tmp_path):
+def test_a_checkpoint_without_a_qa_head_is_refused(minilm_dir, tmp_path, run_here):
     with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
         QuestionAnswerer.from_pretrained(minilm_dir, device="cpu")
     for args in (["ask", "--model", minilm_dir, "--question", "Who?", "--context", "Nobody."],
                  ["evaluate", "--model", minilm_dir, "--predict-file", minilm_dir / "config.json", "--output-dir",
                   tmp_path / "out"]):  # fmt: skip
-        r = run_cli(*args)
+        r = run_here(*args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and "no fine-tuned question-answering head" in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
+def test_ask_command(qa_model_dir, tiny_squad, tmp_path, run_here):
     qs = questions(tiny_squad)
     question, context, gold, _ = qs[4]
-    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context", context, "--precision", "fp32")
+    r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, "--precision", "fp32")
     assert r.returncode == 0 and r.stdout == gold + "\n", r.stderr
     (tmp_path / "context.txt").write_text(context)
-    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "context.txt",
+    r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "context.txt",
                 "--json", "--top-k", 3)  # fmt: skip
     answers = json.loads(r.stdout)
     assert (
@@ -286,18 +286,18 @@ def test_ask_command(qa_model_dir, tiny_squad, tmp_path):
                           (["--question", "Who?", "--context-file", tmp_path / "none.txt"], "none.txt"),
                           (["--question", "Who?", "--context-file", ""], "--context-file : No such file"),
                           (["--question", " ", "--context", context], "--question: empty")):  # fmt: skip
-        r = run_cli("ask", "--model", qa_model_dir, *args)
+        r = run_here("ask", "--model", qa_model_dir, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
 
 
-def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_dir, tiny_squad, tmp_path):
+def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_dir, tiny_squad, tmp_path, run_here):
     """A CRLF --context-file's offsets count its "\r" (read with newline translation, they fell short by one a line);
     a piped question holding U+2028 (a line break to str.splitlines) is one question, with one answer line."""
     question, context, gold, _ = questions(tiny_squad)[4]
     text = "A first line.\r\nA second one.\r\n" + context
     (tmp_path / "crlf.txt").write_bytes(text.encode())
-    r = run_cli("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "crlf.txt",
+    r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context-file", tmp_path / "crlf.txt",
                 "--json")  # fmt: skip
     answer = json.loads(r.stdout)
     assert r.returncode == 0 and answer["answer"] == gold == text[answer["start"] : answer["end"]], r.stderr
@@ -308,18 +308,18 @@ def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_
     assert r.returncode == 0 and r.stdout.splitlines() == [gold] * 3, r.stderr
 
 
-def test_ask_takes_the_config_of_weights_without_one(qa_model_dir, tiny_squad, tmp_path):
+def test_ask_takes_the_config_of_weights_without_one(qa_model_dir, tiny_squad, tmp_path, run_here):
     """The error for weights without config.json says to pass --config: ask (and serve) take it."""
     question, context, gold, _ = questions(tiny_squad)[4]
     shutil.copytree(qa_model_dir, tmp_path / "bare", ignore=shutil.ignore_patterns("config.json"))
-    r = run_cli("ask", "--model", tmp_path / "bare", "--question", question, "--context", context)
+    r = run_here("ask", "--model", tmp_path / "bare", "--question", question, "--context", context)
     assert r.returncode == 1 and "--config" in r.stderr
-    r = run_cli("ask", "--model", tmp_path / "bare", "--config", qa_model_dir / "config.json", "--question", question,
+    r = run_here("ask", "--model", tmp_path / "bare", "--config", qa_model_dir / "config.json", "--question", question,
                 "--context", context, "--trust-pickle")  # fmt: skip
     assert r.returncode == 0 and r.stdout == gold + "\n", r.stderr
 
 
-def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp_path):
+def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp_path, run_here):
     doc = json.loads(tiny_squad.read_text())
     for article in doc["data"]:
         for p in article["paragraphs"]:
@@ -329,16 +329,16 @@ def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp
     unanswered.write_text(json.dumps(doc))
     out = tmp_path / "pred.json"
     (tmp_path / "pred.null_odds.json").write_text("{}")  # an earlier v2.0 prediction's: not these predictions'
-    r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", out, "--cache-dir", "none",
+    r = run_here("predict", "--model", qa_model_dir, "--input", unanswered, "--output", out, "--cache-dir", "none",
                 "--no-progress", "--max-seq-length", 128, "--doc-stride", 64, "--max-query-length", 32)  # fmt: skip
     assert r.returncode == 0, r.stderr
     preds = json.loads(out.read_text())
     nbest = json.loads((tmp_path / "pred.nbest.json").read_text())
     assert set(preds) == set(nbest) == {qid for *_, qid in questions(tiny_squad)}
     assert not (tmp_path / "pred.null_odds.json").exists()
-    scored = json.loads(run_cli("score", tiny_squad, out).stdout)
+    scored = json.loads(run_here("score", tiny_squad, out).stdout)
     assert scored == {"exact_match": 100.0, "f1": 100.0}
-    r = run_cli("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "pred.txt")
+    r = run_here("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "pred.txt")
     assert r.returncode == 1 and "--output" in r.stderr and not (tmp_path / "pred.txt").exists()
 
 
@@ -550,7 +550,7 @@ def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):
     )
 
 
-def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp_path):
+def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp_path, run_here):
     from bertqa.inference import NonFiniteLogits
 
     qa = QuestionAnswerer.from_pretrained(zebra_nan_dir, device="cpu", precision="fp32")
@@ -558,12 +558,12 @@ def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp
     with pytest.raises(NonFiniteLogits, match=r"NaN or infinite for window 2: its weights hold NaN"):
         qa("Who won?", ["Ada won.", "Bo won the race.", "The zebra won.", "Cy won."])
     # The commands: one line, exit 1, and no partial output.
-    r = run_cli("ask", "--model", zebra_nan_dir, "--question", "Who won?", "--context", "The zebra won.")
+    r = run_here("ask", "--model", zebra_nan_dir, "--question", "Who won?", "--context", "The zebra won.")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("bertqa: error: the model's logits")
     doc = json.loads(tiny_squad.read_text())
     doc["data"][0]["paragraphs"][0]["context"] += " A zebra watched."
     (tmp_path / "zebra.json").write_text(json.dumps(doc))
-    r = run_cli("evaluate", "--model", zebra_nan_dir, "--predict-file", tmp_path / "zebra.json", "--output-dir",
+    r = run_here("evaluate", "--model", zebra_nan_dir, "--predict-file", tmp_path / "zebra.json", "--output-dir",
                 tmp_path / "eval", "--max-seq-length", 128, "--doc-stride", 32, "--max-query-length", 32,
                 "--cache-dir", "none")  # fmt: skip
     line = r.stderr.strip().splitlines()[-1]
