@@ -673,3 +673,28 @@ def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_th
     _, _ = run(recomputing, lambda ours: ours.bert.encoder.layer[2].intermediate.register_forward_hook(
         lambda *args: called.append(1)) and ours(ids, types, mask, starts, ends).loss.backward())  # fmt: skip
     assert called == [1]
+
+
+def test_replaced_feed_forward_modules_and_a_vmap_over_the_labels_take_the_plain_form():
+    """A layer's `output` replaced by a subclass with its own forward (an adapter) ran in inference but was bypassed
+    in training; a `dense` replaced by a module without `.weight` failed the check itself, even under no_grad; a
+    vmap whose batched inputs do not reach the layer raised (a Function under any functorch transform does)."""
+    from bertqa.model import BertOutput
+
+    class HalfOutput(BertOutput):
+        def forward(self, h, residual):
+            return self.add_norm(self.dense(h) * 0.5, residual)
+
+    _, ours = hf_pair("gelu", attn="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, types, mask = padded_batch()
+    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    half = HalfOutput(ours.config)
+    half.load_state_dict(ours.bert.encoder.layer[1].output.state_dict())
+    ours.bert.encoder.layer[1].output = half
+    ours.bert.encoder.layer[2].output.dense = torch.nn.Sequential(ours.bert.encoder.layer[2].output.dense)
+    ours.train()
+    with torch.no_grad():
+        inferred = ours(ids, types, mask, starts, ends).loss
+    assert ours(ids, types, mask, starts, ends).loss.item() == inferred.item()  # the same function, trained
+    loss = torch.func.vmap(lambda s: ours(ids, types, mask, s, ends).loss)(starts.repeat(3, 1))  # three alike
+    torch.testing.assert_close(loss, inferred.expand(3))

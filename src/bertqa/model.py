@@ -188,22 +188,24 @@ class ActivationLinear(torch.autograd.Function):
 
 def _recompute_activation(layer, a) -> bool:
     """Whether `layer` trains with ActivationLinear: where autograd saves tensors for a backward pass, and where
-    the plain form's modules would do no more than their forward: no hooks on them or on every module (pruning
-    and weight norm set the weight in a pre-hook, Opacus records per-sample gradients in hooks), no torch.func
-    transform or forward-mode AD (the Function has no rules for them), no compilation, export or tracing
-    (inductor chooses what to recompute by itself)."""
+    the plain form would run no more than the stock modules' forward: their own classes, no hooks on them or on
+    every module (pruning and weight norm set the weight in a pre-hook, Opacus records per-sample gradients in
+    hooks), no torch.func transform or forward-mode AD (the Function has no rules for them), no compilation,
+    export or tracing (inductor chooses what to recompute by itself)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
     modules = (layer.intermediate, layer.intermediate.dense, layer.output, layer.output.dense)
-    tensors = (a, *(t for m in modules[1::2] for t in (m.weight, m.bias)))
+    if tuple(map(type, modules)) != (BertIntermediate, Linear, BertOutput, Linear):
+        return False
     hooks = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    tensors = [t for m in modules[1::2] for t in (m.weight, m.bias) if t is not None] + [a]
     return (
-        torch.is_grad_enabled()
-        and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
-        and any(t.requires_grad for t in tensors)
-        and all(type(m) is Linear for m in modules[1::2])
+        any(t.requires_grad for t in tensors)
         and not any(getattr(m, name) for m in modules for name in hooks)
         and not any(getattr(nn.modules.module, "_global" + name) for name in hooks)
-        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+        and not torch._C._are_functorch_transforms_active()
         and forward_ad._current_level < 0
+        and not torch.jit.is_tracing()
     )
 
 
