@@ -155,7 +155,7 @@ class ActivationLinear(torch.autograd.Function):
     `pre` for the backward pass, where act(pre) is computed again: autograd would keep both `pre` (for the
     activation's gradient) and act(pre) (for the weight's), two 4C-wide tensors per window position and layer.
     For fp32 MiniLM at batch 32 (an AVX2 CPU) that is 16-23% less kept at 256-384 tokens, the bench's training peak
-    11-13% lower, and steps 3% faster: the recomputation costs less than the page faults of a larger resident
+    8-13% lower, and steps 3% faster: the recomputation costs less than the page faults of a larger resident
     set. The gradients are those autograd gives through the modules, bit for bit."""
 
     @staticmethod
