@@ -600,17 +600,20 @@ def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(
         torch.manual_seed(3)  # the same dropout masks
         wide = []
 
-        def keep(t, wide=wide):  # 4 x 20 positions, 4C = 80 wide
-            wide.append(t.shape[-1:] == (80,) and t.numel() == 4 * 20 * 80)
+        def keep(t, wide=wide):  # the memory of each tensor of 4 x 20 positions, 4C = 80 wide
+            if t.shape[-1:] == (80,) and t.numel() == 4 * 20 * 80:
+                wide.append(t.untyped_storage().data_ptr())
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 out = ours(ids, types, mask, starts, ends)
         out.loss.backward()
-        kept.append(sum(wide))
+        kept.append(len(set(wide)))
         grads.append({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
-    assert kept == [3, 5]  # three layers (the plain form keeps no activation output for a frozen weight)
+    # Three layers; the plain form keeps no activation output for a frozen weight, and ReLU's output is its own
+    # saved tensor and the next layer's: nothing to gain, so ReLU takes the plain form.
+    assert kept == ([3, 3] if hidden_act == "relu" else [3, 5])
     assert grads[0].keys() == grads[1].keys() == {n for n, _ in ours.named_parameters()} - frozen
     for name, grad in grads[1].items():
         assert grads[0][name].dtype == torch.float32
@@ -698,3 +701,32 @@ def test_replaced_feed_forward_modules_and_a_vmap_over_the_labels_take_the_plain
     assert ours(ids, types, mask, starts, ends).loss.item() == inferred.item()  # the same function, trained
     loss = torch.func.vmap(lambda s: ours(ids, types, mask, s, ends).loss)(starts.repeat(3, 1))  # three alike
     torch.testing.assert_close(loss, inferred.expand(3))
+    # A forward replaced on an instance (accelerate's hooks do it) ran in inference only.
+    inner = ours.bert.encoder.layer[0].intermediate
+    inner.forward = lambda x, stock=inner.forward: stock(x) * 0.5
+    with torch.no_grad():
+        inferred = ours(ids, types, mask, starts, ends).loss
+    assert ours(ids, types, mask, starts, ends).loss.item() == inferred.item()
+    # Per-sample gradients (torch's expanded weights, a tensor subclass): the check read requires_grad, which raised.
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    _, fresh = hf_pair("gelu", attn="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    layer = fresh.bert.encoder.layer[0].train()
+    call_for_per_sample_grads(layer)(torch.randn(4, 20, 48), None).sum().backward()
+    assert layer.output.dense.weight.grad_sample.shape == (4, 48, 80)
+
+
+def test_backward_under_inference_mode_gets_the_gradients_of_one_outside_it():
+    """enable_grad() alone records nothing under inference_mode: the recomputed activation had no graph."""
+    _, ours = hf_pair("gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ours.train()
+    ids, types, mask = padded_batch()
+    grads = []
+    for inference in (False, True):
+        ours.zero_grad()
+        loss = ours(ids, types, mask, torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])).loss
+        with torch.inference_mode(inference):
+            loss.backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
