@@ -188,11 +188,11 @@ class ActivationLinear(torch.autograd.Function):
 
 
 def _recompute_activation(layer, a) -> bool:
-    """Whether `layer` trains with ActivationLinear: where autograd saves tensors for a backward pass, and where
-    the plain form would run no more than the stock modules' forward: their own classes, no hooks on them or on
-    every module (pruning and weight norm set the weight in a pre-hook, Opacus records per-sample gradients in
-    hooks), no torch.func transform or forward-mode AD (the Function has no rules for them), no compilation,
-    export or tracing (inductor chooses what to recompute by itself)."""
+    """Whether `layer` trains with ActivationLinear: a GELU, autograd saving tensors for a backward pass, and the
+    plain form running no more than the stock modules' forward: their own classes and forward methods, no hooks
+    on them or on every module (pruning and weight norm set the weight in a pre-hook, Opacus records per-sample
+    gradients in hooks), no tensor subclass among the weights, no torch.func transform or forward-mode AD (the
+    Function has no rules for them), no compilation, export or tracing (inductor chooses what to recompute)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     modules = (layer.intermediate, layer.intermediate.dense, layer.output, layer.output.dense)
