@@ -622,8 +622,8 @@ def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # forward AD's first use, inside torch
 def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_the_result(monkeypatch):
-    """Hooks on the feed-forward modules run (pruning's pre-hook sets the weight it trains: it stayed unpruned and
-    its weight_orig got no gradient), a second backward pass through the first (create_graph) gets autograd's
+    """Hooks on the feed-forward modules run (pruning's pre-hook sets the weight it trains: a stale one was trained,
+    then the second step raised), a second backward pass through the first (create_graph) gets autograd's
     gradients (the activation's second-order term was dropped), and torch.func and forward-mode AD work."""
     import torch.autograd.forward_ad as fwAD
     from torch.nn.utils import prune
@@ -638,8 +638,7 @@ def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_th
         monkeypatch.setattr(model.BertLayer, "forward", layer_forward)
         ours = copy.deepcopy(base).train()
         torch.manual_seed(0)  # the same torch.func input
-        result = prepare(ours)
-        return ours, result
+        return prepare(ours)
 
     def pruned(ours):  # two steps: the pruned weight is made again from the trained weight_orig
         dense = ours.bert.encoder.layer[0].output.dense
@@ -667,14 +666,17 @@ def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_th
 
     recomputing = model.BertLayer.forward
     for prepare in (pruned, penalty, functional):
-        _, got = run(recomputing, prepare)
-        _, want = run(plain_layer_forward, prepare)
+        got, want = run(recomputing, prepare), run(plain_layer_forward, prepare)
         assert len(got) == len(want), prepare.__name__
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=prepare.__name__)  # (summation order)
     called = []
-    _, _ = run(recomputing, lambda ours: ours.bert.encoder.layer[2].intermediate.register_forward_hook(
-        lambda *args: called.append(1)) and ours(ids, types, mask, starts, ends).loss.backward())  # fmt: skip
+
+    def hooked(ours):
+        ours.bert.encoder.layer[2].intermediate.register_forward_hook(lambda *args: called.append(1))
+        ours(ids, types, mask, starts, ends).loss.backward()
+
+    run(recomputing, hooked)
     assert called == [1]
 
 
