@@ -732,3 +732,55 @@ def test_backward_under_inference_mode_gets_the_gradients_of_one_outside_it():
         grads.append([p.grad.clone() for p in ours.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # forward AD's first use, inside torch
+@pytest.mark.parametrize("attention_dropout", [0.1, 0.0])
+@pytest.mark.parametrize("attn", ["auto", "blocked"])
+def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_second_backward(
+    attn, attention_dropout, monkeypatch
+):
+    """`auto` trains a CPU model with BitDropout and, without attention dropout, BlockedAttention: autograd
+    Functions without functorch or forward-mode rules, which raised under torch.func.grad and make_dual (torch's
+    message names neither). They run the plain forms there now. A second backward through the blocked attention
+    (create_graph=True) raised bmm's `out=` error: it names the way out now."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    import bertqa.model as model
+
+    _, ours = hf_pair("gelu", attn=attn, hidden_dropout_prob=0.1, attention_probs_dropout_prob=attention_dropout)
+    ours.train()
+    ids, types, mask = padded_batch()
+    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    params = dict(ours.named_parameters())
+    torch.manual_seed(0)
+    got = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (ids, types, mask, starts, ends)).loss)(params)
+    # The same dropout masks (F.dropout's, from the same seed) and the written-out attention, by plain autograd.
+    monkeypatch.setattr(model, "dropout", F.dropout)
+    monkeypatch.setattr(model, "ATTENTION", {"blocked": model.eager_attention, "eager": model.eager_attention})
+    torch.manual_seed(0)
+    ours(ids, types, mask, starts, ends).loss.backward()
+    for name, p in params.items():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    layer, x, direction = ours.bert.encoder.layer[0], torch.randn(4, 20, 48), torch.randn(4, 20, 48)
+    for training in (True, False):  # (in fp32 inference, `auto` chose SDPA's fused kernel: no forward-mode rule)
+        layer.train(training)
+        tangents = []
+        with fwAD.dual_level():
+            torch.manual_seed(1)
+            tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, direction), None)).tangent)
+        torch.manual_seed(1)
+        tangents.append(torch.func.jvp(lambda x: layer(x, None), (x,), (direction,))[1])
+        torch.manual_seed(1)  # by reverse mode, twice (the masks as above, from the same seed)
+        tangents.append(torch.autograd.functional.jvp(lambda x: layer(x, None), x, direction)[1])
+        for tangent in tangents[:2]:
+            torch.testing.assert_close(tangent, tangents[2], atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    ours.train()
+    loss = ours(ids, types, mask, starts, ends).loss
+    if attention_dropout:  # the written-out attention and BitDropout: differentiable twice
+        torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    else:
+        with pytest.raises(RuntimeError, match="blocked attention .* no second derivative .*'eager' or 'sdpa'"):
+            torch.autograd.grad(loss, list(params.values()), create_graph=True)

@@ -136,12 +136,20 @@ class BitDropout(torch.autograd.Function):
         return (grad * keep).mul_(ctx.scale), None
 
 
+def _plain_autograd() -> bool:
+    """Whether autograd.Functions without functorch or forward-mode rules (BitDropout, ActivationLinear,
+    BlockedAttention) may run: not under a torch.func transform (grad, vmap, jacrev, ...) nor forward-mode AD,
+    where they raise; the plain forms run there."""
+    return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+
+
 def dropout(x, p: float, training: bool):
     """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels), except
     under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph."""
     # (BitDropout's p is a multiple of 2^-16: one that rounds to 0 or 1 takes F.dropout's)
     if training and 0 < round(p * 65536) < 65536 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return BitDropout.apply(x, p)
+        if _plain_autograd():  # (not under torch.func nor forward-mode AD: F.dropout has rules there)
+            return BitDropout.apply(x, p)
     return F.dropout(x, p, training)
 
 
@@ -209,8 +217,7 @@ def _recompute_activation(layer, a) -> bool:
         and any(t.requires_grad for t in tensors)
         and not any(getattr(m, name) for m in modules for name in hooks)
         and not any(getattr(nn.modules.module, "_global" + name) for name in hooks)
-        and not torch._C._are_functorch_transforms_active()
-        and forward_ad._current_level < 0
+        and _plain_autograd()
         and not torch.jit.is_tracing()
     )
 
@@ -336,6 +343,12 @@ class BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # (else bmm's out= raises, naming neither the model nor a way out)
+            raise RuntimeError(
+                "bertqa's blocked attention (attn_implementation 'blocked', or 'auto' training on a CPU without "
+                "attention dropout) has no second derivative (a backward with create_graph=True): build the model "
+                "with attn_implementation='eager' or 'sdpa'"
+            )
         qh, kt, vh, probs, bias = ctx.saved_tensors
         B, nh, T, hs = grad.shape
         g = grad.reshape(B * nh, T, hs)
@@ -360,8 +373,9 @@ class BlockedAttention(torch.autograd.Function):
 
 
 def blocked_attention(q, k, v, mask, dropout_p):
-    """BlockedAttention; with dropout on the probabilities, the written-out form."""
-    if dropout_p > 0:
+    """BlockedAttention; with dropout on the probabilities, or under torch.func or forward-mode AD, the written-out
+    form."""
+    if dropout_p > 0 or not _plain_autograd():
         return eager_attention(q, k, v, mask, dropout_p)
     with torch.autocast(q.device.type, enabled=False):  # q, k, v already carry the compute dtype
         return BlockedAttention.apply(q, k, v, padding_bias(mask, q), 1.0 / math.sqrt(q.size(-1)))
@@ -376,9 +390,12 @@ def auto_attention(device: torch.device, T: int, dropout_p: float, dtype: torch.
     kernel for fp32 inference (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an
     AVX2-only EPYC); with dropout on the attention probabilities, the written-out form up to KEEP_PROBS_MAX_LEN
     tokens (SDPA's fused CPU kernel has a slow backward), SDPA beyond. Other devices, and under torch.compile:
-    SDPA (flash kernels)."""
+    SDPA (flash kernels). On a CPU under torch.func or forward-mode AD: the written-out form (SDPA's fused CPU
+    kernel has no forward-mode rule, the blocked attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return "sdpa"
+    if not _plain_autograd():
+        return "eager"
     if dropout_p == 0:
         return "sdpa" if dtype == torch.float32 and not backward else "blocked"
     return "eager" if T <= KEEP_PROBS_MAX_LEN else "sdpa"
