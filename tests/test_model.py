@@ -742,8 +742,11 @@ def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_se
 ):
     """`auto` trains a CPU model with BitDropout and, without attention dropout, BlockedAttention: autograd
     Functions without functorch or forward-mode rules, which raised under torch.func.grad and make_dual (torch's
-    message names neither). They run the plain forms there now. A second backward through the blocked attention
-    (create_graph=True) raised bmm's `out=` error: it names the way out now."""
+    message names neither); in fp32 inference `auto` chose SDPA's fused CPU kernel, which has no forward-mode rule.
+    They run the plain forms there now; per-example gradients (vmap over a padded batch, each window its own mask)
+    failed on the padding bias filled in place; forward-mode AD under no_grad overwrote the layer's input and its
+    tangent (the in-place sum of inference). A second backward through the blocked attention (create_graph=True)
+    raised bmm's `out=` error: it names the way out now."""
     import torch.autograd.forward_ad as fwAD
     import torch.nn.functional as F
 
@@ -754,33 +757,53 @@ def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_se
     ids, types, mask = padded_batch()
     starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
     params = dict(ours.named_parameters())
+
+    def loss_of(p, *batch):
+        return torch.func.functional_call(ours, p, batch).loss
+
     torch.manual_seed(0)
-    got = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (ids, types, mask, starts, ends)).loss)(params)
+    got = torch.func.grad(loss_of)(params, ids, types, mask, starts, ends)
+    layer, x, direction = ours.bert.encoder.layer[0], torch.randn(4, 20, 48), torch.randn(4, 20, 48)
+    inputs = x.clone(), direction.clone()
+    tangents = {}
+    for training in (True, False):
+        layer.train(training)
+        with fwAD.dual_level(), torch.no_grad():
+            torch.manual_seed(1)
+            tangents[training] = [fwAD.unpack_dual(layer(fwAD.make_dual(x, direction), None)).tangent]
+        torch.manual_seed(1)
+        tangents[training].append(torch.func.jvp(lambda x: layer(x, None), (x,), (direction,))[1])
+    assert torch.equal(x, inputs[0]) and torch.equal(direction, inputs[1])
+    ours.eval()  # per-example gradients, no dropout: against plain autograd, one window at a time
+    one = torch.func.grad(lambda p, *window: loss_of(p, *(t[None] for t in window)))
+    per_example = torch.func.vmap(one, in_dims=(None, 0, 0, 0, 0, 0))(params, ids, types, mask, starts, ends)
+    for i in range(len(ids)):
+        ours.zero_grad()
+        ours(ids[i : i + 1], types[i : i + 1], mask[i : i + 1], starts[i : i + 1], ends[i : i + 1]).loss.backward()
+        for name, p in params.items():
+            torch.testing.assert_close(per_example[name][i], p.grad, atol=1e-6, rtol=1e-5, msg=name)
     # The same dropout masks (F.dropout's, from the same seed) and the written-out attention, by plain autograd.
     monkeypatch.setattr(model, "dropout", F.dropout)
     monkeypatch.setattr(model, "ATTENTION", {"blocked": model.eager_attention, "eager": model.eager_attention})
+    ours.train().zero_grad()
     torch.manual_seed(0)
     ours(ids, types, mask, starts, ends).loss.backward()
     for name, p in params.items():
         torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
-    layer, x, direction = ours.bert.encoder.layer[0], torch.randn(4, 20, 48), torch.randn(4, 20, 48)
-    for training in (True, False):  # (in fp32 inference, `auto` chose SDPA's fused kernel: no forward-mode rule)
+    for training in (True, False):  # the tangents by reverse mode, twice (the same masks, from the same seed)
         layer.train(training)
-        tangents = []
-        with fwAD.dual_level():
-            torch.manual_seed(1)
-            tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, direction), None)).tangent)
         torch.manual_seed(1)
-        tangents.append(torch.func.jvp(lambda x: layer(x, None), (x,), (direction,))[1])
-        torch.manual_seed(1)  # by reverse mode, twice (the masks as above, from the same seed)
-        tangents.append(torch.autograd.functional.jvp(lambda x: layer(x, None), x, direction)[1])
-        for tangent in tangents[:2]:
-            torch.testing.assert_close(tangent, tangents[2], atol=1e-5, rtol=1e-5)
+        want = torch.autograd.functional.jvp(lambda x: layer(x, None), x, direction)[1]
+        for tangent in tangents[training]:
+            torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
     ours.train()
     loss = ours(ids, types, mask, starts, ends).loss
     if attention_dropout:  # the written-out attention and BitDropout: differentiable twice
         torch.autograd.grad(loss, list(params.values()), create_graph=True)
     else:
-        with pytest.raises(RuntimeError, match="blocked attention .* no second derivative .*'eager' or 'sdpa'"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"blocked attention .* no second derivative .*: build the model with attn_implementation='eager' \(",
+        ):
             torch.autograd.grad(loss, list(params.values()), create_graph=True)

@@ -241,10 +241,11 @@ def sdpa_attention(q, k, v, mask, dropout_p):
 def padding_bias(mask, like):
     """The additive form of a (B, 1, 1, T) attention mask, in the dtype and on the device of `like`: 0 where it
     attends, half the dtype's lowest value where it does not (no weight, and finite: in fp16 a score below -16
-    plus the lowest value would be -inf, and a row of masked keys alone then NaN); None without a mask."""
+    plus the lowest value would be -inf, and a row of masked keys alone then NaN); None without a mask. Not
+    filled in place: under vmap over per-example masks the zeros are not batched, and torch.func refuses it."""
     if mask is None:
         return None
-    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
         ~mask, torch.finfo(like.dtype).min / 2
     )
 
@@ -345,9 +346,9 @@ class BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # (else bmm's out= raises, naming neither the model nor a way out)
             raise RuntimeError(
-                "bertqa's blocked attention (attn_implementation 'blocked', or 'auto' training on a CPU without "
-                "attention dropout) has no second derivative (a backward with create_graph=True): build the model "
-                "with attn_implementation='eager' or 'sdpa'"
+                "bertqa's blocked attention (attn_implementation 'blocked', or 'auto' on a CPU where autograd records "
+                "and no attention dropout) has no second derivative (a backward with create_graph=True): build the "
+                "model with attn_implementation='eager' (SDPA's fused CPU kernel has none either)"
             )
         qh, kt, vh, probs, bias = ctx.saved_tensors
         B, nh, T, hs = grad.shape
@@ -461,12 +462,13 @@ class BertSelfOutput(nn.Module):
 
     def add_norm(self, y, residual):
         y = self.dropout(y)
-        if torch.is_grad_enabled() or residual.requires_grad:
+        if torch.is_grad_enabled() or residual.requires_grad or not _plain_autograd():
             return self.LayerNorm(y + residual)
         # Without autograd the residual (the layer's own input or its attention's output, which nothing reads
         # after this) takes the sum in place: the same fp32 sum, no new tensor, and 1.3% faster inference. Not an
         # input that needs a gradient: reentrant activation checkpointing runs the layer without autograd first,
-        # then again from that same input.
+        # then again from that same input. Nor under torch.func or forward-mode AD: the tangent of a dual input
+        # would be overwritten too.
         return self.LayerNorm(residual.add_(y))
 
 
