@@ -299,6 +299,26 @@ def test_fused_linear_only_in_cpu_bf16_inference(monkeypatch):
             assert not lin.fused_bf16(x) and lin(x).dtype == torch.bfloat16  # autocast's F.linear
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # forward AD's first use, inside torch
+def test_fused_linear_not_under_forward_ad_or_torch_func(monkeypatch):
+    """oneDNN's fused kernel has no forward-mode or functorch rules: under no_grad a dual input's tangent was
+    dropped (no error, the linear layers' part of the derivative missing), and vmap over parameters raised."""
+    import torch.autograd.forward_ad as fwAD
+
+    import bertqa.model as model
+    from bertqa.model import Linear
+
+    monkeypatch.setattr(model, "_fused_linear_works", lambda: True)  # the decision alone: any CPU
+    lin, x = Linear(8, 4), torch.randn(2, 8, dtype=torch.bfloat16)
+    seen = []
+    with torch.no_grad():
+        seen.append(lin.fused_bf16(x))
+        with fwAD.dual_level():
+            seen.append(lin.fused_bf16(fwAD.make_dual(x, torch.ones_like(x))))
+        torch.func.vmap(lambda row: seen.append(lin.fused_bf16(row)) or row)(x)
+    assert seen == [True, False, False]
+
+
 @needs_fused_linear
 def test_bf16_inference_fused_agrees_with_autocast_training_path():
     """The whole model in bf16: inference (fused kernels) against the autograd path (F.linear under autocast),

@@ -50,13 +50,20 @@ def _fused_linear_works() -> bool:
         return False
 
 
+def _plain_autograd() -> bool:
+    """Whether kernels without functorch or forward-mode rules (BitDropout, ActivationLinear, BlockedAttention,
+    oneDNN's fused linear) may run: not under a torch.func transform (grad, vmap, jacrev, ...) nor forward-mode
+    AD, where they raise or (the fused linear) give no tangent; the plain forms run there."""
+    return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional activation. In bf16 inference on a CPU it runs as one oneDNN kernel: the bias
     and the activation are applied in the GEMM's epilogue to the fp32 accumulator, and the weight is a bf16 copy
     packed once (and again whenever the weight changes in place or model.eval() is called). That saves the bias
     copy, the separate activation pass and the per-call weight cast (12% of an inference step on MiniLM).
-    Everywhere else (autograd, other devices and precisions, torch.compile, export) it is F.linear then the
-    activation."""
+    Everywhere else (autograd, torch.func and forward-mode AD, other devices and precisions, torch.compile,
+    export) it is F.linear then the activation."""
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None):
         super().__init__(in_features, out_features)
@@ -73,7 +80,8 @@ class Linear(nn.Linear):
 
     def fused_bf16(self, x) -> bool:
         """Whether forward(x) takes the fused oneDNN kernel: bf16 compute (autocast or bf16 input) on a CPU,
-        no autograd through it, eager mode, and a torch build that runs the kernel."""
+        no autograd through it (nor torch.func, nor forward-mode AD: the kernel has no rules there, and a dual
+        input's tangent was dropped), eager mode, and a torch build that runs the kernel."""
         bf16 = x.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
@@ -85,6 +93,7 @@ class Linear(nn.Linear):
                 torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
             )
             and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+            and _plain_autograd()
             and _fused_linear_works()
         )
 
@@ -134,13 +143,6 @@ class BitDropout(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         return (grad * keep).mul_(ctx.scale), None
-
-
-def _plain_autograd() -> bool:
-    """Whether autograd.Functions without functorch or forward-mode rules (BitDropout, ActivationLinear,
-    BlockedAttention) may run: not under a torch.func transform (grad, vmap, jacrev, ...) nor forward-mode AD,
-    where they raise; the plain forms run there."""
-    return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
 
 
 def dropout(x, p: float, training: bool):
