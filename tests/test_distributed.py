@@ -275,6 +275,35 @@ def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
         pass
 
 
+def test_a_master_addr_that_does_not_resolve_is_named_not_waited_on(monkeypatch):
+    """torch's store retried the name until the timeout: 30 minutes of silence. A resolver's temporary failure
+    (EAI_AGAIN) is left to torch's retries."""
+    import socket
+
+    def resolve(host, port, *args, **kwargs):
+        if host == "127.0.0.1":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        errno = socket.EAI_AGAIN if host == "busy-resolver" else socket.EAI_NONAME
+        raise socket.gaierror(errno, "Name or service not known")
+
+    met = []
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: met.append(1) or pytest.fail("met"))
+    for key in ("RANK", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "rank0-typo")
+    message = "environment variable MASTER_ADDR='rank0-typo': no such host (Name or service not known); set it to"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)} rank 0's host name or address$"), distributed("cpu"):
+        pass
+    assert met == []
+    for addr in ("127.0.0.1", "busy-resolver"):  # resolved, or maybe later: torch goes on to meet the others
+        monkeypatch.setenv("MASTER_ADDR", addr)
+        with pytest.raises(pytest.fail.Exception, match="met"), distributed("cpu"):
+            pass
+    assert met == [1, 1]
+
+
 def test_a_local_rank_torch_cannot_hold_as_a_device_index_is_refused_where_it_would_be_one(monkeypatch):
     """torch.device keeps its index in 8 bits: LOCAL_RANK 256 was cuda:0, silently. On the CPU it is no index."""
     from bertqa.distributed import resolve_device

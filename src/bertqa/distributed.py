@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,6 +139,16 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     # torch's own error would not name it; port 0 (any free one) would leave the other ranks no way to reach rank 0
     if port and not (port.isdecimal() and 1 <= int(port) <= 65535):
         raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 1 to 65535")
+    addr = os.environ.get("MASTER_ADDR", "")
+    try:  # torch's store would retry a name that does not resolve until the timeout (30 minutes)
+        if addr:
+            socket.getaddrinfo(addr, None)
+    except socket.gaierror as e:
+        if e.errno != socket.EAI_AGAIN:  # (a temporary failure of the resolver: torch's retries may outlast it)
+            raise ValueError(
+                f"environment variable MASTER_ADDR={addr!r}: no such host ({e.strerror}); set it to rank 0's host "
+                "name or address"
+            ) from None
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
