@@ -112,6 +112,30 @@ def is_rank_zero() -> bool:
 EXIT_PAUSE_S = 0.1
 
 
+def _wait_for_master_addr(rank: int, timeout_s: float):
+    """Wait, as torch's store would, until MASTER_ADDR resolves (launchers may start ranks before rank 0's name is
+    published), but say so at once rather than after the timeout's silence, and name it if the wait runs out."""
+    addr, start, said = os.environ.get("MASTER_ADDR", ""), time.monotonic(), False
+    while addr:
+        try:
+            socket.getaddrinfo(os.fsencode(addr), None)  # bytes, as torch passes them (a str would be IDNA-encoded)
+            return
+        except socket.gaierror as e:
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                raise ValueError(
+                    f"environment variable MASTER_ADDR={addr!r}: no such host ({e.strerror}, for {waited:.0f} s); set "
+                    "it to rank 0's host name or address"
+                ) from None
+            if not said:  # (an error, not a warning: ranks other than 0 log errors only)
+                logging.getLogger("bertqa").error(
+                    f"rank {rank}: MASTER_ADDR={addr!r} does not resolve ({e.strerror}); waiting for it, as torch "
+                    f"would, up to {timeout_s:.0f} s"
+                )
+                said = True
+            time.sleep(min(1.0, timeout_s - waited))
+
+
 @contextmanager
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
@@ -139,16 +163,7 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     # torch's own error would not name it; port 0 (any free one) would leave the other ranks no way to reach rank 0
     if port and not (port.isdecimal() and 1 <= int(port) <= 65535):
         raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 1 to 65535")
-    addr = os.environ.get("MASTER_ADDR", "")
-    try:  # torch's store would retry a name that does not resolve until the timeout (30 minutes)
-        if addr:
-            socket.getaddrinfo(addr, None)
-    except socket.gaierror as e:
-        if e.errno != socket.EAI_AGAIN:  # (a temporary failure of the resolver: torch's retries may outlast it)
-            raise ValueError(
-                f"environment variable MASTER_ADDR={addr!r}: no such host ({e.strerror}); set it to rank 0's host "
-                "name or address"
-            ) from None
+    _wait_for_master_addr(rank, timeout_s)
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
