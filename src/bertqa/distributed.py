@@ -114,7 +114,9 @@ EXIT_PAUSE_S = 0.1
 
 def _wait_for_master_addr(rank: int, timeout_s: float):
     """Wait, as torch's store would, until MASTER_ADDR resolves (launchers may start ranks before rank 0's name is
-    published), but say so at once rather than after the timeout's silence, and name it if the wait runs out."""
+    published), but say so at once rather than after the timeout's silence, and name it if the wait runs out. A name
+    that resolves late then starts init_process_group's own timeout, so meeting may take up to twice timeout_s:
+    giving it only what is left would shorten every collective's timeout too."""
     addr, start, said = os.environ.get("MASTER_ADDR", ""), time.monotonic(), False
     while addr:
         try:
