@@ -7,7 +7,7 @@
 #                     dev-v1.1.json (the official files). Unset: ../shared/data/squad-v1.1 where it holds the
 #                     sample, else the official SQuAD v1.1 files, downloaded into data/squad
 #   EXAMPLES=N        training questions to use (default 5000); OUT=folder (default runs/demo)
-# The windows' features are cached in the repository's runs/cache (about 66 MB), whatever OUT is: a rerun on the
+# The windows' features are cached in the repository's runs/cache (about 55 MB), whatever OUT is: a rerun on the
 # same data reuses them.
 # Relative paths are taken from the folder the script is run in; the defaults are in the repository.
 set -euo pipefail
