@@ -147,11 +147,17 @@ class BitDropout(torch.autograd.Function):
 
 def dropout(x, p: float, training: bool):
     """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels), except
-    under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph."""
+    under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph, and
+    under torch.func or forward-mode AD, where F.dropout has rules and BitDropout none."""
     # (BitDropout's p is a multiple of 2^-16: one that rounds to 0 or 1 takes F.dropout's)
-    if training and 0 < round(p * 65536) < 65536 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if _plain_autograd():  # (not under torch.func nor forward-mode AD: F.dropout has rules there)
-            return BitDropout.apply(x, p)
+    if (
+        training
+        and 0 < round(p * 65536) < 65536
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and _plain_autograd()
+    ):
+        return BitDropout.apply(x, p)
     return F.dropout(x, p, training)
 
 
