@@ -39,6 +39,11 @@ def padded_batch(seed=1, B=4, T=20, vocab=101):
     return ids * mask, types, mask
 
 
+def answer_spans():
+    """Start and end positions for padded_batch's four windows, inside their real tokens."""
+    return torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+
+
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "blocked"])
 def test_parity_with_transformers_on_padded_batch(hidden_act, attn):
@@ -66,7 +71,7 @@ def test_training_gradients_match_transformers(attn):
     hf.train()
     ours.train()
     ids, types, mask = padded_batch()
-    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    starts, ends = answer_spans()
     ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask, start_positions=starts, end_positions=ends)
     out = ours(ids, types, mask, starts, ends)
     ref.loss.backward()
@@ -612,7 +617,7 @@ def test_training_keeps_only_the_activations_input_and_gets_autograds_gradients(
     for name, p in ours.named_parameters():
         p.requires_grad_(name not in frozen)
     ids, types, mask = padded_batch()
-    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    starts, ends = answer_spans()
     kept, grads = [], []
     for layer_forward in (model.BertLayer.forward, plain_layer_forward):
         monkeypatch.setattr(model.BertLayer, "forward", layer_forward)
@@ -652,7 +657,7 @@ def test_training_takes_the_plain_form_where_the_recomputing_one_would_change_th
 
     _, base = hf_pair("gelu", attn="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ids, types, mask = padded_batch()
-    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    starts, ends = answer_spans()
 
     def run(layer_forward, prepare):
         monkeypatch.setattr(model.BertLayer, "forward", layer_forward)
@@ -712,7 +717,7 @@ def test_replaced_feed_forward_modules_and_a_vmap_over_the_labels_take_the_plain
 
     _, ours = hf_pair("gelu", attn="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ids, types, mask = padded_batch()
-    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    starts, ends = answer_spans()
     half = HalfOutput(ours.config)
     half.load_state_dict(ours.bert.encoder.layer[1].output.state_dict())
     ours.bert.encoder.layer[1].output = half
@@ -746,7 +751,7 @@ def test_backward_under_inference_mode_gets_the_gradients_of_one_outside_it():
     grads = []
     for inference in (False, True):
         ours.zero_grad()
-        loss = ours(ids, types, mask, torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])).loss
+        loss = ours(ids, types, mask, *answer_spans()).loss
         with torch.inference_mode(inference):
             loss.backward()
         grads.append([p.grad.clone() for p in ours.parameters()])
@@ -775,7 +780,7 @@ def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_se
     _, ours = hf_pair("gelu", attn=attn, hidden_dropout_prob=0.1, attention_probs_dropout_prob=attention_dropout)
     ours.train()
     ids, types, mask = padded_batch()
-    starts, ends = torch.tensor([5, 6, 5, 8]), torch.tensor([7, 9, 6, 10])
+    starts, ends = answer_spans()
     params = dict(ours.named_parameters())
 
     def loss_of(p, *batch):
