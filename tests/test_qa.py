@@ -85,6 +85,61 @@ def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
     assert qa(tuple(pairs)) == qa(pairs) == [qa(q, c) for q, c, *_ in qs[:2]]  # a tuple of them, as a list
 
 
+def same(got, want) -> bool:
+    """Answers alike: the same texts and offsets, scores to rounding (a window batched with others is padded)."""
+    got, want = list(got), list(want)
+    spans = [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in want]
+    return spans and [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=1e-5)
+
+
+def test_the_pipelines_batch_size_num_workers_iterators_and_lazy_generators(qa, tiny_squad, monkeypatch):
+    qs = questions(tiny_squad)[:5]
+    dicts = [{"question": q, "context": c} for q, c, *_ in qs]
+    each = [qa(q, c) for q, c, *_ in qs]
+    sizes = []
+    real = bertqa.qa.predict_logits
+    monkeypatch.setattr(bertqa.qa, "predict_logits", lambda *a, **k: sizes.append(a[3]) or real(*a, **k))
+    # batch_size: the windows of one forward pass, for this call only; num_workers is taken and changes nothing.
+    assert same(qa(dicts, batch_size=1, num_workers=2), each)
+    assert sizes == [1] and qa(dicts[0]) == each[0] and sizes[-1] == qa.batch_size
+    # Iterators and other iterables are lists, as the pipeline lists them.
+    assert qa(iter(dicts)) == qa(map(dict, dicts)) == qa(dicts) and same(qa(dicts), each)
+    assert same(qa((q for q, *_ in qs[:2]), iter([qs[0][1], qs[1][1]])), each[:2])
+
+    # A generator of dicts is answered lazily, batch_size dicts at a time, as the pipeline streamed it.
+    pulled = []
+
+    def source(items):
+        for item in items:
+            pulled.append(item)
+            yield item
+
+    sizes.clear()
+    out = qa(source(dicts), batch_size=2)
+    assert pulled == [] and sizes == []
+    assert same([next(out)], each[:1]) and len(pulled) == 2 and sizes == [2]
+    assert same(out, each[1:]) and len(pulled) == 5
+    assert same([a[0] for a in qa(source(dicts), top_k=2)], each)  # lists of top_k answers each
+
+    # Bad input: the parameters at the call, an item where the stream reaches it, named by its place.
+    pulled.clear()
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        qa(source(dicts), top_k=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        qa(dicts, batch_size=0)
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+        qa(dicts, num_workers=-1)
+    assert pulled == []
+    bad = [*dicts[:3], "What?", dicts[4]]
+    with pytest.raises(ValueError, match="^input 3: expected a {'question', 'context'} dict, not str$"):
+        list(qa(source(bad), batch_size=2))
+    missing = [dicts[0], {"question": "Who?"}]
+    with pytest.raises(ValueError, match="^input 1: the dict has no 'context' key"):
+        list(qa(source(missing)))
+    with pytest.raises(ValueError, match="^input 6: question is empty$"):
+        list(qa(source([*dicts, dicts[0], {"question": " ", "context": "Text."}]), batch_size=4))
+
+
 def test_none_means_the_default_as_in_the_pipeline(qa, tiny_squad):
     """HF-style wrappers pass None for what their caller left unset; align_to_words=None turned alignment off."""
     question, context, _, _ = questions(tiny_squad)[0]
@@ -209,6 +264,11 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question="Who?", context="Some text.", max_seq_len="384"), "max_seq_len must be a positive integer"),
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
         (dict(question={"question": "Who?", "context": "Me."}, context="You."), "carries its own context"),
+        (dict(question={"question": "Who?"}), "^the dict has no 'context' key"),
+        (
+            dict(question=[{"question": "Who?", "context": "Me."}, {"text": "Me."}]),
+            "input 1: the dict has no 'question'",
+        ),
         (dict(question=[{"question": "Who?", "context": "Me."}], context="You."), "carries its own context"),
         (dict(question="Who?", context="Some text.", align_to_words="no"), "align_to_words must be True or False"),
         (dict(question="Who?", context="Some text.", handle_impossible_answer=1), "handle_impossible_answer must be"),

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import os
 import threading
+import types
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -47,20 +50,36 @@ def _logsumexp(x: np.ndarray) -> float:
     return float(top + np.log(np.exp(x - top).sum())) if np.isfinite(top) else float(top)
 
 
+def _listed(value):
+    """An iterable other than a string, a dict or a list (an iterator, a map, a numpy array) as a list, as the
+    pipeline lists them; anything else as it is."""
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray, dict, list, tuple)):
+        return list(value)
+    return value
+
+
+def _dict_pair(item: dict, where: str) -> tuple:
+    missing = [key for key in ("question", "context") if key not in item]
+    if missing:
+        raise ValueError(f"{where}the dict has no {' or '.join(map(repr, missing))} key: give 'question' and 'context'")
+    return item["question"], item["context"]
+
+
 def input_pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
     """(question, context) pairs from the pipeline's input forms, and whether the input was a batch."""
+    question, context = _listed(question), _listed(context)
     dicts = isinstance(question, dict) or (
         isinstance(question, (list, tuple)) and any(isinstance(q, dict) for q in question)
     )
     if dicts and context is not None:
         raise ValueError("a {'question', 'context'} dict carries its own context: give no context with it")
     if isinstance(question, dict):  # qa({"question": ..., "context": ...})
-        question, context = question.get("question"), question.get("context")
+        question, context = _dict_pair(question, "")
     elif dicts:
         for i, q in enumerate(question):
             if not isinstance(q, dict):
                 raise ValueError(f"input {i}: expected a {{'question', 'context'}} dict like the others")
-        return [(q.get("question"), q.get("context")) for q in question], True
+        return [_dict_pair(q, f"input {i}: ") for i, q in enumerate(question)], True
     q_list, c_list = isinstance(question, (list, tuple)), isinstance(context, (list, tuple))
     if q_list and c_list:
         if len(question) != len(context):
@@ -73,9 +92,11 @@ def input_pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
     return [(question, context)], False
 
 
-def check_pairs(pairs) -> None:
+def check_pairs(pairs, first: int | None = None) -> None:
+    """Refuse a pair that is not two strings of text, in one line naming it (`first`: the number of the first
+    pair in a longer stream of them, which every message then names)."""
     for i, (q, c) in enumerate(pairs):
-        where = f"input {i}: " if len(pairs) > 1 else ""
+        where = f"input {i if first is None else first + i}: " if len(pairs) > 1 or first is not None else ""
         for name, value in (("question", q), ("context", c)):
             if not isinstance(value, str):
                 raise ValueError(f"{where}{name} must be a string, not {type(value).__name__}")
@@ -265,40 +286,78 @@ class QuestionAnswerer:
 
     def __call__(self, question=None, context=None, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, doc_stride: int | None = None,
-                 max_seq_len: int | None = None, max_question_len: int | None = None, align_to_words: bool = True):  # fmt: skip
+                 max_seq_len: int | None = None, max_question_len: int | None = None, align_to_words: bool = True,
+                 batch_size: int | None = None, num_workers: int | None = None):  # fmt: skip
         """Answer one question (a dict, or a list of `top_k` dicts when top_k > 1) or a batch: lists of
         questions and contexts, many questions about one context, or one question about many contexts (a list
         with one result per pair). Each answer: {"score", "start", "end", "answer"}, where
-        `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring)."""
+        `context[start:end] == answer`. Parameters as the pipeline's (see the module docstring); `batch_size`:
+        windows per forward pass for this call (default: the answerer's); `num_workers` is taken, as the
+        pipeline took it, and has nothing to do here (the windows are built in the calling thread).
+
+        A generator of {"question", "context"} dicts is answered lazily, as the pipeline answered one: the
+        result is an iterator of one result per dict, answered `batch_size` dicts at a time."""
+        (top_k,) = _or_defaults(top_k=top_k)
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer))
+                                        or num_workers < 0):  # fmt: skip
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        params = (top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len, max_question_len,
+                  align_to_words)  # fmt: skip
+        if isinstance(question, types.GeneratorType) and context is None:
+            self._check_parameters(*params, batch_size=batch_size)  # at the call, not at the first answer
+            return self._stream(question, params, batch_size)
         pairs, batched = input_pairs(question, context)
         check_pairs(pairs)
-        (top_k,) = _or_defaults(top_k=top_k)
-        results = self.answer_pairs(pairs, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
-                                    max_question_len, align_to_words)  # fmt: skip
+        results = self.answer_pairs(pairs, *params, batch_size=batch_size)
         if top_k == 1:
             results = [r[0] for r in results]
         return results if batched else results[0]
 
-    def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
-                     max_seq_len=None, max_question_len=None, align_to_words=True, *,
-                     should_stop=None) -> list[list[dict]]:  # fmt: skip
-        """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry);
-        the parameters are checked here, before any work, None meaning the default (as in the pipeline).
-        `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned)."""
+    def _stream(self, items, params: tuple, batch_size: int | None):
+        """The results of a generator's dicts, one by one, answering them `batch_size` dicts at a time."""
+        first, size = 0, batch_size or self.batch_size
+        while chunk := list(itertools.islice(items, size)):
+            for i, item in enumerate(chunk):
+                if not isinstance(item, dict):
+                    raise ValueError(f"input {first + i}: expected a {{'question', 'context'}} dict, not "
+                                     f"{type(item).__name__}")  # fmt: skip
+            pairs = [_dict_pair(item, f"input {first + i}: ") for i, item in enumerate(chunk)]
+            check_pairs(pairs, first)
+            for result in self.answer_pairs(pairs, *params, batch_size=batch_size):
+                yield result[0] if params[0] == 1 else result
+            first += len(chunk)
+
+    def _check_parameters(self, top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
+                          max_question_len, align_to_words, batch_size=None) -> tuple:  # fmt: skip
+        """answer_pairs' parameters, checked, with None read as the default (as in the pipeline)."""
         top_k, max_answer_len, handle_impossible_answer, align_to_words = _or_defaults(
             top_k=top_k, max_answer_len=max_answer_len, handle_impossible_answer=handle_impossible_answer,
             align_to_words=align_to_words)  # fmt: skip
-        check_positive(top_k=top_k, max_answer_len=max_answer_len)  # the window settings: in window_settings
+        check_positive(top_k=top_k, max_answer_len=max_answer_len)
+        if batch_size is not None:
+            check_positive(batch_size=batch_size)
         for name, value in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
             if not isinstance(value, (bool, np.bool_)):  # "no" would read as True
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        max_seq_len, doc_stride, max_question_len = window_settings(max_seq_len, doc_stride, max_question_len,
-                                                                    self.config.max_position_embeddings)  # fmt: skip
+        window = window_settings(max_seq_len, doc_stride, max_question_len, self.config.max_position_embeddings)
+        return top_k, max_answer_len, handle_impossible_answer, align_to_words, *window
+
+    def answer_pairs(self, pairs, top_k=1, max_answer_len=30, handle_impossible_answer=False, doc_stride=None,
+                     max_seq_len=None, max_question_len=None, align_to_words=True, *,
+                     should_stop=None, batch_size=None) -> list[list[dict]]:  # fmt: skip
+        """The ranked answers of every (question, context) pair, the pairs already checked (the server's entry);
+        the parameters are checked here, before any work, None meaning the default (as in the pipeline).
+        `should_stop()`, asked between the model's batches, abandons the work when True (raises Abandoned);
+        `batch_size`: windows per forward pass (default: the answerer's)."""
+        top_k, max_answer_len, handle_impossible_answer, align_to_words, max_seq_len, doc_stride, max_question_len = (
+            self._check_parameters(top_k, max_answer_len, handle_impossible_answer, doc_stride, max_seq_len,
+                                   max_question_len, align_to_words, batch_size)
+        )  # fmt: skip
         examples = [Example(str(i), q, c, [], []) for i, (q, c) in enumerate(pairs)]
         features = featurize(examples, self.tokenizer, max_seq_len, doc_stride, max_question_len,
                              max_windows=self.max_windows)  # fmt: skip
         with self._lock, self.precision.scope():
-            start, end = predict_logits(self.model, features, np.arange(len(features)), self.batch_size,
+            start, end = predict_logits(self.model, features, np.arange(len(features)), batch_size or self.batch_size,
                                         self.device, self.precision.autocast(), should_stop=should_stop)  # fmt: skip
         return rank_answers(examples, features, start, end, top_k, max_answer_len, handle_impossible_answer,
                             self.tokenizer.in_word if align_to_words else None)  # fmt: skip
