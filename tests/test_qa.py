@@ -1,5 +1,7 @@
 """QuestionAnswerer, `bertqa ask` and `bertqa predict` with a model fine-tuned in the test session."""
 
+import collections
+import io
 import json
 import os
 import shutil
@@ -265,6 +267,15 @@ def test_bad_input_is_a_one_line_value_error(qa):
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
         (dict(question={"question": "Who?", "context": "Me."}, context="You."), "carries its own context"),
         (dict(question={"question": "Who?"}), "^the dict has no 'context' key"),
+        # Not read as lists: a set has no order (nor has a pairing of two), a mapping is not its keys, a file
+        # not its lines, a 0-d array not a list.
+        (dict(question={"Who?", "What?"}, context=["Me.", "It."]), "^input 0: question must be a string, not set$"),
+        (
+            dict(question=collections.UserDict(question="Who?", context="Me.")),
+            "^question must be a string, not UserDict",
+        ),
+        (dict(question="Who?", context=io.StringIO("Me.\nYou.")), "^context must be a string, not StringIO$"),
+        (dict(question=np.array("Who?"), context="Me."), "^question must be a string, not ndarray$"),
         (
             dict(question=[{"question": "Who?", "context": "Me."}, {"text": "Me."}]),
             "input 1: the dict has no 'question'",

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import itertools
 import os
 import threading
 import types
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,11 +52,14 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 def _listed(value):
-    """An iterable other than a string, a dict or a list (an iterator, a map, a numpy array) as a list, as the
-    pipeline lists them; anything else as it is."""
-    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray, dict, list, tuple)):
-        return list(value)
-    return value
+    """An iterator (a map, a generator), a one-dimensional numpy array or another sequence as a list, as the
+    pipeline lists them; anything else as it is, for check_pairs to refuse: a set (whose order, and so which
+    question goes with which context, changes from run to run), a mapping other than a dict, a file."""
+    if isinstance(value, (str, bytes, bytearray, list, tuple, io.IOBase)):
+        return value
+    if isinstance(value, np.ndarray):
+        return list(value) if value.ndim == 1 else value
+    return list(value) if isinstance(value, (Iterator, Sequence)) else value
 
 
 def _dict_pair(item: dict, where: str) -> tuple:
