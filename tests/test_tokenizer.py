@@ -373,3 +373,88 @@ def test_bad_accent_setting_in_tokenizer_config_is_one_line(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not a JSON object"):
         load_tokenizer(tmp_path, do_lower_case=True)
+
+
+SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "c", "##o", "##v", "##i", "##d", "-",
+               "1", "##9", "!", "x", "##x", "日", "本"]  # fmt: skip
+
+
+def small_folder(path, **files):
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(SMALL_VOCAB) + "\n")
+    for name, content in files.items():
+        (path / f"{name}.json").write_text(json.dumps(content))
+    return path
+
+
+def test_a_tokenizer_class_other_than_berts_is_refused(tmp_path, minilm_dir):
+    """A Japanese BERT's folder (vocab.txt and tokenizer_class BertJapaneseTokenizer, MeCab or characters) was read
+    as BERT's WordPiece: other ids than the model was trained on, and nothing said so."""
+    japanese = {"tokenizer_class": "BertJapaneseTokenizer", "do_lower_case": False}
+    folder = small_folder(tmp_path / "ja", tokenizer_config=japanese)
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: tokenizer_class 'BertJapaneseTokenizer' is not"):
+        load_tokenizer(folder)
+    # Stated in config.json only, as transformers also reads it there.
+    folder = small_folder(tmp_path / "ja2", config={"model_type": "bert", "tokenizer_class": "BertJapaneseTokenizer"})
+    with pytest.raises(ValueError, match=r"ja2/config\.json: tokenizer_class 'BertJapaneseTokenizer'"):
+        load_tokenizer(folder)
+    with_json = tmp_path / "xlmr"
+    shutil.copytree(minilm_dir, with_json, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((with_json / "tokenizer_config.json").read_text())
+    (with_json / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "XLMRobertaTokenizer"}))
+    with pytest.raises(ValueError, match="tokenizer_class 'XLMRobertaTokenizer' is not BERT's WordPiece"):
+        load_tokenizer(with_json)
+    # The BERT family's classes build BERT's tokenizer: read, and as transformers reads them.
+    for cls in ("BertTokenizerFast", "DistilBertTokenizer", "ElectraTokenizerFast"):
+        folder = small_folder(tmp_path / cls, tokenizer_config={"tokenizer_class": cls, "do_lower_case": True})
+        texts = ["Hello world! covid-19 xxx 日本"]
+        ours = load_tokenizer(folder).tokenize(texts)
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+        assert hf_encode(hf, texts) == ([e.ids for e in ours], [e.offsets for e in ours])
+
+
+def test_added_tokens_beside_a_vocab_txt_are_refused_not_ignored(tmp_path):
+    """transformers matches added tokens in the text before WordPiece ("covid-19" one token, a new id); bertqa split
+    them into word pieces, and a model fine-tuned after add_tokens answered on ids it was not trained on."""
+    folder = small_folder(tmp_path / "added", added_tokens={"covid-19": len(SMALL_VOCAB)})
+    with pytest.raises(ValueError, match=r"added_tokens\.json: added token 'covid-19' \(id 20\): bertqa reads added"):
+        load_tokenizer(folder)
+    # The special tokens at their vocab.txt ids, which every tokenizer_config.json of transformers 4 lists: read.
+    specials = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                         "single_word": False} for i, t in enumerate(SMALL_VOCAB[:5])}  # fmt: skip
+    folder = small_folder(
+        tmp_path / "specials",
+        tokenizer_config={"tokenizer_class": "BertTokenizer", "do_lower_case": True, "added_tokens_decoder": specials},
+    )
+    texts = ["Hello world! covid-19"]
+    ours = load_tokenizer(folder).tokenize(texts)
+    assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts) == (
+        [e.ids for e in ours], [e.offsets for e in ours])  # fmt: skip
+    # Any other: a token of the vocabulary that is not special, or a special one past it.
+    for i, entry in (("7", {"content": "c", "special": False}), ("20", {"content": "[ENT]", "special": True})):
+        config = {"do_lower_case": True, "added_tokens_decoder": {**specials, i: entry}}
+        folder = small_folder(tmp_path / f"decoder{i}", tokenizer_config=config)
+        with pytest.raises(
+            ValueError, match=rf"tokenizer_config\.json: added token '{re.escape(entry['content'])}' \(id {i}\)"
+        ):
+            load_tokenizer(folder)
+
+
+def test_a_tokenizer_json_of_other_word_piece_settings_is_saved_as_transformers_reads_it_back(vocab_only_dir, tmp_path):
+    """save() declared BertTokenizer, whose WordPiece transformers 5 builds itself (a word of over 100 characters is
+    [UNK]), for a tokenizer.json whose WordPiece splits words of up to 200: transformers then read other ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = load_tokenizer(vocab_only_dir / "vocab.txt").backend.get_vocab()
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=200))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    tok.save(tmp_path / "saved")
+    texts = ["x" * 150, "Hello world"]
+    ours = tok.tokenize(texts)
+    assert len(ours[0].ids) > 1  # in word pieces, not [UNK]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert hf_encode(hf, texts) == ([e.ids for e in ours], [e.offsets for e in ours])
+    assert load_tokenizer(tmp_path / "saved").fingerprint == tok.fingerprint

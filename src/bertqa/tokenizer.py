@@ -93,13 +93,24 @@ class BertTokenizer:
         (d / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
         (d / "vocab.txt").write_text("".join(tok + "\n" for tok in self._vocab_lines()), encoding="utf-8")
         state = json.loads(self.backend.to_str())
-        norm, pre = state.get("normalizer") or {}, state.get("pre_tokenizer") or {}
-        # transformers' BertTokenizer builds its normaliser (always cleaning the text) and pre-tokenizer itself, from
-        # these settings, not from tokenizer.json's; a tokenizer it cannot build so is read from tokenizer.json as is.
+        norm, pre, wordpiece = (state.get(key) or {} for key in ("normalizer", "pre_tokenizer", "model"))
+        # transformers' BertTokenizer builds its normaliser (always cleaning the text), pre-tokenizer and WordPiece
+        # model itself, from these settings and its defaults, not from tokenizer.json's: a tokenizer it would not
+        # build so is declared as one that transformers reads from tokenizer.json as it is.
         bert = (
             norm.get("type") == "BertNormalizer"
             and norm.get("clean_text", True)
             and pre.get("type") == "BertPreTokenizer"
+            and {
+                k: wordpiece.get(k)
+                for k in ("type", "unk_token", "continuing_subword_prefix", "max_input_chars_per_word")
+            }
+            == {
+                "type": "WordPiece",
+                "unk_token": "[UNK]",
+                "continuing_subword_prefix": "##",
+                "max_input_chars_per_word": 100,
+            }
         )
         config = {
             "tokenizer_class": "BertTokenizer" if bert else "PreTrainedTokenizerFast",
@@ -238,6 +249,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     else:
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
     _check_special_tokens(folder)
+    _check_tokenizer_class(folder)
     if json_file is not None and json_file.is_file():
         try:
             backend = Tokenizer.from_file(str(json_file))
@@ -276,6 +288,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             do_lower_case = not _has_upper_case(tokens)
         _warn_if_cased(tokens, do_lower_case, vocab_file)
         backend = _from_vocab(vocab_file, do_lower_case, *_normaliser_settings(folder))
+        _check_added_tokens(folder, backend.get_vocab())
         try:
             return BertTokenizer(backend, do_lower_case=do_lower_case)
         except ValueError as e:
@@ -284,6 +297,49 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     raise FileNotFoundError(
         f"{where}: no tokenizer.json or vocab.txt beside it (copy the model's tokenizer files there)"
     )
+
+
+# The tokenizer classes of transformers that split text as BERT's WordPiece does (the BERT family's, with or without
+# "Fast"), and those that read tokenizer.json as it is.
+BERT_TOKENIZERS = ("Bert", "DistilBert", "Electra", "LayoutLM", "MobileBert", "SqueezeBert", "ConvBert", "RetriBert",
+                   "Lxmert", "Realm")  # fmt: skip
+AS_WRITTEN = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _check_tokenizer_class(folder: Path) -> None:
+    """Refuse a folder whose tokenizer_class (tokenizer_config.json's, else config.json's, as transformers reads
+    them) is not BERT's: a Japanese BERT's MeCab or character tokenizer, say, whose ids bertqa's WordPiece would
+    not give (it answered silently on the wrong ids)."""
+    for name in ("tokenizer_config.json", "config.json"):
+        f = folder / name
+        cls = _json_object(f).get("tokenizer_class")
+        if cls is None:
+            continue
+        if isinstance(cls, str) and (
+            cls in AS_WRITTEN or cls.removesuffix("Fast").removesuffix("Tokenizer") in BERT_TOKENIZERS
+        ):
+            return
+        raise ValueError(f"{f}: tokenizer_class {cls!r} is not BERT's WordPiece tokenizer, the one bertqa has: "
+                         "this model's tokenizer splits text another way")  # fmt: skip
+
+
+def _check_added_tokens(folder: Path, vocab: dict) -> None:
+    """Refuse the added tokens of a folder read through its vocab.txt (added_tokens.json, tokenizer_config.json's
+    added_tokens_decoder): transformers matches them in the text before WordPiece, and a model fine-tuned after
+    `add_tokens` knows their new ids; bertqa takes them from tokenizer.json only. Special tokens at their vocab.txt
+    ids, which every tokenizer_config.json that transformers writes lists, stay (written in a text, they are text)."""
+    listed = [(folder / "added_tokens.json", content, i, content in SPECIAL_TOKENS.values())
+              for content, i in _json_object(folder / "added_tokens.json").items()]  # fmt: skip
+    f = folder / "tokenizer_config.json"
+    decoder = _json_object(f).get("added_tokens_decoder") or {}
+    for i, entry in decoder.items() if isinstance(decoder, dict) else ():
+        entry = entry if isinstance(entry, dict) else {}
+        listed.append((f, entry.get("content"), i, entry.get("special") is True))
+    for source, content, i, special in listed:
+        if not (special and str(vocab.get(content)) == str(i)):
+            raise ValueError(f"{source}: added token {content!r} (id {i}): bertqa reads added tokens from a "
+                             "tokenizer.json only; write one beside vocab.txt with transformers (AutoTokenizer."
+                             "from_pretrained(FOLDER).save_pretrained(FOLDER))")  # fmt: skip
 
 
 def _json_object(f: Path) -> dict:
@@ -324,7 +380,7 @@ def _stated_settings(folder: Path) -> dict:
     BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
     tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
     d = _json_object(folder / "tokenizer_config.json")
-    if d.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # tokenizer.json as it is
+    if d.get("tokenizer_class") in AS_WRITTEN:  # tokenizer.json as it is
         return {}
     strip, chinese = _normaliser_settings(folder, d)  # (checked there)
     stated = {"lowercase": d.get("do_lower_case"), "strip_accents": strip, "handle_chinese_chars": chinese}
