@@ -405,12 +405,29 @@ def test_a_tokenizer_class_other_than_berts_is_refused(tmp_path, minilm_dir):
     with pytest.raises(ValueError, match="tokenizer_class 'XLMRobertaTokenizer' is not BERT's WordPiece"):
         load_tokenizer(with_json)
     # The BERT family's classes build BERT's tokenizer: read, and as transformers reads them.
-    for cls in ("BertTokenizerFast", "DistilBertTokenizer", "ElectraTokenizerFast"):
+    for cls in ("BertTokenizerFast", "DistilBertTokenizer", "ElectraTokenizerFast", "DPRReaderTokenizer"):
         folder = small_folder(tmp_path / cls, tokenizer_config={"tokenizer_class": cls, "do_lower_case": True})
         texts = ["Hello world! covid-19 xxx 日本"]
         ours = load_tokenizer(folder).tokenize(texts)
         hf = transformers.AutoTokenizer.from_pretrained(str(folder))
         assert hf_encode(hf, texts) == ([e.ids for e in ours], [e.offsets for e in ours])
+
+
+def test_a_class_read_as_written_stated_in_config_json_keeps_tokenizer_json_as_it_is(tmp_path, minilm_dir):
+    """PreTrainedTokenizerFast in config.json (no class in tokenizer_config.json): transformers reads tokenizer.json
+    as it is, and tokenizer_config.json's do_lower_case false has no say; bertqa applied it: [UNK] for capitals."""
+    folder = tmp_path / "fast"
+    folder.mkdir()
+    shutil.copy(minilm_dir / "tokenizer.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "bert", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    texts = ["Hello World"]
+    ours = load_tokenizer(folder).tokenize(texts)
+    assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts) == (
+        [e.ids for e in ours], [e.offsets for e in ours])  # fmt: skip
+    assert ours[0].ids == load_tokenizer(minilm_dir).tokenize(texts)[0].ids
 
 
 def test_added_tokens_beside_a_vocab_txt_are_refused_not_ignored(tmp_path):

@@ -302,23 +302,27 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
 # The tokenizer classes of transformers that split text as BERT's WordPiece does (the BERT family's, with or without
 # "Fast"), and those that read tokenizer.json as it is.
 BERT_TOKENIZERS = ("Bert", "DistilBert", "Electra", "LayoutLM", "MobileBert", "SqueezeBert", "ConvBert", "RetriBert",
-                   "Lxmert", "Realm")  # fmt: skip
+                   "Lxmert", "Realm", "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")  # fmt: skip
 AS_WRITTEN = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
-def _check_tokenizer_class(folder: Path) -> None:
-    """Refuse a folder whose tokenizer_class (tokenizer_config.json's, else config.json's, as transformers reads
-    them) is not BERT's: a Japanese BERT's MeCab or character tokenizer, say, whose ids bertqa's WordPiece would
-    not give (it answered silently on the wrong ids)."""
+def _tokenizer_class(folder: Path) -> tuple[Path | None, object]:
+    """The tokenizer_class a folder states and the file stating it: tokenizer_config.json's, else config.json's,
+    as transformers reads them ((None, None) where neither does)."""
     for name in ("tokenizer_config.json", "config.json"):
-        f = folder / name
-        cls = _json_object(f).get("tokenizer_class")
-        if cls is None:
-            continue
-        if isinstance(cls, str) and (
-            cls in AS_WRITTEN or cls.removesuffix("Fast").removesuffix("Tokenizer") in BERT_TOKENIZERS
-        ):
-            return
+        cls = _json_object(folder / name).get("tokenizer_class")
+        if cls is not None:
+            return folder / name, cls
+    return None, None
+
+
+def _check_tokenizer_class(folder: Path) -> None:
+    """Refuse a folder whose tokenizer_class is not BERT's: a Japanese BERT's MeCab or character tokenizer, say,
+    whose ids bertqa's WordPiece would not give (it answered silently on the wrong ids)."""
+    f, cls = _tokenizer_class(folder)
+    if cls is None or cls in AS_WRITTEN:
+        return
+    if not (isinstance(cls, str) and cls.removesuffix("Fast").removesuffix("Tokenizer") in BERT_TOKENIZERS):
         raise ValueError(f"{f}: tokenizer_class {cls!r} is not BERT's WordPiece tokenizer, the one bertqa has: "
                          "this model's tokenizer splits text another way")  # fmt: skip
 
@@ -379,9 +383,9 @@ def _stated_settings(folder: Path) -> dict:
     """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of any BERT-family class), as
     BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
     tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
-    d = _json_object(folder / "tokenizer_config.json")
-    if d.get("tokenizer_class") in AS_WRITTEN:  # tokenizer.json as it is
+    if _tokenizer_class(folder)[1] in AS_WRITTEN:  # tokenizer.json as it is
         return {}
+    d = _json_object(folder / "tokenizer_config.json")
     strip, chinese = _normaliser_settings(folder, d)  # (checked there)
     stated = {"lowercase": d.get("do_lower_case"), "strip_accents": strip, "handle_chinese_chars": chinese}
     given = {"lowercase": isinstance(d.get("do_lower_case"), bool), "strip_accents": "strip_accents" in d,
