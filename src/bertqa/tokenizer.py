@@ -26,6 +26,14 @@ SPECIAL_TOKENS = {
     "mask_token": "[MASK]",
 }
 
+# BERT's WordPiece model, as transformers' BertTokenizer builds it.
+BERT_WORDPIECE = {
+    "type": "WordPiece",
+    "unk_token": "[UNK]",
+    "continuing_subword_prefix": "##",
+    "max_input_chars_per_word": 100,
+}
+
 log = logging.getLogger("bertqa.tokenizer")
 
 
@@ -101,16 +109,7 @@ class BertTokenizer:
             norm.get("type") == "BertNormalizer"
             and norm.get("clean_text", True)
             and pre.get("type") == "BertPreTokenizer"
-            and {
-                k: wordpiece.get(k)
-                for k in ("type", "unk_token", "continuing_subword_prefix", "max_input_chars_per_word")
-            }
-            == {
-                "type": "WordPiece",
-                "unk_token": "[UNK]",
-                "continuing_subword_prefix": "##",
-                "max_input_chars_per_word": 100,
-            }
+            and all(wordpiece.get(k) == v for k, v in BERT_WORDPIECE.items())
         )
         config = {
             "tokenizer_class": "BertTokenizer" if bert else "PreTrainedTokenizerFast",
