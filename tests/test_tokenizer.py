@@ -430,6 +430,23 @@ def test_a_class_read_as_written_stated_in_config_json_keeps_tokenizer_json_as_i
     assert ours[0].ids == load_tokenizer(minilm_dir).tokenize(texts)[0].ids
 
 
+@pytest.mark.parametrize("cls", ["ConvBertTokenizer", "RealmTokenizerFast", "RetriBertTokenizer", "DistilBertTokenizer",
+                                 "LxmertTokenizerFast"])  # fmt: skip
+def test_each_bert_family_class_takes_tokenizer_config_settings_as_transformers_does(tmp_path, minilm_dir, cls):
+    """transformers 5 builds the normaliser from tokenizer_config.json's settings for some of these classes and reads
+    tokenizer.json as written for others (ConvBert, RetriBert, Realm); bertqa applied the settings to all of them:
+    do_lower_case false made the capitals [UNK] where transformers lower-cased them."""
+    folder = tmp_path / cls
+    folder.mkdir()
+    shutil.copy(minilm_dir / "tokenizer.json", folder)
+    shutil.copy(minilm_dir / "config.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls, "do_lower_case": False}))
+    texts = ["Hello World, café"]
+    ours = load_tokenizer(folder).tokenize(texts)
+    assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts) == (
+        [e.ids for e in ours], [e.offsets for e in ours])  # fmt: skip
+
+
 def test_added_tokens_beside_a_vocab_txt_are_refused_not_ignored(tmp_path):
     """transformers matches added tokens in the text before WordPiece ("covid-19" one token, a new id); bertqa split
     them into word pieces, and a model fine-tuned after add_tokens answered on ids it was not trained on."""

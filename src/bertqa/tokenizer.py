@@ -298,11 +298,18 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     )
 
 
-# The tokenizer classes of transformers that split text as BERT's WordPiece does (the BERT family's, with or without
-# "Fast"), and those that read tokenizer.json as it is.
-BERT_TOKENIZERS = ("Bert", "DistilBert", "Electra", "LayoutLM", "MobileBert", "SqueezeBert", "ConvBert", "RetriBert",
-                   "Lxmert", "Realm", "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")  # fmt: skip
-AS_WRITTEN = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# The tokenizer classes of transformers that split text as BERT's WordPiece does, by their names without "Tokenizer"
+# and "Fast": those whose normaliser transformers builds from tokenizer_config.json's settings, and those for which
+# it reads tokenizer.json as written (in transformers 5, ConvBert's class adds nothing to the base that does so, and
+# RetriBert's and Realm's are that base).
+BERT_TOKENIZERS = ("Bert", "DistilBert", "Electra", "LayoutLM", "MobileBert", "SqueezeBert", "Lxmert",
+                   "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")  # fmt: skip
+AS_WRITTEN = ("PreTrained", "TokenizersBackend", "ConvBert", "RetriBert", "Realm")
+
+
+def _family(cls) -> str | None:
+    """A tokenizer class's name without "Tokenizer" and "Fast" (None for a value that is no name)."""
+    return cls.removesuffix("Fast").removesuffix("Tokenizer") if isinstance(cls, str) else None
 
 
 def _tokenizer_class(folder: Path) -> tuple[Path | None, object]:
@@ -319,9 +326,7 @@ def _check_tokenizer_class(folder: Path) -> None:
     """Refuse a folder whose tokenizer_class is not BERT's: a Japanese BERT's MeCab or character tokenizer, say,
     whose ids bertqa's WordPiece would not give (it answered silently on the wrong ids)."""
     f, cls = _tokenizer_class(folder)
-    if cls is None or cls in AS_WRITTEN:
-        return
-    if not (isinstance(cls, str) and cls.removesuffix("Fast").removesuffix("Tokenizer") in BERT_TOKENIZERS):
+    if cls is not None and _family(cls) not in BERT_TOKENIZERS + AS_WRITTEN:
         raise ValueError(f"{f}: tokenizer_class {cls!r} is not BERT's WordPiece tokenizer, the one bertqa has: "
                          "this model's tokenizer splits text another way")  # fmt: skip
 
@@ -382,7 +387,7 @@ def _stated_settings(folder: Path) -> dict:
     """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of any BERT-family class), as
     BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
     tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
-    if _tokenizer_class(folder)[1] in AS_WRITTEN:  # tokenizer.json as it is
+    if _family(_tokenizer_class(folder)[1]) in AS_WRITTEN:  # tokenizer.json as it is
         return {}
     d = _json_object(folder / "tokenizer_config.json")
     strip, chinese = _normaliser_settings(folder, d)  # (checked there)
