@@ -431,7 +431,7 @@ def test_a_class_read_as_written_stated_in_config_json_keeps_tokenizer_json_as_i
 
 
 @pytest.mark.parametrize("cls", ["ConvBertTokenizer", "RealmTokenizerFast", "RetriBertTokenizer", "DistilBertTokenizer",
-                                 "LxmertTokenizerFast"])  # fmt: skip
+                                 "LxmertTokenizerFast", "DPRReaderTokenizerFast"])  # fmt: skip
 def test_each_bert_family_class_takes_tokenizer_config_settings_as_transformers_does(tmp_path, minilm_dir, cls):
     """transformers 5 builds the normaliser from tokenizer_config.json's settings for some of these classes and reads
     tokenizer.json as written for others (ConvBert, RetriBert, Realm); bertqa applied the settings to all of them:
@@ -440,8 +440,9 @@ def test_each_bert_family_class_takes_tokenizer_config_settings_as_transformers_
     folder.mkdir()
     shutil.copy(minilm_dir / "tokenizer.json", folder)
     shutil.copy(minilm_dir / "config.json", folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls, "do_lower_case": False}))
-    texts = ["Hello World, café"]
+    settings = {"do_lower_case": False, "tokenize_chinese_chars": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls, **settings}))
+    texts = ["Hello World, café 中文"]
     ours = load_tokenizer(folder).tokenize(texts)
     assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts) == (
         [e.ids for e in ours], [e.offsets for e in ours])  # fmt: skip

@@ -300,11 +300,12 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
 
 # The tokenizer classes of transformers that split text as BERT's WordPiece does, by their names without "Tokenizer"
 # and "Fast": those whose normaliser transformers builds from tokenizer_config.json's settings, and those for which
-# it reads tokenizer.json as written (in transformers 5, ConvBert's class adds nothing to the base that does so, and
-# RetriBert's and Realm's are that base).
+# it reads tokenizer.json as written (in transformers 5, the classes that add no constructor to BERT's, ConvBert's
+# and DPR's Fast ones, and RetriBert's and Realm's, which are the base that reads it so).
 BERT_TOKENIZERS = ("Bert", "DistilBert", "Electra", "LayoutLM", "MobileBert", "SqueezeBert", "Lxmert",
                    "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")  # fmt: skip
 AS_WRITTEN = ("PreTrained", "TokenizersBackend", "ConvBert", "RetriBert", "Realm")
+AS_WRITTEN_CLASSES = ("DPRContextEncoderTokenizerFast", "DPRQuestionEncoderTokenizerFast", "DPRReaderTokenizerFast")
 
 
 def _family(cls) -> str | None:
@@ -387,7 +388,8 @@ def _stated_settings(folder: Path) -> dict:
     """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of any BERT-family class), as
     BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
     tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
-    if _family(_tokenizer_class(folder)[1]) in AS_WRITTEN:  # tokenizer.json as it is
+    cls = _tokenizer_class(folder)[1]
+    if cls in AS_WRITTEN_CLASSES or _family(cls) in AS_WRITTEN:  # tokenizer.json as it is
         return {}
     d = _json_object(folder / "tokenizer_config.json")
     strip, chinese = _normaliser_settings(folder, d)  # (checked there)
