@@ -147,6 +147,12 @@ def _qas(doc):
 
 BAD = [
     ("{oops", "not valid JSON (line 1 column 2"),
+    # HF datasets' layout of SQuAD: JSON lines of flat records, or those records as the 'data' list.
+    ('{"id": "1"}\n{"id": "2"}\n', "not valid JSON (line 2 column 1: Extra data); JSON lines? a SQuAD file is one"),
+    (
+        {"data": [{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}]},
+        "article 0: a question record ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD",
+    ),  # fmt: skip
     ([1, 2], "not a SQuAD file"),
     ({"version": "1.1"}, "not a SQuAD file"),
     (mutate(lambda d: d["data"].append("x")), "article 1: 'data[]' must be a JSON object, not string"),

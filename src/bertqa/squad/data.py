@@ -62,7 +62,13 @@ def load_json(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError as e:
         raise SquadFormatError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        # JSON lines (one record a line, as HF datasets' to_json writes them) stop at the second record.
+        hint = (
+            "; JSON lines? a SQuAD file is one JSON object, its 'data' a list of articles"
+            if e.msg == "Extra data"
+            else ""
+        )
+        raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}){hint}") from None
     except RecursionError:
         raise SquadFormatError(f"{p}: not usable JSON (nested too deeply)") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
@@ -189,6 +195,16 @@ def _read_answers(qa: dict, key: str, where: str, path, need_starts: bool = True
     return texts, starts
 
 
+def _paragraphs(article: dict, where: str, path) -> list:
+    """An article's 'paragraphs', checked; a flat question record in an article's place (HF datasets' layout of
+    SQuAD, which run_qa.py reads) is named as one."""
+    if "paragraphs" not in article and {"question", "context"} & article.keys():
+        raise SquadFormatError(f"{path}: {where}: a question record ('context', 'question', 'answers', as HF "
+                               "datasets lays SQuAD out), not a SQuAD article: bertqa reads SQuAD's own layout, "
+                               "articles of 'paragraphs', each a 'context' and its 'qas'")  # fmt: skip
+    return _expect(article.get("paragraphs"), list, "paragraphs", where, path)
+
+
 def check_gold(doc, path, v2: bool) -> None:
     """Check what the official scripts read of a SQuAD file to score predictions against, with one-line errors
     naming the question: each question's `id` (unique) and its answers' texts. A v2.0 question may have none, or
@@ -199,8 +215,7 @@ def check_gold(doc, path, v2: bool) -> None:
     seen: set[str] = set()
     for a, article in enumerate(doc["data"]):
         _expect(article, dict, "data[]", f"article {a}", path)
-        _expect(article.get("paragraphs"), list, "paragraphs", f"article {a}", path)
-        for p, paragraph in enumerate(article["paragraphs"]):
+        for p, paragraph in enumerate(_paragraphs(article, f"article {a}", path)):
             where = f"article {a} paragraph {p}"
             _expect(paragraph, dict, "paragraphs[]", where, path)
             _expect(paragraph.get("qas"), list, "qas", where, path)
@@ -246,8 +261,7 @@ def parse_squad(
         where = f"article {a}"
         _expect(article, dict, "data[]", where, path)
         title = _text(_optional(article, "title", ""), "title", where, path)
-        _expect(article.get("paragraphs"), list, "paragraphs", where, path)
-        for p, paragraph in enumerate(article["paragraphs"]):
+        for p, paragraph in enumerate(_paragraphs(article, where, path)):
             where = f"article {a} paragraph {p}"
             _expect(paragraph, dict, "paragraphs[]", where, path)
             context = _text(paragraph.get("context"), "context", where, path)
