@@ -148,7 +148,10 @@ def _qas(doc):
 BAD = [
     ("{oops", "not valid JSON (line 1 column 2"),
     # HF datasets' layout of SQuAD: JSON lines of flat records, or those records as the 'data' list.
-    ('{"id": "1"}\n{"id": "2"}\n', "not valid JSON (line 2 column 1: Extra data); JSON lines? a SQuAD file is one"),
+    (
+        '{"id": "1"}\n{"id": "2"}\n',
+        "not valid JSON (line 2 column 1: Extra data): more than one JSON value (JSON lines?)",
+    ),
     (
         {"data": [{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}]},
         "article 0: a question record ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD",

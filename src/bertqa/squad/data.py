@@ -63,11 +63,7 @@ def load_json(path: str | os.PathLike) -> dict:
         raise SquadFormatError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         # JSON lines (one record a line, as HF datasets' to_json writes them) stop at the second record.
-        hint = (
-            "; JSON lines? a SQuAD file is one JSON object, its 'data' a list of articles"
-            if e.msg == "Extra data"
-            else ""
-        )
+        hint = ": more than one JSON value (JSON lines?); the file must hold one" if e.msg == "Extra data" else ""
         raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}){hint}") from None
     except RecursionError:
         raise SquadFormatError(f"{p}: not usable JSON (nested too deeply)") from None
