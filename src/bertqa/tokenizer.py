@@ -248,7 +248,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     else:
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
     _check_special_tokens(folder)
-    _check_tokenizer_class(folder)
+    cls = _tokenizer_class(folder)
     if json_file is not None and json_file.is_file():
         try:
             backend = Tokenizer.from_file(str(json_file))
@@ -258,7 +258,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         bert, lower = norm.get("type") == "BertNormalizer", _lowercases(norm)
         # As transformers' BertTokenizer(Fast): the settings tokenizer_config.json states win over tokenizer.json's
         # BertNormalizer; --[no-]lower-case over both.
-        wanted = _stated_settings(folder) if bert else {}
+        wanted = _stated_settings(folder, cls) if bert else {}
         if do_lower_case is not None:
             if not bert and do_lower_case != lower:
                 raise ValueError(f"{json_file}: cannot change lower-casing of a {norm.get('type')} normaliser")
@@ -313,23 +313,19 @@ def _family(cls) -> str | None:
     return cls.removesuffix("Fast").removesuffix("Tokenizer") if isinstance(cls, str) else None
 
 
-def _tokenizer_class(folder: Path) -> tuple[Path | None, object]:
-    """The tokenizer_class a folder states and the file stating it: tokenizer_config.json's, else config.json's,
-    as transformers reads them ((None, None) where neither does)."""
+def _tokenizer_class(folder: Path):
+    """The tokenizer_class a folder states: tokenizer_config.json's, else config.json's, as transformers reads them
+    (None where neither does). One that is not BERT's is refused: a Japanese BERT's MeCab or character tokenizer,
+    say, whose ids bertqa's WordPiece would not give (it answered silently on the wrong ids)."""
     for name in ("tokenizer_config.json", "config.json"):
         cls = _json_object(folder / name).get("tokenizer_class")
-        if cls is not None:
-            return folder / name, cls
-    return None, None
-
-
-def _check_tokenizer_class(folder: Path) -> None:
-    """Refuse a folder whose tokenizer_class is not BERT's: a Japanese BERT's MeCab or character tokenizer, say,
-    whose ids bertqa's WordPiece would not give (it answered silently on the wrong ids)."""
-    f, cls = _tokenizer_class(folder)
-    if cls is not None and _family(cls) not in BERT_TOKENIZERS + AS_WRITTEN:
-        raise ValueError(f"{f}: tokenizer_class {cls!r} is not BERT's WordPiece tokenizer, the one bertqa has: "
-                         "this model's tokenizer splits text another way")  # fmt: skip
+        if cls is None:
+            continue
+        if _family(cls) not in BERT_TOKENIZERS + AS_WRITTEN:
+            raise ValueError(f"{folder / name}: tokenizer_class {cls!r} is not BERT's WordPiece tokenizer, the one "
+                             "bertqa has: this model's tokenizer splits text another way")  # fmt: skip
+        return cls
+    return None
 
 
 def _check_added_tokens(folder: Path, vocab: dict) -> None:
@@ -384,11 +380,11 @@ def _normaliser_settings(folder: Path, d: dict | None = None) -> tuple[bool | No
     return strip, chinese is not False
 
 
-def _stated_settings(folder: Path) -> dict:
-    """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of any BERT-family class), as
-    BertNormalizer's arguments: transformers builds the normaliser from them. Those it leaves out are not given, and
-    tokenizer.json's stay (transformers would take its class's defaults, lower-casing among them)."""
-    cls = _tokenizer_class(folder)[1]
+def _stated_settings(folder: Path, cls) -> dict:
+    """The normaliser settings that tokenizer_config.json states for a BERT tokenizer (of the BERT-family class
+    `cls`, the folder's tokenizer_class), as BertNormalizer's arguments: transformers builds the normaliser from
+    them. Those it leaves out are not given, and tokenizer.json's stay (transformers would take its class's
+    defaults, lower-casing among them)."""
     if cls in AS_WRITTEN_CLASSES or _family(cls) in AS_WRITTEN:  # tokenizer.json as it is
         return {}
     d = _json_object(folder / "tokenizer_config.json")
