@@ -71,13 +71,19 @@ def test_top_k_gives_k_distinct_answers_best_first(qa, tiny_squad, k):
     assert answers[0] == qa(question, context)
 
 
+def alike(got, want) -> bool:
+    """Answers alike: the same texts and offsets, scores to rounding (a window batched with others is padded)."""
+    got, want = list(got), list(want)
+    spans = [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in want]
+    return spans and [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=1e-5)
+
+
 def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
     qs = questions(tiny_squad)
     single = [qa(q, c, top_k=2) for q, c, _, _ in qs]
     batched = qa([q for q, *_ in qs], [c for _, c, *_ in qs], top_k=2)
     for one, many in zip(single, batched, strict=True):
-        assert [(a["answer"], a["start"], a["end"]) for a in one] == [(a["answer"], a["start"], a["end"]) for a in many]
-        assert [a["score"] for a in one] == pytest.approx([a["score"] for a in many], abs=1e-5)
+        assert alike(one, many)
     # Many questions about one context: a list with one answer each.
     context = qs[0][1]
     same = [q for q, c, *_ in qs if c == context]
@@ -85,13 +91,6 @@ def test_batched_answers_equal_one_at_a_time(qa, tiny_squad):
     assert qa({"question": qs[0][0], "context": context}) == qa(qs[0][0], context)  # the pipeline's dict form
     pairs = [{"question": q, "context": c} for q, c, *_ in qs[:2]]
     assert qa(tuple(pairs)) == qa(pairs) == [qa(q, c) for q, c, *_ in qs[:2]]  # a tuple of them, as a list
-
-
-def same(got, want) -> bool:
-    """Answers alike: the same texts and offsets, scores to rounding (a window batched with others is padded)."""
-    got, want = list(got), list(want)
-    spans = [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in want]
-    return spans and [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=1e-5)
 
 
 def test_the_pipelines_batch_size_num_workers_iterators_and_lazy_generators(qa, tiny_squad, monkeypatch):
@@ -102,11 +101,11 @@ def test_the_pipelines_batch_size_num_workers_iterators_and_lazy_generators(qa, 
     real = bertqa.qa.predict_logits
     monkeypatch.setattr(bertqa.qa, "predict_logits", lambda *a, **k: sizes.append(a[3]) or real(*a, **k))
     # batch_size: the windows of one forward pass, for this call only; num_workers is taken and changes nothing.
-    assert same(qa(dicts, batch_size=1, num_workers=2), each)
+    assert alike(qa(dicts, batch_size=1, num_workers=2), each)
     assert sizes == [1] and qa(dicts[0]) == each[0] and sizes[-1] == qa.batch_size
     # Iterators and other iterables are lists, as the pipeline lists them.
-    assert qa(iter(dicts)) == qa(map(dict, dicts)) == qa(dicts) and same(qa(dicts), each)
-    assert same(qa((q for q, *_ in qs[:2]), iter([qs[0][1], qs[1][1]])), each[:2])
+    assert qa(iter(dicts)) == qa(map(dict, dicts)) == qa(dicts) and alike(qa(dicts), each)
+    assert alike(qa((q for q, *_ in qs[:2]), iter([qs[0][1], qs[1][1]])), each[:2])
 
     # A generator of dicts is answered lazily, batch_size dicts at a time, as the pipeline streamed it.
     pulled = []
@@ -119,9 +118,9 @@ def test_the_pipelines_batch_size_num_workers_iterators_and_lazy_generators(qa, 
     sizes.clear()
     out = qa(source(dicts), batch_size=2)
     assert pulled == [] and sizes == []
-    assert same([next(out)], each[:1]) and len(pulled) == 2 and sizes == [2]
-    assert same(out, each[1:]) and len(pulled) == 5
-    assert same([a[0] for a in qa(source(dicts), top_k=2)], each)  # lists of top_k answers each
+    assert alike([next(out)], each[:1]) and len(pulled) == 2 and sizes == [2]
+    assert alike(out, each[1:]) and len(pulled) == 5
+    assert alike([a[0] for a in qa(source(dicts), top_k=2)], each)  # lists of top_k answers each
 
     # Bad input: the parameters at the call, an item where the stream reaches it, named by its place.
     pulled.clear()
