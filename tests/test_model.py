@@ -129,6 +129,48 @@ def test_blocked_attention_gradients_across_blocks(monkeypatch, masked, keep_pro
     assert torch.allclose(model.blocked_attention(q, k, v, mask, 0.0), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_blocked_attention_with_dropout_is_the_written_out_form_with_the_same_mask(monkeypatch, keep_probs):
+    """Dropout on the attention probabilities in the blocked attention: the seed draws the mask the written-out form
+    draws (BitDropout's, of the same (B, nh, T, T) probabilities), so the outputs and gradients are its to rounding,
+    across blocks of heads, with the probabilities kept or recomputed for the backward pass; a float64 gradcheck
+    with the mask fixed by the seed."""
+    import bertqa.model as model
+
+    T = 21
+    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 8 // torch.get_num_threads())  # 3 of the 8 heads per block
+    monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep_probs else T - 1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = (torch.arange(T) < torch.tensor([[15], [T]]))[:, None, None, :]
+    grad = torch.randn(2, 4, T, 8, generator=g, dtype=torch.float64)
+
+    def run(fn, p, seed=5):
+        torch.manual_seed(seed)
+        y = fn(q, k, v, mask, p)
+        return (y, *torch.autograd.grad(y, (q, k, v), grad))
+
+    blocked, eager = run(model.blocked_attention, 0.1), run(model.eager_attention, 0.1)
+    assert type(blocked[0].grad_fn).__name__ == "BlockedAttentionBackward"  # not a fallback to the written-out form
+    for a, b in zip(blocked, eager):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    for other in (run(model.blocked_attention, 0.0), run(model.blocked_attention, 0.1, seed=6)):
+        assert (other[0] - blocked[0]).abs().max() > 1e-3  # the dropout drops, and the seed decides what
+    torch.manual_seed(5)
+    with torch.no_grad():  # no backward pass: the same forward
+        torch.testing.assert_close(model.blocked_attention(q, k, v, mask, 0.1), blocked[0], atol=1e-12, rtol=0)
+
+    T = 6  # the gradcheck on fewer positions, alike: 3 heads a block, the probabilities kept or recomputed
+    monkeypatch.setattr(model, "BLOCK_BYTES", 3 * T * T * 8 // torch.get_num_threads())
+    monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", T if keep_probs else T - 1)
+
+    def seeded(q, k, v):
+        torch.manual_seed(7)
+        return model.blocked_attention(q, k, v, mask[..., :T], 0.3)
+
+    assert torch.autograd.gradcheck(seeded, [t[:, :, :T, :3].detach().requires_grad_() for t in (q, k, v)])
+
+
 def test_blocked_attention_bf16_softmax_in_fp32_scratch(monkeypatch):
     """bf16 scores are soft-maxed in an fp32 scratch block and copied back: forward and both backward paths
     (kept and recomputed probabilities) agree with fp32 arithmetic on the same bf16 inputs, to bf16 rounding."""
@@ -395,8 +437,8 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
 
 
 def test_auto_attention_choices_on_a_cpu(monkeypatch):
-    """auto: blocked on a CPU in training and in bf16 inference, SDPA's fused kernel in fp32 inference; with
-    attention dropout in training, written out up to KEEP_PROBS_MAX_LEN tokens and fused beyond."""
+    """auto: blocked on a CPU in training, with or without attention dropout, at every length (the probabilities
+    kept or recomputed), and in bf16 inference; SDPA's fused kernel in fp32 inference."""
     import bertqa.model as model
 
     _, ours = hf_pair("gelu")
@@ -407,7 +449,7 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
     monkeypatch.setattr(model, "KEEP_PROBS_MAX_LEN", 16)
     ours.set_attention("auto")
     for training, dropout, T, used in ((True, False, 17, "blocked"), (False, False, 8, "blocked"),
-                                       (True, True, 16, "eager"), (True, True, 17, "sdpa"),
+                                       (True, True, 16, "blocked"), (True, True, 17, "blocked"),
                                        (False, True, 17, "blocked")):  # fmt: skip
         ours.train(training)
         ours.set_attention_dropout(dropout)
@@ -420,7 +462,7 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             ours(torch.ones(2, 8, dtype=torch.long))
         assert set(calls) == {used}, autocast
-    assert model.auto_attention(torch.device("cuda"), 8, 0.0) == "sdpa"
+    assert model.auto_attention(torch.device("cuda"), 0.0) == "sdpa"
 
 
 def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
@@ -824,11 +866,10 @@ def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_se
     monkeypatch.undo()
     ours.train()
     loss = ours(ids, types, mask, starts, ends).loss
-    if attention_dropout:  # the written-out attention and BitDropout: differentiable twice
+    with pytest.raises(  # (with attention dropout too: the blocked attention applies it since 2026-12-06)
+        RuntimeError,
+        match=r"blocked attention .* no second derivative .*: build the model with attn_implementation='eager' \(",
+    ):
         torch.autograd.grad(loss, list(params.values()), create_graph=True)
-    else:
-        with pytest.raises(
-            RuntimeError,
-            match=r"blocked attention .* no second derivative .*: build the model with attn_implementation='eager' \(",
-        ):
-            torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    ours.set_attention("eager")  # the written-out attention and BitDropout: differentiable twice
+    torch.autograd.grad(ours(ids, types, mask, starts, ends).loss, list(params.values()), create_graph=True)

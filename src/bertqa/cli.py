@@ -303,8 +303,8 @@ def _add_common(p, batch_help, output_dir: bool = True):
         "--attention",
         choices=ATTENTION_CHOICES,
         default="auto",
-        help="auto: blocked (written out, a few heads at a time) on a CPU, except sdpa for fp32 inference and eager "
-        "for CPU training with attention dropout (sdpa beyond 256 tokens); sdpa (fused kernels) on other devices",
+        help="auto: blocked (written out, a few heads at a time) on a CPU, except sdpa for fp32 inference; sdpa "
+        "(fused kernels) on other devices",
     )
     _add_lower_case(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -22,7 +22,6 @@ from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import check_not_claimed, check_output, check_output_dir, exclusive, read_one_version, write_json
 from .inference import default_batch_size, predict_logits, shard
-from .model import KEEP_PROBS_MAX_LEN
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import check_window_params, load_features
@@ -229,8 +228,7 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     described = {
         "sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-        "auto": f"auto (blocked on a CPU but sdpa in fp32 inference, with attention dropout eager up to "
-        f"{KEEP_PROBS_MAX_LEN} tokens; else sdpa)"
+        "auto": "auto (blocked on a CPU but sdpa in fp32 inference; else sdpa)"
         if d.device.type == "cpu"
         else "auto (sdpa: flash/memory-efficient kernels)",
     }

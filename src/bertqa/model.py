@@ -121,6 +121,29 @@ class Linear(nn.Linear):
         return self._packed[1]
 
 
+def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """BitDropout's mask of `shape` (bytes: 1 keeps, 0 drops) and the scale of what it keeps, 1 / P(keep)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    dropped = round(p * 65536)  # of 65,536 equally likely 16-bit values
+    keep = torch.empty(shape, dtype=torch.uint8, device=device)
+    torch.ge(words.view(torch.int16)[:n].view(shape), -32768 + dropped, out=keep)
+    return keep, 65536 / (65536 - dropped)
+
+
+def bit_dropout_applies(x, p: float) -> bool:
+    """Whether dropout(x, p, training=True) takes BitDropout's mask: p not rounded to 0 or 1 (a multiple of
+    2^-16), on a CPU (other devices have fused dropout kernels), not under torch.compile (inductor fuses
+    F.dropout's mask, and tracing `random_` breaks the graph), torch.func or forward-mode AD (F.dropout has rules
+    there, BitDropout none)."""
+    return (
+        0 < round(p * 65536) < 65536
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and _plain_autograd()
+    )
+
+
 class BitDropout(torch.autograd.Function):
     """Dropout whose mask comes from 16-bit slices of random 64-bit words: on a CPU, 3x faster than torch's
     `bernoulli_` mask (5.4 vs 16.4 ms on 32 x 180 x 384 bf16), which took a tenth of a training step. The drop
@@ -130,13 +153,8 @@ class BitDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p: float):
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        dropped = round(p * 65536)  # of 65,536 equally likely 16-bit values
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        torch.ge(words.view(torch.int16)[:n].view(x.shape), -32768 + dropped, out=keep)
+        keep, ctx.scale = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
-        ctx.scale = 65536 / (65536 - dropped)  # 1 / P(keep), so the expected output is x
         return (x * keep).mul_(ctx.scale)
 
     @staticmethod
@@ -146,17 +164,8 @@ class BitDropout(torch.autograd.Function):
 
 
 def dropout(x, p: float, training: bool):
-    """F.dropout, with BitDropout's mask when training on a CPU (other devices have fused dropout kernels), except
-    under torch.compile: inductor fuses F.dropout's mask, and tracing BitDropout's `random_` breaks the graph, and
-    under torch.func or forward-mode AD, where F.dropout has rules and BitDropout none."""
-    # (BitDropout's p is a multiple of 2^-16: one that rounds to 0 or 1 takes F.dropout's)
-    if (
-        training
-        and 0 < round(p * 65536) < 65536
-        and x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and _plain_autograd()
-    ):
+    """F.dropout, with BitDropout's mask where bit_dropout_applies."""
+    if training and bit_dropout_applies(x, p):
         return BitDropout.apply(x, p)
     return F.dropout(x, p, training)
 
@@ -319,17 +328,22 @@ class BlockedAttention(torch.autograd.Function):
     recomputed as the fused kernels do. On a CPU: 1.7-2x faster than the plain written-out form to train, and
     faster than SDPA's fused kernels but in fp32 inference (auto_attention).
 
-    Without a backward pass on a CPU, the keys are padded to a multiple of 16 (zero K^T columns and V rows, to
-    which the bias gives a score of -inf, so a weight of exactly 0 even in a row whose real keys are all
+    With `dropout_p`, each block's probabilities are dropped before the product with v (and dP masked alike in the
+    backward pass) by BitDropout's mask of all the (B, nh, T, T) probabilities, drawn as the written-out form's
+    dropout() draws it and kept for the backward pass: the same seed, the same mask.
+
+    Without a backward pass or dropout on a CPU, the keys are padded to a multiple of 16 (zero K^T columns and V
+    rows, to which the bias gives a score of -inf, so a weight of exactly 0 even in a row whose real keys are all
     masked): torch's fp32 CPU softmax runs up to twice as fast per element on rows of such lengths. The sums are
     the same but for the GEMMs' order of summation (inference +1%)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float):
+    def forward(ctx, q, k, v, bias, scale: float, dropout_p: float = 0.0):
         B, nh, T, hs = q.shape
         n = B * nh
         backward = any(ctx.needs_input_grad[:3])
-        Tk = T if backward or q.device.type != "cpu" else -(-T // 16) * 16  # the keys, padded in CPU inference
+        padded = not (backward or dropout_p) and q.device.type == "cpu"
+        Tk = -(-T // 16) * 16 if padded else T  # the keys, padded in CPU inference
         qh = q.reshape(n, T, hs)  # (B*nh, T, hs)
         vh = _padded(v, 2, Tk).view(n, Tk, hs)
         kt = _padded(k.transpose(-2, -1), 3, Tk).view(n, hs, Tk)  # K^T: the faster GEMM operand
@@ -342,11 +356,15 @@ class BlockedAttention(torch.autograd.Function):
         blocks = _blocks(n, T, q.element_size())
         probs = torch.empty(n if keep else blocks[0].stop, T, Tk, dtype=q.dtype, device=q.device)
         scratch = _softmax_scratch(blocks, T, q, Tk)
+        # Dropout on the probabilities: BitDropout's mask of them all, drawn as dropout() draws it for the
+        # written-out form's (B, nh, T, T), and kept for the backward pass (a byte a score).
+        mask, ctx.keep_scale = keep_mask((n, T, T), dropout_p, q.device) if dropout_p else (None, 1.0)
+        dropped = None if mask is None else torch.empty_like(probs[: blocks[0].stop])
         for b in blocks:
             p = _probs(qh, kt, bias, scale, b, probs[b] if keep else probs[: b.stop - b.start], scratch)
-            torch.bmm(p, vh[b], out=out[b])
+            torch.bmm(p if mask is None else _dropped(p, mask[b], ctx.keep_scale, dropped), vh[b], out=out[b])
         if backward:
-            ctx.save_for_backward(qh, kt, vh, probs if keep else None, bias)
+            ctx.save_for_backward(qh, kt, vh, probs if keep else None, bias, mask)
             ctx.scale = scale
         return out.view(B, nh, T, hs)
 
@@ -354,11 +372,11 @@ class BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # (else bmm's out= raises, naming neither the model nor a way out)
             raise RuntimeError(
-                "bertqa's blocked attention (attn_implementation 'blocked', or 'auto' on a CPU where autograd records "
-                "and no attention dropout) has no second derivative (a backward with create_graph=True): build the "
+                "bertqa's blocked attention (attn_implementation 'blocked', or 'auto' on a CPU where autograd records) "
+                "has no second derivative (a backward with create_graph=True): build the "
                 "model with attn_implementation='eager' (SDPA's fused CPU kernel has none either)"
             )
-        qh, kt, vh, probs, bias = ctx.saved_tensors
+        qh, kt, vh, probs, bias, mask = ctx.saved_tensors
         B, nh, T, hs = grad.shape
         g = grad.reshape(B * nh, T, hs)
         dq, dk, dv = torch.empty_like(qh), torch.empty_like(qh), torch.empty_like(vh)
@@ -366,48 +384,54 @@ class BlockedAttention(torch.autograd.Function):
         if probs is None:
             block = torch.empty(blocks[0].stop, T, T, dtype=qh.dtype, device=qh.device)
             scratch = _softmax_scratch(blocks, T, qh)
+        dropped = None if mask is None else torch.empty(blocks[0].stop, T, T, dtype=qh.dtype, device=qh.device)
         for b in blocks:
             if probs is not None:
                 p = probs[b]
             else:
                 p = _probs(qh, kt, bias, ctx.scale, b, block[: b.stop - b.start], scratch)
-            torch.bmm(p.transpose(1, 2), g[b], out=dv[b])
-            ds = torch.bmm(g[b], vh[b].transpose(1, 2))  # dP, then dS in place
+            pd = p if mask is None else _dropped(p, mask[b], ctx.keep_scale, dropped)
+            torch.bmm(pd.transpose(1, 2), g[b], out=dv[b])
+            ds = torch.bmm(g[b], vh[b].transpose(1, 2))  # dP (of the dropped probabilities: dP of p, masked), then dS
+            if mask is not None:
+                ds.mul_(mask[b]).mul_(ctx.keep_scale)
             torch._softmax_backward_data(ds, p, -1, p.dtype, grad_input=ds)
             torch.bmm(ds, kt[b].transpose(1, 2), out=dq[b])
             torch.bmm(ds.transpose(1, 2), qh[b], out=dk[b])
         dq.mul_(ctx.scale)
         dk.mul_(ctx.scale)
-        return dq.view(B, nh, T, hs), dk.view(B, nh, T, hs), dv.view(B, nh, T, hs), None, None
+        return dq.view(B, nh, T, hs), dk.view(B, nh, T, hs), dv.view(B, nh, T, hs), None, None, None
+
+
+def _dropped(p, keep, scale: float, out):
+    """BitDropout's forward on a block of probabilities, into `out` (a block's worth, or more)."""
+    return torch.mul(p, keep, out=out[: p.size(0)]).mul_(scale)
 
 
 def blocked_attention(q, k, v, mask, dropout_p):
-    """BlockedAttention; with dropout on the probabilities, or under torch.func or forward-mode AD, the written-out
-    form."""
-    if dropout_p > 0 or not _plain_autograd():
+    """BlockedAttention, its dropout BitDropout's; the written-out form under torch.func or forward-mode AD, and for
+    dropout that BitDropout does not take (on other devices, under torch.compile, or a rate that rounds to 0 or 1)."""
+    if not _plain_autograd() or (dropout_p > 0 and not bit_dropout_applies(q, dropout_p)):
         return eager_attention(q, k, v, mask, dropout_p)
     with torch.autocast(q.device.type, enabled=False):  # q, k, v already carry the compute dtype
-        return BlockedAttention.apply(q, k, v, padding_bias(mask, q), 1.0 / math.sqrt(q.size(-1)))
+        return BlockedAttention.apply(q, k, v, padding_bias(mask, q), 1.0 / math.sqrt(q.size(-1)), dropout_p)
 
 
 ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention, "blocked": blocked_attention}
 
 
-def auto_attention(device: torch.device, T: int, dropout_p: float, dtype: torch.dtype = torch.bfloat16,
+def auto_attention(device: torch.device, dropout_p: float, dtype: torch.dtype = torch.bfloat16,
                    backward: bool = True) -> str:  # fmt: skip
-    """On a CPU, the blocked attention (the fastest there to train, and to infer in bf16 / fp16), but SDPA's fused
-    kernel for fp32 inference (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an
-    AVX2-only EPYC); with dropout on the attention probabilities, the written-out form up to KEEP_PROBS_MAX_LEN
-    tokens (SDPA's fused CPU kernel has a slow backward), SDPA beyond. Other devices, and under torch.compile:
-    SDPA (flash kernels). On a CPU under torch.func or forward-mode AD: the written-out form (SDPA's fused CPU
-    kernel has no forward-mode rule, the blocked attention no functorch rules)."""
+    """On a CPU, the blocked attention (the fastest there to train, with or without dropout on the attention
+    probabilities, and to infer in bf16 / fp16), but SDPA's fused kernel for fp32 inference (`dtype` of q, no
+    `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC). Other devices, and under
+    torch.compile: SDPA (flash kernels). On a CPU under torch.func or forward-mode AD: the written-out form (SDPA's
+    fused CPU kernel has no forward-mode rule, the blocked attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return "sdpa"
     if not _plain_autograd():
         return "eager"
-    if dropout_p == 0:
-        return "sdpa" if dtype == torch.float32 and not backward else "blocked"
-    return "eager" if T <= KEEP_PROBS_MAX_LEN else "sdpa"
+    return "sdpa" if dtype == torch.float32 and not backward and dropout_p == 0 else "blocked"
 
 
 class QAOutput(NamedTuple):
@@ -453,7 +477,7 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         impl = self.attn_implementation
         if impl == "auto":
-            impl = auto_attention(x.device, T, dropout_p, q.dtype, torch.is_grad_enabled() and q.requires_grad)
+            impl = auto_attention(x.device, dropout_p, q.dtype, torch.is_grad_enabled() and q.requires_grad)
         y = ATTENTION[impl](q, k, v, mask, dropout_p)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, C)
 

@@ -692,8 +692,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                                  keep_earlier=not found and ckpt_path.is_file())  # fmt: skip
     if metrics is not None:
         held.push(metrics.close_on_exit)  # also when a step fails: TensorBoard's last scalars reach the disk
-    # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph (two on a
-    # CPU with attention dropout: auto attention branches at KEEP_PROBS_MAX_LEN tokens).
+    # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph.
     # Evaluation and saving use the plain module, which shares the weights.
     fwd = torch.compile(model, dynamic=True) if cfg.compile else model
     ddp = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else fwd
