@@ -807,7 +807,7 @@ def test_backward_under_inference_mode_gets_the_gradients_of_one_outside_it():
 def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_second_backward(
     attn, attention_dropout, monkeypatch
 ):
-    """`auto` trains a CPU model with BitDropout and, without attention dropout, BlockedAttention: autograd
+    """`auto` trains a CPU model with BitDropout and BlockedAttention (with or without attention dropout): autograd
     Functions without functorch or forward-mode rules, which raised under torch.func.grad and make_dual (torch's
     message names neither); in fp32 inference `auto` chose SDPA's fused CPU kernel, which has no forward-mode rule.
     They run the plain forms there now; per-example gradients (vmap over a padded batch, each window its own mask)
