@@ -135,6 +135,30 @@ def test_hf_rows_can_train_without_attention_dropout(tiny_dir):
     assert hf_model(model.config, state, attention_dropout=False).config.attention_probs_dropout_prob == 0.0
 
 
+def test_hf_rows_run_the_model_bertqa_runs_whatever_else_config_json_holds(tiny_dir, tmp_path):
+    """Entries of config.json that bertqa ignores do not reach transformers' rows: with "return_dict": false their
+    training step failed on a tuple, and "gradient_checkpointing" (older transformers wrote it) or
+    "output_attentions" changed what HF computed, and so every ratio, without a word."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    extra = {"return_dict": False, "gradient_checkpointing": True, "output_attentions": True,
+             "output_hidden_states": True}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({**settings, **extra}))
+    from bertqa.bench import hf_model
+    from bertqa.checkpoint import load_model
+
+    model = load_model(folder, verbose=False)
+    assert model.config.extra["return_dict"] is False  # kept (and written back) by bertqa
+    hf = hf_model(model.config, model.state_dict()).train()
+    ids = torch.randint(5, model.config.vocab_size, (2, 12))
+    out = hf(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
+    assert out.loss is not None and out.attentions is None and out.hidden_states is None
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in hf.modules())
+
+
 def test_the_peak_is_the_fastest_call_not_the_mean():
     import time
 

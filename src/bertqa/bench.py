@@ -212,10 +212,12 @@ def data_windows(path, tokenizer, seq_len: int, doc_stride: int = 128, max_query
 
 def hf_model(config, state_dict, attention: str = "sdpa", attention_dropout: bool = True):
     """transformers' BertForQuestionAnswering of a bertqa config, holding the weights of a bertqa state dict
-    (without `attention_dropout`, its attention dropout probability set to 0)."""
+    (without `attention_dropout`, its attention dropout probability set to 0). Built from the settings bertqa's
+    model reads alone: config.json's other entries, which bertqa ignores, would change what transformers runs
+    ("return_dict": false returns tuples, "gradient_checkpointing" recomputes, "output_attentions" keeps more)."""
     import transformers
 
-    cfg = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    cfg = transformers.BertConfig(**config.settings())
     if not attention_dropout:
         cfg.attention_probs_dropout_prob = 0.0
     cfg._attn_implementation = attention
