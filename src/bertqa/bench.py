@@ -66,17 +66,36 @@ def matmul_peak(device: torch.device, precision: Precision, seconds: float = 1.0
     timed alone. A peak is a best case, and the other tenants of a shared machine slow some calls: the average
     over one second once came out at half the usual figure, and that run's MFU at 114%."""
     dtype = precision.autocast_dtype or torch.float32
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
 
-    def matmul():
-        a @ b
-        synchronize(device)
+    def matmul(n: int):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+
+        def call():
+            a @ b
+            synchronize(device)
+
+        call()  # kernel selection, first-touch of the output
+        t0 = time.perf_counter()
+        call()
+        return call, time.perf_counter() - t0
 
     with precision.scope():
-        matmul()  # kernel selection, first-touch of the output
-        return 2 * n**3 / fastest(matmul, seconds)
+        n = matrix_size(device, lambda n: matmul(n)[1])
+        call = matmul(n)[0]
+        return 2 * n**3 / fastest(call, seconds)
+
+
+def matrix_size(device: torch.device, seconds_for) -> int:
+    """The side of matmul_peak's matrices: 8192 on GPUs; on a CPU 2048, or less where a call of half that
+    (`seconds_for(n)`, after a first one) already takes 50 ms: a precision the CPU emulates (fp16 without AVX-512 FP16 or AMX, bf16
+    without AVX-512 BF16) ran one 2048 x 2048 matmul in 20 s or more, and the bench sat minutes in its peaks."""
+    if device.type != "cpu":
+        return 8192
+    n = 256
+    while n < 2048 and seconds_for(n) < 0.05:
+        n *= 2
+    return n
 
 
 # --- memory
