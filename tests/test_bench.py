@@ -172,15 +172,22 @@ def test_the_peak_is_the_fastest_call_not_the_mean():
 
 def test_the_peak_matmul_shrinks_where_the_cpu_emulates_the_precision():
     """2048 x 2048 on a CPU, 8192 on a GPU; on a CPU that takes 50 ms or more at half the size (an emulated fp16 or
-    bf16: 20 s or more a call at 2048), the size where it first does, so that the peaks take seconds, not minutes."""
-    from bertqa.bench import matrix_size
+    bf16: 20 s or more a call at 2048), the size where it first does, so that the peaks take seconds, not minutes.
+    The matmul timed is the last one probed, not built again."""
+    from bertqa.bench import sized_matmul
 
     cpu = torch.device("cpu")
-    native = []
-    assert matrix_size(cpu, lambda n: native.append(n) or 2e-11 * n**3) == 2048 and native == [256, 512, 1024]
-    assert matrix_size(cpu, lambda n: 4e-10 * n**3) == 512  # 0.054 s at 512 (the reviewer's fp16: 0.11 s)
-    assert matrix_size(cpu, lambda n: 1.0) == 256
-    assert matrix_size(torch.device("cuda"), lambda n: pytest.fail("a GPU is not probed")) == 8192
+
+    def probes(seconds_for, log):
+        return lambda n: log.append(n) or (f"matmul {n}", seconds_for(n))
+
+    native, slow, gpu = [], [], []
+    assert sized_matmul(cpu, probes(lambda n: 2e-11 * n**3, native)) == (2048, "matmul 2048")
+    assert native == [256, 512, 1024, 2048]
+    # 0.054 s at 512 (the reviewer's fp16: 0.11 s)
+    assert sized_matmul(cpu, probes(lambda n: 4e-10 * n**3, slow)) == (512, "matmul 512") and slow == [256, 512]
+    assert sized_matmul(cpu, probes(lambda n: 1.0, [])) == (256, "matmul 256")
+    assert sized_matmul(torch.device("cuda"), probes(lambda n: 0.0, gpu)) == (8192, "matmul 8192") and gpu == [8192]
 
 
 TINY = BertConfig(vocab_size=1100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)

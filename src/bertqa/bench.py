@@ -81,21 +81,22 @@ def matmul_peak(device: torch.device, precision: Precision, seconds: float = 1.0
         return call, time.perf_counter() - t0
 
     with precision.scope():
-        n = matrix_size(device, lambda n: matmul(n)[1])
-        call = matmul(n)[0]
+        n, call = sized_matmul(device, matmul)
         return 2 * n**3 / fastest(call, seconds)
 
 
-def matrix_size(device: torch.device, seconds_for) -> int:
-    """The side of matmul_peak's matrices: 8192 on GPUs; on a CPU 2048, or less where a call of half that
-    (`seconds_for(n)`, after a first one) already takes 50 ms: a precision the CPU emulates (fp16 without AVX-512 FP16 or AMX, bf16
-    without AVX-512 BF16) ran one 2048 x 2048 matmul in 20 s or more, and the bench sat minutes in its peaks."""
-    if device.type != "cpu":
-        return 8192
-    n = 256
-    while n < 2048 and seconds_for(n) < 0.05:
+def sized_matmul(device: torch.device, probe):
+    """matmul_peak's matrix side and its matmul (`probe(n)`: the call, and the seconds one took after a first):
+    8192 on GPUs; on a CPU 2048, or the first size from 256 up (doubling) whose call takes 50 ms or more. A
+    precision the CPU emulates (fp16 without AVX-512 FP16 or AMX, bf16 without AVX-512 BF16) ran one 2048 x 2048
+    matmul in 20 s or more, and the bench sat minutes in its peaks."""
+    cpu = device.type == "cpu"
+    n = 256 if cpu else 8192
+    call, took = probe(n)
+    while cpu and n < 2048 and took < 0.05:
         n *= 2
-    return n
+        call, took = probe(n)
+    return n, call
 
 
 # --- memory
