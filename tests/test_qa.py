@@ -3,6 +3,7 @@
 import collections
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -677,3 +678,19 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
         evaluate.EvalConfig(
             model=str(tmp_path), predict_file=str(tiny_squad), output_dir="out", batch_size=0
         ).validate()
+
+
+def test_ask_names_stdout_when_its_encoding_cannot_hold_the_answer(qa_model_dir, capsys, monkeypatch):
+    """A Latin-1 locale (or a Windows code page, stdout redirected to a file) cannot write a CJK answer: one line
+    naming stdout, its encoding and the way out, not the codec's message alone."""
+    from bertqa import cli
+
+    monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+    code = cli.main(["ask", "--model", str(qa_model_dir), "--question", "Where?", "--context", "東京 東京"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("bertqa: error: stdout: its encoding, latin-1, cannot hold '") and lines[0].endswith(
+        "; set PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1)"
+    ), lines
