@@ -2,6 +2,7 @@
 checkpoints) ends in one line naming what is wrong, never a traceback or a partial output; and text in any
 script (CJK, combining marks, emoji, right-to-left, control characters) keeps answers and offsets exact."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -1036,3 +1037,32 @@ def test_os_errors_read_as_file_and_reason(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "cmd_score", unreadable)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     assert code == 1 and one_error_line(err) == f"bertqa: error: {tmp_path / 'absent.json'}: No such file or directory"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("seed", "3", "--seed must be an integer, got '3'"),  # failed inside torch's seeding, naming no field
+     ("seed", True, "--seed must be an integer, got True"),  # ran with seed 1
+     ("save_every", 1.5, "--save-every must be an integer, got 1.5"),  # checkpoints where step % 1.5 == 0
+     ("epochs", "2", "--epochs must be a number, got '2'"),
+     ("resume", "no", "--resume must be True or False, got 'no'"),  # a true flag: resumed
+     ("version_2_with_negative", "no", "--version-2-with-negative must be True, False or None, got 'no'"),
+     ("cache_dir", 3, "--cache-dir must be a string or None, got 3"),
+     ("train_batch_size", 2.0, "--batch-size must be an integer, got 2.0")],
+)  # fmt: skip
+def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(inputs, tmp_path, field, value, message):
+    """Python API users pass anything: "no" was a true flag (version_2_with_negative="no" post-processed a v1.1 file
+    as v2.0 and scored it as v1.1, every answer null), "3" a seed that failed deep inside torch."""
+    from bertqa.evaluate import EvalConfig
+    from bertqa.train import TrainConfig
+
+    base = dict(model=str(inputs["tiny"]), output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**base, train_file=str(inputs["squad"]), **{field: value}).validate()
+    assert str(e.value) == message and not (tmp_path / "out").exists()
+    if field in {f.name for f in dataclasses.fields(EvalConfig)}:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            EvalConfig(**base, predict_file=str(inputs["squad"]), **{field: value}).validate()
+    # The right types pass: ints for floats, os.PathLike for strings, numpy scalars.
+    TrainConfig(model=Path(inputs["tiny"]), train_file=str(inputs["squad"]), output_dir=str(tmp_path / "ok"), lr=1,
+                seed=np.int64(3), resume=np.bool_(False), epochs=np.float32(1)).check_types()  # fmt: skip

@@ -73,6 +73,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         """One-line errors for bad values, before anything is loaded or written."""
+        self.check_types()
         for name in self.POSITIVE:
             value = getattr(self, name)
             if value is None and name in ("batch_size", "max_steps", "max_train_examples"):
@@ -95,6 +96,24 @@ class EvalConfig:
         if self.OUTPUT_DIR and is_rank_zero():
             check_output_dir(self.output_dir, writes=self.WRITES, inputs=self.inputs())
             self.check_cache_outside([Path(self.output_dir) / name for name in self.WRITES])
+
+    def check_types(self) -> None:
+        """Each field of the type it is declared with (the Python API takes anything): "no" would be a true flag,
+        "3" a seed that fails deep inside torch, 1.5 a checkpoint interval. Paths may be os.PathLike, floats ints."""
+        for field in dataclasses.fields(self):
+            value, kinds = getattr(self, field.name), field.type.replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, (bool, np.bool_)
+            )
+            fits = {"str": isinstance(value, (str, os.PathLike)), "bool": isinstance(value, (bool, np.bool_)),
+                    "int": number and isinstance(value, (int, np.integer)), "float": number}  # fmt: skip
+            if not any(fits.get(kind, False) for kind in kinds):
+                names = {"str": ["a string"], "bool": ["True", "False"], "int": ["an integer"], "float": ["a number"]}
+                words = [word for kind in kinds for word in names.get(kind, [kind])]
+                expected = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+                raise ValueError(f"{self.flag(field.name)} must be {expected}, got {value!r}")
 
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its
