@@ -366,6 +366,46 @@ def test_fused_linear_not_under_forward_ad_or_torch_func(monkeypatch):
     assert seen == [True, False, False]
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
+def test_cpu_fp32_inference_writes_every_layers_feed_forward_into_one_tensor(activation, monkeypatch):
+    """Its 4C-wide output was a fresh tensor in each layer, and another for the activation: past glibc's mmap
+    threshold each was new pages, faulted in on first touch. Now one tensor, activated in place, shared by the
+    layers of a forward pass; the logits bit for bit the same. Training, bf16 and torch.func keep their paths."""
+    import bertqa.model as model
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     hidden_act=activation)  # fmt: skip
+    m = BertForQuestionAnswering(cfg).eval()
+    ids, mask = torch.randint(0, 100, (3, 20)), torch.ones(3, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    storage = []
+    for layer in m.bert.encoder.layer:
+        layer.intermediate.register_forward_hook(lambda mod, i, out: storage.append(out))  # (held: no address reused)
+
+    def run(context):
+        storage.clear()
+        with context():
+            out = m(ids, attention_mask=mask)
+        return out, len({t.untyped_storage().data_ptr() for t in storage})
+
+    shared, n = run(torch.inference_mode)
+    assert n == 1 and run(torch.no_grad)[1] == 1
+    assert run(torch.enable_grad)[1] == 3  # autograd keeps each layer's for the backward pass
+    assert run(lambda: torch.autocast("cpu", torch.bfloat16))[1] == 3
+    monkeypatch.setattr(model.Linear, "into_scratch", lambda self, x: False)
+    apart, n = run(torch.inference_mode)
+    assert n == 3 and torch.equal(shared.start_logits, apart.start_logits)
+    assert torch.equal(shared.end_logits, apart.end_logits)
+    monkeypatch.undo()
+    lin = m.bert.encoder.layer[0].intermediate.dense
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        assert lin.into_scratch(x) and not lin.into_scratch(x.double()) and not lin.into_scratch(x.bfloat16())
+        assert not torch.func.vmap(lambda row: torch.tensor(lin.into_scratch(row)))(x).any()
+        assert not m.qa_outputs.into_scratch(x)  # no activation: the span head's output is tiny
+
+
 @needs_fused_linear
 def test_bf16_inference_fused_agrees_with_autocast_training_path():
     """The whole model in bf16: inference (fused kernels) against the autograd path (F.linear under autocast),
