@@ -406,6 +406,41 @@ def test_cpu_fp32_inference_writes_every_layers_feed_forward_into_one_tensor(act
         assert not m.qa_outputs.into_scratch(x)  # no activation: the span head's output is tiny
 
 
+def test_the_shared_feed_forward_tensor_leaves_checkpointed_swapped_and_hooked_layers_as_they_were():
+    """(review) Reentrant checkpointing runs a wrapped sublayer without autograd on an input that needs a gradient:
+    its output was the shared tensor, which the next layer overwrote before the backward pass read it (an error
+    there); and a module swapped in for intermediate.dense, or a hook on it, was given the scratch as a second
+    argument."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    m = BertForQuestionAnswering(cfg).train()
+    ids, positions = torch.randint(0, 100, (3, 20)), torch.tensor([1, 2, 3])
+    grads = []
+    for reentrant in (False, True):
+        m.zero_grad()
+        if reentrant:
+            for layer in m.bert.encoder.layer:
+                layer.intermediate.forward = lambda x, f=layer.intermediate.forward: checkpoint(
+                    f, x, use_reentrant=True
+                )
+        m(ids, start_positions=positions, end_positions=positions + 1).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    for layer in m.bert.encoder.layer:
+        del layer.intermediate.forward  # (the class's again)
+    m.eval()
+    inputs = []
+    m.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda mod, args, out: inputs.append(len(args)))
+    m.bert.encoder.layer[1].intermediate.dense = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU())
+    with torch.inference_mode():
+        out = m(ids)
+    assert inputs == [1] and torch.isfinite(out.start_logits).all()
+
+
 @needs_fused_linear
 def test_bf16_inference_fused_agrees_with_autocast_training_path():
     """The whole model in bf16: inference (fused kernels) against the autograd path (F.linear under autocast),

@@ -58,6 +58,12 @@ def _plain_autograd() -> bool:
     return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
 
 
+# What the feed-forward layers of one BertEncoder pass share (Linear.into_scratch): a dict for the pass, in the
+# context of the thread running it (two threads running one model each have their own); None outside a pass.
+# Not an argument: modules swapped in for a layer's, and hooks, see the arguments they saw before.
+_SCRATCH: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bertqa_scratch", default=None)
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional activation. In bf16 inference on a CPU it runs as one oneDNN kernel: the bias
     and the activation are applied in the GEMM's epilogue to the fp32 accumulator, and the weight is a bf16 copy
@@ -71,14 +77,12 @@ class Linear(nn.Linear):
         self.activation = activation  # a key of ACTIVATIONS (BertConfig checks hidden_act), or None
         self._packed = None  # ((weight version, data pointer), packed bf16 weight); not in the state dict
 
-    def forward(self, x, scratch: dict | None = None):
-        """`scratch`: a dict that the layers of one forward pass share; where into_scratch(x), the activated output
-        is written into a tensor held there, the same memory for every layer (a view of it is returned)."""
+    def forward(self, x):
         if self.fused_bf16(x):
             attr, algorithm = ("none", None) if self.activation is None else ACTIVATIONS[self.activation][1]
             w = self._packed_weight()
             return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), w, self.bias, attr, [], algorithm)
-        if scratch is not None and self.into_scratch(x):
+        if self.into_scratch(x) and (scratch := _SCRATCH.get()) is not None:  # (set by BertEncoder for a pass)
             rows = x.numel() // x.size(-1)
             held = scratch.get(self.out_features)
             if held is None or held.numel() < rows * self.out_features:
@@ -90,21 +94,23 @@ class Linear(nn.Linear):
         return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
 
     def into_scratch(self, x) -> bool:
-        """Whether forward(x, scratch) writes its output into the scratch tensor, activated in place: fp32 on a
-        CPU without autograd, eager mode, an activation (the feed-forward's first layer). Its 4C-wide output is
-        the one tensor of inference past glibc's 32 MB mmap threshold (from 171 tokens at batch 32 on MiniLM), so
-        each new one was fresh pages, faulted in on first touch: with one tensor for all layers and the activation
-        in place (not a second such tensor), fp32 inference took 4.4% less time on the bench's batches (6-12% at
-        180-384 tokens; README). Other precisions and devices keep their own kernels (bf16: fused_bf16)."""
+        """Whether forward(x), inside a BertEncoder pass, writes its output into the pass's scratch tensor (one for
+        every layer; a view of it is returned), activated in place: an activation (the feed-forward's first
+        layer), fp32 on a CPU without autograd, nor an input that needs a gradient (reentrant checkpointing runs a
+        layer without autograd first, and the next layer would overwrite what its backward pass reads), eager
+        mode. That 4C-wide output is the one tensor of inference past glibc's 32 MB mmap threshold (from 171
+        tokens at batch 32 on MiniLM), so each new one was fresh pages, faulted in on first touch: with one tensor
+        for all layers and the activation in place (not a second such tensor), fp32 inference took 4.4% less time
+        on the bench's batches (6-12% at 180-384 tokens; README). Other precisions and devices keep their own
+        kernels (bf16: fused_bf16)."""
         return (
             self.activation is not None
             and self.bias is not None
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
-            )
+            and not x.requires_grad
+            and not (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad))
             and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
             and _plain_autograd()
         )
@@ -545,20 +551,13 @@ class BertAttention(nn.Module):
         return self.output(self.self(x, mask), x)
 
 
-# What the feed-forward layers of one BertEncoder pass share (Linear.into_scratch): a dict for the pass, in the
-# context of the thread running it (two threads running one model each have their own); None outside a pass.
-_SCRATCH: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bertqa_scratch", default=None)
-
-
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size, activation=config.hidden_act)
 
     def forward(self, x):
-        # (torch.compile and export cannot trace a ContextVar, and would not take the scratch: Linear.into_scratch)
-        scratch = None if torch.compiler.is_compiling() or torch.compiler.is_exporting() else _SCRATCH.get()
-        return self.dense(x, scratch)  # (B, T, 4C), activated
+        return self.dense(x)  # (B, T, 4C), activated
 
 
 class BertOutput(BertSelfOutput):
@@ -598,7 +597,7 @@ class BertEncoder(nn.Module):
     def forward(self, x, mask):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # (no scratch there: Linear.into_scratch)
             return self._layers(x, mask)
-        held = _SCRATCH.set({})  # (not passed as an argument: layers wrapped as f(x, mask), checkpointed, stay so)
+        held = _SCRATCH.set({})
         try:
             return self._layers(x, mask)
         finally:
