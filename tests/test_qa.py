@@ -694,3 +694,17 @@ def test_ask_names_stdout_when_its_encoding_cannot_hold_the_answer(qa_model_dir,
     assert lines[0].startswith("bertqa: error: stdout: its encoding, latin-1, cannot hold '") and lines[0].endswith(
         "; set PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1)"
     ), lines
+
+
+def test_check_pairs_reads_each_text_once(monkeypatch):
+    """A question asked of 256 contexts (one request to the server, whose event loop runs this check) was scanned
+    once a pair: a long one held every other request for seconds. The first bad pair is still the one named."""
+    from bertqa.squad.data import blank
+
+    scanned = []
+    monkeypatch.setattr(bertqa.qa, "blank", lambda text: scanned.append(len(text)) or blank(text))
+    question = "\u00ad" * 1000 + "Who?"  # soft hyphens, which the text cleaning deletes: read to the end
+    bertqa.qa.check_pairs([(question, f"context {i}") for i in range(256)])
+    assert scanned == [1004]
+    with pytest.raises(ValueError, match="^input 2: question is empty$"):
+        bertqa.qa.check_pairs([("Who?", "a"), ("Who?", "b"), ("\u200b", "c"), ("\u200b", "d")])

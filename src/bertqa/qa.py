@@ -99,11 +99,17 @@ def input_pairs(question, context) -> tuple[list[tuple[str, str]], bool]:
 def check_pairs(pairs, first: int | None = None) -> None:
     """Refuse a pair that is not two strings of text, in one line naming it (`first`: the number of the first
     pair in a longer stream of them, which every message then names)."""
+    # Each text checked once: a question asked of 256 contexts (one request to the server) was scanned 256 times,
+    # seconds of the server's event loop for a long one.
+    checked = set()
     for i, (q, c) in enumerate(pairs):
         where = f"input {i if first is None else first + i}: " if len(pairs) > 1 or first is not None else ""
         for name, value in (("question", q), ("context", c)):
             if not isinstance(value, str):
                 raise ValueError(f"{where}{name} must be a string, not {type(value).__name__}")
+            if (name, value) in checked:
+                continue
+            checked.add((name, value))
             # A question of invisible characters alone (zero-width, control) gives the model no token: asks nothing.
             if blank(value) if name == "question" else not value.strip():
                 raise ValueError(f"{where}{name} is empty")
