@@ -708,3 +708,19 @@ def test_check_pairs_reads_each_text_once(monkeypatch):
     assert scanned == [1004]
     with pytest.raises(ValueError, match="^input 2: question is empty$"):
         bertqa.qa.check_pairs([("Who?", "a"), ("Who?", "b"), ("\u200b", "c"), ("\u200b", "d")])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_batched_logits_refuses_a_batch_size_that_is_not_a_positive_integer(batch_size):
+    """(review) OnnxRunner.predict_logits passed it straight through: -1 gave every logit -inf (every answer ""), with no
+    error; 0 and 2.5 failed inside range()."""
+    import types
+
+    from bertqa.inference import batched_logits
+
+    features = types.SimpleNamespace(max_seq_length=4, lengths=np.array([3, 2, 4]))
+    run = lambda rows: (np.zeros((len(rows), 4), np.float32), np.zeros((len(rows), 4), np.float32))  # noqa: E731
+    with pytest.raises(ValueError, match=f"^batch_size must be a positive integer, got {batch_size!r}$"):
+        batched_logits(features, [0, 1, 2], batch_size, run)
+    start, end = batched_logits(features, [0, 1, 2], 2, run)
+    assert np.isfinite(start).all() and start.shape == (3, 4)

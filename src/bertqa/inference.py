@@ -24,6 +24,12 @@ class Abandoned(RuntimeError):
     """Nobody waits for these logits any more (every server request they were for has timed out)."""
 
 
+def check_positive(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def batched_logits(features, indices, batch_size: int, run, progress: bool = False, should_stop=None):
     """Start and end logits (len(indices), L) float32 of the given feature rows, `run(rows)` giving a batch's
     (start, end) float32 arrays trimmed to its longest window; positions beyond that hold -inf (never a
@@ -31,6 +37,7 @@ def batched_logits(features, indices, batch_size: int, run, progress: bool = Fal
     infinite logits raise NonFiniteLogits, where every answer would silently be "" (evaluation) or have a NaN
     score (the API). The PyTorch model (predict_logits) and an ONNX graph (export.OnnxRunner) run through here.
     `should_stop()`, asked before each batch, abandons the work when True (raises Abandoned)."""
+    check_positive(batch_size=batch_size)  # (0 raised inside range(), a negative one gave every logit -inf)
     L = features.max_seq_length
     indices = np.asarray(indices)
     if not len(indices):  # ([] is an array of floats, which cannot index)

@@ -38,7 +38,7 @@ import torch
 from .checkpoint import load_model
 from .config import check_seq_len
 from .files import read_one_version
-from .inference import default_batch_size, predict_logits
+from .inference import check_positive, default_batch_size, predict_logits
 from .runtime import Precision
 from .squad.data import Example, bert_removes, blank, unpaired_surrogate
 from .squad.features import featurize
@@ -116,12 +116,6 @@ def check_pairs(pairs, first: int | None = None) -> None:
             at = unpaired_surrogate(value)
             if at is not None:  # from a JSON "\ud800" escape or undecodable command-line bytes: not text
                 raise ValueError(f"{where}{name} is not valid Unicode (an unpaired surrogate at character {at})")
-
-
-def check_positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def align_to_words(context: str, start: int, end: int, in_word) -> tuple[int, int]:
