@@ -142,6 +142,8 @@ def test_a_bad_check_file_is_refused_before_the_model_loads(tiny_dir, tmp_path, 
     (tmp_path / "bad.json").write_text('{"version": "1.1", "data": [{"paragraphs": 3}]}')
     with pytest.raises(ValueError, match=r"^\S+bad\.json: "):
         export_onnx(tiny_dir, tmp_path / "model.onnx", check_file=tmp_path / "bad.json", verbose=False)
+    with pytest.raises(ValueError, match=r"^--check-file '': empty; name a SQuAD JSON file, or leave the flag out$"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", check_file="", verbose=False)  # ("is a folder": the current one)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "squad.json"]
 
 

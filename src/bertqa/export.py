@@ -231,6 +231,8 @@ def check_examples(check_file=None, limit: int = CHECK_WINDOWS) -> list[Example]
         long = " ".join(context for _, context in SAMPLES)
         pairs = [*SAMPLES, ("Who kept the lighthouse?", " ".join([long] * 3))]
         return [Example(f"sample-{i}", q, c, [], []) for i, (q, c) in enumerate(pairs)]
+    if not os.fspath(check_file):  # ("" is the current folder to Path)
+        raise ValueError("--check-file '': empty; name a SQuAD JSON file, or leave the flag out")
     if Path(check_file).is_dir():
         raise ValueError(f"--check-file {check_file}: is a folder, not a SQuAD JSON file")
     if not Path(check_file).is_file():
