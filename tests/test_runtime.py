@@ -540,3 +540,20 @@ def test_import_caps_the_cpu_kernel_caches_unless_the_user_set_them(preset):
     code = "import os, bertqa; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["64", preset or "64"]
+
+
+def test_a_folder_to_make_under_a_file_names_the_file(tmp_path):
+    """(review) `download squad --dir afile/sub`, `convert MODEL afile/x`: the kernel's "File exists" named the file
+    but not what was wrong with it."""
+    from bertqa.cli import message_line
+    from bertqa.files import folder_for
+
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for name, what in (("afile", "a file"), ("gone", "a symbolic link to nothing")):
+        with pytest.raises(NotADirectoryError) as e, folder_for(tmp_path / name / "sub" / "deeper"):
+            pass
+        assert message_line(e.value) == f"{tmp_path / name}: is {what}, where a folder is needed"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gone"] and (tmp_path / "afile").read_text() == "mine"
+    )

@@ -624,8 +624,11 @@ def _make_folder(folder: Path) -> list[Path]:
             try:
                 level.mkdir()
             except FileExistsError:
-                if not level.is_dir():  # a file, or a link to nothing, in the way
-                    raise
+                if not level.is_dir():  # a file, or a link to nothing, in the way ("File exists", said the kernel)
+                    what = "a file" if level.exists() else "a symbolic link to nothing"
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, f"is {what}, where a folder is needed", str(level)
+                    ) from None
                 continue  # (made by another process meanwhile)
             made.insert(0, level)
     except BaseException:
