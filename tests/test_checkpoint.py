@@ -316,6 +316,25 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
         load_model(tmp_path / "absent.pt", config=cfg)
 
 
+def test_a_checkpoint_cut_anywhere_is_named(tmp_path):
+    """(review) At many cut points of a small .bin / .pt (a copy or download cut short) torch's archive reader raised
+    OSError 'Invalid argument', naming no file: `bertqa: error: Invalid argument` (17 of these 39)."""
+    from bertqa.config import BertConfig
+    from bertqa.model import BertForQuestionAnswering
+
+    cfg = BertConfig(vocab_size=45, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg.to_json(tmp_path / "config.json")
+    torch.manual_seed(0)
+    torch.save(BertForQuestionAnswering(cfg).state_dict(), tmp_path / "pytorch_model.bin")
+    whole = (tmp_path / "pytorch_model.bin").read_bytes()
+    for k in range(1, 40):
+        cut = tmp_path / f"cut{k}.bin"
+        cut.write_bytes(whole[: len(whole) * k // 40])
+        with pytest.raises(CheckpointError) as e:
+            load_model(cut, config=tmp_path / "config.json")
+        assert str(e.value).startswith(f"{cut}: ") and len(str(e.value).splitlines()) == 1
+
+
 def test_a_pickle_needing_a_module_not_installed_names_it(hf_qa_dir, tmp_path, monkeypatch):
     (tmp_path / "trainer_state.py").write_text("class Step:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))

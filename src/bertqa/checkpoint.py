@@ -138,8 +138,14 @@ def _read_pickle(path: Path, trust_pickle: bool):
         if stubbed and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
             raise _needs_class(path, stubbed[0])
         return ckpt
-    except (OSError, CheckpointError):  # missing, unreadable: the file system's own words; ours
+    except CheckpointError:
         raise
+    except OSError as e:
+        if e.filename is not None:  # missing, unreadable: the file system's own words
+            raise
+        # torch's archive reader on a cut file ("Invalid argument", naming nothing: a copy or download cut short)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: truncated or corrupt "
+                              f"({e.strerror or e})") from None  # fmt: skip
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         # Only a readable pickle that names a Python global is worth unpickling in full; garbage is not.
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
