@@ -496,3 +496,30 @@ def test_a_tokenizer_json_of_other_word_piece_settings_is_saved_as_transformers_
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     assert hf_encode(hf, texts) == ours
     assert load_tokenizer(tmp_path / "saved").fingerprint == tok.fingerprint
+
+
+def test_broken_tokenizer_files_are_refused_in_one_line_when_read(tmp_path, caplog):
+    """(review) A tokenizer.json whose WordPiece unk_token is not in its vocabulary loaded, then failed as an internal
+    error at the first word it could not split (after the server's warm-up); a non-string 'content' in
+    added_tokens_decoder was an internal error; a vocab.txt with a byte-order mark warned, wrongly, that the
+    vocabulary was cased before its error."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    folder = small_folder(tmp_path / "unk")
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SMALL_VOCAB)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the WordPiece model's unk_token '<unk>' is not in the voc"):
+        load_tokenizer(folder)
+    folder = small_folder(tmp_path / "decoder", tokenizer_config={"added_tokens_decoder": {"2": {"content": ["[CLS]"],
+                                                                                                  "special": True}}})  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"tokenizer_config\.json: added_tokens_decoder\['2'\]: 'content' must be a str"
+    ):
+        load_tokenizer(folder)
+    folder = small_folder(tmp_path / "bom")
+    (folder / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + (folder / "vocab.txt").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="bertqa"), pytest.raises(ValueError, match="byte-order mark"):
+        load_tokenizer(folder)
+    assert caplog.records == []

@@ -51,6 +51,9 @@ class BertTokenizer:
         missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in vocab]
         if missing:
             raise ValueError(f"tokenizer vocabulary lacks the special tokens {missing}")
+        unk = getattr(backend.model, "unk_token", "[UNK]")  # what WordPiece gives a word it cannot split
+        if unk not in vocab:  # (it would raise at the first such word, after loading and warming up)
+            raise ValueError(f"the WordPiece model's unk_token {unk!r} is not in the vocabulary")
         self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
         # The highest id + 1, not the number of tokens: a vocab.txt that repeats a token has ids past their count.
@@ -140,8 +143,6 @@ def _from_vocab(vocab_file: Path, do_lower_case: bool, strip_accents: bool | Non
         lines = [line.rstrip("\n") for line in f]
     while lines and not lines[-1]:  # blank lines at the end are no tokens: the model's vocabulary has no row for them
         lines.pop()
-    if lines and lines[0].startswith("\ufeff"):  # (transformers too would read it as part of the first token)
-        raise ValueError(f"{vocab_file}: starts with a byte-order mark (U+FEFF); save it as UTF-8 without one")
     # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
     vocab = {token: i for i, token in enumerate(lines)}
     if not vocab:
@@ -283,6 +284,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             tokens = vocab_file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
             raise ValueError(f"{vocab_file}: not UTF-8 text (byte {e.start})") from None
+        if tokens and tokens[0].startswith("\ufeff"):  # (transformers too would read it as part of the first token)
+            raise ValueError(f"{vocab_file}: starts with a byte-order mark (U+FEFF); save it as UTF-8 without one")
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         _warn_if_cased(tokens, do_lower_case, vocab_file)
@@ -339,6 +342,9 @@ def _check_added_tokens(folder: Path, vocab: dict) -> None:
     decoder = _json_object(f).get("added_tokens_decoder") or {}
     for i, entry in decoder.items() if isinstance(decoder, dict) else ():
         entry = entry if isinstance(entry, dict) else {}
+        if not isinstance(entry.get("content"), str):
+            raise ValueError(f"{f}: added_tokens_decoder[{i!r}]: 'content' must be a string, got "
+                             f"{entry.get('content')!r}")  # fmt: skip
         listed.append((f, entry.get("content"), i, entry.get("special") is True))
     for source, content, i, special in listed:
         if not (special and str(vocab.get(content)) == str(i)):
