@@ -26,12 +26,16 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+def _gelu_tanh_(x):
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
 # hidden_act -> (the function, the same activation as a post-op of oneDNN's fused linear: the attr and
 # algorithm arguments of mkldnn._linear_pointwise, the function in place)
 ACTIVATIONS = {
     "gelu": (F.gelu, ("gelu", "none"), torch.ops.aten.gelu_),  # erf form: Google's, HF's and NVIDIA's "gelu"
-    "gelu_new": (_gelu_tanh, ("gelu", "tanh"), functools.partial(torch.ops.aten.gelu_, approximate="tanh")),  # GPT-2's
-    "gelu_pytorch_tanh": (_gelu_tanh, ("gelu", "tanh"), functools.partial(torch.ops.aten.gelu_, approximate="tanh")),
+    "gelu_new": (_gelu_tanh, ("gelu", "tanh"), _gelu_tanh_),  # tanh form (GPT-2's)
+    "gelu_pytorch_tanh": (_gelu_tanh, ("gelu", "tanh"), _gelu_tanh_),
     "relu": (F.relu, ("relu", None), torch.relu_),
 }
 
@@ -110,9 +114,7 @@ class Linear(nn.Linear):
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not x.requires_grad
-            and not (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad))
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
-            and _plain_autograd()
+            and self._untracked(x)
         )
 
     def fused_bf16(self, x) -> bool:
@@ -126,12 +128,19 @@ class Linear(nn.Linear):
             bf16
             and x.device.type == "cpu"
             and self.weight.dtype in (torch.float32, torch.bfloat16)  # (oneDNN's kernel takes no other)
-            and not (
+            and self._untracked(x)
+            and _fused_linear_works()
+        )
+
+    def _untracked(self, x) -> bool:
+        """No autograd through forward(x) (nor torch.func, nor forward-mode AD) and eager mode: where the kernels
+        that have no rules there (the fused linear, addmm into the shared tensor) may run."""
+        return (
+            not (
                 torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
             )
             and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
             and _plain_autograd()
-            and _fused_linear_works()
         )
 
     def train(self, mode: bool = True):

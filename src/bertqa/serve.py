@@ -38,8 +38,8 @@ from starlette.routing import Route
 
 from .cli import is_out_of_memory
 from .files import first_line
-from .inference import NonFiniteLogits
-from .qa import QuestionAnswerer, check_pairs, check_positive, input_pairs, window_settings
+from .inference import NonFiniteLogits, check_positive
+from .qa import QuestionAnswerer, check_pairs, input_pairs, window_settings
 from .squad.features import TooManyWindows
 
 log = logging.getLogger("bertqa.serve")
