@@ -1030,6 +1030,34 @@ def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_file(tmp_path, capsy
     assert code == 130 and err.strip() == "bertqa: interrupted" and tree(tmp_path) == []
 
 
+class _Writes(io.StringIO):
+    """A stderr that keeps each write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("raised, line", [(KeyboardInterrupt, "bertqa: interrupted\n"),
+                                          (ValueError("a.json: bad"), "bertqa: error: a.json: bad\n")])  # fmt: skip
+def test_the_last_line_is_written_whole(raised, line, monkeypatch):
+    """In one write, newline and all: under torchrun every rank stopped by one failure says so at once, and lines
+    written in two parts ran together, two ranks' errors on one line."""
+
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_score", fails)
+    monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])
+    monkeypatch.setattr(sys, "stderr", _Writes())
+    cli.main(["score", "a.json", "b.json"])
+    assert sys.stderr.writes == [line]
+
+
 def test_os_errors_read_as_file_and_reason(capsys, monkeypatch, tmp_path):
     def unreadable(args):
         open(tmp_path / "absent.json")

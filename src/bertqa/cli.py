@@ -560,7 +560,7 @@ def _main(argv) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("bertqa: interrupted", file=sys.stderr)
+        _say("bertqa: interrupted")
         _stdout_error()
         return 130
     except BrokenPipeError:  # `bertqa ask ... | head -1`: the reader left; say nothing more
@@ -570,7 +570,7 @@ def _main(argv) -> int:
         _stdout_error()  # (a print that failed leaves what it could not write held, to fail again at exit)
         if debug:
             traceback.print_exc()
-        print(f"bertqa: error: {error_line(e, debug)}", file=sys.stderr)
+        _say(f"bertqa: error: {error_line(e, debug)}")
         return 1
     return _exit_writing_stdout(0)
 
@@ -629,8 +629,15 @@ def _exit_writing_stdout(code: int, failed: OSError | None = None) -> int:
     if e is None:
         return code
     if not isinstance(e, BrokenPipeError):
-        print(f"bertqa: error: {message_line(e)}", file=sys.stderr)
+        _say(f"bertqa: error: {message_line(e)}")
     return max(code, 1)
+
+
+def _say(line: str) -> None:
+    """`line` on stderr in one write: print() writes the text and its newline apart, and under torchrun, where
+    every rank stopped by a failure says so at once, two ranks' lines then ran together into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _first_line(e: Exception) -> str:
