@@ -48,7 +48,9 @@ def official_v1(data, preds) -> dict:
 
 def official_v2(data, preds, na_probs=None, na_prob_thresh=1.0) -> dict:
     """evaluate-v2.0.py's result; with `na_probs`, its thresholding (a question whose no-answer probability is
-    above `na_prob_thresh` counts as answered with no answer) and its sweep for the best threshold."""
+    above `na_prob_thresh` counts as answered with no answer) and its sweep for the best threshold. Without
+    `na_probs` every probability is 0, as the script makes them, and the threshold still applies."""
+    probs = na_probs if na_probs is not None else {k: 0.0 for k in preds}
     rows = []  # (has_answer, exact, f1)
     raw = {}  # qid -> (has_answer, exact, f1) before any threshold, for the sweep
     for qa in questions(data):
@@ -56,7 +58,7 @@ def official_v2(data, preds, na_probs=None, na_prob_thresh=1.0) -> dict:
         pred = preds[qa["id"]]
         em, f1 = max(float(normalize(pred) == normalize(g)) for g in golds), max(f1_v2(pred, g) for g in golds)
         raw[qa["id"]] = (bool(qa["answers"]), em, f1)
-        if na_probs is not None and na_probs[qa["id"]] > na_prob_thresh:
+        if probs[qa["id"]] > na_prob_thresh:
             em = f1 = float(not qa["answers"])
         rows.append((bool(qa["answers"]), em, f1))
     out = {"exact": 100.0 * sum(r[1] for r in rows) / len(rows), "f1": 100.0 * sum(r[2] for r in rows) / len(rows),

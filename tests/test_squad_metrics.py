@@ -135,6 +135,23 @@ def test_evaluate_v2_matches_the_official_thresholds_and_sweep(rows, na_prob_thr
     assert got == pytest.approx(official_v2(data, preds, probs, na_prob_thresh), abs=1e-9)
 
 
+@pytest.mark.parametrize("na_prob_thresh", [1.0, 0.0, -1.0])
+def test_evaluate_v2_without_probabilities_applies_the_threshold_to_zeros(na_prob_thresh):
+    """evaluate-v2.0.py without --na-prob-file makes every probability 0 and still applies --na-prob-thresh: below
+    0, every question abstains (the no-answer ones are right, the others wrong)."""
+    got = evaluate_v2(V2, V2_PREDS, None, na_prob_thresh=na_prob_thresh)
+    assert got == pytest.approx(official_v2(V2, V2_PREDS, None, na_prob_thresh), abs=1e-9)
+    if na_prob_thresh < 0:
+        no_answer = sum(not qa["answers"] for article in V2 for p in article["paragraphs"] for qa in p["qas"])
+        assert got["exact"] == got["f1"] == 100.0 * no_answer / got["total"]
+
+
+def test_no_questions_is_an_error_not_a_division_by_zero():
+    for score in (evaluate_v1, lambda data, preds: evaluate_v2(data, preds)):
+        with pytest.raises(ValueError, match="^no questions to score$"):
+            score([{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}], {})
+
+
 @given(st.text())
 def test_normalisation_is_idempotent(s):
     assert normalize_answer(normalize_answer(s)) == normalize_answer(s)

@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -208,6 +209,22 @@ def test_no_valid_span_predicts_empty(setup, tmp_path):
         assert preds["q"] == "" and odds["q"] == 1e30
     write_predictions(tmp_path, preds, nbest, odds)
     assert json.loads((tmp_path / "null_odds.json").read_text(), parse_constant=pytest.fail) == odds
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"max_answer_length": float("nan")}, "max_answer_length must be a positive integer, got nan"),  # every answer ""
+    ({"n_best_size": 2.5}, "n_best_size must be a positive integer, got 2.5"),
+    ({"n_best_size": "20"}, "n_best_size must be a positive integer, got '20'"),
+    ({"n_best_size": 0}, "n_best_size must be a positive integer, got 0"),
+    ({"version_2": True, "null_score_diff_threshold": float("nan")},  # never a null answer
+     "null_score_diff_threshold must be a finite number, got nan"),
+    ({"version_2": True, "null_score_diff_threshold": "0"}, "null_score_diff_threshold must be a finite number, got '0'"),
+])  # fmt: skip
+def test_bad_settings_are_refused_in_one_line(setup, kwargs, error):
+    """The API's settings, checked as the command line's are: not wrong answers and no TypeError from numpy."""
+    ex, f = setup
+    with pytest.raises(ValueError, match=f"^{re.escape(error)}$"):
+        postprocess(ex, f, *logits(f), **kwargs)
 
 
 def test_version_2_null_decision(setup):

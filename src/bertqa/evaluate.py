@@ -24,7 +24,7 @@ from .files import check_not_claimed, check_output, check_output_dir, exclusive,
 from .inference import default_batch_size, predict_logits, shard
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
-from .squad.features import check_window_params, load_features
+from .squad.features import check_positive, check_window_params, load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
 from .squad.postprocess import PREDICTION_FILES, postprocess, write_prediction_files, write_predictions
 from .tokenizer import check_vocabulary, load_tokenizer
@@ -78,8 +78,7 @@ class EvalConfig:
             value = getattr(self, name)
             if value is None and name in ("batch_size", "max_steps", "max_train_examples"):
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{self.flag(name)} must be a positive integer, got {value}")
+            check_positive(**{self.flag(name): value})
         check_window_params(self.max_seq_length, self.doc_stride, self.max_query_length, flags=True)
         if not math.isfinite(self.null_score_diff_threshold):  # nan would pass every comparison
             raise ValueError(

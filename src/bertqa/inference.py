@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .batching import to_batch
+from .squad.features import check_positive
 
 
 class NonFiniteLogits(ValueError):
@@ -22,12 +23,6 @@ class NonFiniteLogits(ValueError):
 
 class Abandoned(RuntimeError):
     """Nobody waits for these logits any more (every server request they were for has timed out)."""
-
-
-def check_positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def batched_logits(features, indices, batch_size: int, run, progress: bool = False, should_stop=None):

@@ -38,10 +38,10 @@ import torch
 from .checkpoint import load_model
 from .config import check_seq_len
 from .files import read_one_version
-from .inference import check_positive, default_batch_size, predict_logits
+from .inference import default_batch_size, predict_logits
 from .runtime import Precision
 from .squad.data import Example, bert_removes, blank, unpaired_surrogate
-from .squad.features import featurize
+from .squad.features import check_positive, featurize
 from .squad.postprocess import best_spans
 from .tokenizer import load_tokenizer
 

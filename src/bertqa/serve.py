@@ -38,9 +38,9 @@ from starlette.routing import Route
 
 from .cli import is_out_of_memory
 from .files import first_line
-from .inference import NonFiniteLogits, check_positive
+from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, input_pairs, window_settings
-from .squad.features import TooManyWindows
+from .squad.features import TooManyWindows, check_positive
 
 log = logging.getLogger("bertqa.serve")
 

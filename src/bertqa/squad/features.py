@@ -74,14 +74,19 @@ class Features:
         return Features(**{name: getattr(self, name)[indices] for name in self.ARRAYS}, params=self.params)
 
 
+def check_positive(**values) -> None:
+    """Each value a positive integer (a bool, a float or a string is not one), else one line naming it."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_window_params(max_seq_length, doc_stride, max_query_length, flags: bool = False) -> None:
     """The window settings, refused in one line where they make no windows or leave context unseen; `flags`: named
     as the command line's flags (--doc-stride), else as the parameters."""
     seq, stride, query = ("--max-seq-length", "--doc-stride", "--max-query-length") if flags else (
         "max_seq_length", "doc_stride", "max_query_length")  # fmt: skip
-    for name, value in ((seq, max_seq_length), (stride, doc_stride), (query, max_query_length)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive(**{seq: max_seq_length, stride: doc_stride, query: max_query_length})
     shortest = max_seq_length - max_query_length - 3  # [CLS], [SEP], [SEP]
     if shortest < 1:
         raise ValueError(

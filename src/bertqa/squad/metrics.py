@@ -66,6 +66,8 @@ def evaluate_v1(dataset: list, predictions: dict) -> dict:
         exact += max(exact_match_score(pred, g) for g in golds)
         f1 += max(f1_score(pred, g) for g in golds)
     _warn_missing(missing, total)
+    if not total:
+        raise ValueError("no questions to score")  # (not a division by zero)
     return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
 
 
@@ -137,6 +139,8 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     """
     # A question without an "answers" list has none (the parser lets v2.0 files leave it out).
     has_ans = {qa["id"]: bool(qa.get("answers")) for qa in _questions(dataset)}
+    if not has_ans:
+        raise ValueError("no questions to score")  # (not a division by zero)
     sweep = na_probs is not None  # the best thresholds only mean something with real probabilities
     if na_probs is None:
         na_probs = {k: 0.0 for k in predictions}

@@ -21,7 +21,7 @@ import numpy as np
 
 from bertqa.files import write_json_files
 from bertqa.squad.data import Example
-from bertqa.squad.features import Features
+from bertqa.squad.features import Features, check_positive
 
 # Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_length
 # lets most pairs be valid): a deep search (the server's 2,048 windows of 384 tokens; --n-best-size 384 over
@@ -150,8 +150,14 @@ def postprocess(
             f"logits must both be (N={N}, L'<={L}) for the features' windows, got start {start.shape} "
             f"and end {end.shape}"
         )
-    if n_best_size < 1 or max_answer_length < 1:
-        raise ValueError(f"n_best_size ({n_best_size}) and max_answer_length ({max_answer_length}) must be >= 1")
+    check_positive(n_best_size=n_best_size, max_answer_length=max_answer_length)  # (nan passed `< 1`: answers "")
+    threshold = null_score_diff_threshold  # (nan: never a null answer; a string: a TypeError deep inside)
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float, np.number))
+        or not math.isfinite(threshold)
+    ):
+        raise ValueError(f"null_score_diff_threshold must be a finite number, got {threshold!r}")
     counts = np.bincount(features.example_index, minlength=len(examples))
     if len(counts) > len(examples) or not counts.all():
         raise ValueError(
