@@ -251,22 +251,23 @@ def hf_model(config, state_dict, attention: str = "sdpa", attention_dropout: boo
 def _batches(windows: Windows, mode: str, batch_size: int, grouped: bool, steps: int, pad_to: int | None = None,
              seed: int = 0):  # fmt: skip
     """Row indices of `steps` batches that stand for the whole set: one epoch of batches as the mode makes them
-    (training: shuffled, length-grouped if `grouped`; inference: cut in order, sorted by length if `grouped`),
+    (training: shuffled, length-grouped if `grouped`, the last one topped up as training does; inference: cut in
+    order, sorted by length if `grouped`, the last one short as predict's is),
     sorted by the length they are padded to (their longest window, or `pad_to`), then by their real tokens (all
     that orders batches padded to one length), and cut into `steps` equal strata, of which each gives its middle
     batch; in a seeded random order. A few batches drawn at random can be much shorter or longer than the set
     (6 training batches averaged 142 tokens against the set's 162), and the speed-ups differ with the length."""
     n = len(windows.lengths)
     if mode == "train":
-        batches = epoch_batches(n, batch_size, seed, 0, windows.lengths if grouped else None)
+        batches = list(epoch_batches(n, batch_size, seed, 0, windows.lengths if grouped else None))
     else:
         order = np.argsort(windows.lengths, kind="stable") if grouped else np.arange(n)
-        batches = np.resize(order, -(-n // batch_size) * batch_size).reshape(-1, batch_size)
+        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     padded = [pad_to or windows.lengths[b].max() for b in batches]
     real = [windows.lengths[b].sum() for b in batches]
     by_length = np.lexsort((real, padded))
     chosen = by_length[((np.arange(steps) + 0.5) * len(batches) / steps).astype(int)]
-    return list(batches[np.random.default_rng(seed).permutation(chosen)])
+    return [batches[i] for i in np.random.default_rng(seed).permutation(chosen)]
 
 
 class Row:
@@ -288,7 +289,7 @@ class Row:
         self.precision, self.device, self.warmup, self.seconds, self.lr = precision, device, warmup, seconds, lr
         self.timed = _batches(windows, mode, batch_size, grouped, steps, pad_to)
         # What one pass over the timed batches holds: every segment's rates are these over its seconds a pass.
-        self.pass_windows = len(self.timed) * batch_size
+        self.pass_windows = sum(len(i) for i in self.timed)
         self.pass_tokens = sum(int(windows.lengths[i].sum()) for i in self.timed)
         self.pass_flops = sum(flops(windows.lengths[i]) for i in self.timed)
         self.passes_per_s = []  # one entry a segment
@@ -412,8 +413,10 @@ def _check(cfg: BenchConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if cfg.seconds is not None and not 0 < cfg.seconds < float("inf"):
-        raise ValueError(f"--seconds must be a positive number, got {cfg.seconds}")
+    seconds = cfg.seconds
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds < float("inf")):  # fmt: skip
+        raise ValueError(f"--seconds must be a positive number, got {seconds!r}")
     if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
         raise ValueError(f"--warmup must be an integer >= 0, got {cfg.warmup}")
     if not 16 <= cfg.seq_len <= 512:
@@ -421,6 +424,9 @@ def _check(cfg: BenchConfig) -> None:
     if cfg.data and cfg.seq_len < 96:  # room for a 64-token question, 3 special tokens and some context
         raise ValueError(f"--seq-len {cfg.seq_len}: with --data it must be at least 96")
     given = {"attention-dropout": cfg.attention_dropout, "hf-attention-dropout": cfg.hf_attention_dropout}
+    for name, on in given.items():
+        if on not in (None, True, False):  # ("no" would read as on)
+            raise ValueError(f"{name.replace('-', '_')} must be True, False or None, got {on!r}")
     dropout = [f"--{'' if on else 'no-'}{name}" for name, on in given.items() if on is not None]
     if cfg.mode == "infer" and dropout:
         raise ValueError(f"{dropout[0]} is for --mode train: inference runs no dropout")
@@ -519,6 +525,10 @@ def bench(cfg: BenchConfig) -> dict:
     def flops(lengths):
         return factor * forward_flops(config, lengths)
 
+    # What a process pays once (lazy imports, thread pools, kernel caches: 13-25 MB on a CPU) lands in the first step
+    # it runs: one untimed step of each kind of model first, then dropped, so that the first row is not charged it.
+    for make in dict.fromkeys(make for make, *_ in makers.values()):
+        Row(make, windows, cfg.mode, cfg.batch_size, True, warmup=1, flops=flops, **timing).start()
     rows = {name: Row(make, windows, cfg.mode, cfg.batch_size, grouped, warmup=warmup, flops=flops, pad_to=pad_to,
                       **timing)
             for name, (make, grouped, warmup, pad_to) in makers.items()}  # fmt: skip
@@ -528,7 +538,8 @@ def bench(cfg: BenchConfig) -> dict:
     baseline_mb = None if baseline is None else baseline / 2**20
     held = (f"resident (torch{', transformers' * (cfg.compare == 'hf')}, the windows, a copy of the weights)"
             if device.type == "cpu" else "allocated on the device")  # fmt: skip
-    print(f"bertqa:   before the rows: {'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
+    print(f"bertqa:   before the rows (after an untimed step of each kind of model): "
+          f"{'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
           "each row's peak memory is its own growth above what was held when it started", flush=True)  # fmt: skip
     for name, row in rows.items():
         row.start()
