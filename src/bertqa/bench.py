@@ -37,6 +37,7 @@ import torch
 
 from .batching import epoch_batches, to_batch
 from .runtime import Precision, synchronize
+from .squad.features import check_positive
 
 # --- model FLOPs
 
@@ -409,10 +410,8 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--preset {cfg.preset!r}: choose base or large")
     if cfg.mode not in ("train", "infer"):
         raise ValueError(f"--mode {cfg.mode!r}: choose train or infer")
-    for name in ("batch_size", "seq_len", "steps", "segments"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    check_positive(**{f"--{name.replace('_', '-')}": getattr(cfg, name) for name in ("batch_size", "seq_len", "steps",
+                                                                                      "segments")})  # fmt: skip
     seconds = cfg.seconds
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or not 0 < seconds < float("inf")):  # fmt: skip
