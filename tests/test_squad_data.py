@@ -156,6 +156,15 @@ BAD = [
         {"data": [{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}]},
         "article 0: a question record ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD",
     ),  # fmt: skip
+    # ... or those records as a JSON array (Dataset.to_json(lines=False)), or one of them (JSON lines of one line).
+    (
+        [{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}],
+        "a list of question records ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD file",
+    ),  # fmt: skip
+    (
+        '{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}\n',
+        "a question record ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD file",
+    ),  # fmt: skip
     ([1, 2], "not a SQuAD file"),
     ({"version": "1.1"}, "not a SQuAD file"),
     (mutate(lambda d: d["data"].append("x")), "article 1: 'data[]' must be a JSON object, not string"),

@@ -258,6 +258,8 @@ def test_score_reads_only_what_the_official_scripts_read(tmp_path):
         ("data", {"data": [{"paragraphs": ["x"]}]}, "paragraph 0: 'paragraphs[]' must be a JSON object"),
         ("data", {"data": [{"paragraphs": [{"context": "c", "qas": ["x"]}]}]}, "must be a JSON object"),
         ("data", {"data": [{"id": "q1", "context": "c", "question": "q?"}]}, "article 0: a question record ('context'"),
+        ("data", [{"id": "q1", "context": "c", "question": "q?"}], "a list of question records ('context'"),
+        ("data", {"id": "q1", "context": "c", "question": "q?"}, ": a question record ('context'"),
         ("na", {"q9": 0.5}, "no probability for question id 'q1'"),
     ],
 )

@@ -195,10 +195,25 @@ def _paragraphs(article: dict, where: str, path) -> list:
     """An article's 'paragraphs', checked; a flat question record in an article's place (HF datasets' layout of
     SQuAD, which run_qa.py reads) is named as one."""
     if "paragraphs" not in article and {"question", "context"} & article.keys():
-        raise SquadFormatError(f"{path}: {where}: a question record ('context', 'question', 'answers', as HF "
-                               "datasets lays SQuAD out), not a SQuAD article: bertqa reads SQuAD's own layout, "
-                               "articles of 'paragraphs', each a 'context' and its 'qas'")  # fmt: skip
+        raise SquadFormatError(f"{path}: {where}: a question record {HF_RECORD}, not a SQuAD article: {SQUAD_LAYOUT}")
     return _expect(article.get("paragraphs"), list, "paragraphs", where, path)
+
+
+HF_RECORD = "('context', 'question', 'answers', as HF datasets lays SQuAD out)"
+SQUAD_LAYOUT = "bertqa reads SQuAD's own layout, articles of 'paragraphs', each a 'context' and its 'qas'"
+
+
+def _check_document(doc, path) -> None:
+    """A SQuAD file's top level: an object with a 'data' list. HF datasets' layout is named as such: a list of
+    question records (Dataset.to_json(lines=False)), or one record (a JSON-lines file of a single line)."""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        return
+    many = isinstance(doc, list)
+    record = doc[0] if many and doc else doc
+    if isinstance(record, dict) and "data" not in record and {"question", "context"} & record.keys():
+        what = "a list of question records" if many else "a question record"
+        raise SquadFormatError(f"{path}: {what} {HF_RECORD}, not a SQuAD file: {SQUAD_LAYOUT}")
+    raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
 
 
 def check_gold(doc, path, v2: bool) -> None:
@@ -206,8 +221,7 @@ def check_gold(doc, path, v2: bool) -> None:
     naming the question: each question's `id` (unique) and its answers' texts. A v2.0 question may have none, or
     no `answers` at all (unanswerable); a v1.1 question needs one. Contexts, questions and answer positions are
     not read, as the official scripts do not read them."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
+    _check_document(doc, path)
     seen: set[str] = set()
     for a, article in enumerate(doc["data"]):
         _expect(article, dict, "data[]", f"article {a}", path)
@@ -247,8 +261,7 @@ def parse_squad(
     """`read_squad` on an already parsed JSON document (`path` only names it in errors). With
     `require_answers=False` (prediction) a question may come without answers. `v2` reads the file as SQuAD v2.0
     whatever it says (--version-2-with-negative: a question without answers is unanswerable)."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
+    _check_document(doc, path)
     v2 = v2 or is_squad_v2(doc)
     examples: list[Example] = []
     seen: set[str] = set()
