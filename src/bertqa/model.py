@@ -62,17 +62,21 @@ def _plain_autograd() -> bool:
     return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
 
 
-# What the feed-forward layers of one BertEncoder pass share (Linear.into_scratch): a dict for the pass, in the
-# context of the thread running it (two threads running one model each have their own); None outside a pass.
-# Not an argument: modules swapped in for a layer's, and hooks, see the arguments they saw before.
+# What the layers of one BertModel pass share (Linear.into_scratch): a dict for the pass, in the context of the thread
+# running it (two threads running one model each have their own). None outside a pass, and in a pass that a forward
+# hook could see (BertModel._hooked): then no layer writes over a tensor it made (the residuals, the feed-forward's
+# output), so what a hook keeps stays as it was. Not an argument: modules swapped in for a layer's, and hooks, see
+# the arguments they saw before.
 _SCRATCH: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bertqa_scratch", default=None)
 
 
 class Linear(nn.Linear):
     """nn.Linear with an optional activation. In bf16 inference on a CPU it runs as one oneDNN kernel: the bias
     and the activation are applied in the GEMM's epilogue to the fp32 accumulator, and the weight is a bf16 copy
-    packed once (and again whenever the weight changes in place or model.eval() is called). That saves the bias
-    copy, the separate activation pass and the per-call weight cast (12% of an inference step on MiniLM).
+    packed once, and again when model.eval() or load_state_dict() is called or the weight changes in place as
+    autograd counts changes: not one made through `weight.data`, nor one under torch.inference_mode() to a weight
+    made there, which only model.eval() then tells of. That saves the bias copy, the separate activation pass and
+    the per-call weight cast (12% of an inference step on MiniLM).
     Everywhere else (autograd, torch.func and forward-mode AD, other devices and precisions, torch.compile,
     export) it is F.linear then the activation."""
 
@@ -86,7 +90,7 @@ class Linear(nn.Linear):
             attr, algorithm = ("none", None) if self.activation is None else ACTIVATIONS[self.activation][1]
             w = self._packed_weight()
             return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), w, self.bias, attr, [], algorithm)
-        if self.into_scratch(x) and (scratch := _SCRATCH.get()) is not None:  # (set by BertEncoder for a pass)
+        if self.into_scratch(x) and (scratch := _SCRATCH.get()) is not None:  # (set by BertModel for a pass)
             rows = x.numel() // x.size(-1)
             held = scratch.get(self.out_features)
             if held is None or held.numel() < rows * self.out_features:
@@ -98,7 +102,7 @@ class Linear(nn.Linear):
         return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
 
     def into_scratch(self, x) -> bool:
-        """Whether forward(x), inside a BertEncoder pass, writes its output into the pass's scratch tensor (one for
+        """Whether forward(x), inside a BertModel pass without hooks, writes its output into the pass's scratch tensor (one for
         every layer; a view of it is returned), activated in place: an activation (the feed-forward's first
         layer), fp32 on a CPU without autograd, nor an input that needs a gradient (reentrant checkpointing runs a
         layer without autograd first, and the next layer would overwrite what its backward pass reads), eager
@@ -540,13 +544,13 @@ class BertSelfOutput(nn.Module):
 
     def add_norm(self, y, residual):
         y = self.dropout(y)
-        if torch.is_grad_enabled() or residual.requires_grad or not _plain_autograd():
+        if torch.is_grad_enabled() or residual.requires_grad or not _plain_autograd() or _SCRATCH.get() is None:
             return self.LayerNorm(y + residual)
-        # Without autograd the residual (the layer's own input or its attention's output, which nothing reads
-        # after this) takes the sum in place: the same fp32 sum, no new tensor, and 1.3% faster inference. Not an
-        # input that needs a gradient: reentrant activation checkpointing runs the layer without autograd first,
-        # then again from that same input. Nor under torch.func or forward-mode AD: the tangent of a dual input
-        # would be overwritten too.
+        # Without autograd, in a BertModel pass without hooks, the residual (the layer's own input or its
+        # attention's output, which nothing reads after this) takes the sum in place: the same fp32 sum, no new
+        # tensor, and 1.3% faster inference. Not an input that needs a gradient: reentrant activation checkpointing
+        # runs the layer without autograd first, then again from that same input. Nor under torch.func or
+        # forward-mode AD: the tangent of a dual input would be overwritten too.
         return self.LayerNorm(residual.add_(y))
 
 
@@ -604,15 +608,6 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config, attn_implementation) for _ in range(config.num_hidden_layers))
 
     def forward(self, x, mask):
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # (no scratch there: Linear.into_scratch)
-            return self._layers(x, mask)
-        held = _SCRATCH.set({})
-        try:
-            return self._layers(x, mask)
-        finally:
-            _SCRATCH.reset(held)
-
-    def _layers(self, x, mask):
         for block in self.layer:
             x = block(x, mask)
         return x
@@ -621,8 +616,8 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """The encoder without pooler (question answering does not use it). Without autograd each layer adds its
     sublayers' outputs into their residuals in place (BertSelfOutput), and in CPU fp32 inference the layers'
-    feed-forward activations share one tensor (Linear.into_scratch): a forward hook that keeps a layer's input or
-    output, or its intermediate's, past the next layer must clone it."""
+    feed-forward activations share one tensor (Linear.into_scratch); not while a forward hook (or pre-hook) is
+    registered on any of its modules, or on every module: what a hook keeps is then never written over."""
 
     def __init__(self, config: BertConfig, attn_implementation: str = "auto"):
         super().__init__()
@@ -638,7 +633,26 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         # Callers pass None when nothing is padded: SDPA then picks its fastest (flash) kernel.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or self._hooked():  # (see _SCRATCH)
+            return self.encoder(x, mask)
+        held = _SCRATCH.set({})
+        try:
+            return self.encoder(x, mask)
+        finally:
+            _SCRATCH.reset(held)
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook or pre-hook could keep a tensor of the pass: one on a module below this one, or a
+        global one (torch.nn.modules.module.register_module_forward_hook)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        below = list(self._modules.values())  # (a walk of its own: modules() took 53 us on MiniLM, this 15)
+        while below:
+            m = below.pop()
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks or below.extend(m._modules.values())):
+                return True
+        return False
 
 
 class BertForQuestionAnswering(nn.Module):
