@@ -747,6 +747,24 @@ def test_dropout_whose_rate_rounds_to_0_or_1_takes_torchs():
     assert 0 < (dropout(torch.ones(2**22), 2**-20, True) == 0).sum() < 30
 
 
+def test_a_row_with_no_key_to_attend_gets_the_same_logits_from_every_attention():
+    """(review) 'auto' takes SDPA in CPU fp32 inference and the blocked form with autograd: a row whose attention mask
+    is all zeros got other logits from each (SDPA's bool mask); now every form averages its keys, as transformers'
+    eager attention does (its SDPA form does not)."""
+    hf, ours = hf_pair("gelu")
+    hf.config._attn_implementation = "eager"
+    ids, mask = torch.randint(0, 100, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).start_logits
+    for attn in ("auto", "sdpa", "eager", "blocked"):
+        ours.set_attention(attn)
+        for context in (torch.inference_mode, torch.enable_grad):
+            with context():
+                got = ours(ids, attention_mask=mask).start_logits.detach()
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5, msg=f"{attn} {context.__name__}")
+
+
 def test_inference_adds_each_sublayer_into_its_residual_in_place(monkeypatch):
     """What makes inference 1.3% faster; a change that always added out of place would pass every other test. In a
     model's pass only (a sublayer run on its own leaves its residual as it was), and not with autograd."""
