@@ -474,6 +474,16 @@ def test_what_a_forward_hook_keeps_is_not_written_over_without_autograd(precisio
         return out, {name: t.detach().float().clone() for name, t in kept.items()}
 
     (out, kept), (reference, expected) = run(torch.no_grad), run(torch.enable_grad)
+    once = {}  # a hook that removes itself as it runs: gone before the layers, but what it kept is still kept
+
+    def hook(mod, args, out):
+        once["out"], once["as made"] = out, out.clone()
+        handle.remove()
+
+    handle = m.bert.embeddings.register_forward_hook(hook)
+    with torch.no_grad(), torch.autocast("cpu", dtype, enabled=precision == "bf16"):
+        m(ids)
+    assert torch.equal(once["out"], once["as made"])
     tol = {"atol": 3e-2, "rtol": 3e-2} if precision == "bf16" else {}  # (bf16: fused kernels against F.linear)
     for name in points:  # (written over: a layer's sum added to it, values of about 1)
         torch.testing.assert_close(kept[name], expected[name], msg=name, **tol)
@@ -612,16 +622,22 @@ def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):
 
 def test_compile_traces_the_model_whole():
     """torch.compile (--compile) sees one graph, no breaks: auto attention takes SDPA under compilation, and its
-    backend restriction (sdpa_kernel) traces."""
+    backend restriction (sdpa_kernel) traces; in inference too, where the residual sums would read the pass's
+    context variable, which dynamo cannot trace (a break at every sum, and fullgraph / strict export failed)."""
     _, ours = hf_pair("gelu", attn="auto")
     ids = torch.ones(2, 9, dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    for training in (False, True):
+    for training, context in ((False, torch.enable_grad), (True, torch.enable_grad), (False, torch.no_grad),
+                              (False, torch.inference_mode)):  # fmt: skip
         ours.train(training)
         ours.set_attention_dropout(training)
-        explained = torch._dynamo.explain(ours)(ids, torch.zeros_like(ids), mask)
-        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        with context():
+            explained = torch._dynamo.explain(ours)(ids, torch.zeros_like(ids), mask)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, (context, explained.break_reasons)
+    with torch.no_grad():
+        exported = torch.export.export(ours.eval(), (ids, torch.zeros_like(ids), mask), strict=True)
+        torch.testing.assert_close(exported.module()(ids, torch.zeros_like(ids), mask), ours(ids, attention_mask=mask))
 
 
 def test_variable_length_batches_and_presets():

@@ -62,6 +62,12 @@ def _plain_autograd() -> bool:
     return not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
 
 
+def _compiling() -> bool:
+    """Under torch.compile or torch.export, which choose their own kernels and buffers (and trace no context
+    variable)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 # What the layers of one BertModel pass share (Linear.into_scratch): a dict for the pass, in the context of the thread
 # running it (two threads running one model each have their own). None outside a pass, and in a pass that a forward
 # hook could see (BertModel._hooked): then no layer writes over a tensor it made (the residuals, the feed-forward's
@@ -143,7 +149,7 @@ class Linear(nn.Linear):
             not (
                 torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
             )
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+            and not (_compiling() or torch.jit.is_tracing())
             and _plain_autograd()
         )
 
@@ -268,7 +274,7 @@ def _recompute_activation(layer, a) -> bool:
     on them or on every module (pruning and weight norm set the weight in a pre-hook, Opacus records per-sample
     gradients in hooks), no tensor subclass among the weights, no torch.func transform or forward-mode AD (the
     Function has no rules for them), no compilation, export or tracing (inductor chooses what to recompute)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.is_grad_enabled() or _compiling():
         return False
     modules = (layer.intermediate, layer.intermediate.dense, layer.output, layer.output.dense)
     if tuple(map(type, modules)) != (BertIntermediate, Linear, BertOutput, Linear) or any(
@@ -547,7 +553,13 @@ class BertSelfOutput(nn.Module):
 
     def add_norm(self, y, residual):
         y = self.dropout(y)
-        if torch.is_grad_enabled() or residual.requires_grad or not _plain_autograd() or _SCRATCH.get() is None:
+        if (
+            torch.is_grad_enabled()
+            or residual.requires_grad
+            or not _plain_autograd()
+            or _compiling()
+            or (_SCRATCH.get() is None)
+        ):
             return self.LayerNorm(y + residual)
         # Without autograd, in a BertModel pass without hooks, the residual (the layer's own input or its
         # attention's output, which nothing reads after this) takes the sum in place: the same fp32 sum, no new
@@ -636,8 +648,10 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         # Callers pass None when nothing is padded: SDPA then picks its fastest (flash) kernel.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        # (asked before the embeddings run: a hook there may remove itself as it runs, keeping their output)
+        plain = not (_compiling() or self._hooked())
         x = self.embeddings(input_ids, token_type_ids)
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or self._hooked():  # (see _SCRATCH)
+        if not plain:  # (see _SCRATCH)
             return self.encoder(x, mask)
         held = _SCRATCH.set({})
         try:
