@@ -1092,5 +1092,8 @@ def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(input
         with pytest.raises(ValueError, match=re.escape(message)):
             EvalConfig(**base, predict_file=str(inputs["squad"]), **{field: value}).validate()
     # The right types pass: ints for floats, os.PathLike for strings, numpy scalars.
-    TrainConfig(model=Path(inputs["tiny"]), train_file=str(inputs["squad"]), output_dir=str(tmp_path / "ok"), lr=1,
-                seed=np.int64(3), resume=np.bool_(False), epochs=np.float32(1)).check_types()  # fmt: skip
+    ok = TrainConfig(model=Path(inputs["tiny"]), train_file=str(inputs["squad"]), output_dir=str(tmp_path / "ok"), lr=1,
+                     seed=np.int64(3), resume=np.bool_(False), epochs=np.float32(1), train_batch_size=np.int64(8))  # fmt: skip
+    ok.check_types()  # ... made plain, as the command line gives them: the run's config is saved as JSON
+    assert json.loads(json.dumps(dataclasses.asdict(ok))) == {**dataclasses.asdict(ok), "model": str(inputs["tiny"]),
+                                                             "seed": 3, "train_batch_size": 8, "epochs": 1.0}  # fmt: skip

@@ -1,5 +1,6 @@
 """Fine-tuning and evaluation end to end on a tiny model and a few real SQuAD questions."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from official_squad import official_v1, official_v2
@@ -322,11 +324,12 @@ def test_startup_line_says_what_auto_attention_is_on_the_device():
 def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squad, tmp_path, capsys):
     out = tmp_path / "run"
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    summary = train(
-        cfg_for(
-            tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=str(small_squad[1]), tensorboard=tensorboard
-        )
+    # Paths and numpy numbers, as Python callers pass them: the run's config is saved as JSON, which took neither
+    # (the first checkpoint failed, after the training, leaving metrics.jsonl alone).
+    cfg = cfg_for(
+        tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=small_squad[1], tensorboard=tensorboard
     )
+    summary = train(dataclasses.replace(cfg, model=Path(tiny_dir), train_batch_size=np.int64(4)))
     printed = capsys.readouterr().out
     assert "device cpu, precision fp32, attention auto" in printed and "world size 1" in printed
     assert json.loads(printed.strip().splitlines()[-1]) == summary  # the summary is stdout's last line
@@ -345,7 +348,8 @@ def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squ
     hf = transformers.BertForQuestionAnswering.from_pretrained(str(out / "model"))
     ours = load_file(str(out / "model" / "model.safetensors"))
     assert torch.equal(hf.qa_outputs.weight, ours["qa_outputs.weight"])
-    assert json.loads((out / "model" / "run_config.json").read_text())["lr"] == 3e-3
+    run_config = json.loads((out / "model" / "run_config.json").read_text())
+    assert run_config["lr"] == 3e-3 and run_config["model"] == str(tiny_dir) and run_config["train_batch_size"] == 4
     if tensorboard:
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     pytest.importorskip("matplotlib")

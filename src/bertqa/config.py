@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 # Precisions every command takes. Here, not in runtime.py, so that building the CLI never imports torch.
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 # --attention: auto, then the kernels of model.ATTENTION (kept here so that the CLI need not import torch)
@@ -21,6 +23,13 @@ ATTENTION_DROPOUT = False
 
 # Source config.json keys not written back (see to_dict).
 DROPPED_ON_SAVE = ("torch_dtype", "dtype", "id2label", "label2id", "num_labels", "_num_labels", "problem_type")
+
+
+def plain(value):
+    """A numpy scalar or a path as the command line would give it (an int, float, bool or str): what JSON takes."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 @dataclass
