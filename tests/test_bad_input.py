@@ -1076,6 +1076,7 @@ def test_os_errors_read_as_file_and_reason(capsys, monkeypatch, tmp_path):
      ("resume", "no", "--resume must be True or False, got 'no'"),  # a true flag: resumed
      ("version_2_with_negative", "no", "--version-2-with-negative must be True, False or None, got 'no'"),
      ("cache_dir", 3, "--cache-dir must be a string or None, got 3"),
+     ("cache_dir", "", "--cache-dir '': empty; name a folder, or None for no features cache"),  # (the current one)
      ("train_batch_size", 2.0, "--batch-size must be an integer, got 2.0")],
 )  # fmt: skip
 def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(inputs, tmp_path, field, value, message):

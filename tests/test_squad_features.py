@@ -260,6 +260,17 @@ def same(a: Features, b: Features) -> bool:
     return all(np.array_equal(getattr(a, n), getattr(b, n)) for n in Features.ARRAYS) and a.params == b.params
 
 
+def test_an_empty_cache_dir_is_refused_not_the_current_folder(small_file, tok, tmp_path, monkeypatch):
+    """(review) Path("") is the current folder: the API wrote its cache wherever the process ran."""
+    examples = read_squad(small_file, is_training=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match="^cache_dir '': empty; name a folder, or None for no features cache$"):
+            load_features(examples, tok, empty, doc_stride=100)
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     examples = read_squad(small_file, is_training=False)

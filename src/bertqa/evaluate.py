@@ -74,6 +74,8 @@ class EvalConfig:
     def validate(self) -> None:
         """One-line errors for bad values, before anything is loaded or written."""
         self.check_types()
+        if self.cache_dir is not None and not self.cache_dir.strip():  # (the CLI's own check exits 2, as for usage)
+            raise ValueError("--cache-dir '': empty; name a folder, or None for no features cache")
         for name in self.POSITIVE:
             value = getattr(self, name)
             if value is None and name in ("batch_size", "max_steps", "max_train_examples"):

@@ -351,6 +351,8 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     params = {**_DEFAULTS, **params}  # spelling out a default must give the same key as leaving it out
     if cache_dir is None:
         return featurize(examples, tokenizer, **params)
+    if not str(cache_dir).strip():  # Path("") is the current folder
+        raise ValueError("cache_dir '': empty; name a folder, or None for no features cache")
     check_window_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])
     key = _cache_key(examples, tokenizer, {k: int(v) for k, v in params.items()})
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
