@@ -659,6 +659,37 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
                                                  "folder another run is writing (its --output-dir); wait for it or "
                                                  "write elsewhere")  # fmt: skip
     assert tree(tmp_path) == []
+    # (review) Nor into a folder below it (a train's model/, which it replaces whole at its end: it refused to, with
+    # predict's files in it, after all its steps), nor `convert` there.
+    (tmp_path / "model").mkdir()
+    below = ["--output", tmp_path / "model" / "pred.json"]
+    with exclusive(tmp_path):
+        for command in (argv[: -len(FAST) - 2] + below + FAST, ["convert", inputs["tiny"], tmp_path / "model"]):
+            code, _, err = run_main(command, capsys, monkeypatch)
+            assert code != 0 and one_error_line(err).endswith(
+                f"{tmp_path} is a folder another run is writing (its --output-dir); wait for it or write elsewhere"
+            ), err
+    assert tree(tmp_path) == ["model"]
+
+
+@pytest.mark.parametrize("where", ["predict --output", "evaluate --output-dir", "train --output-dir", "convert DST",
+                                   "export --output"])  # fmt: skip
+def test_a_symbolic_link_loop_where_the_output_goes_is_one_line(inputs, tmp_path, capsys, monkeypatch, where):
+    """(review) Path.resolve() raised RuntimeError on a loop: an internal error, or a write failing after the work."""
+    (tmp_path / "out").mkdir()
+    loop = {"predict --output": tmp_path / "loop.json", "evaluate --output-dir": tmp_path / "out" / "predictions.json",
+            "train --output-dir": tmp_path / "out" / "model", "convert DST": tmp_path / "loopdir",
+            "export --output": tmp_path / "loop.onnx"}[where]  # fmt: skip
+    loop.symlink_to(loop.name)
+    model, squad, out = inputs["tiny"], inputs["squad"], tmp_path / "out"
+    argv = {"predict --output": ["predict", "--model", model, "--input", squad, "--output", loop, *FAST],
+            "evaluate --output-dir": ["evaluate", "--model", model, "--predict-file", squad, "--output-dir", out, *FAST],
+            "train --output-dir": ["train", "--model", model, "--train-file", squad, "--output-dir", out, *FAST],
+            "convert DST": ["convert", model, loop],
+            "export --output": ["export", "onnx", "--model", model, "--output", loop]}[where]  # fmt: skip
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code != 0 and one_error_line(err).endswith(f"{loop} is, or lies in, a symbolic link loop"), err
+    assert loop.is_symlink() and sorted(p.name for p in tmp_path.rglob("*")) == sorted(["out", loop.name]), err
 
 
 # (command line, the input file it names, relative to a fresh folder holding it)

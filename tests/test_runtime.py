@@ -465,6 +465,26 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
         (tmp / "x").write_text("")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "x").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_replaced_whole_keeps_its_modes(tmp_path, monkeypatch):
+    """(review) A model folder made private (0700, its files 0600) came back world-readable after the next convert
+    or train: the folder keeps its mode, a file its own, and a new file takes no permission the folder withheld."""
+    import bertqa.files
+
+    monkeypatch.setattr(bertqa.files, "_UMASK", 0o022)
+    (tmp_path / "d").mkdir()
+    for name, mode in (("config.json", 0o600), ("vocab.txt", 0o640)):
+        (tmp_path / "d" / name).write_text("old")
+        (tmp_path / "d" / name).chmod(mode)
+    (tmp_path / "d").chmod(0o750)
+    with atomic_dir(tmp_path / "d") as tmp:
+        for name in ("config.json", "vocab.txt", "model.safetensors"):
+            (tmp / name).write_text("new")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "d").iterdir()}
+    assert modes == {"config.json": 0o600, "vocab.txt": 0o640, "model.safetensors": 0o640}
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750 and (tmp_path / "d" / "config.json").read_text() == "new"
 
 
 def test_sync_and_rng_address_the_device_itself_not_the_current_one(monkeypatch):

@@ -21,7 +21,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, print_load_notes, save_pretrained
-    from .files import holds_current_folder, read_one_version
+    from .files import check_no_link_loop, check_not_claimed, holds_current_folder, read_one_version
     from .tokenizer import load_tokenizer
 
     if not args.dst:  # Path("") is the current folder
@@ -29,6 +29,8 @@ def cmd_convert(args):
     if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
+    check_no_link_loop(dst, f"DST {args.dst}")
+    check_not_claimed(dst, f"DST {args.dst}")  # (a train's model/: it replaces the folder at its end)
     if holds_current_folder(dst):
         raise UsageError(f"DST {args.dst}: it holds the current folder, which replacing it would delete; name a new "
                          "folder or run from another")  # fmt: skip
@@ -40,8 +42,8 @@ def cmd_convert(args):
     if src.exists() and not src.is_dir():
         inputs[f"the config and tokenizer read beside {src}"] = src.absolute().parent
     for what, given in inputs.items():
-        real = Path(given).resolve() if given and Path(given).exists() else None
-        if real is not None and dst.resolve() in (real, *real.parents):
+        real = Path(os.path.realpath(given)) if given and Path(given).exists() else None
+        if real is not None and Path(os.path.realpath(dst)) in (real, *real.parents):
             raise UsageError(f"{dst}: it holds {what}, and converting replaces the whole folder; name a new folder")
     check_save_target(dst)  # before the model takes seconds to load
     if args.vocab is not None and not args.vocab.strip():

@@ -166,8 +166,10 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     for other in others:
         if other.is_dir():
             raise ValueError(f"--output {output}: {other}, written beside it, is a folder")
-    check_not_inputs([path, *others], inputs, f"--output {output}")
+        check_no_link_loop(other, f"--output {output}")
+    check_no_link_loop(path, f"--output {output}")
     check_no_dangling_link(path.parent, f"--output {output}: its folder")
+    check_not_inputs([path, *others], inputs, f"--output {output}")
     _check_writable(_target(path).absolute().parents, f"--output {output}")  # (where a link to a file leads)
     return path
 
@@ -204,11 +206,11 @@ def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     for flag, given in (inputs or {}).items():
         if not given:
             continue
-        real = Path(given).resolve()
+        real = _real(given)
         # (the folder the loader reads: a --model file's own, not that of the file its link leads to)
-        folder = real if real.is_dir() else Path(given).absolute().parent.resolve() if flag == "--model" else None
+        folder = real if real.is_dir() else _real(Path(given).absolute().parent) if flag == "--model" else None
         for out in outputs:
-            resolved = Path(out).resolve()
+            resolved = _real(out)
             if resolved in (real, *real.parents) or (folder is not None and resolved in (folder, *folder.parents)):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
             if folder is not None and _model_file_of(Path(out), folder):
@@ -219,16 +221,32 @@ def _model_file_of(path: Path, folder: Path) -> bool:
     """Whether `path` is, or would be written as, a model file of `folder`: a model file's name in it, or (links
     followed, as an HF cache's snapshot links each file to a blob) where one of its model files leads. (A hard
     link is no such file: the output replaces its name, not the file.)"""
-    if MODEL_FILE.fullmatch(path.name) and path.absolute().parent.resolve() == folder:
+    if MODEL_FILE.fullmatch(path.name) and _real(path.absolute().parent) == folder:
         return True
     if not path.is_symlink() and not any(p.is_symlink() for p in path.absolute().parents):
         return False
-    target = path.resolve()
+    target = _real(path)
     try:
         names = os.listdir(folder)
     except OSError:
         return False
-    return any(MODEL_FILE.fullmatch(name) and (folder / name).resolve() == target for name in names)
+    return any(MODEL_FILE.fullmatch(name) and _real(folder / name) == target for name in names)
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """Where `path` leads, links followed; a link loop left as it is (Path.resolve() raises RuntimeError on one
+    in Python 3.11, which read as an internal error)."""
+    return Path(os.path.realpath(path))
+
+
+def check_no_link_loop(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output that is (or lies in) a symbolic link loop: writing it fails, after the
+    work, with "Too many levels of symbolic links"."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{flag}: {path} is, or lies in, a symbolic link loop") from None
 
 
 def check_no_dangling_link(path: Path, flag: str) -> None:
@@ -250,12 +268,14 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
     if not str(output_dir):  # Path("") would be the current folder
         raise ValueError(f"{flag} '': empty; name the folder to write in")
     path = Path(output_dir)
+    check_no_link_loop(path, flag)
     check_no_dangling_link(path, flag)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {output_dir}: is a file, not a folder")
     for name in writes:
         if not name.endswith("/") and (path / name).is_dir():
             raise ValueError(f"{flag} {output_dir}: {path / name}, which this run writes, is a folder")
+        check_no_link_loop(path / name, f"{flag} {output_dir}")
     check_not_inputs([path / name for name in writes], inputs, f"{flag} {output_dir}")
     for name in writes:
         why = name.endswith("/") and (path / name).exists() and not_a_model_folder(path / name)
@@ -274,8 +294,8 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
 
 def holds_current_folder(folder: str | os.PathLike) -> bool:
     """Whether `folder` is the current folder or lies above it (a folder replaced whole would take it along)."""
-    cwd = Path.cwd().resolve()
-    return Path(folder).resolve() in (cwd, *cwd.parents)
+    cwd = _real(Path.cwd())
+    return _real(folder) in (cwd, *cwd.parents)
 
 
 def _check_writable(candidates, what: str) -> None:
@@ -366,11 +386,17 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
     try:
         try:
             yield tmp
-            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
+            # mkdtemp makes it 0700, and files a library wrote through its own temporary file are 0600
+            # (safetensors): the modes of the folder and files replaced, as atomic_path keeps a file's, else those
+            # a plain mkdir / open() would give, without the group and other permissions the old folder withheld.
+            old_mode = stat.S_IMODE(path.stat().st_mode) if path.is_dir() else None
+            os.chmod(tmp, 0o777 & ~_UMASK if old_mode is None else old_mode)
             entries = sorted(tmp.rglob("*"), reverse=True)  # files and subfolders before their folder
-            for inner in entries:  # files a library wrote through its own temporary file are 0600 (safetensors)
+            for inner in entries:
                 if inner.is_file() and not inner.is_symlink():
-                    os.chmod(inner, 0o666 & ~_UMASK)
+                    was = path / inner.relative_to(tmp)
+                    mode = 0o666 & ~_UMASK & (0o777 if old_mode is None else old_mode | 0o700)
+                    os.chmod(inner, stat.S_IMODE(was.stat().st_mode) if was.is_file() else mode)
             if durable:
                 for inner in entries:
                     fsync_path(inner)
@@ -429,15 +455,15 @@ class _NoLocks(Exception):
     """The file system takes no lock (some NFS and FUSE mounts, on a folder), or this is not POSIX."""
 
 
-def _flock(fd: int) -> bool:
-    """Take the lock of an open file or folder without waiting: False where another process holds it. _NoLocks
-    where locks cannot be taken here at all."""
+def _flock(fd: int, shared: bool = False) -> bool:
+    """Take the lock of an open file or folder without waiting (`shared`: one that others' shared ones do not
+    exclude): False where another process holds it. _NoLocks where locks cannot be taken here at all."""
     try:
         import fcntl
     except ImportError:
         raise _NoLocks from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:
@@ -647,19 +673,24 @@ def _remove_empty(made: list[Path]) -> None:
 
 
 def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
-    """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), whose
-    files it would mix with its own, or remove at its end. Only looked at, not held: runs that write single files
-    (predict --output) may share a folder."""
-    folder = Path(folder)
-    try:
-        fd = _lock(folder)
-    except _NoLocks:
-        return
-    if fd is not None:
-        os.close(fd)
-    elif folder.is_dir():
-        raise ValueError(f"{what}: {folder} is a folder another run is writing (its --output-dir); wait for it or "
-                         "write elsewhere")  # fmt: skip
+    """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
+    into one below it (a train's model/, which it replaces whole at its end, and refused to replace once it held
+    another's files), whose files it would mix with its own, or remove at its end. Only looked at (a shared lock,
+    for a moment), not held: runs that write single files (predict --output, convert) may share a folder."""
+    for level in (folder := _real(Path(folder).absolute()), *folder.parents):
+        try:
+            fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # none there (yet), or not a folder
+            continue
+        try:
+            free = _flock(fd, shared=True)
+        except _NoLocks:
+            return
+        finally:
+            os.close(fd)
+        if not free:
+            raise ValueError(f"{what}: {level} is a folder another run is writing (its --output-dir); wait for it "
+                             "or write elsewhere")  # fmt: skip
 
 
 def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
