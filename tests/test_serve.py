@@ -606,6 +606,29 @@ def test_shutdown_answers_what_it_will_not_finish_with_a_json_503():
                     assert headers["retry-after"] == "1" and time.monotonic() - t0 < 2.0
 
 
+def test_a_second_ctrl_c_answers_what_it_will_not_finish_with_a_json_503(caplog):
+    """(review) uvicorn forces the exit at a second Ctrl-C within the grace period: the requests in flight were
+    cancelled into its plain-text 500s, a traceback logged for each. Now they are refused first, with the 503."""
+    import signal
+
+    fake = FakeQA(delay=4.0)
+    app = create_app(fake, max_batch_size=1, max_wait_ms=0)
+    payload = {"inputs": {"question": "Who?", "context": "Denver won."}}
+    with running(app, grace_s=5.0) as (url, server), ThreadPoolExecutor(2) as pool:
+        wait_ready(url)
+        fake.started.clear()
+        answering = pool.submit(call, url, "POST", "/", payload)
+        assert fake.started.wait(10)
+        t0 = time.monotonic()
+        server.handle_exit(signal.SIGINT, None)  # (what the signal handler calls: here the server runs in a thread)
+        time.sleep(0.3)
+        server.handle_exit(signal.SIGINT, None)
+        status, headers, text = answering.result()
+        assert_json_error(status, headers, text, 503)
+        assert headers["retry-after"] == "1" and time.monotonic() - t0 < 2.0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_full_queue_is_503_with_retry_after():
     fake = FakeQA(delay=0.3)
     app = create_app(fake, max_batch_size=1, max_wait_ms=0, max_queue=2)

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import math
+import signal
 import socket
 import time
 from bisect import bisect_left
@@ -291,15 +292,15 @@ class Batcher:
 
     def close(self, grace_s: float) -> None:
         """Shutting down: go on answering, and a second before the grace period ends, when uvicorn would cancel
-        the requests left into its plain-text 500, refuse those still unanswered (queued, or in the batch being
-        answered) and any that come after (503 with Retry-After)."""
+        the requests left into its plain-text 500, refuse them (refuse)."""
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), self.refuse)
 
-        def refuse() -> None:
-            self.refusing = True
-            self.refused.set()
-            self.fail_waiting(SHUTTING_DOWN, RETRY_ELSEWHERE, also=self.taken)
-
-        asyncio.get_running_loop().call_later(max(0.0, grace_s - 1.0), refuse)
+    def refuse(self) -> None:
+        """Refuse the requests still unanswered (queued, or in the batch being answered) and any that come after
+        (503 with Retry-After)."""
+        self.refusing = True
+        self.refused.set()
+        self.fail_waiting(SHUTTING_DOWN, RETRY_ELSEWHERE, also=self.taken)
 
 
 # --- Request parsing --------------------------------------------------------------------------------------
@@ -744,9 +745,30 @@ def uvicorn_server(app, grace_s: float = 5.0):
     import uvicorn
 
     class Server(uvicorn.Server):
+        loop = None
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
         async def shutdown(self, sockets=None):
             app.state.server.batcher.close(grace_s)
             await super().shutdown(sockets)
+            if self.force_exit:  # (uvicorn skips it then: the lifespan task, cancelled at exit, logged a traceback)
+                await self.lifespan.shutdown()
+
+        def handle_exit(self, sig, frame):
+            # A second Ctrl-C forces the exit at once: the requests held were cancelled into uvicorn's plain-text
+            # 500s, each with a traceback. They are refused with the JSON 503 first, then the exit is forced.
+            if self.should_exit and sig == signal.SIGINT and not self.force_exit and self.loop is not None:
+                self._captured_signals.append(sig)  # (re-raised at the end: exit status 130)
+                self.loop.call_soon_threadsafe(self._force_exit_soon)
+            else:
+                super().handle_exit(sig, frame)
+
+        def _force_exit_soon(self):
+            app.state.server.batcher.refuse()
+            self.loop.call_later(0.25, setattr, self, "force_exit", True)  # the 503s sent meanwhile
 
     return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s))
 
