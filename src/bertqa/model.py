@@ -108,15 +108,15 @@ class Linear(nn.Linear):
         return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
 
     def into_scratch(self, x) -> bool:
-        """Whether forward(x), inside a BertModel pass without hooks, writes its output into the pass's scratch tensor (one for
-        every layer; a view of it is returned), activated in place: an activation (the feed-forward's first
-        layer), fp32 on a CPU without autograd, nor an input that needs a gradient (reentrant checkpointing runs a
-        layer without autograd first, and the next layer would overwrite what its backward pass reads), eager
-        mode. That 4C-wide output is the one tensor of inference past glibc's 32 MB mmap threshold (from 171
-        tokens at batch 32 on MiniLM), so each new one was fresh pages, faulted in on first touch: with one tensor
-        for all layers and the activation in place (not a second such tensor), fp32 inference took 4.4% less time
-        on the bench's batches (6-12% at 180-384 tokens; README). Other precisions and devices keep their own
-        kernels (bf16: fused_bf16)."""
+        """Whether forward(x), inside a BertModel pass without hooks, writes its output into the pass's scratch
+        tensor (one for every layer; a view of it is returned), activated in place: an activation (the
+        feed-forward's first layer), fp32 on a CPU without autograd, nor an input that needs a gradient (reentrant
+        checkpointing runs a layer without autograd first, and the next layer would overwrite what its backward
+        pass reads), eager mode. That 4C-wide output is the one tensor of inference past glibc's 32 MB mmap
+        threshold (from 171 tokens at batch 32 on MiniLM), so each new one was fresh pages, faulted in on first
+        touch: with one tensor for all layers and the activation in place (not a second such tensor), fp32
+        inference took 4.4% less time on the bench's batches (6-12% at 180-384 tokens; README). Other precisions
+        and devices keep their own kernels (bf16: fused_bf16)."""
         return (
             self.activation is not None
             and self.bias is not None
@@ -558,7 +558,7 @@ class BertSelfOutput(nn.Module):
             or residual.requires_grad
             or not _plain_autograd()
             or _compiling()
-            or (_SCRATCH.get() is None)
+            or _SCRATCH.get() is None
         ):
             return self.LayerNorm(y + residual)
         # Without autograd, in a BertModel pass without hooks, the residual (the layer's own input or its
@@ -649,9 +649,9 @@ class BertModel(nn.Module):
         # Callers pass None when nothing is padded: SDPA then picks its fastest (flash) kernel.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         # (asked before the embeddings run: a hook there may remove itself as it runs, keeping their output)
-        plain = not (_compiling() or self._hooked())
+        shared = not (_compiling() or self._hooked())
         x = self.embeddings(input_ids, token_type_ids)
-        if not plain:  # (see _SCRATCH)
+        if not shared:  # (see _SCRATCH)
             return self.encoder(x, mask)
         held = _SCRATCH.set({})
         try:
