@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,6 +412,19 @@ def test_predict_command_on_a_file_without_answers(qa_model_dir, tiny_squad, tmp
     assert scored == {"exact_match": 100.0, "f1": 100.0}
     r = run_here("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "pred.txt")
     assert r.returncode == 1 and "--output" in r.stderr and not (tmp_path / "pred.txt").exists()
+    # (review) Through a link (latest.json -> runs/x/pred.json) the set lands together beside the target: the n-best
+    # went beside the link, and the target's earlier n-best stayed beside the new predictions.
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    for name in ("pred.json", "pred.nbest.json"):
+        (tmp_path / "runs" / "x" / name).write_text("{}")
+    (tmp_path / "latest.json").symlink_to(Path("runs", "x", "pred.json"))
+    r = run_here("predict", "--model", qa_model_dir, "--input", unanswered, "--output", tmp_path / "latest.json",
+                 "--cache-dir", "none", "--no-progress", "--max-seq-length", 128, "--doc-stride", 64,
+                 "--max-query-length", 32)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "runs" / "x" / "pred.json").read_text()) == preds
+    assert json.loads((tmp_path / "runs" / "x" / "pred.nbest.json").read_text()) == nbest
+    assert (tmp_path / "latest.json").is_symlink() and not (tmp_path / "latest.nbest.json").exists()
 
 
 def test_help_and_score_do_not_import_torch(tiny_squad, tmp_path):

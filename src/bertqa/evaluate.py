@@ -20,7 +20,15 @@ import numpy as np
 from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len, plain
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
-from .files import check_not_claimed, check_output, check_output_dir, exclusive, read_one_version, write_json
+from .files import (
+    check_not_claimed,
+    check_output,
+    check_output_dir,
+    exclusive,
+    files_beside,
+    read_one_version,
+    write_json,
+)
 from .inference import default_batch_size, predict_logits, shard
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
@@ -320,7 +328,7 @@ def predict(cfg: PredictConfig) -> dict:
     output = check_output(cfg.output, ".json", beside=beside, inputs=cfg.inputs()) if is_rank_zero() else None
     # (where the files land: beside a link's target)
     folder = Path(os.path.realpath(output)).parent if output is not None else None
-    paths = [output, *(output.with_suffix(suffix) for suffix in beside)] if output else []
+    paths = [output, *files_beside(output, beside)] if output else []
     if folder is not None:
         check_not_claimed(folder, f"--output {cfg.output}")
         cfg.check_cache_outside(paths)

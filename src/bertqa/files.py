@@ -54,6 +54,12 @@ def _target(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def files_beside(path: str | os.PathLike, suffixes) -> list[Path]:
+    """The files written beside the output `path`, its name with each of `suffixes` instead: beside where it lands
+    (a symlink's target), not beside the link, so that they land together, as one set."""
+    return [_target(path).with_suffix(s) for s in suffixes]
+
+
 def remove_output(path: str | os.PathLike) -> None:
     """Remove an earlier run's output file, if any. Through a symlink the target goes and the link stays, so that
     the next write of `path` lands where the link points again, as the writes here do (the link replaced by a
@@ -155,7 +161,7 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     path = Path(output)
     if path.suffix != suffix:
         raise ValueError(f"--output {output}: must end in {suffix}")
-    others = [path.with_suffix(s) for s in beside]
+    others = files_beside(path, beside)
     for other in [path, *others]:  # (in a folder still to be made, a name too long failed after the work)
         if len(os.fsencode(other.name)) > NAME_MAX:
             what = "the file" if other == path else f"{other.name[-40:]!r}, written beside it,"
