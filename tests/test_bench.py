@@ -488,20 +488,22 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
     assert mem.base == 100 and mem.grown == 250
 
 
-def test_numpy_numbers_and_paths_through_the_api_run_as_the_command_lines(tiny_dir, capsys):
+def test_numpy_numbers_and_paths_through_the_api_run_as_the_command_lines(tmp_path, capsys):
     """(review) A numpy batch size passed the checks, then the JSON line failed after the whole run; a numpy --seconds
     and a Path --model (the JSON's "model") alike."""
-    from pathlib import Path
-
     import bertqa.bench as bench
+    from bertqa import BertForQuestionAnswering
 
-    result = bench.bench(bench.BenchConfig(model=Path(tiny_dir), mode="infer", batch_size=np.int64(4), seq_len=np.int64(32),
+    TINY.to_json(tmp_path / "tiny.json")
+    torch.save(BertForQuestionAnswering(TINY).state_dict(), tmp_path / "tiny.pt")
+    model = dict(model=tmp_path / "tiny.pt", config=tmp_path / "tiny.json")
+    result = bench.bench(bench.BenchConfig(**model, mode="infer", batch_size=np.int64(4), seq_len=np.int64(32),
                                            steps=np.int32(1), segments=1, warmup=np.int64(0), seconds=np.float32(0.01),
                                            precision="fp32"))  # fmt: skip
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == result
-    assert result["model"] == str(tiny_dir) and result["batch_size"] == 4 and type(result["seq_len"]) is int
+    assert result["model"] == str(tmp_path / "tiny.pt") and result["batch_size"] == 4 and type(result["seq_len"]) is int
     with pytest.raises(ValueError, match=r"^--steps must be a positive integer, got True$"):
-        bench.bench(bench.BenchConfig(model=Path(tiny_dir), steps=np.bool_(True)))
+        bench.bench(bench.BenchConfig(**model, steps=np.bool_(True)))
 
 
 def test_a_warmup_given_through_the_api_is_checked_with_the_other_counts(capsys):
