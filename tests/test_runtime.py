@@ -478,12 +478,14 @@ def test_a_folder_replaced_whole_keeps_its_modes(tmp_path, monkeypatch):
     for name, mode in (("config.json", 0o600), ("vocab.txt", 0o640)):
         (tmp_path / "d" / name).write_text("old")
         (tmp_path / "d" / name).chmod(mode)
+    # A link the old folder held, that cannot be followed (a name too long): its target's mode is not read
+    (tmp_path / "d" / "tokenizer.json").symlink_to("/" + "x" * 300)
     (tmp_path / "d").chmod(0o750)
     with atomic_dir(tmp_path / "d") as tmp:
-        for name in ("config.json", "vocab.txt", "model.safetensors"):
+        for name in ("config.json", "vocab.txt", "model.safetensors", "tokenizer.json"):
             (tmp / name).write_text("new")
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "d").iterdir()}
-    assert modes == {"config.json": 0o600, "vocab.txt": 0o640, "model.safetensors": 0o640}
+    assert modes == {"config.json": 0o600, "vocab.txt": 0o640, "model.safetensors": 0o640, "tokenizer.json": 0o640}
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750 and (tmp_path / "d" / "config.json").read_text() == "new"
 
 

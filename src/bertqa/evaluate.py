@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model, print_load_notes
-from .config import check_seq_len, plain
+from .config import check_seq_len
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import (
     check_not_claimed,
@@ -82,7 +82,9 @@ class EvalConfig:
     def validate(self) -> None:
         """One-line errors for bad values, before anything is loaded or written."""
         self.check_types()
-        if self.cache_dir is not None and not self.cache_dir.strip():  # (the CLI's own check exits 2, as for usage)
+        if (
+            self.cache_dir is not None and not os.fspath(self.cache_dir).strip()
+        ):  # (the CLI's own check exits 2, as for usage)
             raise ValueError("--cache-dir '': empty; name a folder, or None for no features cache")
         for name in self.POSITIVE:
             value = getattr(self, name)
@@ -108,9 +110,9 @@ class EvalConfig:
 
     def check_types(self) -> None:
         """Each field of the type it is declared with (the Python API takes anything): "no" would be a true flag,
-        "3" a seed that fails deep inside torch, 1.5 a checkpoint interval. Paths may be os.PathLike, floats ints;
-        numpy scalars and paths are made the plain values the command line gives (the run's config is saved as
-        JSON, which takes neither: the first checkpoint failed, after the work)."""
+        "3" a seed that fails deep inside torch, 1.5 a checkpoint interval. Paths may be os.PathLike, floats ints,
+        and numpy scalars pass (the config is saved as JSON with config.plain: the caller's object is left as it
+        was)."""
         for field in dataclasses.fields(self):
             value, kinds = getattr(self, field.name), field.type.replace(" ", "").split("|")
             if value is None and "None" in kinds:
@@ -125,7 +127,6 @@ class EvalConfig:
                 words = [word for kind in kinds for word in names.get(kind, [kind])]
                 expected = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
                 raise ValueError(f"{self.flag(field.name)} must be {expected}, got {value!r}")
-            setattr(self, field.name, plain(value))
 
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its

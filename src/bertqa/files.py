@@ -400,9 +400,13 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
             entries = sorted(tmp.rglob("*"), reverse=True)  # files and subfolders before their folder
             for inner in entries:
                 if inner.is_file() and not inner.is_symlink():
-                    was = path / inner.relative_to(tmp)
                     mode = 0o666 & ~_UMASK & (0o777 if old_mode is None else old_mode | 0o700)
-                    os.chmod(inner, stat.S_IMODE(was.stat().st_mode) if was.is_file() else mode)
+                    try:  # (the replaced file's own mode, a plain file's: not one a link leads to, if it leads)
+                        was = os.lstat(path / inner.relative_to(tmp))
+                        mode = stat.S_IMODE(was.st_mode) if stat.S_ISREG(was.st_mode) else mode
+                    except OSError:
+                        pass
+                    os.chmod(inner, mode)
             if durable:
                 for inner in entries:
                     fsync_path(inner)
@@ -678,12 +682,19 @@ def _remove_empty(made: list[Path]) -> None:
             break
 
 
+# The folders a run replaces whole in its --output-dir (a train's model/: TrainConfig.WRITES).
+REPLACED_WHOLE = ("model",)
+
+
 def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
     """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
-    into one below it (a train's model/, which it replaces whole at its end, and refused to replace once it held
-    another's files), whose files it would mix with its own, or remove at its end. Only looked at (a shared lock,
-    for a moment), not held: runs that write single files (predict --output, convert) may share a folder."""
-    for level in (folder := _real(Path(folder).absolute()), *folder.parents):
+    into a folder it replaces whole there (REPLACED_WHOLE: a train's model/, which it refused to replace once it
+    held another's files, after all its steps), whose files it would mix with its own, or remove at its end. Only
+    looked at (a shared lock, for a moment), not held: runs that write single files (predict --output, convert)
+    may share a folder. (Not every folder above: a lock another program holds on one, `flock -n ~/proj cmd`'s,
+    would read as a run's.)"""
+    folder = _real(Path(folder).absolute())
+    for level in (folder, folder.parent) if folder.name in REPLACED_WHOLE else (folder,):
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError:  # none there (yet), or not a folder
