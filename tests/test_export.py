@@ -147,14 +147,19 @@ def test_a_bad_check_file_is_refused_before_the_model_loads(tiny_dir, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "squad.json"]
 
 
-def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog):
-    """The exporter writes its own opset and converts it; where that fails (99: no such opset) it keeps its own,
-    logging a traceback, and the file was written. Below 17 (no LayerNormalization) it is refused before the
-    model is loaded."""
+def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog, monkeypatch):
+    """The exporter writes its own opset and converts it; where that fails (99, for an onnx that would know it) it
+    keeps its own, logging a traceback, and the file was written. Below 17 (no LayerNormalization), or beyond what
+    the installed onnx knows (2**31 was an internal error, a bug's line), it is refused before the model is loaded."""
     with pytest.raises(ValueError, match=r"^--opset 16: the graph needs opset 17 or later"):
         export_onnx(tiny_dir, tmp_path / "model.onnx", opset=16, verbose=False, **WINDOWS)
+    known = onnx.defs.onnx_opset_version()
+    with pytest.raises(ValueError, match=rf"^--opset {2**31}: the installed onnx knows opsets up to {known}$"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", opset=2**31, verbose=False, **WINDOWS)
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 100)
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"^--opset 99: .* \(it stays at opset"):
         export_onnx(tiny_dir, tmp_path / "model.onnx", opset=99, verbose=False, **WINDOWS)
+    monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [] and not [r for r in caplog.records if r.name.startswith("onnxscript")]
     report = export_onnx(tiny_dir, tmp_path / "model.onnx", opset=17, verbose=False, **WINDOWS)
     assert report["opset"] == 17 and onnx.load(tmp_path / "model.onnx").opset_import[0].version == 17

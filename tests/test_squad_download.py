@@ -99,6 +99,17 @@ def test_download_verifies_and_skips_when_present(server, tmp_path):
     Handler.log.clear()
     download_squad("v1.1", tmp_path, base_url=server, checksums=SUMS)
     assert Handler.log == []  # already there and verified: nothing fetched
+    # (review) Sums in upper case, as some tools print them: the same sums (the files were fetched, then deleted as
+    # mismatched); one that is no sha256 is refused before anything is fetched.
+    download_squad("1.1", tmp_path, base_url=server, checksums={k: v.upper() for k, v in SUMS.items()})
+    assert Handler.log == []
+    with pytest.raises(
+        ValueError, match=r"'d41d8cd98f00b204e9800998ecf8427e' is not a sha256 \(64 hexadecimal digits\)"
+    ):
+        download_squad(
+            "1.1", tmp_path / "md5", base_url=server, checksums={"train-v1.1.json": "d41d8cd98f00b204e9800998ecf8427e"}
+        )
+    assert Handler.log == [] and not (tmp_path / "md5").exists()
 
 
 def test_a_linked_file_is_written_through_to_its_target_and_keeps_its_mode(server, tmp_path):

@@ -318,6 +318,10 @@ def export_onnx(
     if opset is not None and opset < MIN_OPSET:  # before the slow part, as the exporter would only log it
         raise ValueError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or later (LayerNormalization)")
     _onnxruntime()  # fail before the slow part when the extra is missing
+    import onnx
+
+    if opset is not None and opset > onnx.defs.onnx_opset_version():  # (the exporter failed inside, a bug's line)
+        raise ValueError(f"--opset {opset}: the installed onnx knows opsets up to {onnx.defs.onnx_opset_version()}")
     t0 = time.perf_counter()
 
     def load():
