@@ -676,6 +676,8 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
     with exclusive(tmp_path):
         check_not_claimed(tmp_path / "runs", "--output x")
         check_not_claimed(tmp_path / "runs" / "model", "--output x")
+        with pytest.raises(ValueError, match="is a folder another run is writing"):  # (below its model/: refused)
+            check_not_claimed(tmp_path / "model" / "sub", "--output x")
 
 
 @pytest.mark.parametrize("where", ["predict --output", "evaluate --output-dir", "train --output-dir", "convert DST",
@@ -1132,5 +1134,7 @@ def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(input
     # The right types pass: ints for floats, os.PathLike for strings, numpy scalars.
     ok = TrainConfig(model=Path(inputs["tiny"]), train_file=str(inputs["squad"]), output_dir=str(tmp_path / "ok"), lr=1,
                      seed=np.int64(3), resume=np.bool_(False), epochs=np.float32(1), train_batch_size=np.int64(8))  # fmt: skip
-    ok.check_types()  # (and left as they were: the caller's object; the run's JSON takes them as the CLI's values)
+    ok.check_types()  # (and left as they were: the caller's object; a run works on a plain copy)
     assert ok.model == Path(inputs["tiny"]) and type(ok.seed) is np.int64
+    run = dataclasses.replace(ok, version_2_with_negative=np.bool_(True)).as_plain()  # (`is True`: v2.0 scoring)
+    assert (run.model, run.seed, run.version_2_with_negative, type(run.epochs)) == (str(inputs["tiny"]), 3, True, float)

@@ -100,15 +100,12 @@ def test_download_verifies_and_skips_when_present(server, tmp_path):
     download_squad("v1.1", tmp_path, base_url=server, checksums=SUMS)
     assert Handler.log == []  # already there and verified: nothing fetched
     # (review) Sums in upper case, as some tools print them: the same sums (the files were fetched, then deleted as
-    # mismatched); one that is no sha256 is refused before anything is fetched.
+    # mismatched); one that is no sha256, even the second file's, is refused before anything is fetched.
     download_squad("1.1", tmp_path, base_url=server, checksums={k: v.upper() for k, v in SUMS.items()})
     assert Handler.log == []
-    with pytest.raises(
-        ValueError, match=r"'d41d8cd98f00b204e9800998ecf8427e' is not a sha256 \(64 hexadecimal digits\)"
-    ):
-        download_squad(
-            "1.1", tmp_path / "md5", base_url=server, checksums={"train-v1.1.json": "d41d8cd98f00b204e9800998ecf8427e"}
-        )
+    md5 = "d41d8cd98f00b204e9800998ecf8427e"
+    with pytest.raises(ValueError, match=rf"^checksums\['dev-v1.1.json'\]: '{md5}' is not a sha256 \(64 hexadecimal"):
+        download_squad("1.1", tmp_path / "md5", base_url=server, checksums={**SUMS, "dev-v1.1.json": md5})
     assert Handler.log == [] and not (tmp_path / "md5").exists()
 
 

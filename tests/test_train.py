@@ -325,11 +325,16 @@ def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squ
     out = tmp_path / "run"
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     # Paths and numpy numbers, as Python callers pass them: the run's config is saved as JSON, which took neither
-    # (the first checkpoint failed, after the training, leaving metrics.jsonl alone).
+    # (the first checkpoint failed, after the training, leaving metrics.jsonl alone), as is the summary (its steps);
+    # a numpy learning rate went into the optimizer's state, which torch's weights-only load (resume) refuses.
     cfg = cfg_for(
         tiny_dir, small_squad, out, max_steps=40, lr=3e-3, predict_file=small_squad[1], tensorboard=tensorboard
     )
-    summary = train(dataclasses.replace(cfg, model=Path(tiny_dir), train_batch_size=np.int64(4)))
+    cfg = dataclasses.replace(cfg, model=Path(tiny_dir), train_batch_size=np.int64(4), max_steps=np.int64(40),
+                              lr=np.float64(3e-3))  # fmt: skip
+    summary = train(cfg)
+    assert isinstance(cfg.model, Path) and type(cfg.max_steps) is np.int64  # (the caller's object, as it was)
+    torch.load(out / "checkpoint.pt", weights_only=True)
     printed = capsys.readouterr().out
     assert "device cpu, precision fp32, attention auto" in printed and "world size 1" in printed
     assert json.loads(printed.strip().splitlines()[-1]) == summary  # the summary is stdout's last line

@@ -688,13 +688,15 @@ REPLACED_WHOLE = ("model",)
 
 def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
     """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
-    into a folder it replaces whole there (REPLACED_WHOLE: a train's model/, which it refused to replace once it
-    held another's files, after all its steps), whose files it would mix with its own, or remove at its end. Only
+    into a folder it replaces whole there, or below one (REPLACED_WHOLE: a train's model/, which it refused to
+    replace once it held another's files, after all its steps), whose files it would mix with its own, or remove
+    at its end. Only
     looked at (a shared lock, for a moment), not held: runs that write single files (predict --output, convert)
     may share a folder. (Not every folder above: a lock another program holds on one, `flock -n ~/proj cmd`'s,
     would read as a run's.)"""
     folder = _real(Path(folder).absolute())
-    for level in (folder, folder.parent) if folder.name in REPLACED_WHOLE else (folder,):
+    whole = [level.parent for level in (folder, *folder.parents) if level.name in REPLACED_WHOLE]
+    for level in (folder, *whole):
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError:  # none there (yet), or not a folder

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .batching import epoch_batches, to_batch
 from .checkpoint import save_pretrained
-from .config import ATTENTION_DROPOUT, plain
+from .config import ATTENTION_DROPOUT
 from .distributed import Dist, all_gather_objects, distributed, fail_together
 from .evaluate import (
     EvalConfig,
@@ -171,7 +171,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "rng": [rng for rng, _ in per_rank],
         "loss_since_log": [sums for _, sums in per_rank],  # so that the next metrics line is as if never stopped
         "world_size": d.world_size,
-        "config": json.dumps(dataclasses.asdict(cfg), default=plain),  # (paths, numpy numbers: as the CLI gives them)
+        "config": json.dumps(dataclasses.asdict(cfg)),
         "resolved": resolved,
         "train_seconds": train_seconds,  # so that a resumed run's summary times the whole run (None: not known)
         "run_id": run_id,
@@ -214,7 +214,7 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved
     Checkpoints without that record compare the values as given; those with the digests compare the model and
     train file by them, not by the paths as typed (COMPARED_BY_CONTENT)."""
     saved = json.loads(state["config"])
-    now = {k: plain(getattr(cfg, k)) for k in RESUME_KEYS}
+    now = {k: getattr(cfg, k) for k in RESUME_KEYS}
     recorded = state["resolved"] if isinstance(state.get("resolved"), dict) else {}
     saved.update(recorded)
     now.update({k: v for k, v in resolved.items() if k in recorded})
@@ -566,6 +566,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
     cfg.validate()
+    cfg = cfg.as_plain()
     with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d, contextlib.ExitStack() as held:
         if cfg.deterministic and cfg.attention == "auto" and d.device.type != "cpu":
             # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
@@ -820,7 +821,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     with fail_together(d):  # rank 0 writes while the others go on to the evaluation's collectives
         if d.is_main:
             metrics.close()
-            run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2, default=plain) + "\n"
+            run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
             before, saved = _model_run_id(out_dir / "model"), False
             try:
                 save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})

@@ -46,14 +46,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _sha256(value, what) -> str:
+    """A sha256 as hexdigest() writes it (tools print either case), or a one-line error naming `what`."""
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)):
+        raise ValueError(f"{what}: {value!r} is not a sha256 (64 hexadecimal digits); nothing was fetched")
+    return value.lower()
+
+
 def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0, size: int | None = None
                   ) -> Path:  # fmt: skip
     """Fetch `url` into `dest` unless `dest` already holds the right bytes; resume a leftover `.part`. A `dest` that
     is a symbolic link is written through to its target, as a shell's `>` writes, and a replaced file keeps its
     permissions. `size`, where known, tells a body cut short (with no Content-Length) from a whole one."""
-    if not (isinstance(sha256, str) and len(sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha256)):
-        raise ValueError(f"{url}: {sha256!r} is not a sha256 (64 hexadecimal digits); nothing was fetched")
-    sha256 = sha256.lower()  # (as hexdigest() writes it; tools print either case)
+    sha256 = _sha256(sha256, url)
     dest = _target(dest)
     part = _check_place(dest)
     if dest.is_file() and sha256_file(dest) == sha256:
@@ -226,7 +231,8 @@ def download_squad(
     if version not in SQUAD_FILES:
         raise ValueError(f"unknown SQuAD version {version!r} (choose 1.1 or 2.0)")
     base = (base_url or SQUAD_URL).rstrip("/") + "/"
-    sums = {**SQUAD_SHA256, **{k: v.lower() if isinstance(v, str) else v for k, v in (checksums or {}).items()}}
+    sums = {**SQUAD_SHA256, **(checksums or {})}
+    sums = {name: _sha256(sums[name], f"checksums[{name!r}]") for name in SQUAD_FILES[version]}  # before any fetch
     directory = Path(directory)
     check_no_dangling_link(directory, "--dir")
     if directory.exists() and not directory.is_dir():
