@@ -468,14 +468,41 @@ def test_added_tokens_beside_a_vocab_txt_are_refused_not_ignored(tmp_path):
     assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(folder)), texts) == our_encode(
         load_tokenizer(folder), texts
     )
-    # Any other: a token of the vocabulary that is not special, or a special one past it.
-    for i, entry in (("7", {"content": "c", "special": False}), ("20", {"content": "[ENT]", "special": True})):
+    # Any other: a token of the vocabulary that is not special, or a special one past it (or in it: below).
+    for i, entry, said in (("7", {"content": "c", "special": False}, "added token 'c' (id 7)"),
+                           ("20", {"content": "[ENT]", "special": True}, "special token '[ENT]'")):  # fmt: skip
         config = {"do_lower_case": True, "added_tokens_decoder": {**specials, i: entry}}
         folder = small_folder(tmp_path / f"decoder{i}", tokenizer_config=config)
-        with pytest.raises(
-            ValueError, match=rf"tokenizer_config\.json: added token '{re.escape(entry['content'])}' \(id {i}\)"
-        ):
+        with pytest.raises(ValueError, match=rf"tokenizer_config\.json: {re.escape(said)}"):
             load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("where", ["special_tokens_map", "additional_special_tokens", "extra_special_tokens",
+                                   "tokenizer.json"])  # fmt: skip
+def test_a_special_token_other_than_berts_is_refused_not_split(tmp_path, minilm_dir, where):
+    """(review) An entity marker added with add_special_tokens, or put in place of [unused0] and declared special:
+    transformers matches it whole ('<ent>', one id), bertqa split it into word pieces ('<', 'en', '##t', '>') and
+    the model read ids it was not trained on, with no word of it."""
+    folder = tmp_path / "tok"
+    if where == "tokenizer.json":
+        hf = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+        hf.add_special_tokens({"additional_special_tokens": ["<ent>"]})
+        hf.save_pretrained(str(folder))
+    else:
+        ids = json.loads((minilm_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        vocab = sorted(ids, key=ids.get)
+        folder.mkdir()
+        (folder / "vocab.txt").write_text("\n".join([vocab[0], "<ent>", *vocab[2:]]) + "\n", encoding="utf-8")
+        config = {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}
+        if where == "special_tokens_map":
+            (folder / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["<ent>"]}))
+        else:
+            config[where] = ["<ent>"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))  # (one id for the marker)
+    assert hf.convert_tokens_to_ids("<ent>") in hf_encode(hf, ["The <ent> Paris"])[0][0]
+    with pytest.raises(ValueError, match=r"special token '<ent>': transformers matches it whole in the text"):
+        load_tokenizer(folder)
 
 
 def test_a_tokenizer_json_of_other_word_piece_settings_is_saved_as_transformers_reads_it_back(vocab_only_dir, tmp_path):

@@ -225,7 +225,8 @@ SPECIAL_TOKENS_USED = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": 
 
 def _check_special_tokens(folder: Path) -> None:
     """Refuse a tokenizer whose config names other special tokens than BERT's: bertqa's windows would hold [CLS]
-    and [SEP] where its model was trained with others (transformers reads them from these files)."""
+    and [SEP] where its model was trained with others (transformers reads them from these files); or more of them
+    (additional / extra special tokens: transformers matches each whole in the text, bertqa would split it)."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         d = _json_object(folder / name)
         for key, ours in SPECIAL_TOKENS_USED.items():
@@ -234,6 +235,19 @@ def _check_special_tokens(folder: Path) -> None:
             if value is not None and value != ours:
                 raise ValueError(f"{folder / name}: {key} {value!r}: bertqa builds its windows with BERT's {ours}, "
                                  "and this tokenizer's model was trained with another")  # fmt: skip
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = d.get(key) or []
+            for value in extra.values() if isinstance(extra, dict) else extra if isinstance(extra, list) else [extra]:
+                _check_not_extra_special(folder / name, value.get("content") if isinstance(value, dict) else value)
+
+
+def _check_not_extra_special(source: Path, content) -> None:
+    """Refuse a special token other than BERT's own five (an entity marker added with add_special_tokens, or put
+    in place of an [unusedN]): transformers matches it whole in the text, as its model was trained, where bertqa,
+    which reads special tokens written in a text as text, would split it into word pieces."""
+    if content not in SPECIAL_TOKENS.values():
+        raise ValueError(f"{source}: special token {content!r}: transformers matches it whole in the text, where "
+                         "bertqa would split it into word pieces (bertqa takes BERT's own special tokens only)")  # fmt: skip
 
 
 def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> BertTokenizer:
@@ -255,7 +269,11 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             backend = Tokenizer.from_file(str(json_file))
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({first_line(e)})") from None
-        norm = json.loads(backend.to_str()).get("normalizer") or {}
+        spec = json.loads(backend.to_str())
+        for added in spec.get("added_tokens") or []:
+            if isinstance(added, dict) and added.get("special"):
+                _check_not_extra_special(json_file, added.get("content"))
+        norm = spec.get("normalizer") or {}
         bert, lower = norm.get("type") == "BertNormalizer", _lowercases(norm)
         # As transformers' BertTokenizer(Fast): the settings tokenizer_config.json states win over tokenizer.json's
         # BertNormalizer; --[no-]lower-case over both.
@@ -347,6 +365,8 @@ def _check_added_tokens(folder: Path, vocab: dict) -> None:
                              f"{entry.get('content')!r}")  # fmt: skip
         listed.append((f, entry.get("content"), i, entry.get("special") is True))
     for source, content, i, special in listed:
+        if special:
+            _check_not_extra_special(source, content)
         if not (special and str(vocab.get(content)) == str(i)):
             raise ValueError(f"{source}: added token {content!r} (id {i}): bertqa reads added tokens from a "
                              "tokenizer.json only; write one beside vocab.txt with transformers (AutoTokenizer."
