@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from bertqa import cli
+from bertqa.config import plain_copy
 from bertqa.squad.data import REALIGN_WINDOW, SquadFormatError, parse_squad, read_squad, unpaired_surrogate
 from bertqa.squad.features import featurize
 from bertqa.squad.postprocess import postprocess
@@ -1136,5 +1137,5 @@ def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(input
                      seed=np.int64(3), resume=np.bool_(False), epochs=np.float32(1), train_batch_size=np.int64(8))  # fmt: skip
     ok.check_types()  # (and left as they were: the caller's object; a run works on a plain copy)
     assert ok.model == Path(inputs["tiny"]) and type(ok.seed) is np.int64
-    run = dataclasses.replace(ok, version_2_with_negative=np.bool_(True)).as_plain()  # (`is True`: v2.0 scoring)
+    run = plain_copy(dataclasses.replace(ok, version_2_with_negative=np.bool_(True)))  # (`is True`: v2.0 scoring)
     assert (run.model, run.seed, run.version_2_with_negative, type(run.epochs)) == (str(inputs["tiny"]), 3, True, float)

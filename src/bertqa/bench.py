@@ -22,7 +22,6 @@ The last line of stdout is one JSON object.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -447,12 +446,12 @@ def _check(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig) -> dict:
     from .checkpoint import load_model
-    from .config import ATTENTION_DROPOUT, BertConfig, check_seq_len, plain
+    from .config import ATTENTION_DROPOUT, BertConfig, check_seq_len, plain_copy
     from .distributed import resolve_device
     from .model import BertForQuestionAnswering
 
     # Numpy numbers and paths as the command line gives them: checked as such, and the JSON line takes no other.
-    cfg = dataclasses.replace(cfg, **{f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
+    cfg = plain_copy(cfg)
     _check(cfg)
     versions = {"torch": torch.__version__}  # the ratios move with either library's kernels
     if cfg.compare == "hf":

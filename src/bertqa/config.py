@@ -32,6 +32,13 @@ def plain(value):
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def plain_copy(cfg):
+    """A copy of the dataclass `cfg` with each field made plain: a run's config goes to JSON (run_config.json,
+    checkpoints, bench's last line), its learning rate into torch's weights-only checkpoints, its flags through
+    `is True`, none of which take numpy's; the caller's object stays as it was."""
+    return dataclasses.replace(cfg, **{f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522  # uncased WordPiece vocabulary of Google's BERT release

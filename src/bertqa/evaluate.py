@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model, print_load_notes
-from .config import check_seq_len, plain
+from .config import check_seq_len, plain_copy
 from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
 from .files import (
     check_not_claimed,
@@ -111,7 +111,7 @@ class EvalConfig:
     def check_types(self) -> None:
         """Each field of the type it is declared with (the Python API takes anything): "no" would be a true flag,
         "3" a seed that fails deep inside torch, 1.5 a checkpoint interval. Paths may be os.PathLike, floats ints,
-        and numpy scalars pass (a run works on as_plain()'s copy)."""
+        and numpy scalars pass (a run works on config.plain_copy's copy)."""
         for field in dataclasses.fields(self):
             value, kinds = getattr(self, field.name), field.type.replace(" ", "").split("|")
             if value is None and "None" in kinds:
@@ -126,12 +126,6 @@ class EvalConfig:
                 words = [word for kind in kinds for word in names.get(kind, [kind])]
                 expected = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
                 raise ValueError(f"{self.flag(field.name)} must be {expected}, got {value!r}")
-
-    def as_plain(self):
-        """A copy with paths and numpy numbers as the command line gives them (str, int, float, bool): a run's
-        config goes to JSON (run_config.json, checkpoints), its learning rate into torch's weights-only checkpoints,
-        its flags through `is True`, none of which take numpy's; the caller's object stays as it was."""
-        return dataclasses.replace(self, **{f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its
@@ -317,7 +311,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
 
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
-    cfg = cfg.as_plain()
+    cfg = plain_copy(cfg)
     out_dir = Path(cfg.output_dir)
     with _prepared(cfg, claim=out_dir) as (d, precision, model, data):
         summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
@@ -330,7 +324,7 @@ def predict(cfg: PredictConfig) -> dict:
     """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
     cfg.validate()
-    cfg = cfg.as_plain()
+    cfg = plain_copy(cfg)
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
     beside = (".nbest.json", ".null_odds.json")
     output = check_output(cfg.output, ".json", beside=beside, inputs=cfg.inputs()) if is_rank_zero() else None

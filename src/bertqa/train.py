@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .batching import epoch_batches, to_batch
 from .checkpoint import save_pretrained
-from .config import ATTENTION_DROPOUT
+from .config import ATTENTION_DROPOUT, plain_copy
 from .distributed import Dist, all_gather_objects, distributed, fail_together
 from .evaluate import (
     EvalConfig,
@@ -566,7 +566,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
     cfg.validate()
-    cfg = cfg.as_plain()
+    cfg = plain_copy(cfg)
     with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d, contextlib.ExitStack() as held:
         if cfg.deterministic and cfg.attention == "auto" and d.device.type != "cpu":
             # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
