@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from contextlib import ExitStack, contextmanager
@@ -32,7 +31,7 @@ from .files import (
 from .inference import default_batch_size, predict_logits, shard
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
-from .squad.features import check_positive, check_window_params, load_features
+from .squad.features import check_finite, check_positive, check_window_params, load_features
 from .squad.metrics import evaluate_v1, evaluate_v2
 from .squad.postprocess import PREDICTION_FILES, postprocess, write_prediction_files, write_predictions
 from .tokenizer import check_vocabulary, load_tokenizer
@@ -82,9 +81,8 @@ class EvalConfig:
     def validate(self) -> None:
         """One-line errors for bad values, before anything is loaded or written."""
         self.check_types()
-        if (
-            self.cache_dir is not None and not os.fspath(self.cache_dir).strip()
-        ):  # (the CLI's own check exits 2, as for usage)
+        # (Path("") is the current folder; the CLI refuses it first, with a usage error's exit status 2)
+        if self.cache_dir is not None and not os.fspath(self.cache_dir).strip():
             raise ValueError("--cache-dir '': empty; name a folder, or None for no features cache")
         for name in self.POSITIVE:
             value = getattr(self, name)
@@ -92,10 +90,7 @@ class EvalConfig:
                 continue
             check_positive(**{self.flag(name): value})
         check_window_params(self.max_seq_length, self.doc_stride, self.max_query_length, flags=True)
-        if not math.isfinite(self.null_score_diff_threshold):  # nan would pass every comparison
-            raise ValueError(
-                f"--null-score-diff-threshold must be a finite number, got {self.null_score_diff_threshold}"
-            )
+        check_finite(**{self.flag("null_score_diff_threshold"): self.null_score_diff_threshold})
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder

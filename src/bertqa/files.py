@@ -690,10 +690,9 @@ def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
     """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
     into a folder it replaces whole there, or below one (REPLACED_WHOLE: a train's model/, which it refused to
     replace once it held another's files, after all its steps), whose files it would mix with its own, or remove
-    at its end. Only
-    looked at (a shared lock, for a moment), not held: runs that write single files (predict --output, convert)
-    may share a folder. (Not every folder above: a lock another program holds on one, `flock -n ~/proj cmd`'s,
-    would read as a run's.)"""
+    at its end. Only looked at (a shared lock, for a moment), not held: runs that write single files (predict
+    --output, convert) may share a folder. (Not every folder above: a lock another program holds on one,
+    `flock -n ~/proj cmd`'s, would read as a run's.)"""
     folder = _real(Path(folder).absolute())
     whole = [level.parent for level in (folder, *folder.parents) if level.name in REPLACED_WHOLE]
     for level in (folder, *whole):

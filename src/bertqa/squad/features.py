@@ -81,6 +81,14 @@ def check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_finite(**values) -> None:
+    """Each value a finite number (not a bool, nor a string), else one line naming it: nan passes every
+    comparison (a threshold of nan never gives a null answer)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_window_params(max_seq_length, doc_stride, max_query_length, flags: bool = False) -> None:
     """The window settings, refused in one line where they make no windows or leave context unseen; `flags`: named
     as the command line's flags (--doc-stride), else as the parameters."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from bertqa.files import write_json_files
 from bertqa.squad.data import Example
-from bertqa.squad.features import Features, check_positive
+from bertqa.squad.features import Features, check_finite, check_positive
 
 # Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_length
 # lets most pairs be valid): a deep search (the server's 2,048 windows of 384 tokens; --n-best-size 384 over
@@ -151,13 +151,7 @@ def postprocess(
             f"and end {end.shape}"
         )
     check_positive(n_best_size=n_best_size, max_answer_length=max_answer_length)  # (nan passed `< 1`: answers "")
-    threshold = null_score_diff_threshold  # (nan: never a null answer; a string: a TypeError deep inside)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float, np.number))
-        or not math.isfinite(threshold)
-    ):
-        raise ValueError(f"null_score_diff_threshold must be a finite number, got {threshold!r}")
+    check_finite(null_score_diff_threshold=null_score_diff_threshold)  # (a string: a TypeError deep inside)
     counts = np.bincount(features.example_index, minlength=len(examples))
     if len(counts) > len(examples) or not counts.all():
         raise ValueError(
