@@ -1042,3 +1042,23 @@ def test_cpu_training_under_torch_func_and_forward_ad_and_a_clear_error_for_a_se
         torch.autograd.grad(loss, list(params.values()), create_graph=True)
     ours.set_attention("eager")  # the written-out attention and BitDropout: differentiable twice
     torch.autograd.grad(ours(ids, types, mask, starts, ends).loss, list(params.values()), create_graph=True)
+
+
+@pytest.mark.parametrize("attn", ["auto", "sdpa", "eager", "blocked"])
+def test_a_batch_of_no_windows_runs_forward_and_backward(attn):
+    """A batch of 0 windows gets (0, T) logits from every attention, with and without autograd, as in transformers
+    (the blocked attention had no block to run and raised IndexError)."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = BertForQuestionAnswering(cfg, attn_implementation=attn).train()
+    ids, mask = torch.zeros(0, 8, dtype=torch.long), torch.ones(0, 8, dtype=torch.long)
+    for dropout in (True, False):
+        model.set_attention_dropout(dropout)
+        out = model(ids, attention_mask=mask)
+        assert out.start_logits.shape == out.end_logits.shape == (0, 8)
+        (out.start_logits.sum() + out.end_logits.sum()).backward()
+    model.eval()
+    for context in (torch.inference_mode, torch.enable_grad):
+        for dtype in (torch.float32, torch.bfloat16):
+            with context(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                assert model(ids, attention_mask=mask).start_logits.shape == (0, 8)

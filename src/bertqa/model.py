@@ -102,7 +102,8 @@ class Linear(nn.Linear):
             if held is None or held.numel() < rows * self.out_features:
                 held = scratch[self.out_features] = x.new_empty(rows * self.out_features)
             y = held[: rows * self.out_features].view(rows, self.out_features)
-            torch.addmm(self.bias, x.reshape(rows, -1), self.weight.t(), out=y)  # what F.linear runs, bit for bit
+            x2 = x.reshape(rows, x.size(-1))  # (not -1: a batch of no windows has rows == 0)
+            torch.addmm(self.bias, x2, self.weight.t(), out=y)  # what F.linear runs, bit for bit
             return ACTIVATIONS[self.activation][2](y).view(*x.shape[:-1], self.out_features)
         y = F.linear(x, self.weight, self.bias)
         return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
@@ -344,7 +345,7 @@ BLOCK_BYTES = 2**20  # T x T scores per block of heads, per thread: small enough
 
 def _blocks(n: int, T: int, itemsize: int) -> list[slice]:
     step = max(1, BLOCK_BYTES * torch.get_num_threads() // (T * T * itemsize))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    return [slice(i, min(n, i + step)) for i in range(0, max(n, 1), step)]  # (one empty block for n == 0)
 
 
 def _probs(qh, kt, bias, scale: float, b: slice, out, scratch=None):
