@@ -500,6 +500,45 @@ def test_page_names_replies_that_are_not_the_apis(server, tmp_path):
             assert not driver.find_element(By.ID, "result").is_displayed()
 
 
+def test_page_shows_a_servers_internal_error_instead_of_loading_for_ever(server, tmp_path):
+    """(review) A 500 is the server's own fault, which no retry mends: the page showed "model loading…" and asked
+    again every second, for good; a proxy's 502 or 504 (a restart) is still waited out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reply = (500, "application/json", '{"error": "internal error"}')
+    with prefix_proxy(server, replace={"/v1/model": reply}) as url, chromium_driver(tmp_path) as driver:
+        driver.get(url + "/")
+        WebDriverWait(driver, 10).until(lambda d: "unavailable" in d.find_element(By.ID, "model").text)
+        assert driver.find_element(By.ID, "model").text == "model unavailable: internal error"
+    with prefix_proxy(server, replace={"/v1/model": (502, "text/html", "<h1>Bad Gateway</h1>")}) as url:
+        with chromium_driver(tmp_path) as driver:
+            driver.get(url + "/")
+            time.sleep(2.5)  # two retries at least
+            assert driver.find_element(By.ID, "model").text == "model loading…"
+
+
+def test_model_description_of_a_config_with_nan_is_json(tiny_dir, tmp_path):
+    """(review) A config.json may hold NaN or Infinity in a key the model does not use (Python's json writes them):
+    /v1/model answered 500 (a JSON reply may not hold them), and the page waited for it for good."""
+    from bertqa.qa import QuestionAnswerer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(some_ratio=float("nan"), limits=[float("inf"), -float("inf"), 1.5])
+    (folder / "config.json").write_text(json.dumps(config))
+    qa = QuestionAnswerer.from_pretrained(folder, device="cpu", precision="fp32")
+    with running(create_app(qa)) as (url, _):
+        wait_ready(url)
+        status, _, text = call(url, "GET", "/v1/model")
+        assert status == 200, text
+        info = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the reply"))
+        assert info["config"]["some_ratio"] == "NaN"
+        assert info["config"]["limits"] == ["Infinity", "-Infinity", 1.5]
+        assert info["config"]["hidden_size"] == 32
+
+
 def test_page_shows_a_model_that_failed_to_load(tmp_path):
     """A failed load is for good (503 without Retry-After): the page says so instead of "model loading…" forever."""
     from selenium.webdriver.common.by import By

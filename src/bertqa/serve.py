@@ -397,6 +397,18 @@ async def _read_json(request: Request, limit: int, timeout_s: float, refused: as
     return data
 
 
+def _json_safe(value):
+    """`value` with each NaN or infinite float as the string JavaScript writes for it: a config.json may hold one
+    (Python's json reads and writes them), and a JSON reply may not (a browser's JSON.parse refuses them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _type(value) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
@@ -596,7 +608,7 @@ class _Server:
                 "device": str(qa.device),
                 "precision": precision.name,
                 "precision_reason": precision.describe(),
-                "config": qa.config.to_dict(),
+                "config": _json_safe(qa.config.to_dict()),
                 "parameters": dict(zip(DEFAULTS, _parameters({}, qa.config.max_position_embeddings))),
                 "server": self.settings,
             }
