@@ -2,8 +2,9 @@
 # The declared dependency floors, tested: a separate venv (.venv-floors) gets every dependency in pyproject.toml
 # at exactly its declared minimum (`name>=X` installed as `name==X`; torch's floor is 2.13, the oldest torch this
 # project's CI can install, see README "Installing torch"), nothing from the extras, then the tests that need no
-# extra. Under CI=true a skip fails (tests/conftest.py), so TESTS below must run whole without transformers,
-# starlette, onnx or the other extras. To raise a floor, change pyproject.toml: this script reads it.
+# extra. Under CI=true (.ci/run) a skip fails (tests/conftest.py), so TESTS below must run whole without
+# transformers, starlette, onnx or the other extras; run alone, a skip (no ../shared, say) stays one, listed at the
+# end. To raise a floor, change pyproject.toml: this script reads it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -72,4 +73,4 @@ TESTS=(
   --deselect tests/test_qa.py::test_ask_command
   --deselect tests/test_bench.py::test_bad_arguments_are_one_line
 )
-CI=true "$VENV/bin/python" -m pytest -p no:cacheprovider -q "${TESTS[@]}"
+"$VENV/bin/python" -m pytest -p no:cacheprovider -q -rs "${TESTS[@]}"

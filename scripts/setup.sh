@@ -29,17 +29,21 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 torch_recent() {  # whether .venv's torch is at least pyproject.toml's floor, 2.13
   .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))"
 }
-have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
-# Installed but failing to import (a CUDA build missing a library, say): named, not replaced by the pinned CPU build
-# (BERTQA_TORCH, where given, replaces it).
-if [ -z "$have" ] && [ -z "${BERTQA_TORCH:-}" ] &&
-  dist=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then
-  status=0
+import_error() {  # why `import torch` fails in .venv: its last line of stderr, or how it died
+  local status=0 why
   why=$(.venv/bin/python -c "import torch" 2>&1 | tail -n 1) || status=$?  # (pipefail: python's status)
   if [ -z "$why" ] && [ "$status" -gt 128 ]; then why="killed by signal $((status - 128))"; fi
-  [ -n "$why" ] || why="exit status $status"
-  echo "setup: .venv has torch $dist, which fails to import ($why); repair it, set BERTQA_TORCH to the pip arguments for another, or uninstall it to get torch==2.13.0" >&2
-  exit 1
+  echo "${why:-exit status $status}"
+}
+have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+# Installed but failing to import (a CUDA build missing a library, say): named, not replaced by the pinned CPU build.
+# BERTQA_TORCH, where given, replaces it: uninstalled first, as pip keeps a broken torch that its range allows.
+if [ -z "$have" ] && dist=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then
+  if [ -z "${BERTQA_TORCH:-}" ]; then
+    echo "setup: .venv has torch $dist, which fails to import ($(import_error)); repair it, set BERTQA_TORCH to the pip arguments for another, or uninstall it to get torch==2.13.0" >&2
+    exit 1
+  fi
+  .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check torch
 fi
 if [ -z "$have" ]; then
   # Pinned: an unpinned `torch` from PyPI is a multi-GB CUDA build, wasted on a CPU-only machine.
@@ -57,8 +61,12 @@ elif ! torch_recent 2>/dev/null; then
 fi
 # What BERTQA_TORCH installed, into a new venv or over an old torch: one older than the floor would be replaced by the
 # install below as the newest torch pip finds.
-if [ -n "${BERTQA_TORCH:-}" ] && ! torch_recent; then
-  echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
+if [ -n "${BERTQA_TORCH:-}" ] && ! torch_recent 2>/dev/null; then
+  if [ -z "$(.venv/bin/python -c "import torch; print(1)" 2>/dev/null)" ]; then  # (bash says no "Killed" in $())
+    echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left a torch in .venv that fails to import ($(import_error))" >&2
+  else
+    echo "setup: BERTQA_TORCH=\"$BERTQA_TORCH\" left torch older than 2.13 in .venv; give a version, e.g. \"torch>=2.13 --index-url ...\"" >&2
+  fi
   exit 1
 fi
 "${PIP[@]}" -e ".[test,plot,tensorboard,serve,onnx]"

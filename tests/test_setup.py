@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = -m ] && [ "$2" = pip ]; then
   echo "$*" >> "$FAKE_LOG"
-  for arg in "$@"; do case $arg in torch==*) echo "${arg#torch==}" > "$FAKE_TORCH";; esac; done
+  if [ "$3" = uninstall ]; then rm -rf "$FAKE_SITE"/torch-*.dist-info "$FAKE_TORCH"; exit 0; fi
+  for arg in "$@"; do case $arg in
+    torch==*) echo "${arg#torch==}" > "$FAKE_TORCH";;
+    "torch>="*)  # a range: an installed torch, even one that fails to import, is kept ("already satisfied")
+      if ! compgen -G "$FAKE_SITE/torch-*.dist-info" >/dev/null && [ ! -e "$FAKE_TORCH" ]; then
+        echo 2.14.0 > "$FAKE_TORCH"
+      fi;;
+  esac; done
   exit 0
 fi
 PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" -S "$@"
@@ -95,9 +102,7 @@ def test_bertqa_torch_replaces_an_old_torch(project):
 def test_a_torch_that_is_installed_but_fails_to_import_is_named_not_replaced(project):
     """A CUDA build missing a library was taken for no torch: pip replaced it with the pinned CPU build (from PyPI,
     a multi-GB CUDA one), and the import error was never shown. BERTQA_TORCH, where given, still replaces it."""
-    dist = project / "site" / "torch-2.14.0+cu128.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.0+cu128\n")
+    broken_torch(project)
     advice = "repair it, set BERTQA_TORCH to the pip arguments for another, or uninstall it to get torch==2.13.0"
     rc, err, calls = setup(project)  # (no torch-version file: the stand-in's import fails)
     assert (
@@ -113,6 +118,33 @@ def test_a_torch_that_is_installed_but_fails_to_import_is_named_not_replaced(pro
     )
     rc, err, calls = setup(project, bertqa_torch="torch==2.13.1")
     assert rc == 0 and any(call.endswith("torch==2.13.1") for call in calls) and installs_bertqa(calls), err
+
+
+def broken_torch(project):
+    """A torch distribution in the stand-in venv whose import fails (no torch-version file)."""
+    dist = project / "site" / "torch-2.14.0+cu128.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.0+cu128\n")
+
+
+def test_bertqa_torch_with_a_range_replaces_a_torch_that_fails_to_import(project):
+    """(review) pip keeps an installed torch that BERTQA_TORCH's range allows ("already satisfied"), even one that
+    fails to import: setup.sh then printed the import's traceback and said the torch was older than 2.13."""
+    broken_torch(project)
+    rc, err, calls = setup(project, bertqa_torch="torch>=2.13 --index-url http://127.0.0.1:1/")
+    assert rc == 0 and installs_bertqa(calls), err
+    removal = next(i for i, call in enumerate(calls) if " uninstall " in call and call.endswith(" torch"))
+    assert removal < next(i for i, call in enumerate(calls) if "torch>=2.13 --index-url" in call)
+    assert (project / "torch-version").read_text().strip() == "2.14.0"
+    # and one that BERTQA_TORCH installs but that fails to import is named so, in one line
+    broken_torch(project)
+    (project / "pip.log").unlink()
+    rc, err, calls = setup(project, bertqa_torch="torch>=2.13", FAKE_TORCH_SIGNAL="9")
+    assert rc == 1 and not installs_bertqa(calls)
+    assert (
+        err.strip()
+        == 'setup: BERTQA_TORCH="torch>=2.13" left a torch in .venv that fails to import (killed by signal 9)'
+    )
 
 
 def test_a_python_older_than_310_makes_no_venv(project, tmp_path):
