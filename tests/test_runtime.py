@@ -18,6 +18,16 @@ from bertqa.runtime import Precision, rng_state, set_rng_state
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def no_onednn_cap():
+    """The CPU's features are mocked here: a cap set in the caller's environment would change every choice (its own
+    MonkeyPatch: a test's monkeypatch.undo() leaves this in place)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            patch.delenv(name, raising=False)
+        yield
+
+
 @pytest.mark.parametrize(
     "features, expected, why",
     [
@@ -31,6 +41,41 @@ def test_auto_on_cpus(features, expected, why):
     p = Precision.resolve("auto", CPU, features=features)
     assert p.name == expected and why in p.reason and p.describe().startswith(f"{expected} (auto: ")
     assert Precision.resolve(None, CPU, features=features).name == expected  # None means auto
+
+
+@pytest.mark.parametrize(
+    "variable, value, expected, why",
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", "fp32", "CPU has avx512_bf16/amx_bf16, but ONEDNN_MAX_CPU_ISA=AVX2 keeps"),
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core", "fp32", "but ONEDNN_MAX_CPU_ISA=avx512_core keeps oneDNN from them"),
+        ("DNNL_MAX_CPU_ISA", "AVX512_CORE_VNNI", "fp32", "but DNNL_MAX_CPU_ISA=AVX512_CORE_VNNI keeps"),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", "bf16", "CPU has avx512_bf16, native"),  # AMX capped, not bf16
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
+        ("ONEDNN_MAX_CPU_ISA", "DEFAULT", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
+        ("ONEDNN_MAX_CPU_ISA", "", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
+    ],
+)
+def test_auto_on_cpus_follows_onednns_isa_cap(monkeypatch, caplog, variable, value, expected, why):
+    """(review) oneDNN capped below AVX512_CORE_BF16 emulates bf16 (3-10x slower than fp32 here) whatever the CPU
+    has: auto chose bf16 and said the matmuls were native."""
+    monkeypatch.setenv(variable, value)
+    p = Precision.resolve("auto", CPU, features={"avx512_bf16": True, "amx_bf16": True})
+    assert p.name == expected and why in p.reason, p.reason
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        Precision.resolve("bf16", CPU, features={"avx512_bf16": True, "amx_bf16": True})
+    assert ("bf16 will be emulated, far slower than fp32" in caplog.text) == (expected == "fp32")
+
+
+def test_auto_on_a_torch_that_cannot_read_the_cpus_features(monkeypatch, caplog):
+    """(review) The start-up line said the CPU lacked bf16 instructions, which it may have."""
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    p = Precision.resolve("auto", CPU)
+    assert p.name == "fp32" and p.reason == (
+        "auto: this torch cannot read the CPU's features (torch.cpu.get_capabilities), so no native bf16"
+    )
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        assert Precision.resolve("bf16", CPU).name == "bf16"
+    assert "get_capabilities): bf16 may be emulated, far slower than fp32" in caplog.text
 
 
 def test_auto_on_cpus_needs_onednn(monkeypatch):

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,34 @@ log = logging.getLogger("bertqa")
 CPU_NATIVE = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
-def cpu_features() -> dict:
-    """The CPU's feature flags as torch's cpuinfo reports them ({} where this torch cannot tell)."""
+def cpu_features() -> dict | None:
+    """The CPU's feature flags as torch's cpuinfo reports them (None where this torch cannot tell)."""
     try:
         return dict(torch.cpu.get_capabilities())
     except (AttributeError, RuntimeError):
-        return {}
+        return None
+
+
+# oneDNN's instruction-set levels (dnnl_cpu_isa_t: each a bit mask holding the ones below it), by the names its
+# ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) takes, and the level each native instruction needs. Capped below that
+# level, oneDNN emulates the type however able the CPU is.
+ONEDNN_ISA = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F, "AVX512_CORE": 0x27,
+              "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
+              "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
+              "AVX512_CORE_AMX_FP16": 0x1FEF}  # fmt: skip
+ISA_NEEDED = {"avx512_bf16": "AVX512_CORE_BF16", "amx_bf16": "AVX512_CORE_AMX", "avx512_fp16": "AVX512_CORE_FP16",
+              "amx_fp16": "AVX512_CORE_AMX_FP16"}  # fmt: skip
+
+
+def onednn_isa_cap() -> tuple[str, int] | None:
+    """(variable=value, mask) of the instruction-set cap oneDNN reads from the environment, or None: unset, or a
+    name it does not cap at (DEFAULT, ALL, a later level)."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # (oneDNN's order)
+        value = os.environ.get(name, "")
+        if value:
+            mask = ONEDNN_ISA.get(value.strip().upper())
+            return None if mask is None else (f"{name}={value}", mask)
+    return None
 
 
 # ROCm GPUs with bf16 and fp16 matrix instructions, by the start of their architecture name (gcnArchName):
@@ -36,8 +59,9 @@ def cpu_features() -> dict:
 ROCM_MATRIX = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
 
 
-def native_precision(precision: str, device: torch.device, features: dict | None = None) -> tuple[bool, str]:
-    """Whether `device` runs bf16/fp16 matmuls natively, and the evidence, in words."""
+def native_precision(precision: str, device: torch.device, features: dict | None = None) -> tuple[bool | None, str]:
+    """Whether `device` runs bf16/fp16 matmuls natively (None: this torch cannot tell), and the evidence, in
+    words."""
     if device.type == "cuda" and not _nvidia(device):  # ROCm
         arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
         native = arch.startswith(ROCM_MATRIX)
@@ -58,10 +82,19 @@ def native_precision(precision: str, device: torch.device, features: dict | None
         if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return False, f"oneDNN is {'off' if torch.backends.mkldnn.is_available() else 'not in this torch'}"
         features = cpu_features() if features is None else features
+        if features is None:
+            return None, "this torch cannot read the CPU's features (torch.cpu.get_capabilities)"
         have = [f for f in CPU_NATIVE[precision] if features.get(f)]
-        if have:
-            return True, f"CPU has {'/'.join(have)}"
-        return False, f"CPU lacks {' and '.join(CPU_NATIVE[precision])}"
+        if not have:
+            return False, f"CPU lacks {' and '.join(CPU_NATIVE[precision])}"
+        cap = onednn_isa_cap()
+        usable = [f for f in have if cap is None or cap[1] & ONEDNN_ISA[ISA_NEEDED[f]] == ONEDNN_ISA[ISA_NEEDED[f]]]
+        if not usable:
+            return (
+                False,
+                f"CPU has {'/'.join(have)}, but {cap[0]} keeps oneDNN from {'them' if len(have) > 1 else 'it'}",
+            )
+        return True, f"CPU has {'/'.join(usable)}"
     return False, f"{device.type}: native {precision} support unknown"
 
 
@@ -123,7 +156,7 @@ class Precision:
                 native, why = native_precision(requested, device, features)
                 if not native:
                     slow = (
-                        "will be emulated, far slower"
+                        f"{'may' if native is None else 'will'} be emulated, far slower"
                         if device.type == "cpu"
                         else "has no tensor cores or matrix units here, likely slower"
                     )
