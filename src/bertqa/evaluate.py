@@ -94,7 +94,8 @@ class EvalConfig:
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
-                raise FileNotFoundError(f"{self.flag(name)} {path or repr(path)}: no such file")
+                what = "is a folder, not a file" if path and Path(path).is_dir() else "no such file"
+                raise FileNotFoundError(f"{self.flag(name)} {path or repr(path)}: {what}")
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes
