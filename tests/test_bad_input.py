@@ -666,8 +666,15 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
     # predict's files in it, after all its steps), nor `convert` there.
     (tmp_path / "model").mkdir()
     below = ["--output", tmp_path / "model" / "pred.json"]
+    model, squad = inputs["tiny"], inputs["squad"]
+    # (review) Nor evaluate, train or export there: they wrote into it, and the train failed at its end.
+    others = [
+        ["evaluate", "--model", model, "--predict-file", squad, "--output-dir", tmp_path / "model", *FAST],
+        ["train", "--model", model, "--train-file", squad, "--output-dir", tmp_path / "model" / "run", *FAST],
+        ["export", "onnx", "--model", model, "--output", tmp_path / "model" / "m.onnx"],
+    ]
     with exclusive(tmp_path):
-        for command in (argv[: -len(FAST) - 2] + below + FAST, ["convert", inputs["tiny"], tmp_path / "model"]):
+        for command in (argv[: -len(FAST) - 2] + below + FAST, ["convert", model, tmp_path / "model"], *others):
             code, _, err = run_main(command, capsys, monkeypatch)
             assert code != 0 and one_error_line(err).endswith(
                 f"{tmp_path} is a folder another run is writing (its --output-dir); wait for it or write elsewhere"
@@ -681,6 +688,8 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
         check_not_claimed(tmp_path / "runs" / "model", "--output x")
         with pytest.raises(ValueError, match="is a folder another run is writing"):  # (below its model/: refused)
             check_not_claimed(tmp_path / "model" / "sub", "--output x")
+        with pytest.raises(ValueError, match="is a folder another run is writing"), exclusive(tmp_path / "model"):
+            pytest.fail("held a folder that the run holding its parent replaces")  # (a run started after the checks)
 
 
 @pytest.mark.parametrize("where", ["predict --output", "evaluate --output-dir", "train --output-dir", "convert DST",

@@ -581,6 +581,27 @@ def test_a_fresh_run_into_a_finished_runs_folder_keeps_its_metrics_until_its_fir
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]  # the new run's, up to its failure
 
 
+def test_a_fresh_run_into_a_finished_runs_folder_without_its_checkpoint_keeps_its_metrics(tiny_dir, small_squad,
+                                                                                         tmp_path):  # fmt: skip
+    """(review) With the checkpoint deleted (a finished run's largest file), a fresh run that stopped before its first
+    save left its partial lines beside the earlier run's model/, summary and curves: the earlier lines were lost."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1))
+    (out / "checkpoint.pt").unlink()
+    earlier = (out / "metrics.jsonl").read_bytes()
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, seed=7), on_step=crash)
+    assert (out / "metrics.jsonl").read_bytes() == earlier and not list(out.glob(".metrics*"))
+    train(cfg_for(tiny_dir, small_squad, out, max_steps=4, log_every=1, seed=7))  # a fresh run that finishes
+    assert (out / "metrics.jsonl").read_bytes() != earlier and not list(out.glob(".metrics*"))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_a_fresh_run_stopped_once_its_checkpoint_is_renamed_keeps_its_own_lines(tiny_dir, small_squad, tmp_path,
                                                                                monkeypatch):  # fmt: skip
     """Ctrl-C (or an I/O error) while the folder is flushed after the checkpoint's rename: the checkpoint is this

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len
-from .files import atomic_path, check_output, first_line, read_one_version, scratch_dir
+from .files import atomic_path, check_not_claimed, check_output, first_line, read_one_version, scratch_dir
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, check_window_params, featurize
@@ -311,6 +311,7 @@ def export_onnx(
     if isinstance(config, (str, os.PathLike)) and Path(config).is_file():  # (else a preset's name or a BertConfig)
         inputs["--config"] = config
     output = check_output(output, ".onnx", inputs=inputs)
+    check_not_claimed(Path(os.path.realpath(output)).parent, f"--output {output}")
     check_window_params(max_seq_length, doc_stride, max_query_length, flags=True)
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model}: no such checkpoint file or folder")
@@ -346,6 +347,7 @@ def export_onnx(
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}
     # The graphs are written in a scratch folder beside the output (which also clears what a killed export left:
     # up to twice the model's size), then renamed into place.
+    check_not_claimed(Path(os.path.realpath(output)).parent, f"--output {output}")  # (one may have started since)
     with scratch_dir(output, "onnx-export") as work, atomic_path(output, within=work) as tmp:
         fp32 = work / "fp32.onnx" if int8 else tmp
         report["opset"] = _export_graph(net, fp32, opset, tokenizer.pad_id)

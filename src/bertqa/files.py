@@ -295,6 +295,7 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
             raise ValueError(f"{flag} {output_dir}: {path / name} holds the current folder, which replacing it would "
                              "delete; run from another folder")  # fmt: skip
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
+    check_not_claimed(path, f"{flag} {output_dir}", itself=False)  # (itself: exclusive() says so)
     return path
 
 
@@ -686,16 +687,17 @@ def _remove_empty(made: list[Path]) -> None:
 REPLACED_WHOLE = ("model",)
 
 
-def check_not_claimed(folder: str | os.PathLike, what: str) -> None:
+def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True) -> None:
     """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
     into a folder it replaces whole there, or below one (REPLACED_WHOLE: a train's model/, which it refused to
     replace once it held another's files, after all its steps), whose files it would mix with its own, or remove
     at its end. Only looked at (a shared lock, for a moment), not held: runs that write single files (predict
     --output, convert) may share a folder. (Not every folder above: a lock another program holds on one,
-    `flock -n ~/proj cmd`'s, would read as a run's.)"""
+    `flock -n ~/proj cmd`'s, would read as a run's.) Not `itself` for a run about to hold the folder (exclusive),
+    which says so in its own words."""
     folder = _real(Path(folder).absolute())
     whole = [level.parent for level in (folder, *folder.parents) if level.name in REPLACED_WHOLE]
-    for level in (folder, *whole):
+    for level in ([folder] if itself else []) + whole:
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError:  # none there (yet), or not a folder
@@ -763,6 +765,7 @@ def exclusive(folder: str | os.PathLike, clear=()):
     whose temporary files or folders, left by a run killed mid-write, are deleted once it is held
     (remove_stale_temps)."""
     folder = Path(folder)
+    check_not_claimed(folder, str(folder), itself=False)  # (below a running train's model/: gone at its end)
     made = _make_folder(folder)
     try:
         fd = _lock(folder)

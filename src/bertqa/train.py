@@ -359,7 +359,7 @@ class MetricsLog:
     """metrics.jsonl (+ TensorBoard scalars) on rank 0: on a resume, the lines up to `resume_step`, which the
     resumed run goes on from; else none of an earlier run's.
 
-    A fresh run into a folder whose checkpoint is an earlier (finished) run's (`keep_earlier`) sets that run's
+    A fresh run into a folder whose checkpoint or model/ is an earlier (finished) run's (`keep_earlier`) sets that run's
     metrics.jsonl and tensorboard folder aside, as `.metrics.jsonl.before-RUN_ID` and `.tensorboard.before-RUN_ID`
     (this run's id; `.NAME.none-RUN_ID` where there was none), until its own first checkpoint replaces the earlier
     one (`checkpointed`): a run that fails before then puts them back, and one killed outright has them put back at
@@ -686,11 +686,13 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
               f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
               flush=True)  # fmt: skip
+    # A finished run's curves stand beside its model/ even where its checkpoint was deleted: kept the same way.
+    earlier_model = _model_run_id(out_dir / "model") is not None
     with fail_together(d):  # rank 0 writes; a failure there (a full disk) must not leave the others in DDP's set-up
         metrics = None
         if d.is_main:
             metrics = MetricsLog(out_dir, cfg.tensorboard, start_step, run_id, checkpoint_run_id,
-                                 keep_earlier=not found and ckpt_path.is_file())  # fmt: skip
+                                 keep_earlier=not found and (ckpt_path.is_file() or earlier_model))  # fmt: skip
     if metrics is not None:
         held.push(metrics.close_on_exit)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph.
