@@ -252,6 +252,19 @@ def test_a_tokenizer_much_smaller_than_the_models_vocabulary_is_warned_about(voc
     assert "model: the tokenizer has 30,522 tokens, the model's vocabulary 31,090: is it this model's" in caplog.text
 
 
+def test_whitespace_at_the_end_of_a_vocab_txt_line_is_not_part_of_the_token(tmp_path):
+    """(review) "who " was read as a token no word matches: every "who" became [UNK], where transformers (and
+    Google's and NVIDIA's loaders) read "who". Whitespace before a token stays, as in transformers."""
+    ends = [" ", "\t", "\u3000", "\xa0", "\x0b", "\x0c", "\x1c", "\x1f", "\u200b", ""]
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}{end}" for i, end in enumerate(ends)), "  lead"]
+    (tmp_path / "vocab.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    ours = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True).backend.get_vocab()
+    theirs = transformers.BertTokenizer(str(tmp_path / "vocab.txt")).get_vocab()
+    assert ours == theirs and ours["w0"] == 5 and "w6\x1c" in ours and "  lead" in ours
+    tok = load_tokenizer(tmp_path / "vocab.txt", do_lower_case=True)
+    assert tok.tokenize(["w0 w1 w9"])[0].ids == [5, 6, 14]
+
+
 def test_vocab_ids_are_line_numbers(tmp_path):
     # Google's and HF's loaders give a token the id of its line, blank lines counting.
     (tmp_path / "vocab.txt").write_text("[PAD]\n\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n")

@@ -137,10 +137,20 @@ class BertTokenizer:
         return lines[::-1]
 
 
+def _vocab_token(line: str) -> str:
+    """The token of a vocab.txt line: the line without the whitespace at its end, as transformers reads it
+    (Unicode's White_Space: not the separators U+001C-U+001F, which Python's isspace counts). "who " kept whole
+    matched no word: each became [UNK]."""
+    end = len(line)
+    while end and line[end - 1].isspace() and line[end - 1] not in "\x1c\x1d\x1e\x1f":
+        end -= 1
+    return line[:end]
+
+
 def _from_vocab(vocab_file: Path, do_lower_case: bool, strip_accents: bool | None = None,
                 chinese_chars: bool = True) -> Tokenizer:  # fmt: skip
     with open(vocab_file, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
+        lines = [_vocab_token(line) for line in f]
     while lines and not lines[-1]:  # blank lines at the end are no tokens: the model's vocabulary has no row for them
         lines.pop()
     # The id of a token is its line number, blank lines included (as Google's and HF's loaders).
