@@ -606,6 +606,30 @@ def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_
         BertConfig.from_json(path)
 
 
+def test_config_json_numbers_and_nesting_json_takes_but_python_cannot_read_name_the_file(tmp_path):
+    """(review) An integer past float's range in a float field passed the check (it compares below inf) and failed
+    in torch (an internal error); an integer of more digits than Python converts, or nesting past its recursion
+    limit, in any key, failed without naming the file."""
+    from bertqa.config import BertConfig
+    from bertqa.tokenizer import load_tokenizer
+
+    path = tmp_path / "config.json"
+    base = '{"vocab_size": 1000, "hidden_size": 32, "num_attention_heads": 2, '
+    for field in ("layer_norm_eps", "initializer_range"):
+        path.write_text(base + f'"{field}": 1{"0" * 400}}}')
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: '{field}' must be a number >= 0, not 1000"):
+            BertConfig.from_json(path)
+    for tail, why in (('"notes": 1' + "0" * 5000 + "}", "Exceeds the limit"), ('"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply")):  # fmt: skip
+        path.write_text(base + tail)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not a JSON config \\({why}"):
+            BertConfig.from_json(path)
+        (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+        (tmp_path / "tokenizer_config.json").write_text("{" + tail)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'tokenizer_config.json'))}: not a JSON"):
+            load_tokenizer(tmp_path)
+    assert BertConfig(layer_norm_eps=10**300).layer_norm_eps == 10**300  # (within float's range: taken)
+
+
 def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
     """from_json checks the JSON's types first; a BertConfig built in Python took NaN or a negative rate, which
     failed only in training (NaN: "cannot convert float NaN to integer")."""

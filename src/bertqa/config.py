@@ -105,8 +105,10 @@ class BertConfig:
     def from_json(cls, path: str | os.PathLike) -> BertConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON config ({e})") from None
+        except (ValueError, UnicodeDecodeError) as e:  # (ValueError: also an integer of more digits than Python reads)
+            raise ValueError(f"{path}: not a JSON config ({str(e).splitlines()[0][:200]})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a JSON config (nested too deeply)") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a config must be a JSON object")
         try:
@@ -153,7 +155,10 @@ def _check_value(name: str, value, default):
         value = int(value) if ok and value is not None else value
     else:
         kind = "a number >= 0"
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < float("inf")
+        try:  # (an integer past float's range, 10**400, compares below inf: torch's conversion then overflowed)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= float(value) < float("inf")
+        except OverflowError:
+            ok = False
         value = float(value) if ok and not isinstance(value, (int, float)) else value
     if not ok:
         raise ValueError(f"'{name}' must be {kind}, not {json.dumps(value, default=repr)[:40]}")

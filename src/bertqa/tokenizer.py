@@ -389,7 +389,7 @@ def _json_object(f: Path) -> dict:
         return {}
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # (ValueError: also not UTF-8, or an integer of more digits than Python reads)
         d = None
     if not isinstance(d, dict):
         raise ValueError(f"{f}: not a JSON object")
