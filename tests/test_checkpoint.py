@@ -431,6 +431,23 @@ def test_safetensors_under_another_name_load(hf_qa_dir, tmp_path):
     assert torch.equal(ours.qa_outputs.weight, load_model(hf_qa_dir).qa_outputs.weight)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "vocab.txt"])
+def test_a_model_file_that_is_a_link_to_nothing_is_named_not_taken_for_no_file(hf_qa_dir, tmp_path, run_here, name):
+    """(review) In an HF cache snapshot whose blob is gone, model.safetensors is a link to nothing: the error said
+    the folder held no model.safetensors (nor config.json), and a tokenizer.json to nothing was passed over for
+    vocab.txt."""
+    folder = tmp_path / "snapshot"
+    shutil.copytree(hf_qa_dir, folder)
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")  # (present: tokenizer.json is read first)
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(tmp_path / "blobs" / "0123abcd")
+    r = run_here("ask", "--model", folder, "--question", "Who?", "--context", "Denver won.")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"bertqa: error: {folder / name}: a symbolic link to {tmp_path / 'blobs' / '0123abcd'}, which does not exist "
+        "(an unfinished download, or a cleaned cache?)"
+    ], r.stderr
+
+
 def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir, monkeypatch, run_here):
     monkeypatch.chdir(hf_qa_dir)  # a model folder: Path("") would load it
     with pytest.raises(CheckpointError, match="model path '': empty"):

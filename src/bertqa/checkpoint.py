@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
-from .files import LFS_POINTER, atomic_dir, first_line, not_a_model_folder
+from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder
 from .model import BertForQuestionAnswering
 
 # Key renames from other layouts to ours, applied in order (converters as data).
@@ -193,7 +193,7 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
 def _find(path: Path, config) -> tuple[Path, BertConfig]:
     """Resolve (weights file, config) from a folder or a file plus an optional config/path."""
     if path.is_dir():
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        weights = first_present(path, WEIGHT_FILES)
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
             other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
@@ -215,7 +215,7 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     if config is None:
-        config = next((folder / f for f in CONFIG_FILES if (folder / f).is_file()), None)
+        config = first_present(folder, CONFIG_FILES)
         if config is None:
             raise CheckpointError(
                 f"{path}: no {' or '.join(CONFIG_FILES)} beside the weights; pass config= (CLI: --config)"

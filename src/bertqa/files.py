@@ -255,6 +255,20 @@ def check_no_link_loop(path: Path, flag: str) -> None:
             raise ValueError(f"{flag}: {path} is, or lies in, a symbolic link loop") from None
 
 
+def first_present(folder: Path, names) -> Path | None:
+    """The first of the files `names` in `folder` (None where none is): a link among them that leads to nothing (an
+    HF cache whose blob was removed or never finished) is refused, not passed over as no file, which named no
+    cause, or read the next file in its place."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (an "
+                                    "unfinished download, or a cleaned cache?)")  # fmt: skip
+    return None
+
+
 def check_no_dangling_link(path: Path, flag: str) -> None:
     """Refuse a folder to make whose path, or a folder above it, is a symbolic link to nothing (mkdir says only
     "File exists")."""

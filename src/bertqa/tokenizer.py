@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordPiece
 
-from .files import LFS_POINTER, first_line
+from .files import LFS_POINTER, first_line, first_present
 
 SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
@@ -265,7 +265,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     if p.is_file() and p.suffix.lower() not in (".json", ".txt") and _is_weights(p):
         p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
-        json_file, vocab_file, folder = p / "tokenizer.json", p / "vocab.txt", p
+        json_file, vocab_file, folder = first_present(p, ["tokenizer.json"]), first_present(p, ["vocab.txt"]), p
     elif p.is_file():
         json_file = p if p.suffix.lower() == ".json" else None
         vocab_file = None if json_file else p
