@@ -279,6 +279,22 @@ def test_a_blank_context_is_fine_when_its_questions_are_impossible():
     assert [ex.qid for ex in parse_squad(doc, "in.json", is_training=True)] == ["q"]
 
 
+@pytest.mark.parametrize("version", ["1.1", "v2.0"])
+def test_predict_takes_a_blank_context_and_predicts_no_answer_there(inputs, tmp_path, capsys, monkeypatch, version):
+    """(review) A question without answers on a blank context was refused for prediction ("not marked
+    is_impossible"): the whole file, though prediction needs no gold answers, and the model answers "" there."""
+    doc = {"version": version, "data": [{"title": "t", "paragraphs": [
+        {"context": "Ada Lovelace wrote the first program.", "qas": [{"id": "a", "question": "Who wrote it?"}]},
+        {"context": " \u200b ", "qas": [{"id": "b", "question": "Who wrote it?"}]}]}]}  # fmt: skip
+    (tmp_path / "in.json").write_text(json.dumps(doc))
+    argv = ["predict", "--model", inputs["tiny"], "--input", tmp_path / "in.json", "--output", tmp_path / "p.json",
+            *FAST]  # fmt: skip
+    code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "p.json").read_text())
+    assert set(predictions) == {"a", "b"} and predictions["b"] == ""
+
+
 def test_files_that_python_cannot_parse_name_the_file(tmp_path):
     for name, content in (("deep.json", "[" * 100_000), ("digits.json", '{"data": ' + "1" * 5000 + "}")):
         (tmp_path / name).write_text(content)

@@ -300,7 +300,8 @@ def parse_squad(
                     raise SquadFormatError(f"{path}: {where}: is_impossible is true but answers is not empty")
                 if not impossible and not texts and (require_answers or is_training):
                     raise SquadFormatError(f"{path}: {where}: no answers and not marked is_impossible")
-                if not impossible and blank_context and not is_training:  # nothing to find an answer in
+                # Nothing to find a gold answer in (prediction needs none: it predicts "" there).
+                if not impossible and blank_context and require_answers and not is_training:
                     raise SquadFormatError(
                         f"{path}: {where}: the context (article {a} paragraph {p}) is empty and the question "
                         "is not marked is_impossible"
