@@ -1,6 +1,7 @@
 """The official SQuAD v1.1 / v2.0 metrics: hand-computed cases and properties."""
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -150,6 +151,31 @@ def test_no_questions_is_an_error_not_a_division_by_zero():
     for score in (evaluate_v1, lambda data, preds: evaluate_v2(data, preds)):
         with pytest.raises(ValueError, match="^no questions to score$"):
             score([{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}], {})
+
+
+def test_the_python_apis_bad_arguments_are_refused_in_one_line(tmp_path):
+    """(review) A NaN threshold or no-answer probability scored silently wrong (NaN passes no comparison: nothing
+    abstained, best thresholds NaN); a string threshold, the whole document for its "data", or a prediction that is
+    no string failed deep inside."""
+    data, preds, probs = dataset(("a", ["cat"]), ("b", [])), {"a": "cat", "b": "cat"}, {"a": 0.2, "b": 0.9}
+    assert evaluate_v2(data, preds, probs, 0.5)["exact"] == 100.0  # (the threshold works: b abstains)
+    for args, error, message in (
+        ((data, preds, probs, float("nan")), ValueError, "na_prob_thresh must be a finite number, got nan"),
+        ((data, preds, probs, "0.5"), TypeError, "na_prob_thresh must be a number, not str"),
+        ((data, preds, {"a": float("nan"), "b": 0.9}), ValueError, "na_probs['a'] must be a finite number, got nan"),
+        ((data, preds, {"a": True, "b": 0.9}), TypeError, "na_probs['a'] must be a number, not bool"),
+        ((data, {"a": None}), TypeError, "predictions['a'] must be an answer string, not NoneType"),
+        (({"data": data}, preds), TypeError, "dataset must be a SQuAD file's 'data' list, not dict (pass the document"),
+    ):
+        with pytest.raises(error, match=re.escape(message)):
+            evaluate_v2(*args)
+    for args, message in ((({"data": data}, preds), "dataset must be"), ((data, {"a": 3}), "predictions['a'] must")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            evaluate_v1(*args)
+    (tmp_path / "d.json").write_text(json.dumps({"version": "v2.0", "data": data}))
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    with pytest.raises(ValueError, match="na_prob_thresh must be a finite number, got nan"):
+        score_files(tmp_path / "d.json", tmp_path / "p.json", na_prob_thresh=float("nan"))
 
 
 @given(st.text())

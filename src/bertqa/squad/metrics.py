@@ -51,9 +51,38 @@ def _questions(dataset: list):
             yield from paragraph["qas"]
 
 
+def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, na_prob_thresh: float = 1.0) -> None:
+    """The Python API's arguments, refused in one line where scoring would fail deep inside, or (a NaN) score
+    wrongly without a word: NaN passes no comparison, so nothing abstained."""
+    if not isinstance(dataset, list):
+        hint = " (pass the document's ['data'])" if isinstance(dataset, dict) and "data" in dataset else ""
+        raise TypeError(f"dataset must be a SQuAD file's 'data' list, not {type(dataset).__name__}{hint}")
+    for name, mapping, kind in (("predictions", predictions, str), ("na_probs", na_probs, float)):
+        if mapping is None and name == "na_probs":
+            continue
+        if not isinstance(mapping, dict):
+            raise TypeError(f"{name} must be a dict of question id -> {kind.__name__}, not {type(mapping).__name__}")
+        for qid, value in mapping.items():
+            number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number or (kind is str and isinstance(value, str))):
+                raise TypeError(f"{name}[{qid!r}] must be {'a number' if kind is float else 'an answer string'}, not "
+                                f"{type(value).__name__}")  # fmt: skip
+            if number and not math.isfinite(value):
+                raise ValueError(f"{name}[{qid!r}] must be a finite number, got {value!r}")
+    _check_threshold(na_prob_thresh)
+
+
+def _check_threshold(na_prob_thresh) -> None:
+    if isinstance(na_prob_thresh, bool) or not isinstance(na_prob_thresh, (int, float)):
+        raise TypeError(f"na_prob_thresh must be a number, not {type(na_prob_thresh).__name__}")
+    if not math.isfinite(na_prob_thresh):
+        raise ValueError(f"na_prob_thresh must be a finite number, got {na_prob_thresh!r}")
+
+
 def evaluate_v1(dataset: list, predictions: dict) -> dict:
     """`{"exact_match", "f1"}` over every question of `dataset` (the JSON's "data" list); a question
     without a prediction scores 0 and still counts (logged once), predictions for unknown ids are ignored."""
+    _check_arguments(dataset, predictions)
     exact = f1 = total = 0
     missing = []
     for qa in _questions(dataset):
@@ -137,6 +166,7 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     while still counting in every total (the official script prints the same line and then fails with a
     KeyError, so for complete predictions the numbers are identical). Unknown ids are ignored.
     """
+    _check_arguments(dataset, predictions, na_probs, na_prob_thresh)
     # A question without an "answers" list has none (the parser lets v2.0 files leave it out).
     has_ans = {qa["id"]: bool(qa.get("answers")) for qa in _questions(dataset)}
     if not has_ans:
@@ -203,6 +233,7 @@ def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False
 
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
+    _check_threshold(na_prob_thresh)
     doc = load_json(data_path)
     v2 = v2 or is_squad_v2(doc)
     # In v2.0, as the official script reads it, a question with no answers is unanswerable, is_impossible or not
