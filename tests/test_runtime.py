@@ -52,6 +52,7 @@ def test_auto_on_cpus(features, expected, why):
         ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", "bf16", "CPU has avx512_bf16, native"),  # AMX capped, not bf16
         ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
         ("ONEDNN_MAX_CPU_ISA", "DEFAULT", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
+        ("ONEDNN_MAX_CPU_ISA", " AVX2", "bf16", "CPU has avx512_bf16/amx_bf16, native"),  # (oneDNN: no such name)
         ("ONEDNN_MAX_CPU_ISA", "", "bf16", "CPU has avx512_bf16/amx_bf16, native"),
     ],
 )

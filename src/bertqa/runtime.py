@@ -47,7 +47,7 @@ def onednn_isa_cap() -> tuple[str, int] | None:
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # (oneDNN's order)
         value = os.environ.get(name, "")
         if value:
-            mask = ONEDNN_ISA.get(value.strip().upper())
+            mask = ONEDNN_ISA.get(value.upper())  # (oneDNN takes any case, but no spaces: " AVX2" caps nothing)
             return None if mask is None else (f"{name}={value}", mask)
     return None
 

@@ -265,7 +265,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     if p.is_file() and p.suffix.lower() not in (".json", ".txt") and _is_weights(p):
         p = p.parent  # a weights file: its tokenizer lies beside it
     if p.is_dir():
-        json_file, vocab_file, folder = first_present(p, ["tokenizer.json"]), first_present(p, ["vocab.txt"]), p
+        json_file, folder = first_present(p, ["tokenizer.json"]), p
+        vocab_file = first_present(p, ["vocab.txt"]) if json_file is None else None  # (read only without it)
     elif p.is_file():
         json_file = p if p.suffix.lower() == ".json" else None
         vocab_file = None if json_file else p

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import string
 from collections import Counter, OrderedDict
@@ -63,7 +64,7 @@ def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, n
         if not isinstance(mapping, dict):
             raise TypeError(f"{name} must be a dict of question id -> {kind.__name__}, not {type(mapping).__name__}")
         for qid, value in mapping.items():
-            number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+            number = kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool)  # (numpy's too)
             if not (number or (kind is str and isinstance(value, str))):
                 raise TypeError(f"{name}[{qid!r}] must be {'a number' if kind is float else 'an answer string'}, not "
                                 f"{type(value).__name__}")  # fmt: skip
@@ -73,7 +74,7 @@ def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, n
 
 
 def _check_threshold(na_prob_thresh) -> None:
-    if isinstance(na_prob_thresh, bool) or not isinstance(na_prob_thresh, (int, float)):
+    if isinstance(na_prob_thresh, bool) or not isinstance(na_prob_thresh, numbers.Real):
         raise TypeError(f"na_prob_thresh must be a number, not {type(na_prob_thresh).__name__}")
     if not math.isfinite(na_prob_thresh):
         raise ValueError(f"na_prob_thresh must be a finite number, got {na_prob_thresh!r}")
