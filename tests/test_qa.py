@@ -656,6 +656,28 @@ def test_nan_logits_are_refused_naming_the_window(zebra_nan_dir, tiny_squad, tmp
     assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
 
 
+def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
+    """(review) As in HF's pipeline, device=-1 is the CPU and device=N the accelerator's index N: from_pretrained
+    read 0 as a device name and refused it ("Invalid device string: '0'")."""
+    import bertqa.distributed
+
+    assert QuestionAnswerer.from_pretrained(qa_model_dir, device=-1, precision="fp32").device == torch.device("cpu")
+
+    class Asked(Exception):
+        pass
+
+    def resolve_device(name, local_rank=0):
+        raise Asked(name)
+
+    monkeypatch.setattr(bertqa.distributed, "resolve_device", resolve_device)
+    for accelerator, device, name in (("cuda", 0, "cuda:0"), ("xpu", 1, "xpu:1"), ("cpu", 0, "cuda:0"),
+                                      ("cuda", "cuda:1", "cuda:1"), ("cuda", torch.device("cpu"), "cpu")):  # fmt: skip
+        monkeypatch.setattr(bertqa.distributed, "default_device", lambda accelerator=accelerator: accelerator)
+        with pytest.raises(Asked) as asked:
+            QuestionAnswerer.from_pretrained(qa_model_dir, device=device)
+        assert asked.value.args == (name,)
+
+
 def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad):
     """Without a batch size, 32 windows a forward pass on a CPU and 128 on a CUDA GPU, in the Python API and in
     the evaluation path alike; a given one is kept (no GPU needed: nothing here runs on the device)."""
