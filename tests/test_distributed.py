@@ -184,6 +184,44 @@ def test_an_old_checkpoint_that_only_rank_0_sees_fails_every_rank(tmp_path, tiny
     assert all(line in text and "Traceback" not in text for text in ranks), ranks
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_a_file_missing_on_one_machine_stops_every_rank_at_once(tmp_path, tiny_dir, tiny_squad, command):
+    """(review) Ranks started by hand, as on two machines (each with a torchrun of its own, which does not stop the
+    other's ranks): the rank whose data file is missing ended alone before the process group, and the other waited
+    for it at the rendezvous for gloo's 30 minutes, then blamed the rendezvous endpoint."""
+    import socket
+
+    (tmp_path / "data-0.json").write_bytes(tiny_squad.read_bytes())  # rank 1's data-1.json is missing
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flag = {"train": "--train-file", "evaluate": "--predict-file", "predict": "--input"}[command]
+    out = (
+        ["--output", tmp_path / "out-{rank}" / "p.json"] if command == "predict" else ["--output-dir", tmp_path / "out"]
+    )
+    procs = []
+    for rank in (0, 1):
+        argv = [sys.executable, "-m", "bertqa", command, "--model", tiny_dir, flag, tmp_path / f"data-{rank}.json",
+                *[str(a).replace("{rank}", str(rank)) for a in out], "--device", "cpu", "--max-seq-length", 128,
+                "--doc-stride", 64, "--max-query-length", 32, "--cache-dir", "none", "--no-progress",
+                "--precision", "fp32", *(["--max-steps", 2] if command == "train" else [])]  # fmt: skip
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen(list(map(str, argv)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=LIMIT_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    line = f"bertqa: error: rank 1: {flag} {tmp_path / 'data-1.json'}: no such file"
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1 and err.strip().splitlines()[-1] == line and "Traceback" not in err, errs
+    assert not list(tmp_path.glob("out*"))
+
+
 CASES = [  # what each rank raises in the body -> what each rank sees after it
     ((None, None), (None, None)),
     ((None, OSError("b.json: cannot read")), ("RankError: rank 1: b.json: cannot read",) * 2),

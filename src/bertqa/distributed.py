@@ -138,6 +138,29 @@ def _wait_for_master_addr(rank: int, timeout_s: float):
             time.sleep(min(1.0, timeout_s - waited))
 
 
+def checked(check) -> Exception | None:
+    """Run `check`, a command's checks of its flags and files before any work. Alone, its error is raised at once.
+    Among several ranks, a bad-input error (ValueError, OSError) is returned instead, for raise_together once the
+    ranks have met: a file missing on one machine ended that rank alone, before the process group, and the ranks
+    on other machines (which their own torchrun does not stop) waited for it at the rendezvous for the whole
+    timeout, 30 minutes, then blamed the rendezvous endpoint."""
+    if _env_int("WORLD_SIZE", 1, 1) == 1:
+        check()
+        return None
+    try:
+        check()
+    except (ValueError, OSError) as e:
+        return e
+    return None
+
+
+def raise_together(d: Dist, failure: Exception | None) -> None:
+    """`failure` (of `checked`) raised on every rank, as "rank R: ..." of the lowest rank that failed."""
+    with fail_together(d):
+        if failure is not None:
+            raise failure
+
+
 @contextmanager
 def distributed(device_name: str | None = None, timeout_s: float = 1800):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""

@@ -18,7 +18,16 @@ import numpy as np
 
 from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len, plain_copy
-from .distributed import Dist, all_gather_objects, barrier, distributed, fail_together, is_rank_zero
+from .distributed import (
+    Dist,
+    all_gather_objects,
+    barrier,
+    checked,
+    distributed,
+    fail_together,
+    is_rank_zero,
+    raise_together,
+)
 from .files import (
     check_not_claimed,
     check_output,
@@ -280,12 +289,15 @@ def finish(summary: dict, out_dir: Path) -> dict:
 
 
 @contextmanager
-def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None = None):
+def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None = None,
+              failure: Exception | None = None):  # fmt: skip
     """Everything evaluate and predict share: the process group, the precision in force, the model and the
     windows of cfg.predict_file. Yields (dist, precision, model, data). With `claim`, rank 0 holds that output
     folder while the run writes there, so that a second run on it stops (every rank with it): at once where the
-    folder is there already, else once the inputs are read (bad input must not leave a folder behind)."""
+    folder is there already, else once the inputs are read (bad input must not leave a folder behind). `failure`:
+    that of the checks before (`checked`), raised on every rank once they have met."""
     with distributed(cfg.device) as d, ExitStack() as held:
+        raise_together(d, failure)
         early = claim is not None and claim.is_dir()  # (rank 0's view decides: only rank 0 holds it)
         if claim is not None:
             with fail_together(d):
@@ -306,19 +318,18 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    cfg.validate()
-    cfg = plain_copy(cfg)
+    failure = checked(cfg.validate)
+    cfg = cfg if failure is not None else plain_copy(cfg)
     out_dir = Path(cfg.output_dir)
-    with _prepared(cfg, claim=out_dir) as (d, precision, model, data):
+    with _prepared(cfg, claim=out_dir, failure=failure) as (d, precision, model, data):
         summary = run_evaluation(model, data, cfg, d, precision, out_dir if d.is_main else None)
         if d.is_main:
             finish(summary, out_dir)
         return summary
 
 
-def predict(cfg: PredictConfig) -> dict:
-    """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
-    nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
+def _predict_checks(cfg: PredictConfig) -> tuple:
+    """predict's checks before any work: (the plain config, the output, the folder it lands in, its files)."""
     cfg.validate()
     cfg = plain_copy(cfg)
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
@@ -330,7 +341,16 @@ def predict(cfg: PredictConfig) -> dict:
     if folder is not None:
         check_not_claimed(folder, f"--output {cfg.output}")
         cfg.check_cache_outside(paths)
-    with _prepared(cfg, require_answers=False) as (d, precision, model, data):
+    return cfg, output, folder, paths
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
+    nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
+    checks = []
+    failure = checked(lambda: checks.append(_predict_checks(cfg)))
+    cfg, output, folder, paths = checks[0] if checks else (cfg, None, None, [])
+    with _prepared(cfg, require_answers=False, failure=failure) as (d, precision, model, data):
         out = run_inference(model, data, cfg, d, precision)
     if out is None:
         return {}
