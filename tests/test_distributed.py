@@ -222,6 +222,39 @@ def test_a_file_missing_on_one_machine_stops_every_rank_at_once(tmp_path, tiny_d
     assert not list(tmp_path.glob("out*"))
 
 
+def test_a_rank_whose_checks_failed_says_so_at_once_and_tells_its_own_error_if_the_others_never_come(
+    monkeypatch, caplog, tiny_dir, tiny_squad
+):
+    """(review) It waited at the rendezvous without a word, and after the timeout blamed the endpoint; a config of
+    wrong types (the Python API) crashed on the unchecked config instead of naming the field."""
+    import socket
+
+    from bertqa.distributed import checked
+    from bertqa.evaluate import EvalConfig, evaluate
+
+    with socket.socket() as sock:  # nobody listens there: the other ranks never come
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+
+    def missing():
+        raise FileNotFoundError("--predict-file x.json: no such file")
+
+    with caplog.at_level(logging.ERROR, logger="bertqa"):
+        failure = checked(missing)
+    assert caplog.messages == ["rank 1: --predict-file x.json: no such file; stopping the other ranks too"]
+    with pytest.raises(FileNotFoundError, match=r"^--predict-file x\.json: no such file$"):
+        with distributed("cpu", timeout_s=1, failure=failure):
+            pytest.fail("ran without the other rank")
+    for change, message in ((dict(device=torch.device("cpu")), "--device must be a string or None"),
+                            (dict(output_dir=None), "--output-dir must be a string")):  # fmt: skip
+        cfg = EvalConfig(**{"model": str(tiny_dir), "predict_file": str(tiny_squad), "output_dir": "out", **change})
+        with pytest.raises(ValueError, match=re.escape(message)):  # at once: no rendezvous to wait at
+            evaluate(cfg)
+
+
 CASES = [  # what each rank raises in the body -> what each rank sees after it
     ((None, None), (None, None)),
     ((None, OSError("b.json: cannot read")), ("RankError: rank 1: b.json: cannot read",) * 2),
@@ -394,6 +427,7 @@ def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(bertqa.distributed, "resolve_device", lambda name, local_rank: torch.device(name))
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: None)  # no GPU or peer needed
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(bertqa.distributed, "all_gather_objects", lambda d, obj: [obj] * d.world_size)  # (no group)
     nccl = ("NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage (run with NCCL_DEBUG=WARN for details), NCCL "
             "version 2.21.5\nncclInvalidUsage: This usually reflects invalid usage of NCCL library.\nLast error:\n"
             "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000")  # fmt: skip

@@ -670,12 +670,15 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         raise Asked(name)
 
     monkeypatch.setattr(bertqa.distributed, "resolve_device", resolve_device)
-    for accelerator, device, name in (("cuda", 0, "cuda:0"), ("xpu", 1, "xpu:1"), ("cpu", 0, "cuda:0"),
+    for accelerator, device, name in (("cuda", 0, "cuda:0"), ("xpu", 1, "xpu:1"), ("cpu", 0, "cuda:0"), ("cuda", -2, "cpu"),
                                       ("cuda", "cuda:1", "cuda:1"), ("cuda", torch.device("cpu"), "cpu")):  # fmt: skip
         monkeypatch.setattr(bertqa.distributed, "default_device", lambda accelerator=accelerator: accelerator)
         with pytest.raises(Asked) as asked:
             QuestionAnswerer.from_pretrained(qa_model_dir, device=device)
         assert asked.value.args == (name,)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"^--device cuda:256: device index above 127, the highest torch can hold$"):
+        QuestionAnswerer.from_pretrained(qa_model_dir, device=256)  # (torch.device("cuda:256") is cuda:0)
 
 
 def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad):

@@ -161,7 +161,8 @@ def test_the_python_apis_bad_arguments_are_refused_in_one_line(tmp_path):
     data, preds, probs = dataset(("a", ["cat"]), ("b", [])), {"a": "cat", "b": "cat"}, {"a": 0.2, "b": 0.9}
     assert evaluate_v2(data, preds, probs, 0.5)["exact"] == 100.0  # (the threshold works: b abstains)
     numpy_probs = {"a": np.float32(0.2), "b": np.int64(1)}  # numpy's numbers are numbers
-    assert evaluate_v2(data, {k: np.str_(v) for k, v in preds.items()}, numpy_probs, np.float32(0.5))["exact"] == 100.0
+    out = evaluate_v2(data, {k: np.str_(v) for k, v in preds.items()}, numpy_probs, np.float32(0.5))
+    assert out["exact"] == 100.0 and type(out["best_exact_thresh"]) is float and json.loads(json.dumps(out)) == out
     for args, error, message in (
         ((data, preds, probs, float("nan")), ValueError, "na_prob_thresh must be a finite number, got nan"),
         ((data, preds, probs, "0.5"), TypeError, "na_prob_thresh must be a number, not str"),

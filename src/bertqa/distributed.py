@@ -55,6 +55,9 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name!r}: empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
     what = f"--device {name}" if name else f"the default device ({default_device()})"
     name = name or default_device()
+    index = name.rpartition(":")[2] if ":" in name else ""
+    if index.isdecimal() and int(index) > MAX_DEVICE_INDEX:  # (torch.device keeps 8 bits of it: cuda:256 is cuda:0)
+        raise ValueError(f"--device {name}: device index above {MAX_DEVICE_INDEX}, the highest torch can hold")
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -139,31 +142,29 @@ def _wait_for_master_addr(rank: int, timeout_s: float):
 
 
 def checked(check) -> Exception | None:
-    """Run `check`, a command's checks of its flags and files before any work. Alone, its error is raised at once.
-    Among several ranks, a bad-input error (ValueError, OSError) is returned instead, for raise_together once the
-    ranks have met: a file missing on one machine ended that rank alone, before the process group, and the ranks
-    on other machines (which their own torchrun does not stop) waited for it at the rendezvous for the whole
-    timeout, 30 minutes, then blamed the rendezvous endpoint."""
-    if _env_int("WORLD_SIZE", 1, 1) == 1:
+    """Run `check`, a command's checks of its files before any work (its flags' types and values, alike on every
+    rank, are checked before: what fails here may fail on one machine only). Alone, its error is raised at once.
+    Among several ranks, a bad-input error (ValueError, OSError) is said at once and returned, for distributed()
+    to raise on every rank once they have met: a file missing on one machine ended that rank alone, before the
+    process group, and the ranks on other machines (which their own torchrun does not stop) waited for it at the
+    rendezvous for the whole timeout, 30 minutes, then blamed the rendezvous endpoint."""
+    if os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):  # (a bad WORLD_SIZE is distributed()'s to name)
         check()
         return None
     try:
         check()
     except (ValueError, OSError) as e:
+        rank = os.environ.get("RANK", "?").strip()
+        logging.getLogger("bertqa").error(f"rank {rank}: {error_line(e, debug=None)}; stopping the other ranks too")
         return e
     return None
 
 
-def raise_together(d: Dist, failure: Exception | None) -> None:
-    """`failure` (of `checked`) raised on every rank, as "rank R: ..." of the lowest rank that failed."""
-    with fail_together(d):
-        if failure is not None:
-            raise failure
-
-
 @contextmanager
-def distributed(device_name: str | None = None, timeout_s: float = 1800):
-    """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path."""
+def distributed(device_name: str | None = None, timeout_s: float = 1800, failure: Exception | None = None):
+    """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path. `failure`: this
+    rank's of `checked`, raised on every rank (as "rank R: ..." of the lowest rank that failed) once they have met,
+    or here alone where they cannot meet."""
     world = _env_int("WORLD_SIZE", 1, 1)
     rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
     if rank >= world:
@@ -172,6 +173,8 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     if rank != 0:
         logging.getLogger("bertqa").setLevel(logging.ERROR)  # notes once, from rank 0
     if world == 1:
+        if failure is not None:
+            raise failure
         yield Dist(0, 1, 0, device)
         return
     # Collectives and the default stream on this rank's device (torch.accelerator came in torch 2.6).
@@ -192,6 +195,8 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
+        if failure is not None:  # (this rank's own error is why it came: the one to tell)
+            raise failure from None
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         why = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(
@@ -199,7 +204,11 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800):
             f"{world} with torchrun and the same rendezvous endpoint, on a port free on rank 0's machine"
         ) from None
     try:
-        yield Dist(rank, world, local_rank, device)
+        d = Dist(rank, world, local_rank, device)
+        with fail_together(d):
+            if failure is not None:
+                raise failure
+        yield d
     except RuntimeError as e:
         if DUPLICATE_GPU in str(e):  # the same explicit --device on every rank, or ranks seeing one GPU, the same
             raise ValueError(

@@ -26,7 +26,6 @@ from .distributed import (
     distributed,
     fail_together,
     is_rank_zero,
-    raise_together,
 )
 from .files import (
     check_not_claimed,
@@ -296,8 +295,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
     folder while the run writes there, so that a second run on it stops (every rank with it): at once where the
     folder is there already, else once the inputs are read (bad input must not leave a folder behind). `failure`:
     that of the checks before (`checked`), raised on every rank once they have met."""
-    with distributed(cfg.device) as d, ExitStack() as held:
-        raise_together(d, failure)
+    with distributed(cfg.device, failure=failure) as d, ExitStack() as held:
         early = claim is not None and claim.is_dir()  # (rank 0's view decides: only rank 0 holds it)
         if claim is not None:
             with fail_together(d):
@@ -318,6 +316,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    cfg.check_types()  # (alike on every rank: at once)
     failure = checked(cfg.validate)
     cfg = cfg if failure is not None else plain_copy(cfg)
     out_dir = Path(cfg.output_dir)
@@ -347,6 +346,7 @@ def _predict_checks(cfg: PredictConfig) -> tuple:
 def predict(cfg: PredictConfig) -> dict:
     """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
+    cfg.check_types()  # (alike on every rank: at once)
     checks = []
     failure = checked(lambda: checks.append(_predict_checks(cfg)))
     cfg, output, folder, paths = checks[0] if checks else (cfg, None, None, [])

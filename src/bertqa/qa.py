@@ -268,12 +268,12 @@ class QuestionAnswerer:
         default the accelerator if present; `precision`: auto (default), fp32, tf32, bf16 or fp16 (or a Precision
         already resolved for the device, as `serve` has, which then says nothing of it again); `batch_size`:
         windows per forward pass (default 128 on a CUDA GPU, else 32). As in the pipeline, an integer `device` is
-        -1 for the CPU, else the index of the accelerator (cuda:0 for 0 where CUDA is the one present)."""
+        the CPU where negative, else the index of the accelerator (cuda:0 for 0 where CUDA is the one present)."""
         from .distributed import default_device, resolve_device
 
         if isinstance(device, int) and not isinstance(device, bool):  # ("0" read as a device name: refused)
             accelerator = default_device()
-            device = "cpu" if device == -1 else f"{'cuda' if accelerator == 'cpu' else accelerator}:{device}"
+            device = "cpu" if device < 0 else f"{'cuda' if accelerator == 'cpu' else accelerator}:{device}"
         device = resolve_device(None if device is None else str(device))
         if batch_size is not None:  # before the model takes seconds to load (the constructor checks it too)
             check_positive(batch_size=batch_size)

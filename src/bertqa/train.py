@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .batching import epoch_batches, to_batch
 from .checkpoint import save_pretrained
 from .config import ATTENTION_DROPOUT, plain_copy
-from .distributed import Dist, all_gather_objects, checked, distributed, fail_together, raise_together
+from .distributed import Dist, all_gather_objects, checked, distributed, fail_together
 from .evaluate import (
     EvalConfig,
     finish,
@@ -565,10 +565,11 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
+    cfg.check_types()  # (alike on every rank: at once)
     failure = checked(cfg.validate)
     cfg = cfg if failure is not None else plain_copy(cfg)
-    with deterministic_kernels(cfg.deterministic), distributed(cfg.device) as d, contextlib.ExitStack() as held:
-        raise_together(d, failure)
+    with deterministic_kernels(cfg.deterministic), distributed(cfg.device, failure=failure) as d, \
+            contextlib.ExitStack() as held:  # fmt: skip
         if cfg.deterministic and cfg.attention == "auto" and d.device.type != "cpu":
             # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
             cfg = dataclasses.replace(cfg, attention="eager")

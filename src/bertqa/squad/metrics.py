@@ -168,6 +168,9 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     KeyError, so for complete predictions the numbers are identical). Unknown ids are ignored.
     """
     _check_arguments(dataset, predictions, na_probs, na_prob_thresh)
+    # (numpy's numbers as Python's: the best thresholds are some of them, and the result goes to JSON)
+    na_prob_thresh = float(na_prob_thresh)
+    na_probs = None if na_probs is None else {qid: float(p) for qid, p in na_probs.items()}
     # A question without an "answers" list has none (the parser lets v2.0 files leave it out).
     has_ans = {qa["id"]: bool(qa.get("answers")) for qa in _questions(dataset)}
     if not has_ans:
