@@ -49,14 +49,14 @@ def fault(kind, step, loss):
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
     if kind.startswith("inway="):
-        validate = bertqa.evaluate.EvalConfig.validate  # (TrainConfig's calls it first)
+        check_files = bertqa.evaluate.EvalConfig.check_files  # (TrainConfig's calls it first)
 
         def then_in_the_way(self):
-            validate(self)
+            check_files(self)
             if os.environ["RANK"] == "0":
                 os.makedirs(kind.removeprefix("inway="), exist_ok=True)
 
-        bertqa.evaluate.EvalConfig.validate = then_in_the_way
+        bertqa.evaluate.EvalConfig.check_files = then_in_the_way
     elif kind != "none":
         # The CLI looks `train` up in bertqa.train when it runs, so this puts our on_step under the real CLI.
         bertqa.train.train = functools.partial(bertqa.train.train, on_step=functools.partial(fault, kind))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,22 +143,23 @@ def _wait_for_master_addr(rank: int, timeout_s: float):
 
 
 def checked(check) -> Exception | None:
-    """Run `check`, a command's checks of its files before any work (its flags' types and values, alike on every
-    rank, are checked before: what fails here may fail on one machine only). Alone, its error is raised at once.
-    Among several ranks, a bad-input error (ValueError, OSError) is said at once and returned, for distributed()
-    to raise on every rank once they have met: a file missing on one machine ended that rank alone, before the
-    process group, and the ranks on other machines (which their own torchrun does not stop) waited for it at the
-    rendezvous for the whole timeout, 30 minutes, then blamed the rendezvous endpoint."""
+    """Run `check`, a command's checks of its files before any work (its flags' values, alike on every rank, are
+    checked before: what fails here may fail on one machine only). Alone, its error is raised at once. Among
+    several ranks, a bad-input error (ValueError, OSError) is returned, for distributed() to raise on every rank
+    once they have met: a file missing on one machine ended that rank alone, before the process group, and the
+    ranks on other machines (which their own torchrun does not stop) waited for it at the rendezvous for the whole
+    timeout, 30 minutes, then blamed the rendezvous endpoint."""
     if os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):  # (a bad WORLD_SIZE is distributed()'s to name)
         check()
         return None
     try:
         check()
     except (ValueError, OSError) as e:
-        rank = os.environ.get("RANK", "?").strip()
-        logging.getLogger("bertqa").error(f"rank {rank}: {error_line(e, debug=None)}; stopping the other ranks too")
         return e
     return None
+
+
+FAILED_NOTICE_S = 10  # how long a rank whose checks failed waits for the others before it says why it waits
 
 
 @contextmanager
@@ -192,6 +194,12 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800, failure
     if port and not (port.isdecimal() and 1 <= int(port) <= 65535):
         raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 1 to 65535")
     _wait_for_master_addr(rank, timeout_s)
+    notice = None
+    if failure is not None:  # (said once the meeting takes a while: it ends, as a rule, with this one line again)
+        line = f"rank {rank}: {error_line(failure, debug=None)}; waiting for the other ranks, to stop them too"
+        notice = threading.Timer(FAILED_NOTICE_S, logging.getLogger("bertqa").error, (line,))
+        notice.daemon = True
+        notice.start()
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
@@ -203,6 +211,9 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800, failure
             f"rank {rank}: cannot meet the other ranks at MASTER_ADDR:MASTER_PORT {where} ({why}); start all "
             f"{world} with torchrun and the same rendezvous endpoint, on a port free on rank 0's machine"
         ) from None
+    finally:
+        if notice is not None:
+            notice.cancel()
     try:
         d = Dist(rank, world, local_rank, device)
         with fail_together(d):

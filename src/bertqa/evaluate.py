@@ -87,7 +87,12 @@ class EvalConfig:
         return self.FLAGS.get(name, "--" + name.replace("_", "-"))
 
     def validate(self) -> None:
-        """One-line errors for bad values, before anything is loaded or written."""
+        """One-line errors for bad values and files, before anything is loaded or written."""
+        self.check_values()
+        self.check_files()
+
+    def check_values(self) -> None:
+        """The checks of the values alone: alike on every rank of a run (check_files' may fail on one machine)."""
         self.check_types()
         # (Path("") is the current folder; the CLI refuses it first, with a usage error's exit status 2)
         if self.cache_dir is not None and not os.fspath(self.cache_dir).strip():
@@ -99,6 +104,9 @@ class EvalConfig:
             check_positive(**{self.flag(name): value})
         check_window_params(self.max_seq_length, self.doc_stride, self.max_query_length, flags=True)
         check_finite(**{self.flag("null_score_diff_threshold"): self.null_score_diff_threshold})
+
+    def check_files(self) -> None:
+        """The checks of the files and folders a run reads and writes (what one machine sees)."""
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
@@ -316,8 +324,8 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    cfg.check_types()  # (alike on every rank: at once)
-    failure = checked(cfg.validate)
+    cfg.check_values()  # (alike on every rank: at once)
+    failure = checked(cfg.check_files)
     cfg = cfg if failure is not None else plain_copy(cfg)
     out_dir = Path(cfg.output_dir)
     with _prepared(cfg, claim=out_dir, failure=failure) as (d, precision, model, data):
@@ -328,8 +336,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _predict_checks(cfg: PredictConfig) -> tuple:
-    """predict's checks before any work: (the plain config, the output, the folder it lands in, its files)."""
-    cfg.validate()
+    """predict's checks of files before any work: (the plain config, the output, the folder it lands in, its
+    files)."""
+    cfg.check_files()
     cfg = plain_copy(cfg)
     # Only rank 0 writes it (torchrun ranks on other machines may have no such folder).
     beside = (".nbest.json", ".null_odds.json")
@@ -346,7 +355,7 @@ def _predict_checks(cfg: PredictConfig) -> tuple:
 def predict(cfg: PredictConfig) -> dict:
     """Write predictions (and n-best, and for v2.0 null odds) for every question of cfg.predict_file, scoring
     nothing. The n-best and null odds go beside the output: PRED.json -> PRED.nbest.json, PRED.null_odds.json."""
-    cfg.check_types()  # (alike on every rank: at once)
+    cfg.check_values()  # (alike on every rank: at once)
     checks = []
     failure = checked(lambda: checks.append(_predict_checks(cfg)))
     cfg, output, folder, paths = checks[0] if checks else (cfg, None, None, [])

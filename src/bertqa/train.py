@@ -73,8 +73,8 @@ class TrainConfig(EvalConfig):
     POSITIVE = EvalConfig.POSITIVE + ("train_batch_size", "grad_accum", "log_every", "max_steps", "max_train_examples")
     WRITES = (CHECKPOINT, "metrics.jsonl", "curves.png", "model/", *EvalConfig.WRITES)  # model/: replaced whole
 
-    def validate(self) -> None:
-        super().validate()
+    def check_values(self) -> None:
+        super().check_values()
         if not self.train_file:
             raise ValueError("--train-file is required")
         for name in ("epochs", "lr", "warmup", "weight_decay", "max_grad_norm"):  # nan passes every comparison
@@ -95,6 +95,9 @@ class TrainConfig(EvalConfig):
             raise ValueError(f"--seed must be an integer in 0..2^63-1, got {self.seed}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"--max-nonfinite-steps must be a positive integer, got {self.max_nonfinite_steps}")
+
+    def check_files(self) -> None:
+        super().check_files()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package (pip install 'bertqa[tensorboard]')")
         board = Path(self.output_dir) / "tensorboard"
@@ -565,8 +568,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
     `on_step(step, loss)` is called after every optimizer step (and after its checkpoint, if any); `loss` is
     this rank's loss of the step as a device tensor (reading it syncs the device)."""
-    cfg.check_types()  # (alike on every rank: at once)
-    failure = checked(cfg.validate)
+    cfg.check_values()  # (alike on every rank: at once)
+    failure = checked(cfg.check_files)
     cfg = cfg if failure is not None else plain_copy(cfg)
     with deterministic_kernels(cfg.deterministic), distributed(cfg.device, failure=failure) as d, \
             contextlib.ExitStack() as held:  # fmt: skip
