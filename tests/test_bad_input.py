@@ -507,6 +507,8 @@ CLI_CASES = {
                                    *FAST], ["--output-dir '': empty"]),
     "predict: --input ''": (["predict", "--model", "{tiny}", "--input", "", "--output", "{out}/pred.json", *FAST],
                             ["--input '': no such file"]),
+    "train: --train-file ''": (["train", "--model", "{tiny}", "--train-file", "", "--output-dir", "{out}/run", *FAST],
+                               ["--train-file '': no such file"]),
     "train: --train-file is a folder": (["train", "--model", "{tiny}", "--train-file", "{out}", "--output-dir",
                                         "{out}/run", *FAST], ["--train-file", "is a folder, not a file"]),
     "train: --predict-file ''": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--predict-file", "",

@@ -193,7 +193,6 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800, failure
     # torch's own error would not name it; port 0 (any free one) would leave the other ranks no way to reach rank 0
     if port and not (port.isdecimal() and 1 <= int(port) <= 65535):
         raise ValueError(f"environment variable MASTER_PORT={port!r}: expected a port number, 1 to 65535")
-    _wait_for_master_addr(rank, timeout_s)
     notice = None
     if failure is not None:  # (said once the meeting takes a while: it ends, as a rule, with this one line again)
         line = f"rank {rank}: {error_line(failure, debug=None)}; waiting for the other ranks, to stop them too"
@@ -201,24 +200,33 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800, failure
         notice.daemon = True
         notice.start()
     try:
+        _wait_for_master_addr(rank, timeout_s)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    except dist.DistError as e:  # no rank 0 to reach, a port taken, ranks missing: where they meet, not a bug
+    except BaseException as e:
+        if notice is not None:
+            notice.cancel()
+        if not isinstance(e, (ValueError, dist.DistError)):  # (Ctrl-C, a bug)
+            raise
+        # No rank 0 to reach, a port taken, ranks missing, a MASTER_ADDR that does not resolve: not a bug.
         if failure is not None:  # (this rank's own error is why it came: the one to tell)
             raise failure from None
+        if isinstance(e, ValueError):  # (MASTER_ADDR, named)
+            raise
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         why = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(
             f"rank {rank}: cannot meet the other ranks at MASTER_ADDR:MASTER_PORT {where} ({why}); start all "
             f"{world} with torchrun and the same rendezvous endpoint, on a port free on rank 0's machine"
         ) from None
-    finally:
-        if notice is not None:
-            notice.cancel()
     try:
         d = Dist(rank, world, local_rank, device)
-        with fail_together(d):
-            if failure is not None:
-                raise failure
+        try:  # (the first collective: NCCL may connect only here, the other ranks arriving only now)
+            with fail_together(d):
+                if failure is not None:
+                    raise failure
+        finally:
+            if notice is not None:
+                notice.cancel()
         yield d
     except RuntimeError as e:
         if DUPLICATE_GPU in str(e):  # the same explicit --device on every rank, or ranks seeing one GPU, the same

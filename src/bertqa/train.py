@@ -75,7 +75,7 @@ class TrainConfig(EvalConfig):
 
     def check_values(self) -> None:
         super().check_values()
-        if not self.train_file:
+        if self.train_file is None:  # ("" is a file name: check_files names it)
             raise ValueError("--train-file is required")
         for name in ("epochs", "lr", "warmup", "weight_decay", "max_grad_norm"):  # nan passes every comparison
             if not math.isfinite(getattr(self, name)):
