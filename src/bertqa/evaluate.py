@@ -18,15 +18,7 @@ import numpy as np
 
 from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len, plain_copy
-from .distributed import (
-    Dist,
-    all_gather_objects,
-    barrier,
-    checked,
-    distributed,
-    fail_together,
-    is_rank_zero,
-)
+from .distributed import Dist, all_gather_objects, barrier, checked, distributed, fail_together, is_rank_zero
 from .files import (
     check_not_claimed,
     check_output,

@@ -311,7 +311,8 @@ def export_onnx(
     if isinstance(config, (str, os.PathLike)) and Path(config).is_file():  # (else a preset's name or a BertConfig)
         inputs["--config"] = config
     output = check_output(output, ".onnx", inputs=inputs)
-    check_not_claimed(Path(os.path.realpath(output)).parent, f"--output {output}")
+    folder = Path(os.path.realpath(output)).parent  # (where it lands: a link's target)
+    check_not_claimed(folder, f"--output {output}")
     check_window_params(max_seq_length, doc_stride, max_query_length, flags=True)
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model}: no such checkpoint file or folder")
@@ -347,7 +348,7 @@ def export_onnx(
     report = {"path": str(output), "int8": bool(int8), "attention": ATTENTION}
     # The graphs are written in a scratch folder beside the output (which also clears what a killed export left:
     # up to twice the model's size), then renamed into place.
-    check_not_claimed(Path(os.path.realpath(output)).parent, f"--output {output}")  # (one may have started since)
+    check_not_claimed(folder, f"--output {output}")  # (one may have started since)
     with scratch_dir(output, "onnx-export") as work, atomic_path(output, within=work) as tmp:
         fp32 = work / "fp32.onnx" if int8 else tmp
         report["opset"] = _export_graph(net, fp32, opset, tokenizer.pad_id)

@@ -37,8 +37,12 @@ ONEDNN_ISA = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNN
               "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
               "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
               "AVX512_CORE_AMX_FP16": 0x1FEF}  # fmt: skip
-ISA_NEEDED = {"avx512_bf16": "AVX512_CORE_BF16", "amx_bf16": "AVX512_CORE_AMX", "avx512_fp16": "AVX512_CORE_FP16",
-              "amx_fp16": "AVX512_CORE_AMX_FP16"}  # fmt: skip
+ISA_NEEDED = {
+    "avx512_bf16": ONEDNN_ISA["AVX512_CORE_BF16"],
+    "amx_bf16": ONEDNN_ISA["AVX512_CORE_AMX"],
+    "avx512_fp16": ONEDNN_ISA["AVX512_CORE_FP16"],
+    "amx_fp16": ONEDNN_ISA["AVX512_CORE_AMX_FP16"],
+}
 
 
 def onednn_isa_cap() -> tuple[str, int] | None:
@@ -88,7 +92,7 @@ def native_precision(precision: str, device: torch.device, features: dict | None
         if not have:
             return False, f"CPU lacks {' and '.join(CPU_NATIVE[precision])}"
         cap = onednn_isa_cap()
-        usable = [f for f in have if cap is None or cap[1] & ONEDNN_ISA[ISA_NEEDED[f]] == ONEDNN_ISA[ISA_NEEDED[f]]]
+        usable = [f for f in have if cap is None or cap[1] & ISA_NEEDED[f] == ISA_NEEDED[f]]
         if not usable:
             return (
                 False,

@@ -58,26 +58,24 @@ def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, n
     if not isinstance(dataset, list):
         hint = " (pass the document's ['data'])" if isinstance(dataset, dict) and "data" in dataset else ""
         raise TypeError(f"dataset must be a SQuAD file's 'data' list, not {type(dataset).__name__}{hint}")
-    for name, mapping, kind in (("predictions", predictions, str), ("na_probs", na_probs, float)):
-        if mapping is None and name == "na_probs":
-            continue
-        if not isinstance(mapping, dict):
-            raise TypeError(f"{name} must be a dict of question id -> {kind.__name__}, not {type(mapping).__name__}")
-        for qid, value in mapping.items():
-            number = kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool)  # (numpy's too)
-            if not (number or (kind is str and isinstance(value, str))):
-                raise TypeError(f"{name}[{qid!r}] must be {'a number' if kind is float else 'an answer string'}, not "
-                                f"{type(value).__name__}")  # fmt: skip
-            if number and not math.isfinite(value):
-                raise ValueError(f"{name}[{qid!r}] must be a finite number, got {value!r}")
-    _check_threshold(na_prob_thresh)
+    if not isinstance(predictions, dict):
+        raise TypeError(f"predictions must be a dict of question id -> str, not {type(predictions).__name__}")
+    for qid, value in predictions.items():
+        if not isinstance(value, str):
+            raise TypeError(f"predictions[{qid!r}] must be an answer string, not {type(value).__name__}")
+    if na_probs is not None and not isinstance(na_probs, dict):
+        raise TypeError(f"na_probs must be a dict of question id -> float, not {type(na_probs).__name__}")
+    for qid, value in (na_probs or {}).items():
+        _check_number(f"na_probs[{qid!r}]", value)
+    _check_number("na_prob_thresh", na_prob_thresh)
 
 
-def _check_threshold(na_prob_thresh) -> None:
-    if isinstance(na_prob_thresh, bool) or not isinstance(na_prob_thresh, numbers.Real):
-        raise TypeError(f"na_prob_thresh must be a number, not {type(na_prob_thresh).__name__}")
-    if not math.isfinite(na_prob_thresh):
-        raise ValueError(f"na_prob_thresh must be a finite number, got {na_prob_thresh!r}")
+def _check_number(name: str, value) -> None:
+    """A finite number (numpy's too; not a bool), else one line naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def evaluate_v1(dataset: list, predictions: dict) -> dict:
@@ -237,7 +235,7 @@ def score_files(data_path, predictions_path, na_prob_path=None, v2: bool = False
 
     The result is what the official script of that version prints (as a dict, in the same key order).
     """
-    _check_threshold(na_prob_thresh)
+    _check_number("na_prob_thresh", na_prob_thresh)
     doc = load_json(data_path)
     v2 = v2 or is_squad_v2(doc)
     # In v2.0, as the official script reads it, a question with no answers is unanswerable, is_impossible or not
