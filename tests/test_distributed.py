@@ -58,6 +58,15 @@ def run_torchrun(cmd) -> tuple[int, str]:
     return p.returncode, err
 
 
+def free_port() -> int:
+    """A loopback port that was free a moment ago, so that nobody listens there."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def only_another_rank(stderr: str) -> bool:
     """Rank 0's stderr when rank 1 failed: no traceback, and no error line but ANOTHER (none at all when
     torchrun's SIGTERM ended it first)."""
@@ -191,12 +200,8 @@ def test_a_file_missing_on_one_machine_stops_every_rank_at_once(tmp_path, tiny_d
     for it at the rendezvous for gloo's 30 minutes, then blamed the rendezvous endpoint. A bad flag, alike on every
     rank, is one line on each at once (a first fix said it twice, as if one machine's)."""
     command, bad_flag = command.split(",")[0], command.endswith("bad flag")
-    import socket
-
     (tmp_path / "data-0.json").write_bytes(tiny_squad.read_bytes())  # rank 1's data-1.json is missing
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     flag = {"train": "--train-file", "evaluate": "--predict-file", "predict": "--input"}[command]
     out = (
         ["--output", tmp_path / "out-{rank}" / "p.json"] if command == "predict" else ["--output-dir", tmp_path / "out"]
@@ -232,14 +237,10 @@ def test_a_rank_whose_checks_failed_says_so_at_once_and_tells_its_own_error_if_t
 ):
     """(review) It waited at the rendezvous without a word, and after the timeout blamed the endpoint; a config of
     wrong types (the Python API) crashed on the unchecked config instead of naming the field."""
-    import socket
-
     from bertqa.distributed import checked
     from bertqa.evaluate import EvalConfig, evaluate
 
-    with socket.socket() as sock:  # nobody listens there: the other ranks never come
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens there: the other ranks never come
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
@@ -419,11 +420,7 @@ def test_a_local_rank_torch_cannot_hold_as_a_device_index_is_refused_where_it_wo
 def test_ranks_that_cannot_meet_say_where_they_tried(rank, why, monkeypatch):
     """Rank 1 with nobody listening at the address, rank 0 with nobody coming: the environment's fault, told in one
     line, not an internal error."""
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago, so nobody listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
