@@ -265,6 +265,17 @@ def test_narrower_logits_and_bad_shapes(setup):
         postprocess(ex * 2, f, start, end)
 
 
+def test_duplicate_question_ids_refused(tok):
+    """Answers are keyed by question id: two questions sharing one would lose the first one's answer silently."""
+    ex = [Example("d", "what ?", CONTEXT, [], []), Example("d", "which ?", "10 11 12", [], [])]
+    f = featurize(ex, tok, max_seq_length=32, doc_stride=8, max_query_length=8)
+    start, end = np.zeros((len(f), 32)), np.zeros((len(f), 32))
+    with pytest.raises(ValueError, match="question id 'd': duplicate question id"):
+        postprocess(ex, f, start, end)
+    ex[1] = Example("e", "which ?", "10 11 12", [], [])
+    assert set(postprocess(ex, f, start, end, version_2=True)[0]) == {"d", "e"}
+
+
 @pytest.mark.parametrize("source", ["tiny-squad", "dev-a"])
 def test_labels_as_logits_reproduce_the_answers(source, minilm_dir, tiny_squad, request):
     """End to end on our fixture and on the real dev-a.json: logits that point at the labelled spans give back
