@@ -263,7 +263,8 @@ class Batcher:
         except BaseException as e:  # a Rust panic in the tokenizer is no Exception: the batcher must outlive it
             if not isinstance(e, Exception):
                 e = RuntimeError(f"{type(e).__name__}: {e}")
-            self._observe(len(pairs), time.perf_counter() - start)
+            if not isinstance(e, TooManyWindows):  # (refused by the windowing, before any model call)
+                self._observe(len(pairs), time.perf_counter() - start)
             if len(jobs) > 1:  # one bad request must not fail the others it was batched with
                 for job in jobs:
                     if not job.future.done():  # timed out meanwhile: nobody waits for it
