@@ -593,7 +593,7 @@ class _Stdout:
         except OSError as e:
             raise _named_stdout(e) from None
         except UnicodeEncodeError as e:  # an answer in a locale's encoding (Latin-1, a Windows code page, ASCII)
-            raise ValueError(f"stdout: its encoding, {e.encoding}, cannot hold {e.object[e.start : e.end]!r}; set "
+            raise ValueError(f"stdout: its encoding, {e.encoding}, cannot hold {e.object[e.start : e.end]!a}; set "
                              "PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1)") from None  # fmt: skip
 
     def flush(self):
