@@ -554,6 +554,9 @@ def test_convert_refuses_a_dst_that_is_or_holds_the_current_folder(hf_qa_dir, tm
         assert cli.main(["convert", str(hf_qa_dir), dst]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    assert cli.main(["convert", "", str(tmp_path / "out")]) == 1  # '' is not the current folder either as SRC
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SRC '': empty; name the checkpoint file or folder" in err, err
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
@@ -577,6 +580,16 @@ def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path, run_
         assert r.returncode == 1 and f"it holds {flag} {path}" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert sorted(p.name for p in snapshot.iterdir()) == before and (snapshot / "model.safetensors").is_symlink()
     assert (out / "config.json").read_text() == written
+    # A folder of links to a model folder's files: that folder is read from too.
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (links / name).symlink_to(out / name)
+    names = sorted(os.listdir(out))
+    r = run_here("convert", links, out)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{out}: it holds {out / 'config.json'}, read through {links / 'config.json'}" in r.stderr, r.stderr
+    assert sorted(os.listdir(out)) == names and all(p.exists() for p in links.iterdir())
     # A preset name reads no file: a folder of that name (an earlier conversion's) is not an input. (The preset
     # does not fit these weights: refused for that, after the check.)
     shutil.copytree(out, tmp_path / "base")

@@ -24,7 +24,9 @@ def cmd_convert(args):
     from .files import check_no_link_loop, check_not_claimed, holds_current_folder, read_one_version
     from .tokenizer import load_tokenizer
 
-    if not args.dst:  # Path("") is the current folder
+    if not args.src:  # Path("") is the current folder
+        raise UsageError("SRC '': empty; name the checkpoint file or folder")
+    if not args.dst:
         raise UsageError("DST '': empty; name the folder to write the model in")
     if os.path.basename(args.dst.rstrip("/")) in ("", ".", ".."):  # rename() refuses these names: EBUSY, EINVAL
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
@@ -41,6 +43,12 @@ def cmd_convert(args):
     inputs = {str(src): src, f"--config {args.config}": config, f"--vocab {args.vocab}": args.vocab}
     if src.exists() and not src.is_dir():
         inputs[f"the config and tokenizer read beside {src}"] = src.absolute().parent
+    # The files read from a folder may be links to elsewhere (an HF cache's snapshot, a folder of links).
+    read_from = [
+        Path(p) for p in (src if src.is_dir() else src.absolute().parent, args.vocab) if p and Path(p).is_dir()
+    ]
+    for link in sorted(f for folder in read_from for f in folder.iterdir() if f.is_symlink()):
+        inputs[f"{os.path.realpath(link)}, read through {link}"] = link
     for what, given in inputs.items():
         real = Path(os.path.realpath(given)) if given and Path(given).exists() else None
         if real is not None and Path(os.path.realpath(dst)) in (real, *real.parents):
