@@ -142,3 +142,24 @@ def run_here(capsys, monkeypatch):
         return argparse.Namespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
+
+
+@pytest.fixture
+def rot_record():
+    """rot(src, dst): a copy of the torch.save archive `src` at `dst` with one bit flipped in the middle of its
+    largest record (a tensor's bytes), as a disk or a copy rots a file; returns that record's name. torch.load
+    reads such a file without a word."""
+
+    def rot(src: Path, dst: Path) -> str:
+        whole = bytearray(src.read_bytes())
+        with zipfile.ZipFile(src) as archive:
+            record = max(archive.infolist(), key=lambda info: info.file_size)
+        # Its data starts after its local header (30 bytes, the last four: the name's and extra field's lengths).
+        name_length, extra_length = (
+            int.from_bytes(whole[record.header_offset + at :][:2], "little") for at in (26, 28)
+        )
+        whole[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x40
+        dst.write_bytes(bytes(whole))
+        return record.filename
+
+    return rot

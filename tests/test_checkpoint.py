@@ -279,6 +279,17 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
         load_model(pt, config=hf_qa_dir / "config.json")
 
 
+def test_a_checkpoint_whose_bytes_rotted_is_refused(hf_qa_dir, tmp_path, rot_record):
+    """torch.load reads a record whose bytes changed without a word (a NaN weight, say); the zip's CRC tells."""
+    pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "nv.pt")
+    record = rot_record(pt, tmp_path / "rotted.pt")
+    assert torch.load(tmp_path / "rotted.pt", weights_only=True)  # no complaint from torch
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "rotted.pt", config=hf_qa_dir / "config.json")
+    assert str(e.value) == f"{tmp_path / 'rotted.pt'}: damaged ({record} fails its checksum); copy or download it again"
+    load_model(pt, config=hf_qa_dir / "config.json", verbose=False)  # the sound file loads
+
+
 def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
     cfg = hf_qa_dir / "config.json"
     data = (hf_qa_dir / "model.safetensors").read_bytes()

@@ -221,25 +221,15 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_st
     assert text.endswith("; move it away to start over, or use another --output-dir")
 
 
-def test_a_checkpoint_whose_bytes_rotted_is_refused_not_resumed_from(reference, saved_state, tmp_path):
+def test_a_checkpoint_whose_bytes_rotted_is_refused_not_resumed_from(reference, saved_state, tmp_path, rot_record):
     """torch.load reads a record whose bytes changed on disk without a word; the zip's CRC tells."""
-    import zipfile
-
     path = tmp_path / "checkpoint.pt"
-    whole = bytearray((reference / "checkpoint.pt").read_bytes())
-    with zipfile.ZipFile(reference / "checkpoint.pt") as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor's bytes
-    with open(reference / "checkpoint.pt", "rb") as f:  # its data starts after its local header and name
-        f.seek(record.header_offset + 26)
-        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-    middle = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
-    whole[middle] ^= 0x40
-    path.write_bytes(bytes(whole))
+    record = rot_record(reference / "checkpoint.pt", path)
     torch.load(path, map_location="cpu", weights_only=True)  # no complaint from torch
     cfg = TrainConfig(**json.loads(saved_state["config"]))
     with pytest.raises(ValueError) as e:
         load_checkpoint(path, cfg, Dist(), (STEPS, 0), saved_state["resolved"], (STEPS, 0))
-    assert str(e.value) == (f"{path}: damaged ({record.filename} fails its checksum); move it away to start over, "
+    assert str(e.value) == (f"{path}: damaged ({record} fails its checksum); move it away to start over, "
                             "or use another --output-dir")  # fmt: skip
 
 

@@ -120,6 +120,18 @@ def _needs_class(path: Path, name: str) -> CheckpointError:
                            "weights alone (a state dict)")  # fmt: skip
 
 
+def damaged_record(path: Path) -> str | None:
+    """The first record of a torch.save archive whose bytes fail their checksum (torch.load reads them unchecked:
+    flipped bits load as wrong weights, NaN say), or None: sound, or not such an archive (torch.load tells)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except OSError:
+        raise
+    except Exception:  # the legacy format, or no archive at all (zipfile's errors vary)
+        return None
+
+
 def _read_pickle(path: Path, trust_pickle: bool):
     if zipfile.is_zipfile(path):
         try:
@@ -130,6 +142,8 @@ def _read_pickle(path: Path, trust_pickle: bool):
         if any(name.endswith("/constants.pkl") for name in names):
             raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
                                   "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
+        if (damaged := damaged_record(path)) is not None:
+            raise CheckpointError(f"{path}: damaged ({damaged} fails its checksum); copy or download it again")
     stubbed: list[str] = []
     try:
         if not trust_pickle:

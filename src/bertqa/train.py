@@ -19,7 +19,6 @@ import stat
 import time
 import uuid
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .batching import epoch_batches, to_batch
-from .checkpoint import save_pretrained
+from .checkpoint import damaged_record, save_pretrained
 from .config import ATTENTION_DROPOUT, plain_copy
 from .distributed import Dist, all_gather_objects, checked, distributed, fail_together
 from .evaluate import (
@@ -246,14 +245,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, 
     of one line that leaves it in place: never resumed from, never silently replaced by a fresh start. Its
     `"schedule"` entry is the (total, warm-up) steps to go on with: `schedule`, or `older_schedule` for a
     checkpoint saved before they were recorded (schedule_steps' exact=False)."""
-    try:
-        with zipfile.ZipFile(path) as archive:  # torch.load reads damaged records without checking their CRCs
-            damaged = archive.testzip()
-    except OSError:
-        raise
-    except Exception:  # torch's legacy format, or not a checkpoint (zipfile's errors vary): torch.load below tells
-        damaged = None
-    if damaged is not None:
+    if (damaged := damaged_record(path)) is not None:
         raise ValueError(f"{path}: damaged ({damaged} fails its checksum); {BAD_CHECKPOINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
