@@ -114,9 +114,13 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             content_range = response.headers.get("Content-Range", "")
             if have and response.status == 206:
-                if not content_range.startswith(f"bytes {have}-"):
+                # The rest, from the .part's end to the file's: a part that ends before it is no whole file.
+                first, _, last = content_range.removeprefix("bytes ").partition("/")[0].partition("-")
+                total = _number(content_range.rpartition("/")[2].strip())
+                if _number(first) != have or _number(last) is None or total not in (None, _number(last) + 1):
                     raise _NotTheRest(f"the server sent {content_range or 'a part with no Content-Range'} for a "
                                       f"request from byte {have}")  # fmt: skip
+                size = size if size is not None else total
                 log.info("%s: resuming at byte %d", part.name, have)
             expected = response.headers.get("Content-Length", "").strip()
             length = _number(expected)
@@ -200,7 +204,8 @@ def _check_place(dest: Path) -> Path:
     part = dest.with_name(dest.name + ".part")
     for path in (dest, part):
         if path.exists() and not path.is_file():
-            raise ValueError(f"{path}: is a folder, not a file to download into; move it away or choose another --dir")
+            kind = "a folder" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+            raise ValueError(f"{path}: is {kind}, not a file to download into; move it away or choose another --dir")
     return part
 
 
