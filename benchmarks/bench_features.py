@@ -61,6 +61,8 @@ def main() -> None:
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         examples = read_squad(args.data, is_training=True)
+        if not examples:  # (nothing to time, nor to divide by)
+            raise ValueError(f"--data {args.data}: no questions to featurize")
         t1 = time.perf_counter()
         features = featurize(examples, tok, is_training=True)
         ours.append((t1 - t0, time.perf_counter() - t1))

@@ -16,7 +16,7 @@ from _common import positive, positives, run
 
 from bertqa.bench import PeakMemory, device_name
 from bertqa.checkpoint import load_model
-from bertqa.config import BertConfig
+from bertqa.config import BertConfig, check_seq_len
 from bertqa.distributed import resolve_device
 from bertqa.inference import predict_logits
 from bertqa.model import BertForQuestionAnswering
@@ -60,6 +60,7 @@ def main() -> None:
     precision = Precision.resolve(args.precision, device)
     model = load_model(args.model, device=device, verbose=False)
     tokenizer = load_tokenizer(args.model, config=model.config)
+    check_seq_len(384, model.config.max_position_embeddings, f"--model {args.model}: the windows' length")
     features = featurize(read_squad(args.data, is_training=False), tokenizer, 384, 128, 64, is_training=False)
     print(
         f"{device_name(device)}: {len(features)} windows of {args.data}, precision {precision.describe()}", flush=True

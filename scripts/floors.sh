@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv-floors
 # The floors are those of Python 3.10 and 3.11: numpy 1.24 and safetensors 0.4 have no wheels for later ones.
 VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
-version=$("$PYTHON" -c "$VERSION") || { echo "floors.sh: cannot run $PYTHON" >&2; exit 1; }
+version=$("$PYTHON" -c "$VERSION" 2>/dev/null) || { echo "floors.sh: cannot run $PYTHON" >&2; exit 1; }
 case $version in
   3.10|3.11) ;;
   *) echo "floors.sh: $PYTHON is Python $version; the floors (numpy 1.24, safetensors 0.4) install on 3.10 and 3.11:" \

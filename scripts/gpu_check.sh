@@ -46,9 +46,10 @@ finetune() {
     --lr 3e-4 --warmup 0.1 --eval-batch-size 64 --seed 42 --log-every 20 --no-progress --cache-dir "$WORK/cache" \
     --output-dir "$WORK/$name" "$@"
 }
-step versions bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc
-  $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-  'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')\""
+step versions bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc
+  "$1" -c "import torch, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
+  \"transformers\", transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")"' \
+  _ "$PY"
 step parity "$PY" benchmarks/gpu_parity.py --device cuda
 LARGE=(--preset large --seq-len 384 --batch-size 32 --precision bf16 --segments 3)
 step train-large "$PY" -m bertqa bench "${LARGE[@]}" --mode train --compare hf --steps 10 --warmup 5

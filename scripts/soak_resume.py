@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertqa.files import folder_for
+from bertqa.squad.features import check_window_params
 
 
 def train_cmd(a, out: Path, resume: bool) -> list[str]:
@@ -134,6 +135,11 @@ def main() -> int:
     p.add_argument("--max-seq-length", type=count(1), default=128)
     p.add_argument("--seed", type=int, default=0, help="training seed, and the kill delays' seed")
     a = p.parse_args()
+    try:  # the windows train_cmd asks for
+        check_window_params(a.max_seq_length, a.max_seq_length // 2, 32)
+    except ValueError:
+        sys.exit(f"soak_resume: --max-seq-length {a.max_seq_length}: too short for its windows (a doc stride of half "
+                 "of it, questions up to 32 tokens); 128, say")  # fmt: skip
     work = Path(a.workdir)
     for flag, path in (("--model", a.model), ("--train-file", a.train_file)):
         if not Path(path).exists():
@@ -224,4 +230,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError) as e:  # (a --workdir that cannot be made, say)
+        sys.exit(f"soak_resume: error: {f'{e.filename}: {e.strerror}' if getattr(e, 'filename', None) else e}")
