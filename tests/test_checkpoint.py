@@ -601,6 +601,11 @@ def test_convert_never_replaces_a_folder_it_reads_from(hf_qa_dir, tmp_path, run_
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert f"{out}: it holds {out / 'config.json'}, read through {links / 'config.json'}" in r.stderr, r.stderr
     assert sorted(os.listdir(out)) == names and all(p.exists() for p in links.iterdir())
+    # A link there that is not read (a checkpoints folder's `latest`, leading to an earlier conversion) is no input.
+    shutil.copytree(hf_qa_dir, tmp_path / "ckpts")
+    (tmp_path / "ckpts" / "latest").symlink_to(out)
+    r = run_here("convert", tmp_path / "ckpts", out)
+    assert r.returncode == 0 and (tmp_path / "ckpts" / "latest" / "model.safetensors").is_file(), r.stderr
     # A preset name reads no file: a folder of that name (an earlier conversion's) is not an input. (The preset
     # does not fit these weights: refused for that, after the check.)
     shutil.copytree(out, tmp_path / "base")

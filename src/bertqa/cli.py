@@ -43,11 +43,14 @@ def cmd_convert(args):
     inputs = {str(src): src, f"--config {args.config}": config, f"--vocab {args.vocab}": args.vocab}
     if src.exists() and not src.is_dir():
         inputs[f"the config and tokenizer read beside {src}"] = src.absolute().parent
-    # The files read from a folder may be links to elsewhere (an HF cache's snapshot, a folder of links).
+    # The files read from a folder (weights, config, tokenizer) may be links to elsewhere (an HF cache's snapshot, a
+    # folder of links). (glob finds nothing in a folder that may be opened but not listed: its files are read by name.)
     read_from = [
         Path(p) for p in (src if src.is_dir() else src.absolute().parent, args.vocab) if p and Path(p).is_dir()
     ]
-    for link in sorted(f for folder in read_from for f in folder.iterdir() if f.is_symlink()):
+    read = [f for d in read_from for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.json", "*.txt")
+            for f in d.glob(pattern)]  # fmt: skip
+    for link in sorted({f for f in read if f.is_symlink() and f.is_file()}):
         inputs[f"{os.path.realpath(link)}, read through {link}"] = link
     for what, given in inputs.items():
         real = Path(os.path.realpath(given)) if given and Path(given).exists() else None
