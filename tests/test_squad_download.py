@@ -24,11 +24,11 @@ SUMS = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves FILES with Range support; `cut_after` sends only that many bytes and drops the connection;
     `ignore_range` answers 200 with the whole file, as servers without Range support do; `length`: the
-    Content-Length sent (False: none); `resume`: how a Range request is answered wrongly ("page": a proxy's error
+    Content-Length sent (False: none); `unit`: Content-Range's; `resume`: how a Range request is answered wrongly ("page": a proxy's error
     page with 200, "offset": 206 from byte 100, "short": 206 of 1000 bytes only, "416": refused; "portal": every request gets the page, "chunked
     portal": with no length, in chunks)."""
 
-    log, cut_after, ignore_range, length, resume = [], None, False, None, None
+    log, cut_after, ignore_range, length, resume, unit = [], None, False, None, None, "bytes"
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
@@ -60,7 +60,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         end = start + 1000 if m and self.resume == "short" else len(data)
         self.send_response(206 if start else 200)
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Range", f"{self.unit} {start}-{end - 1}/{len(data)}")
         if self.length is not False:
             self.send_header("Content-Length", self.length or str(end - start))
         self.end_headers()
@@ -79,6 +79,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Handler.log, Handler.cut_after, Handler.ignore_range, Handler.length, Handler.resume = [], None, False, None, None
+    Handler.unit = "bytes"
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -163,8 +164,9 @@ def test_checksum_mismatch_keeps_nothing(server, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-v1.1.json"]  # no dev file, no .part
 
 
-def test_interrupted_download_resumes_with_range(server, tmp_path):
-    Handler.cut_after = 1000
+@pytest.mark.parametrize("unit", ["bytes", "Bytes"])  # (a range unit's name is case-insensitive: RFC 9110)
+def test_interrupted_download_resumes_with_range(server, tmp_path, unit):
+    Handler.cut_after, Handler.unit = 1000, unit
     with pytest.raises(OSError, match="run again to resume"):
         download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
     part = tmp_path / "train-v1.1.json.part"

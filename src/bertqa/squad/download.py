@@ -115,7 +115,8 @@ def _fetch(url: str, f, part: Path, timeout: float, size: int | None) -> None:
             content_range = response.headers.get("Content-Range", "")
             if have and response.status == 206:
                 # The rest, from the .part's end to the file's: a part that ends before it is no whole file.
-                first, _, last = content_range.removeprefix("bytes ").partition("/")[0].partition("-")
+                unit, _, spec = content_range.partition(" ")
+                first, _, last = spec.partition("/")[0].partition("-") if unit.lower() == "bytes" else ("", "", "")
                 total = _number(content_range.rpartition("/")[2].strip())
                 if _number(first) != have or _number(last) is None or total not in (None, _number(last) + 1):
                     raise _NotTheRest(f"the server sent {content_range or 'a part with no Content-Range'} for a "
