@@ -15,7 +15,7 @@ import torch
 from skips import file_size_limit
 
 from bertqa import cli, load_model, load_tokenizer, save_pretrained
-from bertqa.checkpoint import CheckpointError
+from bertqa.checkpoint import CheckpointError, read_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -397,6 +397,37 @@ def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
         load_model(path, config=hf_qa_dir / "config.json")
     model = load_model(path, config=hf_qa_dir / "config.json", trust_pickle=True)
     assert torch.equal(model.qa_outputs.weight, sd["qa_outputs.weight"])
+    # Only True is trust: "no" (a true string) unpickled in full, which runs whatever code the file names.
+    for no in ("no", "False", 0, None):
+        with pytest.raises(ValueError, match=f"^trust_pickle must be True or False, got {re.escape(repr(no))}$"):
+            load_model(path, config=hf_qa_dir / "config.json", trust_pickle=no)
+        with pytest.raises(ValueError, match="^trust_pickle must be True or False"):
+            read_state_dict(path, trust_pickle=no)
+
+
+def test_the_python_apis_wrong_kinds_of_input_are_refused_before_any_work(hf_qa_dir, tmp_path, minilm_dir):
+    """(review) save_pretrained checked its model and tokenizer only once the weights were written (an
+    AttributeError), wrote an extra file named "../x" outside the folder and kept the head for with_qa_head="no";
+    load_model failed on a device it cannot use only after reading the weights, with torch's RuntimeError."""
+    model, tokenizer = load_model(hf_qa_dir), load_tokenizer(hf_qa_dir)
+    hf_model = transformers.BertForQuestionAnswering.from_pretrained(str(hf_qa_dir))
+    out = tmp_path / "out"
+    for kwargs, error, message in [
+        ({"model": hf_model}, TypeError, "model must be bertqa's BertForQuestionAnswering (bertqa.load_model), not "
+                                         "BertForQuestionAnswering"),
+        ({"tokenizer": str(hf_qa_dir)}, TypeError, "tokenizer must be bertqa's BertTokenizer (bertqa.load_tokenizer) "
+                                                   "or None, not str"),
+        ({"extra_files": ["notes.txt"]}, TypeError, "extra_files must be a dict of file name -> text, not list"),
+        ({"extra_files": {"../x.txt": "x"}}, ValueError, "extra_files['../x.txt']: a file name in the folder"),
+        ({"with_qa_head": "no"}, ValueError, "with_qa_head must be True or False, got 'no'"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=f"^{re.escape(message)}"):
+            save_pretrained(**{"model": model, "tokenizer": tokenizer, "directory": out, **kwargs})
+    assert sorted(os.listdir(tmp_path)) == []
+    for device, message in (("gpu", "--device 'gpu': "), (2.5, "device must be a name ('cpu', 'cuda:0'), a torch")):
+        with pytest.raises((ValueError, TypeError), match=f"^{re.escape(message)}"):
+            load_model(tmp_path / "missing", device=device)  # (said before the path is even looked at)
+    assert load_model(hf_qa_dir, device=-1).qa_outputs.weight.device == torch.device("cpu")  # (the pipeline's rule)
 
 
 def test_an_nvidia_checkpoint_saved_mid_pretraining_loads(hf_qa_dir, tmp_path):

@@ -17,10 +17,13 @@ import torch
 
 import bertqa.qa
 from bertqa.checkpoint import CheckpointError
+from bertqa.config import BertConfig
+from bertqa.model import BertForQuestionAnswering
 from bertqa.qa import QuestionAnswerer, align_to_words, rank_answers, window_settings
 from bertqa.squad.data import Example
 from bertqa.squad.features import featurize
 from bertqa.squad.postprocess import postprocess
+from bertqa.tokenizer import load_tokenizer
 
 FILLER = "The weather stayed mild that season, and the market opened every morning at the usual hour. " * 40
 
@@ -682,7 +685,7 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         QuestionAnswerer.from_pretrained(qa_model_dir, device=256)  # (torch.device("cuda:256") is cuda:0)
 
 
-def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad):
+def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad, minilm_dir):
     """Without a batch size, 32 windows a forward pass on a CPU and 128 on a CUDA GPU, in the Python API and in
     the evaluation path alike; a given one is kept (no GPU needed: nothing here runs on the device)."""
     from bertqa import evaluate
@@ -693,12 +696,23 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
     assert (default_batch_size(cpu), default_batch_size(cuda), default_batch_size("cuda")) == (32, 128, 128)
     fp32 = Precision.resolve("fp32", cpu)
-    model = torch.nn.Linear(1, 1)
-    assert QuestionAnswerer(model, None, cuda, fp32).batch_size == 128
-    assert QuestionAnswerer(model, None, cpu, fp32).batch_size == 32
-    assert QuestionAnswerer(model, None, cuda, fp32, batch_size=7).batch_size == 7
+    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    tok = load_tokenizer(minilm_dir)
+    assert QuestionAnswerer(model, tok, cuda, fp32).batch_size == 128
+    assert QuestionAnswerer(model, tok, cpu, fp32).batch_size == 32
+    assert QuestionAnswerer(model, tok, cuda, fp32, batch_size=7).batch_size == 7
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-        QuestionAnswerer(model, None, cuda, fp32, batch_size=0)
+        QuestionAnswerer(model, tok, cuda, fp32, batch_size=0)
+    # (review) A path, or another library's model or tokenizer, failed at the first question (AttributeError);
+    # a precision's or a device's name is read as from_pretrained reads it.
+    for args, message in (((str(minilm_dir), tok), "model must be bertqa's BertForQuestionAnswering"),
+                          ((model, tok.backend), "tokenizer must be bertqa's BertTokenizer")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}"):
+            QuestionAnswerer(*args, cpu, fp32)
+    named = QuestionAnswerer(model, tok, "cpu", "fp32")
+    assert (named.device, named.precision.name) == (cpu, "fp32")
+    assert named("Who?", "Ada wrote it.")["answer"]
 
     class Ran(Exception):
         pass

@@ -271,6 +271,29 @@ def test_an_empty_cache_dir_is_refused_not_the_current_folder(small_file, tok, t
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
+def test_wrong_kinds_of_input_are_refused_in_one_line(small_file, tok, tmp_path, minilm_dir):
+    """(review) "no" for is_training read as True (training windows, or int("no") in the cache's key); another
+    tokenizer, a dict of examples or a path failed deep inside with an AttributeError; a file's own examples read
+    with is_training="no" were read as training data (answers re-anchored, questions skipped)."""
+    examples = read_squad(small_file, is_training=False)
+    with pytest.raises(ValueError, match="^is_training must be True or False, got 'no'$"):
+        read_squad(small_file, "no")
+    for call in (lambda: featurize(examples, tok, is_training="no"),
+                 lambda: load_features(examples, tok, tmp_path / "cache", is_training="no")):  # fmt: skip
+        with pytest.raises(ValueError, match="^is_training must be True or False, got 'no'$"):
+            call()
+    for bad_tok in (str(minilm_dir), tok.backend):  # (a path; the `tokenizers` library's own Tokenizer)
+        with pytest.raises(
+            TypeError, match=rf"^tokenizer must be bertqa's BertTokenizer .*, not {type(bad_tok).__name__}$"
+        ):
+            featurize(examples, bad_tok)
+    for bad in ({e.qid: e for e in examples}, [vars(e) for e in examples], iter(examples), str(small_file)):
+        for call in (featurize, lambda ex, t: load_features(ex, t, tmp_path / "cache")):
+            with pytest.raises(TypeError, match=r"^examples must be a list of bertqa.squad.Example"):
+                call(bad, tok)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     examples = read_squad(small_file, is_training=False)

@@ -173,9 +173,16 @@ def test_the_python_apis_bad_arguments_are_refused_in_one_line(tmp_path):
     ):
         with pytest.raises(error, match=re.escape(message)):
             evaluate_v2(*args)
-    for args, message in ((({"data": data}, preds), "dataset must be"), ((data, {"a": 3}), "predictions['a'] must")):
+    v1 = dataset(("a", ["cat"]))
+    for args, message in ((({"data": v1}, preds), "dataset must be"), ((v1, {"a": 3}), "predictions['a'] must")):
         with pytest.raises(TypeError, match=re.escape(message)):
             evaluate_v1(*args)
+    # What is read of the dataset is checked as a file's is (failed with max() of nothing, a KeyError, ...).
+    for function, bad, message in ((evaluate_v1, data, "dataset: question id 'b': no answers and not marked"),
+                                   (evaluate_v2, data[0]["paragraphs"], "dataset: article 0: "),
+                                   (evaluate_v2, dataset(("a", ["cat"]), ("a", [])), "question id 'a': duplicate")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            function(bad, preds)
     (tmp_path / "d.json").write_text(json.dumps({"version": "v2.0", "data": data}))
     (tmp_path / "p.json").write_text(json.dumps(preds))
     with pytest.raises(ValueError, match="na_prob_thresh must be a finite number, got nan"):

@@ -219,6 +219,7 @@ def test_no_valid_span_predicts_empty(setup, tmp_path):
     ({"version_2": True, "null_score_diff_threshold": float("nan")},  # never a null answer
      "null_score_diff_threshold must be a finite number, got nan"),
     ({"version_2": True, "null_score_diff_threshold": "0"}, "null_score_diff_threshold must be a finite number, got '0'"),
+    ({"version_2": "no"}, "version_2 must be True or False, got 'no'"),  # ("no" is true: v2.0's null answers)
 ])  # fmt: skip
 def test_bad_settings_are_refused_in_one_line(setup, kwargs, error):
     """The API's settings, checked as the command line's are: not wrong answers and no TypeError from numpy."""
@@ -263,6 +264,21 @@ def test_narrower_logits_and_bad_shapes(setup):
         postprocess(ex, f, start[:-1], end[:-1])
     with pytest.raises(ValueError, match="features do not match the 2 examples"):
         postprocess(ex * 2, f, start, end)
+    start[3, 5] = np.nan  # (the model's fault: every answer was "")
+    with pytest.raises(ValueError, match=r"^start_logits and end_logits hold NaN or \+infinity"):
+        postprocess(ex, f, start, end)
+
+
+def test_examples_other_than_those_featurized_are_refused(tok):
+    """Another list of the same length (reordered, say) cut each answer from the other question's context."""
+    ex = [Example("a", "what ?", CONTEXT, [], []), Example("b", "which ?", "10 11 12 13", [], [])]
+    f = featurize(ex, tok, max_seq_length=32, doc_stride=8, max_query_length=8)
+    start, end = np.zeros(f.input_ids.shape), np.zeros(f.input_ids.shape)
+    row = len(f) - 1  # b's one window: "11" starts at character 3
+    start[row, f.offsets[row, :, 0] == 3] = end[row, f.offsets[row, :, 0] == 3] = 9.0
+    assert postprocess(ex, f, start, end)[0]["b"] == "11"
+    with pytest.raises(ValueError, match=r"features do not match the 2 examples \(pass the very list they were built"):
+        postprocess(ex[::-1], f, start, end)
 
 
 def test_duplicate_question_ids_refused(tok):
@@ -273,6 +289,7 @@ def test_duplicate_question_ids_refused(tok):
     with pytest.raises(ValueError, match="question id 'd': duplicate question id"):
         postprocess(ex, f, start, end)
     ex[1] = Example("e", "which ?", "10 11 12", [], [])
+    f = featurize(ex, tok, max_seq_length=32, doc_stride=8, max_query_length=8)
     assert set(postprocess(ex, f, start, end, version_2=True)[0]) == {"d", "e"}
 
 
@@ -342,6 +359,11 @@ def test_write_predictions(tmp_path, setup):
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_predictions(tmp_path / "new" / "deep", changed, bad_nbest)
     assert not (tmp_path / "new").exists()
+    # One file to remove, named by a string, is that file (it was read as a list of one-letter names).
+    for name in ("p", "old.json"):
+        (tmp_path / name).write_text("mine")
+    write_predictions(tmp_path / "v1", preds, nbest, remove=str(tmp_path / "old.json"))
+    assert (tmp_path / "p").read_text() == "mine" and not (tmp_path / "old.json").exists()
 
 
 def test_a_deep_n_best_stays_within_its_pair_budget(tok, monkeypatch):

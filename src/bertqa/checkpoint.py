@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from .config import BertConfig
 from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder
 from .model import BertForQuestionAnswering
+from .squad.data import check_bool
+from .tokenizer import BertTokenizer
 
 # Key renames from other layouts to ours, applied in order (converters as data).
 KEY_RENAMES = [
@@ -182,6 +184,7 @@ def _read_pickle(path: Path, trust_pickle: bool):
 
 def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
+    check_bool(trust_pickle=trust_pickle)  # ("no" would unpickle in full: run the file's code)
     path = Path(path)
     with open(path, "rb") as f:  # a repository cloned without git-lfs holds a small text stub in its place
         head = f.read(max(len(LFS_POINTER), 9))
@@ -338,8 +341,12 @@ def load_model(
     unless `require_qa_head` (to answer questions: a random head would answer nonsense). The model comes in
     eval mode (no dropout), as transformers' `from_pretrained` returns it: call `.train()` to fine-tune it.
     """
+    from .distributed import api_device
+
     if not os.fspath(path):  # Path("") is the current folder: a model there would load unasked
         raise CheckpointError("model path '': empty; name the checkpoint file or folder")
+    check_bool(trust_pickle=trust_pickle, verbose=verbose, require_qa_head=require_qa_head)
+    device = api_device(device)  # before the weights take seconds to load
     weights, config = _find(Path(path), config)
     sd = read_state_dict(weights, trust_pickle)
     with torch.device("meta"):
@@ -394,8 +401,27 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
     Without `with_qa_head` the weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no
     fine-tuned head). An existing `directory` must be empty or a model folder (files.not_a_model_folder): one
     holding anything else is refused, not replaced."""
-    check_save_target(directory)
     model = _unwrap(model)
+    if not isinstance(model, BertForQuestionAnswering):  # (transformers' own: save it with its save_pretrained)
+        raise TypeError(
+            f"model must be bertqa's BertForQuestionAnswering (bertqa.load_model), not {type(model).__name__}"
+        )
+    if tokenizer is not None and not isinstance(tokenizer, BertTokenizer):
+        raise TypeError(f"tokenizer must be bertqa's BertTokenizer (bertqa.load_tokenizer) or None, not "
+                        f"{type(tokenizer).__name__}")  # fmt: skip
+    if not isinstance(extra_files or {}, dict):
+        raise TypeError(f"extra_files must be a dict of file name -> text, not {type(extra_files).__name__}")
+    for name, text in (extra_files or {}).items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(text, str)
+            or name in ("", ".", "..")
+            or "/" in name
+            or os.sep in name
+        ):
+            raise ValueError(f"extra_files[{name!r}]: a file name in the folder (no path) and its text are needed")
+    check_bool(with_qa_head=with_qa_head)
+    check_save_target(directory)
     with atomic_dir(directory, durable=True) as tmp:
         model.config.to_json(tmp / "config.json")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -47,6 +48,20 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def api_device(device) -> torch.device:
+    """The Python API's `device`, checked before any work: None (the default device), a name ('cpu', 'cuda:1'), a
+    torch.device, or, as in HF's pipeline, an integer: the CPU where negative, else that accelerator's index."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    elif isinstance(device, int | np.integer) and not isinstance(device, bool | np.bool_):  # ("0": a name, refused)
+        accelerator = default_device()
+        device = "cpu" if device < 0 else f"{'cuda' if accelerator == 'cpu' else accelerator}:{int(device)}"
+    elif device is not None and not isinstance(device, str):
+        raise TypeError(f"device must be a name ('cpu', 'cuda:0'), a torch.device or an integer, not "
+                        f"{type(device).__name__}")  # fmt: skip
+    return resolve_device(device)
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:

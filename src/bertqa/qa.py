@@ -35,15 +35,16 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import _unwrap, load_model
 from .config import check_seq_len
 from .files import read_one_version
 from .inference import default_batch_size, predict_logits
+from .model import BertForQuestionAnswering
 from .runtime import Precision
-from .squad.data import Example, bert_removes, blank, unpaired_surrogate
+from .squad.data import Example, bert_removes, blank, check_bool, unpaired_surrogate
 from .squad.features import check_positive, featurize
 from .squad.postprocess import best_spans
-from .tokenizer import load_tokenizer
+from .tokenizer import BertTokenizer, load_tokenizer
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -247,6 +248,19 @@ class QuestionAnswerer:
 
     def __init__(self, model, tokenizer, device: torch.device, precision: Precision, batch_size: int | None = None,
                  name: str = "model", max_windows: int | None = None):  # fmt: skip
+        """`model` and `tokenizer` as load_model and load_tokenizer give them; `device` and `precision` as
+        from_pretrained takes them (a name, or a Precision already resolved)."""
+        from .distributed import api_device
+
+        if not isinstance(_unwrap(model), BertForQuestionAnswering):  # (torch.compile's wrapper is one too)
+            raise TypeError(f"model must be bertqa's BertForQuestionAnswering (bertqa.load_model), not "
+                            f"{type(model).__name__}; or use QuestionAnswerer.from_pretrained(path)")  # fmt: skip
+        if not isinstance(tokenizer, BertTokenizer):
+            raise TypeError(f"tokenizer must be bertqa's BertTokenizer (bertqa.load_tokenizer), not "
+                            f"{type(tokenizer).__name__}")  # fmt: skip
+        device = device if isinstance(device, torch.device) else api_device(device)
+        if not isinstance(precision, Precision):
+            precision = Precision.resolve(precision, device)
         self.model = model.eval()
         self.max_windows = max_windows  # refuse inputs needing more windows than this (a server's guard)
         # One model call at a time: the precision scope sets process-wide torch flags, and one device runs one
@@ -269,12 +283,9 @@ class QuestionAnswerer:
         already resolved for the device, as `serve` has, which then says nothing of it again); `batch_size`:
         windows per forward pass (default 128 on a CUDA GPU, else 32). As in the pipeline, an integer `device` is
         the CPU where negative, else the index of the accelerator (cuda:0 for 0 where CUDA is the one present)."""
-        from .distributed import default_device, resolve_device
+        from .distributed import api_device
 
-        if isinstance(device, int) and not isinstance(device, bool):  # ("0" read as a device name: refused)
-            accelerator = default_device()
-            device = "cpu" if device < 0 else f"{'cuda' if accelerator == 'cpu' else accelerator}:{device}"
-        device = resolve_device(None if device is None else str(device))
+        device = api_device(device)
         if batch_size is not None:  # before the model takes seconds to load (the constructor checks it too)
             check_positive(batch_size=batch_size)
 
@@ -344,9 +355,7 @@ class QuestionAnswerer:
         check_positive(top_k=top_k, max_answer_len=max_answer_len)
         if batch_size is not None:
             check_positive(batch_size=batch_size)
-        for name, value in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
-            if not isinstance(value, (bool, np.bool_)):  # "no" would read as True
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        check_bool(handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words)
         window = window_settings(max_seq_len, doc_stride, max_question_len, self.config.max_position_embeddings)
         return top_k, max_answer_len, handle_impossible_answer, align_to_words, *window
 

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bertqa.squad.download import download_squad  # noqa: F401  (re-exported: "squad data" includes getting it)
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,13 @@ def check_gold(doc, path, v2: bool) -> None:
                     raise SquadFormatError(f"{path}: question id {qid!r}: no answers and not marked is_impossible")
 
 
+def check_bool(**values) -> None:
+    """Each value True or False (numpy's too), else one line naming it: a string such as "no" is true."""
+    for name, value in values.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None = None) -> list[Example]:
     """Read a SQuAD v1.1 or v2.0 file.
 
@@ -261,6 +270,7 @@ def parse_squad(
     """`read_squad` on an already parsed JSON document (`path` only names it in errors). With
     `require_answers=False` (prediction) a question may come without answers. `v2` reads the file as SQuAD v2.0
     whatever it says (--version-2-with-negative: a question without answers is unanswerable)."""
+    check_bool(is_training=is_training, require_answers=require_answers, v2=v2)
     _check_document(doc, path)
     v2 = v2 or is_squad_v2(doc)
     examples: list[Example] = []

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from bertqa.files import atomic_path, first_line
-from bertqa.squad.data import Example
+from bertqa.squad.data import Example, check_bool
+from bertqa.tokenizer import BertTokenizer
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout or the meaning of any array changes, so older caches are never read.
-FORMAT_VERSION = 2  # 2: token ends cover the combining marks after them (_cover_removed_marks)
+FORMAT_VERSION = 3  # 2: token ends cover the combining marks after them (_cover_removed_marks); 3: params["examples"]
 
 
 @dataclass
@@ -108,6 +109,21 @@ def check_window_params(max_seq_length, doc_stride, max_query_length, flags: boo
         )
 
 
+def check_types(examples, tokenizer) -> None:
+    """featurize's inputs, refused in one line before any work (not an AttributeError from deep inside)."""
+    if not isinstance(tokenizer, BertTokenizer):
+        raise TypeError(f"tokenizer must be bertqa's BertTokenizer (bertqa.load_tokenizer(path)), not "
+                        f"{type(tokenizer).__name__}")  # fmt: skip
+    if not isinstance(examples, (list, tuple)) or not all(isinstance(ex, Example) for ex in examples):
+        raise TypeError("examples must be a list of bertqa.squad.Example (read_squad gives one)")
+
+
+def examples_digest(examples) -> str:
+    """Which examples, in which order, windows were built from (their ids and context lengths): post-processing
+    cuts each answer from its example's context, so another list of the same length gave wrong answers silently."""
+    return hashlib.sha256("\n".join(f"{ex.qid}\t{len(ex.context)}" for ex in examples).encode()).hexdigest()[:16]
+
+
 def _pointers(lengths) -> np.ndarray:
     """Start of each segment in a concatenation, plus the total: ptr[i]:ptr[i+1] is segment i."""
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
@@ -168,6 +184,8 @@ def featurize(
     `is_training` additionally insists that every answerable example has an answer. With `max_windows`,
     inputs that need more windows are refused before any window is built (a server's guard)."""
     check_window_params(max_seq_length, doc_stride, max_query_length)
+    check_bool(is_training=is_training)
+    check_types(examples, tokenizer)
     L, stride = int(max_seq_length), int(doc_stride)
     t0 = time.perf_counter()
 
@@ -230,7 +248,8 @@ def featurize(
         examples, ctx_of_ex, ctx_ptr, ctx_offsets, ex_of_row, win_start, win_len, c0, is_training
     )
     params = {"max_seq_length": L, "doc_stride": stride, "max_query_length": int(max_query_length),
-              "is_training": bool(is_training), "tokenizer": tokenizer.fingerprint}  # fmt: skip
+              "is_training": bool(is_training), "tokenizer": tokenizer.fingerprint,
+              "examples": examples_digest(examples)}  # fmt: skip
     log.info("featurised %d examples into %d windows in %.2f s", n_ex, N, time.perf_counter() - t0)
     return Features(
         input_ids=input_ids,
@@ -357,6 +376,8 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     if unknown:
         raise TypeError(f"load_features() got unknown parameters {sorted(unknown)}")
     params = {**_DEFAULTS, **params}  # spelling out a default must give the same key as leaving it out
+    check_bool(is_training=params["is_training"])
+    check_types(examples, tokenizer)
     if cache_dir is None:
         return featurize(examples, tokenizer, **params)
     if not str(cache_dir).strip():  # Path("") is the current folder

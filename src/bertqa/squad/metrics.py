@@ -52,12 +52,14 @@ def _questions(dataset: list):
             yield from paragraph["qas"]
 
 
-def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, na_prob_thresh: float = 1.0) -> None:
+def _check_arguments(dataset, predictions: dict, na_probs: dict | None = None, na_prob_thresh: float = 1.0,
+                     v2: bool = False) -> None:  # fmt: skip
     """The Python API's arguments, refused in one line where scoring would fail deep inside, or (a NaN) score
     wrongly without a word: NaN passes no comparison, so nothing abstained."""
     if not isinstance(dataset, list):
         hint = " (pass the document's ['data'])" if isinstance(dataset, dict) and "data" in dataset else ""
         raise TypeError(f"dataset must be a SQuAD file's 'data' list, not {type(dataset).__name__}{hint}")
+    check_gold({"data": dataset}, "dataset", v2)  # (what is read of it: ids and answer texts)
     if not isinstance(predictions, dict):
         raise TypeError(f"predictions must be a dict of question id -> str, not {type(predictions).__name__}")
     for qid, value in predictions.items():
@@ -165,7 +167,7 @@ def evaluate_v2(dataset: list, predictions: dict, na_probs: dict | None = None, 
     while still counting in every total (the official script prints the same line and then fails with a
     KeyError, so for complete predictions the numbers are identical). Unknown ids are ignored.
     """
-    _check_arguments(dataset, predictions, na_probs, na_prob_thresh)
+    _check_arguments(dataset, predictions, na_probs, na_prob_thresh, v2=True)
     # (numpy's numbers as Python's: the best thresholds are some of them, and the result goes to JSON)
     na_prob_thresh = float(na_prob_thresh)
     na_probs = None if na_probs is None else {qid: float(p) for qid, p in na_probs.items()}

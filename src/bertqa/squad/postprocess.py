@@ -15,13 +15,14 @@ The best span is the same whenever it is within their top n; the n-best list can
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from bertqa.files import write_json_files
-from bertqa.squad.data import Example
-from bertqa.squad.features import Features, check_finite, check_positive
+from bertqa.squad.data import Example, check_bool
+from bertqa.squad.features import Features, check_finite, check_positive, examples_digest
 
 # Start-end pairs scored at once (each costs about 20 bytes of temporary arrays, up to 50 where max_answer_length
 # lets most pairs be valid): a deep search (the server's 2,048 windows of 384 tokens; --n-best-size 384 over
@@ -152,10 +153,15 @@ def postprocess(
         )
     check_positive(n_best_size=n_best_size, max_answer_length=max_answer_length)  # (nan passed `< 1`: answers "")
     check_finite(null_score_diff_threshold=null_score_diff_threshold)  # (a string: a TypeError deep inside)
+    check_bool(version_2=version_2)
+    if any(np.isnan(a).any() or np.isposinf(a).any() for a in (start, end)):  # (NaN ranks nowhere: every answer "")
+        raise ValueError("start_logits and end_logits hold NaN or +infinity (-infinity marks a position never taken)")
     counts = np.bincount(features.example_index, minlength=len(examples))
-    if len(counts) > len(examples) or not counts.all():
+    made_from = features.params.get("examples")  # (None: windows built by hand)
+    if len(counts) > len(examples) or not counts.all() or made_from not in (None, examples_digest(examples)):
         raise ValueError(
-            f"features do not match the {len(examples)} examples (pass the very list they were built from)"
+            f"features do not match the {len(examples)} examples (pass the very list they were built from, in its "
+            "order)"
         )
     if len({ex.qid for ex in examples}) < len(examples):  # (the answers are keyed by id: one would overwrite another)
         seen = set()
@@ -219,7 +225,7 @@ def write_prediction_files(paths, predictions: dict, nbest: dict, null_odds: dic
     last. A v1.1 set removes the null odds an earlier v2.0 set left at paths[2], which would not belong to it;
     the paths in `remove` (files of the earlier set's run) go at the same moment, once the new set is written."""
     files = dict(zip(paths, (predictions, nbest, null_odds)))
-    stale = list(remove)
+    stale = [remove] if isinstance(remove, str | os.PathLike) else list(remove)  # (a str: not a list of letters)
     if null_odds is None:
         del files[paths[2]]
         stale.append(paths[2])
