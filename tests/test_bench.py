@@ -518,6 +518,8 @@ def test_a_warmup_given_through_the_api_is_checked_with_the_other_counts(capsys)
             bench.bench(bench.BenchConfig(preset="base", seconds=seconds))
     with pytest.raises(ValueError, match="^attention_dropout must be True, False or None, got 'no'$"):  # (read as on)
         bench.bench(bench.BenchConfig(preset="base", attention_dropout="no"))
+    with pytest.raises(ValueError, match=r"^--batch-size 288230376151711744: must be below 2\^31$"):  # (numpy's words)
+        bench.bench(bench.BenchConfig(preset="base", batch_size=2**58))
     assert capsys.readouterr().out == ""
 
 

@@ -412,6 +412,8 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--mode {cfg.mode!r}: choose train or infer")
     check_positive(**{f"--{name.replace('_', '-')}": getattr(cfg, name) for name in ("batch_size", "seq_len", "steps",
                                                                                       "segments")})  # fmt: skip
+    if cfg.batch_size >= 2**31:  # (numpy's limits spoke for it: "Maximum allowed dimension exceeded")
+        raise ValueError(f"--batch-size {cfg.batch_size}: must be below 2^31")
     seconds = cfg.seconds
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or not 0 < seconds < float("inf")):  # fmt: skip
