@@ -671,7 +671,7 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         pass
 
     def resolve_device(name, local_rank=0):
-        raise Asked(name)
+        raise Asked(name, local_rank)
 
     monkeypatch.setattr(bertqa.distributed, "resolve_device", resolve_device)
     for accelerator, device, name in (("cuda", 0, "cuda:0"), ("xpu", 1, "xpu:1"), ("cpu", 0, "cuda:0"), ("cuda", -2, "cpu"),
@@ -679,7 +679,11 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         monkeypatch.setattr(bertqa.distributed, "default_device", lambda accelerator=accelerator: accelerator)
         with pytest.raises(Asked) as asked:
             QuestionAnswerer.from_pretrained(qa_model_dir, device=device)
-        assert asked.value.args == (name,)
+        assert asked.value.args == (name, 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun, "cuda" is this process's GPU, as the CLI reads it
+    with pytest.raises(Asked) as asked:
+        QuestionAnswerer.from_pretrained(qa_model_dir, device="cuda")
+    assert asked.value.args == ("cuda", 3)
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"^--device cuda:256: device index above 127, the highest torch can hold$"):
         QuestionAnswerer.from_pretrained(qa_model_dir, device=256)  # (torch.device("cuda:256") is cuda:0)
@@ -713,6 +717,16 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
     named = QuestionAnswerer(model, tok, "cpu", "fp32")
     assert (named.device, named.precision.name) == (cpu, "fp32")
     assert named("Who?", "Ada wrote it.")["answer"]
+
+    class Wrapped(torch.nn.Module):  # as DDP wraps a model (.module), passing no attribute through
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    assert QuestionAnswerer(Wrapped(model), tok, cpu, fp32)("Who?", "Ada wrote it.")["answer"]
 
     class Ran(Exception):
         pass

@@ -52,7 +52,8 @@ def default_device() -> str:
 
 def api_device(device) -> torch.device:
     """The Python API's `device`, checked before any work: None (the default device), a name ('cpu', 'cuda:1'), a
-    torch.device, or, as in HF's pipeline, an integer: the CPU where negative, else that accelerator's index."""
+    torch.device, or, as in HF's pipeline, an integer: the CPU where negative, else that accelerator's index. An
+    accelerator named without an index is this process's under torchrun (cuda:LOCAL_RANK), as the CLI reads it."""
     if isinstance(device, torch.device):
         device = str(device)
     elif isinstance(device, int | np.integer) and not isinstance(device, bool | np.bool_):  # ("0": a name, refused)
@@ -61,7 +62,7 @@ def api_device(device) -> torch.device:
     elif device is not None and not isinstance(device, str):
         raise TypeError(f"device must be a name ('cpu', 'cuda:0'), a torch.device or an integer, not "
                         f"{type(device).__name__}")  # fmt: skip
-    return resolve_device(device)
+    return resolve_device(device, _env_int("LOCAL_RANK", 0, 0))
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:

@@ -301,7 +301,7 @@ class QuestionAnswerer:
 
     @property
     def config(self):
-        return self.model.config
+        return _unwrap(self.model).config  # (DDP's wrapper does not pass it through)
 
     def __call__(self, question=None, context=None, top_k: int = 1, max_answer_len: int = 30,
                  handle_impossible_answer: bool = False, doc_stride: int | None = None,
