@@ -411,13 +411,11 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
                         f"{type(tokenizer).__name__}")  # fmt: skip
     if not isinstance(extra_files or {}, dict):
         raise TypeError(f"extra_files must be a dict of file name -> text, not {type(extra_files).__name__}")
-    for name, text in (extra_files or {}).items():
+    for name, text in (extra_files or {}).items():  # (a name with a path in it wrote outside the folder)
         if (
-            not isinstance(name, str)
-            or not isinstance(text, str)
+            not (isinstance(name, str) and isinstance(text, str))
             or name in ("", ".", "..")
-            or "/" in name
-            or os.sep in name
+            or name != os.path.basename(name)
         ):
             raise ValueError(f"extra_files[{name!r}]: a file name in the folder (no path) and its text are needed")
     check_bool(with_qa_head=with_qa_head)
