@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -288,6 +289,17 @@ def test_a_checkpoint_whose_bytes_rotted_is_refused(hf_qa_dir, tmp_path, rot_rec
         load_model(tmp_path / "rotted.pt", config=hf_qa_dir / "config.json")
     assert str(e.value) == f"{tmp_path / 'rotted.pt'}: damaged ({record} fails its checksum); copy or download it again"
     load_model(pt, config=hf_qa_dir / "config.json", verbose=False)  # the sound file loads
+    # Saved without checksums (torch's compute_crc32=False writes 0 for each record): sound, not damaged.
+    from torch.utils.serialization import config as serialization
+
+    serialization.save.compute_crc32 = False
+    try:
+        torch.save(torch.load(pt, weights_only=True), tmp_path / "no-crc.pt")
+    finally:
+        serialization.save.compute_crc32 = True
+    with zipfile.ZipFile(tmp_path / "no-crc.pt") as archive:
+        assert {record.CRC for record in archive.infolist()} == {0}
+    assert load_model(tmp_path / "no-crc.pt", config=hf_qa_dir / "config.json").qa_outputs.weight.isfinite().all()
 
 
 def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
@@ -424,7 +436,7 @@ def test_the_python_apis_wrong_kinds_of_input_are_refused_before_any_work(hf_qa_
         with pytest.raises(error, match=f"^{re.escape(message)}"):
             save_pretrained(**{"model": model, "tokenizer": tokenizer, "directory": out, **kwargs})
     assert sorted(os.listdir(tmp_path)) == []
-    for device, message in (("gpu", "--device 'gpu': "), (2.5, "device must be a name ('cpu', 'cuda:0'), a torch")):
+    for device, message in (("gpu", "device 'gpu': "), (2.5, "device must be a name ('cpu', 'cuda:0'), a torch")):
         with pytest.raises((ValueError, TypeError), match=f"^{re.escape(message)}"):
             load_model(tmp_path / "missing", device=device)  # (said before the path is even looked at)
     assert load_model(hf_qa_dir, device=-1).qa_outputs.weight.device == torch.device("cpu")  # (the pipeline's rule)

@@ -670,9 +670,10 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
     class Asked(Exception):
         pass
 
-    def resolve_device(name, local_rank=0):
+    def resolve_device(name, local_rank=0, flag="--device"):
         raise Asked(name, local_rank)
 
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(bertqa.distributed, "resolve_device", resolve_device)
     for accelerator, device, name in (("cuda", 0, "cuda:0"), ("xpu", 1, "xpu:1"), ("cpu", 0, "cuda:0"), ("cuda", -2, "cpu"),
                                       ("cuda", "cuda:1", "cuda:1"), ("cuda", torch.device("cpu"), "cpu")):  # fmt: skip
@@ -680,12 +681,19 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         with pytest.raises(Asked) as asked:
             QuestionAnswerer.from_pretrained(qa_model_dir, device=device)
         assert asked.value.args == (name, 0)
-    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun, "cuda" is this process's GPU, as the CLI reads it
-    with pytest.raises(Asked) as asked:
-        QuestionAnswerer.from_pretrained(qa_model_dir, device="cuda")
-    assert asked.value.args == ("cuda", 3)
+    # "cuda" alone: the current GPU, as torch reads it (torch.cuda.set_device's); under torchrun this process's,
+    # as the CLI reads it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    for local_rank, asked_for in ((None, ("cuda:2", 0)), ("3", ("cuda", 3))):
+        if local_rank is not None:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+        for device in ("cuda", torch.device("cuda")):
+            with pytest.raises(Asked) as asked:
+                QuestionAnswerer.from_pretrained(qa_model_dir, device=device)
+            assert asked.value.args == asked_for
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"^--device cuda:256: device index above 127, the highest torch can hold$"):
+    with pytest.raises(ValueError, match=r"^device cuda:256: device index above 127, the highest torch can hold$"):
         QuestionAnswerer.from_pretrained(qa_model_dir, device=256)  # (torch.device("cuda:256") is cuda:0)
 
 

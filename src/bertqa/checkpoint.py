@@ -124,14 +124,22 @@ def _needs_class(path: Path, name: str) -> CheckpointError:
 
 def damaged_record(path: Path) -> str | None:
     """The first record of a torch.save archive whose bytes fail their checksum (torch.load reads them unchecked:
-    flipped bits load as wrong weights, NaN say), or None: sound, or not such an archive (torch.load tells)."""
+    flipped bits load as wrong weights, NaN say), or None: sound, or not such an archive (torch.load tells). A
+    record of checksum 0 is not checked: torch writes none where saving was told not to (compute_crc32=False)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            for record in archive.infolist():
+                try:
+                    with archive.open(record) as f:
+                        while record.CRC and f.read(1 << 24):  # (zipfile compares the checksums at the end)
+                            pass
+                except zipfile.BadZipFile:
+                    return record.filename
     except OSError:
         raise
     except Exception:  # the legacy format, or no archive at all (zipfile's errors vary)
         return None
+    return None
 
 
 def _read_pickle(path: Path, trust_pickle: bool):

@@ -53,7 +53,8 @@ def default_device() -> str:
 def api_device(device) -> torch.device:
     """The Python API's `device`, checked before any work: None (the default device), a name ('cpu', 'cuda:1'), a
     torch.device, or, as in HF's pipeline, an integer: the CPU where negative, else that accelerator's index. An
-    accelerator named without an index is this process's under torchrun (cuda:LOCAL_RANK), as the CLI reads it."""
+    accelerator named without an index is this process's under torchrun (cuda:LOCAL_RANK, as the CLI reads it),
+    else, as torch reads it, the current one (torch.cuda.set_device's)."""
     if isinstance(device, torch.device):
         device = str(device)
     elif isinstance(device, int | np.integer) and not isinstance(device, bool | np.bool_):  # ("0": a name, refused)
@@ -62,25 +63,29 @@ def api_device(device) -> torch.device:
     elif device is not None and not isinstance(device, str):
         raise TypeError(f"device must be a name ('cpu', 'cuda:0'), a torch.device or an integer, not "
                         f"{type(device).__name__}")  # fmt: skip
-    return resolve_device(device, _env_int("LOCAL_RANK", 0, 0))
+    if "LOCAL_RANK" in os.environ:
+        return resolve_device(device, _env_int("LOCAL_RANK", 0, 0), flag="device")
+    if device is not None and device.strip() == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    return resolve_device(device, flag="device")
 
 
-def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str | None, local_rank: int = 0, flag: str = "--device") -> torch.device:
     """Any torch device string works (out-of-tree backends included); under torchrun a bare accelerator
-    type is given the local rank as its index."""
+    type is given the local rank as its index. `flag`: how errors name the setting."""
     if name is not None and not name.strip():
-        raise ValueError(f"--device {name!r}: empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
-    what = f"--device {name}" if name else f"the default device ({default_device()})"
+        raise ValueError(f"{flag} {name!r}: empty; name a device (cpu, cuda, cuda:1, ...) or leave the flag out")
+    what = f"{flag} {name}" if name else f"the default device ({default_device()})"
     name = name or default_device()
     index = name.rpartition(":")[2] if ":" in name else ""
     if index.isdecimal() and int(index) > MAX_DEVICE_INDEX:  # (torch.device keeps 8 bits of it: cuda:256 is cuda:0)
-        raise ValueError(f"--device {name}: device index above {MAX_DEVICE_INDEX}, the highest torch can hold")
+        raise ValueError(f"{flag} {name}: device index above {MAX_DEVICE_INDEX}, the highest torch can hold")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from None
+        raise ValueError(f"{flag} {name!r}: {e}") from None
     if device.type == "meta":
-        raise ValueError(f"--device {name}: holds no data (tensors of shapes only); name a device that computes")
+        raise ValueError(f"{flag} {name}: holds no data (tensors of shapes only); name a device that computes")
     if device.type != "cpu" and device.index is None:
         # One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank, Slurm's --gpus-per-task=1): its own is 0.
         alone = device.type == "cuda" and torch.cuda.device_count() == 1

@@ -261,6 +261,7 @@ def read_squad(path: str | os.PathLike, is_training: bool, report: dict | None =
     Evaluation never drops or edits a question: the official metrics only look at answer texts.
     `report`, when given, is filled with counts: questions, realigned, skipped, skipped_ids.
     """
+    check_bool(is_training=is_training)  # (before the file takes seconds to parse)
     return parse_squad(load_json(path), path, is_training, report)
 
 
