@@ -152,6 +152,9 @@ def inputs(tiny_dir, tiny_squad, tmp_path_factory):
     f.update(
         {name: root / name for name in ("no-questions.json", "huge-int.json", "latin1.txt", "a-file", "blank.txt")}
     )
+    if hasattr(os, "mkfifo"):  # (what <(...) gives a command: no file to read twice, nor to call "no such file")
+        os.mkfifo(root / "a-pipe")
+        f["a-pipe"] = root / "a-pipe"
     return f
 
 
@@ -513,6 +516,12 @@ CLI_CASES = {
                                         "{out}/run", *FAST], ["--train-file", "is a folder, not a file"]),
     "train: --predict-file ''": (["train", "--model", "{tiny}", "--train-file", "{squad}", "--predict-file", "",
                                   "--output-dir", "{out}/run", *FAST], ["--predict-file '': no such file"]),
+    "train: --model ''": (["train", "--model", "", "--train-file", "{squad}", "--output-dir", "{out}/run", *FAST],
+                          ["--model '': empty"]),  # (the current folder was loaded: a model there, unasked)
+    "predict: --model ''": (["predict", "--model", "", "--input", "{squad}", "--output", "{out}/pred.json", *FAST],
+                            ["--model '': empty"]),
+    "evaluate: --predict-file a pipe": (["evaluate", "--model", "{tiny}", "--predict-file", "{a-pipe}",
+                                         "--output-dir", "{out}/eval", *FAST], ["a-pipe: is not a regular file"]),
     "ask: blank --context-file": (["ask", "--model", "{tiny}", "--question", "Who?", "--context-file",
                                    "{blank.txt}"], ["--context-file", "blank.txt", "empty"]),
     "ask: blank --question": (["ask", "--model", "{tiny}", "--question", " ", "--context", "Ada."],

@@ -715,6 +715,17 @@ def test_a_resumed_finished_run_whose_model_save_fails_keeps_its_results(tiny_di
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_a_finished_run_resumed_without_a_predict_file_keeps_its_evaluation(tiny_dir, small_squad, tmp_path):
+    """(review) It trains nothing and saves the same weights: their predictions were deleted as an earlier run's,
+    and the summary lost their EM and F1."""
+    out = tmp_path / "run"
+    first = train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1]), max_steps=2))
+    predictions = (out / "predictions.json").read_bytes()
+    again = train(cfg_for(tiny_dir, small_squad, out, max_steps=2, resume=True))
+    assert (out / "predictions.json").read_bytes() == predictions and (out / "nbest_predictions.json").is_file()
+    assert again["f1"] == first["f1"] and json.loads((out / "summary.json").read_text())["f1"] == first["f1"]
+
+
 def test_a_failed_run_into_folders_it_made_leaves_none(tiny_dir, small_squad, tmp_path):
     """Not even an empty metrics.jsonl (which kept the folders made for the run from being removed)."""
 

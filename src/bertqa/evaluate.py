@@ -26,6 +26,7 @@ from .files import (
     exclusive,
     files_beside,
     read_one_version,
+    why_not_a_file,
     write_json,
 )
 from .inference import default_batch_size, predict_logits, shard
@@ -86,6 +87,8 @@ class EvalConfig:
     def check_values(self) -> None:
         """The checks of the values alone: alike on every rank of a run (check_files' may fail on one machine)."""
         self.check_types()
+        if not os.fspath(self.model).strip():  # Path("") is the current folder: a model there would load unasked
+            raise ValueError("--model '': empty; name the checkpoint file or folder")
         # (Path("") is the current folder; the CLI refuses it first, with a usage error's exit status 2)
         if self.cache_dir is not None and not os.fspath(self.cache_dir).strip():
             raise ValueError("--cache-dir '': empty; name a folder, or None for no features cache")
@@ -102,7 +105,7 @@ class EvalConfig:
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
-                what = "is a folder, not a file" if path and Path(path).is_dir() else "no such file"
+                what = why_not_a_file(path) if path else "no such file"
                 raise FileNotFoundError(f"{self.flag(name)} {path or repr(path)}: {what}")
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")

@@ -27,7 +27,15 @@ import torch
 
 from .checkpoint import load_model, print_load_notes
 from .config import check_seq_len
-from .files import atomic_path, check_not_claimed, check_output, first_line, read_one_version, scratch_dir
+from .files import (
+    atomic_path,
+    check_not_claimed,
+    check_output,
+    first_line,
+    read_one_version,
+    scratch_dir,
+    why_not_a_file,
+)
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
 from .squad.features import Features, check_window_params, featurize
@@ -236,7 +244,7 @@ def check_examples(check_file=None, limit: int = CHECK_WINDOWS) -> list[Example]
     if Path(check_file).is_dir():
         raise ValueError(f"--check-file {check_file}: is a folder, not a SQuAD JSON file")
     if not Path(check_file).is_file():
-        raise FileNotFoundError(f"--check-file {check_file}: no such file")
+        raise FileNotFoundError(f"--check-file {check_file}: {why_not_a_file(check_file)}")
     # Answers are not needed to compare logits: a file to predict on (none given) will do.
     examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
     if not examples:

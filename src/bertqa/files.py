@@ -269,6 +269,15 @@ def first_present(folder: Path, names) -> Path | None:
     return None
 
 
+def why_not_a_file(path) -> str:
+    """Why `path`, which is no regular file, cannot be read as the input file it was given as."""
+    if Path(path).is_dir():
+        return "is a folder, not a file"
+    if Path(path).exists():  # (a pipe, <(...) say, cannot be read twice as a run reads its input)
+        return "is not a regular file (a pipe or a device); give a file"
+    return "no such file"
+
+
 def check_no_dangling_link(path: Path, flag: str) -> None:
     """Refuse a folder to make whose path, or a folder above it, is a symbolic link to nothing (mkdir says only
     "File exists")."""

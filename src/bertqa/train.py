@@ -506,6 +506,15 @@ def _put_in_place(aside: Path, written: Path) -> None:
         os.replace(aside, written)
 
 
+def _earlier_summary(out_dir: Path) -> dict:
+    """OUTPUT/summary.json as an earlier run wrote it; {} where there is none that reads as one."""
+    try:
+        earlier = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
 def _events_only(folder: Path) -> bool:
     """A folder (not a link) holding TensorBoard's event files and nothing else."""
     if folder.is_symlink() or not folder.is_dir():
@@ -817,26 +826,28 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                "training_sequences_per_second": trained / train_time if train_time > 0 else 0.0,
                "final_loss": final_loss, "train_features": len(features), "steps": total_steps,
                "world_size": d.world_size, "precision": precision.name, "skipped_steps": skipped}  # fmt: skip
+    finished_before = False  # model/ held this run's final model already (a finished run, resumed again)
     with fail_together(d):  # rank 0 writes while the others go on to the evaluation's collectives
         if d.is_main:
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
-            before, saved = _model_run_id(out_dir / "model"), False
+            finished_before = _model_run_id(out_dir / "model") == run_id
             try:
                 save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-                saved = True
             finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
                 # (a resumed run's id is its checkpoint's: a failed save leaves its own model and results as they were)
-                if _model_run_id(out_dir / "model") == run_id and (saved or before != run_id):
-                    # The folder holds this run's model: an earlier run's predictions, summary and curves are not
-                    # its, and must not be left beside it by an evaluation that fails (out of memory, non-finite
-                    # logits) or not asked for, nor by a failure drawing the curves (nor, without matplotlib, by no
-                    # curves drawn).
+                if _model_run_id(out_dir / "model") == run_id and not finished_before:
+                    # The folder holds this run's model now: an earlier run's predictions, summary and curves are
+                    # not its, and must not be left beside it by an evaluation that fails (out of memory,
+                    # non-finite logits) or not asked for, nor by a failure drawing the curves (nor, without
+                    # matplotlib, by no curves drawn). (Where it held it already, they are this model's.)
                     for name in (*EvalConfig.WRITES, "curves.png"):
                         remove_output(out_dir / name)
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
+    elif finished_before:  # the same weights: their evaluation, kept beside them, stays in the summary too
+        summary = {**_earlier_summary(out_dir), **summary}
     if d.is_main:
         finish(summary, out_dir)
     return summary
