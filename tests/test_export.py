@@ -249,13 +249,23 @@ def test_the_runner_refuses_nan_logits_naming_the_window(fp32_graph, tiny_dir):
         runner.predict_logits(features, batch_size=len(features))
 
 
-def test_the_runner_names_a_batch_the_graph_cannot_run(fp32_graph):
+def test_the_runner_names_a_batch_the_graph_cannot_run(fp32_graph, capfd):
     """Windows longer than the model's 512 positions: onnxruntime's own error (a broadcast it cannot do) was
-    raised as it came, naming neither the graph nor the batch."""
+    raised as it came, naming neither the graph nor the batch, then said only that (the graph records its
+    positions now), with onnxruntime's own line on stderr besides; token ids past the vocabulary still reach it."""
     runner = OnnxRunner(fp32_graph[0], threads=1)
+    assert runner.max_positions == 512
     ids = np.full((2, 600), 1000, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"^\S+model\.onnx: a batch of 600 tokens is longer than the graph's 512 "
+                                         r"positions \(its model's max_position_embeddings\)$"):  # fmt: skip
+        runner(ids, np.zeros_like(ids), np.ones_like(ids))
+    runner.max_positions = None  # (a graph exported before it was recorded)
     with pytest.raises(ValueError, match=r"^\S+model\.onnx: onnxruntime cannot run a batch of 2 x 600 tokens \("):
         runner(ids, np.zeros_like(ids), np.ones_like(ids))
+    ids = np.full((2, 8), 10**6, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"^\S+model\.onnx: onnxruntime cannot run a batch of 2 x 8 tokens \("):
+        runner(ids, np.zeros_like(ids), np.ones_like(ids))
+    assert "onnxruntime" not in capfd.readouterr().err
     with pytest.raises(
         ValueError, match=r"^threads must be a positive integer \(0 or None: onnxruntime's default\), got -1$"
     ):

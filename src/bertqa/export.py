@@ -43,6 +43,7 @@ from .tokenizer import load_tokenizer
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUTS = ("start_logits", "end_logits")
+MAX_POSITIONS = "bertqa.max_position_embeddings"  # the graph's metadata: the longest window it runs
 FP32_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| over real positions, fp32 (issue 8)
 MIN_OPSET = 17  # the first with LayerNormalization, which the exporter writes BERT's layer norms as
 CHECK_WINDOWS = 16  # windows taken from --check-file: enough lengths to exercise padding, quick to run
@@ -142,6 +143,8 @@ def _export_graph(model, path: Path, opset: int | None, pad_id: int) -> int:
             if opset is not None and got != opset:
                 raise ValueError(f"--opset {opset}: the exporter could not convert the graph to it (it stays at "
                                  f"opset {got}); nothing exported")  # fmt: skip
+            # The free sequence axis runs any length, but the position table stops at this: a runner checks it.
+            program.model.metadata_props[MAX_POSITIONS] = str(model.config.max_position_embeddings)
             program.save(str(path), external_data=False)
     finally:
         for lg, level in zip(loggers, levels):
@@ -184,6 +187,7 @@ class OnnxRunner:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise ValueError(f"threads must be a positive integer (0 or None: onnxruntime's default), got {threads!r}")
         options = ort.SessionOptions()
+        options.log_severity_level = 4  # (its errors come back as exceptions: not also as a line of its own)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -212,9 +216,15 @@ class OnnxRunner:
                 raise ValueError(f"{path}: graph output {o.name} is {o.type} of shape [{shape}]; bertqa reads float "
                                  "(batch, sequence) logits, as `bertqa export onnx` writes")  # fmt: skip
         self.path = Path(path)
+        positions = self.session.get_modelmeta().custom_metadata_map.get(MAX_POSITIONS, "")
+        self.max_positions = int(positions) if positions.isdecimal() else None  # (None: a graph exported before)
 
     def __call__(self, input_ids, token_type_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """Start and end logits, float32 (batch, seq), for int64 (batch, seq) arrays."""
+        length = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(f"{self.path}: a batch of {length} tokens is longer than the graph's "
+                             f"{self.max_positions} positions (its model's max_position_embeddings)")  # fmt: skip
         feed = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
         try:
             start, end = self.session.run(list(OUTPUTS), feed)
