@@ -281,6 +281,29 @@ def test_a_row_with_every_key_masked_attends_to_its_keys_alike_as_transformers(T
     torch.testing.assert_close(blocked, eager, atol=1e-6, rtol=0)
 
 
+def test_sdpa_gradients_of_a_row_with_every_key_masked():
+    """(review) SDPA's fused kernels keep a log-sum-exp that loses log(T) beside the padding bias: such a row's
+    forward was the mean of its values, but its dv came out T times too large. In training it attends to every key
+    with equal scores instead: the same mean and dv, the other rows' gradients unchanged, and none for its q and k
+    (the exact gradients of a mean; the written-out form's are those of a softmax the bias swallowed)."""
+    import bertqa.model as model
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=g).requires_grad_() for _ in range(3))
+    mask = torch.stack([torch.arange(20) < 15, torch.zeros(20, dtype=torch.bool)])[:, None, None, :]
+    w = torch.randn(2, 2, 20, 8, generator=g)
+    got = {}
+    for form in ("eager", "sdpa"):
+        out = model.ATTENTION[form](q, k, v, mask, 0.0)
+        got[form] = (out, *torch.autograd.grad((out * w).sum(), (q, k, v)))
+    (out, dq, dk, dv), (ref, ref_dq, ref_dk, ref_dv) = got["sdpa"], got["eager"]
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dv, ref_dv, atol=1e-5, rtol=0)  # (was 20 times the eager one for example 1)
+    torch.testing.assert_close(dq[0], ref_dq[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dk[0], ref_dk[0], atol=1e-5, rtol=0)
+    assert not dq[1].any() and not dk[1].any()
+
+
 def test_a_fresh_models_padding_row_starts_at_zero_as_in_transformers():
     cfg = BertConfig(vocab_size=101, hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=80)
     emb = BertForQuestionAnswering(cfg).bert.embeddings.word_embeddings.weight

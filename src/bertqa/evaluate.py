@@ -105,8 +105,10 @@ class EvalConfig:
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
-                what = why_not_a_file(path) if path else "no such file"
-                raise FileNotFoundError(f"{self.flag(name)} {path or repr(path)}: {what}")
+                error = ValueError if path and Path(path).exists() else FileNotFoundError
+                raise error(
+                    f"{self.flag(name)} {path or repr(path)}: {why_not_a_file(path) if path else 'no such file'}"
+                )
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes

@@ -254,7 +254,8 @@ def check_examples(check_file=None, limit: int = CHECK_WINDOWS) -> list[Example]
     if Path(check_file).is_dir():
         raise ValueError(f"--check-file {check_file}: is a folder, not a SQuAD JSON file")
     if not Path(check_file).is_file():
-        raise FileNotFoundError(f"--check-file {check_file}: {why_not_a_file(check_file)}")
+        error = ValueError if Path(check_file).exists() else FileNotFoundError
+        raise error(f"--check-file {check_file}: {why_not_a_file(check_file)}")
     # Answers are not needed to compare logits: a file to predict on (none given) will do.
     examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
     if not examples:

@@ -310,7 +310,14 @@ def sdpa_attention(q, k, v, mask, dropout_p):
     """q, k, v: (B, nh, T, hs); mask: (B, 1, 1, T) bool, True = attend, or None. The mask goes in as the other forms'
     padding bias: SDPA turns a bool one into an additive one anyway (as fast: 0.73 s either way for a MiniLM pass of
     32 x 192 tokens in fp32 on a CPU), and a row whose keys are all masked then averages them all, as the written-out
-    and blocked forms do (and transformers' eager attention), rather than depending on which form 'auto' chose."""
+    and blocked forms do (and transformers' eager attention), rather than depending on which form 'auto' chose. Its
+    gradients would not: the fused kernels' log-sum-exp loses log(T) beside a bias that large (dv came out T times
+    too large), so in training such a row attends to every key with equal scores instead (q zeroed: the same
+    average and dv, and the exact gradients of that average, none for q and k, where the written-out forms give
+    those of a softmax the bias swallowed; no host sync to find the rows)."""
+    if mask is not None and torch.is_grad_enabled() and q.requires_grad:
+        live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
+        mask, q = mask | ~live, q * live
     with sdpa_kernel(SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(mask, q), dropout_p=dropout_p)
 

@@ -846,8 +846,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
-    elif finished_before:  # the same weights: their evaluation, kept beside them, stays in the summary too
-        summary = {**_earlier_summary(out_dir), **summary}
+    else:  # the same weights as a finished run's: their evaluation, kept beside them, stays in the summary too
+        earlier = _earlier_summary(out_dir) if finished_before else {}  # (rank 0's, for every rank: the same summary)
+        summary = {**all_gather_objects(d, earlier)[0], **summary}
     if d.is_main:
         finish(summary, out_dir)
     return summary
