@@ -4,6 +4,7 @@ SQuAD training sample plus a small-window configuration that forces many overlap
 import json
 import logging
 import os
+import re
 import time
 import unicodedata
 from pathlib import Path
@@ -292,6 +293,20 @@ def test_wrong_kinds_of_input_are_refused_in_one_line(small_file, tok, tmp_path,
             with pytest.raises(TypeError, match=r"^examples must be a list of bertqa.squad.Example"):
                 call(bad, tok)
     assert not (tmp_path / "cache").exists()
+    # Examples built by hand, named by their question id: a str of answers labelled its first letter ("B" of "Bob
+    # Smith"); a string start, a None question or a lone surrogate failed inside, naming nothing.
+    for bad, error, message in [
+        (Example("q1", "who?", "Bob Smith", "Bob Smith", [0]), TypeError, "answers must be a list of strings"),
+        (Example("q1", "who?", "Bob Smith", ["Bob"], ["0"]), TypeError, "answer_starts must be a list of integers"),
+        (Example("q1", "who?", "Bob Smith", ["Bob"], []), TypeError, "answer_starts must be a list of integers"),
+        (Example("q1", None, "Bob Smith", [], []), TypeError, "question must be a string, not NoneType"),
+        (Example("q1", "who?", "Bob \ud800 Smith", ["Bob"], [0]), ValueError,
+         "context holds an unpaired surrogate at character 4"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=f"^question id 'q1': {re.escape(message)}"):
+            featurize([bad], tok, is_training=True)
+    with pytest.raises(ValueError, match="^do_lower_case must be True, False or None, got 'yes'$"):
+        load_tokenizer(minilm_dir, do_lower_case="yes")
 
 
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordPiece
@@ -193,6 +194,8 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, c
 
     With the model's `config`, the tokenizer is checked against it (check_vocabulary).
     """
+    if do_lower_case is not None and not isinstance(do_lower_case, (bool, np.bool_)):
+        raise ValueError(f"do_lower_case must be True, False or None, got {do_lower_case!r}")  # ("no" is true)
     tokenizer = _read_tokenizer(path, do_lower_case)
     if config is not None:
         check_vocabulary(tokenizer, config, path)

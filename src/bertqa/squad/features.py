@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bertqa.files import atomic_path, first_line
-from bertqa.squad.data import Example, check_bool
+from bertqa.squad.data import Example, check_bool, unpaired_surrogate
 from bertqa.tokenizer import BertTokenizer
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,19 @@ def check_types(examples, tokenizer) -> None:
                         f"{type(tokenizer).__name__}")  # fmt: skip
     if not isinstance(examples, (list, tuple)) or not all(isinstance(ex, Example) for ex in examples):
         raise TypeError("examples must be a list of bertqa.squad.Example (read_squad gives one)")
+    for ex in examples:  # (fields built by hand: a str of answers labelled its first letter, say)
+        for name in ("qid", "question", "context"):
+            if not isinstance(getattr(ex, name), str):
+                raise TypeError(
+                    f"question id {ex.qid!r}: {name} must be a string, not {type(getattr(ex, name)).__name__}"
+                )
+        if not isinstance(ex.answers, (list, tuple)) or not all(isinstance(text, str) for text in ex.answers):
+            raise TypeError(f"question id {ex.qid!r}: answers must be a list of strings, not {ex.answers!r}")
+        starts = ex.answer_starts
+        if (not isinstance(starts, (list, tuple)) or len(starts) != len(ex.answers)
+                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in starts)):  # fmt: skip
+            raise TypeError(f"question id {ex.qid!r}: answer_starts must be a list of integers, one per answer, "
+                            f"not {starts!r}")  # fmt: skip
 
 
 def examples_digest(examples) -> str:
@@ -196,7 +209,15 @@ def featurize(
     question_id: dict[str, int] = {}
     ctx_of_ex = np.array([context_id.setdefault(ex.context, len(context_id)) for ex in examples], np.int64)
     q_of_ex = np.array([question_id.setdefault(ex.question, len(question_id)) for ex in examples], np.int64)
-    encodings = tokenizer.tokenize(list(context_id) + list(question_id))
+    try:
+        encodings = tokenizer.tokenize(list(context_id) + list(question_id))
+    except TypeError:  # (the Rust tokenizer's words for text that is no Unicode: name the question and where)
+        for ex in examples:
+            for name in ("question", "context"):
+                if (at := unpaired_surrogate(getattr(ex, name))) is not None:
+                    raise ValueError(f"question id {ex.qid!r}: {name} holds an unpaired surrogate at character "
+                                     f"{at}: not Unicode text") from None  # fmt: skip
+        raise
     n_ctx = len(context_id)
     ctx_ptr, ctx_ids, ctx_offsets = _concat(encodings[:n_ctx], with_offsets=True)
     ctx_offsets = _cover_removed_marks(list(context_id), ctx_ptr, ctx_offsets)
