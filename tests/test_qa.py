@@ -697,9 +697,49 @@ def test_an_integer_device_is_the_pipelines(monkeypatch, qa_model_dir):
         QuestionAnswerer.from_pretrained(qa_model_dir, device=256)  # (torch.device("cuda:256") is cuda:0)
 
 
+def test_two_answerers_never_run_their_precision_scopes_at_once(monkeypatch, minilm_dir):
+    """(review) Each had a lock of its own: in two threads, one's scope (its torch flags) began inside the other's
+    and outlived it, so one ran in the other's precision and the user's flags were not restored."""
+    import threading
+
+    from bertqa.runtime import Precision
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    tok, fp32 = load_tokenizer(minilm_dir), Precision.resolve("fp32", torch.device("cpu"))
+    a, b = QuestionAnswerer(model, tok, "cpu", fp32), QuestionAnswerer(model, tok, "cpu", fp32)
+    inside, first_in, release = [], threading.Event(), threading.Event()
+    real = bertqa.qa.predict_logits
+
+    def predict_logits(*args, **kwargs):
+        inside.append(threading.current_thread().name)
+        if len(inside) == 1:
+            first_in.set()
+            release.wait(10)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside.append("done")
+
+    monkeypatch.setattr(bertqa.qa, "predict_logits", predict_logits)
+    threads = [
+        threading.Thread(target=qa, args=("Who?", "Ada wrote it."), name=name) for qa, name in ((a, "a"), (b, "b"))
+    ]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)
+    assert threads[1].is_alive() and inside == ["a"]  # b waits for a's call to end
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert inside == ["a", "done", "b", "done"]
+
+
 def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad, minilm_dir):
     """Without a batch size, 32 windows a forward pass on a CPU and 128 on a CUDA GPU, in the Python API and in
     the evaluation path alike; a given one is kept (no GPU needed: nothing here runs on the device)."""
+    import bertqa.distributed
     from bertqa import evaluate
     from bertqa.distributed import Dist
     from bertqa.inference import default_batch_size
@@ -708,6 +748,7 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
     assert (default_batch_size(cpu), default_batch_size(cuda), default_batch_size("cuda")) == (32, 128, 128)
     fp32 = Precision.resolve("fp32", cpu)
+    monkeypatch.setattr(bertqa.distributed, "api_device", lambda device: device)  # (no GPU runs a kernel here)
     model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
                                                 num_attention_heads=2, intermediate_size=32))  # fmt: skip
     tok = load_tokenizer(minilm_dir)
@@ -716,6 +757,9 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
     assert QuestionAnswerer(model, tok, cuda, fp32, batch_size=7).batch_size == 7
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         QuestionAnswerer(model, tok, cuda, fp32, batch_size=0)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="^device cuda:1: not usable here"):  # (a torch.device is checked too)
+        QuestionAnswerer(model, tok, cuda, fp32)
     # (review) A path, or another library's model or tokenizer, failed at the first question (AttributeError);
     # a precision's or a device's name is read as from_pretrained reads it.
     for args, message in (((str(minilm_dir), tok), "model must be bertqa's BertForQuestionAnswering"),

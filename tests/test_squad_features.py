@@ -299,6 +299,7 @@ def test_wrong_kinds_of_input_are_refused_in_one_line(small_file, tok, tmp_path,
         (Example("q1", "who?", "Bob Smith", "Bob Smith", [0]), TypeError, "answers must be a list of strings"),
         (Example("q1", "who?", "Bob Smith", ["Bob"], ["0"]), TypeError, "answer_starts must be a list of integers"),
         (Example("q1", "who?", "Bob Smith", ["Bob"], []), TypeError, "answer_starts must be a list of integers"),
+        (Example("q1", "who?", "Bob Smith", [], [0]), TypeError, "answer_starts must be a list of integers"),
         (Example("q1", None, "Bob Smith", [], []), TypeError, "question must be a string, not NoneType"),
         (Example("q1", "who?", "Bob \ud800 Smith", ["Bob"], [0]), ValueError,
          "context holds an unpaired surrogate at character 4"),
@@ -307,6 +308,15 @@ def test_wrong_kinds_of_input_are_refused_in_one_line(small_file, tok, tmp_path,
             featurize([bad], tok, is_training=True)
     with pytest.raises(ValueError, match="^do_lower_case must be True, False or None, got 'yes'$"):
         load_tokenizer(minilm_dir, do_lower_case="yes")
+    assert load_tokenizer(minilm_dir, do_lower_case=np.False_).do_lower_case is False  # (numpy's: saved as JSON)
+    # What such checks must let through: numpy arrays (pandas, HF datasets), every gold text with the first start
+    # alone (evaluation reads only the first), numpy ints, none for an unanswerable question.
+    context = "Bob Smith lives here"
+    fine = [Example("a", "who?", context, np.array(["Bob Smith"]), np.array([0])),
+            Example("b", "who?", context, ("Bob Smith", "Bob"), [np.int64(0)]),
+            Example("c", "who?", context, [], [], is_impossible=True)]  # fmt: skip
+    f = load_features(fine, tok, tmp_path / "cache", is_training=True)
+    assert list(f.start_positions) == [4, 4, 0] and same(f, featurize(fine, tok, is_training=True))
 
 
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):

@@ -246,6 +246,11 @@ def _scored(context, spans, rows, start, end, counted, in_context, stride: int, 
 class QuestionAnswerer:
     """Extractive question answering with a fine-tuned BERT, the way HF's pipeline answered."""
 
+    # One model call at a time, of every answerer in the process: the precision scope sets process-wide torch
+    # flags (two answerers' scopes overlapping in two threads ran one's fp32 in the other's TF32, then left the
+    # user's flags changed), and one device runs one batch at a time anyway.
+    _lock = threading.Lock()
+
     def __init__(self, model, tokenizer, device: torch.device, precision: Precision, batch_size: int | None = None,
                  name: str = "model", max_windows: int | None = None):  # fmt: skip
         """`model` and `tokenizer` as load_model and load_tokenizer give them; `device` and `precision` as
@@ -258,14 +263,11 @@ class QuestionAnswerer:
         if not isinstance(tokenizer, BertTokenizer):
             raise TypeError(f"tokenizer must be bertqa's BertTokenizer (bertqa.load_tokenizer), not "
                             f"{type(tokenizer).__name__}")  # fmt: skip
-        device = device if isinstance(device, torch.device) else api_device(device)
+        device = api_device(device)  # (a torch.device too: checked, and a bare "cuda" given its index)
         if not isinstance(precision, Precision):
             precision = Precision.resolve(precision, device)
         self.model = model.eval()
         self.max_windows = max_windows  # refuse inputs needing more windows than this (a server's guard)
-        # One model call at a time: the precision scope sets process-wide torch flags, and one device runs one
-        # batch at a time anyway.
-        self._lock = threading.Lock()
         self.tokenizer = tokenizer
         self.device = device
         self.precision = precision

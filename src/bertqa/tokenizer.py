@@ -196,7 +196,7 @@ def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, c
     """
     if do_lower_case is not None and not isinstance(do_lower_case, (bool, np.bool_)):
         raise ValueError(f"do_lower_case must be True, False or None, got {do_lower_case!r}")  # ("no" is true)
-    tokenizer = _read_tokenizer(path, do_lower_case)
+    tokenizer = _read_tokenizer(path, None if do_lower_case is None else bool(do_lower_case))  # (numpy's: JSON)
     if config is not None:
         check_vocabulary(tokenizer, config, path)
     return tokenizer

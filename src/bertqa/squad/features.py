@@ -122,13 +122,18 @@ def check_types(examples, tokenizer) -> None:
                 raise TypeError(
                     f"question id {ex.qid!r}: {name} must be a string, not {type(getattr(ex, name)).__name__}"
                 )
-        if not isinstance(ex.answers, (list, tuple)) or not all(isinstance(text, str) for text in ex.answers):
-            raise TypeError(f"question id {ex.qid!r}: answers must be a list of strings, not {ex.answers!r}")
-        starts = ex.answer_starts
-        if (not isinstance(starts, (list, tuple)) or len(starts) != len(ex.answers)
+        # (a list, a tuple or a numpy array; the first answer's start is the one read, the others' texts are gold)
+        answers, starts = ex.answers, ex.answer_starts
+        if not _sequence(answers) or not all(isinstance(text, str) for text in answers):
+            raise TypeError(f"question id {ex.qid!r}: answers must be a list of strings, not {answers!r}")
+        if (not _sequence(starts) or (len(starts) == 0) != (len(answers) == 0)
                 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in starts)):  # fmt: skip
-            raise TypeError(f"question id {ex.qid!r}: answer_starts must be a list of integers, one per answer, "
-                            f"not {starts!r}")  # fmt: skip
+            raise TypeError(f"question id {ex.qid!r}: answer_starts must be a list of integers, at least the first "
+                            f"answer's, not {starts!r}")  # fmt: skip
+
+
+def _sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
 
 
 def examples_digest(examples) -> str:
@@ -355,7 +360,8 @@ def _cache_key(examples, tokenizer, params: dict) -> str:
         if ex.context != context:  # (a paragraph's questions follow one another: its text is hashed once)
             context = ex.context
             ex_hash.update(json.dumps(["context", context]).encode() + b"\n")
-        fields = [ex.qid, ex.question, ex.answers[:1], ex.answer_starts[:1], ex.is_impossible]
+        fields = [ex.qid, ex.question, [str(a) for a in ex.answers[:1]], [int(s) for s in ex.answer_starts[:1]],
+                  bool(ex.is_impossible)]  # fmt: skip
         ex_hash.update(json.dumps(fields).encode() + b"\n")
     key = {
         "format": FORMAT_VERSION,
