@@ -314,9 +314,10 @@ def test_wrong_kinds_of_input_are_refused_in_one_line(small_file, tok, tmp_path,
     context = "Bob Smith lives here"
     fine = [Example("a", "who?", context, np.array(["Bob Smith"]), np.array([0])),
             Example("b", "who?", context, ("Bob Smith", "Bob"), [np.int64(0)]),
+            Example("d", "who?", context, np.array(["Bob Smith", "Bob"]), np.array([0, 0])),  # (no truth value)
             Example("c", "who?", context, [], [], is_impossible=True)]  # fmt: skip
     f = load_features(fine, tok, tmp_path / "cache", is_training=True)
-    assert list(f.start_positions) == [4, 4, 0] and same(f, featurize(fine, tok, is_training=True))
+    assert list(f.start_positions) == [4, 4, 4, 0] and same(f, featurize(fine, tok, is_training=True))
 
 
 def test_cache_hits_and_misses(small_file, tok, tmp_path, monkeypatch):

@@ -317,7 +317,7 @@ def _labels(examples, ctx_of_ex, ctx_ptr, ctx_offsets, ex_of_row, win_start, win
     for i, ex in enumerate(examples):
         if ex.is_impossible:
             continue
-        text, start = (ex.answers[0], ex.answer_starts[0]) if ex.answers else ("", -1)
+        text, start = (ex.answers[0], ex.answer_starts[0]) if len(ex.answers) else ("", -1)
         # Evaluation files may carry answer_starts that do not point at the text (the official metric
         # never looks at them): such windows just get no label. Training labels must be right.
         # (An empty text "matches" even at a start far past the end, which would overflow int64 below.)
