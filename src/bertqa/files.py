@@ -273,7 +273,7 @@ def why_not_a_file(path) -> str:
     """Why `path`, which is no regular file, cannot be read as the input file it was given as."""
     if Path(path).is_dir():
         return "is a folder, not a file"
-    if Path(path).exists():  # (a pipe, <(...) say, cannot be read twice as a run reads its input)
+    if Path(path).exists():  # (a pipe, <(...) say: refused as before, but not called missing)
         return "is not a regular file (a pipe or a device); give a file"
     return "no such file"
 
