@@ -723,7 +723,8 @@ def test_two_answerers_never_run_their_precision_scopes_at_once(monkeypatch, min
 
     monkeypatch.setattr(bertqa.qa, "predict_logits", predict_logits)
     threads = [
-        threading.Thread(target=qa, args=("Who?", "Ada wrote it."), name=name) for qa, name in ((a, "a"), (b, "b"))
+        threading.Thread(target=qa, args=("Who?", "Ada wrote it."), name=name, daemon=True)
+        for qa, name in ((a, "a"), (b, "b"))
     ]
     threads[0].start()
     assert first_in.wait(10)
@@ -734,6 +735,21 @@ def test_two_answerers_never_run_their_precision_scopes_at_once(monkeypatch, min
     for t in threads:
         t.join(10)
     assert inside == ["a", "done", "b", "done"]
+    # A call inside another, in its thread (a should_stop asking another answerer), nests: it waited forever.
+    monkeypatch.undo()
+    asked = []
+
+    def stop():
+        if not asked:
+            asked.append(b("Who?", "Ada wrote it.")["answer"])
+        return False
+
+    caller = threading.Thread(
+        target=a.answer_pairs, args=([("Who?", "Ada wrote it.")],), kwargs={"should_stop": stop}, daemon=True
+    )  # (a hang must not keep the test process alive)
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive() and asked
 
 
 def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, tiny_squad, minilm_dir):

@@ -248,8 +248,9 @@ class QuestionAnswerer:
 
     # One model call at a time, of every answerer in the process: the precision scope sets process-wide torch
     # flags (two answerers' scopes overlapping in two threads ran one's fp32 in the other's TF32, then left the
-    # user's flags changed), and one device runs one batch at a time anyway.
-    _lock = threading.Lock()
+    # user's flags changed), and one device runs one batch at a time anyway. Reentrant: a call made inside one (a
+    # should_stop or a hook that asks another answerer) nests its scope, which saves and restores the flags.
+    _lock = threading.RLock()
 
     def __init__(self, model, tokenizer, device: torch.device, precision: Precision, batch_size: int | None = None,
                  name: str = "model", max_windows: int | None = None):  # fmt: skip
