@@ -1036,3 +1036,16 @@ def test_serve_warns_of_an_emulated_precision_once(tiny_dir, monkeypatch, caplog
     assert "precision bf16" in capsys.readouterr().out and loaded[0].precision.name == "bf16"
     warned = [r.getMessage() for r in caplog.records]
     assert warned.count("this CPU (mocked) lacks bf16: bf16 will be emulated, far slower than fp32") == 1, warned
+
+
+@pytest.mark.parametrize("missing, hint", [("starlette", True), ("bertqa.qa", False)])
+def test_only_a_missing_serve_extra_gets_the_install_hint(monkeypatch, capsys, missing, hint):
+    """(review) Any import error was blamed on starlette and uvicorn: a broken torch was told to install them."""
+    from bertqa.cli import main
+
+    monkeypatch.delitem(sys.modules, "bertqa.serve", raising=False)
+    for name in [name for name in sys.modules if name == missing or name.startswith(missing + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # (what an install without it looks like)
+    assert main(["serve", "--model", "nowhere"]) == 1
+    err = capsys.readouterr().err
+    assert ("pip install 'bertqa[serve]'" in err) == hint and missing in err and err.count("\n") == 1, err

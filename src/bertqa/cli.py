@@ -161,7 +161,9 @@ def cmd_serve(args):
         raise UsageError(f"--threads {args.threads}: more than this machine's {os.cpu_count()} CPUs")
     try:
         from .serve import serve
-    except ImportError as e:
+    except ModuleNotFoundError as e:  # (another module's failure, a broken torch say, is its own)
+        if (e.name or "").partition(".")[0] not in ("starlette", "uvicorn"):
+            raise
         raise UsageError(f"serve needs starlette and uvicorn: pip install 'bertqa[serve]' ({e})") from None
 
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation note per request
@@ -228,7 +230,10 @@ def cmd_ask(args):
     if args.question is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise UsageError("no --question and no stdin to read questions from (one question per line)")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
-    qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, precision=args.precision,
+    from .distributed import resolve_device
+
+    device = None if args.device is None else resolve_device(args.device)  # (named as the flag it is)
+    qa = QuestionAnswerer.from_pretrained(args.model, device=device, precision=args.precision,
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
                   max_answer_len=args.max_answer_length)  # fmt: skip
@@ -347,6 +352,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # "-1e-3" is a value, not a flag (Python before 3.12 took only "-5", "-1.5" and "-.5" for numbers).
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
         # SUPPRESS: only a parser that sees --debug sets it; a subcommand's default would overwrite the top level's.
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="on an error, also print its traceback (or set BERTQA_DEBUG=1)")  # fmt: skip
