@@ -1038,7 +1038,7 @@ def test_serve_warns_of_an_emulated_precision_once(tiny_dir, monkeypatch, caplog
     assert warned.count("this CPU (mocked) lacks bf16: bf16 will be emulated, far slower than fp32") == 1, warned
 
 
-@pytest.mark.parametrize("missing, hint", [("starlette", True), ("bertqa.qa", False)])
+@pytest.mark.parametrize("missing, hint", [("starlette", True), ("uvicorn", True), ("bertqa.qa", False)])
 def test_only_a_missing_serve_extra_gets_the_install_hint(monkeypatch, capsys, missing, hint):
     """(review) Any import error was blamed on starlette and uvicorn: a broken torch was told to install them."""
     from bertqa.cli import main

@@ -214,15 +214,15 @@ def featurize(
     question_id: dict[str, int] = {}
     ctx_of_ex = np.array([context_id.setdefault(ex.context, len(context_id)) for ex in examples], np.int64)
     q_of_ex = np.array([question_id.setdefault(ex.question, len(question_id)) for ex in examples], np.int64)
-    try:
-        encodings = tokenizer.tokenize(list(context_id) + list(question_id))
-    except TypeError:  # (the Rust tokenizer's words for text that is no Unicode: name the question and where)
-        for ex in examples:
-            for name in ("question", "context"):
-                if (at := unpaired_surrogate(getattr(ex, name))) is not None:
-                    raise ValueError(f"question id {ex.qid!r}: {name} holds an unpaired surrogate at character "
-                                     f"{at}: not Unicode text") from None  # fmt: skip
-        raise
+    # Text that is no Unicode (a lone surrogate): the tokenizers library refuses it naming nothing, or (older
+    # versions) tokenises it somehow. Each distinct text is scanned once (ASCII at once).
+    for name, texts in (("context", context_id), ("question", question_id)):
+        for text in texts:
+            if (at := unpaired_surrogate(text)) is not None:
+                qid = next(ex.qid for ex in examples if getattr(ex, name) == text)
+                raise ValueError(f"question id {qid!r}: {name} holds an unpaired surrogate at character {at}: not "
+                                 "Unicode text")  # fmt: skip
+    encodings = tokenizer.tokenize(list(context_id) + list(question_id))
     n_ctx = len(context_id)
     ctx_ptr, ctx_ids, ctx_offsets = _concat(encodings[:n_ctx], with_offsets=True)
     ctx_offsets = _cover_removed_marks(list(context_id), ctx_ptr, ctx_offsets)
