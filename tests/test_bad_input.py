@@ -614,6 +614,16 @@ def test_ask_names_its_device_flag(inputs, capsys, monkeypatch):
     code, _, err = run_main(["ask", "--model", inputs["tiny"], "--question", "Who?", "--context", "Ada.", "--device",
                              "nosuchdevice"], capsys, monkeypatch)  # fmt: skip
     assert code == 1 and one_error_line(err).startswith("bertqa: error: --device 'nosuchdevice': "), err
+    # Under torchrun, "cuda" is this process's GPU, cuda:LOCAL_RANK, as from_pretrained reads it (it was cuda:0).
+    import bertqa.distributed
+
+    def resolve_device(name, local_rank=0, flag="--device"):
+        raise ValueError(f"asked for {name} with LOCAL_RANK {local_rank} as {flag}")
+
+    monkeypatch.setattr(bertqa.distributed, "resolve_device", resolve_device)
+    code, _, err = run_main(["ask", "--model", inputs["tiny"], "--question", "Who?", "--context", "Ada.", "--device",
+                             "cuda"], capsys, monkeypatch, env={"LOCAL_RANK": "1"})  # fmt: skip
+    assert code == 1 and one_error_line(err) == "bertqa: error: asked for cuda with LOCAL_RANK 1 as --device", err
 
 
 def test_only_rank_0_checks_the_output_folder_it_alone_writes(inputs, tmp_path, monkeypatch):

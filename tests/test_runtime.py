@@ -225,6 +225,8 @@ def test_autocast_only_for_half_precisions():
         assert torch.is_autocast_enabled("cpu")
     with Precision("fp32", CPU).autocast():
         assert not torch.is_autocast_enabled("cpu")
+    with Precision("bf16", CPU).autocast(), Precision("fp32", CPU).autocast():  # (an fp32 call inside a bf16 one)
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_rng_state_round_trip():

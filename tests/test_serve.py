@@ -1038,14 +1038,23 @@ def test_serve_warns_of_an_emulated_precision_once(tiny_dir, monkeypatch, caplog
     assert warned.count("this CPU (mocked) lacks bf16: bf16 will be emulated, far slower than fp32") == 1, warned
 
 
-@pytest.mark.parametrize("missing, hint", [("starlette", True), ("uvicorn", True), ("bertqa.qa", False)])
+@pytest.mark.parametrize(
+    "missing, hint", [("starlette", True), ("uvicorn", True), ("anyio", True), ("bertqa.qa", False)]
+)
 def test_only_a_missing_serve_extra_gets_the_install_hint(monkeypatch, capsys, missing, hint):
-    """(review) Any import error was blamed on starlette and uvicorn: a broken torch was told to install them."""
+    """(review) Any import error was blamed on starlette and uvicorn: a broken torch was told to install them. A
+    module they need (anyio, starlette's) is theirs: reinstalling the extra mends it."""
     from bertqa.cli import main
 
-    monkeypatch.delitem(sys.modules, "bertqa.serve", raising=False)
-    for name in [name for name in sys.modules if name == missing or name.startswith(missing + ".")]:
+    for name in [name for name in sys.modules if name == "bertqa.serve" or name.partition(".")[0] == "starlette"]:
+        monkeypatch.delitem(sys.modules, name)  # (imported again, from scratch)
+    for name in {missing, *(name for name in sys.modules if name.startswith(missing + "."))}:
         monkeypatch.setitem(sys.modules, name, None)  # (what an install without it looks like)
-    assert main(["serve", "--model", "nowhere"]) == 1
+    before = set(sys.modules)
+    try:
+        assert main(["serve", "--model", "nowhere"]) == 1
+    finally:  # (modules the failed import made anew must not stand beside the ones put back after the test)
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
     err = capsys.readouterr().err
     assert ("pip install 'bertqa[serve]'" in err) == hint and missing in err and err.count("\n") == 1, err

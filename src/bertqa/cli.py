@@ -164,7 +164,7 @@ def cmd_serve(args):
 
         from .serve import serve
     except ModuleNotFoundError as e:  # (another module's failure, a broken torch say, is its own)
-        if (e.name or "").partition(".")[0] not in ("starlette", "uvicorn"):
+        if not _from_serve_extra(e):
             raise
         raise UsageError(f"serve needs starlette and uvicorn: pip install 'bertqa[serve]' ({e})") from None
 
@@ -200,6 +200,15 @@ def _one_line(text: str) -> str:
     return " ".join(piece for piece in pieces if piece)
 
 
+def _from_serve_extra(e: ModuleNotFoundError) -> bool:
+    """Whether starlette or uvicorn is missing, or a module they import (anyio, say: the extra's reinstall mends it)."""
+    names, tb = {e.name or ""}, e.__traceback__
+    while tb is not None:
+        names.add(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    return any(name.partition(".")[0] in ("starlette", "uvicorn") for name in names)
+
+
 def cmd_ask(args):
     from .qa import QuestionAnswerer
     from .squad.data import blank, unpaired_surrogate
@@ -232,9 +241,9 @@ def cmd_ask(args):
     if args.question is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise UsageError("no --question and no stdin to read questions from (one question per line)")
     logging.getLogger("bertqa.squad").setLevel(logging.WARNING)  # no featurisation notes between answers
-    from .distributed import resolve_device
+    from .distributed import api_device
 
-    device = None if args.device is None else resolve_device(args.device)  # (named as the flag it is)
+    device = api_device(args.device, flag="--device")  # (as from_pretrained reads it, named as the flag it is)
     qa = QuestionAnswerer.from_pretrained(args.model, device=device, precision=args.precision,
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,

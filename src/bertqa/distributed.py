@@ -50,11 +50,11 @@ def default_device() -> str:
     return "cpu"
 
 
-def api_device(device) -> torch.device:
+def api_device(device, flag: str = "device") -> torch.device:
     """The Python API's `device`, checked before any work: None (the default device), a name ('cpu', 'cuda:1'), a
     torch.device, or, as in HF's pipeline, an integer: the CPU where negative, else that accelerator's index. An
     accelerator named without an index is this process's under torchrun (cuda:LOCAL_RANK, as the CLI reads it),
-    else, as torch reads it, the current one (torch.cuda.set_device's)."""
+    else, as torch reads it, the current one (torch.cuda.set_device's). `flag`: how errors name the setting."""
     if isinstance(device, torch.device):
         device = str(device)
     elif isinstance(device, int | np.integer) and not isinstance(device, bool | np.bool_):  # ("0": a name, refused)
@@ -64,10 +64,10 @@ def api_device(device) -> torch.device:
         raise TypeError(f"device must be a name ('cpu', 'cuda:0'), a torch.device or an integer, not "
                         f"{type(device).__name__}")  # fmt: skip
     if "LOCAL_RANK" in os.environ:
-        return resolve_device(device, _env_int("LOCAL_RANK", 0, 0), flag="device")
+        return resolve_device(device, _env_int("LOCAL_RANK", 0, 0), flag=flag)
     if device is not None and device.strip() == "cuda" and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
-    return resolve_device(device, flag="device")
+    return resolve_device(device, flag=flag)
 
 
 def resolve_device(name: str | None, local_rank: int = 0, flag: str = "--device") -> torch.device:

@@ -181,9 +181,13 @@ class Precision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
 
     def autocast(self):
-        """The context to run forward passes under (a no-op for fp32 / tf32)."""
+        """The context to run forward passes under: autocast to bf16 / fp16, or for fp32 / tf32 autocast off (a call
+        made inside another's autocast, from a hook say, runs in its own precision all the same)."""
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            try:
+                return torch.autocast(device_type=self.device.type, enabled=False)
+            except RuntimeError:  # a device type torch has no autocast for: nothing to turn off
+                return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @contextlib.contextmanager
