@@ -25,8 +25,8 @@ from .files import (
     check_output_dir,
     exclusive,
     files_beside,
+    not_a_file,
     read_one_version,
-    why_not_a_file,
     write_json,
 )
 from .inference import default_batch_size, predict_logits, shard
@@ -105,10 +105,7 @@ class EvalConfig:
         for name in ("train_file", "predict_file"):
             path = getattr(self, name, None)
             if path is not None and not Path(path).is_file():  # "" too: a flag given nothing, not the current folder
-                error = ValueError if path and Path(path).exists() else FileNotFoundError
-                raise error(
-                    f"{self.flag(name)} {path or repr(path)}: {why_not_a_file(path) if path else 'no such file'}"
-                )
+                raise not_a_file(f"{self.flag(name)} {path or repr(path)}", path)
         if not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         # Only rank 0 writes there (torchrun ranks on other machines may have no such folder); predict writes

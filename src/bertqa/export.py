@@ -32,9 +32,9 @@ from .files import (
     check_not_claimed,
     check_output,
     first_line,
+    not_a_file,
     read_one_version,
     scratch_dir,
-    why_not_a_file,
 )
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
@@ -254,8 +254,7 @@ def check_examples(check_file=None, limit: int = CHECK_WINDOWS) -> list[Example]
     if Path(check_file).is_dir():
         raise ValueError(f"--check-file {check_file}: is a folder, not a SQuAD JSON file")
     if not Path(check_file).is_file():
-        error = ValueError if Path(check_file).exists() else FileNotFoundError
-        raise error(f"--check-file {check_file}: {why_not_a_file(check_file)}")
+        raise not_a_file(f"--check-file {check_file}", check_file)
     # Answers are not needed to compare logits: a file to predict on (none given) will do.
     examples = parse_squad(load_json(check_file), check_file, False, require_answers=False)[:limit]
     if not examples:

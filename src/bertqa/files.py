@@ -269,13 +269,14 @@ def first_present(folder: Path, names) -> Path | None:
     return None
 
 
-def why_not_a_file(path) -> str:
-    """Why `path`, which is no regular file, cannot be read as the input file it was given as."""
-    if Path(path).is_dir():
-        return "is a folder, not a file"
-    if Path(path).exists():  # (a pipe, <(...) say: refused as before, but not called missing)
-        return "is not a regular file (a pipe or a device); give a file"
-    return "no such file"
+def not_a_file(what: str, path) -> Exception:
+    """The error for `path`, no regular file, given as the input file `what` names: missing ('' too, which Path
+    reads as the current folder), a folder, or a pipe or device (<(...) say: not called missing)."""
+    if os.fspath(path) and Path(path).is_dir():
+        return ValueError(f"{what}: is a folder, not a file")
+    if os.fspath(path) and Path(path).exists():
+        return ValueError(f"{what}: is not a regular file (a pipe or a device); give a file")
+    return FileNotFoundError(f"{what}: no such file")
 
 
 def check_no_dangling_link(path: Path, flag: str) -> None:
