@@ -129,9 +129,11 @@ def damaged_record(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             for record in archive.infolist():
+                if not record.CRC:  # (saved without one)
+                    continue
                 try:
                     with archive.open(record) as f:
-                        while record.CRC and f.read(1 << 24):  # (zipfile compares the checksums at the end)
+                        while f.read(1 << 24):  # (zipfile compares the checksum at the end)
                             pass
                 except zipfile.BadZipFile:
                     return record.filename

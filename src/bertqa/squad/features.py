@@ -403,10 +403,10 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     if unknown:
         raise TypeError(f"load_features() got unknown parameters {sorted(unknown)}")
     params = {**_DEFAULTS, **params}  # spelling out a default must give the same key as leaving it out
-    check_bool(is_training=params["is_training"])
-    check_types(examples, tokenizer)
     if cache_dir is None:
-        return featurize(examples, tokenizer, **params)
+        return featurize(examples, tokenizer, **params)  # (which checks them)
+    check_bool(is_training=params["is_training"])  # (what the cache's key is made of: checked before it is)
+    check_types(examples, tokenizer)
     if not str(cache_dir).strip():  # Path("") is the current folder
         raise ValueError("cache_dir '': empty; name a folder, or None for no features cache")
     check_window_params(params["max_seq_length"], params["doc_stride"], params["max_query_length"])

@@ -163,10 +163,11 @@ def postprocess(
             f"features do not match the {len(examples)} examples (pass the very list they were built from, in its "
             "order)"
         )
-    if len({ex.qid for ex in examples}) < len(examples):  # (the answers are keyed by id: one would overwrite another)
-        seen = set()
-        qid = next(ex.qid for ex in examples if ex.qid in seen or seen.add(ex.qid))
-        raise ValueError(f"question id {qid!r}: duplicate question id (the answers are keyed by id)")
+    seen: set[str] = set()
+    for ex in examples:  # (the answers are keyed by id: one would overwrite another)
+        if ex.qid in seen:
+            raise ValueError(f"question id {ex.qid!r}: duplicate question id (the answers are keyed by id)")
+        seen.add(ex.qid)
 
     rows = np.argsort(features.example_index, kind="stable")
     found = best_spans([ex.context for ex in examples], features, start, end, rows, n_best_size, n_best_size,
