@@ -967,10 +967,12 @@ def test_stdout_that_cannot_be_written_is_one_line_or_quiet_not_pythons_noise(in
         gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
         gone.stdout.close()  # the reader left before anything was written (`| head -c 0`)
         assert (gone.wait(120), gone.stderr.read()) == (1, b""), args
-    # Started with stdout closed (`>&-`): Python has no sys.stdout; nothing to write, and no error.
-    closed = subprocess.run(["bash", "-c", 'exec "$@" >&-', "-", *command[:3], "score", str(data), str(predictions)],
-                            stderr=subprocess.PIPE, env=env, timeout=120)  # fmt: skip
-    assert (closed.returncode, closed.stderr) == (0, b"")
+    # Started with stdout closed (`>&-`): Python has no sys.stdout, and print() dropped the answer: exit status 0.
+    for args in (["score", str(data), str(predictions)], ask):
+        closed = subprocess.run(["bash", "-c", 'exec "$@" >&-', "-", *command[:3], *args],
+                                stderr=subprocess.PIPE, env=env, timeout=120)  # fmt: skip
+        assert (closed.returncode, closed.stderr.decode().splitlines()) == (
+            1, ["bertqa: error: stdout: closed; give it a file (/dev/null to discard what bertqa prints)"])  # fmt: skip
 
 
 class _Terminal(io.TextIOWrapper):

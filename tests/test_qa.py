@@ -832,6 +832,51 @@ def test_ask_names_stdout_when_its_encoding_cannot_hold_the_answer(qa_model_dir,
                         r"PYTHONIOENCODING=utf-8 \(or PYTHONUTF8=1\)", lines[0]), lines  # fmt: skip
 
 
+def test_a_null_score_threshold_v1_rules_do_not_use_is_named(tiny_squad, tmp_path, caplog, monkeypatch):
+    """--null-score-diff-threshold on a file read as SQuAD v1.1 changed nothing, silently (`bertqa score` says so of
+    its threshold): a user asking for null answers got none, and no word why."""
+    from bertqa import evaluate
+    from bertqa.distributed import Dist
+    from bertqa.runtime import Precision
+
+    class Ran(Exception):
+        pass
+
+    def predict_logits(*args, **kwargs):
+        raise Ran
+
+    monkeypatch.setattr(evaluate, "predict_logits", predict_logits)
+    v1, v2 = {"version": "1.1"}, {"version": "v2.0"}
+    for doc, flag, threshold, said in ((v1, None, -5.0, "no 'version' 2.x, no is_impossible question; "
+                                        "--version-2-with-negative reads it as v2.0"),
+                                       (v2, False, 1.0, "--no-version-2-with-negative"),
+                                       (v1, None, 0.0, None), (v2, None, -5.0, None), (v1, True, -5.0, None)):  # fmt: skip
+        cfg = evaluate.EvalConfig(model=str(tmp_path), predict_file=str(tiny_squad), output_dir=str(tmp_path / "out"),
+                                  version_2_with_negative=flag, null_score_diff_threshold=threshold)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bertqa"), pytest.raises(Ran):
+            evaluate.run_inference(
+                None, (doc, [], [0]), cfg, Dist(device=torch.device("cpu")), Precision("fp32", torch.device("cpu"))
+            )
+        expected = [] if said is None else [
+            f"{tiny_squad} is read as SQuAD v1.1 ({said}): --null-score-diff-threshold is not used"]  # fmt: skip
+        assert [r.getMessage() for r in caplog.records] == expected, (doc, flag, threshold)
+
+
+def test_a_note_stdout_cannot_hold_is_escaped_not_a_failure(qa_model_dir, tmp_path, capsys, monkeypatch):
+    """A note naming a file (`convert`'s "wrote ...", predict's "N predictions -> ...") is printed after the file
+    is written: in an ASCII stdout, one naming a folder "modèle" failed the command (exit 1), its output written."""
+    from bertqa import cli
+
+    monkeypatch.setattr(logging.getLogger("bertqa"), "handlers", [])
+    out, stdout = tmp_path / "modèle", io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout, encoding="ascii"))
+    code = cli.main(["convert", str(qa_model_dir), str(out)])
+    assert (code, capsys.readouterr().err) == (0, "") and (out / "model.safetensors").is_file()
+    shown = str(out).replace("è", "\\xe8")
+    assert f"bertqa: wrote {shown} (" in stdout.getvalue().decode("ascii")
+
+
 def test_check_pairs_reads_each_text_once(monkeypatch):
     """A question asked of 256 contexts (one request to the server, whose event loop runs this check) was scanned
     once a pair: a long one held every other request for seconds. The first bad pair is still the one named."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .batching import epoch_batches, to_batch
+from .files import note
 from .runtime import Precision, synchronize
 from .squad.features import check_positive
 
@@ -488,10 +489,10 @@ def bench(cfg: BenchConfig) -> dict:
         raise ValueError(f"--steps {cfg.steps}: the {len(windows.lengths)} windows make only {batches} "
                          f"batch{'es' * (batches > 1)} of {cfg.batch_size}; time at most that many")  # fmt: skip
     where = device_name(device)
-    print(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
+    note(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
           f"/{cfg.seq_len}, batch {cfg.batch_size}, on {where}, precision {precision.describe()}; "
-          + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)  # fmt: skip
+         + ", ".join(f"{k} {v}" for k, v in versions.items()))  # fmt: skip
     peak = matmul_peak(device, precision)
     timing = dict(precision=precision, device=device, steps=cfg.steps, seconds=cfg.seconds)
 
@@ -541,22 +542,22 @@ def bench(cfg: BenchConfig) -> dict:
     baseline_mb = None if baseline is None else baseline / 2**20
     held = (f"resident (torch{', transformers' * (cfg.compare == 'hf')}, the windows, a copy of the weights)"
             if device.type == "cpu" else "allocated on the device")  # fmt: skip
-    print(f"bertqa:   before the rows (after an untimed step of each kind of model): "
+    note(f"bertqa:   before the rows (after an untimed step of each kind of model): "
           f"{'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
-          "each row's peak memory is its own growth above what was held when it started", flush=True)  # fmt: skip
+          "each row's peak memory is its own growth above what was held when it started")  # fmt: skip
     for name, row in rows.items():
         row.start()
-        print(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}", flush=True)
+        note(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}")
     for s in range(cfg.segments):  # round-robin: drift over the run slows every row alike
         rates = ", ".join(f"{name} {row.segment():.2f}" for name, row in rows.items())
-        print(f"bertqa:   segment {s + 1}/{cfg.segments}: {rates} windows/s", flush=True)
+        note(f"bertqa:   segment {s + 1}/{cfg.segments}: {rates} windows/s")
         peak = max(peak, matmul_peak(device, precision, seconds=0.5))  # the peak too, whenever the rows ran
     rows = {name: row.result() for name, row in rows.items()}
     for name, r in rows.items():
         r["mfu"] = r.pop("flops_per_s") / peak
-        print(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
+        note(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak memory {_mb(r['peak_memory_mb'])}  "
-              f"(segments {', '.join(f'{x:.2f}' for x in r['segments'])})", flush=True)  # fmt: skip
+             f"(segments {', '.join(f'{x:.2f}' for x in r['segments'])})")  # fmt: skip
     result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": where,
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_window_length": float(windows.lengths.mean()), "matmul_peak_tflops": peak / 1e12,

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import BertConfig
-from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder
+from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder, note
 from .model import BertForQuestionAnswering
 from .squad.data import check_bool
 from .tokenizer import BertTokenizer
@@ -372,7 +372,7 @@ def load_model(
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
     model.load_state_dict(sd, strict=not missing_head)
-    model.load_notes = [f"{weights.name}: {note}" for note in notes]
+    model.load_notes = [f"{weights.name}: {line}" for line in notes]
     if verbose:
         print_load_notes(model)
     return model.to(device).eval()
@@ -381,8 +381,8 @@ def load_model(
 def print_load_notes(model) -> None:
     """What load_model noted of the checkpoint it read (weights renamed or dropped, a fresh QA head): printed by
     the caller once the load is final, where a load may be run again (files.read_one_version)."""
-    for note in model.load_notes:
-        print(f"bertqa: {note}")
+    for line in model.load_notes:
+        note(f"bertqa: {line}")
 
 
 def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:

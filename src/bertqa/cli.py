@@ -21,7 +21,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, print_load_notes, save_pretrained
-    from .files import check_no_link_loop, check_not_claimed, holds_current_folder, read_one_version
+    from .files import check_no_link_loop, check_not_claimed, holds_current_folder, note, read_one_version
     from .tokenizer import load_tokenizer
 
     if not args.src:  # Path("") is the current folder
@@ -77,7 +77,7 @@ def cmd_convert(args):
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
     head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"
-    print(f"bertqa: wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters{head})")
+    note(f"bertqa: wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters{head})")
 
 
 def cmd_score(args):
@@ -99,10 +99,11 @@ def cmd_score(args):
 
 
 def cmd_download(args):
+    from .files import note
     from .squad.data import download_squad
 
     for path in download_squad(args.version, args.dir):
-        print(f"bertqa: {path}")
+        note(f"bertqa: {path}")
 
 
 def _config(cls, args, renames=None):
@@ -565,8 +566,10 @@ def main(argv=None) -> int:
     anything else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
     real = sys.stdout
-    if real is not None:
-        sys.stdout = _Stdout(real)
+    if real is None:  # started with stdout closed (`>&-`): Python has no sys.stdout, and print() drops everything
+        _say("bertqa: error: stdout: closed; give it a file (/dev/null to discard what bertqa prints)")
+        return 1
+    sys.stdout = _Stdout(real)
     try:
         return _main(argv)
     finally:
@@ -641,8 +644,6 @@ def _stdout_error() -> OSError | None:
     """Write what stdout holds now, not at exit, where a failure (a reader gone, a full disk) is Python's noise on
     stderr and exit status 120. Where it cannot be written, stdout then points at /dev/null (what it holds goes
     there, quietly) and the error is returned."""
-    if sys.stdout is None:  # (started with stdout closed: nothing is written, at exit either)
-        return None
     try:
         sys.stdout.flush()
         return None

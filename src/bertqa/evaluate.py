@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from contextlib import ExitStack, contextmanager
@@ -26,6 +27,7 @@ from .files import (
     exclusive,
     files_beside,
     not_a_file,
+    note,
     read_one_version,
     write_json,
 )
@@ -205,6 +207,11 @@ def run_inference(model, data, cfg: EvalConfig, d: Dist, precision: Precision):
     v2 = cfg.version_2_with_negative
     if v2 is None:
         v2 = is_squad_v2(doc)
+    if not v2 and cfg.null_score_diff_threshold != 0 and d.is_main:  # (as `bertqa score` says of its threshold)
+        why = ("--no-version-2-with-negative" if cfg.version_2_with_negative is False
+               else "no 'version' 2.x, no is_impossible question; --version-2-with-negative reads it as v2.0")  # fmt: skip
+        logging.getLogger("bertqa").warning("%s is read as SQuAD v1.1 (%s): --null-score-diff-threshold is not used",
+                                            cfg.predict_file, why)  # fmt: skip
     mine = shard(len(features), d.rank, d.world_size)
     barrier(d)
     t0 = time.perf_counter()
@@ -284,7 +291,7 @@ def finish(summary: dict, out_dir: Path) -> dict:
             parts.append(f"{name} {summary[key]:.1f} seq/s")
     if summary.get("final_loss") is not None:
         parts.append(f"final loss {summary['final_loss']:.4f}")
-    print("bertqa: " + ", ".join(parts), flush=True)
+    note("bertqa: " + ", ".join(parts))
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -313,7 +320,7 @@ def _prepared(cfg: EvalConfig, require_answers: bool = True, claim: Path | None 
                     if not early and d.is_main:
                         held.enter_context(exclusive(claim, clear=cfg.WRITES))
             if d.is_main:
-                print(startup_line(d, precision, cfg.attention), flush=True)
+                note(startup_line(d, precision, cfg.attention))
             yield d, precision, model, data
 
 
@@ -363,7 +370,6 @@ def predict(cfg: PredictConfig) -> dict:
     # One set, the file asked for landing last: an interrupted run never leaves it without its n-best beside it.
     write_prediction_files(paths, preds, nbest, null_odds)
     summary = {**timing, "questions": len(preds), "predictions": str(output)}
-    print(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} "
-          "windows/s)", flush=True)  # fmt: skip
+    note(f"bertqa: {len(preds)} predictions -> {output} ({timing['inference_sequences_per_second']:.1f} windows/s)")
     print(json.dumps(summary), flush=True)
     return summary

@@ -33,6 +33,7 @@ from .files import (
     check_output,
     first_line,
     not_a_file,
+    note,
     read_one_version,
     scratch_dir,
 )
@@ -324,7 +325,7 @@ def export_onnx(
     PyTorch on real windows and return a report. fp32 must match to FP32_TOLERANCE, else ValueError and no
     file; `int8` writes the dynamically quantised graph and reports how far it moves. `output` appears
     complete or not at all."""
-    say = print if verbose else (lambda *a, **k: None)
+    say = note if verbose else (lambda *a, **k: None)
     inputs = {"--model": model, "--check-file": check_file}
     if isinstance(config, (str, os.PathLike)) and Path(config).is_file():  # (else a preset's name or a BertConfig)
         inputs["--config"] = config

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
@@ -121,6 +122,22 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
             os.close(fd)
     if durable:
         fsync_path(path.parent)
+
+
+def note(line: str) -> None:
+    """`line` on stdout: a note of what a command does or did (not its result, which must come out exact or fail),
+    with what stdout's encoding cannot hold escaped (`\\xe9`), as stderr writes it: a note naming a file, written
+    after that file, never fails the command."""
+    if sys.stdout is None:
+        return
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        line.encode(encoding)
+    except UnicodeEncodeError:
+        line = line.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # (a stream naming an encoding Python does not know: written as it is)
+        pass
+    print(line, flush=True)
 
 
 def first_line(e: BaseException) -> str:

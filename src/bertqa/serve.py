@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .cli import is_out_of_memory
-from .files import first_line
+from .files import first_line, note
 from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, input_pairs, window_settings
 from .squad.features import TooManyWindows, check_positive
@@ -831,10 +831,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     server = uvicorn_server(app)
     bound = sock.getsockname()[1]
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
-    print(
+    note(
         f"bertqa: serving {model} on {url} (device {device}, precision {resolved.name}, "
-        f"max batch {max_batch_size}, max wait {max_wait_ms:g} ms)",
-        flush=True,
+        f"max batch {max_batch_size}, max wait {max_wait_ms:g} ms)"
     )
     try:
         server.run(sockets=[sock])

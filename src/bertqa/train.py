@@ -38,7 +38,7 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, file_id, fsync_path, holds_current_folder, named, remove_output
+from .files import atomic_path, exclusive, file_id, fsync_path, holds_current_folder, named, note, remove_output
 from .runtime import Precision, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -683,15 +683,16 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         start_step, prior_seconds = state["step"], state.get("train_seconds")
         run_id = checkpoint_run_id = state.get("run_id") or run_id
         if d.is_main:
-            print(f"bertqa: resumed from {ckpt_path} at step {start_step}", flush=True)
+            note(f"bertqa: resumed from {ckpt_path} at step {start_step}")
     elif cfg.resume and d.is_main:
-        print(f"bertqa: --resume: no {ckpt_path} yet, starting from the beginning", flush=True)
+        note(f"bertqa: --resume: no {ckpt_path} yet, starting from the beginning")
 
     if d.is_main:
-        print(startup_line(d, precision, cfg.attention), flush=True)
-        print(f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
-              f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)",
-              flush=True)  # fmt: skip
+        note(startup_line(d, precision, cfg.attention))
+        note(
+            f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
+            f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)"
+        )
     # A finished run's curves stand beside its model/ even where its checkpoint was deleted: kept the same way.
     earlier_model = _model_run_id(out_dir / "model") is not None
     with fail_together(d):  # rank 0 writes; a failure there (a full disk) must not leave the others in DDP's set-up
@@ -781,8 +782,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         else:
             skipped, bad_run = skipped + 1, bad_run + 1
             if d.is_main and (scaler is None or not bool(loss_ok)):
-                print(f"bertqa: step {done}: non-finite loss or gradients, update skipped ({bad_run} in a row)",
-                      flush=True)  # fmt: skip
+                note(f"bertqa: step {done}: non-finite loss or gradients, update skipped ({bad_run} in a row)")
             if bad_run >= cfg.max_nonfinite_steps:
                 kept = (f"the last checkpoint, {ckpt_path} (step {saved_step}), is intact" if saved_step
                         else "no checkpoint was saved (see --save-every)")  # fmt: skip
