@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from skips import file_size_limit
 
 from bertqa import cli, load_model, load_tokenizer, save_pretrained
@@ -399,6 +400,20 @@ def test_torchscript_and_weights_of_other_formats_are_named(hf_qa_dir, tmp_path)
             CheckpointError, match=f"^{folder}: holds model.safetensors.index.json, an index of weights"
         ):
             load_model(folder)
+    # One shard named (or a folder of shards without their index): "N missing keys", and "is this their config?"
+    sd = load_file(hf_qa_dir / "model.safetensors")
+    for name in ("model-00002-of-00002.safetensors", "pytorch_model-00001-of-00003.bin"):
+        folder = tmp_path / name.replace(".", "-")
+        folder.mkdir()
+        shutil.copy(hf_qa_dir / "config.json", folder)
+        part = {k: v for k, v in sd.items() if "layer.1." in k}
+        if name.endswith(".safetensors"):
+            save_file(part, folder / name)
+        else:
+            torch.save(part, folder / name)
+        for path, shown in ((folder / name, f"{folder / name}: "), (folder, f"{folder}: holds {name}, ")):
+            with pytest.raises(CheckpointError, match=f"^{shown}one shard of weights sharded over several files; "):
+                load_model(path)
 
 
 def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):
@@ -467,8 +482,6 @@ def test_an_nvidia_checkpoint_saved_mid_pretraining_loads(hf_qa_dir, tmp_path):
 
 def test_weights_of_the_right_shape_but_no_float_data_are_refused(hf_qa_dir, tmp_path):
     """Integers and booleans were cast to floats, and meta tensors (no data) failed inside torch's load_state_dict."""
-    from safetensors.torch import load_file
-
     sd = load_file(str(hf_qa_dir / "model.safetensors"))
     sd["qa_outputs.weight"] = sd["qa_outputs.weight"].to(torch.int32)
     sd["qa_outputs.bias"] = torch.empty_like(sd["qa_outputs.bias"], device="meta")

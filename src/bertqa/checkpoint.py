@@ -80,6 +80,8 @@ def _group(keys) -> list[str]:
 # Weights in a folder that bertqa does not read, and what they are (for the error that names them).
 OTHER_FORMATS = [
     ("*.index.json", "an index of weights sharded over several files"),
+    ("*-?????-of-?????.safetensors", "one shard of weights sharded over several files"),  # (HF's shard names)
+    ("*-?????-of-?????.bin", "one shard of weights sharded over several files"),
     ("*.ckpt.index", "a TensorFlow checkpoint"),
     ("tf_model.h5", "TensorFlow (Keras) weights"),
     ("flax_model.msgpack", "Flax weights"),
