@@ -433,6 +433,16 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
         with caplog.at_level(logging.WARNING):
             assert same(load_features(examples, tok, cache), good)
         assert "unreadable feature cache" in caplog.text
+    path.write_bytes(b"\x80\x04 junk, not a zip")  # numpy read it as a pickle, and said to allow pickles
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert same(load_features(examples, tok, cache), good)
+    assert "unreadable feature cache (not a features file: no .npz archive); rebuilding it" in caplog.text
+    # A folder whose name is too long (or inside one not to be entered): its clean-up stopped the command.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert same(load_features(examples, tok, tmp_path / ("x" * 300)), good)
+    assert "File name too long" in caplog.text
     # A cache folder that cannot be searched (one left by another user) is a warning too, not an error.
     real_is_file = Path.is_file
 

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import unicodedata
+import zipfile
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -381,7 +382,11 @@ def remove_killed_writes(cache_dir: Path) -> list[Path]:
     `cache_dir` (a full train set's are hundreds of MB each), and return them. Concurrent runs share the folder, so
     a temporary file is judged by its age, not by a lock on the folder."""
     removed = []
-    for tmp in sorted(cache_dir.glob(".squad-features-*.tmp.npz")):
+    try:
+        leftovers = sorted(cache_dir.glob(".squad-features-*.tmp.npz"))
+    except OSError:  # a folder that cannot be searched or named (the write says so, and the command goes on)
+        return removed
+    for tmp in leftovers:
         try:
             if time.time() - tmp.stat().st_mtime > STALE_WRITE_S:
                 tmp.unlink()
@@ -414,11 +419,14 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     try:  # a cache only saves time: one that cannot be read (a folder not searchable, a damaged file) is a miss
         if path.is_file():
+            if not zipfile.is_zipfile(path):  # (numpy reads anything else as a pickle, and says to allow it)
+                raise ValueError("not a features file: no .npz archive")
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
-                    log.info("features from cache %s", path)
                     arrays = {name: z[name] for name in Features.ARRAYS}
-                    return Features(**arrays, params=json.loads(str(z["params"])))
+                    cached = Features(**arrays, params=json.loads(str(z["params"])))
+                    log.info("features from cache %s", path)
+                    return cached
     except Exception as e:  # zipfile and numpy raise many kinds: EOFError, NotImplementedError, RuntimeError, ...
         log.warning(
             "%s: unreadable feature cache (%s); rebuilding it", path, getattr(e, "strerror", None) or first_line(e)
