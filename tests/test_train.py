@@ -474,6 +474,15 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
     ):
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3,
                       config=str(tmp_path / "other.json"), resume=True))  # fmt: skip
+    # Another run's curves beside the checkpoint (one copied in from its folder): they were kept up to its step,
+    # and the run's own joined on, without a word.
+    own = (part / "metrics.jsonl").read_bytes()
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: its lines up to step 4 are not those the checkpoint was "
+                                         r"saved with \(another run's, or edited\); move it away to resume"):  # fmt: skip
+        train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
+    assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()  # left as it was
+    (part / "metrics.jsonl").write_bytes(own)
     before = torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
     summary = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     # The summary times the whole run, its steps before the crash included; resumed again, it trains nothing

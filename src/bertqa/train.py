@@ -150,12 +150,13 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, schedule: tuple[int, int],
                     cfg: TrainConfig, d: Dist, final_loss: float | None, skipped: tuple[int, int], resolved: dict,
                     since_log: tuple[torch.Tensor, torch.Tensor], train_seconds: float | None,
-                    run_id: str) -> None:  # fmt: skip
+                    run_id: str, metrics_sha256: str | None = None) -> None:  # fmt: skip
     """Everything needed to continue exactly: weights, optimizer, schedule (total and warm-up steps), scaler,
     step (of the total: a run that stopped short is told from a finished one, see refuse_to_replace), every
     rank's RNG and loss summed since the last metrics line (`since_log`: the sum and the number of finite
     steps), what the run resolved its defaults to (`resolved`, see check_resumable), the seconds it has
-    trained so far, and the run's id (its model/run_config.json holds it too: see refuse_to_replace).
+    trained so far, the run's id (its model/run_config.json holds it too: see refuse_to_replace) and the digest of
+    its metrics.jsonl's lines so far (a resume keeps them only if they are still those: see MetricsLog).
     Written to a temporary file and renamed, so an interrupted save leaves the previous checkpoint intact."""
     per_rank = all_gather_objects(d, (rng_state(d.device), [float(t.item()) for t in since_log]))
     if not d.is_main:
@@ -177,6 +178,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         "resolved": resolved,
         "train_seconds": train_seconds,  # so that a resumed run's summary times the whole run (None: not known)
         "run_id": run_id,
+        "metrics_sha256": metrics_sha256,
     }
     with atomic_path(path, durable=True) as tmp:
         try:
@@ -279,6 +281,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, d: Dist, schedule: tuple[int, 
     if not (_numbers(skipped, 2, int) and isinstance(since_log, list) and len(since_log) == ws
             and all(_numbers(x, 2, float) for x in since_log)):  # fmt: skip
         raise ValueError(f"{path}: damaged checkpoint (bad skipped_steps or loss_since_log); {BAD_CHECKPOINT}")
+    if not isinstance(state.get("metrics_sha256"), (str, type(None))):
+        raise ValueError(f"{path}: damaged checkpoint (bad metrics_sha256); {BAD_CHECKPOINT}")
     return state
 
 
@@ -362,7 +366,8 @@ class MetricsLog:
     curves always go together, as a --resume needs them."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0, run_id: str = "",
-                 checkpoint_run_id: str | None = None, keep_earlier: bool = False):  # fmt: skip
+                 checkpoint_run_id: str | None = None, keep_earlier: bool = False,
+                 resume_sha256: str | None = None):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
         self.earlier = {}  # {what a fresh run writes anew: where the earlier run's is set aside}
@@ -380,6 +385,11 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
+        self.sha256 = hashlib.sha256("".join(line + "\n" for line in kept).encode())
+        if resume_sha256 is not None and self.sha256.hexdigest() != resume_sha256:
+            # (a checkpoint.pt copied in from another run's folder: the curves would be two runs' joined at its step)
+            raise ValueError(f"{self.path}: its lines up to step {resume_step} are not those the checkpoint was saved "
+                             "with (another run's, or edited); move it away to resume")  # fmt: skip
         mode = stat.S_IMODE(real.stat().st_mode) if keep_earlier and real.is_file() else None
         if keep_earlier:
             # The checkpoint as it is now: a failure once this run's own has replaced it (its folder's fsync failing
@@ -426,11 +436,13 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         try:
-            line = memoryview((json.dumps(record) + "\n").encode())
+            text = (json.dumps(record) + "\n").encode()
+            line = memoryview(text)
             while line:  # a disk filling up mid-line takes part of it: the rest then fails, naming the disk's error
                 line = line[self.file.write(line) :]
         except OSError as e:
             raise named(e, self.path) from e
+        self.sha256.update(text)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and v is not None:  # None: no finite loss since the last line
@@ -638,6 +650,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     scaler = torch.amp.GradScaler(d.device.type) if precision.name == "fp16" else None
 
     start_step, final_loss, prior_seconds = 0, None, 0.0  # prior_seconds: trained before this start, if known
+    resume_sha256 = None  # the digest of metrics.jsonl up to the checkpoint (None: an older bertqa recorded none)
     skipped, bad_run = 0, 0  # updates skipped for non-finite values: in all, and in a row now
     # The loss summed over the steps since the last metrics line, and how many of them had a finite loss.
     loss_sum = torch.zeros((), device=d.device)
@@ -680,7 +693,11 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
             why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
             raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
-        start_step, prior_seconds = state["step"], state.get("train_seconds")
+        start_step, prior_seconds, resume_sha256 = (
+            state["step"],
+            state.get("train_seconds"),
+            state.get("metrics_sha256"),
+        )
         run_id = checkpoint_run_id = state.get("run_id") or run_id
         if d.is_main:
             note(f"bertqa: resumed from {ckpt_path} at step {start_step}")
@@ -699,7 +716,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         metrics = None
         if d.is_main:
             metrics = MetricsLog(out_dir, cfg.tensorboard, start_step, run_id, checkpoint_run_id,
-                                 keep_earlier=not found and (ckpt_path.is_file() or earlier_model))  # fmt: skip
+                                 keep_earlier=not found and (ckpt_path.is_file() or earlier_model),
+                                 resume_sha256=resume_sha256)  # fmt: skip
     if metrics is not None:
         held.push(metrics.close_on_exit)  # also when a step fails: TensorBoard's last scalars reach the disk
     # Compiled with symbolic batch and length, so length-grouped batches of every shape share a graph.
@@ -722,7 +740,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         with fail_together(d):
             save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, (total_steps, warmup_steps), cfg,
                             d, final_loss, (skipped, bad_run), resolved, (loss_sum, finite_since_log), seconds,
-                            run_id)  # fmt: skip
+                            run_id, None if metrics is None else metrics.sha256.hexdigest())  # fmt: skip
             if metrics is not None:
                 metrics.checkpointed()
 
