@@ -414,6 +414,10 @@ def test_torchscript_and_weights_of_other_formats_are_named(hf_qa_dir, tmp_path)
         for path, shown in ((folder / name, f"{folder / name}: "), (folder, f"{folder}: holds {name}, ")):
             with pytest.raises(CheckpointError, match=f"^{shown}one shard of weights sharded over several files; "):
                 load_model(path)
+    whole = tmp_path / "whole" / "model-00001-of-00001.safetensors"  # (a shard's name for a model in one file)
+    whole.parent.mkdir()
+    shutil.copy(hf_qa_dir / "model.safetensors", whole)
+    assert torch.equal(load_model(whole, config=hf_qa_dir / "config.json").qa_outputs.weight, sd["qa_outputs.weight"])
 
 
 def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):

@@ -438,6 +438,19 @@ def test_cache_write_is_atomic_and_corruption_rebuilds(small_file, tok, tmp_path
     with caplog.at_level(logging.WARNING):
         assert same(load_features(examples, tok, cache), good)
     assert "unreadable feature cache (not a features file: no .npz archive); rebuilding it" in caplog.text
+    # One that cannot be read is named so (zipfile.is_zipfile(path) takes an unreadable file for no zip).
+    from bertqa.squad import features as module
+
+    def unreadable(file, *args, **kwargs):
+        if Path(file).parent == cache:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(module, "open", unreadable, raising=False)
+        assert same(load_features(examples, tok, cache), good)
+    assert "unreadable feature cache (Permission denied); rebuilding it" in caplog.text
     # A folder whose name is too long (or inside one not to be entered): its clean-up stopped the command.
     caplog.clear()
     with caplog.at_level(logging.WARNING):

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -446,7 +447,7 @@ def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
         assert all((p == "") == null_everywhere for p in preds.values())
 
 
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, small_squad, tmp_path):
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, small_squad, tmp_path, caplog):
     # Dropout stays on (the tiny model has 0.1), so this also checks that the RNG state is restored.
     full = tmp_path / "full"
     train(cfg_for(tiny_dir, small_squad, full, save_every=2, grad_accum=2, log_every=1))
@@ -483,6 +484,13 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()  # left as it was
     (part / "metrics.jsonl").write_bytes(own)
+    moved = tmp_path / "moved"  # moved away, as that line says (or deleted): the run goes on, its curves from there
+    shutil.copytree(part, moved)
+    (moved / "metrics.jsonl").unlink()
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        train(cfg_for(tiny_dir, small_squad, moved, save_every=2, grad_accum=2, log_every=3, resume=True))
+    assert f"no {moved / 'metrics.jsonl'}: its lines up to step 4 are gone; it goes on from there" in caplog.text
+    assert [r["step"] for r in read_jsonl(moved / "metrics.jsonl")] == [6]
     before = torch.load(part / "checkpoint.pt", weights_only=True)["train_seconds"]
     summary = train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     # The summary times the whole run, its steps before the crash included; resumed again, it trains nothing

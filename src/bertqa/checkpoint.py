@@ -80,12 +80,20 @@ def _group(keys) -> list[str]:
 # Weights in a folder that bertqa does not read, and what they are (for the error that names them).
 OTHER_FORMATS = [
     ("*.index.json", "an index of weights sharded over several files"),
-    ("*-?????-of-?????.safetensors", "one shard of weights sharded over several files"),  # (HF's shard names)
-    ("*-?????-of-?????.bin", "one shard of weights sharded over several files"),
     ("*.ckpt.index", "a TensorFlow checkpoint"),
     ("tf_model.h5", "TensorFlow (Keras) weights"),
     ("flax_model.msgpack", "Flax weights"),
 ]
+
+
+# HF's name for one of several shards (model-00001-of-00003.safetensors); "-00001-of-00001" is a whole model.
+_SHARD = re.compile(r".+-(\d{5})-of-(\d{5})\.(safetensors|bin)")
+SHARD = "one shard of weights sharded over several files"
+
+
+def _is_shard(name: str) -> bool:
+    found = _SHARD.fullmatch(name)
+    return found is not None and int(found[2]) > 1
 
 
 def _other_format(path: Path, what: str) -> CheckpointError:
@@ -229,6 +237,9 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
             if other is not None and (not pickles or other[0].name.endswith(".index.json")):
                 # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside a sharded model)
                 raise _other_format(path, f"holds {other[0].name}, {other[1]}")
+            shard = next((f for f in sorted(path.glob("*-of-*")) if _is_shard(f.name)), None)
+            if shard is not None and not pickles:
+                raise _other_format(path, f"holds {shard.name}, {SHARD}")
             if len(pickles) != 1:
                 raise CheckpointError(
                     f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "
@@ -238,6 +249,8 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         folder = path
     elif path.is_file():
         other = next((what for pattern, what in OTHER_FORMATS if path.match(pattern)), None)
+        if other is None and _is_shard(path.name):
+            other = SHARD
         if other is not None:
             raise _other_format(path, other)
         weights, folder = path, path.parent

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -386,7 +387,12 @@ class MetricsLog:
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
         self.sha256 = hashlib.sha256("".join(line + "\n" for line in kept).encode())
-        if resume_sha256 is not None and self.sha256.hexdigest() != resume_sha256:
+        if resume_step and not self.path.is_file():  # (deleted, or moved away as the refusal below says)
+            if resume_sha256 not in (None, self.sha256.hexdigest()):
+                logging.getLogger("bertqa").warning(
+                    "no %s: its lines up to step %d are gone; it goes on from there", self.path, resume_step
+                )
+        elif resume_sha256 is not None and self.sha256.hexdigest() != resume_sha256:
             # (a checkpoint.pt copied in from another run's folder: the curves would be two runs' joined at its step)
             raise ValueError(f"{self.path}: its lines up to step {resume_step} are not those the checkpoint was saved "
                              "with (another run's, or edited); move it away to resume")  # fmt: skip

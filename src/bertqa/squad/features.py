@@ -419,8 +419,9 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
     path = Path(cache_dir) / f"squad-features-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
     try:  # a cache only saves time: one that cannot be read (a folder not searchable, a damaged file) is a miss
         if path.is_file():
-            if not zipfile.is_zipfile(path):  # (numpy reads anything else as a pickle, and says to allow it)
-                raise ValueError("not a features file: no .npz archive")
+            with open(path, "rb") as f:  # (an open file: is_zipfile(path) takes a file it cannot read for no zip)
+                if not zipfile.is_zipfile(f):  # (numpy reads anything else as a pickle, and says to allow it)
+                    raise ValueError("not a features file: no .npz archive")
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     arrays = {name: z[name] for name in Features.ARRAYS}
