@@ -1174,3 +1174,16 @@ def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):
     assert (ev1 / "predictions.json").read_text() == (ev2 / "predictions.json").read_text()
     m1, m2 = (json.loads((d / "summary.json").read_text()) for d in (ev1, ev2))
     assert (m1["exact_match"], m1["f1"]) == (m2["exact_match"], m2["f1"])
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_anything(tiny_dir, small_squad, tmp_path, monkeypatch):
+    """On a CPU, torch.compile builds its kernels in C++ at the first step: without a compiler that was inductor's
+    error after the model and the data were loaded, read as bertqa's bug ("internal error ... please report it")."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^--compile: no working C\+\+ compiler for torch.compile's CPU kernels "
+                                         r"\(.*\); install one \(g\+\+\), name it in \$CXX, or leave --compile out$"):  # fmt: skip
+        train(cfg_for(tiny_dir, small_squad, out, compile=True))
+    assert not out.exists()

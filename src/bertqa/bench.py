@@ -37,7 +37,7 @@ import torch
 
 from .batching import epoch_batches, to_batch
 from .files import note
-from .runtime import Precision, synchronize
+from .runtime import Precision, check_compiler, synchronize
 from .squad.features import check_positive
 
 # --- model FLOPs
@@ -466,6 +466,8 @@ def bench(cfg: BenchConfig) -> dict:
         transformers.BertForQuestionAnswering  # noqa: B018 (imported now, not inside the first HF row's memory)
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device)
+    if cfg.compile:
+        check_compiler(device)
     torch.manual_seed(0)
     if cfg.model:
         model = load_model(cfg.model, config=cfg.config, trust_pickle=cfg.trust_pickle, verbose=False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRECISIONS
+from .files import first_line
 
 log = logging.getLogger("bertqa")
 
@@ -100,6 +101,22 @@ def native_precision(precision: str, device: torch.device, features: dict | None
             )
         return True, f"CPU has {'/'.join(usable)}"
     return False, f"{device.type}: native {precision} support unknown"
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile builds a CPU's kernels in C++ at the first step (minutes in, past the loading and the data):
+    without a working compiler, say so now, as the user's to fix (inductor's error read as bertqa's bug)."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # (a private module: another torch finds out at the first step, as before)
+        return
+    try:
+        get_cpp_compiler()
+    except RuntimeError as e:  # InvalidCxxCompiler
+        raise ValueError(f"--compile: no working C++ compiler for torch.compile's CPU kernels ({first_line(e)}); "
+                         "install one (g++), name it in $CXX, or leave --compile out") from None  # fmt: skip
 
 
 def _nvidia(device: torch.device) -> bool:

@@ -40,7 +40,7 @@ from .evaluate import (
     startup_line,
 )
 from .files import atomic_path, exclusive, file_id, fsync_path, holds_current_folder, named, note, remove_output
-from .runtime import Precision, rng_state, set_rng_state, synchronize
+from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 
@@ -596,6 +596,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
             cfg = dataclasses.replace(cfg, attention="eager")
         precision = Precision.resolve(cfg.precision, d.device)
+        if cfg.compile:
+            with fail_together(d):
+                check_compiler(d.device)
         with precision.scope():
             return _train(cfg, d, precision, on_step, held)
 
