@@ -329,17 +329,25 @@ async def _disconnected(request: Request) -> None:
 CLIENT_GONE = "client closed the request"
 
 
+# The Content-Types another site's page may post without a CORS preflight (Fetch's "CORS-safelisted"), or none.
+UNPREFLIGHTED = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
 def _foreign_origin(headers) -> str | None:
     """The Origin of a browser's request from another site's page, which may post here unasked (it cannot read the
     answer: no CORS headers are sent, so no other site can use the server, only load it); else None. The browser
-    says which it is (Sec-Fetch-Site); one too old to say is judged by the host it names, which is this server's
-    own unless a reverse proxy rewrote Host (nginx's and Apache's default: then their X-Forwarded-Host, if sent)."""
+    says which it is (Sec-Fetch-Site), over HTTPS or to localhost: elsewhere (plain HTTP through a reverse proxy)
+    it does not. There a JSON body was preflighted (OPTIONS, which this server never approves: another site's never
+    arrives); a body another site may send unasked is judged by the host its Origin names, which is this server's own
+    unless a reverse proxy rewrote Host (nginx's and Apache's default: then their X-Forwarded-Host, if sent)."""
     origin = headers.get("origin")
     site = headers.get("sec-fetch-site")
     if origin is None or site is not None and site.lower() in ("same-origin", "none"):
         return None
     if site is not None:  # cross-site, same-site (another origin of the same site)
         return origin
+    if headers.get("content-type", "").split(";")[0].strip().lower() not in UNPREFLIGHTED:
+        return None
     hosts = {headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0].strip()} - {""}
     return None if urlsplit(origin).netloc.lower() in {h.lower() for h in hosts} else origin
 
