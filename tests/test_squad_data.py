@@ -165,6 +165,11 @@ BAD = [
         '{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}\n',
         "a question record ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD file",
     ),  # fmt: skip
+    (  # (what Dataset.to_json() writes: the message said to make it one JSON value, which was refused next)
+        '{"id": "1", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}\n'
+        '{"id": "2", "context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}\n',
+        "JSON lines of question records ('context', 'question', 'answers', as HF datasets lays SQuAD out), not a SQuAD",
+    ),  # fmt: skip
     ([1, 2], "not a SQuAD file"),
     ({"version": "1.1"}, "not a SQuAD file"),
     (mutate(lambda d: d["data"].append("x")), "article 1: 'data[]' must be a JSON object, not string"),

@@ -66,6 +66,9 @@ def load_json(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         # JSON lines (one record a line, as HF datasets' to_json writes them) stop at the second record.
         hint = ": more than one JSON value (JSON lines?); the file must hold one" if e.msg == "Extra data" else ""
+        if hint and _is_hf_record(json.loads(e.doc[: e.pos])):  # (the first value, which parsed)
+            raise SquadFormatError(f"{p}: JSON lines of question records {HF_RECORD}, not a SQuAD file: "
+                                   f"{SQUAD_LAYOUT}") from None  # fmt: skip
         raise SquadFormatError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}){hint}") from None
     except RecursionError:
         raise SquadFormatError(f"{p}: not usable JSON (nested too deeply)") from None
@@ -205,14 +208,17 @@ HF_RECORD = "('context', 'question', 'answers', as HF datasets lays SQuAD out)"
 SQUAD_LAYOUT = "bertqa reads SQuAD's own layout, articles of 'paragraphs', each a 'context' and its 'qas'"
 
 
+def _is_hf_record(value) -> bool:
+    return isinstance(value, dict) and "data" not in value and bool({"question", "context"} & value.keys())
+
+
 def _check_document(doc, path) -> None:
     """A SQuAD file's top level: an object with a 'data' list. HF datasets' layout is named as such: a list of
     question records (Dataset.to_json(lines=False)), or one record (a JSON-lines file of a single line)."""
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         return
     many = isinstance(doc, list)
-    record = doc[0] if many and doc else doc
-    if isinstance(record, dict) and "data" not in record and {"question", "context"} & record.keys():
+    if _is_hf_record(doc[0] if many and doc else doc):
         what = "a list of question records" if many else "a question record"
         raise SquadFormatError(f"{path}: {what} {HF_RECORD}, not a SQuAD file: {SQUAD_LAYOUT}")
     raise SquadFormatError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
