@@ -257,6 +257,12 @@ def test_mismatched_checkpoints_are_refused_with_a_grouped_list(hf_qa_dir, tmp_p
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 7}))
     with pytest.raises(CheckpointError, match=r"missing(.|\n)*layer\.6\."):
         load_model(folder)
+    # Said before a model of the config's layers is built to list what it lacks (10^6 layers: hours, gigabytes).
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**5}))
+    with pytest.raises(CheckpointError, match=r"\(100000 layers, hidden 384, vocab 30522\) \(the weights have layers 6: "
+                                              r"is this their config\?\): 99994 missing layer\(s\): "
+                                              r"bert\.encoder\.layer\.6-99999\.\*$"):  # fmt: skip
+        load_model(folder)
     # An extra key that is neither a BERT weight nor a known unused head.
     pt = nvidia_checkpoint(hf_qa_dir, tmp_path / "extra.pt", extra={"bert.adapter.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key(.|\n)*bert\.adapter\.weight"):
@@ -418,6 +424,22 @@ def test_torchscript_and_weights_of_other_formats_are_named(hf_qa_dir, tmp_path)
     whole.parent.mkdir()
     shutil.copy(hf_qa_dir / "model.safetensors", whole)
     assert torch.equal(load_model(whole, config=hf_qa_dir / "config.json").qa_outputs.weight, sd["qa_outputs.weight"])
+
+
+def test_a_pt_with_a_compressed_record_is_refused_before_it_is_inflated(hf_qa_dir, tmp_path):
+    """torch.save stores its records; a deflated one (1000 times its size when inflated: a zip bomb) was inflated in
+    full before torch compared its size with the tensor's, and a 50 MB file asked for 50 GB."""
+    plain, bomb = tmp_path / "plain.pt", tmp_path / "bomb.pt"
+    torch.save({"w": torch.zeros(4)}, plain)
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            packed = zipfile.ZIP_DEFLATED if info.filename.endswith("/data/0") else zipfile.ZIP_STORED
+            zout.writestr(info.filename, zin.read(info) + b"\0" * 10**6 * (packed == zipfile.ZIP_DEFLATED),
+                          compress_type=packed)  # fmt: skip
+    for trust in (False, True):
+        with pytest.raises(CheckpointError, match=rf"^{bomb}: compressed record [^ ]*/data/0; torch.save writes none: "
+                                                  "not a PyTorch checkpoint$"):  # fmt: skip
+            load_model(bomb, config=hf_qa_dir / "config.json", trust_pickle=trust)
 
 
 def test_full_unpickling_needs_explicit_trust(hf_qa_dir, tmp_path):

@@ -190,6 +190,23 @@ def test_a_tokenizer_json_of_another_kind_names_its_file(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_tokenizer_json_splitting_words_of_any_length_is_refused(minilm_dir, tmp_path):
+    """WordPiece splits a word in time cubic in its length: a tokenizer.json allowing words of 10^9 characters (BERT's
+    stop at 100, then [UNK]) took a minute for one word of 16,000, the length of a context a server takes."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, tmp_path)
+    spec = json.loads((minilm_dir / "tokenizer.json").read_text())
+    for longest, refused in ((1000, False), (1001, True), (10**9, True)):
+        spec["model"]["max_input_chars_per_word"] = longest
+        (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+        if not refused:
+            assert load_tokenizer(tmp_path).tokenize(["x" * 900])[0].tokens != ["[UNK]"]
+            continue
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer.json'}: model\.max_input_chars_per_word "
+                           rf"{longest}: at most 1000 \(BERT's is 100; "):  # fmt: skip
+            load_tokenizer(tmp_path)
+
+
 def test_a_lowercase_step_in_a_sequence_of_normalisers_is_read_as_lower_casing(vocab_only_dir, tmp_path, caplog):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 

@@ -158,12 +158,16 @@ def _read_pickle(path: Path, trust_pickle: bool):
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:  # torch.jit.save's archive: code and constants, not a state dict
-                names = z.namelist()
+                infos = z.infolist()
         except zipfile.BadZipFile:  # a damaged archive: torch.load below says so, in the terms below
-            names = []
-        if any(name.endswith("/constants.pkl") for name in names):
+            infos = []
+        if any(i.filename.endswith("/constants.pkl") for i in infos):
             raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the "
                                   "weights with torch.save(model.state_dict(), ...)")  # fmt: skip
+        compressed = next((i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+        if compressed is not None:  # (inflated in full before torch reads its size: 1000 times the file, a zip bomb)
+            raise CheckpointError(f"{path}: compressed record {compressed}; torch.save writes none: not a PyTorch "
+                                  "checkpoint")  # fmt: skip
         if (damaged := damaged_record(path)) is not None:
             raise CheckpointError(f"{path}: damaged ({damaged} fails its checksum); copy or download it again")
     stubbed: list[str] = []
@@ -350,6 +354,19 @@ def _size_of(sd: dict) -> dict:
     return found
 
 
+def _check_layers(sd: dict, config: BertConfig, source) -> None:
+    """Weights of fewer layers than their config: said before a model of the config's layers is built to list what
+    is missing (a config.json of 10^6 layers beside 2 layers' weights took hours and gigabytes to be refused)."""
+    have, want = _size_of({_rename(k): v for k, v in sd.items()}).get("layers"), config.num_hidden_layers
+    if have is not None and have < want:
+        span = f"{have}" if want - have == 1 else f"{have}-{want - 1}"
+        raise CheckpointError(
+            f"{source} does not match the BERT model of its config ({want} layers, hidden {config.hidden_size}, vocab "
+            f"{config.vocab_size}) (the weights have layers {have}: is this their config?): {want - have} missing "
+            f"layer(s): bert.encoder.layer.{span}.*"
+        )
+
+
 def load_model(
     path: str | os.PathLike,
     config: BertConfig | str | os.PathLike | None = None,
@@ -374,6 +391,7 @@ def load_model(
     device = api_device(device)  # before the weights take seconds to load
     weights, config = _find(Path(path), config)
     sd = read_state_dict(weights, trust_pickle)
+    _check_layers(sd, config, weights)
     with torch.device("meta"):
         expected = BertForQuestionAnswering(config, attn_implementation).state_dict()
     sd, notes, missing_head = convert_state_dict(sd, config, expected, source=str(weights))

@@ -35,6 +35,10 @@ BERT_WORDPIECE = {
     "max_input_chars_per_word": 100,
 }
 
+# WordPiece splits a word in time cubic in its length: a tokenizer.json allowing words of 10^9 characters took
+# minutes for one word of 16,000 (a server's request, a minute of its only worker).
+MAX_WORD_CHARS = 1000
+
 log = logging.getLogger("bertqa.tokenizer")
 
 
@@ -284,6 +288,10 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({first_line(e)})") from None
         spec = json.loads(backend.to_str())
+        longest = (spec.get("model") or {}).get("max_input_chars_per_word")
+        if isinstance(longest, int) and longest > MAX_WORD_CHARS:
+            raise ValueError(f"{json_file}: model.max_input_chars_per_word {longest}: at most {MAX_WORD_CHARS} "
+                             "(BERT's is 100; WordPiece's time grows with the cube of a word's length)")  # fmt: skip
         for added in spec.get("added_tokens") or []:
             if isinstance(added, dict) and added.get("special"):
                 _check_not_extra_special(json_file, added.get("content"))
