@@ -159,3 +159,28 @@ def test_a_python_older_than_310_makes_no_venv(project, tmp_path):
         f"setup: {old} is Python 3.9, and bertqa needs 3.10 or later: set PYTHON to one"
     )
     assert not (project / ".venv").exists()
+
+
+def test_the_sdist_and_wheel_carry_the_license_and_the_page_not_the_tests(tmp_path):
+    """Apache-2.0 asks that its text go with every copy (none was shipped); setuptools put the test files in the sdist
+    without conftest.py and their data, so that none of them could run there."""
+    import tarfile
+    import zipfile
+
+    tree = tmp_path / "tree"
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        tree.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, tree)
+    for folder in ("src", "tests"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = tmp_path / "dist"
+    build = f"from setuptools import build_meta as b; b.build_sdist({str(out)!r}); b.build_wheel({str(out)!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=tree, check=True, capture_output=True, timeout=300)
+    with tarfile.open(next(out.glob("*.tar.gz"))) as sdist:
+        shipped = [name.split("/", 1)[1] for name in sdist.getnames() if "/" in name]
+    assert "LICENSE" in shipped and "src/bertqa/static/index.html" in shipped
+    assert not [name for name in shipped if name.startswith("tests")]
+    with zipfile.ZipFile(next(out.glob("*.whl"))) as wheel:
+        names = wheel.namelist()
+    assert "bertqa/static/index.html" in names and any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert (ROOT / "LICENSE").read_text().startswith(" " * 33 + "Apache License\n")
