@@ -1181,9 +1181,11 @@ def test_compile_without_a_cpp_compiler_is_one_line_before_anything(tiny_dir, sm
     error after the model and the data were loaded, read as bertqa's bug ("internal error ... please report it")."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"^--compile: no working C\+\+ compiler for torch.compile's CPU kernels "
-                                         r"\(.*\); install one \(g\+\+\), name it in \$CXX, or leave --compile out$"):  # fmt: skip
-        train(cfg_for(tiny_dir, small_squad, out, compile=True))
-    assert not out.exists()
+    for cxx in ("no-such-g++", ""):  # none there; a folder (CXX=/usr/bin/, say): its OSError named nothing
+        monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / cxx)))
+        with pytest.raises(ValueError, match=r"^--compile: no working C\+\+ compiler for torch.compile's CPU kernels "
+                                             r"\(.*; \$CXX .*\); install one \(g\+\+\), name it in \$CXX, or leave "
+                                             r"--compile out$"):  # fmt: skip
+            train(cfg_for(tiny_dir, small_squad, out, compile=True))
+        assert not out.exists()

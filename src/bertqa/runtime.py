@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,10 @@ def check_compiler(device: torch.device) -> None:
         return
     try:
         get_cpp_compiler()
-    except RuntimeError as e:  # InvalidCxxCompiler
-        raise ValueError(f"--compile: no working C++ compiler for torch.compile's CPU kernels ({first_line(e)}); "
-                         "install one (g++), name it in $CXX, or leave --compile out") from None  # fmt: skip
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # none found; a $CXX that cannot run (a folder)
+        raise ValueError(f"--compile: no working C++ compiler for torch.compile's CPU kernels ({first_line(e)}; "
+                         f"$CXX {os.environ.get('CXX')!r}); install one (g++), name it in $CXX, or leave --compile "
+                         "out") from None  # fmt: skip
 
 
 def _nvidia(device: torch.device) -> bool:
