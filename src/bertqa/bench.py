@@ -492,8 +492,8 @@ def bench(cfg: BenchConfig) -> dict:
                          f"batch{'es' * (batches > 1)} of {cfg.batch_size}; time at most that many")  # fmt: skip
     where = device_name(device)
     note(f"bertqa: bench {cfg.mode}, {cfg.model or cfg.preset} ({model.config.num_hidden_layers} layers, hidden "
-          f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
-          f"/{cfg.seq_len}, batch {cfg.batch_size}, on {where}, precision {precision.describe()}; "
+         f"{model.config.hidden_size}), {len(windows.lengths)} windows of mean length {windows.lengths.mean():.0f}"
+         f"/{cfg.seq_len}, batch {cfg.batch_size}, on {where}, precision {precision.describe()}; "
          + ", ".join(f"{k} {v}" for k, v in versions.items()))  # fmt: skip
     peak = matmul_peak(device, precision)
     timing = dict(precision=precision, device=device, steps=cfg.steps, seconds=cfg.seconds)
@@ -545,8 +545,8 @@ def bench(cfg: BenchConfig) -> dict:
     held = (f"resident (torch{', transformers' * (cfg.compare == 'hf')}, the windows, a copy of the weights)"
             if device.type == "cpu" else "allocated on the device")  # fmt: skip
     note(f"bertqa:   before the rows (after an untimed step of each kind of model): "
-          f"{'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
-          "each row's peak memory is its own growth above what was held when it started")  # fmt: skip
+         f"{'unmeasured' if baseline is None else f'{baseline_mb:.0f} MB'} {held}; "
+         "each row's peak memory is its own growth above what was held when it started")  # fmt: skip
     for name, row in rows.items():
         row.start()
         note(f"bertqa:   {name}: built and warmed up, {_mb(row.peak_memory_mb)}")
@@ -558,7 +558,7 @@ def bench(cfg: BenchConfig) -> dict:
     for name, r in rows.items():
         r["mfu"] = r.pop("flops_per_s") / peak
         note(f"bertqa:   {name:10s} {r['windows_per_s']:8.2f} windows/s  {r['tokens_per_s']:9.0f} real tokens/s  "
-              f"MFU {100 * r['mfu']:5.1f}%  peak memory {_mb(r['peak_memory_mb'])}  "
+             f"MFU {100 * r['mfu']:5.1f}%  peak memory {_mb(r['peak_memory_mb'])}  "
              f"(segments {', '.join(f'{x:.2f}' for x in r['segments'])})")  # fmt: skip
     result = {"mode": cfg.mode, "model": cfg.model or cfg.preset, "device": where,
               "precision": precision.name, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,

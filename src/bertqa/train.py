@@ -702,11 +702,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
             why = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's list, on one line
             raise ValueError(f"{ckpt_path}: does not fit this model ({why}); {BAD_CHECKPOINT}") from None
-        start_step, prior_seconds, resume_sha256 = (
-            state["step"],
-            state.get("train_seconds"),
-            state.get("metrics_sha256"),
-        )
+        start_step, prior_seconds = state["step"], state.get("train_seconds")
+        resume_sha256 = state.get("metrics_sha256")
         run_id = checkpoint_run_id = state.get("run_id") or run_id
         if d.is_main:
             note(f"bertqa: resumed from {ckpt_path} at step {start_step}")
