@@ -1065,3 +1065,31 @@ def test_only_a_missing_serve_extra_gets_the_install_hint(monkeypatch, capsys, m
             del sys.modules[name]
     err = capsys.readouterr().err
     assert ("pip install 'bertqa[serve]'" in err) == hint and missing in err and err.count("\n") == 1, err
+
+
+def test_requests_that_stop_waiting_leave_the_queue_and_let_go_of_their_text():
+    """A request whose client hung up (or that timed out) stayed queued until the front reached it, holding its
+    text (up to 1 MB each: 400 hung-up requests during one long batch grew a server by 530 MB) and counted again by
+    every submit's depth() (quadratic in them)."""
+    import asyncio
+
+    from bertqa.serve import Batcher, Metrics
+
+    async def scenario():
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.01, max_queue=8, metrics=Metrics())
+        params = tuple(DEFAULTS.values())
+        live = batcher.submit([("q", "c")], params)
+        gone = []
+        for _ in range(1000):  # each within the queue's limit (8) only if those before it stopped counting
+            job = batcher.submit([("q", "x" * 1000)] * 7, params)
+            job.future.cancel()
+            batcher.withdraw(job)
+            gone.append(job)
+        assert batcher.depth() == 1 and len(batcher.queue) <= 2 * 1 + 32 + 1
+        assert all(job.pairs == [] for job in gone)
+        assert batcher._take() == [live] and batcher.depth() == 0
+        batcher.withdraw(live)  # answered: taken into a batch, its pairs stay for the batch to slice its answers by
+        assert live.pairs == [("q", "c")] and batcher.depth() == 0
+        batcher.worker.shutdown()
+
+    asyncio.run(scenario())

@@ -161,6 +161,7 @@ class _Job:
     params: tuple  # the answering parameters, in DEFAULTS order: jobs batch together only when they agree
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+    queued: bool = True  # waiting in the queue: not yet taken into a batch, withdrawn or refused
 
 
 SHUTTING_DOWN = "server shutting down; retry"
@@ -175,6 +176,7 @@ class Batcher:
         self.metrics = metrics
         self.qa = None
         self.queue: deque[_Job] = deque()
+        self.waiting = self.jobs_waiting = 0  # the questions and the requests of the queue still waiting
         self.wake = asyncio.Event()
         # One thread: the model is never run twice at once, and loading happens there too, off the loop.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="bertqa-model")
@@ -185,13 +187,32 @@ class Batcher:
 
     def depth(self) -> int:
         """Questions waiting (a request that timed out stops counting at once)."""
-        return sum(len(job.pairs) for job in self.queue if not job.future.done())
+        return self.waiting
+
+    def _leave(self, job: _Job) -> bool:
+        """`job` stops waiting (taken, withdrawn or refused); whether it was."""
+        if not job.queued:
+            return False
+        job.queued = False
+        self.waiting -= len(job.pairs)
+        self.jobs_waiting -= 1
+        return True
+
+    def withdraw(self, job: _Job) -> None:
+        """A request that no longer waits (answered, timed out, its client gone): out of the count at once, its text
+        let go, and the queue rid of such requests once they outnumber the live ones. They stayed until the front
+        reached them, while every submit counted them again: a client hanging up 1 MB requests during a long batch
+        grew the server by that much each, and each submit's cost with it."""
+        if self._leave(job):
+            job.pairs = []
+            if len(self.queue) > 2 * self.jobs_waiting + 32:
+                self.queue = deque(j for j in self.queue if j.queued)
 
     def retry_after(self) -> int:
         batches = math.ceil(self.depth() / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self.seconds_per_batch))
 
-    def submit(self, pairs: list, params: tuple) -> asyncio.Future:
+    def submit(self, pairs: list, params: tuple) -> _Job:
         if self.refusing:
             raise ApiError(503, SHUTTING_DOWN, RETRY_ELSEWHERE)
         if self.depth() + len(pairs) > self.max_queue:
@@ -202,8 +223,10 @@ class Batcher:
             )
         job = _Job(pairs, params, asyncio.get_running_loop().create_future())
         self.queue.append(job)
+        self.waiting += len(pairs)
+        self.jobs_waiting += 1
         self.wake.set()
-        return job.future
+        return job
 
     async def _wait(self, timeout: float | None = None) -> None:
         self.wake.clear()
@@ -227,9 +250,9 @@ class Batcher:
                 await self._run(params, jobs)
 
     def _drop_done(self) -> bool:
-        """Drop timed-out requests from the front; whether any request is left."""
-        while self.queue and self.queue[0].future.done():
-            self.queue.popleft()
+        """Drop the requests that no longer wait from the front; whether any request is left."""
+        while self.queue and (not self.queue[0].queued or self.queue[0].future.done()):
+            self._leave(self.queue.popleft())
         return bool(self.queue)
 
     def _take(self) -> list[_Job]:
@@ -240,6 +263,7 @@ class Batcher:
             if jobs and n + size > self.max_batch_size:
                 break
             jobs.append(self.queue.popleft())
+            self._leave(jobs[-1])
             n += size
         return jobs
 
@@ -289,6 +313,8 @@ class Batcher:
         for job in [*self.queue, *also]:
             if not job.future.done():
                 job.future.set_exception(ApiError(503, message, headers))
+        for job in self.queue:
+            self._leave(job)
         self.queue.clear()
 
     def close(self, grace_s: float) -> None:
@@ -667,13 +693,15 @@ class _Server:
             raise ApiError(
                 413, f"{len(pairs)} questions in one request exceed the limit of {self.batcher.max_queue} (--max-queue)"
             )
-        future = self.batcher.submit(pairs, params)
+        job = self.batcher.submit(pairs, params)
+        future = job.future
         try:
             first = await _first(future, self.settings["timeout_s"], _disconnected(request))
         finally:
             # Unless answered: timed out, the client hung up, or this task was cancelled. The request stops counting
             # in the queue, and its windows stop running once nobody else waits for them (Batcher._run).
             future.cancel()
+            self.batcher.withdraw(job)
         if first == "stop":
             raise ApiError(499, CLIENT_GONE)
         if first is None:
