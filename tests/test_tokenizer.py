@@ -580,3 +580,18 @@ def test_broken_tokenizer_files_are_refused_in_one_line_when_read(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="bertqa"), pytest.raises(ValueError, match="byte-order mark"):
         load_tokenizer(folder)
     assert caplog.records == []
+
+
+def test_the_per_character_caches_are_bounded(minilm_dir):
+    """A server's clients may send every code point there is: unbounded, bert_removes' cache and in_word's grew by
+    about 275 MB over them, never given back."""
+    from bertqa.squad.data import bert_removes
+    from bertqa.tokenizer import CHARACTERS_CACHED
+
+    tok = load_tokenizer(minilm_dir)
+    for c in range(0x10000, 0x10000 + CHARACTERS_CACHED + 500):  # (past the surrogates)
+        tok.in_word(chr(c))
+        bert_removes(chr(c))
+    assert len(tok._in_word) <= CHARACTERS_CACHED and bert_removes.cache_info().currsize <= CHARACTERS_CACHED
+    # Still right past the bound: an ideograph is a word of its own, a BOM is cleaned away.
+    assert tok.in_word("b") and not tok.in_word("\u4e00") and bert_removes("\ufeff") and not bert_removes("b")

@@ -39,6 +39,10 @@ BERT_WORDPIECE = {
 # minutes for one word of 16,000 (a server's request, a minute of its only worker).
 MAX_WORD_CHARS = 1000
 
+# Characters whose in_word answers a tokenizer keeps (a BMP's worth, a few MB; squad.data's bert_removes keeps as
+# many): a server's clients may send every code point there is.
+CHARACTERS_CACHED = 65536
+
 log = logging.getLogger("bertqa.tokenizer")
 
 
@@ -72,6 +76,8 @@ class BertTokenizer:
         characters the text cleaning deletes join the letters beside them."""
         known = self._in_word.get(ch)
         if known is None:
+            if len(self._in_word) >= CHARACTERS_CACHED:  # (bounded as bert_removes' cache is; rarely full)
+                self._in_word.clear()
             text = f"a{ch}a"
             if self.backend.normalizer is not None:
                 text = self.backend.normalizer.normalize_str(text)

@@ -114,7 +114,9 @@ def _expect(value, kind: type, what: str, where: str, path):
     return value
 
 
-@functools.cache
+# A BMP's worth of characters (a few MB), as BertTokenizer.in_word's: a server's clients may send every code point
+# there is, and unbounded, the two caches grew by 275 MB that was never given back.
+@functools.lru_cache(maxsize=65536)
 def bert_removes(ch: str) -> bool:
     """Whether BERT's text cleaning deletes `ch` (control and format characters such as a BOM or a direction
     mark, NUL, U+FFFD) before words are split: it is in no word, and words on either side of it join. Asked of
