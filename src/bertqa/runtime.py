@@ -116,9 +116,9 @@ def check_compiler(device: torch.device) -> None:
     try:
         get_cpp_compiler()
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # none found; a $CXX that cannot run (a folder)
+        cxx = "unset: g++ is tried" if os.environ.get("CXX") is None else repr(os.environ["CXX"])
         raise ValueError(f"--compile: no working C++ compiler for torch.compile's CPU kernels ({first_line(e)}; "
-                         f"$CXX {os.environ.get('CXX')!r}); install one (g++), name it in $CXX, or leave --compile "
-                         "out") from None  # fmt: skip
+                         f"$CXX {cxx}); install one (g++), name it in $CXX, or leave --compile out") from None  # fmt: skip
 
 
 def _nvidia(device: torch.device) -> bool:
