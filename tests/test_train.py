@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1189,3 +1190,37 @@ def test_compile_without_a_cpp_compiler_is_one_line_before_anything(tiny_dir, sm
                                              r"--compile out$"):  # fmt: skip
             train(cfg_for(tiny_dir, small_squad, out, compile=True))
         assert not out.exists()
+
+
+SIGTERM_IN_THE_SWAP = """
+import dataclasses, json, os, signal, sys
+from bertqa import files
+from bertqa.train import TrainConfig, train
+
+real = files._locked_temp_dir
+
+def swapping(path, prefix, *args, **kwargs):  # model/ is being swapped in: SIGTERM now (a scheduler's preemption)
+    if path.name == "model" and prefix.endswith(".old-"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(path, prefix, *args, **kwargs)
+
+files._locked_temp_dir = swapping
+train(TrainConfig(**json.loads(sys.argv[1])))
+"""
+
+
+def test_a_sigterm_held_while_model_is_swapped_in_leaves_no_earlier_results_beside_it(tiny_dir, small_squad,
+                                                                                        tmp_path):  # fmt: skip
+    """SIGTERM is held while model/ is swapped in, then delivered: its default ends the process at once, and the
+    earlier run's predictions and summary, which the new model replaces, were removed only in a `finally:` after
+    that, so that they stayed beside it (and a --resume then carried their EM/F1 over to the new model)."""
+    out = tmp_path / "out"
+    train(cfg_for(tiny_dir, small_squad, out, predict_file=str(small_squad[1])))
+    assert (out / "summary.json").is_file() and (out / "predictions.json").is_file()
+    cfg = dataclasses.asdict(cfg_for(tiny_dir, small_squad, out, seed=7))
+    r = subprocess.run([sys.executable, "-c", SIGTERM_IN_THE_SWAP, json.dumps(cfg)], capture_output=True, timeout=300)
+    assert r.returncode == -signal.SIGTERM, r.stderr.decode()
+    assert json.loads((out / "model" / "run_config.json").read_text())["seed"] == 7  # the new model is in place
+    assert not [
+        name for name in ("summary.json", "predictions.json", "nbest_predictions.json") if (out / name).exists()
+    ]

@@ -437,13 +437,14 @@ def check_save_target(directory: str | os.PathLike) -> None:
 
 
 def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                    with_qa_head: bool = True):  # fmt: skip
+                    with_qa_head: bool = True, replaced=None):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling, flushed to
     disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss.
     Without `with_qa_head` the weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no
     fine-tuned head). An existing `directory` must be empty or a model folder (files.not_a_model_folder): one
-    holding anything else is refused, not replaced."""
+    holding anything else is refused, not replaced. `replaced()`, if given, runs once the folder is in place, before
+    a Ctrl-C or SIGTERM that came while it was swapped in is delivered (files.atomic_dir)."""
     model = _unwrap(model)
     if not isinstance(model, BertForQuestionAnswering):  # (transformers' own: save it with its save_pretrained)
         raise TypeError(
@@ -463,7 +464,7 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
             raise ValueError(f"extra_files[{name!r}]: a file name in the folder (no path) and its text are needed")
     check_bool(with_qa_head=with_qa_head)
     check_save_target(directory)
-    with atomic_dir(directory, durable=True) as tmp:
+    with atomic_dir(directory, durable=True, replaced=replaced) as tmp:
         model.config.to_json(tmp / "config.json")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
               if with_qa_head or not k.startswith("qa_outputs.")}  # fmt: skip

@@ -413,14 +413,16 @@ def _json_text(obj, indent: int | None) -> str:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, durable: bool = False):
+def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole (the old folder,
     if any, is moved aside first and deleted after), on failure it is deleted and `path` is untouched. Both
     folders are locked while in use, so that those of a write to `path` that was killed outright are cleared
     first (clear_killed), the previous version put back where the write was killed between its renames.
     `durable`: everything in the folder, then the folder, is flushed to disk before the renames, and the renames
     before the old folder is deleted, so that a power loss leaves the old folder or the new one (model folders:
-    the old one is the user's previous model)."""
+    the old one is the user's previous model). `replaced()`, if given, runs once the new folder is in place, before
+    a Ctrl-C or SIGTERM that came meanwhile is delivered (SIGTERM's default ends the process at once, running no
+    `finally:`): what must change with the folder changes with it."""
     # Absolute, as the kernel reads it: relative names would be looked up in a current folder moved aside, and ".."
     # after a link is the parent of where the link leads (the checks before the run saw that folder), not of the link.
     path = _target(path)
@@ -482,6 +484,8 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False):
                 fsync_path(path.parent)
             if old is not None:
                 shutil.rmtree(old.parent, ignore_errors=True)
+            if replaced is not None:
+                replaced()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for held in (fd, old_fd):

@@ -856,9 +856,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             metrics.close()
             run_config = json.dumps({**dataclasses.asdict(cfg), "run_id": run_id}, indent=2) + "\n"
             finished_before = _model_run_id(out_dir / "model") == run_id
-            try:
-                save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config})
-            finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
+
+            def forget_earlier() -> None:
                 # (a resumed run's id is its checkpoint's: a failed save leaves its own model and results as they were)
                 if _model_run_id(out_dir / "model") == run_id and not finished_before:
                     # The folder holds this run's model now: an earlier run's predictions, summary and curves are
@@ -867,6 +866,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                     # matplotlib, by no curves drawn). (Where it held it already, they are this model's.)
                     for name in (*EvalConfig.WRITES, "curves.png"):
                         remove_output(out_dir / name)
+
+            try:  # (before a SIGTERM held during the swap ends the process, which runs no `finally:`)
+                save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config},
+                                replaced=forget_earlier)  # fmt: skip
+            finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
+                forget_earlier()
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
