@@ -408,6 +408,45 @@ def test_ctrl_c_during_the_renames_waits_until_they_are_done(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n.json", "p.json"]
 
 
+def test_what_goes_with_a_swapped_folder_runs_once_it_is_in_place_whatever_fails_after(tmp_path, monkeypatch):
+    """`replaced` runs before a Ctrl-C held during the swap is delivered, and also where the folder's flush after
+    the rename fails (it was skipped: train's earlier results stayed beside its new model under a SIGTERM). A
+    `replaced` that is no function is refused before anything is written."""
+    (tmp_path / "model").mkdir()
+    ran = []
+
+    def flush_fails(path):
+        if Path(path) == tmp_path:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(bertqa.files, "fsync_path", flush_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_dir(tmp_path / "model", durable=True, replaced=lambda: ran.append("flush")) as new:
+            (new / "config.json").write_text("{}")
+    monkeypatch.undo()
+
+    def replaced():
+        ran.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # (False: still held)
+
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "model", replaced=replaced) as new:
+        (new / "config.json").write_text('{"new": 1}')
+        os.kill(os.getpid(), signal.SIGINT)  # before the swap: raised here, nothing replaced
+    rename = Path.rename
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # during the swap: held
+        return rename(*args)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "model", replaced=replaced) as new:
+        (new / "config.json").write_text('{"new": 2}')
+    assert ran == ["flush", False] and json.loads((tmp_path / "model" / "config.json").read_text()) == {"new": 2}
+    with pytest.raises(TypeError, match="^replaced must be a function"):
+        with atomic_dir(tmp_path / "other", replaced="remove the old results"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_every_signal_held_is_delivered():
     """A SIGTERM held after a Ctrl-C reaches its handler too (the KeyboardInterrupt of the first stopped the rest),
     and both handlers are back afterwards. Each handler raises, as a server's SIGTERM handler does: the SIGTERM's

@@ -423,6 +423,8 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
     the old one is the user's previous model). `replaced()`, if given, runs once the new folder is in place, before
     a Ctrl-C or SIGTERM that came meanwhile is delivered (SIGTERM's default ends the process at once, running no
     `finally:`): what must change with the folder changes with it."""
+    if replaced is not None and not callable(replaced):
+        raise TypeError(f"replaced must be a function (or None), not {type(replaced).__name__}")
     # Absolute, as the kernel reads it: relative names would be looked up in a current folder moved aside, and ".."
     # after a link is the parent of where the link leads (the checks before the run saw that folder), not of the link.
     path = _target(path)
@@ -480,12 +482,14 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
                     old.parent.rmdir()
                 raise
             done = True
-            if durable:
-                fsync_path(path.parent)
-            if old is not None:
-                shutil.rmtree(old.parent, ignore_errors=True)
-            if replaced is not None:
-                replaced()
+            try:
+                if durable:
+                    fsync_path(path.parent)
+                if old is not None:
+                    shutil.rmtree(old.parent, ignore_errors=True)
+            finally:  # (the new folder is in place, whatever fails after)
+                if replaced is not None:
+                    replaced()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for held in (fd, old_fd):

@@ -858,20 +858,19 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             finished_before = _model_run_id(out_dir / "model") == run_id
 
             def forget_earlier() -> None:
-                # (a resumed run's id is its checkpoint's: a failed save leaves its own model and results as they were)
-                if _model_run_id(out_dir / "model") == run_id and not finished_before:
-                    # The folder holds this run's model now: an earlier run's predictions, summary and curves are
-                    # not its, and must not be left beside it by an evaluation that fails (out of memory,
-                    # non-finite logits) or not asked for, nor by a failure drawing the curves (nor, without
-                    # matplotlib, by no curves drawn). (Where it held it already, they are this model's.)
+                """model/ holds this run's model now: an earlier run's predictions, summary and curves are not its,
+                and must not be left beside it by an evaluation that fails (out of memory, non-finite logits) or not
+                asked for, nor by a failure drawing the curves (nor, without matplotlib, by no curves drawn). Where
+                it held it already (a finished run, resumed), they are this model's. A save that fails before the
+                swap leaves the folder's model and results as they were."""
+                if not finished_before:
                     for name in (*EvalConfig.WRITES, "curves.png"):
                         remove_output(out_dir / name)
 
-            try:  # (before a SIGTERM held during the swap ends the process, which runs no `finally:`)
-                save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config},
-                                replaced=forget_earlier)  # fmt: skip
-            finally:  # (also when the old folder's removal after the new one's rename fails, or meets Ctrl-C)
-                forget_earlier()
+            # Run once model/ holds this run's model, whatever fails after, and before a Ctrl-C or SIGTERM held
+            # during the swap is delivered (SIGTERM's default ends the process at once, running no `finally:`).
+            save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config},
+                            replaced=forget_earlier)  # fmt: skip
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
