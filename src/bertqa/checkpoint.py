@@ -463,8 +463,6 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
         ):
             raise ValueError(f"extra_files[{name!r}]: a file name in the folder (no path) and its text are needed")
     check_bool(with_qa_head=with_qa_head)
-    if replaced is not None and not callable(replaced):  # (called once the folder is replaced: checked before)
-        raise TypeError(f"replaced must be a function (or None), not {type(replaced).__name__}")
     check_save_target(directory)
     with atomic_dir(directory, durable=True, replaced=replaced) as tmp:
         model.config.to_json(tmp / "config.json")
