@@ -1224,3 +1224,21 @@ def test_a_sigterm_held_while_model_is_swapped_in_leaves_no_earlier_results_besi
     assert not [
         name for name in ("summary.json", "predictions.json", "nbest_predictions.json") if (out / name).exists()
     ]
+
+
+def test_curves_show_a_lone_point(tmp_path):
+    """A run of one logged line (one step, or --log-every past the last step) drew two empty panels, and a finite
+    loss between two non-finite ones was drawn nowhere: lines without markers show no lone point."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from bertqa.train import plot_curves
+
+    def blue_pixels(rows) -> int:  # the loss curve's colour (matplotlib's first, tab:blue)
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+        rgb = imread(tmp_path / "curves.png")[..., :3]
+        return int((abs(rgb - np.array([0.12, 0.47, 0.71])).max(axis=-1) < 0.08).sum())
+
+    assert blue_pixels([{"step": 1, "loss": 4.9, "lr": 1e-3}]) > 0
+    assert blue_pixels([{"step": s, "loss": loss, "lr": 1e-3} for s, loss in ((1, None), (2, 4.7), (3, None))]) > 0

@@ -566,15 +566,20 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        logging.getLogger("bertqa").info("no curves.png: matplotlib is not installed (pip install 'bertqa[plot]')")
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, [math.nan if r["loss"] is None else r["loss"] for r in rows])  # None: no finite loss
+    losses = [math.nan if r["loss"] is None else r["loss"] for r in rows]  # None: no finite loss since the last line
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    # Markers: a lone point (one line logged, or a finite loss between two non-finite ones) is no line at all.
+    ax1.plot(steps, losses, marker="o", markersize=3)
+    if all(math.isnan(x) for x in losses):
+        ax1.text(0.5, 0.5, "no finite loss logged", transform=ax1.transAxes, ha="center", va="center")
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
-    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange")
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", marker="o", markersize=3)
     ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
