@@ -103,7 +103,7 @@ def zebra_nan_dir(tmp_path_factory, minilm_dir):
     model = load_model(minilm_dir, verbose=False)
     with torch.no_grad():
         model.bert.embeddings.word_embeddings.weight[tokenizer.backend.token_to_id("zebra")] = float("nan")
-    return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("zebra-nan") / "model")
+    return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("zebra-nan") / "model", with_qa_head=True)
 
 
 @pytest.fixture(scope="session")

@@ -226,7 +226,7 @@ def test_a_sources_labels_and_length_are_saved_as_the_model_has_them(hf_qa_dir, 
     encoder.embeddings.position_embeddings.weight.data = encoder.embeddings.position_embeddings.weight.data[:256]
     encoder.save_pretrained(tmp_path / "nli")
     model = load_model(tmp_path / "nli")
-    out = save_pretrained(model, load_tokenizer(hf_qa_dir), tmp_path / "saved")
+    out = save_pretrained(model, load_tokenizer(hf_qa_dir), tmp_path / "saved", with_qa_head=True)  # (its fresh one)
     ref = transformers.BertForQuestionAnswering.from_pretrained(str(out))
     assert ref.qa_outputs.weight.shape == (2, 384) and torch.equal(ref.qa_outputs.weight, model.qa_outputs.weight)
     assert transformers.AutoTokenizer.from_pretrained(str(out)).model_max_length == 256
@@ -599,6 +599,17 @@ def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_di
     with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
         load_model(tmp_path / "encoder", require_qa_head=True)
     assert load_model(tmp_path / "encoder").fresh_qa_head  # fine to train from
+    # save_pretrained too: by default it wrote the random head, and the folder then answered questions with it.
+    encoder, tok = load_model(minilm_dir, verbose=False), load_tokenizer(minilm_dir)
+    save_pretrained(encoder, tok, tmp_path / "resaved")
+    with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
+        load_model(tmp_path / "resaved", require_qa_head=True)
+    with torch.no_grad():
+        encoder.qa_outputs.bias += 0.5  # a head trained (in a loop of the user's own) is kept
+    save_pretrained(encoder, tok, tmp_path / "resaved")
+    assert torch.equal(load_model(tmp_path / "resaved", require_qa_head=True).qa_outputs.bias, encoder.qa_outputs.bias)
+    save_pretrained(encoder, tok, tmp_path / "headless", with_qa_head=False)  # as asked, either way
+    assert not any(k.startswith("qa_outputs.") for k in load_file(str(tmp_path / "headless" / "model.safetensors")))
 
 
 def test_convert_never_replaces_its_source_or_a_folder_that_is_not_a_model(hf_qa_dir, tmp_path, run_here):

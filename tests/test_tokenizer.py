@@ -595,3 +595,19 @@ def test_the_per_character_caches_are_bounded(minilm_dir):
     assert len(tok._in_word) <= CHARACTERS_CACHED and bert_removes.cache_info().currsize <= CHARACTERS_CACHED
     # Still right past the bound: an ideograph is a word of its own, a BOM is cleaned away.
     assert tok.in_word("b") and not tok.in_word("\u4e00") and bert_removes("\ufeff") and not bert_removes("b")
+
+
+def test_added_tokens_with_capitals_do_not_make_an_uncased_tokenizer_look_cased(minilm_dir, tmp_path, caplog):
+    """An added token is matched after lower-casing too ("New York" as "new york"): counted among the word pieces,
+    its capitals brought the warning that the vocabulary is cased, whose advice (--no-lower-case) breaks the model."""
+    from tokenizers import Tokenizer
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, tmp_path)
+    backend = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    backend.add_tokens(["New York", "COVID19"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        tok = load_tokenizer(tmp_path)
+    assert tok.do_lower_case and "upper-case" not in caplog.text
+    assert tok.tokenize(["flights to new york"])[0].tokens[-1] == "new york"

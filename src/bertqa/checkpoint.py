@@ -405,6 +405,8 @@ def load_model(
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
     model.load_state_dict(sd, strict=not missing_head)
+    if missing_head:  # (what save_pretrained compares with: a head still this one was never trained)
+        model.fresh_qa_head_state = {k: v.detach().clone() for k, v in model.qa_outputs.state_dict().items()}
     model.load_notes = [f"{weights.name}: {line}" for line in notes]
     if verbose:
         print_load_notes(model)
@@ -436,13 +438,21 @@ def check_save_target(directory: str | os.PathLike) -> None:
         raise CheckpointError(f"{directory}: cannot be replaced: it is not writable here")
 
 
+def _untrained_head(model: BertForQuestionAnswering) -> bool:
+    """Whether the QA head is still the random one load_model gave a checkpoint without one."""
+    fresh = getattr(model, "fresh_qa_head_state", None)
+    return fresh is not None and all(torch.equal(v.detach().cpu(), fresh[k].cpu())
+                                     for k, v in model.qa_outputs.state_dict().items())  # fmt: skip
+
+
 def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                    with_qa_head: bool = True, replaced=None):  # fmt: skip
+                    with_qa_head: bool | None = None, replaced=None):  # fmt: skip
     """Write an HF folder (config.json, model.safetensors, tokenizer files, `extra_files` name -> text)
     that `transformers.BertForQuestionAnswering.from_pretrained` loads. Written to a temporary sibling, flushed to
     disk and renamed into place, so an existing folder is replaced whole or not at all, even by a power loss.
-    Without `with_qa_head` the weights leave out qa_outputs (a pretrained encoder's: loaders then know it has no
-    fine-tuned head). An existing `directory` must be empty or a model folder (files.not_a_model_folder): one
+    `with_qa_head=False` leaves qa_outputs out of the weights (a pretrained encoder's: loaders then know it has no
+    fine-tuned head); by default it is left out only where it is still the random head load_model gave a checkpoint
+    without one (saved, it passed for a fine-tuned head: `ask` and `serve` answered with it). An existing `directory` must be empty or a model folder (files.not_a_model_folder): one
     holding anything else is refused, not replaced. `replaced()`, if given, runs once the folder is in place, before
     a Ctrl-C or SIGTERM that came while it was swapped in is delivered (files.atomic_dir)."""
     model = _unwrap(model)
@@ -462,6 +472,8 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
             or name != os.path.basename(name)
         ):
             raise ValueError(f"extra_files[{name!r}]: a file name in the folder (no path) and its text are needed")
+    if with_qa_head is None:
+        with_qa_head = not _untrained_head(model)
     check_bool(with_qa_head=with_qa_head)
     check_save_target(directory)
     with atomic_dir(directory, durable=True, replaced=replaced) as tmp:

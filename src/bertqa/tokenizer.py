@@ -321,7 +321,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             tokenizer = BertTokenizer(backend, do_lower_case=lower)
         except ValueError as e:
             raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
-        _warn_if_cased(tokenizer.backend.get_vocab(), tokenizer.do_lower_case, json_file)
+        # (the word pieces alone: an added token with capitals, "New York", is matched after lower-casing too)
+        _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file)
         return tokenizer
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:

@@ -875,7 +875,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             # Run once model/ holds this run's model, whatever fails after, and before a Ctrl-C or SIGTERM held
             # during the swap is delivered (SIGTERM's default ends the process at once, running no `finally:`).
             save_pretrained(model, tokenizer, out_dir / "model", extra_files={"run_config.json": run_config},
-                            replaced=forget_earlier)  # fmt: skip
+                            with_qa_head=True, replaced=forget_earlier)  # fmt: skip
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     if eval_data is not None:
         summary.update(run_evaluation(model, eval_data, cfg, d, precision, out_dir if d.is_main else None))
