@@ -601,9 +601,10 @@ def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_di
     assert load_model(tmp_path / "encoder").fresh_qa_head  # fine to train from
     # save_pretrained too: by default it wrote the random head, and the folder then answered questions with it.
     encoder, tok = load_model(minilm_dir, verbose=False), load_tokenizer(minilm_dir)
-    save_pretrained(encoder, tok, tmp_path / "resaved")
-    with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
-        load_model(tmp_path / "resaved", require_qa_head=True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # (cast, it was taken for a trained head)
+        save_pretrained(load_model(minilm_dir, verbose=False).to(dtype), tok, tmp_path / "resaved")
+        with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
+            load_model(tmp_path / "resaved", require_qa_head=True)
     with torch.no_grad():
         encoder.qa_outputs.bias += 0.5  # a head trained (in a loop of the user's own) is kept
     save_pretrained(encoder, tok, tmp_path / "resaved")

@@ -441,7 +441,8 @@ def check_save_target(directory: str | os.PathLike) -> None:
 def _untrained_head(model: BertForQuestionAnswering) -> bool:
     """Whether the QA head is still the random one load_model gave a checkpoint without one."""
     fresh = getattr(model, "fresh_qa_head_state", None)
-    return fresh is not None and all(torch.equal(v.detach().cpu(), fresh[k].cpu())
+    # (in the model's dtype now: .half() rounds the head as it rounds the copy; torch.equal of two dtypes is False)
+    return fresh is not None and all(torch.equal(v.detach().cpu(), fresh[k].to(v.dtype))
                                      for k, v in model.qa_outputs.state_dict().items())  # fmt: skip
 
 
