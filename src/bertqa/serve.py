@@ -359,31 +359,32 @@ CLIENT_GONE = "client closed the request"
 UNPREFLIGHTED = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def _foreign_origin(headers) -> str | None:
+def _foreign_origin(headers, media: str | None) -> str | None:
     """The Origin of a browser's request from another site's page, which may post here unasked (it cannot read the
     answer: no CORS headers are sent, so no other site can use the server, only load it); else None. The browser
     says which it is (Sec-Fetch-Site), over HTTPS or to localhost: elsewhere (plain HTTP through a reverse proxy)
     it does not. There a JSON body was preflighted (OPTIONS, which this server never approves: another site's never
     arrives); a body another site may send unasked is judged by the host its Origin names, which is this server's own
-    unless a reverse proxy rewrote Host (nginx's and Apache's default: then their X-Forwarded-Host, if sent)."""
+    unless a reverse proxy rewrote Host (nginx's and Apache's default: then their X-Forwarded-Host, if sent).
+    `media`: the body's media type, lower-cased without parameters; None where no Content-Type is given."""
     origin = headers.get("origin")
     site = headers.get("sec-fetch-site")
     if origin is None or site is not None and site.lower() in ("same-origin", "none"):
         return None
     if site is not None:  # cross-site, same-site (another origin of the same site)
         return origin
-    if headers.get("content-type", "").split(";")[0].strip().lower() not in UNPREFLIGHTED:
+    if (media or "") not in UNPREFLIGHTED:
         return None
     hosts = {headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0].strip()} - {""}
     return None if urlsplit(origin).netloc.lower() in {h.lower() for h in hosts} else origin
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float, refused: asyncio.Event) -> dict:
-    origin = _foreign_origin(request.headers)
-    if origin is not None:
-        raise ApiError(403, f"cross-origin request refused: Origin {origin[:100]!r} is not this server")
     media = request.headers.get("content-type")  # none is taken for JSON (a bare HTTP client's request)
     media = None if media is None else media.split(";")[0].strip().lower()
+    origin = _foreign_origin(request.headers, media)
+    if origin is not None:
+        raise ApiError(403, f"cross-origin request refused: Origin {origin[:100]!r} is not this server")
     if media is not None and media != "application/json" and not media.endswith("+json"):
         # (curl -d sends a form's type: -H 'Content-Type: application/json' is needed)
         raise ApiError(415, f"Content-Type must be application/json, not {media[:100]!r}")

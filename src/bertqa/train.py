@@ -44,6 +44,8 @@ from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchr
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 
+log = logging.getLogger("bertqa")
+
 
 @dataclass(kw_only=True)
 class TrainConfig(EvalConfig):
@@ -389,9 +391,7 @@ class MetricsLog:
         self.sha256 = hashlib.sha256("".join(line + "\n" for line in kept).encode())
         if resume_step and not self.path.is_file():  # (deleted, or moved away as the refusal below says)
             if resume_sha256 not in (None, self.sha256.hexdigest()):
-                logging.getLogger("bertqa").warning(
-                    "no %s: its lines up to step %d are gone; it goes on from there", self.path, resume_step
-                )
+                log.warning("no %s: its lines up to step %d are gone; it goes on from there", self.path, resume_step)
         elif resume_sha256 is not None and self.sha256.hexdigest() != resume_sha256:
             # (a checkpoint.pt copied in from another run's folder: the curves would be two runs' joined at its step)
             raise ValueError(f"{self.path}: its lines up to step {resume_step} are not those the checkpoint was saved "
@@ -566,7 +566,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.getLogger("bertqa").info("no curves.png: matplotlib is not installed (pip install 'bertqa[plot]')")
+        log.info("no curves.png: matplotlib is not installed (pip install 'bertqa[plot]')")
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:

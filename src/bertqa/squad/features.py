@@ -422,12 +422,13 @@ def load_features(examples, tokenizer, cache_dir, **params) -> Features:
             with open(path, "rb") as f:  # (an open file: is_zipfile(path) takes a file it cannot read for no zip)
                 if not zipfile.is_zipfile(f):  # (numpy reads anything else as a pickle, and says to allow it)
                     raise ValueError("not a features file: no .npz archive")
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    arrays = {name: z[name] for name in Features.ARRAYS}
-                    cached = Features(**arrays, params=json.loads(str(z["params"])))
-                    log.info("features from cache %s", path)
-                    return cached
+                f.seek(0)
+                with np.load(f, allow_pickle=False) as z:
+                    if str(z["key"]) == key:
+                        arrays = {name: z[name] for name in Features.ARRAYS}
+                        cached = Features(**arrays, params=json.loads(str(z["params"])))
+                        log.info("features from cache %s", path)
+                        return cached
     except Exception as e:  # zipfile and numpy raise many kinds: EOFError, NotImplementedError, RuntimeError, ...
         log.warning(
             "%s: unreadable feature cache (%s); rebuilding it", path, getattr(e, "strerror", None) or first_line(e)
