@@ -1046,14 +1046,16 @@ def test_serve_warns_of_an_emulated_precision_once(tiny_dir, monkeypatch, caplog
 
 
 @pytest.mark.parametrize(
-    "missing, hint", [("starlette", True), ("uvicorn", True), ("anyio", True), ("bertqa.qa", False)]
+    "missing, hint", [("starlette", True), ("uvicorn", True), ("anyio", True), ("h11", True), ("bertqa.qa", False)]
 )
 def test_only_a_missing_serve_extra_gets_the_install_hint(monkeypatch, capsys, missing, hint):
     """(review) Any import error was blamed on starlette and uvicorn: a broken torch was told to install them. A
-    module they need (anyio, starlette's) is theirs: reinstalling the extra mends it."""
+    module they need (anyio, starlette's) is theirs: reinstalling the extra mends it. h11 (uvicorn's HTTP parser,
+    imported only as the server starts) was found missing after the model had loaded, as an internal error."""
     from bertqa.cli import main
 
-    for name in [name for name in sys.modules if name == "bertqa.serve" or name.partition(".")[0] == "starlette"]:
+    extra = ("starlette", "uvicorn")
+    for name in [name for name in sys.modules if name == "bertqa.serve" or name.partition(".")[0] in extra]:
         monkeypatch.delitem(sys.modules, name)  # (imported again, from scratch)
     for name in {missing, *(name for name in sys.modules if name.startswith(missing + "."))}:
         monkeypatch.setitem(sys.modules, name, None)  # (what an install without it looks like)

@@ -161,7 +161,7 @@ def cmd_serve(args):
     if args.threads is not None and args.threads > (os.cpu_count() or 1):  # (torch's own error named no flag)
         raise UsageError(f"--threads {args.threads}: more than this machine's {os.cpu_count()} CPUs")
     try:
-        import uvicorn  # noqa: F401  (serve() imports it once the model has loaded: missing, said now)
+        import uvicorn.protocols.http.auto  # noqa: F401  (serve() imports it, and h11, after loading: missing, said now)
 
         from .serve import serve
     except ModuleNotFoundError as e:  # (another module's failure, a broken torch say, is its own)
