@@ -9,6 +9,7 @@ failure there repeats.
 import argparse
 import logging
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -163,3 +164,48 @@ def rot_record():
         return record.filename
 
     return rot
+
+
+@pytest.fixture
+def like_windows(monkeypatch):
+    """What Windows does, where bertqa's file handling meets it, emulated here: there is no fcntl (no locks), a
+    folder cannot be opened (PermissionError), and a file this process holds open can be neither renamed nor
+    deleted (WinError 32, a PermissionError too)."""
+    import errno
+    import shutil
+
+    import bertqa.files
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # (import fcntl: ImportError)
+    monkeypatch.setattr(bertqa.files, "fcntl", None, raising=False)
+    monkeypatch.setattr(shutil, "_use_fd_functions", False)  # (rmtree as on Windows: by names, no folder opened)
+    real_open, real_replace, real_unlink = os.open, os.replace, os.unlink
+
+    def open_folder_refused(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refuse_if_open(path):
+        target = os.path.realpath(path)
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held = os.readlink(f"/proc/self/fd/{fd}") == target
+            except OSError:
+                continue
+            if held:
+                raise PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
+                                      "another process", os.fspath(path))  # fmt: skip
+
+    def replace(src, dst, *args, **kwargs):
+        refuse_if_open(src)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def unlink(path, *args, **kwargs):
+        refuse_if_open(path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_folder_refused)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "remove", unlink)

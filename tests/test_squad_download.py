@@ -392,3 +392,19 @@ def test_a_page_in_place_of_a_file_of_known_size_is_not_kept(server, tmp_path, m
     Handler.resume = None
     paths = download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
     assert paths[0].read_bytes() == data
+
+
+def test_on_windows_a_download_completes_and_a_bad_one_keeps_nothing(server, tmp_path, like_windows):
+    """(review) The .part stayed open (and locked) while it was deleted or renamed, which Windows refuses for a file
+    its process holds open: every download failed at its last rename, and again on every rerun; a checksum
+    mismatch left the bad .part and was reported as 'Permission denied'."""
+    paths = download_squad("1.1", tmp_path / "ok", base_url=server, checksums=SUMS)
+    assert [p.read_bytes() for p in paths] == [FILES[p.name] for p in paths]
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]
+    with pytest.raises(ValueError, match="dev-v1.1.json: sha256 mismatch"):
+        download_squad("1.1", tmp_path / "bad", base_url=server, checksums={**SUMS, "dev-v1.1.json": "0" * 64})
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["train-v1.1.json"]
+    Handler.cut_after = 0
+    with pytest.raises(OSError, match="download failed") as err:  # nothing came: no empty .part kept
+        download_squad("1.1", tmp_path / "none", base_url=server, checksums=SUMS)
+    assert "resume" not in str(err.value) and list(tmp_path.glob("none/*")) == []

@@ -21,6 +21,11 @@ import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no locks are taken (_NoLocks)
+    fcntl = None
+
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts (one in weights' place)
 
 
@@ -515,13 +520,16 @@ class _NoLocks(Exception):
     """The file system takes no lock (some NFS and FUSE mounts, on a folder), or this is not POSIX."""
 
 
+def locks_exist() -> bool:
+    """Whether this system has file locks (flock): POSIX's fcntl, not Windows."""
+    return fcntl is not None
+
+
 def _flock(fd: int, shared: bool = False) -> bool:
     """Take the lock of an open file or folder without waiting (`shared`: one that others' shared ones do not
     exclude): False where another process holds it. _NoLocks where locks cannot be taken here at all."""
-    try:
-        import fcntl
-    except ImportError:
-        raise _NoLocks from None
+    if not locks_exist():
+        raise _NoLocks
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -536,6 +544,8 @@ def _lock(path: Path, folder: bool = True) -> int | None:
     those) holding its lock (flock: no file is left behind, and the system drops it when the process dies), or
     None where another process holds it or it went away. _NoLocks where locks cannot be taken here at all."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if folder else os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)
+    if not locks_exist():  # (before the open: Windows opens no folder, PermissionError)
+        raise _NoLocks
     try:
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):

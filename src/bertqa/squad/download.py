@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import _flock_named, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path
+from ..files import _flock_named, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path, locks_exist
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,11 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
             _fetch(url, f, part, timeout, size)
         except BaseException:
             if part.is_file() and part.stat().st_size == 0:  # nothing came: no empty .part left behind
+                _let_go(f)
                 part.unlink()
             raise
         got = sha256_file(part)
+        _let_go(f)
         if got != sha256:
             part.unlink()  # a bad prefix would poison every later resume
             raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
@@ -91,6 +93,13 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
         os.replace(part, dest)
         fsync_path(dest.parent)
     return dest
+
+
+def _let_go(f) -> None:
+    """Close the .part where no lock is held on it (Windows: no fcntl), before it is deleted or renamed: Windows does
+    neither to a file a process holds open. Elsewhere it stays open, and locked, until it is named complete."""
+    if not locks_exist():
+        f.close()
 
 
 def _held(f, part: Path) -> bool:
