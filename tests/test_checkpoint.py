@@ -800,3 +800,16 @@ def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
     )
     assert type(config.vocab_size) is int and type(config.layer_norm_eps) is float
     assert json.loads(json.dumps(config.to_dict()))["vocab_size"] == 100
+
+
+@pytest.mark.parametrize("dst, refused", [("runs\\model\\", False), ("model\\", False), ("..\\", True), (".\\", True)])
+def test_a_dst_with_a_trailing_backslash_names_its_folder_on_windows(monkeypatch, capsys, tmp_path, dst, refused):
+    """(review) Only '/' was stripped before the check for '.' and '..': on Windows, a folder named with the
+    backslash that tab completion adds (`.\\runs\\model\\`) was refused as a folder named '.' or '..'."""
+    import ntpath
+
+    with monkeypatch.context() as m:  # (os.path as on Windows, for the check alone: it runs before anything is read)
+        m.setattr(os, "path", ntpath)
+        assert cli.main(["convert", str(tmp_path / "nowhere"), dst]) == 1
+    err = capsys.readouterr().err
+    assert ("a folder named '.' or '..' cannot be replaced" in err) == refused and err.count("\n") == 1, err
