@@ -801,6 +801,17 @@ def test_an_address_that_cannot_be_listened_on_is_named():
                 _listen(host, where)
 
 
+@pytest.mark.parametrize("windows", [False, True])
+def test_a_port_in_use_is_reused_only_where_that_takes_no_live_servers_port(monkeypatch, windows):
+    """(review) SO_REUSEADDR was set everywhere: on Windows it lets a second server bind a port another server
+    listens on (and the two share its requests), where POSIX allows only a port left in TIME_WAIT."""
+    import bertqa.serve
+
+    monkeypatch.setattr(bertqa.serve, "REUSE_ADDRESS", not windows, raising=False)
+    with _listen("127.0.0.1", 0) as sock:
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) == (not windows)
+
+
 @pytest.mark.parametrize("error", [ValueError("model.safetensors: truncated"), Panic("the tokenizer panicked")])
 def test_a_model_that_failed_to_load_is_503_without_retry_after(error):
     """A Rust panic in the tokenizer (no Exception) too: it left the server "loading" for ever."""

@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -823,13 +824,19 @@ def uvicorn_server(app, grace_s: float = 5.0):
     return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s))
 
 
+# A port a closed server's connections still wait on (TIME_WAIT) is taken again at once; not on Windows, where the
+# option lets a second server take a port another one listens on (asyncio's rule too).
+REUSE_ADDRESS = os.name == "posix"
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the server starts (port 0: a free port, reported in the startup line)."""
     sock = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # an unknown host name fails here
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_ADDRESS:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
         if sock is not None:
