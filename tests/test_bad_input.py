@@ -750,6 +750,20 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
             pytest.fail("held a folder that the run holding its parent replaces")  # (a run started after the checks)
 
 
+def test_a_train_whose_model_folder_another_run_is_writing_stops(inputs, tmp_path, capsys, monkeypatch):
+    """(review) An evaluate writing into OUT/model (started first) was not looked for: a train into OUT replaced
+    that folder at its end, and the evaluate wrote its predictions on into the new model folder; both exited 0."""
+    from bertqa.files import exclusive
+
+    argv = ["train", "--model", inputs["tiny"], "--train-file", inputs["squad"], "--output-dir", tmp_path, *FAST]
+    with exclusive(tmp_path / "model"):  # an evaluate with --output-dir there
+        code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == (f"bertqa: error: --output-dir {tmp_path}: {tmp_path / 'model'} is "
+                                                 "a folder another run is writing (its --output-dir); wait for it or "
+                                                 "write elsewhere")  # fmt: skip
+    assert tree(tmp_path) == ["model"]  # (the evaluate's, empty)
+
+
 @pytest.mark.parametrize("where", ["predict --output", "evaluate --output-dir", "train --output-dir", "convert DST",
                                    "export --output"])  # fmt: skip
 def test_a_symbolic_link_loop_where_the_output_goes_is_one_line(inputs, tmp_path, capsys, monkeypatch, where):

@@ -840,3 +840,19 @@ def test_on_windows_every_command_writes_its_outputs_and_leaves_nothing_else(lik
     assert sorted(p.name for p in (tmp_path / "tr").iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl",
                                                                    "model", "summary.json"]  # fmt: skip
     assert (tmp_path / "conv" / "model.safetensors").is_file() and (tmp_path / "ev" / "summary.json").is_file()
+
+
+def test_a_folder_another_command_is_only_checking_is_not_taken_for_a_runs(tmp_path):
+    """(review) check_not_claimed (predict --output, convert, a train's checks) takes a shared lock on a folder for
+    a moment: a train or an evaluate taking that folder at that moment was refused as if another run wrote there."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a check, caught in the middle
+    threading.Timer(0.005, os.close, [fd]).start()
+    with exclusive(folder):
+        (folder / "summary.json").write_text("{}")
+    assert [p.name for p in folder.iterdir()] == ["summary.json"]

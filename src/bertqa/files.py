@@ -18,6 +18,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -340,6 +341,8 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
         if name.endswith("/") and holds_current_folder(path / name):
             raise ValueError(f"{flag} {output_dir}: {path / name} holds the current folder, which replacing it would "
                              "delete; run from another folder")  # fmt: skip
+        if name.endswith("/"):  # (an evaluate's --output-dir there: it would write on into the new model folder)
+            check_not_claimed(path / name, f"{flag} {output_dir}", above=False)
     _check_writable([path.absolute(), *path.absolute().parents], f"{flag} {output_dir}")
     check_not_claimed(path, f"{flag} {output_dir}", itself=False)  # (itself: exclusive() says so)
     return path
@@ -746,16 +749,17 @@ def _remove_empty(made: list[Path]) -> None:
 REPLACED_WHOLE = ("model",)
 
 
-def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True) -> None:
+def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True, above: bool = True) -> None:
     """Refuse to write into a folder another run holds (exclusive: a train's or an evaluate's --output-dir), or
     into a folder it replaces whole there, or below one (REPLACED_WHOLE: a train's model/, which it refused to
     replace once it held another's files, after all its steps), whose files it would mix with its own, or remove
     at its end. Only looked at (a shared lock, for a moment), not held: runs that write single files (predict
     --output, convert) may share a folder. (Not every folder above: a lock another program holds on one,
     `flock -n ~/proj cmd`'s, would read as a run's.) Not `itself` for a run about to hold the folder (exclusive),
-    which says so in its own words."""
+    which says so in its own words; nor the folders `above` it for a train's own model/ (exclusive holds its
+    parent)."""
     folder = _real(Path(folder).absolute())
-    whole = [level.parent for level in (folder, *folder.parents) if level.name in REPLACED_WHOLE]
+    whole = [level.parent for level in (folder, *folder.parents) if above and level.name in REPLACED_WHOLE]
     for level in ([folder] if itself else []) + whole:
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -826,10 +830,16 @@ def exclusive(folder: str | os.PathLike, clear=()):
     folder = Path(folder)
     check_not_claimed(folder, str(folder), itself=False)  # (below a running train's model/: gone at its end)
     made = _make_folder(folder)
-    try:
-        fd = _lock(folder)
-    except _NoLocks:
-        fd = -1
+    # Tried again for a moment: another command's check_not_claimed holds a shared lock on it for microseconds, a
+    # run its lock for the whole run.
+    for wait in (0.01, 0.03, 0.1, None):
+        try:
+            fd = _lock(folder)
+        except _NoLocks:
+            fd = -1
+        if fd is not None or wait is None:
+            break
+        time.sleep(wait)
     if fd is None:  # (another run's folder, even one it made a moment ago: not ours to remove)
         raise ValueError(f"{folder}: another run is writing here; wait for it or use another --output-dir")
     done = False
