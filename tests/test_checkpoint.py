@@ -125,6 +125,8 @@ def test_nvidia_checkpoint_loads_to_the_same_outputs(hf_qa_dir, real_batch, tmp_
     (tmp_path / "bert_config.json").unlink()
     with pytest.raises(CheckpointError, match="pass config="):
         load_model(bare)
+    with pytest.raises(CheckpointError, match=r"\(CLI: --config\): is a folder; name the config.json in it$"):
+        load_model(bare, config=hf_qa_dir)  # (review: it was "no such file")
     again = load_model(bare, config=hf_qa_dir / "config.json").eval()
     assert torch.equal(qa_logits(again, real_batch)[0], qa_logits(ours, real_batch)[0])
     # An NVIDIA folder (one .pt beside bert_config.json) loads by its folder name too.

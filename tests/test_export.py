@@ -94,6 +94,7 @@ def test_bad_output_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
         (tmp_path / "dir.onnx", r"^--output \S+dir\.onnx: is a folder; name the \.onnx file to write$"),
         (tmp_path / "model.txt", r"^--output \S+model\.txt: must end in \.onnx$"),
         (tmp_path, r"^--output \S+: must end in \.onnx$"),
+        (tmp_path / ".onnx", r"^--output \S+/\.onnx: name the file before the \.onnx$"),  # (review: "must end")
         (tmp_path / "file" / "model.onnx", r"^--output \S+model\.onnx: cannot write in \S+file$"),
     ]
     for output, message in cases:

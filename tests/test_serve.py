@@ -988,6 +988,7 @@ def test_bad_server_settings_are_refused_naming_the_flag(settings, message):
     "flags, message",
     [
         (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
+        (["--host", ""], "--host '': empty; name an address (127.0.0.1, or 0.0.0.0 for every interface)"),
         (["--threads", "0"], "--threads must be a positive integer, got 0"),
         (["--threads", "3000000000"], f"--threads 3000000000: more than this machine's {os.cpu_count()} CPUs"),
     ],

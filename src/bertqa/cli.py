@@ -156,6 +156,8 @@ def cmd_export(args):
 def cmd_serve(args):
     if not 0 <= args.port <= 65535:  # before the imports, which take seconds
         raise UsageError(f"--port {args.port}: must be between 0 and 65535")
+    if not args.host.strip():
+        raise UsageError(f"--host {args.host!r}: empty; name an address (127.0.0.1, or 0.0.0.0 for every interface)")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
     if args.threads is not None and args.threads > (os.cpu_count() or 1):  # (torch's own error named no flag)

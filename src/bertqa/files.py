@@ -182,8 +182,9 @@ def check_output(output: str | os.PathLike, suffix: str, beside: tuple[str, ...]
     it (its name with each suffix of `beside` instead) is a folder or one of the run's `inputs` ({flag: path}),
     and the folder it goes in can be written."""
     path = Path(output)
-    if path.suffix != suffix:
-        raise ValueError(f"--output {output}: must end in {suffix}")
+    if path.suffix != suffix:  # (".json" alone has no suffix: a hidden file's name)
+        why = f"name the file before the {suffix}" if path.name == suffix else f"must end in {suffix}"
+        raise ValueError(f"--output {output}: {why}")
     others = files_beside(path, beside)
     for other in [path, *others]:  # (in a folder still to be made, a name too long failed after the work)
         if len(os.fsencode(other.name)) > NAME_MAX:
