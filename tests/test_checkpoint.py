@@ -127,6 +127,8 @@ def test_nvidia_checkpoint_loads_to_the_same_outputs(hf_qa_dir, real_batch, tmp_
         load_model(bare)
     with pytest.raises(CheckpointError, match=r"\(CLI: --config\): is a folder; name the config.json in it$"):
         load_model(bare, config=hf_qa_dir)  # (review: it was "no such file")
+    with pytest.raises(CheckpointError, match=r"^config '' \(CLI: --config\): no such file"):
+        load_model(bare, config="")  # (not the current folder)
     again = load_model(bare, config=hf_qa_dir / "config.json").eval()
     assert torch.equal(qa_logits(again, real_batch)[0], qa_logits(ours, real_batch)[0])
     # An NVIDIA folder (one .pt beside bert_config.json) loads by its folder name too.
@@ -657,6 +659,7 @@ def test_convert_refuses_a_dst_that_is_or_holds_the_current_folder(hf_qa_dir, tm
     monkeypatch.chdir(tmp_path / "hf")
     for dst, message in ((".", "DST .: a folder named '.' or '..' cannot be replaced; name the folder itself"),
                          ("", "DST '': empty"), ("../hf", "DST ../hf: it holds the current folder"),
+                         ("new/sub/..", "DST new/sub/..: a folder named '.' or '..' cannot be replaced"),
                          (str(tmp_path), f"DST {tmp_path}: it holds the current folder")):  # fmt: skip
         assert cli.main(["convert", str(hf_qa_dir), dst]) == 1
         err = capsys.readouterr().err
@@ -804,14 +807,26 @@ def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
     assert json.loads(json.dumps(config.to_dict()))["vocab_size"] == 100
 
 
-@pytest.mark.parametrize("dst, refused", [("runs\\model\\", False), ("model\\", False), ("..\\", True), (".\\", True)])
+@pytest.mark.parametrize(
+    "dst, refused", [("runs\\model\\", False), ("model\\", False), ("..\\", True), (".\\", True), ("runs\\x\\..", True)]
+)
 def test_a_dst_with_a_trailing_backslash_names_its_folder_on_windows(monkeypatch, capsys, tmp_path, dst, refused):
     """(review) Only '/' was stripped before the check for '.' and '..': on Windows, a folder named with the
     backslash that tab completion adds (`.\\runs\\model\\`) was refused as a folder named '.' or '..'."""
-    import ntpath
+    from pathlib import PureWindowsPath
 
-    with monkeypatch.context() as m:  # (os.path as on Windows, for the check alone: it runs before anything is read)
-        m.setattr(os, "path", ntpath)
+    import bertqa.files
+
+    def past_the_check(*args):
+        raise ValueError("past the check")
+
+    with monkeypatch.context() as m:  # (paths as on Windows, for the check alone: the run stops right after it)
+        m.setattr(cli, "Path", PureWindowsPath)
+        m.setattr(bertqa.files, "check_no_link_loop", past_the_check)
         assert cli.main(["convert", str(tmp_path / "nowhere"), dst]) == 1
     err = capsys.readouterr().err
-    assert ("a folder named '.' or '..' cannot be replaced" in err) == refused and err.count("\n") == 1, err
+    assert err == (
+        f"bertqa: error: DST {dst}: a folder named '.' or '..' cannot be replaced; name the folder itself\n"
+        if refused
+        else "bertqa: error: past the check\n"
+    ), err

@@ -269,7 +269,7 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
     if isinstance(config, str) and config in ("base", "large"):
         config = BertConfig.preset(config)
     elif not isinstance(config, BertConfig):
-        if Path(config).is_dir():
+        if os.fspath(config) and Path(config).is_dir():  # (Path("") is the current folder)
             raise CheckpointError(f"config {str(config)!r} (CLI: --config): is a folder; name the config.json in it")
         if not Path(config).is_file():
             raise CheckpointError(f"config {str(config)!r} (CLI: --config): no such file, nor a preset (base, large)")

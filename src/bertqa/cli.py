@@ -28,7 +28,7 @@ def cmd_convert(args):
         raise UsageError("SRC '': empty; name the checkpoint file or folder")
     if not args.dst:
         raise UsageError("DST '': empty; name the folder to write the model in")
-    if os.path.basename(os.path.normpath(args.dst)) in ("", ".", ".."):  # rename() refuses these: EBUSY, EINVAL
+    if Path(args.dst).name in ("", ".."):  # rename() refuses these (EBUSY, EINVAL); "x/." is read as "x"
         raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
     check_no_link_loop(dst, f"DST {args.dst}")
