@@ -657,7 +657,10 @@ def test_convert_refuses_a_dst_that_is_or_holds_the_current_folder(hf_qa_dir, tm
     shutil.copytree(hf_qa_dir, tmp_path / "hf")
     before = sorted(p.name for p in (tmp_path / "hf").iterdir())
     monkeypatch.chdir(tmp_path / "hf")
-    for dst, message in ((".", "DST .: a folder named '.' or '..' cannot be replaced; name the folder itself"),
+    # (review) '.' was told "a folder named '.' or '..' cannot be replaced; name the folder itself", which was
+    # then refused for holding the current folder.
+    for dst, message in ((".", "DST .: it holds the current folder, which replacing it would delete; name a new"),
+                         ("..", "DST ..: it holds the current folder"),
                          ("", "DST '': empty"), ("../hf", "DST ../hf: it holds the current folder"),
                          ("new/sub/..", "DST new/sub/..: a folder named '.' or '..' cannot be replaced"),
                          (str(tmp_path), f"DST {tmp_path}: it holds the current folder")):  # fmt: skip
@@ -822,7 +825,9 @@ def test_a_dst_with_a_trailing_backslash_names_its_folder_on_windows(monkeypatch
 
     with monkeypatch.context() as m:  # (paths as on Windows, for the check alone: the run stops right after it)
         m.setattr(cli, "Path", PureWindowsPath)
-        m.setattr(bertqa.files, "check_no_link_loop", past_the_check)
+        m.setattr(bertqa.files, "check_no_link_loop", lambda *args: None)
+        m.setattr(bertqa.files, "holds_current_folder", lambda path: False)
+        m.setattr(bertqa.files, "check_not_claimed", past_the_check)
         assert cli.main(["convert", str(tmp_path / "nowhere"), dst]) == 1
     err = capsys.readouterr().err
     assert err == (

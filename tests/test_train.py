@@ -1043,11 +1043,24 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tiny_
     poison["bad"] = set(range(3, 100))
     out = tmp_path / "out"
     with pytest.raises(NonFiniteError, match=r"stopped at step 6: 4 updates in a row skipped .* the last checkpoint, "
-                                             r".*checkpoint\.pt \(step 4\), is intact"):  # fmt: skip
+                                             r".*checkpoint\.pt \(step 4\), is intact; --resume keeps a run's "
+                                             r"settings: to retry with a lower --lr, or bf16 / fp32, move it away or "
+                                             r"use another --output-dir$"):  # fmt: skip
         train(cfg_for(tiny_dir, small_squad, out, max_steps=10, save_every=2, max_nonfinite_steps=4))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (out / "model").exists() and not (out / "summary.json").exists()
+    # (review) The advice, followed: it read "try a lower --lr", which --resume refuses (another run's settings), as
+    # does a fresh run beside the checkpoint. Moved away, the retry runs; with none saved, it runs in place.
+    (out / "checkpoint.pt").rename(tmp_path / "diverged.pt")
+    poison["bad"] = set()
+    assert train(cfg_for(tiny_dir, small_squad, out, max_steps=2, lr=1e-5))["skipped_steps"] == 0
+    poison["bad"] = set(range(1, 100))
+    with pytest.raises(NonFiniteError, match=r"no checkpoint was saved \(see --save-every\); to retry with a lower "
+                                             r"--lr, or bf16 / fp32, run again$"):  # fmt: skip
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "fresh", max_steps=10, max_nonfinite_steps=2))
+    poison["bad"] = set()
+    assert train(cfg_for(tiny_dir, small_squad, tmp_path / "fresh", max_steps=2, lr=1e-5))["skipped_steps"] == 0
 
 
 def test_fp16_runs_with_a_gradient_scaler_and_counts_skipped_steps(tiny_dir, small_squad, tmp_path, poison):

@@ -28,14 +28,14 @@ def cmd_convert(args):
         raise UsageError("SRC '': empty; name the checkpoint file or folder")
     if not args.dst:
         raise UsageError("DST '': empty; name the folder to write the model in")
-    if Path(args.dst).name in ("", ".."):  # rename() refuses these (EBUSY, EINVAL); "x/." is read as "x"
-        raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
     src, dst = Path(args.src), Path(args.dst)
     check_no_link_loop(dst, f"DST {args.dst}")
-    check_not_claimed(dst, f"DST {args.dst}")  # (a train's model/: it replaces the folder at its end)
-    if holds_current_folder(dst):
+    if holds_current_folder(dst):  # ('.' and '..' too: said so, since naming them otherwise is refused here too)
         raise UsageError(f"DST {args.dst}: it holds the current folder, which replacing it would delete; name a new "
                          "folder or run from another")  # fmt: skip
+    if dst.name in ("", ".."):  # rename() refuses these (EBUSY, EINVAL); "x/." is read as "x"
+        raise UsageError(f"DST {args.dst}: a folder named '.' or '..' cannot be replaced; name the folder itself")
+    check_not_claimed(dst, f"DST {args.dst}")  # (a train's model/: it replaces the folder at its end)
     # The output folder is replaced whole: never one that is or holds an input (the checkpoint, the folder a
     # checkpoint file's config and tokenizer are read from, even where the file is a link to elsewhere, as in an HF
     # cache, --config, --vocab), nor a folder that is not a model's.
@@ -627,8 +627,10 @@ class _Stdout:
         except OSError as e:
             raise _named_stdout(e) from None
         except UnicodeEncodeError as e:  # an answer in a locale's encoding (Latin-1, a Windows code page, ASCII)
+            # (PYTHONIOENCODING, where set, rules over PYTHONUTF8)
+            way_out = "PYTHONIOENCODING=utf-8" + ("" if os.environ.get("PYTHONIOENCODING") else " (or PYTHONUTF8=1)")
             raise ValueError(f"stdout: its encoding, {e.encoding}, cannot hold {e.object[e.start : e.end]!a}; set "
-                             "PYTHONIOENCODING=utf-8 (or PYTHONUTF8=1)") from None  # fmt: skip
+                             f"{way_out}") from None  # fmt: skip
 
     def flush(self):
         try:

@@ -813,10 +813,12 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             if d.is_main and (scaler is None or not bool(loss_ok)):
                 note(f"bertqa: step {done}: non-finite loss or gradients, update skipped ({bad_run} in a row)")
             if bad_run >= cfg.max_nonfinite_steps:
-                kept = (f"the last checkpoint, {ckpt_path} (step {saved_step}), is intact" if saved_step
-                        else "no checkpoint was saved (see --save-every)")  # fmt: skip
+                retry = "to retry with a lower --lr, or bf16 / fp32"
+                kept = (f"the last checkpoint, {ckpt_path} (step {saved_step}), is intact; --resume keeps a run's "
+                        f"settings: {retry}, move it away or use another --output-dir" if saved_step
+                        else f"no checkpoint was saved (see --save-every); {retry}, run again")  # fmt: skip
                 raise NonFiniteError(f"stopped at step {done}: {bad_run} updates in a row skipped for a non-finite "
-                                     f"loss or gradients (try a lower --lr, or bf16 / fp32); {kept}")  # fmt: skip
+                                     f"loss or gradients; {kept}")  # fmt: skip
         loss_sum += torch.where(loss_ok, step_loss, 0.0)
         finite_since_log += loss_ok
         bar.update(1)
