@@ -159,6 +159,21 @@ def test_hf_rows_run_the_model_bertqa_runs_whatever_else_config_json_holds(tiny_
     assert not any(getattr(m, "gradient_checkpointing", False) for m in hf.modules())
 
 
+def test_the_cpu_is_named_in_any_locale(tmp_path, monkeypatch):
+    """(review) lscpu names its fields in the locale's language ("Modellname" in German), and writes the locale's
+    encoding: the CPU went unnamed in the bench's JSON line, and under -X warn_default_encoding the text decoding
+    was flagged. It runs in the C locale, decoded as UTF-8."""
+    from bertqa.bench import cpu_name
+
+    fake = tmp_path / "lscpu"
+    fake.write_text('#!/bin/sh\nif [ "$LC_ALL" = C ]; then echo "Model name:  Test CPU 9000"; '
+                    'else echo "Modellname:  Test CPU 9000"; fi\n', encoding="utf-8")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    assert cpu_name() == "Test CPU 9000"
+
+
 def test_the_peak_is_the_fastest_call_not_the_mean():
     import time
 

@@ -1255,3 +1255,59 @@ def test_curves_show_a_lone_point(tmp_path):
 
     assert blue_pixels([{"step": 1, "loss": 4.9, "lr": 1e-3}]) > 0
     assert blue_pixels([{"step": s, "loss": loss, "lr": 1e-3} for s, loss in ((1, None), (2, 4.7), (3, None))]) > 0
+
+
+def test_every_text_file_is_read_and_written_as_utf_8_whatever_the_locale(tiny_dir, tiny_squad, tmp_path):
+    """(review) summary.json (UTF-8, with the paths as given) was read back in the locale's encoding (cp1252 on
+    Windows: mojibake carried into the next summary), and metrics.jsonl, the tokenizer's and config's JSON and
+    save_pretrained's extra files written in it. Python's -X warn_default_encoding flags every such open; here
+    each flag from bertqa's code is an error, through train (and its resume once finished), evaluate,
+    predict, score, convert, ask and bench."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys, warnings\n"
+        "warnings.filterwarnings('error', category=EncodingWarning, module=r'bertqa(\\.|$)')\n"
+        "from bertqa.cli import main\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    code = main(args)\n"
+        "    if code:\n"
+        "        sys.exit(f'{args!r}: exit {code}')\n",
+        encoding="utf-8",
+    )
+    out, squad = tmp_path / "run é", str(tiny_squad)  # (a path that is not ASCII, in the summary)
+    windows = ["--max-seq-length", "128", "--doc-stride", "32", "--cache-dir", "none", "--no-progress"]
+    train = ["train", "--model", str(tiny_dir), "--train-file", squad, "--output-dir", str(out), "--max-steps", "2",
+             "--batch-size", "4", "--save-every", "1", *windows]  # fmt: skip
+    model = str(out / "model")
+    commands = [
+        [*train, "--predict-file", squad],
+        [*train, "--resume"],  # (finished: it keeps the evaluation in summary.json, read back)
+        ["evaluate", "--model", model, "--predict-file", squad, "--output-dir", str(tmp_path / "ev"), *windows],
+        ["predict", "--model", model, "--input", squad, "--output", str(tmp_path / "p.json"), *windows],
+        ["score", squad, str(tmp_path / "p.json")],
+        ["convert", model, str(tmp_path / "conv")],
+        ["ask", "--model", model, "--question", "Who?", "--context", "Zoë won."],
+        [
+            "bench",
+            "--model",
+            model,
+            "--mode",
+            "infer",
+            "--steps",
+            "1",
+            "--segments",
+            "1",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "2",
+        ],  # fmt: skip
+    ]
+    result = subprocess.run([sys.executable, "-X", "warn_default_encoding", str(script), json.dumps(commands)],
+                            capture_output=True, text=True, encoding="utf-8", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    run_config = json.loads((out / "model" / "run_config.json").read_text(encoding="utf-8"))
+    assert summary["exact_match"] >= 0 and run_config["output_dir"] == str(out)

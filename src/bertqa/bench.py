@@ -107,7 +107,7 @@ def sized_matmul(device: torch.device, probe):
 def _rss() -> int | None:
     """Resident memory now, where the system says (Linux's /proc); else None."""
     try:
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident pages
     except (OSError, ValueError, IndexError):
         return None
@@ -137,7 +137,7 @@ def memory_in_use(device: torch.device) -> int | None:
 def _reset_peak_rss() -> bool:
     """Reset the kernel's record of this process's peak resident memory (Linux 4.0+), if it lets us."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
         return True
     except OSError:
@@ -145,7 +145,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="ascii") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
@@ -360,9 +360,17 @@ class Row:
 
 def cpu_name() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["lscpu"],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env={**os.environ, "LC_ALL": "C"},
+            timeout=10,
+        ).stdout  # (C: its field names untranslated)
         return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                    platform.processor())  # fmt: skip
+                    platform.processor() or "unknown")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return platform.processor() or "unknown"
 

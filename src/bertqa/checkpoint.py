@@ -494,5 +494,5 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike, extra_files:
         if tokenizer is not None:
             tokenizer.save(tmp, model.config.max_position_embeddings)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(directory)

@@ -129,7 +129,7 @@ class BertConfig:
         return {**extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
 
     def to_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check_seq_len(length: int, max_positions: int, name: str) -> None:

@@ -364,7 +364,7 @@ def _check_writable(candidates, what: str) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="\n")  # (the same bytes on Windows)
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 4) -> None:

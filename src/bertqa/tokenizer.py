@@ -133,8 +133,8 @@ class BertTokenizer:
             config["strip_accents"] = norm.get("strip_accents")
             config["tokenize_chinese_chars"] = norm.get("handle_chinese_chars", True)
         config = {**config, "model_max_length": model_max_length, **SPECIAL_TOKENS}
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (d / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n", encoding="utf-8")
 
     def _vocab_lines(self) -> list[str]:
         """vocab.txt's lines: line i holds the token of id i. An id no token has (the source vocab.txt repeated a

@@ -381,7 +381,7 @@ class MetricsLog:
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     if json.loads(line)["step"] > resume_step:
                         break
@@ -430,7 +430,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(board), purge_step=resume_step + 1 if resume_step else 0)
             # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8", newline="\n")
         except BaseException:
             self.close_tb()
             self._put_back()  # (a full disk): the earlier curves stay the folder's
@@ -527,7 +527,7 @@ def _put_in_place(aside: Path, written: Path) -> None:
 def _earlier_summary(out_dir: Path) -> dict:
     """OUTPUT/summary.json as an earlier run wrote it; {} where there is none that reads as one."""
     try:
-        earlier = json.loads((out_dir / "summary.json").read_text())
+        earlier = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return earlier if isinstance(earlier, dict) else {}
@@ -568,7 +568,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     except ImportError:
         log.info("no curves.png: matplotlib is not installed (pip install 'bertqa[plot]')")
         return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         return
     steps = [r["step"] for r in rows]
