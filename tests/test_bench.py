@@ -159,6 +159,23 @@ def test_hf_rows_run_the_model_bertqa_runs_whatever_else_config_json_holds(tiny_
     assert not any(getattr(m, "gradient_checkpointing", False) for m in hf.modules())
 
 
+def test_the_peak_memory_is_read_whatever_the_programs_name(monkeypatch):
+    """(review) /proc/self/status begins with the program's name, in no set encoding (a link `bertqä` to bertqa):
+    read as ASCII, bench stopped with a codec's error naming no file."""
+    import io
+
+    import bertqa.bench
+
+    status = b"Name:\tbertq\xc3\xa4\nState:\tR (running)\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n"
+
+    def fake_open(path, mode="r", encoding=None, **kwargs):
+        assert path == "/proc/self/status"
+        return io.BytesIO(status) if "b" in mode else io.TextIOWrapper(io.BytesIO(status), encoding=encoding)
+
+    monkeypatch.setattr(bertqa.bench, "open", fake_open, raising=False)
+    assert bertqa.bench._peak_rss() == 123456 * 1024
+
+
 def test_the_cpu_is_named_in_any_locale(tmp_path, monkeypatch):
     """(review) lscpu names its fields in the locale's language ("Modellname" in German), and writes the locale's
     encoding: the CPU went unnamed in the bench's JSON line, and under -X warn_default_encoding the text decoding

@@ -484,7 +484,9 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_dir, sma
                                          r"saved with \(another run's, or edited\); move it away to resume"):  # fmt: skip
         train(cfg_for(tiny_dir, small_squad, part, save_every=2, grad_accum=2, log_every=3, resume=True))
     assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()  # left as it was
-    (part / "metrics.jsonl").write_bytes(own)
+    # (review) A line the crash cut short in the middle of a byte sequence (or any byte that is not UTF-8 past
+    # the checkpoint's lines): the file was decoded whole, and the resume stopped naming no file.
+    (part / "metrics.jsonl").write_bytes(own + b'{"step": 5, "lo\xc3')
     moved = tmp_path / "moved"  # moved away, as that line says (or deleted): the run goes on, its curves from there
     shutil.copytree(part, moved)
     (moved / "metrics.jsonl").unlink()

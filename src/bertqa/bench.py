@@ -145,8 +145,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    with open("/proc/self/status", "rb") as f:  # (bytes: its Name: line is the program's, in no set encoding)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(b"VmHWM:"))
 
 
 class PeakMemory:

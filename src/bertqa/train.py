@@ -381,11 +381,12 @@ class MetricsLog:
         # On resume keep the lines up to the checkpoint; steps logged after it are redone.
         kept = []
         if resume_step and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for raw in self.path.read_bytes().splitlines():
                 try:
+                    line = raw.decode("utf-8")
                     if json.loads(line)["step"] > resume_step:
                         break
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
         self.sha256 = hashlib.sha256("".join(line + "\n" for line in kept).encode())
