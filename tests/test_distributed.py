@@ -451,6 +451,26 @@ def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):
         raise torch.distributed.DistBackendError(nccl)
 
 
+@pytest.mark.parametrize("nccl", [True, False])
+def test_ranks_on_gpus_meet_over_nccl_or_gloo_where_torch_has_no_nccl(monkeypatch, nccl):
+    """(review) NCCL was asked for on every CUDA device: torch for Windows has none, and `torchrun` there failed on
+    every rank with an internal error."""
+    import bertqa.distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    met = []
+    monkeypatch.setattr(bertqa.distributed, "resolve_device", lambda name, local_rank: torch.device(name))
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: met.append(kwargs["backend"]))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(bertqa.distributed, "all_gather_objects", lambda d, obj: [obj] * d.world_size)  # (no group)
+    with distributed("cuda:1"):
+        pass
+    assert met == ["nccl" if nccl else "gloo"]
+
+
 def test_fail_together_is_a_no_op_without_a_process_group():
     d = Dist()  # a world of one: nothing is gathered and errors pass through unchanged
     with fail_together(d):

@@ -205,8 +205,9 @@ def distributed(device_name: str | None = None, timeout_s: float = 1800, failure
         torch.cuda.set_device(device)
     elif accelerator is not None and getattr(accelerator.current_accelerator(), "type", None) == device.type != "cpu":
         accelerator.set_device_index(device)
-    # NCCL on CUDA, gloo elsewhere; an out-of-tree backend registers its own name for its device type.
-    backend = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
+    # NCCL on CUDA (gloo where torch has no NCCL: Windows), gloo elsewhere; an out-of-tree backend registers its own
+    # name for its device type.
+    backend = {"cuda": "nccl" if dist.is_nccl_available() else "gloo", "cpu": "gloo"}.get(device.type)
     if backend is None:
         backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     port = os.environ.get("MASTER_PORT", "").strip()
