@@ -169,8 +169,8 @@ def rot_record():
 @pytest.fixture
 def like_windows(monkeypatch):
     """What Windows does, where bertqa's file handling meets it, emulated here: there is no fcntl (no locks), a
-    folder cannot be opened (PermissionError), and a file this process holds open can be neither renamed nor
-    deleted (WinError 32, a PermissionError too)."""
+    folder cannot be opened (PermissionError), a file this process holds open can be neither renamed nor deleted
+    (WinError 32, a PermissionError too), nor can a read-only file be deleted or replaced (WinError 5)."""
     import errno
     import shutil
 
@@ -197,12 +197,22 @@ def like_windows(monkeypatch):
                 raise PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
                                       "another process", os.fspath(path))  # fmt: skip
 
+    def refuse_if_read_only(path):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return
+        if not (mode & 0o200) and not os.path.islink(path) and not os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Access is denied", os.fspath(path))
+
     def replace(src, dst, *args, **kwargs):
         refuse_if_open(src)
+        refuse_if_read_only(dst)
         return real_replace(src, dst, *args, **kwargs)
 
     def unlink(path, *args, **kwargs):
         refuse_if_open(path)
+        refuse_if_read_only(path)
         return real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", open_folder_refused)

@@ -71,7 +71,8 @@ def remove_output(path: str | os.PathLike) -> None:
     """Remove an earlier run's output file, if any. Through a symlink the target goes and the link stays, so that
     the next write of `path` lands where the link points again, as the writes here do (the link replaced by a
     plain file would leave its target stale)."""
-    _target(path).unlink(missing_ok=True)
+    target = _target(path)
+    _even_read_only(lambda: target.unlink(missing_ok=True), target)
 
 
 def _tmp_file_prefix(path: Path) -> str:
@@ -92,6 +93,45 @@ def _temporary(make, path: Path, made=(), **kwargs):
     except OSError as e:
         _remove_empty(made)
         raise named(e, path) from e
+
+
+def _even_read_only(call, name) -> None:
+    """call(), a deletion of `name` or a rename onto it; where that is refused and `name` is a read-only file,
+    again once it is made writable (Windows deletes or replaces no read-only file; POSIX asks the folder, not the
+    file), its mode put back should that fail too."""
+    try:
+        call()
+    except PermissionError:
+        try:
+            mode = os.lstat(name).st_mode
+        except OSError:
+            mode = None
+        if mode is None or stat.S_ISLNK(mode) or mode & stat.S_IWRITE:
+            raise
+        os.chmod(name, stat.S_IMODE(mode) | stat.S_IWRITE)
+        try:
+            call()
+        except BaseException:
+            os.chmod(name, stat.S_IMODE(mode))
+            raise
+
+
+def remove_tree(path: str | os.PathLike, ignore_errors: bool = True) -> None:
+    """shutil.rmtree, read-only files included where the system refuses to delete them (Windows)."""
+
+    def again(func, name, error):
+        try:
+            if func not in (os.unlink, os.remove, os.rmdir):
+                raise error
+            _even_read_only(lambda: func(name), name)
+        except OSError:
+            if not ignore_errors:
+                raise
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=again)
+    else:
+        shutil.rmtree(path, onerror=lambda func, name, exc_info: again(func, name, exc_info[1]))
 
 
 @contextmanager
@@ -115,9 +155,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK)
         if durable:
             fsync_path(tmp)
-        os.replace(tmp, path)
+        _even_read_only(lambda: os.replace(tmp, path), path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        _even_read_only(lambda: Path(tmp).unlink(missing_ok=True), tmp)
         _remove_empty(made)  # the folders made for it: nothing was written there
         if isinstance(e, OSError) and e.strerror and (e.filename is None or os.fspath(e.filename) == tmp):
             # A write's or an fsync's error (a full disk) names no file, or names the temporary one: name the file.
@@ -495,12 +535,12 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
                 if durable:
                     fsync_path(path.parent)
                 if old is not None:
-                    shutil.rmtree(old.parent, ignore_errors=True)
+                    remove_tree(old.parent)
             finally:  # (the new folder is in place, whatever fails after)
                 if replaced is not None:
                     replaced()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         for held in (fd, old_fd):
             if held is not None:
                 os.close(held)
@@ -620,7 +660,7 @@ def clear_killed(folder: Path, prefix: str, restore: Path | None = None) -> list
         if restore is not None and not restore.exists() and (old / restore.name).is_dir():
             (old / restore.name).rename(restore)
             _log.info("put back %s, which a run killed while replacing it had moved to %s", restore, old)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
         if not old.exists():
             _log.info("removed %s, left by a run that was killed", old)
             removed.append(old)
@@ -671,7 +711,7 @@ def _locked_temp_dir(path: Path, prefix: str, made=()) -> tuple[Path, int | None
             return tmp, None
         if fd is not None:
             return tmp, fd
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     _remove_empty(made)
     raise OSError(f"{path.parent}: cannot make and lock a temporary folder here")
 
@@ -694,7 +734,7 @@ def scratch_dir(path: str | os.PathLike, kind: str):
         yield tmp
         done = True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         if fd is not None:
             os.close(fd)
         if not done:
