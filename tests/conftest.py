@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
-from skips import is_platform_skip
+from skips import is_platform_skip, platform_skip
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -176,6 +176,8 @@ def like_windows(monkeypatch):
 
     import bertqa.files
 
+    if not os.path.isdir("/proc/self/fd"):  # (where the open files are told from)
+        platform_skip("no /proc/self/fd: the emulation of Windows' rules needs Linux")
     monkeypatch.setitem(sys.modules, "fcntl", None)  # (import fcntl: ImportError)
     monkeypatch.setattr(bertqa.files, "fcntl", None, raising=False)
     monkeypatch.setattr(shutil, "_use_fd_functions", False)  # (rmtree as on Windows: by names, no folder opened)
