@@ -101,14 +101,17 @@ def _even_read_only(call, name) -> None:
     file), its mode put back should that fail too."""
     try:
         call()
-    except PermissionError:
+    except PermissionError as refused:
         try:
             mode = os.lstat(name).st_mode
         except OSError:
             mode = None
         if mode is None or stat.S_ISLNK(mode) or mode & stat.S_IWRITE:
             raise
-        os.chmod(name, stat.S_IMODE(mode) | stat.S_IWRITE)
+        try:
+            os.chmod(name, stat.S_IMODE(mode) | stat.S_IWRITE)
+        except OSError:  # (another user's file: the refusal itself is what to tell)
+            raise refused from None
         try:
             call()
         except BaseException:
