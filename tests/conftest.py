@@ -170,8 +170,11 @@ def rot_record():
 def like_windows(monkeypatch):
     """What Windows does, where bertqa's file handling meets it, emulated here: there is no fcntl (no locks), a
     folder cannot be opened (PermissionError), a file this process holds open can be neither renamed nor deleted
-    (WinError 32, a PermissionError too), nor can a read-only file be deleted or replaced (WinError 5)."""
+    (WinError 32, a PermissionError too), nor can a read-only file be deleted, replaced or opened for writing
+    (WinError 5; the last, POSIX refuses too, but not to root)."""
+    import builtins
     import errno
+    import io
     import shutil
 
     import bertqa.files
@@ -217,6 +220,15 @@ def like_windows(monkeypatch):
         refuse_if_read_only(path)
         return real_unlink(path, *args, **kwargs)
 
+    real_io_open = io.open
+
+    def open_read_only_refused(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+            refuse_if_read_only(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", open_read_only_refused)
+    monkeypatch.setattr(builtins, "open", open_read_only_refused)
     monkeypatch.setattr(os, "open", open_folder_refused)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "unlink", unlink)

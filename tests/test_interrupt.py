@@ -881,3 +881,22 @@ def test_on_windows_read_only_outputs_are_replaced_and_keep_their_mode(like_wind
         assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "p.json", "p.nbest.json"]
     assert all(file.stat().st_mode & 0o777 == 0o444 for file in (tmp_path / "conv").iterdir())
+
+
+def test_on_windows_a_run_over_read_only_earlier_curves_trains_and_sets_them_aside(like_windows, run_here, tiny_dir,
+                                                                                   tiny_squad, tmp_path):  # fmt: skip
+    """(review) A fresh train into a folder whose earlier metrics.jsonl was read-only gave its own that mode, then
+    could not open it to append (Windows; POSIX too, for a user other than root): it failed with the earlier
+    curves hidden (.metrics.jsonl.before-*), and every later run into the folder failed putting them back. With
+    the earlier TensorBoard events read-only, the run failed at its first checkpoint, removing them."""
+    out = tmp_path / "out"
+    train = ["train", "--model", tiny_dir, "--train-file", tiny_squad, "--output-dir", out, "--max-seq-length", 128,
+             "--doc-stride", 32, "--cache-dir", "none", "--max-steps", 2, "--batch-size", 4, "--save-every", 1,
+             "--log-every", 1, "--tensorboard"]  # fmt: skip
+    for attempt in range(3):
+        result = run_here(*train)
+        assert result.returncode == 0, (attempt, result.stderr)
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        for file in [out / "metrics.jsonl", *(out / "tensorboard").iterdir()]:
+            file.chmod(0o444)

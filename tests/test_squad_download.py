@@ -404,6 +404,12 @@ def test_on_windows_a_download_completes_and_a_bad_one_keeps_nothing(server, tmp
     with pytest.raises(ValueError, match="dev-v1.1.json: sha256 mismatch"):
         download_squad("1.1", tmp_path / "bad", base_url=server, checksums={**SUMS, "dev-v1.1.json": "0" * 64})
     assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["train-v1.1.json"]
+    # A stale read-only file in its place (Windows replaces none): replaced, keeping its mode; the .part was left.
+    (tmp_path / "ok" / "dev-v1.1.json").write_bytes(b"stale")
+    (tmp_path / "ok" / "dev-v1.1.json").chmod(0o444)
+    paths = download_squad("1.1", tmp_path / "ok", base_url=server, checksums=SUMS)
+    assert paths[1].read_bytes() == FILES["dev-v1.1.json"] and paths[1].stat().st_mode & 0o777 == 0o444
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]
     Handler.cut_after = 0
     with pytest.raises(OSError, match="download failed") as err:  # nothing came: no empty .part kept
         download_squad("1.1", tmp_path / "none", base_url=server, checksums=SUMS)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import stat
 import time
 import uuid
@@ -39,7 +38,18 @@ from .evaluate import (
     run_evaluation,
     startup_line,
 )
-from .files import atomic_path, exclusive, file_id, fsync_path, holds_current_folder, named, note, remove_output
+from .files import (
+    _even_read_only,
+    atomic_path,
+    exclusive,
+    file_id,
+    fsync_path,
+    holds_current_folder,
+    named,
+    note,
+    remove_output,
+    remove_tree,
+)
 from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
@@ -372,7 +382,7 @@ class MetricsLog:
                  checkpoint_run_id: str | None = None, keep_earlier: bool = False,
                  resume_sha256: str | None = None):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.file = None
         self.earlier = {}  # {what a fresh run writes anew: where the earlier run's is set aside}
         real = Path(os.path.realpath(self.path))  # (a link's target is what is written, and is set aside beside it)
         board = out_dir / "tensorboard"
@@ -432,14 +442,16 @@ class MetricsLog:
             # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8", newline="\n")
+            # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
+            self.file = open(self.path, "ab", buffering=0)
+            if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's),
+                os.chmod(real, mode)  # once open: a read-only one is still appended to
         except BaseException:
             self.close_tb()
-            self._put_back()  # (a full disk): the earlier curves stay the folder's
+            if self.file is not None:
+                self.file.close()
+            self._put_back()  # (a full disk, a file it may not write): the earlier curves stay the folder's
             raise
-        if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's)
-            os.chmod(real, mode)
-        # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
-        self.file = open(self.path, "ab", buffering=0)
 
     def log(self, record: dict) -> None:
         try:
@@ -500,11 +512,11 @@ class MetricsLog:
 
 
 def _remove_path(path: Path) -> None:
-    """Remove a folder (not a link to one) whole, or a file."""
+    """Remove a folder (not a link to one) whole, or a file (read-only ones too, which Windows keeps)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        remove_tree(path, ignore_errors=False)
     else:
-        path.unlink(missing_ok=True)
+        _even_read_only(lambda: path.unlink(missing_ok=True), path)
 
 
 def _put_in_place(aside: Path, written: Path) -> None:
@@ -516,13 +528,13 @@ def _put_in_place(aside: Path, written: Path) -> None:
             todo = (f"remove the killed run's events.out.tfevents.* from it, and {aside}" if none else
                     f"the earlier run's set aside are in {aside}: put them back by hand")  # fmt: skip
             raise ValueError(f"{written}: holds more than a run's TensorBoard events, or the current folder; {todo}")
-        shutil.rmtree(written)
+        remove_tree(written, ignore_errors=False)
     if none:
         if written.is_file():
-            written.unlink()
-        aside.unlink()
+            _remove_path(written)
+        _remove_path(aside)
     else:
-        os.replace(aside, written)
+        _even_read_only(lambda: os.replace(aside, written), written)
 
 
 def _earlier_summary(out_dir: Path) -> dict:

@@ -17,7 +17,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..files import _flock_named, _NoLocks, _target, check_no_dangling_link, folder_for, fsync_path, locks_exist
+from ..files import (
+    _even_read_only,
+    _flock_named,
+    _NoLocks,
+    _target,
+    check_no_dangling_link,
+    folder_for,
+    fsync_path,
+    locks_exist,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
             log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
             os.chmod(part, stat.S_IMODE(dest.stat().st_mode))
         fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
-        os.replace(part, dest)
+        _even_read_only(lambda: os.replace(part, dest), dest)  # (a read-only one, which Windows would keep)
         fsync_path(dest.parent)
     return dest
 
