@@ -119,6 +119,25 @@ def _even_read_only(call, name) -> None:
             raise
 
 
+def open_to_append(path: str | os.PathLike):
+    """`path` opened to append, unbuffered; a read-only file of this user's made writable for the open alone (its
+    mode then put back: the open file stays writable)."""
+    try:
+        return open(path, "ab", buffering=0)
+    except PermissionError as refused:
+        mode = os.stat(path).st_mode
+        if mode & stat.S_IWUSR or not stat.S_ISREG(mode):
+            raise
+        try:
+            os.chmod(path, stat.S_IMODE(mode) | stat.S_IWUSR)
+        except OSError:  # (another user's file)
+            raise refused from None
+        try:
+            return open(path, "ab", buffering=0)
+        finally:
+            os.chmod(path, stat.S_IMODE(mode))
+
+
 def remove_tree(path: str | os.PathLike, ignore_errors: bool = True) -> None:
     """shutil.rmtree, read-only files included where the system refuses to delete them (Windows)."""
 

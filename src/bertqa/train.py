@@ -43,10 +43,12 @@ from .files import (
     atomic_path,
     exclusive,
     file_id,
+    first_line,
     fsync_path,
     holds_current_folder,
     named,
     note,
+    open_to_append,
     remove_output,
     remove_tree,
 )
@@ -443,7 +445,7 @@ class MetricsLog:
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8", newline="\n")
             # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
-            self.file = open(self.path, "ab", buffering=0)
+            self.file = open_to_append(self.path)
             if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's),
                 os.chmod(real, mode)  # once open: a read-only one is still appended to
         except BaseException:
@@ -483,7 +485,7 @@ class MetricsLog:
     def checkpointed(self) -> None:
         """This run's checkpoint is saved: an earlier run's curves set aside are no longer the folder's."""
         for aside in self.earlier.values():
-            _remove_path(aside)
+            _remove_set_aside(aside)
         self.earlier = {}
 
     def _put_back(self) -> None:
@@ -509,6 +511,15 @@ class MetricsLog:
                     self._put_back()
         elif self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
+
+
+def _remove_set_aside(aside: Path) -> None:
+    """Remove an earlier run's curves set aside, once this run's checkpoint stands: where that fails (a read-only
+    folder of events), a warning; the run goes on, and the next start into the folder tries again."""
+    try:
+        _remove_path(aside)
+    except OSError as e:
+        log.warning("%s, an earlier run's curves: cannot remove it (%s); remove it by hand", aside, first_line(e))
 
 
 def _remove_path(path: Path) -> None:
@@ -564,7 +575,7 @@ def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
             continue
         try:
             if run == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
-                _remove_path(written.parent / name)
+                _remove_set_aside(written.parent / name)
             else:  # killed before its first checkpoint: the folder's curves are these
                 _put_in_place(written.parent / name, written)
         except OSError as e:
