@@ -43,7 +43,6 @@ from .files import (
     atomic_path,
     exclusive,
     file_id,
-    first_line,
     fsync_path,
     holds_current_folder,
     named,
@@ -485,7 +484,7 @@ class MetricsLog:
     def checkpointed(self) -> None:
         """This run's checkpoint is saved: an earlier run's curves set aside are no longer the folder's."""
         for aside in self.earlier.values():
-            _remove_set_aside(aside)
+            _remove_path(aside)
         self.earlier = {}
 
     def _put_back(self) -> None:
@@ -511,15 +510,6 @@ class MetricsLog:
                     self._put_back()
         elif self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
-
-
-def _remove_set_aside(aside: Path) -> None:
-    """Remove an earlier run's curves set aside, once this run's checkpoint stands: where that fails (a read-only
-    folder of events), a warning; the run goes on, and the next start into the folder tries again."""
-    try:
-        _remove_path(aside)
-    except OSError as e:
-        log.warning("%s, an earlier run's curves: cannot remove it (%s); remove it by hand", aside, first_line(e))
 
 
 def _remove_path(path: Path) -> None:
@@ -575,7 +565,7 @@ def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
             continue
         try:
             if run == checkpoint_run_id:  # that run's checkpoint was saved: its curves stand
-                _remove_set_aside(written.parent / name)
+                _remove_path(written.parent / name)
             else:  # killed before its first checkpoint: the folder's curves are these
                 _put_in_place(written.parent / name, written)
         except OSError as e:
