@@ -369,10 +369,10 @@ def cpu_name() -> str:
             env={**os.environ, "LC_ALL": "C"},
             timeout=10,
         ).stdout  # (C: its field names untranslated)
-        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                    platform.processor() or "unknown")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
+        out = ""
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.processor() or "unknown")  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:

@@ -400,7 +400,8 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
                     break  # a line cut short by a crash: the steps from there on are redone anyway
                 kept.append(line)
-        self.sha256 = hashlib.sha256("".join(line + "\n" for line in kept).encode())
+        kept_text = "".join(line + "\n" for line in kept)
+        self.sha256 = hashlib.sha256(kept_text.encode())
         if resume_step and not self.path.is_file():  # (deleted, or moved away as the refusal below says)
             if resume_sha256 not in (None, self.sha256.hexdigest()):
                 log.warning("no %s: its lines up to step %d are gone; it goes on from there", self.path, resume_step)
@@ -442,7 +443,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(board), purge_step=resume_step + 1 if resume_step else 0)
             # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8", newline="\n")
+                tmp.write_text(kept_text, encoding="utf-8", newline="\n")
             # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
             self.file = open_to_append(self.path)
             if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's),
