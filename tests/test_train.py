@@ -1192,17 +1192,17 @@ def test_two_processes_match_one(tiny_nodrop, small_squad, tmp_path):
     assert (m1["exact_match"], m1["f1"]) == (m2["exact_match"], m2["f1"])
 
 
-def test_compile_without_a_cpp_compiler_is_one_line_before_anything(tiny_dir, small_squad, tmp_path, monkeypatch):
+def test_compile_without_a_cpp_compiler_is_one_line_before_anything(tiny_dir, small_squad, tmp_path):
     """On a CPU, torch.compile builds its kernels in C++ at the first step: without a compiler that was inductor's
     error after the model and the data were loaded, read as bertqa's bug ("internal error ... please report it")."""
     import torch._inductor.config as inductor
 
     out = tmp_path / "run"
+    message = (r"^--compile: no working C\+\+ compiler for torch.compile's CPU kernels \(.*; \$CXX .*\); install one "
+               r"\(g\+\+\), name it in \$CXX, or leave --compile out$")  # fmt: skip
     for cxx in ("no-such-g++", ""):  # none there; a folder (CXX=/usr/bin/, say): its OSError named nothing
-        monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / cxx)))
-        with pytest.raises(ValueError, match=r"^--compile: no working C\+\+ compiler for torch.compile's CPU kernels "
-                                             r"\(.*; \$CXX .*\); install one \(g\+\+\), name it in \$CXX, or leave "
-                                             r"--compile out$"):  # fmt: skip
+        # (inductor's own patch: a monkeypatch's undo left the setting hidden from later compiles in the process)
+        with inductor.patch({"cpp.cxx": (None, str(tmp_path / cxx))}), pytest.raises(ValueError, match=message):
             train(cfg_for(tiny_dir, small_squad, out, compile=True))
         assert not out.exists()
 
