@@ -233,3 +233,61 @@ def like_windows(monkeypatch):
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(os, "remove", unlink)
+
+
+@pytest.fixture
+def chmod_refused(monkeypatch):
+    """A file system that keeps no modes and refuses a chmod, as a FUSE-mounted FAT image does (fusefat: ENOSYS;
+    network mounts may say EPERM)."""
+    import errno
+
+    def chmod(path, mode, *args, **kwargs):
+        raise OSError(errno.ENOSYS, "Function not implemented", os.fspath(path))
+
+    monkeypatch.setattr(os, "chmod", chmod)
+
+
+@pytest.fixture
+def like_macos(monkeypatch, tmp_path):
+    """macOS's default volumes (APFS, HFS+) emulated under tmp_path: a name is found whatever its case and Unicode
+    normalisation (os.stat and os.lstat find data/DEV.json as data/dev.json, Café in NFC as café in NFD), while a
+    folder lists each name as it was made."""
+    import unicodedata
+
+    real_stat, real_lstat = os.stat, os.lstat
+    root = os.path.realpath(tmp_path)
+
+    def folded(name):
+        return unicodedata.normalize("NFD", name).casefold()
+
+    def as_listed(path):  # the path as its folders list it, or None
+        if not isinstance(path, (str, os.PathLike)) or not os.path.abspath(path).startswith(root + os.sep):
+            return None
+        spelled = root
+        for name in os.path.relpath(os.path.abspath(path), root).split(os.sep):
+            if name in ("", ".", ".."):
+                return None
+            try:
+                names = os.listdir(spelled)
+            except OSError:
+                return None
+            same = [listed for listed in names if folded(listed) == folded(name)]
+            if len(same) != 1:
+                return None
+            spelled = os.path.join(spelled, same[0])
+        return spelled
+
+    def insensitive(real):
+        def look(path, *args, **kwargs):
+            try:
+                return real(path, *args, **kwargs)
+            except FileNotFoundError:
+                found = None if kwargs.get("dir_fd") is not None else as_listed(path)
+                if found is None:
+                    raise
+                return real(found, *args, **kwargs)
+
+        return look
+
+    monkeypatch.setattr(os, "stat", insensitive(real_stat))
+    monkeypatch.setattr(os, "lstat", insensitive(real_lstat))

@@ -815,6 +815,51 @@ def test_no_command_writes_over_its_own_input(case, inputs, tmp_path, capsys, mo
     assert (tmp_path / given).read_bytes() == Path(inputs["squad"]).read_bytes() and tree(tmp_path) == before
 
 
+# (command line, then the input it names and the folders to make, spelled as on the disk)
+OTHER_SPELLINGS = {
+    "predict: --output is --input in capitals": (["predict", "--input", "data/dev.json", "--output", "Data/DEV.json"],
+                                                 "data/dev.json"),
+    "predict: --output is --input in another Unicode form": (["predict", "--input", "caf\u00e9.json", "--output",
+                                                              "cafe\u0301.json"], "caf\u00e9.json"),
+    "evaluate: --output-dir holds --predict-file": (["evaluate", "--predict-file", "out/predictions.json",
+                                                     "--output-dir", "OUT"], "out/predictions.json"),
+    "convert: DST is the source folder": (["convert", "bert", "BERT"], "bert/"),
+    "predict: --output is the model's config": (["predict", "--model", "bert", "--input", "dev.json", "--output",
+                                                 "BERT/CONFIG.json"], "bert/"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(OTHER_SPELLINGS))
+def test_no_command_writes_over_its_own_input_spelled_otherwise(case, like_macos, inputs, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """(review) On a file system that ignores case and Unicode normalisation (macOS's, a FAT drive's), an output
+    named as an input spelled otherwise is that input: the checks compared paths as strings, and predict wrote its
+    predictions over its --input there. Each is refused before any work, the input left as it was."""
+    argv, given = OTHER_SPELLINGS[case]
+    if given.endswith("/"):
+        shutil.copytree(inputs["tiny"], tmp_path / given)
+    else:
+        (tmp_path / given).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(inputs["squad"], tmp_path / given)
+    shutil.copy(inputs["squad"], tmp_path / "dev.json")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    model = [] if "--model" in argv or argv[0] == "convert" else ["--model", inputs["tiny"]]
+    code, _, err = run_main([*argv, *model, *(FAST if argv[0] != "convert" else [])], capsys, monkeypatch)
+    line = one_error_line(err)
+    assert code == 1 and ("its own input" in line or "reads from --model" in line or "holds bert" in line), line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_name_spelled_otherwise_is_another_file_where_case_counts(tmp_path):
+    """Where case counts (Linux), data/DEV.json beside data/dev.json is a file of its own: no false refusal."""
+    from bertqa.files import check_not_inputs, real_path
+
+    (tmp_path / "dev.json").write_text("{}")
+    assert real_path(tmp_path / "DEV.json") == tmp_path.resolve() / "DEV.json"
+    check_not_inputs([tmp_path / "DEV.json"], {"--input": tmp_path / "dev.json"}, "--output")
+
+
 def test_no_command_writes_over_a_file_of_its_model_folder(inputs, tmp_path, capsys, monkeypatch):
     """The model folder is an input too: predictions written as its config.json would replace the model's. Other
     names in it may be written (predictions beside the model they came from)."""

@@ -394,6 +394,14 @@ def test_a_page_in_place_of_a_file_of_known_size_is_not_kept(server, tmp_path, m
     assert paths[0].read_bytes() == data
 
 
+def test_where_chmod_is_refused_a_download_replaces_a_stale_file(server, tmp_path, chmod_refused):
+    """The .part replacing a stale file was given that file's mode with a chmod some file systems refuse."""
+    (tmp_path / "dev-v1.1.json").write_bytes(b"stale")
+    paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert [p.read_bytes() for p in paths] == [FILES[p.name] for p in paths]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev-v1.1.json", "train-v1.1.json"]
+
+
 def test_on_windows_a_download_completes_and_a_bad_one_keeps_nothing(server, tmp_path, like_windows):
     """(review) The .part stayed open (and locked) while it was deleted or renamed, which Windows refuses for a file
     its process holds open: every download failed at its last rename, and again on every rerun; a checksum

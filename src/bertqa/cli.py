@@ -21,7 +21,7 @@ class UsageError(ValueError):
 
 def cmd_convert(args):
     from .checkpoint import check_save_target, load_model, print_load_notes, save_pretrained
-    from .files import check_no_link_loop, check_not_claimed, holds_current_folder, note, read_one_version
+    from .files import check_no_link_loop, check_not_claimed, holds_current_folder, note, read_one_version, real_path
     from .tokenizer import load_tokenizer
 
     if not args.src:  # Path("") is the current folder
@@ -53,8 +53,8 @@ def cmd_convert(args):
     for link in sorted({f for f in read if f.is_symlink() and f.is_file()}):
         inputs[f"{os.path.realpath(link)}, read through {link}"] = link
     for what, given in inputs.items():
-        real = Path(os.path.realpath(given)) if given and Path(given).exists() else None
-        if real is not None and Path(os.path.realpath(dst)) in (real, *real.parents):
+        real = real_path(given) if given and Path(given).exists() else None
+        if real is not None and real_path(dst) in (real, *real.parents):
             raise UsageError(f"{dst}: it holds {what}, and converting replaces the whole folder; name a new folder")
     check_save_target(dst)  # before the model takes seconds to load
     if args.vocab is not None and not args.vocab.strip():

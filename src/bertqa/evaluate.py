@@ -29,6 +29,7 @@ from .files import (
     not_a_file,
     note,
     read_one_version,
+    real_path,
     write_json,
 )
 from .inference import default_batch_size, predict_logits, shard
@@ -138,9 +139,9 @@ class EvalConfig:
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its
         write, after the work."""
-        cache = self.cache_dir and Path(os.path.realpath(self.cache_dir))  # (resolve() raises on a link loop)
+        cache = self.cache_dir and real_path(self.cache_dir)
         for output in outputs if cache else ():
-            if Path(os.path.realpath(output)) in (cache, *cache.parents):
+            if real_path(output) in (cache, *cache.parents):
                 raise ValueError(f"--cache-dir {self.cache_dir}: lies in {output}, which this run writes; name another "
                                  "folder")  # fmt: skip
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -156,6 +157,17 @@ def remove_tree(path: str | os.PathLike, ignore_errors: bool = True) -> None:
         shutil.rmtree(path, onerror=lambda func, name, exc_info: again(func, name, exc_info[1]))
 
 
+def set_mode(path: str | os.PathLike, mode: int) -> None:
+    """os.chmod of a file or folder this process made, where the file system keeps modes: one that keeps none may
+    refuse the change (a FUSE-mounted FAT image says ENOSYS, network mounts EPERM or ENOTSUP), and what was written
+    is kept all the same, with the mode that file system gives every file."""
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | None = None):
     """Yield a temporary path beside `path` to write to; on success it is renamed onto `path` (atomic on one
@@ -174,7 +186,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
     try:
         yield Path(tmp)
         # mkstemp makes it 0600: give it the mode of the file it replaces, else the one a plain open() would.
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK)
+        set_mode(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK)
         if durable:
             fsync_path(tmp)
         _even_read_only(lambda: os.replace(tmp, path), path)
@@ -298,11 +310,11 @@ def check_not_inputs(outputs, inputs: dict | None, what: str) -> None:
     for flag, given in (inputs or {}).items():
         if not given:
             continue
-        real = _real(given)
+        real = real_path(given)
         # (the folder the loader reads: a --model file's own, not that of the file its link leads to)
-        folder = real if real.is_dir() else _real(Path(given).absolute().parent) if flag == "--model" else None
+        folder = real if real.is_dir() else real_path(Path(given).absolute().parent) if flag == "--model" else None
         for out in outputs:
-            resolved = _real(out)
+            resolved = real_path(out)
             if resolved in (real, *real.parents) or (folder is not None and resolved in (folder, *folder.parents)):
                 raise ValueError(f"{what}: this run would write {out} over {flag} {given}, its own input")
             if folder is not None and _model_file_of(Path(out), folder):
@@ -313,22 +325,45 @@ def _model_file_of(path: Path, folder: Path) -> bool:
     """Whether `path` is, or would be written as, a model file of `folder`: a model file's name in it, or (links
     followed, as an HF cache's snapshot links each file to a blob) where one of its model files leads. (A hard
     link is no such file: the output replaces its name, not the file.)"""
-    if MODEL_FILE.fullmatch(path.name) and _real(path.absolute().parent) == folder:
+    if MODEL_FILE.fullmatch(path.name) and real_path(path.absolute().parent) == folder:
         return True
     if not path.is_symlink() and not any(p.is_symlink() for p in path.absolute().parents):
         return False
-    target = _real(path)
+    target = real_path(path)
     try:
         names = os.listdir(folder)
     except OSError:
         return False
-    return any(MODEL_FILE.fullmatch(name) and _real(folder / name) == target for name in names)
+    return any(MODEL_FILE.fullmatch(name) and real_path(folder / name) == target for name in names)
 
 
-def _real(path: str | os.PathLike) -> Path:
-    """Where `path` leads, links followed; a link loop left as it is (Path.resolve() raises RuntimeError on one
-    in Python 3.11, which read as an internal error)."""
-    return Path(os.path.realpath(path))
+def real_path(path: str | os.PathLike) -> Path:
+    """Where `path` leads, links followed, each name spelled as its folder lists it, so that two paths to one file
+    compare equal: a file system that ignores case or Unicode normalisation (macOS's and FAT drives' by default)
+    finds data/dev.json as Data/DEV.json too, and writing either replaces the one file. A link loop is left as it
+    is (Path.resolve() raises RuntimeError on one in Python 3.11, which read as an internal error)."""
+    real = Path(os.path.realpath(path))
+    spelled = Path(real.anchor)
+    for name in real.parts[1:]:
+        spelled /= _as_listed(spelled, name)
+    return spelled
+
+
+def _as_listed(folder: Path, name: str) -> str:
+    """`name` as `folder` lists it: itself where listed or missing, else the one listed name the same but for case
+    and Unicode normalisation (only where the file system found it by a name it does not list)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no such folder, or one that may not be listed
+        return name
+    if name in names or not os.path.lexists(folder / name):
+        return name
+    same = [listed for listed in names if _folded(listed) == _folded(name)]
+    return same[0] if len(same) == 1 else name
+
+
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFD", name).casefold()
 
 
 def check_no_link_loop(path: Path, flag: str) -> None:
@@ -413,8 +448,8 @@ def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output-dir", 
 
 def holds_current_folder(folder: str | os.PathLike) -> bool:
     """Whether `folder` is the current folder or lies above it (a folder replaced whole would take it along)."""
-    cwd = _real(Path.cwd())
-    return _real(folder) in (cwd, *cwd.parents)
+    cwd = real_path(Path.cwd())
+    return real_path(folder) in (cwd, *cwd.parents)
 
 
 def _check_writable(candidates, what: str) -> None:
@@ -513,7 +548,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
             # (safetensors): the modes of the folder and files replaced, as atomic_path keeps a file's, else those
             # a plain mkdir / open() would give, without the group and other permissions the old folder withheld.
             old_mode = stat.S_IMODE(path.stat().st_mode) if path.is_dir() else None
-            os.chmod(tmp, 0o777 & ~_UMASK if old_mode is None else old_mode)
+            set_mode(tmp, 0o777 & ~_UMASK if old_mode is None else old_mode)
             entries = sorted(tmp.rglob("*"), reverse=True)  # files and subfolders before their folder
             for inner in entries:
                 if inner.is_file() and not inner.is_symlink():
@@ -523,7 +558,7 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False, replaced=None):
                         mode = stat.S_IMODE(was.st_mode) if stat.S_ISREG(was.st_mode) else mode
                     except OSError:
                         pass
-                    os.chmod(inner, mode)
+                    set_mode(inner, mode)
             if durable:
                 for inner in entries:
                     fsync_path(inner)
@@ -821,7 +856,7 @@ def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True,
     `flock -n ~/proj cmd`'s, would read as a run's.) Not `itself` for a run about to hold the folder (exclusive),
     which says so in its own words; nor the folders `above` it for a train's own model/ (exclusive holds its
     parent)."""
-    folder = _real(Path(folder).absolute())
+    folder = real_path(Path(folder).absolute())
     whole = [level.parent for level in (folder, *folder.parents) if above and level.name in REPLACED_WHOLE]
     for level in ([folder] if itself else []) + whole:
         try:

@@ -26,6 +26,7 @@ from ..files import (
     folder_for,
     fsync_path,
     locks_exist,
+    set_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, timeout: float
             raise ValueError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); nothing was kept")
         if dest.is_file():
             log.warning("%s: replacing it (its sha256 is not the published file's)", dest)
-            os.chmod(part, stat.S_IMODE(dest.stat().st_mode))
+            set_mode(part, stat.S_IMODE(dest.stat().st_mode))
         fsync_path(part)  # on disk before it is named complete: a power loss then leaves the .part or the whole file
         _even_read_only(lambda: os.replace(part, dest), dest)  # (a read-only one, which Windows would keep)
         fsync_path(dest.parent)
