@@ -780,6 +780,15 @@ def test_config_json_numbers_and_nesting_json_takes_but_python_cannot_read_name_
         with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'tokenizer_config.json'))}: not a JSON"):
             load_tokenizer(tmp_path)
     assert BertConfig(layer_norm_eps=10**300).layer_norm_eps == 10**300  # (within float's range: taken)
+    # (review) Nested less deeply than the parser refuses, more than Python's recursion takes when written back
+    # (convert, train's save, serve's /model): an internal error (RecursionError) there.
+    for depth, fails in ((99, False), (600, True)):
+        path.write_text(base + '"custom": ' + "[" * depth + "]" * depth + "}")
+        if fails:
+            with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: nested too deeply \\(more than 100"):
+                BertConfig.from_json(path)
+        else:
+            BertConfig.from_json(path).to_json(tmp_path / "back.json")
 
 
 def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():

@@ -87,6 +87,8 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
+        if _deeper_than(d, MAX_CONFIG_DEPTH):  # (writing it back, and serve's /model, recurse: Python's limit)
+            raise ValueError(f"nested too deeply (more than {MAX_CONFIG_DEPTH} levels)")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -118,7 +120,7 @@ class BertConfig:
 
     def settings(self) -> dict:
         """The fields bertqa reads and checks, without config.json's other entries (`extra`)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
     def to_dict(self) -> dict:
         d = self.settings()
@@ -130,6 +132,20 @@ class BertConfig:
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+MAX_CONFIG_DEPTH = 100  # levels of objects and arrays in a config (transformers' own nest two or three)
+
+
+def _deeper_than(value, limit: int) -> bool:
+    todo = [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def check_seq_len(length: int, max_positions: int, name: str) -> None:
