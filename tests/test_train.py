@@ -928,6 +928,14 @@ def test_a_finished_run_whose_model_was_not_saved_is_not_replaced_by_a_fresh_sta
     shutil.copytree(out, copy)
     os.utime(copy / "model" / "model.safetensors", ns=(0, 0))
     assert train(cfg_for(tiny_dir, small_squad, copy, max_steps=1))["steps"] == 1
+    # (review) A checkpoint of a bertqa from before 2026-12-05 records no run id: a model/ without weights beside it
+    # is all that tells its run stopped before saving one. It was replaced, the trained weights lost.
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["run_id"]
+    torch.save(state, out / "checkpoint.pt")
+    shutil.rmtree(out / "model")
+    with pytest.raises(ValueError, match=message):
+        train(cfg_for(tiny_dir, small_squad, out, max_steps=2))
 
 
 def test_the_model_to_fine_tune_may_not_lie_where_the_run_writes(tiny_dir, tmp_path, small_squad):

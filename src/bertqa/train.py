@@ -334,8 +334,10 @@ def refuse_to_replace(path: Path, cfg: TrainConfig, d: Dist, total_steps: int | 
                          "or move it away (or use another --output-dir) to start over")  # fmt: skip
     # Finished, but stopped (a full disk, a kill) before its model, written after the checkpoint, was saved: the
     # checkpoint holds the only copy of the trained weights. The model/ saved after it names its run (checkpoints
-    # record the id since 2026-12-05).
-    if state.get("run_id") is not None and _model_run_id(path.parent / "model") != state["run_id"]:
+    # record the id since 2026-12-05; before, only a model/ with no weights tells).
+    model = path.parent / "model"
+    if (_model_run_id(model) != state["run_id"] if state.get("run_id") is not None
+            else not (model / "model.safetensors").is_file()):  # fmt: skip
         raise ValueError(f"{path}: the run here finished but its model/ was not saved; --resume saves it, or move "
                          "the checkpoint away (or use another --output-dir) to start over")  # fmt: skip
     return state.get("run_id")
