@@ -803,8 +803,9 @@ def test_export_of_a_model_folder_replaced_while_loading_exports_one_version(ver
 
 
 def _run_every_command(run_here, tiny_dir, tiny_squad, tmp_path):
-    """convert (twice: the second replaces the folder), evaluate, predict, train (checkpoints) and export into
-    `tmp_path`; each must succeed, writing its outputs and nothing else."""
+    """convert (twice: the second replaces the folder), evaluate, predict, train (checkpoints; twice: the second
+    over the first's finished run) and export into `tmp_path`; each must succeed, writing its outputs and nothing
+    else."""
     windows = ["--max-seq-length", 128, "--doc-stride", 32]
     train = ["--max-steps", 2, "--batch-size", 4, "--save-every", 1, "--cache-dir", "none"]
     commands = [
@@ -812,6 +813,7 @@ def _run_every_command(run_here, tiny_dir, tiny_squad, tmp_path):
         ["convert", tiny_dir, tmp_path / "conv"],
         ["evaluate", "--model", tiny_dir, "--predict-file", tiny_squad, "--output-dir", tmp_path / "ev", *windows],
         ["predict", "--model", tiny_dir, "--input", tiny_squad, "--output", tmp_path / "p.json", *windows],
+        ["train", "--model", tiny_dir, "--train-file", tiny_squad, "--output-dir", tmp_path / "tr", *train, *windows],
         ["train", "--model", tiny_dir, "--train-file", tiny_squad, "--output-dir", tmp_path / "tr", *train, *windows],
         ["export", "onnx", "--model", tiny_dir, "--output", tmp_path / "m.onnx", *windows],
     ]

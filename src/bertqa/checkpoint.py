@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from .config import BertConfig
-from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder, note
+from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder, note, utf8_name
 from .model import BertForQuestionAnswering
 from .squad.data import check_bool
 from .tokenizer import BertTokenizer
@@ -218,7 +218,7 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
     if path.suffix == ".safetensors" or safetensors:
         try:
-            sd = load_file(str(path))
+            sd = load_file(str(path)) if utf8_name(path) else load(path.read_bytes())  # (load_file: UTF-8 only)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     else:

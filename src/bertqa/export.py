@@ -15,9 +15,12 @@ onnx and onnxruntime are the optional extra `bertqa[onnx]`, imported only when u
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +39,7 @@ from .files import (
     note,
     read_one_version,
     scratch_dir,
+    utf8_name,
 )
 from .inference import NonFiniteLogits, batched_logits
 from .squad.data import Example, load_json, parse_squad
@@ -154,6 +158,7 @@ def _export_graph(model, path: Path, opset: int | None, pad_id: int) -> int:
 
 
 def _quantize(src: Path, dst: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # int8 weights with uint8 activations (u8s8), the combination onnxruntime's CPU kernels are fastest on.
@@ -165,7 +170,17 @@ def _quantize(src: Path, dst: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        # (it writes a copy beside a path it is given, and its shape inference opens UTF-8 paths only)
+        graph = str(src) if utf8_name(src) else onnx.load(str(src))
+        try:
+            quantize_dynamic(graph, str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        except Exception as e:
+            # Its copy (about the graph's size) is written by onnx's C++, which does not say when the disk is full:
+            # the copy is read back cut short, a protobuf DecodeError.
+            beside = src.parent if isinstance(graph, str) else Path(tempfile.gettempdir())
+            if not isinstance(e, OSError) and shutil.disk_usage(beside).free < src.stat().st_size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from e
+            raise
     finally:
         root.setLevel(level)
 
@@ -193,7 +208,8 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            graph = str(path) if utf8_name(path) else Path(path).read_bytes()  # (it opens UTF-8 paths only)
+            self.session = ort.InferenceSession(graph, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             if Path(path).is_dir():
                 raise ValueError(f"{path}: is a folder, not an ONNX file") from None

@@ -204,12 +204,42 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, within: Path | N
         fsync_path(path.parent)
 
 
+def utf8_name(path: str | os.PathLike) -> bool:
+    """Whether `path` is UTF-8 (a byte of a name that is not is held as a surrogate escape): libraries that take
+    a path as a UTF-8 string (tokenizers, safetensors, onnxruntime, TensorBoard) refuse one that is not."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Where str.splitlines ends a line: a name holding one would end an error line or a note part-way.
+_LINE_BREAK = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+_names_with_breaks: list[str] = []
+
+
+def show_names_of(argv) -> None:
+    """Have one_line() escape the line breaks in the names of files and folders `argv` gives (a command's
+    arguments: "a\\nb.json"), wherever a message or a note names them, whole or in a path made of them."""
+    parts = {part for arg in argv for part in re.split(r"[/\\=]", str(arg)) if _LINE_BREAK.search(part)}
+    _names_with_breaks[:] = sorted(parts, key=len, reverse=True)
+
+
+def one_line(text: str) -> str:
+    """`text` with the line breaks of the names show_names_of() was given escaped (as "\\n")."""
+    for name in _names_with_breaks:
+        text = text.replace(name, _LINE_BREAK.sub(lambda m: ascii(m[0])[1:-1], name))
+    return text
+
+
 def note(line: str) -> None:
     """`line` on stdout: a note of what a command does or did (not its result, which must come out exact or fail),
     with what stdout's encoding cannot hold escaped (`\\xe9`), as stderr writes it: a note naming a file, written
     after that file, never fails the command."""
     if sys.stdout is None:
         return
+    line = one_line(line)
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     try:
         line.encode(encoding)

@@ -290,7 +290,7 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
     cls = _tokenizer_class(folder)
     if json_file is not None and json_file.is_file():
         try:
-            backend = Tokenizer.from_file(str(json_file))
+            backend = Tokenizer.from_str(json_file.read_text(encoding="utf-8"))  # (from_file takes UTF-8 paths only)
         except Exception as e:  # the Rust error is long; keep the first line
             raise ValueError(f"{json_file}: not a tokenizers JSON file ({first_line(e)})") from None
         spec = json.loads(backend.to_str())

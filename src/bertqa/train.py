@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import time
 import uuid
 import warnings
@@ -50,6 +51,8 @@ from .files import (
     open_to_append,
     remove_output,
     remove_tree,
+    set_mode,
+    utf8_name,
 )
 from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchronize
 
@@ -117,6 +120,9 @@ class TrainConfig(EvalConfig):
         if self.tensorboard and (board.exists() or board.is_symlink()) and not board.is_dir():
             what = "a file" if board.exists() else "a symbolic link to nothing"
             raise ValueError(f"--output-dir {self.output_dir}: {board}, where --tensorboard writes, is {what}")
+        if self.tensorboard and not utf8_name(board):  # (TensorBoard encodes the names it is given as UTF-8)
+            raise ValueError(f"--output-dir {self.output_dir}: TensorBoard cannot write in a folder whose path is not "
+                             "UTF-8; name another folder, or leave out --tensorboard")  # fmt: skip
         ckpt = Path(self.output_dir) / "checkpoint.pt"
         # A link to nothing (a disk not mounted) is not "no checkpoint": --resume would start over, writing onto the
         # mount point.
@@ -436,25 +442,31 @@ class MetricsLog:
                     self._put_back()
                     raise named(e, written) from e
                 self.earlier[written] = aside
+        # (an earlier run's, set aside, is not: it is put back in its place)
+        self.board, board_made = board, not (board.exists() or board.is_symlink()) and board not in self.earlier
         try:
             if tensorboard:  # first: a folder it cannot make stops the run before metrics.jsonl is rewritten
                 from torch.utils.tensorboard import SummaryWriter
 
+                _quiet_tensorboard_threads()
                 # TensorBoard drops the events at or past the purge step that earlier files of the folder hold: on
                 # a resume the steps after the checkpoint (redone), on a fresh run everything (an earlier run's).
-                self.tb = SummaryWriter(str(board), purge_step=resume_step + 1 if resume_step else 0)
+                self.tb = self._on_board(SummaryWriter, str(board), purge_step=resume_step + 1 if resume_step else 0)
             # Written back whole before appending: a kill must not find the file emptied and lose the kept lines.
             with atomic_path(self.path) as tmp:
                 tmp.write_text(kept_text, encoding="utf-8", newline="\n")
             # Unbuffered: each line is one write, so a line the disk refuses is not kept to fail again at close.
             self.file = open_to_append(self.path)
             if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's),
-                os.chmod(real, mode)  # once open: a read-only one is still appended to
+                set_mode(real, mode)  # once open: a read-only one is still appended to
         except BaseException:
-            self.close_tb()
+            with contextlib.suppress(OSError):  # (the writer's own error, once more: the one raised stands)
+                self.close_tb()
             if self.file is not None:
                 self.file.close()
             self._put_back()  # (a full disk, a file it may not write): the earlier curves stay the folder's
+            if board_made and _events_only(board):  # (SummaryWriter makes the folder, and a file, before it fails)
+                remove_tree(board)
             raise
 
     def log(self, record: dict) -> None:
@@ -469,16 +481,25 @@ class MetricsLog:
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and v is not None:  # None: no finite loss since the last line
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+                    self._on_board(self.tb.add_scalar, f"train/{k}", v, record["step"])
 
     def sync(self) -> None:
         """To disk, before a checkpoint that resumes past these lines (a power loss must not lose them)."""
         fsync_path(self.path)  # its data, whichever descriptor asks; an error names the file
 
+    def _on_board(self, call, *args, **kwargs):
+        """call(...) on TensorBoard's writer, whose thread's error (a full disk) it raises here naming no file:
+        named, the folder."""
+        try:
+            return call(*args, **kwargs)
+        except OSError as e:
+            # (or names its events file as bytes)
+            raise (named(e, self.board) if e.strerror and not isinstance(e.filename, str) else e) from e
+
     def close_tb(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        tb, self.tb = self.tb, None
+        if tb is not None:
+            self._on_board(tb.close)
 
     def close(self) -> None:
         self.file.close()
@@ -500,9 +521,12 @@ class MetricsLog:
         """close(), as the run's exit callback; a failed run that logged no line leaves no empty file (nor so the
         folders made for the run, which are removed again when empty); one that failed before its first
         checkpoint puts back the earlier run's lines it set aside."""
-        self.close()
         if kind is None:
+            self.close()
             return
+        self.file.close()
+        with contextlib.suppress(OSError):  # (the run's own error stands: often this same one, a full disk)
+            self.close_tb()
         if self.earlier:
             # (else at the next start into the folder; the run's own error stands)
             with contextlib.suppress(OSError, ValueError):
@@ -548,6 +572,21 @@ def _earlier_summary(out_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return earlier if isinstance(earlier, dict) else {}
+
+
+def _quiet_tensorboard_threads() -> None:
+    """An OSError of TensorBoard's writer thread is raised again by its writer's next call, in the thread that
+    logs, which says it in one line (MetricsLog._on_board): not printed by the thread as a traceback too."""
+    hook = threading.excepthook
+    if getattr(hook, "quiets_tensorboard", False):
+        return
+
+    def quiet(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            hook(args)
+
+    quiet.quiets_tensorboard = True
+    threading.excepthook = quiet
 
 
 def _events_only(folder: Path) -> bool:
