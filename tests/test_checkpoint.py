@@ -557,7 +557,7 @@ def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(hf_qa_dir
     assert (
         r.returncode == 1
         and r.stdout == ""
-        and r.stderr.strip().splitlines() == ["bertqa: error: model path '': empty; name the checkpoint file or folder"]
+        and r.stderr.strip().splitlines() == ["bertqa: error: --model '': empty; name the checkpoint file or folder"]
     )
 
 

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from .config import ATTENTION_CHOICES, ATTENTION_DROPOUT, PRECISIONS
+from .files import one_line, show_names_of
 
 
 class UsageError(ValueError):
@@ -145,8 +146,16 @@ def cmd_bench(args):
     bench(_config(BenchConfig, args))
 
 
+def _check_model_flag(args) -> None:
+    """--model '' named as the flag it is, before anything loads (serve binds its port first)."""
+    if not args.model:
+        raise UsageError("--model '': empty; name the checkpoint file or folder")
+
+
 def cmd_export(args):
     from .export import export_onnx
+
+    _check_model_flag(args)
 
     export_onnx(args.model, args.output, int8=args.int8, check_file=args.check_file,
                 max_seq_length=args.max_seq_length, doc_stride=args.doc_stride, max_query_length=args.max_query_length,
@@ -154,6 +163,7 @@ def cmd_export(args):
 
 
 def cmd_serve(args):
+    _check_model_flag(args)
     if not 0 <= args.port <= 65535:  # before the imports, which take seconds
         raise UsageError(f"--port {args.port}: must be between 0 and 65535")
     if not args.host.strip():
@@ -216,6 +226,7 @@ def cmd_ask(args):
     from .qa import QuestionAnswerer
     from .squad.data import blank, unpaired_surrogate
 
+    _check_model_flag(args)
     if (args.context is None) == (args.context_file is None):
         raise UsageError("give the text with exactly one of --context or --context-file")
     for flag, value in (("--top-k", args.top_k), ("--max-answer-length", args.max_answer_length)):
@@ -579,6 +590,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    show_names_of(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -682,7 +694,7 @@ def _first_line(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:  # "[Errno 2] No such file or directory: 'x'" -> "x: No such ..."
         names = [str(n) for n in (e.filename, e.filename2) if n is not None]
         text = ": ".join(names + [e.strerror])
-    return next(iter(text.splitlines()), "")
+    return next(iter(one_line(text).splitlines()), "")
 
 
 def _is_bad_input(e: Exception) -> bool:
@@ -723,11 +735,16 @@ def error_line(e: Exception, debug: bool | None) -> str:
     return f"internal error ({message_line(e)}); {hint}, and please report it"
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record) -> str:
+        return one_line(super().format(record))
+
+
 def _setup_logging() -> None:
     """Our modules' notes on stderr as `bertqa: ...`, without turning on every library's INFO logging."""
     logger = logging.getLogger("bertqa")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("bertqa: %(message)s"))
+        handler.setFormatter(_OneLine("bertqa: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

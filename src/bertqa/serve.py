@@ -856,6 +856,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     from .distributed import resolve_device
     from .runtime import Precision
 
+    if not str(model):  # (Path("") is the current folder)
+        raise ValueError("model path '': empty; name the checkpoint file or folder")
     if not Path(model).exists():  # the one load error worth catching before the startup line
         raise ValueError(f"{model}: no such checkpoint file or folder")
     device = resolve_device(None if device is None else str(device))
