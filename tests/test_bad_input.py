@@ -605,6 +605,14 @@ def test_every_command_refuses_bad_input_in_one_line(case, inputs, tmp_path, cap
     assert tree(tmp_path) == [], "an output was left behind"
 
 
+def test_the_parsers_error_shows_a_line_break_in_an_argument_escaped(inputs, tmp_path, capsys, monkeypatch):
+    """(diff review) argparse's own message ("unrecognized arguments: ...") ended the line at the break."""
+    code, _, err = run_main(["score", inputs["squad"], inputs["squad"], tmp_path / "ex\ntra.json"], capsys, monkeypatch)
+    assert code == 2 and one_error_line(err).endswith(
+        f"unrecognized arguments: {tmp_path}/ex\\ntra.json (see bertqa score --help)"
+    ), err
+
+
 def test_notes_naming_a_file_with_a_line_break_stay_one_line(inputs, tmp_path, capsys, monkeypatch):
     """(review) "bertqa: wrote c" and "d (41,282 parameters)" came out as two lines for a folder named "c\\nd"."""
     code, out, err = run_main(["convert", inputs["tiny"], tmp_path / "c\nd"], capsys, monkeypatch)

@@ -384,7 +384,7 @@ class Parser(argparse.ArgumentParser):
                           help="on an error, also print its traceback (or set BERTQA_DEBUG=1)")  # fmt: skip
 
     def error(self, message):  # "bertqa: error: ..." as every other error, then where the usage is
-        self.exit(2, f"bertqa: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"bertqa: error: {one_line(message)} (see {self.prog} --help)\n")
 
     def _print_message(self, message, file=None):
         # argparse drops a write that fails (--help to a full disk then exits 0): main() is told instead
