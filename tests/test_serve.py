@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
+from skips import platform_skip
 
 from bertqa.serve import DEFAULTS, _listen, _parameters, create_app, uvicorn_server
 from bertqa.squad.features import TooManyWindows
@@ -129,6 +130,35 @@ def server(tiny_dir, tmp_path_factory):
             proc.kill()
             proc.wait()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+def test_out_of_file_descriptors_the_server_says_so_in_one_line(tiny_dir, tmp_path):
+    """(review) Under a low open-files limit (`ulimit -n 32`), 60 connections at once made asyncio log a traceback
+    for each connection of uvicorn's 2,048 backlog, retrying each, and after SIGTERM one per retry: 98,148 lines
+    of stderr. One line now, and the server answers once the connections close."""
+    try:
+        import resource
+    except ImportError:
+        platform_skip("no resource module (Windows): no open-files limit to set")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    log_path = tmp_path / "stderr.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(tiny_dir, device="cpu"), stdout=subprocess.PIPE, stderr=log, text=True,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, hard)))  # fmt: skip
+    try:
+        url = re.search(r" on (http://127\.0\.0\.1:\d+) \(", proc.stdout.readline()).group(1)
+        wait_ready(url)
+        held = [socket.create_connection((urlsplit(url).hostname, urlsplit(url).port)) for _ in range(60)]
+        time.sleep(1.5)
+        for connection in held:
+            connection.close()
+        assert call(url, "GET", "/healthz")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert log_path.read_text().splitlines() == [
+        "bertqa: new connections wait: Too many open files (open files limit, ulimit -n: 32)"
+    ]
 
 
 def test_health_ready_and_model(server):

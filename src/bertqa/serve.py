@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -30,6 +31,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
+
+try:  # (imported here: out of file descriptors, as where it is read, an import fails)
+    import resource
+except ImportError:  # not POSIX (Windows)
+    resource = None
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -800,6 +806,7 @@ def uvicorn_server(app, grace_s: float = 5.0):
 
         async def startup(self, sockets=None):
             self.loop = asyncio.get_running_loop()
+            self.loop.set_exception_handler(_loop_errors(self))
             await super().startup(sockets)
 
         async def shutdown(self, sockets=None):
@@ -822,6 +829,33 @@ def uvicorn_server(app, grace_s: float = 5.0):
             self.loop.call_later(0.25, setattr, self, "force_exit", True)  # the 503s sent meanwhile
 
     return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s))
+
+
+def _loop_errors(server):
+    """asyncio's handler for errors no task awaits, where one says the same thing thousands of times: a listening
+    socket out of file descriptors (EMFILE) logs a traceback for every connection of its backlog (asyncio loops
+    over all 2,048 of uvicorn's, CPython issue 151615) and retries each, and once the socket is closed (SIGTERM)
+    every retry logs one more. Said in one line instead, at most every 10 s; the rest as asyncio says them."""
+    said = [-math.inf]
+
+    def handle(loop, context) -> None:
+        error, message = context.get("exception"), context.get("message", "")
+        if isinstance(error, OSError) and message.startswith("socket.accept()"):
+            if time.monotonic() - said[0] >= 10:
+                said[0] = time.monotonic()
+                limit = f" (open files limit, ulimit -n: {_open_files_limit()})" if error.errno == errno.EMFILE else ""
+                log.warning("new connections wait: %s%s", error.strerror, limit)
+        elif not (server.should_exit and isinstance(error, ValueError) and "_start_serving" in message):
+            loop.default_exception_handler(context)
+
+    return handle
+
+
+def _open_files_limit() -> str:
+    if resource is None:  # (Windows)
+        return "unknown"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "none" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 # A port a closed server's connections still wait on (TIME_WAIT) is taken again at once; not on Windows, where the
