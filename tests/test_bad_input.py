@@ -1210,6 +1210,21 @@ def test_running_out_of_host_memory_is_said_so_in_one_line(error, capsys, monkey
     )
 
 
+def test_a_library_the_memory_limit_leaves_no_room_to_load_is_said_so(capsys, monkeypatch):
+    """(review) Under an address-space limit (ulimit -v) the dynamic loader cannot map a library torch or
+    safetensors imports: "internal error (ImportError: ...) ... please report it"."""
+
+    def exhausted(args):
+        raise ImportError(".../_safetensors_rust.abi3.so: failed to map segment from shared object")
+
+    monkeypatch.setattr(cli, "cmd_score", exhausted)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert code == 1 and one_error_line(err) == (
+        "bertqa: error: out of memory loading a library (.../_safetensors_rust.abi3.so: failed to map segment from "
+        "shared object); is the memory limit (ulimit -v) too low?"
+    )
+
+
 def test_debug_also_shows_where_a_user_error_came_from(tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["--debug", "score", tmp_path / "absent.json", tmp_path / "p.json"], capsys, monkeypatch)
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].endswith("absent.json: no such file")

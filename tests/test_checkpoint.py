@@ -860,3 +860,19 @@ def test_a_model_in_a_folder_whose_path_is_not_utf8_loads(tiny_dir, tmp_path):
     assert [e.ids for e in load_tokenizer(folder).tokenize(text)] == [
         e.ids for e in load_tokenizer(tiny_dir).tokenize(text)
     ]
+
+
+def test_weights_that_cannot_be_opened_are_named(tiny_dir, monkeypatch):
+    """(review) Out of file descriptors (ulimit -n), torch's mapping of a safetensors file failed with a
+    RuntimeError, an internal error in place of the file and its reason."""
+    import bertqa.checkpoint
+
+    def out_of_descriptors(path, *args, **kwargs):
+        raise RuntimeError(f"unable to open file <{path}> in read-only mode: Too many open files (24)")
+
+    monkeypatch.setattr(bertqa.checkpoint, "load_file", out_of_descriptors)
+    path = tiny_dir / "model.safetensors"
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(unable to open file .*Too many"
+    ):
+        read_state_dict(path)

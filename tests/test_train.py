@@ -1,5 +1,6 @@
 """Fine-tuning and evaluation end to end on a tiny model and a few real SQuAD questions."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -602,6 +603,21 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_kept(
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary file left
+    # (review) A file size limit (ulimit -f) still set when the save fails is named, not taken for a full disk.
+    with contextlib.ExitStack() as limits:
+
+        def limited(obj, f, *args, **kwargs):
+            limits.enter_context(file_size_limit(4096))
+            return real(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", limited)
+        with pytest.raises(OSError) as caught:
+            train(cfg_for(tiny_dir, small_squad, tmp_path / "limited", save_every=2))
+    assert cli.message_line(caught.value).startswith(
+        f"{tmp_path / 'limited' / 'checkpoint.pt'}: cannot write the "
+        "checkpoint (the file size limit, ulimit -f, is 4,096 bytes; torch: "
+    )
+    monkeypatch.setattr(torch, "save", real)
     # Out of memory while torch.save copies tensors is not the file's fault: it stays an out-of-memory error.
     oom = (
         "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"
@@ -1328,6 +1344,32 @@ def test_curves_show_a_lone_point(tmp_path):
 
     assert blue_pixels([{"step": 1, "loss": 4.9, "lr": 1e-3}]) > 0
     assert blue_pixels([{"step": s, "loss": loss, "lr": 1e-3} for s, loss in ((1, None), (2, 4.7), (3, None))]) > 0
+
+
+@pytest.mark.parametrize("error, said", [
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
+     "matplotlib is not installed (pip install 'bertqa[plot]')"),
+    (ImportError("libXau.so.6: failed to map segment from shared object"),
+     "matplotlib: libXau.so.6: failed to map segment from shared object"),
+])  # fmt: skip
+def test_no_curves_says_why(error, said, tmp_path, monkeypatch, caplog):
+    """(review) matplotlib failing to import (a library it loads not mapped, under ulimit -v) was said to be
+    "not installed", with advice to install what is installed."""
+    import builtins
+
+    from bertqa.train import plot_curves
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name.partition(".")[0] == "matplotlib":
+            raise error
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    caplog.set_level(logging.INFO, logger="bertqa")
+    plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert caplog.messages == [f"no curves.png: {said}"] and not (tmp_path / "curves.png").exists()
 
 
 def test_every_text_file_is_read_and_written_as_utf_8_whatever_the_locale(tiny_dir, tiny_squad, tmp_path):

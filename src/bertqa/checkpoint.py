@@ -221,6 +221,10 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
             sd = load_file(str(path)) if utf8_name(path) else load(path.read_bytes())  # (load_file: UTF-8 only)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+        except RuntimeError as e:  # torch's, mapping the file: "unable to open file <...>: Too many open files (24)"
+            if not str(e).startswith(("unable to open file", "unable to mmap")):
+                raise
+            raise CheckpointError(f"{path}: cannot be read ({first_line(e)})") from None
     else:
         sd = _read_pickle(path, trust_pickle)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):

@@ -718,6 +718,8 @@ def is_out_of_memory(e: Exception) -> bool:
     if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
         return True
     text = str(e)
+    if isinstance(e, ImportError):  # (the loader could not map a library's code: ulimit -v, say)
+        return "failed to map segment from shared object" in text or "Cannot allocate memory" in text
     return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
                                             or "MPS backend out of memory" in text)  # fmt: skip
 
@@ -729,6 +731,8 @@ def error_line(e: Exception, debug: bool | None) -> str:
         return message_line(e)
     if is_out_of_memory(e):
         detail = " ".join(str(e).split())[:160]
+        if isinstance(e, ImportError):
+            return f"out of memory loading a library ({detail}); is the memory limit (ulimit -v) too low?"
         return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
     hint = {True: "the traceback is above", False: "rerun with --debug (or BERTQA_DEBUG=1) for the traceback",
             None: "that rank prints its traceback with --debug (or BERTQA_DEBUG=1)"}[debug]  # fmt: skip

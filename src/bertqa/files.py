@@ -250,6 +250,16 @@ def note(line: str) -> None:
     print(line, flush=True)
 
 
+def file_size_limit() -> int | None:
+    """The largest file this process may write, in bytes (`ulimit -f`); None where there is no limit."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message, its first line, for a one-line error; its type's name if it has none."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__

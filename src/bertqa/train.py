@@ -44,6 +44,8 @@ from .files import (
     atomic_path,
     exclusive,
     file_id,
+    file_size_limit,
+    first_line,
     fsync_path,
     holds_current_folder,
     named,
@@ -210,7 +212,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
             if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
                 raise
             detail = " ".join(str(e).split())[:200]
-            raise OSError(f"{path}: cannot write the checkpoint (is the disk full? torch: {detail})") from None
+            limit = file_size_limit()
+            why = (f"the file size limit, ulimit -f, is {limit:,} bytes;" if limit is not None
+                   and tmp.stat().st_size >= limit else "is the disk full?")  # fmt: skip
+            raise OSError(f"{path}: cannot write the checkpoint ({why} torch: {detail})") from None
 
 
 # What decides the data order, the schedule and the model: a resumed run must agree on all of it.
@@ -621,8 +626,10 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("no curves.png: matplotlib is not installed (pip install 'bertqa[plot]')")
+    except ImportError as e:  # (not installed; or installed, and failing: a library that cannot be mapped, say)
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").partition(".")[0] == "matplotlib"
+        why = "matplotlib is not installed (pip install 'bertqa[plot]')" if missing else f"matplotlib: {first_line(e)}"
+        log.info("no curves.png: %s", why)
         return
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
