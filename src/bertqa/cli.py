@@ -718,10 +718,22 @@ def is_out_of_memory(e: Exception) -> bool:
     if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
         return True
     text = str(e)
-    if isinstance(e, ImportError):  # (the loader could not map a library's code: ulimit -v, say)
-        return "failed to map segment from shared object" in text or "Cannot allocate memory" in text
+    if isinstance(e, ImportError):  # (the loader could not map a library's code: under ulimit -v, say)
+        # (glibc words a library on a noexec mount the same way: only where a memory limit is set is it memory)
+        return "Cannot allocate memory" in text or ("failed to map segment from shared object" in text
+                                                    and _memory_limited())  # fmt: skip
     return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
                                             or "MPS backend out of memory" in text)  # fmt: skip
+
+
+def _memory_limited() -> bool:
+    """Whether the process's address space or data is limited (ulimit -v, ulimit -d)."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return False
+    limits = (getattr(resource, name, None) for name in ("RLIMIT_AS", "RLIMIT_DATA"))
+    return any(resource.getrlimit(limit)[0] != resource.RLIM_INFINITY for limit in limits if limit is not None)
 
 
 def error_line(e: Exception, debug: bool | None) -> str:
