@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from bertqa.cli import usable_cpus
 
 
 def positive(text: str) -> int:
@@ -17,10 +18,11 @@ def positive(text: str) -> int:
 
 
 def cpu_threads(text: str) -> int:
-    """A positive number of threads, at most the machine's CPUs (torch's own error for a huge one names no flag)."""
+    """A positive number of threads, at most the CPUs this process may use (torch's own error for a huge one names
+    no flag)."""
     value = positive(text)
-    if value > (os.cpu_count() or 1):
-        raise argparse.ArgumentTypeError(f"{value}: more than this machine's {os.cpu_count()} CPUs")
+    if value > usable_cpus():
+        raise argparse.ArgumentTypeError(f"{value}: more than the CPUs this process may use ({usable_cpus()})")
     return value
 
 

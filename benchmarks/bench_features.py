@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import shutil
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-from _common import positive, run
+from _common import positive, run, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad-v1.1" / "train-subset.json"
@@ -92,7 +91,7 @@ def main() -> None:
         "hf_tokenize_cold_s": round(hf[0], 4),
         "hf_tokenize_best_s": round(min(hf), 4),
         "speedup_best": round(min(hf) / min(f for _, f in ours), 2),
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),
     }
     print(f"speed-up (HF best / bertqa best): {result['speedup_best']}x")
     print(json.dumps(result))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import tempfile
@@ -82,7 +81,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a fine-tuned QA checkpoint (HF folder)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=positive, help="first N questions only")
-    parser.add_argument("--threads", type=cpu_threads, default=os.cpu_count(), help="intra-op threads for every engine")
+    parser.add_argument("--threads", type=cpu_threads, default=torch.get_num_threads(),
+                        help="intra-op threads for every engine (default: torch's, one per CPU this process may use, "
+                             "or OMP_NUM_THREADS)")  # fmt: skip
     parser.add_argument("--batch-size", type=positive, default=32)
     parser.add_argument("--max-seq-length", type=positive, default=384, help="the windows (as `bertqa evaluate`'s)")
     parser.add_argument("--doc-stride", type=positive, default=128)

@@ -1020,13 +1020,18 @@ def test_bad_server_settings_are_refused_naming_the_flag(settings, message):
         (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
         (["--host", ""], "--host '': empty; name an address (127.0.0.1, or 0.0.0.0 for every interface)"),
         (["--threads", "0"], "--threads must be a positive integer, got 0"),
-        (["--threads", "3000000000"], f"--threads 3000000000: more than this machine's {os.cpu_count()} CPUs"),
+        (["--threads", "3000000000"], "--threads 3000000000: more than the CPUs this process may use (2)"),
+        # (review) Under taskset or a batch scheduler's allocation, the CPUs the process may use, not the machine's
+        (["--threads", "3"], "--threads 3: more than the CPUs this process may use (2)"),
     ],
 )
 def test_bad_serve_flags_are_named_before_serves_imports(monkeypatch, capsys, flags, message):
     # Checked first, in no time: without the serve extra this was the install hint instead.
     from bertqa.cli import main
 
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # (a node of 64, of which this process is given 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)
     monkeypatch.setitem(sys.modules, "bertqa.serve", None)  # as if starlette and uvicorn were not installed
     assert main(["serve", "--model", "nowhere", *flags]) == 1
     assert capsys.readouterr().err.strip() == f"bertqa: error: {message}"

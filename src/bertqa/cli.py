@@ -16,6 +16,16 @@ from .config import ATTENTION_CHOICES, ATTENTION_DROPOUT, PRECISIONS
 from .files import one_line, show_names_of
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: under taskset, a container's cpuset or a batch scheduler's allocation,
+    fewer than the machine's (os.cpu_count()); more threads than these only wait for each other."""
+    if hasattr(os, "process_cpu_count"):  # (Python 3.13)
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 class UsageError(ValueError):
     """A bad command-line value, reported as one line."""
 
@@ -170,8 +180,8 @@ def cmd_serve(args):
         raise UsageError(f"--host {args.host!r}: empty; name an address (127.0.0.1, or 0.0.0.0 for every interface)")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
-    if args.threads is not None and args.threads > (os.cpu_count() or 1):  # (torch's own error named no flag)
-        raise UsageError(f"--threads {args.threads}: more than this machine's {os.cpu_count()} CPUs")
+    if args.threads is not None and args.threads > usable_cpus():  # (torch's own error named no flag)
+        raise UsageError(f"--threads {args.threads}: more than the CPUs this process may use ({usable_cpus()})")
     try:
         import uvicorn.protocols.http.auto  # noqa: F401  (serve() imports it, and h11, after loading: missing, said now)
 
