@@ -1218,14 +1218,17 @@ def test_a_library_the_memory_limit_leaves_no_room_to_load_is_said_so(capsys, mo
         raise ImportError(".../_safetensors_rust.abi3.so: failed to map segment from shared object")
 
     monkeypatch.setattr(cli, "cmd_score", exhausted)
-    monkeypatch.setattr(cli, "_memory_limited", lambda: True)
+    monkeypatch.setattr(cli, "_memory_limit", lambda: "ulimit -v")
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     assert code == 1 and one_error_line(err) == (
         "bertqa: error: out of memory loading a library (.../_safetensors_rust.abi3.so: failed to map segment from "
-        "shared object); is the memory limit (ulimit -v) too low?"
+        "shared object); is ulimit -v too low?"
     )
+    monkeypatch.setattr(cli, "_memory_limit", lambda: "ulimit -d")  # (diff review: the limit that is set is named)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert code == 1 and one_error_line(err).endswith("from shared object); is ulimit -d too low?")
     # (diff review) glibc words a library on a noexec mount the same way: with no memory limit, not memory
-    monkeypatch.setattr(cli, "_memory_limited", lambda: False)
+    monkeypatch.setattr(cli, "_memory_limit", lambda: None)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     assert code == 1 and "out of memory" not in err and "internal error (ImportError: " in one_error_line(err)
 

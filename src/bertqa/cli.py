@@ -731,19 +731,22 @@ def is_out_of_memory(e: Exception) -> bool:
     if isinstance(e, ImportError):  # (the loader could not map a library's code: under ulimit -v, say)
         # (glibc words a library on a noexec mount the same way: only where a memory limit is set is it memory)
         return "Cannot allocate memory" in text or ("failed to map segment from shared object" in text
-                                                    and _memory_limited())  # fmt: skip
+                                                    and _memory_limit() is not None)  # fmt: skip
     return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
                                             or "MPS backend out of memory" in text)  # fmt: skip
 
 
-def _memory_limited() -> bool:
-    """Whether the process's address space or data is limited (ulimit -v, ulimit -d)."""
+def _memory_limit() -> str | None:
+    """The limit set on the process's memory, as the shell sets it ("ulimit -v": its address space; "ulimit -d": its
+    data), or None."""
     try:
         import resource
     except ImportError:  # (Windows)
-        return False
-    limits = (getattr(resource, name, None) for name in ("RLIMIT_AS", "RLIMIT_DATA"))
-    return any(resource.getrlimit(limit)[0] != resource.RLIM_INFINITY for limit in limits if limit is not None)
+        return None
+    for name, flag in (("RLIMIT_AS", "ulimit -v"), ("RLIMIT_DATA", "ulimit -d")):
+        if hasattr(resource, name) and resource.getrlimit(getattr(resource, name))[0] != resource.RLIM_INFINITY:
+            return flag
+    return None
 
 
 def error_line(e: Exception, debug: bool | None) -> str:
@@ -754,7 +757,8 @@ def error_line(e: Exception, debug: bool | None) -> str:
     if is_out_of_memory(e):
         detail = " ".join(str(e).split())[:160]
         if isinstance(e, ImportError):
-            return f"out of memory loading a library ({detail}); is the memory limit (ulimit -v) too low?"
+            limit = _memory_limit()
+            return f"out of memory loading a library ({detail})" + (f"; is {limit} too low?" if limit else "")
         return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
     hint = {True: "the traceback is above", False: "rerun with --debug (or BERTQA_DEBUG=1) for the traceback",
             None: "that rank prints its traceback with --debug (or BERTQA_DEBUG=1)"}[debug]  # fmt: skip
