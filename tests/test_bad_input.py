@@ -1196,6 +1196,7 @@ def test_a_bug_is_one_line_and_its_traceback_comes_with_debug(argv, env, traceba
             "[enforce fail at alloc_cpu.cpp:117] . "
             "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB"
         ),
+        RuntimeError("std::bad_alloc"),  # (review) C++'s, through torch, under ulimit -d: an internal error
     ],
 )
 def test_running_out_of_host_memory_is_said_so_in_one_line(error, capsys, monkeypatch):

@@ -732,8 +732,8 @@ def is_out_of_memory(e: Exception) -> bool:
         # (glibc words a library on a noexec mount the same way: only where a memory limit is set is it memory)
         return "Cannot allocate memory" in text or ("failed to map segment from shared object" in text
                                                     and _memory_limit() is not None)  # fmt: skip
-    return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
-                                            or "MPS backend out of memory" in text)  # fmt: skip
+    allocators = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory", "std::bad_alloc")
+    return isinstance(e, RuntimeError) and any(said in text for said in allocators)  # (the last: C++'s, via torch)
 
 
 def _memory_limit() -> str | None:
