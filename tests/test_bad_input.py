@@ -1204,11 +1204,15 @@ def test_running_out_of_host_memory_is_said_so_in_one_line(error, capsys, monkey
         raise error
 
     monkeypatch.setattr(cli, "cmd_score", exhausted)
+    monkeypatch.setattr(cli, "_memory_limit", lambda: None)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     detail = f" ({error})" if str(error) else ""
     assert code == 1 and one_error_line(err) == (
         f"bertqa: error: out of memory{detail}; a smaller batch or window length may fit"
     )
+    monkeypatch.setattr(cli, "_memory_limit", lambda: "ulimit -d")  # (diff review: a limit set is named)
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert one_error_line(err).endswith("; a smaller batch or window length may fit, or is ulimit -d too low?")
 
 
 def test_a_library_the_memory_limit_leaves_no_room_to_load_is_said_so(capsys, monkeypatch):
@@ -1232,6 +1236,36 @@ def test_a_library_the_memory_limit_leaves_no_room_to_load_is_said_so(capsys, mo
     monkeypatch.setattr(cli, "_memory_limit", lambda: None)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     assert code == 1 and "out of memory" not in err and "internal error (ImportError: " in one_error_line(err)
+
+
+def test_the_memory_limits_set_are_named(monkeypatch):
+    """(diff review) With both set, the one that bit may be either: a roomy ulimit -v named alone sent the user to
+    raise the wrong one. CPython's own failed allocation while importing under a limit is memory too."""
+    try:
+        import resource
+    except ImportError:
+        platform_skip("no resource module (Windows): no memory limit to set")
+    saved = {name: resource.getrlimit(name) for name in (resource.RLIMIT_AS, resource.RLIMIT_DATA)}
+    if any(hard != resource.RLIM_INFINITY for _, hard in saved.values()):
+        platform_skip("a hard memory limit is set for this process: no soft limit can be lifted to test")
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    try:
+        for name in saved:
+            resource.setrlimit(name, unlimited)
+        assert cli._memory_limit() is None
+        for name in saved:  # (set, far above what the process uses)
+            resource.setrlimit(name, (2**50, resource.RLIM_INFINITY))
+        assert cli._memory_limit() == "ulimit -v or ulimit -d"
+        resource.setrlimit(resource.RLIMIT_AS, unlimited)
+        assert cli._memory_limit() == "ulimit -d"
+        assert cli.error_line(SystemError("error return without exception set"), False) == (
+            "out of memory loading a library (error return without exception set); is ulimit -d too low?"
+        )
+        resource.setrlimit(resource.RLIMIT_DATA, unlimited)
+        assert cli.error_line(SystemError("error return without exception set"), False).startswith("internal error")
+    finally:
+        for name, limits in saved.items():
+            resource.setrlimit(name, limits)
 
 
 def test_debug_also_shows_where_a_user_error_came_from(tmp_path, capsys, monkeypatch):

@@ -732,21 +732,25 @@ def is_out_of_memory(e: Exception) -> bool:
         # (glibc words a library on a noexec mount the same way: only where a memory limit is set is it memory)
         return "Cannot allocate memory" in text or ("failed to map segment from shared object" in text
                                                     and _memory_limit() is not None)  # fmt: skip
+    if isinstance(e, SystemError):  # (CPython's own failed allocation, importing under a memory limit)
+        return "without exception set" in text and _memory_limit() is not None
     allocators = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory", "std::bad_alloc")
     return isinstance(e, RuntimeError) and any(said in text for said in allocators)  # (the last: C++'s, via torch)
 
 
 def _memory_limit() -> str | None:
-    """The limit set on the process's memory, as the shell sets it ("ulimit -v": its address space; "ulimit -d": its
-    data), or None."""
+    """The limits set on the process's memory, as the shell sets them ("ulimit -v": its address space; "ulimit -d":
+    its data; "ulimit -v or ulimit -d"), or None."""
     try:
         import resource
     except ImportError:  # (Windows)
         return None
-    for name, flag in (("RLIMIT_AS", "ulimit -v"), ("RLIMIT_DATA", "ulimit -d")):
-        if hasattr(resource, name) and resource.getrlimit(getattr(resource, name))[0] != resource.RLIM_INFINITY:
-            return flag
-    return None
+    flags = [
+        flag
+        for name, flag in (("RLIMIT_AS", "ulimit -v"), ("RLIMIT_DATA", "ulimit -d"))
+        if hasattr(resource, name) and resource.getrlimit(getattr(resource, name))[0] != resource.RLIM_INFINITY
+    ]
+    return " or ".join(flags) or None
 
 
 def error_line(e: Exception, debug: bool | None) -> str:
@@ -756,10 +760,11 @@ def error_line(e: Exception, debug: bool | None) -> str:
         return message_line(e)
     if is_out_of_memory(e):
         detail = " ".join(str(e).split())[:160]
-        if isinstance(e, ImportError):
-            limit = _memory_limit()
+        limit = _memory_limit()
+        if isinstance(e, (ImportError, SystemError)):  # (starting: no batch has run)
             return f"out of memory loading a library ({detail})" + (f"; is {limit} too low?" if limit else "")
-        return f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
+        return (f"out of memory{f' ({detail})' if detail else ''}; a smaller batch or window length may fit"
+                + (f", or is {limit} too low?" if limit else ""))  # fmt: skip
     hint = {True: "the traceback is above", False: "rerun with --debug (or BERTQA_DEBUG=1) for the traceback",
             None: "that rank prints its traceback with --debug (or BERTQA_DEBUG=1)"}[debug]  # fmt: skip
     return f"internal error ({message_line(e)}); {hint}, and please report it"
