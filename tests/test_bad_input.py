@@ -1232,6 +1232,10 @@ def test_a_library_the_memory_limit_leaves_no_room_to_load_is_said_so(capsys, mo
     monkeypatch.setattr(cli, "_memory_limit", lambda: "ulimit -d")  # (diff review: the limit that is set is named)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
     assert code == 1 and one_error_line(err).endswith("from shared object); is ulimit -d too low?")
+    # (diff review) glibc's words for a library's zero-filled part it could not map
+    assert cli.error_line(ImportError("libc10.so: cannot map zero-fill pages"), False) == (
+        "out of memory loading a library (libc10.so: cannot map zero-fill pages); is ulimit -d too low?"
+    )
     # (diff review) glibc words a library on a noexec mount the same way: with no memory limit, not memory
     monkeypatch.setattr(cli, "_memory_limit", lambda: None)
     code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)

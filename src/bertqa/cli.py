@@ -730,7 +730,8 @@ def is_out_of_memory(e: Exception) -> bool:
     text = str(e)
     if isinstance(e, ImportError):  # (the loader could not map a library's code: under ulimit -v, say)
         # (glibc words a library on a noexec mount the same way: only where a memory limit is set is it memory)
-        return "Cannot allocate memory" in text or ("failed to map segment from shared object" in text
+        unmapped = ("failed to map segment from shared object", "cannot map zero-fill pages")  # (glibc's words)
+        return "Cannot allocate memory" in text or (any(said in text for said in unmapped)
                                                     and _memory_limit() is not None)  # fmt: skip
     if isinstance(e, SystemError):  # (CPython's own failed allocation, importing under a memory limit)
         return "without exception set" in text and _memory_limit() is not None
