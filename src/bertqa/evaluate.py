@@ -28,8 +28,8 @@ from .files import (
     files_beside,
     not_a_file,
     note,
+    path_key,
     read_one_version,
-    real_path,
     write_json,
 )
 from .inference import default_batch_size, predict_logits, shard
@@ -139,9 +139,9 @@ class EvalConfig:
     def check_cache_outside(self, outputs) -> None:
         """The features cached inside what the run writes (train's model/, predict's output file) would stop its
         write, after the work."""
-        cache = self.cache_dir and real_path(self.cache_dir)
+        cache = self.cache_dir and path_key(self.cache_dir)  # (neither may exist yet)
         for output in outputs if cache else ():
-            if real_path(output) in (cache, *cache.parents):
+            if path_key(output) in (cache, *cache.parents):
                 raise ValueError(f"--cache-dir {self.cache_dir}: lies in {output}, which this run writes; name another "
                                  "folder")  # fmt: skip
 

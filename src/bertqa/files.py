@@ -406,6 +406,14 @@ def _folded(name: str) -> str:
     return unicodedata.normalize("NFD", name).casefold()
 
 
+def path_key(path: str | os.PathLike) -> Path:
+    """real_path(path) folded, to compare where part of a path does not exist yet (real_path leaves such names as
+    given, and a file system that ignores case makes out/Summary.json and out/summary.json one file once made).
+    Where case counts it can take two such names for one: a refusal where one was not needed, never a write over
+    another's."""
+    return Path(_folded(os.fspath(real_path(path))))
+
+
 def check_no_link_loop(path: Path, flag: str) -> None:
     """Refuse, before any work, an output that is (or lies in) a symbolic link loop: writing it fails, after the
     work, with "Too many levels of symbolic links"."""
@@ -897,7 +905,9 @@ def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True,
     which says so in its own words; nor the folders `above` it for a train's own model/ (exclusive holds its
     parent)."""
     folder = real_path(Path(folder).absolute())
-    whole = [level.parent for level in (folder, *folder.parents) if above and level.name in REPLACED_WHOLE]
+    # (folded: a model/ still to be made is found as Model/ too where the file system ignores case)
+    replaced = {_folded(name) for name in REPLACED_WHOLE}
+    whole = [level.parent for level in (folder, *folder.parents) if above and _folded(level.name) in replaced]
     for level in ([folder] if itself else []) + whole:
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
