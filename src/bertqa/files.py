@@ -392,11 +392,8 @@ def real_path(path: str | os.PathLike) -> Path:
 def _as_listed(folder: Path, name: str) -> str:
     """`name` as `folder` lists it: itself where listed or missing, else the one listed name the same but for case
     and Unicode normalisation (only where the file system found it by a name it does not list)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:  # no such folder, or one that may not be listed
-        return name
-    if name in names or not os.path.lexists(folder / name):
+    names = _listed(folder)
+    if name in names or not os.path.lexists(folder / name):  # (listed, or missing: or a folder that may not be listed)
         return name
     same = [listed for listed in names if _folded(listed) == _folded(name)]
     return same[0] if len(same) == 1 else name
@@ -407,11 +404,33 @@ def _folded(name: str) -> str:
 
 
 def path_key(path: str | os.PathLike) -> Path:
-    """real_path(path) folded, to compare where part of a path does not exist yet (real_path leaves such names as
-    given, and a file system that ignores case makes out/Summary.json and out/summary.json one file once made).
-    Where case counts it can take two such names for one: a refusal where one was not needed, never a write over
-    another's."""
-    return Path(_folded(os.fspath(real_path(path))))
+    """real_path(path), folded where its file system ignores case: to compare paths part of which does not exist yet
+    (real_path leaves such names as given, and there out/Summary.json and out/summary.json are one file once made;
+    where case counts, two)."""
+    real = real_path(path)
+    return Path(_folded(os.fspath(real))) if ignores_case(real) else real
+
+
+def ignores_case(path: Path) -> bool:
+    """Whether the file system at `path` (its nearest existing folder) finds a name whatever its case (macOS's and
+    FAT drives' by default; never Linux's own): the first name with a letter, of those in that folder (else the
+    folder's own, or a folder's above it), found with its case swapped though not listed so."""
+    folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
+    names = _listed(folder)
+    pairs = [(folder, name) for name in names] + [(p.parent, p.name) for p in (folder, *folder.parents) if p.name]
+    for place, name in pairs:
+        swapped = name.swapcase()
+        if swapped != name:
+            return swapped not in (names if place == folder else _listed(place)) and os.path.lexists(place / swapped)
+    return False
+
+
+def _listed(folder: Path) -> list[str]:
+    """The names in `folder`; none where it cannot be listed (missing, or not readable)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def check_no_link_loop(path: Path, flag: str) -> None:
@@ -905,9 +924,10 @@ def check_not_claimed(folder: str | os.PathLike, what: str, itself: bool = True,
     which says so in its own words; nor the folders `above` it for a train's own model/ (exclusive holds its
     parent)."""
     folder = real_path(Path(folder).absolute())
-    # (folded: a model/ still to be made is found as Model/ too where the file system ignores case)
+    # (a model/ still to be made is found as Model/ too where the file system ignores case)
     replaced = {_folded(name) for name in REPLACED_WHOLE}
-    whole = [level.parent for level in (folder, *folder.parents) if above and _folded(level.name) in replaced]
+    whole = [level.parent for level in (folder, *folder.parents) if above and (level.name in REPLACED_WHOLE or (
+        _folded(level.name) in replaced and ignores_case(level)))]  # fmt: skip
     for level in ([folder] if itself else []) + whole:
         try:
             fd = os.open(level, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
