@@ -719,17 +719,24 @@ def test_predict_refuses_a_features_cache_in_a_file_it_writes(inputs, tmp_path, 
     assert tree(tmp_path) == []
 
 
-@pytest.mark.parametrize("ignoring_case", [False, True])
-def test_paths_still_to_be_made_are_one_where_the_file_system_ignores_case(ignoring_case, inputs, tmp_path, request):
+@pytest.mark.parametrize("ignoring_case", [False, True, "an empty drive"])
+def test_paths_still_to_be_made_are_one_where_the_file_system_ignores_case(ignoring_case, inputs, tmp_path, request,
+                                                                           monkeypatch):  # fmt: skip
     """(review) A features cache in Pred.json/ lies in the pred.json a run writes, and a running train's model/
     still to be made is Model/ too, where the file system ignores case (macOS, FAT): neither was seen, the names
-    compared as given. Where case counts (diff review) each is a name of its own, not refused."""
+    compared as given. Where case counts (diff review) each is a name of its own, not refused. On a drive holding
+    no name to tell by (an empty USB stick), taken as ignoring case: its root's own name is the drive's above."""
+    import bertqa.files
     from bertqa.evaluate import PredictConfig
     from bertqa.files import check_not_claimed, exclusive
 
     if ignoring_case:
         request.getfixturevalue("like_macos")
-    (tmp_path / "notes.txt").write_text("a name with letters: what tells how this file system takes case")
+    if ignoring_case == "an empty drive":  # (tmp_path a drive's root: what is above it, another drive)
+        inside = str(tmp_path.resolve())
+        monkeypatch.setattr(bertqa.files, "_device", lambda p: 1 if str(p).startswith(inside) else 0, raising=False)
+    else:
+        (tmp_path / "notes.txt").write_text("a name with letters: what tells how this file system takes case")
     cfg = PredictConfig(model=str(inputs["tiny"]), predict_file=str(inputs["squad"]), output=str(tmp_path / "p.json"),
                         cache_dir=str(tmp_path / "P.json" / "cache"))  # fmt: skip
     with exclusive(tmp_path):  # (a train writing there)

@@ -413,16 +413,29 @@ def path_key(path: str | os.PathLike) -> Path:
 
 def ignores_case(path: Path) -> bool:
     """Whether the file system at `path` (its nearest existing folder) finds a name whatever its case (macOS's and
-    FAT drives' by default; never Linux's own): the first name with a letter, of those in that folder (else the
-    folder's own, or a folder's above it), found with its case swapped though not listed so."""
+    FAT drives' by default; never Linux's own): the first ASCII name with a letter, of those in that folder (else
+    the folder's own, or a folder's above it on the same drive), found with its case swapped though not listed so.
+    True where no name on that drive tells (an empty drive): two names are then taken for one, at worst a refusal
+    where none was needed, never a write into another's."""
     folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
-    names = _listed(folder)
-    pairs = [(folder, name) for name in names] + [(p.parent, p.name) for p in (folder, *folder.parents) if p.name]
+    pairs = [(folder, name) for name in _listed(folder)]
+    device = _device(folder)
+    for level in (folder, *folder.parents):
+        if not level.name or _device(level.parent) != device:  # (a drive's root: its name is on the drive above)
+            break
+        pairs.append((level.parent, level.name))
     for place, name in pairs:
         swapped = name.swapcase()
-        if swapped != name:
-            return swapped not in (names if place == folder else _listed(place)) and os.path.lexists(place / swapped)
-    return False
+        if name.isascii() and swapped != name:  # (non-ASCII: Linux's vfat ignores the case of ASCII letters only)
+            return swapped not in _listed(place) and os.path.lexists(place / swapped)
+    return True
+
+
+def _device(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
 
 
 def _listed(folder: Path) -> list[str]:
