@@ -750,6 +750,24 @@ def test_paths_still_to_be_made_are_one_where_the_file_system_ignores_case(ignor
             check_not_claimed(tmp_path / "MODEL" / "sub", "--output x")
 
 
+def test_a_folder_that_cannot_be_listed_tells_nothing_of_case(tmp_path, monkeypatch):
+    """(diff review) A folder that may be searched but not listed (mode 711, another's) read as listing nothing:
+    its sub/ beside SUB/ then told that case is ignored, on Linux."""
+    from bertqa.files import ignores_case
+
+    (tmp_path / "xonly" / "sub").mkdir(parents=True)
+    (tmp_path / "xonly" / "SUB").mkdir()
+    real_listdir, hidden = os.listdir, str(tmp_path / "xonly")
+
+    def listdir(path="."):
+        if os.fspath(path) == hidden:
+            raise PermissionError(13, "Permission denied", hidden)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert ignores_case(tmp_path / "xonly" / "sub" / "x") is False
+
+
 def test_the_cache_check_takes_a_link_loop_as_a_path_not_an_internal_error(inputs, tmp_path):
     """Path.resolve() raises RuntimeError on a loop ("internal error ... please report it"); a looping cache folder
     is the usual unwritable cache (a warning), a looping output the output check's to name."""

@@ -392,7 +392,7 @@ def real_path(path: str | os.PathLike) -> Path:
 def _as_listed(folder: Path, name: str) -> str:
     """`name` as `folder` lists it: itself where listed or missing, else the one listed name the same but for case
     and Unicode normalisation (only where the file system found it by a name it does not list)."""
-    names = _listed(folder)
+    names = _listed(folder) or []
     if name in names or not os.path.lexists(folder / name):  # (listed, or missing: or a folder that may not be listed)
         return name
     same = [listed for listed in names if _folded(listed) == _folded(name)]
@@ -418,7 +418,7 @@ def ignores_case(path: Path) -> bool:
     True where no name on that drive tells (an empty drive): two names are then taken for one, at worst a refusal
     where none was needed, never a write into another's."""
     folder = next(p for p in (path, *path.parents) if os.path.isdir(p))
-    pairs = [(folder, name) for name in _listed(folder)]
+    pairs = [(folder, name) for name in _listed(folder) or ()]
     device = _device(folder)
     for level in (folder, *folder.parents):
         if not level.name or _device(level.parent) != device:  # (a drive's root: its name is on the drive above)
@@ -426,8 +426,11 @@ def ignores_case(path: Path) -> bool:
         pairs.append((level.parent, level.name))
     for place, name in pairs:
         swapped = name.swapcase()
-        if name.isascii() and swapped != name:  # (non-ASCII: Linux's vfat ignores the case of ASCII letters only)
-            return swapped not in _listed(place) and os.path.lexists(place / swapped)
+        if not name.isascii() or swapped == name:  # (Linux's vfat ignores the case of ASCII letters only)
+            continue
+        listed = _listed(place)
+        if listed is not None:  # (a folder that cannot be listed tells nothing)
+            return swapped not in listed and os.path.lexists(place / swapped)
     return True
 
 
@@ -438,12 +441,12 @@ def _device(path: Path) -> int | None:
         return None
 
 
-def _listed(folder: Path) -> list[str]:
-    """The names in `folder`; none where it cannot be listed (missing, or not readable)."""
+def _listed(folder: Path) -> list[str] | None:
+    """The names in `folder`; None where it cannot be listed (missing, or not readable)."""
     try:
         return os.listdir(folder)
     except OSError:
-        return []
+        return None
 
 
 def check_no_link_loop(path: Path, flag: str) -> None:
