@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from .config import ATTENTION_CHOICES, ATTENTION_DROPOUT, PRECISIONS
-from .files import one_line, show_names_of
+from .files import one_line, show_names_of, soft_limit
 
 
 def usable_cpus() -> int:
@@ -742,14 +742,10 @@ def is_out_of_memory(e: Exception) -> bool:
 def _memory_limit() -> str | None:
     """The limits set on the process's memory, as the shell sets them ("ulimit -v": its address space; "ulimit -d":
     its data; "ulimit -v or ulimit -d"), or None."""
-    try:
-        import resource
-    except ImportError:  # (Windows)
-        return None
     flags = [
         flag
         for name, flag in (("RLIMIT_AS", "ulimit -v"), ("RLIMIT_DATA", "ulimit -d"))
-        if hasattr(resource, name) and resource.getrlimit(getattr(resource, name))[0] != resource.RLIM_INFINITY
+        if soft_limit(name) not in (None, math.inf)
     ]
     return " or ".join(flags) or None
 

@@ -10,6 +10,7 @@ import errno
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,10 @@ try:
     import fcntl
 except ImportError:  # not POSIX (Windows): no locks are taken (_NoLocks)
     fcntl = None
+try:  # (imported here, not where a limit is read: out of file descriptors, an import fails)
+    import resource
+except ImportError:  # not POSIX (Windows): no limits (soft_limit)
+    resource = None
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts (one in weights' place)
 
@@ -250,14 +255,14 @@ def note(line: str) -> None:
     print(line, flush=True)
 
 
-def file_size_limit() -> int | None:
-    """The largest file this process may write, in bytes (`ulimit -f`); None where there is no limit."""
-    try:
-        import resource
-    except ImportError:  # (Windows)
+def soft_limit(name: str) -> float | None:
+    """The process's soft limit `name` (a resource.RLIMIT_* name: what `ulimit` sets), math.inf where unlimited,
+    None where the system has no such limit (Windows)."""
+    which = getattr(resource, name, None)
+    if which is None:
         return None
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
+    soft = resource.getrlimit(which)[0]
+    return math.inf if soft == resource.RLIM_INFINITY else soft
 
 
 def first_line(e: BaseException) -> str:

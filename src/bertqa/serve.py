@@ -32,11 +32,6 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-try:  # (imported here: out of file descriptors, as where it is read, an import fails)
-    import resource
-except ImportError:  # not POSIX (Windows)
-    resource = None
-
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -45,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .cli import is_out_of_memory
-from .files import first_line, note
+from .files import first_line, note, soft_limit
 from .inference import NonFiniteLogits
 from .qa import QuestionAnswerer, check_pairs, input_pairs, window_settings
 from .squad.features import TooManyWindows, check_positive
@@ -852,10 +847,8 @@ def _loop_errors(server):
 
 
 def _open_files_limit() -> str:
-    if resource is None:  # (Windows)
-        return "unknown"
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return "none" if soft == resource.RLIM_INFINITY else str(soft)
+    soft = soft_limit("RLIMIT_NOFILE")
+    return "unknown" if soft is None else "none" if soft == math.inf else str(soft)
 
 
 # A port a closed server's connections still wait on (TIME_WAIT) is taken again at once; not on Windows, where the

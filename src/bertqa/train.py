@@ -44,7 +44,6 @@ from .files import (
     atomic_path,
     exclusive,
     file_id,
-    file_size_limit,
     first_line,
     fsync_path,
     holds_current_folder,
@@ -54,6 +53,7 @@ from .files import (
     remove_output,
     remove_tree,
     set_mode,
+    soft_limit,
     utf8_name,
 )
 from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchronize
@@ -212,7 +212,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
             if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
                 raise
             detail = " ".join(str(e).split())[:200]
-            limit = file_size_limit()
+            limit = soft_limit("RLIMIT_FSIZE")
             why = (f"the file size limit, ulimit -f, is {limit:,} bytes;" if limit is not None
                    and tmp.stat().st_size >= limit else "is the disk full?")  # fmt: skip
             raise OSError(f"{path}: cannot write the checkpoint ({why} torch: {detail})") from None
