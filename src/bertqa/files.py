@@ -375,11 +375,7 @@ def _model_file_of(path: Path, folder: Path) -> bool:
     if not path.is_symlink() and not any(p.is_symlink() for p in path.absolute().parents):
         return False
     target = real_path(path)
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    return any(MODEL_FILE.fullmatch(name) and real_path(folder / name) == target for name in names)
+    return any(MODEL_FILE.fullmatch(name) and real_path(folder / name) == target for name in _listed(folder) or ())
 
 
 def real_path(path: str | os.PathLike) -> Path:

@@ -465,10 +465,7 @@ class MetricsLog:
             if mode is not None:  # the mode of the file it stands in for (as atomic_path keeps a replaced file's),
                 set_mode(real, mode)  # once open: a read-only one is still appended to
         except BaseException:
-            with contextlib.suppress(OSError):  # (the writer's own error, once more: the one raised stands)
-                self.close_tb()
-            if self.file is not None:
-                self.file.close()
+            self.close(failed=True)
             self._put_back()  # (a full disk, a file it may not write): the earlier curves stay the folder's
             if board_made and _events_only(board):  # (SummaryWriter makes the folder, and a file, before it fails)
                 remove_tree(board)
@@ -506,9 +503,13 @@ class MetricsLog:
         if tb is not None:
             self._on_board(tb.close)
 
-    def close(self) -> None:
-        self.file.close()
-        self.close_tb()
+    def close(self, failed: bool = False) -> None:
+        """Both closed; where the run has `failed` already, TensorBoard's error (often that same one, a full disk,
+        raised again by its writer) is not raised over the run's own."""
+        if self.file is not None:
+            self.file.close()
+        with contextlib.suppress(OSError) if failed else contextlib.nullcontext():
+            self.close_tb()
 
     def checkpointed(self) -> None:
         """This run's checkpoint is saved: an earlier run's curves set aside are no longer the folder's."""
@@ -526,12 +527,9 @@ class MetricsLog:
         """close(), as the run's exit callback; a failed run that logged no line leaves no empty file (nor so the
         folders made for the run, which are removed again when empty); one that failed before its first
         checkpoint puts back the earlier run's lines it set aside."""
+        self.close(failed=kind is not None)
         if kind is None:
-            self.close()
             return
-        self.file.close()
-        with contextlib.suppress(OSError):  # (the run's own error stands: often this same one, a full disk)
-            self.close_tb()
         if self.earlier:
             # (else at the next start into the folder; the run's own error stands)
             with contextlib.suppress(OSError, ValueError):
