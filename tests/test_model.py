@@ -590,11 +590,14 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
     assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 0.0, True), x)
 
 
-def test_auto_attention_choices_on_a_cpu(monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_attention_choices_on_a_cpu(monkeypatch, amx):
     """auto: blocked on a CPU in training, with or without attention dropout, at every length (the probabilities
-    kept or recomputed), and in bf16 inference; SDPA's fused kernel in fp32 inference."""
+    kept or recomputed), and in bf16 / fp16 inference but on a CPU with AMX; SDPA's fused kernel in fp32 inference,
+    and in every inference on a CPU with AMX (the probe mocked: these machines differ)."""
     import bertqa.model as model
 
+    monkeypatch.setattr(model, "cpu_has_amx", lambda: amx)
     _, ours = hf_pair("gelu")
     calls = []
     for name in ("eager", "sdpa", "blocked"):
@@ -611,12 +614,26 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch):
         ours(torch.ones(2, T, dtype=torch.long))
         assert set(calls) == {used}, (training, dropout, T)
     ours.eval()
-    for autocast, used in ((False, "sdpa"), (True, "blocked")):  # inference (no autograd): fp32, then bf16
+    reduced = "sdpa" if amx else "blocked"
+    for dtype, used in ((None, "sdpa"), (torch.bfloat16, reduced), (torch.float16, reduced)):  # inference
         calls.clear()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             ours(torch.ones(2, 8, dtype=torch.long))
-        assert set(calls) == {used}, autocast
+        assert set(calls) == {used}, dtype
     assert model.auto_attention(torch.device("cuda"), 0.0) == "sdpa"
+
+
+def test_cpu_has_amx_reads_the_amx_bf16_flag(monkeypatch):
+    import bertqa.model as model
+
+    for features, amx in (({"amx_bf16": True, "avx512_bf16": True}, True), ({"avx512_bf16": True}, False),
+                          ({"amx_bf16": False}, False), (None, False)):  # fmt: skip
+        monkeypatch.setattr(model, "cpu_features", lambda f=features: f)
+        model.cpu_has_amx.cache_clear()
+        try:
+            assert model.cpu_has_amx() is amx, features
+        finally:
+            model.cpu_has_amx.cache_clear()
 
 
 def test_sdpa_attention_keeps_cudnn_attention_out(monkeypatch):

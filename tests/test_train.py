@@ -374,15 +374,20 @@ def test_a_run_that_would_delete_its_current_folder_or_cache_is_refused_before_a
     cfg.validate()
 
 
-def test_startup_line_says_what_auto_attention_is_on_the_device():
+def test_startup_line_says_what_auto_attention_is_on_the_device(monkeypatch):
+    import bertqa.model
     from bertqa.distributed import Dist
     from bertqa.evaluate import startup_line
     from bertqa.runtime import Precision
 
     fp32 = Precision.resolve("fp32", torch.device("cpu"))
+    monkeypatch.setattr(bertqa.model, "cpu_has_amx", lambda: False)
     on_cpu = startup_line(Dist(device=torch.device("cpu")), fp32, "auto")
     on_gpu = startup_line(Dist(device=torch.device("cuda", 0)), fp32, "auto")
-    assert "attention auto (blocked on a CPU" in on_cpu
+    assert "attention auto (blocked on a CPU but sdpa in fp32 inference)," in on_cpu
+    monkeypatch.setattr(bertqa.model, "cpu_has_amx", lambda: True)
+    on_amx = startup_line(Dist(device=torch.device("cpu")), fp32, "auto")
+    assert "attention auto (blocked to train, sdpa to infer: CPU has AMX)," in on_amx
     assert "device cuda:0" in on_gpu and "attention auto (sdpa:" in on_gpu and "blocked" not in on_gpu
     assert "attention eager," in startup_line(Dist(), fp32, "eager")
 

@@ -33,6 +33,7 @@ from .files import (
     write_json,
 )
 from .inference import default_batch_size, predict_logits, shard
+from .model import auto_attention_in_words
 from .runtime import Precision
 from .squad.data import is_squad_v2, load_json, parse_squad
 from .squad.features import check_finite, check_positive, check_window_params, load_features
@@ -273,9 +274,7 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
 def startup_line(d: Dist, precision: Precision, attention: str) -> str:
     described = {
         "sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-        "auto": "auto (blocked on a CPU but sdpa in fp32 inference; else sdpa)"
-        if d.device.type == "cpu"
-        else "auto (sdpa: flash/memory-efficient kernels)",
+        "auto": f"auto ({auto_attention_in_words(d.device)})",
     }
     attention = described.get(attention, attention)
     return (
