@@ -593,8 +593,8 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
 @pytest.mark.parametrize("amx", [False, True])
 def test_auto_attention_choices_on_a_cpu(monkeypatch, amx):
     """auto: blocked on a CPU in training, with or without attention dropout, at every length (the probabilities
-    kept or recomputed), and in bf16 / fp16 inference but on a CPU with AMX; SDPA's fused kernel in fp32 inference,
-    and in every inference on a CPU with AMX (the probe mocked: these machines differ)."""
+    kept or recomputed), and in bf16 / fp16 inference but bf16 on a CPU with AMX; SDPA's fused kernel in fp32
+    inference, and in bf16 inference on a CPU with AMX (the probe mocked: these machines differ)."""
     import bertqa.model as model
 
     monkeypatch.setattr(model, "cpu_has_amx", lambda: amx)
@@ -614,8 +614,8 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch, amx):
         ours(torch.ones(2, T, dtype=torch.long))
         assert set(calls) == {used}, (training, dropout, T)
     ours.eval()
-    reduced = "sdpa" if amx else "blocked"
-    for dtype, used in ((None, "sdpa"), (torch.bfloat16, reduced), (torch.float16, reduced)):  # inference
+    bf16 = "sdpa" if amx else "blocked"
+    for dtype, used in ((None, "sdpa"), (torch.bfloat16, bf16), (torch.float16, "blocked")):  # inference
         calls.clear()
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             ours(torch.ones(2, 8, dtype=torch.long))
@@ -623,15 +623,21 @@ def test_auto_attention_choices_on_a_cpu(monkeypatch, amx):
     assert model.auto_attention(torch.device("cuda"), 0.0) == "sdpa"
 
 
-def test_cpu_has_amx_reads_the_amx_bf16_flag(monkeypatch):
+def test_cpu_has_amx_reads_the_amx_bf16_flag_and_onednn_cap(monkeypatch):
     import bertqa.model as model
 
-    for features, amx in (({"amx_bf16": True, "avx512_bf16": True}, True), ({"avx512_bf16": True}, False),
-                          ({"amx_bf16": False}, False), (None, False)):  # fmt: skip
+    amx = {"amx_bf16": True, "avx512_bf16": True}
+    for features, cap, has in ((amx, None, True), ({"avx512_bf16": True}, None, False), ({"amx_bf16": False}, None, False),
+                               (None, None, False), (amx, "AVX512_CORE_BF16", False), (amx, "avx2", False),
+                               (amx, "AVX512_CORE_AMX", True), (amx, "ALL", True)):  # fmt: skip
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            monkeypatch.delenv(name, raising=False)
+        if cap:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         monkeypatch.setattr(model, "cpu_features", lambda f=features: f)
         model.cpu_has_amx.cache_clear()
         try:
-            assert model.cpu_has_amx() is amx, features
+            assert model.cpu_has_amx() is has, (features, cap)
         finally:
             model.cpu_has_amx.cache_clear()
 

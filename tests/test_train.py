@@ -384,10 +384,12 @@ def test_startup_line_says_what_auto_attention_is_on_the_device(monkeypatch):
     monkeypatch.setattr(bertqa.model, "cpu_has_amx", lambda: False)
     on_cpu = startup_line(Dist(device=torch.device("cpu")), fp32, "auto")
     on_gpu = startup_line(Dist(device=torch.device("cuda", 0)), fp32, "auto")
-    assert "attention auto (blocked on a CPU but sdpa in fp32 inference)," in on_cpu
+    assert "attention auto (blocked to train, sdpa to infer in fp32, blocked in bf16 / fp16)," in on_cpu
+    compiled = startup_line(Dist(device=torch.device("cpu")), fp32, "auto", compiled=True)
+    assert "attention auto (sdpa to train (torch.compile), sdpa to infer in fp32, blocked in" in compiled
     monkeypatch.setattr(bertqa.model, "cpu_has_amx", lambda: True)
     on_amx = startup_line(Dist(device=torch.device("cpu")), fp32, "auto")
-    assert "attention auto (blocked to train, sdpa to infer: CPU has AMX)," in on_amx
+    assert "attention auto (blocked to train, sdpa to infer in fp32 and bf16, blocked in fp16: CPU has AMX)," in on_amx
     assert "device cuda:0" in on_gpu and "attention auto (sdpa:" in on_gpu and "blocked" not in on_gpu
     assert "attention eager," in startup_line(Dist(), fp32, "eager")
 

@@ -271,10 +271,10 @@ def load_tokenizer_and_model(cfg: EvalConfig, d: Dist, for_inference: bool = Tru
     return tokenizer, model
 
 
-def startup_line(d: Dist, precision: Precision, attention: str) -> str:
+def startup_line(d: Dist, precision: Precision, attention: str, compiled: bool = False) -> str:
     described = {
         "sdpa": "sdpa (flash/memory-efficient kernels where the device has them)",
-        "auto": f"auto ({auto_attention_in_words(d.device)})",
+        "auto": f"auto ({auto_attention_in_words(d.device, compiled)})",
     }
     attention = described.get(attention, attention)
     return (

@@ -20,7 +20,7 @@ from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ATTENTION_CHOICES, BertConfig
-from .runtime import cpu_features
+from .runtime import cpu_features, onednn_may_use
 
 
 def _gelu_tanh(x):
@@ -394,7 +394,7 @@ class BlockedAttention(torch.autograd.Function):
     still in cache; the scale and the padding bias ride on the first GEMM (baddbmm). The backward pass goes
     block by block too, from the kept probabilities or, beyond KEEP_PROBS_MAX_LEN tokens, from probabilities
     recomputed as the fused kernels do. On a CPU: 1.7-2x faster than the plain written-out form to train, and
-    faster than SDPA's fused kernels but in fp32 inference and on a CPU with AMX (auto_attention).
+    faster than SDPA's fused kernels but in fp32 inference and in bf16 inference on a CPU with AMX (auto_attention).
 
     With `dropout_p`, each block's probabilities are dropped before the product with v (and dP masked alike in the
     backward pass) by BitDropout's mask of all the (B, nh, T, T) probabilities, drawn as the written-out form's
@@ -490,36 +490,41 @@ ATTENTION = {"sdpa": sdpa_attention, "eager": eager_attention, "blocked": blocke
 
 @functools.cache
 def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles for bf16 (Intel Xeon from Sapphire Rapids on), as torch's cpuinfo reports it.
-    There SDPA's fused CPU kernel runs its bf16 / fp16 GEMMs as AMX tile kernels and infers faster than the blocked
-    attention, whose batched GEMMs per head do not gain as much."""
-    return bool((cpu_features() or {}).get("amx_bf16"))
+    """Whether the CPU has AMX tiles for bf16 (Intel Xeon from Sapphire Rapids on), as torch's cpuinfo reports it,
+    and no ONEDNN_MAX_CPU_ISA keeps oneDNN from them. There SDPA's fused CPU kernel runs its bf16 GEMMs as AMX tile
+    kernels and infers faster than the blocked attention, whose batched GEMMs per head do not gain as much."""
+    return bool((cpu_features() or {}).get("amx_bf16")) and onednn_may_use("amx_bf16")
 
 
 def auto_attention(device: torch.device, dropout_p: float, dtype: torch.dtype = torch.bfloat16,
                    backward: bool = True) -> str:  # fmt: skip
     """On a CPU, the blocked attention (the fastest there to train, with or without dropout on the attention
-    probabilities, and to infer in bf16 / fp16 but on a CPU with AMX), and SDPA's fused kernel to infer in fp32
-    (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and on a CPU with
-    AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on a Xeon with AMX; README). Other
-    devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func or forward-mode AD: the
-    written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked attention no functorch rules)."""
+    probabilities, and to infer in bf16 / fp16 but in bf16 on a CPU with AMX), and SDPA's fused kernel to infer in
+    fp32 (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and in bf16
+    on a CPU with AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on an Intel Xeon with
+    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there: this Xeon has no AMX for fp16, and SDPA's
+    kernel adds the padding bias in fp32, where it does not swallow the scores of a row whose keys are all masked
+    (see sdpa_attention). Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
+    or forward-mode AD: the written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked
+    attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return "sdpa"
     if not _plain_autograd():
         return "eager"
     if backward or dropout_p != 0:
         return "blocked"
-    return "sdpa" if dtype == torch.float32 or cpu_has_amx() else "blocked"
+    return "sdpa" if dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_amx()) else "blocked"
 
 
-def auto_attention_in_words(device: torch.device) -> str:
-    """What auto_attention runs on `device` (the start-up line's words)."""
+def auto_attention_in_words(device: torch.device, compiled: bool = False) -> str:
+    """What auto_attention runs on `device` (the start-up line's words); `compiled`: the training forward is
+    torch.compile'd (evaluation is not)."""
     if device.type != "cpu":
         return "sdpa: flash/memory-efficient kernels"
+    train = "sdpa to train (torch.compile)" if compiled else "blocked to train"
     if cpu_has_amx():
-        return "blocked to train, sdpa to infer: CPU has AMX"
-    return "blocked on a CPU but sdpa in fp32 inference"
+        return f"{train}, sdpa to infer in fp32 and bf16, blocked in fp16: CPU has AMX"
+    return f"{train}, sdpa to infer in fp32, blocked in bf16 / fp16"
 
 
 class QAOutput(NamedTuple):

@@ -58,6 +58,12 @@ def onednn_isa_cap() -> tuple[str, int] | None:
     return None
 
 
+def onednn_may_use(feature: str) -> bool:
+    """Whether no instruction-set cap (onednn_isa_cap) keeps oneDNN from `feature`, a key of ISA_NEEDED."""
+    cap = onednn_isa_cap()
+    return cap is None or cap[1] & ISA_NEEDED[feature] == ISA_NEEDED[feature]
+
+
 # ROCm GPUs with bf16 and fp16 matrix instructions, by the start of their architecture name (gcnArchName):
 # MFMA on CDNA 1 to 4 (MI100 gfx908, MI200 gfx90a, MI300 gfx94x, MI350 gfx950), WMMA on RDNA 3 and 4 (gfx11xx,
 # gfx12xx). Older ones (MI50/MI60 and Radeon VII gfx906, Vega gfx900, RDNA 2 gfx103x) have none: a ROCm
@@ -93,12 +99,12 @@ def native_precision(precision: str, device: torch.device, features: dict | None
         have = [f for f in CPU_NATIVE[precision] if features.get(f)]
         if not have:
             return False, f"CPU lacks {' and '.join(CPU_NATIVE[precision])}"
-        cap = onednn_isa_cap()
-        usable = [f for f in have if cap is None or cap[1] & ISA_NEEDED[f] == ISA_NEEDED[f]]
+        usable = [f for f in have if onednn_may_use(f)]
         if not usable:
             return (
                 False,
-                f"CPU has {'/'.join(have)}, but {cap[0]} keeps oneDNN from {'them' if len(have) > 1 else 'it'}",
+                f"CPU has {'/'.join(have)}, but {onednn_isa_cap()[0]} keeps oneDNN from "
+                f"{'them' if len(have) > 1 else 'it'}",
             )
         return True, f"CPU has {'/'.join(usable)}"
     return False, f"{device.type}: native {precision} support unknown"

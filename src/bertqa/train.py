@@ -777,7 +777,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
         note(f"bertqa: --resume: no {ckpt_path} yet, starting from the beginning")
 
     if d.is_main:
-        note(startup_line(d, precision, cfg.attention))
+        note(startup_line(d, precision, cfg.attention, cfg.compile))
         note(
             f"bertqa: {len(features)} training features, {total_steps} steps of {global_batch} "
             f"({cfg.train_batch_size} per device x {cfg.grad_accum} accumulation x {d.world_size} ranks)"
