@@ -394,6 +394,20 @@ def test_startup_line_says_what_auto_attention_is_on_the_device(monkeypatch):
     assert "attention eager," in startup_line(Dist(), fp32, "eager")
 
 
+def test_train_start_up_line_names_the_compiled_training_attention(tiny_dir, small_squad, tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    """train --compile on a CPU trains with SDPA (auto_attention under torch.compile), and its start-up line says
+    so; without it, the blocked attention. (torch.compile mocked: the line is under test, not the compiler.)"""
+    import bertqa.train
+
+    monkeypatch.setattr(bertqa.train, "check_compiler", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    for compiled, words in ((True, "sdpa to train (torch.compile)"), (False, "blocked to train")):
+        train(cfg_for(tiny_dir, small_squad, tmp_path / f"run{compiled}", max_steps=1, compile=compiled))
+        line = next(x for x in capsys.readouterr().out.splitlines() if " attention auto (" in x)
+        assert f"attention auto ({words}, sdpa to infer in fp32" in line, line
+
+
 def test_fine_tuning_lowers_the_loss_and_writes_every_output(tiny_dir, small_squad, tmp_path, capsys):
     out = tmp_path / "run"
     tensorboard = importlib.util.find_spec("tensorboard") is not None

@@ -315,8 +315,9 @@ def sdpa_attention(q, k, v, mask, dropout_p):
     gradients would not: the fused kernels' log-sum-exp loses log(T) beside a bias that large (dv came out T times
     too large), so in training such a row attends to every key with equal scores instead (q zeroed: the same
     average and dv, and the exact gradients of that average, none for q and k, where the written-out forms give
-    those of a softmax the bias swallowed; no host sync to find the rows)."""
-    if mask is not None and torch.is_grad_enabled() and q.requires_grad:
+    those of a softmax the bias swallowed; no host sync to find the rows). So too in fp16: its bias (half of -65504)
+    does not swallow the scores in the kernels' fp32 arithmetic, where such a row took the softmax of its scores."""
+    if mask is not None and (q.dtype == torch.float16 or (torch.is_grad_enabled() and q.requires_grad)):
         live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
         mask, q = mask | ~live, q * live
     with sdpa_kernel(SDPA_BACKENDS):
@@ -502,9 +503,8 @@ def auto_attention(device: torch.device, dropout_p: float, dtype: torch.dtype = 
     probabilities, and to infer in bf16 / fp16 but in bf16 on a CPU with AMX), and SDPA's fused kernel to infer in
     fp32 (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and in bf16
     on a CPU with AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on an Intel Xeon with
-    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there: this Xeon has no AMX for fp16, and SDPA's
-    kernel adds the padding bias in fp32, where it does not swallow the scores of a row whose keys are all masked
-    (see sdpa_attention). Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
+    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there: the rule follows AMX for bf16, and AMX for
+    fp16 (amx_fp16) is a later CPU's, which no run here had. Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
     or forward-mode AD: the written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked
     attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
