@@ -403,7 +403,7 @@ def test_train_start_up_line_names_the_compiled_training_attention(tiny_dir, sma
     monkeypatch.setattr(bertqa.train, "check_compiler", lambda device: None)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     for compiled, words in ((True, "sdpa to train (torch.compile)"), (False, "blocked to train")):
-        train(cfg_for(tiny_dir, small_squad, tmp_path / f"run{compiled}", max_steps=1, compile=compiled))
+        train(cfg_for(tiny_dir, small_squad, tmp_path / f"run{compiled}", max_steps=1, compile=compiled, device="cpu"))
         line = next(x for x in capsys.readouterr().out.splitlines() if " attention auto (" in x)
         assert f"attention auto ({words}, sdpa to infer in fp32" in line, line
 

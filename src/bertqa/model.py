@@ -315,13 +315,28 @@ def sdpa_attention(q, k, v, mask, dropout_p):
     gradients would not: the fused kernels' log-sum-exp loses log(T) beside a bias that large (dv came out T times
     too large), so in training such a row attends to every key with equal scores instead (q zeroed: the same
     average and dv, and the exact gradients of that average, none for q and k, where the written-out forms give
-    those of a softmax the bias swallowed; no host sync to find the rows). So too in fp16: its bias (half of -65504)
-    does not swallow the scores in the kernels' fp32 arithmetic, where such a row took the softmax of its scores."""
-    if mask is not None and (q.dtype == torch.float16 or (torch.is_grad_enabled() and q.requires_grad)):
-        live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
-        mask, q = mask | ~live, q * live
+    those of a softmax the bias swallowed; no host sync to find the rows). So too in fp16 (_dead_rows_zeroed)."""
+    if mask is not None and (_fp16(q) or (torch.is_grad_enabled() and q.requires_grad)):
+        mask, q = _dead_rows_zeroed(q, mask)
     with sdpa_kernel(SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(mask, q), dropout_p=dropout_p)
+
+
+def _fp16(q) -> bool:
+    """Whether attention on q computes in fp16 (q's own dtype, or autocast's)."""
+    device = q.device.type
+    return q.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+
+
+def _dead_rows_zeroed(q, mask):
+    """(mask, q) where a row whose keys are all masked attends to all of them with q zeroed: equal scores, so the mean
+    of its values, as a bias that swallows the scores gives. fp16's bias does not (half of -65504, where fp16 steps
+    by 16: a score of 8 or more survives it, and in the fused kernels' fp32 arithmetic every score does), so every
+    form applies this in fp16; SDPA in training too (sdpa_attention). No host sync to find the rows."""
+    live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
+    return mask | ~live, q * live
 
 
 def padding_bias(mask, like):
@@ -339,6 +354,8 @@ def padding_bias(mask, like):
 def eager_attention(q, k, v, mask, dropout_p):
     """The reference, softmax(q k^T / sqrt(hs)) v, written out. The scale is applied to q (T x hs values, not
     T x T) and padding enters as an additive bias, whose backward is free (a masked_fill's is not)."""
+    if mask is not None and _fp16(q):
+        mask, q = _dead_rows_zeroed(q, mask)
     scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, T)
     if mask is not None:
         scores = scores + padding_bias(mask, scores)
@@ -482,6 +499,8 @@ def blocked_attention(q, k, v, mask, dropout_p):
     dropout that BitDropout does not take (on other devices, under torch.compile, or a rate that rounds to 0 or 1)."""
     if not _plain_autograd() or (dropout_p > 0 and not bit_dropout_applies(q, dropout_p)):
         return eager_attention(q, k, v, mask, dropout_p)
+    if mask is not None and q.dtype == torch.float16:  # (q carries the compute dtype)
+        mask, q = _dead_rows_zeroed(q, mask)
     with torch.autocast(q.device.type, enabled=False):  # q, k, v already carry the compute dtype
         return BlockedAttention.apply(q, k, v, padding_bias(mask, q), 1.0 / math.sqrt(q.size(-1)), dropout_p)
 
@@ -500,11 +519,11 @@ def cpu_has_amx() -> bool:
 def auto_attention(device: torch.device, dropout_p: float, dtype: torch.dtype = torch.bfloat16,
                    backward: bool = True) -> str:  # fmt: skip
     """On a CPU, the blocked attention (the fastest there to train, with or without dropout on the attention
-    probabilities, and to infer in bf16 / fp16 but in bf16 on a CPU with AMX), and SDPA's fused kernel to infer in
+    probabilities, and to infer in bf16 but on a CPU with AMX; kept for fp16 everywhere), and SDPA's fused kernel to infer in
     fp32 (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and in bf16
     on a CPU with AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on an Intel Xeon with
-    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there: the rule follows AMX for bf16, and AMX for
-    fp16 (amx_fp16) is a later CPU's, which no run here had. Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
+    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there (SDPA was faster in fp16 on that Xeon too, but
+    the rule follows AMX for bf16, and AMX for fp16, amx_fp16, is a later CPU's, which no run here had). Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
     or forward-mode AD: the written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked
     attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
