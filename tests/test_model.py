@@ -1,6 +1,7 @@
 """The model against `transformers` (the reference implementation), fp32."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -789,8 +790,9 @@ def test_fused_linear_edges():
 def test_half_precision_rows_with_every_key_masked_stay_finite():
     """In fp16 a score below -16 plus the dtype's lowest value overflowed to -inf, and such a row's softmax to NaN.
     Such a row averages its values in every form: fp16's bias (half of -65504, where fp16 steps by 16) left
-    scores of 8 or more in the written-out and blocked forms, and every score in SDPA's fp32 arithmetic, and such a
-    row took their softmax (random ones, the second case: scores up to about 30; review)."""
+    scores of magnitude 8 or more in the written-out and blocked forms, and every score in SDPA's fp32 arithmetic,
+    and such a row took their softmax (random ones, the second case: scores up to about 30; review); fp16 inputs,
+    and fp32 ones under fp16 autocast (the blocked form then computes in fp32, whose bias swallows the scores)."""
     import bertqa.model as model
 
     g = torch.Generator().manual_seed(0)
@@ -798,12 +800,25 @@ def test_half_precision_rows_with_every_key_masked_stay_finite():
     mask = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
     for q, k in ((torch.full((1, 2, 5, 8), 5.0), torch.full((1, 2, 5, 8), -5.0)),
                  (torch.randn(1, 2, 5, 8, generator=g) * 4, torch.randn(1, 2, 5, 8, generator=g) * 4)):  # fmt: skip
-        for attention in (model.eager_attention, model.blocked_attention, model.sdpa_attention):
-            with torch.no_grad():
-                out = attention(q.half(), k.half(), v.half(), mask, 0.0)
-            assert out.isfinite().all(), attention.__name__
+        for attention, autocast in itertools.product(
+            (model.eager_attention, model.blocked_attention, model.sdpa_attention), (False, True)
+        ):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+                out = attention(*((q, k, v) if autocast else (q.half(), k.half(), v.half())), mask, 0.0)
+            assert out.isfinite().all(), (attention.__name__, autocast)
             mean = v.half().float().mean(2, keepdim=True).expand_as(v)
-            torch.testing.assert_close(out.float(), mean, atol=2e-3, rtol=0, msg=attention.__name__)
+            torch.testing.assert_close(out.float(), mean, atol=2e-3, rtol=0, msg=(attention.__name__, autocast))
+
+
+@pytest.mark.parametrize("attn", ["auto", "sdpa", "eager"])
+def test_a_forward_pass_on_meta_tensors_gives_shapes(attn):
+    """Shape inference and FLOP counters run models on "meta" tensors, for which torch has no autocast (asking whether
+    it is on raises there)."""
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    m = BertForQuestionAnswering(cfg, attn).eval().to("meta")
+    ids = torch.ones(2, 6, dtype=torch.long, device="meta")
+    out = m(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.start_logits.shape == (2, 6) and out.start_logits.device.type == "meta"
 
 
 def test_dropout_whose_rate_rounds_to_0_or_1_takes_torchs():

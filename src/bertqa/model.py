@@ -326,14 +326,16 @@ def _fp16(q) -> bool:
     """Whether attention on q computes in fp16 (q's own dtype, or autocast's)."""
     device = q.device.type
     return q.dtype == torch.float16 or (
-        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        torch.amp.is_autocast_available(device)  # (not on "meta", say, where is_autocast_enabled raises)
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.float16
     )
 
 
 def _dead_rows_zeroed(q, mask):
     """(mask, q) where a row whose keys are all masked attends to all of them with q zeroed: equal scores, so the mean
     of its values, as a bias that swallows the scores gives. fp16's bias does not (half of -65504, where fp16 steps
-    by 16: a score of 8 or more survives it, and in the fused kernels' fp32 arithmetic every score does), so every
+    by 16: a score of magnitude 8 or more survives it, and in the fused kernels' fp32 arithmetic every score does), so every
     form applies this in fp16; SDPA in training too (sdpa_attention). No host sync to find the rows."""
     live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
     return mask | ~live, q * live
