@@ -335,8 +335,8 @@ def _fp16(q) -> bool:
 def _dead_rows_zeroed(q, mask):
     """(mask, q) where a row whose keys are all masked attends to all of them with q zeroed: equal scores, so the mean
     of its values, as a bias that swallows the scores gives. fp16's bias does not (half of -65504, where fp16 steps
-    by 16: a score of magnitude 8 or more survives it, and in the fused kernels' fp32 arithmetic every score does), so every
-    form applies this in fp16; SDPA in training too (sdpa_attention). No host sync to find the rows."""
+    by 16: a score of magnitude 8 or more survives it, and in the fused kernels' fp32 arithmetic every score does),
+    so every form applies this in fp16; SDPA in training too (sdpa_attention). No host sync to find the rows."""
     live = mask.any(-1, keepdim=True)  # (B, 1, 1, 1): the example attends to some key
     return mask | ~live, q * live
 
@@ -521,13 +521,13 @@ def cpu_has_amx() -> bool:
 def auto_attention(device: torch.device, dropout_p: float, dtype: torch.dtype = torch.bfloat16,
                    backward: bool = True) -> str:  # fmt: skip
     """On a CPU, the blocked attention (the fastest there to train, with or without dropout on the attention
-    probabilities, and to infer in bf16 but on a CPU with AMX; kept for fp16 everywhere), and SDPA's fused kernel to infer in
-    fp32 (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and in bf16
-    on a CPU with AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on an Intel Xeon with
-    AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there (SDPA was faster in fp16 on that Xeon too, but
-    the rule follows AMX for bf16, and AMX for fp16, amx_fp16, is a later CPU's, which no run here had). Other devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func
-    or forward-mode AD: the written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked
-    attention no functorch rules)."""
+    probabilities, and to infer in bf16 but on a CPU with AMX; kept for fp16 everywhere), and SDPA's fused kernel to
+    infer in fp32 (`dtype` of q, no `backward`: 3.7% less time over the bench's 16 batches on an AVX2-only EPYC) and
+    in bf16 on a CPU with AMX (cpu_has_amx: 17-35% less time a bf16 pass of MiniLM at 64-384 tokens on an Intel Xeon
+    with AMX; README, "Speed on a CPU with AMX"). fp16 stays blocked there (SDPA was faster in fp16 on that Xeon too,
+    but the rule follows AMX for bf16, and AMX for fp16, amx_fp16, is a later CPU's, which no run here had). Other
+    devices, and under torch.compile: SDPA (flash kernels). On a CPU under torch.func or forward-mode AD: the
+    written-out form (SDPA's fused CPU kernel has no forward-mode rule, the blocked attention no functorch rules)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return "sdpa"
     if not _plain_autograd():
