@@ -253,6 +253,40 @@ def test_handle_impossible_answer_applies_the_v2_null_rule(tiny_dir, tiny_squad,
     assert all(a["answer"] for a in qa(*pairs, handle_impossible_answer=False, **asked))
 
 
+def test_predict_writes_the_api_answers_not_widened_to_words_and_ask_widens_them_or_not(
+    qa, qa_model_dir, tiny_squad, tmp_path, run_here, monkeypatch
+):
+    """predict (and evaluate) write the spans as the model picks them, as run_squad.py does; the API and ask widen
+    an answer that ends inside a word to the whole word, unless told not to (align_to_words=False,
+    --no-align-to-words), which gives predict's text. Logits made from the windows' tokens, so that some of the
+    best spans start or end on a word piece."""
+    import bertqa.evaluate
+
+    def logits(model, features, indices, *args, **kwargs):
+        ids = features.input_ids[indices].astype(np.float64)
+        pos = np.arange(features.max_seq_length)
+        return np.sin(ids * 0.37 + pos * 0.011) * 6, np.cos(ids * 0.53 - pos * 0.017) * 6
+
+    monkeypatch.setattr(bertqa.qa, "predict_logits", logits)
+    monkeypatch.setattr(bertqa.evaluate, "predict_logits", logits)
+    out = tmp_path / "pred.json"
+    r = run_here("predict", "--model", qa_model_dir, "--input", tiny_squad, "--output", out, "--precision", "fp32",
+                 "--cache-dir", "none")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    predicted = json.loads(out.read_text())
+    qs = questions(tiny_squad)
+    pairs = ([q for q, *_ in qs], [c for _, c, *_ in qs])
+    plain = [a["answer"] for a in qa(*pairs, align_to_words=False)]
+    widened = [a["answer"] for a in qa(*pairs)]
+    assert plain == [predicted[qid] for *_, qid in qs]
+    inside = [i for i, (p, w) in enumerate(zip(plain, widened)) if p != w]
+    assert inside and all(plain[i] in widened[i] for i in inside)
+    question, context = pairs[0][inside[0]], pairs[1][inside[0]]
+    for flag, want in (((), widened[inside[0]]), (("--no-align-to-words",), plain[inside[0]])):
+        r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, *flag)
+        assert r.returncode == 0 and r.stdout == want + "\n", r.stderr
+
+
 def test_bad_input_is_a_one_line_value_error(qa):
     cases = [
         (dict(question="", context="Some text."), "question is empty"),

@@ -271,7 +271,7 @@ def cmd_ask(args):
     qa = QuestionAnswerer.from_pretrained(args.model, device=device, precision=args.precision,
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
-                  max_answer_len=args.max_answer_length)  # fmt: skip
+                  max_answer_len=args.max_answer_length, align_to_words=args.align_to_words)  # fmt: skip
     if args.question is not None:
         print(_format_answers(qa(args.question, args.context, **params), args.json), flush=True)
         return
@@ -356,8 +356,8 @@ def _add_common(p, batch_help, output_dir: bool = True):
         "--attention",
         choices=ATTENTION_CHOICES,
         default="auto",
-        help="auto: blocked (written out, a few heads at a time) on a CPU, except sdpa for fp32 inference; sdpa "
-        "(fused kernels) on other devices",
+        help="auto: blocked (written out, a few heads at a time) on a CPU, except sdpa for fp32 inference, for bf16 "
+        "inference on a CPU with AMX and for training under --compile; sdpa (fused kernels) on other devices",
     )
     _add_lower_case(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -498,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=1, help="the K best distinct answers")
     a.add_argument("--max-answer-length", type=int, default=30, help="longest answer, in tokens")
     a.add_argument("--handle-impossible-answer", action="store_true", help="allow 'no answer' (SQuAD v2.0 models)")
+    a.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
+                   help="widen an answer that ends inside a word to the whole word (default; the API's and the "
+                   "server's default too); --no-align-to-words gives the span as predict and evaluate write it")  # fmt: skip
     a.add_argument("--device", help="default: the accelerator if present")
     a.add_argument("--precision", choices=PRECISIONS, default="auto")
     a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
