@@ -499,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-answer-length", type=int, default=30, help="longest answer, in tokens")
     a.add_argument("--handle-impossible-answer", action="store_true", help="allow 'no answer' (SQuAD v2.0 models)")
     a.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
-                   help="widen an answer that ends inside a word to the whole word (default; the API's and the "
-                   "server's default too); --no-align-to-words gives the span as predict and evaluate write it")  # fmt: skip
+                   help="widen an answer that starts or ends inside a word to whole words (default, as the "
+                   "API and the server do); --no-align-to-words: the spans predict and evaluate write")  # fmt: skip
     a.add_argument("--device", help="default: the accelerator if present")
     a.add_argument("--precision", choices=PRECISIONS, default="auto")
     a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
