@@ -1074,12 +1074,39 @@ def test_a_resume_compares_what_auto_and_the_tokenizer_default_resolved_to(tiny_
         "model_config": state["resolved"]["model_config"],
     }
     assert lower is load_tokenizer(tiny_dir).do_lower_case is True  # what the tiny model's tokenizer does
-    with pytest.raises(ValueError, match=rf"cannot resume a different run \(--precision '{chosen}' -> '{other}'\)"):
+    # (what was typed shown beside what it came to: the user typed "auto", not the precision it chose)
+    with pytest.raises(ValueError, match=rf"a different run \(--precision 'auto' \(= '{chosen}'\) -> '{other}'\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=other, lower_case=lower, max_steps=2, resume=True))
-    with pytest.raises(ValueError, match=rf"cannot resume a different run \(--lower-case {lower} -> {not lower}\)"):
+    with pytest.raises(ValueError, match=rf"a different run \(--lower-case the default \(= {lower}\) -> {not lower}\)"):
         train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=not lower, max_steps=2, resume=True))
     summary = train(cfg_for(tiny_dir, small_squad, out, precision=chosen, lower_case=lower, max_steps=2, resume=True))
     assert summary["steps"] == 2 and summary["precision"] == chosen
+
+
+def test_a_resume_ignores_epochs_under_max_steps_and_max_train_examples_that_keep_the_windows(
+    tiny_dir, small_squad, tmp_path
+):
+    """--epochs decides nothing where --max-steps is set, and --max-train-examples nothing where it keeps the same
+    windows (past the file's questions): a resume that changes them is the same run. Where they do decide, refused."""
+    n = len([q for a in json.loads(small_squad[0].read_text())["data"] for p in a["paragraphs"] for q in p["qas"]])
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=1), on_step=crash)
+    with pytest.raises(ValueError, match=r"a different run \(--max-train-examples None -> 2\)"):
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=1, max_train_examples=2, resume=True))
+    with pytest.raises(ValueError, match=r"a different run \(--epochs 1 -> 3; --max-steps 6 -> None\)"):
+        train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=3, max_steps=None, resume=True))
+    summary = train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=3, max_train_examples=n + 5, resume=True))
+    assert summary["steps"] == 6
+    full = tmp_path / "full"
+    train(cfg_for(tiny_dir, small_squad, full, save_every=2, epochs=1))
+    ours, want = (load_file(str(d / "model" / "model.safetensors")) for d in (out, full))
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
 
 
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
@@ -1152,10 +1179,13 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tiny_
 
     poison["bad"] = set(range(3, 100))
     out = tmp_path / "out"
-    with pytest.raises(NonFiniteError, match=r"stopped at step 6: 4 updates in a row skipped .* the last checkpoint, "
-                                             r".*checkpoint\.pt \(step 4\), is intact; --resume keeps a run's "
-                                             r"settings: to retry with a lower --lr, or bf16 / fp32, move it away or "
-                                             r"use another --output-dir$"):  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=r"stopped at step 6: 4 updates in a row skipped .* the last checkpoint, "
+        r".*checkpoint\.pt \(step 4\), is intact; --resume keeps a run's "
+        r"settings: to retry with a lower --lr, move it away or use another "
+        r"--output-dir$",
+    ):  # fmt: skip (fp32: no other precision to advise)
         train(cfg_for(tiny_dir, small_squad, out, max_steps=10, save_every=2, max_nonfinite_steps=4))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -1167,8 +1197,8 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tiny_
     assert train(cfg_for(tiny_dir, small_squad, out, max_steps=2, lr=1e-5))["skipped_steps"] == 0
     poison["bad"] = set(range(1, 100))
     with pytest.raises(NonFiniteError, match=r"no checkpoint was saved \(see --save-every\); to retry with a lower "
-                                             r"--lr, or bf16 / fp32, run again$"):  # fmt: skip
-        train(cfg_for(tiny_dir, small_squad, tmp_path / "fresh", max_steps=10, max_nonfinite_steps=2))
+                                             r"--lr, or fp32, run again$"):  # fmt: skip
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "fresh", max_steps=10, max_nonfinite_steps=2, precision="bf16"))
     poison["bad"] = set()
     assert train(cfg_for(tiny_dir, small_squad, tmp_path / "fresh", max_steps=2, lr=1e-5))["skipped_steps"] == 0
 

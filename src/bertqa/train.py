@@ -242,13 +242,22 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved
     "auto" run that chose bf16, and an "auto" run resumed on a device where auto chooses otherwise is refused.
     Checkpoints without that record compare the values as given; those with the digests compare the model and
     train file by them, not by the paths as typed (COMPARED_BY_CONTENT)."""
-    saved = json.loads(state["config"])
-    now = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    typed_then = json.loads(state["config"])
+    typed_now = {k: getattr(cfg, k) for k in RESUME_KEYS}
     recorded = state["resolved"] if isinstance(state.get("resolved"), dict) else {}
-    saved.update(recorded)
-    now.update({k: v for k, v in resolved.items() if k in recorded})
+    saved = {**typed_then, **recorded}
+    now = {**typed_now, **{k: v for k, v in resolved.items() if k in recorded}}
     keys = [k for k in RESUME_KEYS if COMPARED_BY_CONTENT.get(k) not in recorded]
-    diff = [f"{cfg.flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    if saved.get("max_steps") and now["max_steps"]:
+        keys.remove("epochs")  # (it decides nothing where --max-steps is set)
+    if saved.get("train_data") and saved.get("train_data") == resolved.get("train_data"):
+        keys.remove("max_train_examples")  # the same windows: --max-train-examples past the file's questions too
+
+    def shown(typed, value) -> str:  # what was given, and what a default ("auto", the tokenizer's) came to
+        return repr(value) if typed == value else f"{'the default' if typed is None else repr(typed)} (= {value!r})"
+
+    diff = [f"{cfg.flag(k)} {shown(typed_then.get(k), saved.get(k))} -> {shown(typed_now[k], now[k])}"
+            for k in keys if saved.get(k) != now[k]]  # fmt: skip
     if "model_config" in recorded and saved["model_config"] != now["model_config"]:
         diff.append("another model: its config.json (or --config) holds other settings")
     # The windows follow from the settings too: their digest (older checkpoints have none) tells only the rest.
@@ -874,7 +883,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
             if d.is_main and (scaler is None or not bool(loss_ok)):
                 note(f"bertqa: step {done}: non-finite loss or gradients, update skipped ({bad_run} in a row)")
             if bad_run >= cfg.max_nonfinite_steps:
-                retry = "to retry with a lower --lr, or bf16 / fp32"
+                retry = "to retry with a lower --lr" + {"fp16": ", or bf16 / fp32", "bf16": ", or fp32"}.get(
+                    precision.name, ""
+                )
                 kept = (f"the last checkpoint, {ckpt_path} (step {saved_step}), is intact; --resume keeps a run's "
                         f"settings: {retry}, move it away or use another --output-dir" if saved_step
                         else f"no checkpoint was saved (see --save-every); {retry}, run again")  # fmt: skip
