@@ -401,6 +401,30 @@ def test_ask_command(qa_model_dir, tiny_squad, tmp_path, run_here):
         assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_ask_takes_the_windows_of_the_api_by_evaluates_flags(qa, qa_model_dir, tiny_squad, run_here):
+    """--max-seq-length, --doc-stride and --max-query-length: the API's window parameters, defaults and checks,
+    each error naming the flag."""
+    question, context, gold, _ = questions(tiny_squad)[4]
+    short = dict(max_seq_len=48, doc_stride=8, max_question_len=12)  # several windows for the context
+    want = qa(question, context, top_k=3, **short)
+    assert want != qa(question, context, top_k=3)  # (the windows change the scores)
+    r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, "--precision", "fp32",
+                 "--top-k", 3, "--json", "--max-seq-length", 48, "--doc-stride", 8, "--max-query-length", 12)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout) == want, r.stderr
+    positions = qa.config.max_position_embeddings
+    for args, message in (
+        (["--doc-stride", 0], "--doc-stride must be a positive integer, got 0"),
+        (["--max-seq-length", positions + 1], f"--max-seq-length {positions + 1} exceeds the model's {positions} "),
+        (["--max-seq-length", 40, "--max-query-length", 37], "--max-seq-length 40 leaves no context tokens after a "
+                                                             "37-token question (--max-query-length)"),
+        (["--max-seq-length", 40, "--doc-stride", 30], "--doc-stride 30 exceeds the 19 context tokens a window holds "
+                                                       "(--max-seq-length 40 - --max-query-length 18 - 3"),
+    ):  # fmt: skip
+        r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, *args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+
+
 def test_ask_offsets_index_the_file_and_questions_end_at_newlines_only(qa_model_dir, tiny_squad, tmp_path, run_here):
     """A CRLF --context-file's offsets count its "\r" (read with newline translation, they fell short by one a line);
     a piped question holding U+2028 (a line break to str.splitlines) is one question, with one answer line."""

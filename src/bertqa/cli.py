@@ -232,15 +232,21 @@ def _from_serve_extra(e: ModuleNotFoundError) -> bool:
     return any(name.partition(".")[0] in ("starlette", "uvicorn") for name in names)
 
 
+# The API's window parameters, in window_settings' order, and ask's (args name, flag) for each: evaluate's flags.
+ASK_WINDOW_FLAGS = {"max_seq_len": ("max_seq_length", "--max-seq-length"), "doc_stride": ("doc_stride", "--doc-stride"),
+                    "max_question_len": ("max_query_length", "--max-query-length")}  # fmt: skip
+
+
 def cmd_ask(args):
-    from .qa import QuestionAnswerer
+    from .qa import QuestionAnswerer, window_settings
     from .squad.data import blank, unpaired_surrogate
 
     _check_model_flag(args)
     if (args.context is None) == (args.context_file is None):
         raise UsageError("give the text with exactly one of --context or --context-file")
-    for flag, value in (("--top-k", args.top_k), ("--max-answer-length", args.max_answer_length)):
-        if value < 1:  # checked before the model takes seconds to load
+    for flag, value in (("--top-k", args.top_k), ("--max-answer-length", args.max_answer_length),
+                        *((flag, getattr(args, name)) for name, flag in ASK_WINDOW_FLAGS.values())):  # fmt: skip
+        if value is not None and value < 1:  # checked before the model takes seconds to load
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     if args.context_file is not None:  # "" too: named below as no such file, not taken as no file given
         try:
@@ -272,6 +278,15 @@ def cmd_ask(args):
                                           config=args.config, trust_pickle=args.trust_pickle)  # fmt: skip
     params = dict(top_k=args.top_k, handle_impossible_answer=args.handle_impossible_answer,
                   max_answer_len=args.max_answer_length, align_to_words=args.align_to_words)  # fmt: skip
+    try:  # the API's defaults and checks (against the model's positions), its names the flags'
+        window = window_settings(*(getattr(args, name) for name, _ in ASK_WINDOW_FLAGS.values()),
+                                 qa.config.max_position_embeddings)  # fmt: skip
+    except ValueError as e:
+        message = str(e)
+        for parameter, (_, flag) in ASK_WINDOW_FLAGS.items():
+            message = re.sub(rf"\b{parameter}\b", flag, message)
+        raise UsageError(message) from None
+    params.update(zip(ASK_WINDOW_FLAGS, window))
     if args.question is not None:
         print(_format_answers(qa(args.question, args.context, **params), args.json), flush=True)
         return
@@ -501,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
                    help="widen an answer that starts or ends inside a word to whole words (default, as the "
                    "API and the server do); --no-align-to-words: the spans predict and evaluate write")  # fmt: skip
+    a.add_argument("--max-seq-length", type=int, help="window length in tokens (default: the model's, up to 384)")
+    a.add_argument("--doc-stride", type=int, help="step between windows (default: half a window, up to 128)")
+    a.add_argument("--max-query-length", type=int, help="question tokens kept (default 64, or half a short window)")
     a.add_argument("--device", help="default: the accelerator if present")
     a.add_argument("--precision", choices=PRECISIONS, default="auto")
     a.add_argument("--json", action="store_true", help="print each result as JSON: answer, score, start, end")
