@@ -1097,9 +1097,9 @@ def test_a_resume_ignores_epochs_under_max_steps_and_max_train_examples_that_kee
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=1), on_step=crash)
-    with pytest.raises(ValueError, match=r"a different run \(--max-train-examples None -> 2\)"):
+    with pytest.raises(ValueError, match=r"a different run \(--max-train-examples the default -> 2\)"):
         train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=1, max_train_examples=2, resume=True))
-    with pytest.raises(ValueError, match=r"a different run \(--epochs 1 -> 3; --max-steps 6 -> None\)"):
+    with pytest.raises(ValueError, match=r"a different run \(--epochs 1 -> 3; --max-steps 6 -> the default\)"):
         train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=3, max_steps=None, resume=True))
     summary = train(cfg_for(tiny_dir, small_squad, out, save_every=2, epochs=3, max_train_examples=n + 5, resume=True))
     assert summary["steps"] == 6

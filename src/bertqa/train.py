@@ -253,8 +253,9 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved
     if saved.get("train_data") and saved.get("train_data") == resolved.get("train_data"):
         keys.remove("max_train_examples")  # the same windows: --max-train-examples past the file's questions too
 
-    def shown(typed, value) -> str:  # what was given, and what a default ("auto", the tokenizer's) came to
-        return repr(value) if typed == value else f"{'the default' if typed is None else repr(typed)} (= {value!r})"
+    def shown(typed, value) -> str:  # what was given (None: nothing), and what a default ("auto", ...) came to
+        given = "the default" if typed is None else repr(typed)
+        return given if typed == value else f"{given} (= {value!r})"
 
     diff = [f"{cfg.flag(k)} {shown(typed_then.get(k), saved.get(k))} -> {shown(typed_now[k], now[k])}"
             for k in keys if saved.get(k) != now[k]]  # fmt: skip
