@@ -105,8 +105,11 @@ def test_weights_without_a_config_beside_them_take_config(tmp_path, capsys):
     argv = ["bench", "--model", str(tmp_path / "bare.pt"), "--mode", "infer", "--seq-len", "32", "--steps", "1",
             "--segments", "1", "--warmup", "0", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
     assert main(argv) == 1 and "pass config= (CLI: --config)" in capsys.readouterr().err
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
     assert main([*argv, "--config", str(tmp_path / "tiny.json")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]["bertqa"]["windows_per_s"] > 0
+    assert torch.equal(torch.get_rng_state(), state)  # (it seeds its own: the API's caller keeps theirs)
 
 
 def test_data_for_weights_without_a_tokenizer_beside_them_takes_tokenizer(tmp_path, tiny_squad):

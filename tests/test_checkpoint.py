@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from skips import file_size_limit, platform_skip
 
-from bertqa import cli, load_model, load_tokenizer, save_pretrained
+from bertqa import BertForQuestionAnswering, cli, load_model, load_tokenizer, save_pretrained
 from bertqa.checkpoint import CheckpointError, read_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -603,6 +603,14 @@ def test_convert_of_a_pretrained_encoder_does_not_save_its_random_head(minilm_di
     with pytest.raises(CheckpointError, match="no fine-tuned question-answering head"):
         load_model(tmp_path / "encoder", require_qa_head=True)
     assert load_model(tmp_path / "encoder").fresh_qa_head  # fine to train from
+    # Its fresh head comes from the caller's seed, as it did, without drawing from the caller's generator (the
+    # initial weights that the checkpoint's replace, too).
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    heads = [load_model(tmp_path / "encoder").qa_outputs.weight for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(*heads)
+    torch.manual_seed(5)
+    assert torch.equal(heads[0], BertForQuestionAnswering(load_model(tmp_path / "encoder").config).qa_outputs.weight)
     # save_pretrained too: by default it wrote the random head, and the folder then answered questions with it.
     encoder, tok = load_model(minilm_dir, verbose=False), load_tokenizer(minilm_dir)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):  # (cast, it was taken for a trained head)

@@ -75,8 +75,18 @@ def test_parity_at_other_batch_sizes_and_lengths(fp32_graph, tiny_dir):
 
 
 def test_int8_is_smaller_and_keeps_the_answers(reuse_trace, fp32_graph, tiny_dir, tmp_path, capsys):
+    import logging
+
     path = tmp_path / "int8.onnx"
-    report = export_onnx(tiny_dir, path, int8=True, **WINDOWS)
+    # As in a process whose root logger has no handlers yet (pytest's own make logging.basicConfig do nothing):
+    # onnxruntime's basicConfig is taken back, so that the caller's own still works.
+    root, handlers = logging.getLogger(), logging.getLogger().handlers[:]
+    root.handlers.clear()
+    try:
+        report = export_onnx(tiny_dir, path, int8=True, **WINDOWS)
+        assert root.handlers == []
+    finally:
+        root.handlers[:] = handlers
     assert report["int8"] and report["size_bytes"] == path.stat().st_size
     assert report["fp32_size_bytes"] == fp32_graph[1]["size_bytes"]
     assert report["size_bytes"] < report["fp32_size_bytes"] / 2

@@ -1109,6 +1109,34 @@ def test_a_resume_ignores_epochs_under_max_steps_and_max_train_examples_that_kee
     assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
 
 
+def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_squad, tmp_path):
+    """train() seeds and draws from generators of its own, draws its curves without pyplot (whose backend is a
+    notebook's), and puts back the thread excepthook that quiets TensorBoard's writer: the caller's stay theirs,
+    a failed run's too."""
+    import threading
+
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        torch.manual_seed(123)
+        state, hook = torch.get_rng_state(), threading.excepthook
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "run", max_steps=2, tensorboard=True))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert matplotlib.get_backend() == "svg" and threading.excepthook is hook
+        assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+        def stop(step, loss):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg_for(tiny_dir, small_squad, tmp_path / "stopped", max_steps=2, tensorboard=True), on_step=stop)
+        assert torch.equal(torch.get_rng_state(), state) and threading.excepthook is hook
+    finally:
+        matplotlib.use(backend)
+
+
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
     # Dropout on (the tiny model's 0.1) and length-grouped shuffling: everything random comes from the seed.
     runs = {}

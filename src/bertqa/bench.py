@@ -37,7 +37,7 @@ import torch
 
 from .batching import epoch_batches, to_batch
 from .files import note
-from .runtime import Precision, check_compiler, synchronize
+from .runtime import Precision, check_compiler, own_rng, synchronize
 from .squad.features import check_positive
 
 # --- model FLOPs
@@ -456,10 +456,10 @@ def _check(cfg: BenchConfig) -> None:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    from .checkpoint import load_model
-    from .config import ATTENTION_DROPOUT, BertConfig, check_seq_len, plain_copy
+    """Builds and times the rows; prints the table, the ratios and the JSON line, and returns that result. Seeded
+    (the same windows, initial weights and dropout each run), from generators of its own (runtime.own_rng)."""
+    from .config import plain_copy
     from .distributed import resolve_device
-    from .model import BertForQuestionAnswering
 
     # Numpy numbers and paths as the command line gives them: checked as such, and the JSON line takes no other.
     cfg = plain_copy(cfg)
@@ -476,6 +476,15 @@ def bench(cfg: BenchConfig) -> dict:
     precision = Precision.resolve(cfg.precision, device)
     if cfg.compile:
         check_compiler(device)
+    with own_rng(device):
+        return _bench_rows(cfg, device, precision, versions)
+
+
+def _bench_rows(cfg: BenchConfig, device: torch.device, precision: Precision, versions: dict) -> dict:
+    from .checkpoint import load_model
+    from .config import ATTENTION_DROPOUT, BertConfig, check_seq_len
+    from .model import BertForQuestionAnswering
+
     torch.manual_seed(0)
     if cfg.model:
         model = load_model(cfg.model, config=cfg.config, trust_pickle=cfg.trust_pickle, verbose=False)

@@ -22,6 +22,7 @@ from safetensors.torch import load, load_file, save_file
 from .config import BertConfig
 from .files import LFS_POINTER, atomic_dir, first_line, first_present, not_a_model_folder, note, utf8_name
 from .model import BertForQuestionAnswering
+from .runtime import own_rng
 from .squad.data import check_bool
 from .tokenizer import BertTokenizer
 
@@ -406,7 +407,8 @@ def load_model(
             f"{weights}: no fine-tuned question-answering head (qa_outputs.*) in this checkpoint; it is a "
             "pretrained encoder: fine-tune it first (bertqa train) and use the model folder that writes"
         )
-    model = BertForQuestionAnswering(config, attn_implementation)
+    with own_rng(torch.device("cpu")):  # (its initial weights, all but a fresh QA head's replaced next)
+        model = BertForQuestionAnswering(config, attn_implementation)
     model.fresh_qa_head = missing_head  # the checkpoint had no QA head: qa_outputs is freshly initialised
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")

@@ -165,9 +165,11 @@ def _quantize(src: Path, dst: Path) -> None:
     # One scale per weight column, not per matrix: on dev-a.json with a fine-tuned MiniLM-L6 per-tensor
     # scales cost 1.8 F1, per-column ones none (+0.3), for ~6% of the int8 speed.
     # quantize_dynamic logs a hint about pre-processing on the root logger; the graph is already optimised
-    # by the exporter, so the hint is noise here.
+    # by the exporter, so the hint is noise here. And on its first call it gives the root logger a handler of its
+    # own (logging.basicConfig, in a module it imports): taken away again, so that a library caller's own
+    # basicConfig still works and a log line is not printed twice.
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, root.handlers[:]
     root.setLevel(logging.ERROR)
     try:
         # (it writes a copy beside a path it is given, and its shape inference opens UTF-8 paths only)
@@ -183,6 +185,7 @@ def _quantize(src: Path, dst: Path) -> None:
             raise
     finally:
         root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _array_batch(features: Features, idx: np.ndarray) -> dict[str, np.ndarray]:

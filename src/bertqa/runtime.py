@@ -282,3 +282,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type in state and (fn := _on(device, "set_rng_state")) is not None:
         fn(state[device.type])
+
+
+@contextlib.contextmanager
+def own_rng(device: torch.device):
+    """The caller's random generators, the CPU's and `device`'s, as they were once the block ends or fails: what
+    bertqa seeds and draws inside (train, bench, a model's initial weights) is not taken from a library user's."""
+    saved = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(saved, device)

@@ -56,7 +56,7 @@ from .files import (
     soft_limit,
     utf8_name,
 )
-from .runtime import Precision, check_compiler, rng_state, set_rng_state, synchronize
+from .runtime import Precision, check_compiler, own_rng, rng_state, set_rng_state, synchronize
 
 CHECKPOINT = "checkpoint.pt"  # resumable state, in the output folder
 
@@ -511,7 +511,10 @@ class MetricsLog:
     def close_tb(self) -> None:
         tb, self.tb = self.tb, None
         if tb is not None:
-            self._on_board(tb.close)
+            try:
+                self._on_board(tb.close)
+            finally:
+                _unquiet_tensorboard_threads()
 
     def close(self, failed: bool = False) -> None:
         """Both closed; where the run has `failed` already, TensorBoard's error (often that same one, a full disk,
@@ -598,8 +601,18 @@ def _quiet_tensorboard_threads() -> None:
         if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
             hook(args)
 
-    quiet.quiets_tensorboard = True
+    quiet.quiets_tensorboard, quiet.before = True, hook
     threading.excepthook = quiet
+
+
+def _unquiet_tensorboard_threads() -> None:
+    """The hook _quiet_tensorboard_threads replaced, back in place once no TensorBoard writer thread is left to
+    raise (a library caller's process keeps its own hook); left where another has replaced it since."""
+    hook = threading.excepthook
+    if getattr(hook, "quiets_tensorboard", False) and not any(
+        type(t).__name__ == "_AsyncWriterThread" and t.is_alive() for t in threading.enumerate()
+    ):
+        threading.excepthook = hook.before
 
 
 def _events_only(folder: Path) -> bool:
@@ -630,10 +643,8 @@ def _settle_set_aside(written: Path, checkpoint_run_id: str | None) -> None:
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
     """Loss and learning-rate curves from metrics.jsonl, when matplotlib is installed (else none)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401 (first: a submodule imported already would not say it is gone)
+        from matplotlib.figure import Figure  # (not pyplot: its backend and figures are the caller's, in a notebook)
     except ImportError as e:  # (not installed; or installed, and failing: a library that cannot be mapped, say)
         missing = isinstance(e, ModuleNotFoundError) and (e.name or "").partition(".")[0] == "matplotlib"
         why = "matplotlib is not installed (pip install 'bertqa[plot]')" if missing else f"matplotlib: {first_line(e)}"
@@ -644,7 +655,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         return
     steps = [r["step"] for r in rows]
     losses = [math.nan if r["loss"] is None else r["loss"] for r in rows]  # None: no finite loss since the last line
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    fig = Figure(figsize=(10, 3.5))
+    ax1, ax2 = fig.subplots(1, 2, sharex=True)
     # Markers: a lone point (one line logged, or a finite loss between two non-finite ones) is no line at all.
     ax1.plot(steps, losses, marker="o", markersize=3)
     if all(math.isnan(x) for x in losses):
@@ -654,8 +666,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
@@ -668,6 +679,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     cfg = cfg if failure is not None else plain_copy(cfg)
     with deterministic_kernels(cfg.deterministic), distributed(cfg.device, failure=failure) as d, \
             contextlib.ExitStack() as held:  # fmt: skip
+        held.enter_context(own_rng(d.device))  # the run seeds its own: a library caller's generators stay theirs
         if cfg.deterministic and cfg.attention == "auto" and d.device.type != "cpu":
             # Fused attention backward kernels on GPUs add in no set order (a CPU's are deterministic).
             cfg = dataclasses.replace(cfg, attention="eager")
