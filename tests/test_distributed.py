@@ -425,10 +425,12 @@ def test_ranks_that_cannot_meet_say_where_they_tried(rank, why, monkeypatch):
                        "MASTER_PORT": str(port)}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     start = f"rank {rank}: cannot meet the other ranks at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} ("
+    level = logging.getLogger("bertqa").level
     with pytest.raises(ValueError, match=f"^{re.escape(start)}.*{re.escape(why)}.*start all 2 with torchrun") as e:
         with distributed("cpu", timeout_s=1):
             pass
     assert "\n" not in str(e.value)
+    assert logging.getLogger("bertqa").level == level  # (quiet on rank 1 while it ran; a library caller's after)
 
 
 def test_two_ranks_on_one_gpu_are_told_how_to_fix_it(monkeypatch):

@@ -301,7 +301,7 @@ def test_bad_input_is_a_one_line_value_error(qa):
             "doc_stride 40 exceeds the 33 context tokens a window holds",
         ),  # fmt: skip
         (dict(question="Who?", context="Some text.", max_seq_len=60, max_question_len=64), "leaves no context tokens"),
-        (dict(question="Who?", context="Some text.", max_seq_len=4), "leaves no context tokens after a 1-token"),
+        (dict(question="Who?", context="Some text.", max_seq_len=4), "max_seq_len 4 holds no question and context"),
         (dict(question="Who?", context="Some text.", max_seq_len="384"), "max_seq_len must be a positive integer"),
         (dict(question=[{"question": "Who?", "context": "Me."}, "What?"]), "input 1: expected a"),
         (dict(question={"question": "Who?", "context": "Me."}, context="You."), "carries its own context"),
@@ -417,8 +417,9 @@ def test_ask_takes_the_windows_of_the_api_by_evaluates_flags(qa, qa_model_dir, t
         (["--max-seq-length", positions + 1], f"--max-seq-length {positions + 1} exceeds the model's {positions} "),
         (["--max-seq-length", 40, "--max-query-length", 37], "--max-seq-length 40 leaves no context tokens after a "
                                                              "37-token question (--max-query-length)"),
-        (["--max-seq-length", 40, "--doc-stride", 30], "--doc-stride 30 exceeds the 19 context tokens a window holds "
-                                                       "(--max-seq-length 40 - --max-query-length 18 - 3"),
+        (["--max-seq-length", 40, "--doc-stride", 30], "--doc-stride 30 exceeds the 19 context tokens a window holds: "
+                                                       "--max-seq-length 40 less 18 question tokens (--max-query-length, "
+                                                       "by default) and 3 special tokens"),
     ):  # fmt: skip
         r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]

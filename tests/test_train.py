@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -1109,13 +1111,14 @@ def test_a_resume_ignores_epochs_under_max_steps_and_max_train_examples_that_kee
     assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
 
 
-def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_squad, tmp_path):
+def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_squad, tmp_path, monkeypatch):
     """train() seeds and draws from generators of its own, draws its curves without pyplot (whose backend is a
     notebook's), and puts back the thread excepthook that quiets TensorBoard's writer: the caller's stay theirs,
     a failed run's too."""
     import threading
 
     import matplotlib
+    import torch.utils.tensorboard
 
     backend = matplotlib.get_backend()
     matplotlib.use("svg")
@@ -1133,6 +1136,11 @@ def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_s
         with pytest.raises(KeyboardInterrupt):
             train(cfg_for(tiny_dir, small_squad, tmp_path / "stopped", max_steps=2, tensorboard=True), on_step=stop)
         assert torch.equal(torch.get_rng_state(), state) and threading.excepthook is hook
+        with monkeypatch.context() as m:  # a writer that cannot be made (the hook goes in before it)
+            m.setattr(torch.utils.tensorboard, "SummaryWriter", mock.Mock(side_effect=OSError(errno.EACCES, "no")))
+            with pytest.raises(OSError):
+                train(cfg_for(tiny_dir, small_squad, tmp_path / "refused", max_steps=2, tensorboard=True))
+        assert threading.excepthook is hook
     finally:
         matplotlib.use(backend)
 

@@ -186,7 +186,18 @@ FAILED_NOTICE_S = 10  # how long a rank whose checks failed waits for the others
 def distributed(device_name: str | None = None, timeout_s: float = 1800, failure: Exception | None = None):
     """Yield a `Dist` for this process; the process group, if any, is destroyed on every exit path. `failure`: this
     rank's of `checked`, raised on every rank (as "rank R: ..." of the lowest rank that failed) once they have met,
-    or here alone where they cannot meet."""
+    or here alone where they cannot meet. The "bertqa" logger, quiet on ranks other than 0, is as it was after."""
+    logger = logging.getLogger("bertqa")
+    level = logger.level
+    try:
+        with _distributed(device_name, timeout_s, failure) as d:
+            yield d
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _distributed(device_name: str | None, timeout_s: float, failure: Exception | None):
     world = _env_int("WORLD_SIZE", 1, 1)
     rank, local_rank = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
     if rank >= world:

@@ -165,9 +165,9 @@ def _quantize(src: Path, dst: Path) -> None:
     # One scale per weight column, not per matrix: on dev-a.json with a fine-tuned MiniLM-L6 per-tensor
     # scales cost 1.8 F1, per-column ones none (+0.3), for ~6% of the int8 speed.
     # quantize_dynamic logs a hint about pre-processing on the root logger; the graph is already optimised
-    # by the exporter, so the hint is noise here. And on its first call it gives the root logger a handler of its
-    # own (logging.basicConfig, in a module it imports): taken away again, so that a library caller's own
-    # basicConfig still works and a log line is not printed twice.
+    # by the exporter, so the hint is noise here. Logged with logging.warning, which gives a root logger without
+    # handlers one of its own (logging.basicConfig), at every call: taken away again, so that a library caller's
+    # own basicConfig still works and a log line is not printed twice.
     root = logging.getLogger()
     level, handlers = root.level, root.handlers[:]
     root.setLevel(logging.ERROR)

@@ -152,10 +152,14 @@ def window_settings(max_seq_len: int | None, doc_stride: int | None, max_questio
         max_seq_len = min(max_positions, 384)
     check_positive(max_seq_len=max_seq_len)
     check_seq_len(max_seq_len, max_positions, "max_seq_len")
-    if max_question_len is None:
+    defaulted = max_question_len is None
+    if defaulted:
         max_question_len = max(1, min(64, (max_seq_len - 3) // 2))
     check_positive(max_question_len=max_question_len)
     room = max_seq_len - max_question_len - 3  # the context tokens of a window whose question is that long
+    if room < 1 and defaulted:  # (a window of 4 tokens or fewer)
+        raise ValueError(f"max_seq_len {max_seq_len} holds no question and context: a window needs 5 tokens or more "
+                         "(3 special tokens, a question token and a context token)")  # fmt: skip
     if room < 1:
         raise ValueError(f"max_seq_len {max_seq_len} leaves no context tokens after a {max_question_len}-token "
                          "question (max_question_len) and 3 special tokens; raise max_seq_len or lower "
@@ -164,8 +168,9 @@ def window_settings(max_seq_len: int | None, doc_stride: int | None, max_questio
         doc_stride = min(128, max_seq_len // 2, room)
     check_positive(doc_stride=doc_stride)
     if doc_stride > room:
-        raise ValueError(f"doc_stride {doc_stride} exceeds the {room} context tokens a window holds (max_seq_len "
-                         f"{max_seq_len} - max_question_len {max_question_len} - 3 special tokens)")  # fmt: skip
+        raise ValueError(f"doc_stride {doc_stride} exceeds the {room} context tokens a window holds: max_seq_len "
+                         f"{max_seq_len} less {max_question_len} question tokens (max_question_len"
+                         f"{', by default' if defaulted else ''}) and 3 special tokens")  # fmt: skip
     return max_seq_len, doc_stride, max_question_len
 
 

@@ -510,11 +510,11 @@ class MetricsLog:
 
     def close_tb(self) -> None:
         tb, self.tb = self.tb, None
-        if tb is not None:
-            try:
+        try:
+            if tb is not None:
                 self._on_board(tb.close)
-            finally:
-                _unquiet_tensorboard_threads()
+        finally:  # (also where the writer could not be made: the hook went in first)
+            _unquiet_tensorboard_threads()
 
     def close(self, failed: bool = False) -> None:
         """Both closed; where the run has `failed` already, TensorBoard's error (often that same one, a full disk,
