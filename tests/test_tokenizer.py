@@ -328,6 +328,34 @@ def test_lower_casing_read_from_the_files_and_overridden_by_the_flag(tmp_path, m
     assert load_tokenizer(tmp_path / "saved").fingerprint == cased.fingerprint
 
 
+def test_a_vocabulary_with_marks_and_no_capitals_keeps_its_marks_and_stripping_them_is_warned_of(tmp_path, caplog):
+    """Devanagari, Arabic and Thai have no capitals: a vocabulary of them alone is guessed uncased, and stripping
+    accents as well (an uncased tokenizer's default) took their vowel signs and harakat off the input, so the pieces
+    that hold them came out [UNK]. A vocabulary made from text stripped of its marks has none: one with marks keeps
+    them. Where the files say to strip them anyway, a warning says so."""
+    words = ["दिल्ली", "भारत", "है", "عَاصِمَة", "กรุงเทพ", "##มหานคร", "café", "the"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    text = "दिल्ली भारत है عَاصِمَة กรุงเทพมหานคร CAFÉ The"
+    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
+        tok = load_tokenizer(tmp_path)
+    assert tok.do_lower_case is True and not caplog.text
+    assert tok.tokenize([text])[0].ids == [5, 6, 7, 8, 9, 10, 11, 12]  # each its own piece, none [UNK]
+    saved = tmp_path / "saved"
+    tok.save(saved)  # (strip_accents false written down: the same tokenizer when read again)
+    assert load_tokenizer(saved).tokenize([text])[0].ids == tok.tokenize([text])[0].ids
+    # Stated in the files: obeyed, as transformers does, and warned of.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
+        stripped = load_tokenizer(tmp_path)
+    assert 1 in stripped.tokenize([text])[0].ids  # [UNK]
+    assert "stripping accents and marks" in caplog.text and '"strip_accents": false' in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
+        load_tokenizer(saved)  # (its tokenizer.json and tokenizer_config.json say not to strip)
+        load_tokenizer(tmp_path / "vocab.txt", do_lower_case=False)
+    assert not caplog.text
+
+
 def test_missing_tokenizer_names_the_weights_file(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,15 @@ def _has_upper_case(tokens) -> bool:
     return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, tokens))
 
 
+def _has_marks(tokens) -> bool:
+    """Whether any word piece holds a mark that stripping accents removes (a nonspacing mark, Mn, once decomposed:
+    é's accent, Devanagari's virama and vowel signs above or below, Arabic's harakat, Thai's vowels above)."""
+    return any(
+        not t.isascii() and any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", t))
+        for t in tokens
+    )
+
+
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, config=None) -> BertTokenizer:
     """Load from a checkpoint folder (`tokenizer.json` or `vocab.txt`), a `tokenizer.json`, a vocabulary file
     (`vocab.txt`, or any other name: a text file), or a weights file (the tokenizer beside it).
@@ -322,7 +332,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except ValueError as e:
             raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
         # (the word pieces alone: an added token with capitals, "New York", is matched after lower-casing too)
-        _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file)
+        _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file,
+                       settings["strip_accents"] if bert else False)  # fmt: skip
         return tokenizer
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
@@ -333,10 +344,13 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             raise ValueError(f"{vocab_file}: not UTF-8 text (byte {e.start})") from None
         if tokens and tokens[0].startswith("\ufeff"):  # (transformers too would read it as part of the first token)
             raise ValueError(f"{vocab_file}: starts with a byte-order mark (U+FEFF); save it as UTF-8 without one")
-        if do_lower_case is None:
+        strip_accents, chinese_chars = _normaliser_settings(folder)
+        if do_lower_case is None:  # guessed from the vocabulary: pieces that the input would never match are not
             do_lower_case = not _has_upper_case(tokens)
-        _warn_if_cased(tokens, do_lower_case, vocab_file)
-        backend = _from_vocab(vocab_file, do_lower_case, *_normaliser_settings(folder))
+            if do_lower_case and strip_accents is None and _has_marks(tokens):
+                strip_accents = False  # (a vocabulary made from text stripped of its accents has none)
+        _warn_if_cased(tokens, do_lower_case, vocab_file, strip_accents)
+        backend = _from_vocab(vocab_file, do_lower_case, strip_accents, chinese_chars)
         _check_added_tokens(folder, backend.get_vocab())
         try:
             return BertTokenizer(backend, do_lower_case=do_lower_case)
@@ -461,9 +475,15 @@ def _lowercases(norm: dict) -> bool:
     return kind == "Lowercase"
 
 
-def _warn_if_cased(tokens, lower: bool, source: Path) -> None:
+def _warn_if_cased(tokens, lower: bool, source: Path, strip_accents: bool | None = None) -> None:
+    """A warning where the normaliser makes word pieces unreachable: it lower-cases (and `strip_accents`, None: as
+    it lower-cases) but the vocabulary has capitals, or marks."""
     if lower and _has_upper_case(tokens):
         log.warning("%s: lower-casing the input although the vocabulary has upper-case word pieces, which can then "
                     "never match; if the model is cased, pass --no-lower-case (train, evaluate, predict), or write "
                     "a cased copy for ask, serve, export and bench: bertqa convert MODEL NEW --no-lower-case",
                     source)  # fmt: skip
+    elif (lower if strip_accents is None else strip_accents) and _has_marks(tokens):
+        log.warning("%s: stripping accents and marks from the input although the vocabulary has word pieces with "
+                    "them (é, Devanagari's vowel signs, Arabic's harakat), which can then never match; if the model "
+                    "keeps them, set \"strip_accents\": false in tokenizer_config.json beside it", source)  # fmt: skip
