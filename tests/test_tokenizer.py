@@ -328,32 +328,46 @@ def test_lower_casing_read_from_the_files_and_overridden_by_the_flag(tmp_path, m
     assert load_tokenizer(tmp_path / "saved").fingerprint == cased.fingerprint
 
 
-def test_a_vocabulary_with_marks_and_no_capitals_keeps_its_marks_and_stripping_them_is_warned_of(tmp_path, caplog):
-    """Devanagari, Arabic and Thai have no capitals: a vocabulary of them alone is guessed uncased, and stripping
-    accents as well (an uncased tokenizer's default) took their vowel signs and harakat off the input, so the pieces
-    that hold them came out [UNK]. A vocabulary made from text stripped of its marks has none: one with marks keeps
-    them. Where the files say to strip them anyway, a warning says so."""
+def test_stripping_the_marks_that_word_pieces_hold_is_warned_of(tmp_path, caplog):
+    """Devanagari, Arabic and Thai have no capitals: a vocabulary of them alone is read as uncased, and an uncased
+    tokenizer strips accents by default (as transformers reads the same files), taking vowel signs and harakat off
+    the input, so that the pieces holding them come out [UNK]. Right for a model pretrained on stripped text (some
+    uncased models' vocabularies hold accented pieces all the same), wrong for the others: a warning says where to
+    turn it off, in the file that decides it."""
     words = ["दिल्ली", "भारत", "है", "عَاصِمَة", "กรุงเทพ", "##มหานคร", "café", "the"]
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     text = "दिल्ली भारत है عَاصِمَة กรุงเทพมหานคร CAFÉ The"
-    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
-        tok = load_tokenizer(tmp_path)
-    assert tok.do_lower_case is True and not caplog.text
-    assert tok.tokenize([text])[0].ids == [5, 6, 7, 8, 9, 10, 11, 12]  # each its own piece, none [UNK]
-    saved = tmp_path / "saved"
-    tok.save(saved)  # (strip_accents false written down: the same tokenizer when read again)
-    assert load_tokenizer(saved).tokenize([text])[0].ids == tok.tokenize([text])[0].ids
-    # Stated in the files: obeyed, as transformers does, and warned of.
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
-        stripped = load_tokenizer(tmp_path)
-    assert 1 in stripped.tokenize([text])[0].ids  # [UNK]
-    assert "stripping accents and marks" in caplog.text and '"strip_accents": false' in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
-        load_tokenizer(saved)  # (its tokenizer.json and tokenizer_config.json say not to strip)
-        load_tokenizer(tmp_path / "vocab.txt", do_lower_case=False)
-    assert not caplog.text
+
+    def load(path, **kwargs):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bertqa.tokenizer"):
+            tok = load_tokenizer(path, **kwargs)
+        return tok, caplog.text
+
+    stripped, warned = load(tmp_path)
+    assert stripped.do_lower_case is True and 1 in stripped.tokenize([text])[0].ids  # [UNK]
+    assert "stripping accents and marks" in warned and '"strip_accents": false in tokenizer_config.json' in warned
+    stripped.save(tmp_path / "stripping")  # tokenizer.json, its BertNormalizer's strip_accents null
+    _, warned = load(tmp_path / "stripping")
+    assert "stripping accents and marks" in warned and "tokenizer_config.json beside it (it wins over" in warned
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"strip_accents": False}))
+    kept, warned = load(tmp_path)
+    assert kept.tokenize([text])[0].ids == [5, 6, 7, 8, 9, 10, 11, 12] and not warned  # each its own piece
+    kept.save(tmp_path / "kept")  # (strip_accents false written down: the same tokenizer read again)
+    again, warned = load(tmp_path / "kept")
+    assert again.tokenize([text])[0].ids == kept.tokenize([text])[0].ids and not warned
+    assert not load(tmp_path / "vocab.txt", do_lower_case=False)[1]  # cased: nothing stripped
+    # A normaliser of steps, read as written: the fix is in tokenizer.json.
+    spec = json.loads((tmp_path / "kept" / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"},
+                                                              {"type": "Lowercase"}]}  # fmt: skip
+    (tmp_path / "kept" / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((tmp_path / "kept" / "tokenizer_config.json").read_text())
+    (tmp_path / "kept" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    _, warned = load(tmp_path / "kept")
+    assert "stripping accents and marks" in warned and "in tokenizer.json's normalizer" in warned
 
 
 def test_missing_tokenizer_names_the_weights_file(tmp_path):

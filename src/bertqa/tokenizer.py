@@ -332,8 +332,13 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         except ValueError as e:
             raise ValueError(f"{json_file}: {e} (another model's tokenizer?)") from None
         # (the word pieces alone: an added token with capitals, "New York", is matched after lower-casing too)
+        strips = _strips_accents({"type": "BertNormalizer", **settings} if bert else norm)
+        if bert and not _as_written(cls):
+            fix = 'with "strip_accents": false in tokenizer_config.json beside it (it wins over tokenizer.json\'s)'
+        else:
+            fix = "in tokenizer.json's normalizer (strip_accents false, or no StripAccents step)"
         _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file,
-                       settings["strip_accents"] if bert else False)  # fmt: skip
+                       strips, fix)  # fmt: skip
         return tokenizer
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
@@ -344,12 +349,11 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
             raise ValueError(f"{vocab_file}: not UTF-8 text (byte {e.start})") from None
         if tokens and tokens[0].startswith("\ufeff"):  # (transformers too would read it as part of the first token)
             raise ValueError(f"{vocab_file}: starts with a byte-order mark (U+FEFF); save it as UTF-8 without one")
-        strip_accents, chinese_chars = _normaliser_settings(folder)
-        if do_lower_case is None:  # guessed from the vocabulary: pieces that the input would never match are not
+        if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
-            if do_lower_case and strip_accents is None and _has_marks(tokens):
-                strip_accents = False  # (a vocabulary made from text stripped of its accents has none)
-        _warn_if_cased(tokens, do_lower_case, vocab_file, strip_accents)
+        strip_accents, chinese_chars = _normaliser_settings(folder)
+        _warn_if_cased(tokens, do_lower_case, vocab_file, do_lower_case if strip_accents is None else strip_accents,
+                       'with "strip_accents": false in tokenizer_config.json beside it')  # fmt: skip
         backend = _from_vocab(vocab_file, do_lower_case, strip_accents, chinese_chars)
         _check_added_tokens(folder, backend.get_vocab())
         try:
@@ -454,7 +458,7 @@ def _stated_settings(folder: Path, cls) -> dict:
     `cls`, the folder's tokenizer_class), as BertNormalizer's arguments: transformers builds the normaliser from
     them. Those it leaves out are not given, and tokenizer.json's stay (transformers would take its class's
     defaults, lower-casing among them)."""
-    if cls in AS_WRITTEN_CLASSES or _family(cls) in AS_WRITTEN:  # tokenizer.json as it is
+    if _as_written(cls):  # tokenizer.json as it is
         return {}
     d = _json_object(folder / "tokenizer_config.json")
     strip, chinese = _normaliser_settings(folder, d)  # (checked there)
@@ -462,6 +466,24 @@ def _stated_settings(folder: Path, cls) -> dict:
     given = {"lowercase": isinstance(d.get("do_lower_case"), bool), "strip_accents": "strip_accents" in d,
              "handle_chinese_chars": d.get("tokenize_chinese_chars") is not None}  # fmt: skip
     return {k: v for k, v in stated.items() if given[k]}
+
+
+def _as_written(cls) -> bool:
+    """Whether transformers reads tokenizer.json as it is for a folder whose tokenizer_class is `cls`, not building
+    its normaliser from tokenizer_config.json's settings."""
+    return cls in AS_WRITTEN_CLASSES or _family(cls) in AS_WRITTEN
+
+
+def _strips_accents(norm: dict) -> bool:
+    """Whether a tokenizers normaliser (its JSON) strips accents: a BertNormalizer whose `strip_accents` is true, or
+    null while it lower-cases, a StripAccents step, alone or within a Sequence."""
+    kind = norm.get("type")
+    if kind == "BertNormalizer":
+        strip = norm.get("strip_accents")
+        return _lowercases(norm) if strip is None else strip is True
+    if kind == "Sequence":
+        return any(_strips_accents(n or {}) for n in norm.get("normalizers") or [])
+    return kind == "StripAccents"
 
 
 def _lowercases(norm: dict) -> bool:
@@ -475,15 +497,16 @@ def _lowercases(norm: dict) -> bool:
     return kind == "Lowercase"
 
 
-def _warn_if_cased(tokens, lower: bool, source: Path, strip_accents: bool | None = None) -> None:
-    """A warning where the normaliser makes word pieces unreachable: it lower-cases (and `strip_accents`, None: as
-    it lower-cases) but the vocabulary has capitals, or marks."""
+def _warn_if_cased(tokens, lower: bool, source: Path, strips: bool = False, fix: str = "") -> None:
+    """A warning where the normaliser makes word pieces unreachable: it lower-cases, or `strips` accents, but the
+    vocabulary has capitals, or marks (`fix`: where to turn the stripping off)."""
     if lower and _has_upper_case(tokens):
         log.warning("%s: lower-casing the input although the vocabulary has upper-case word pieces, which can then "
                     "never match; if the model is cased, pass --no-lower-case (train, evaluate, predict), or write "
                     "a cased copy for ask, serve, export and bench: bertqa convert MODEL NEW --no-lower-case",
                     source)  # fmt: skip
-    elif (lower if strip_accents is None else strip_accents) and _has_marks(tokens):
+    elif strips and _has_marks(tokens):
         log.warning("%s: stripping accents and marks from the input although the vocabulary has word pieces with "
-                    "them (é, Devanagari's vowel signs, Arabic's harakat), which can then never match; if the model "
-                    "keeps them, set \"strip_accents\": false in tokenizer_config.json beside it", source)  # fmt: skip
+                    "them (é, Devanagari's vowel signs, Arabic's harakat), which can then never match: right for a "
+                    "model pretrained on text stripped of them, as transformers reads these files; for one pretrained "
+                    "with them, turn the stripping off %s", source, fix)  # fmt: skip
