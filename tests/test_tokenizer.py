@@ -347,27 +347,41 @@ def test_stripping_the_marks_that_word_pieces_hold_is_warned_of(tmp_path, caplog
     stripped, warned = load(tmp_path)
     assert stripped.do_lower_case is True and 1 in stripped.tokenize([text])[0].ids  # [UNK]
     assert "stripping accents and marks" in warned and '"strip_accents": false in tokenizer_config.json' in warned
+    assert not load(tmp_path / "vocab.txt", do_lower_case=False)[1]  # cased: nothing stripped
     stripped.save(tmp_path / "stripping")  # tokenizer.json, its BertNormalizer's strip_accents null
     _, warned = load(tmp_path / "stripping")
     assert "stripping accents and marks" in warned and "tokenizer_config.json beside it (it wins over" in warned
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"strip_accents": False}))
-    kept, warned = load(tmp_path)
-    assert kept.tokenize([text])[0].ids == [5, 6, 7, 8, 9, 10, 11, 12] and not warned  # each its own piece
+    for folder in (tmp_path, tmp_path / "stripping"):  # the advice, followed
+        config = folder / "tokenizer_config.json"
+        config.write_text(json.dumps({**(json.loads(config.read_text()) if config.exists() else {}),
+                                      "strip_accents": False}))  # fmt: skip
+        kept, warned = load(folder)
+        assert kept.tokenize([text])[0].ids == [5, 6, 7, 8, 9, 10, 11, 12] and not warned  # each its own piece
     kept.save(tmp_path / "kept")  # (strip_accents false written down: the same tokenizer read again)
     again, warned = load(tmp_path / "kept")
     assert again.tokenize([text])[0].ids == kept.tokenize([text])[0].ids and not warned
-    assert not load(tmp_path / "vocab.txt", do_lower_case=False)[1]  # cased: nothing stripped
-    # A normaliser of steps, read as written: the fix is in tokenizer.json.
+    # Normalisers of steps, read as written: the fix is in tokenizer.json. A StripAccents step on text not
+    # decomposed leaves é whole, and takes off only the marks written apart (Devanagari's, Arabic's).
     spec = json.loads((tmp_path / "kept" / "tokenizer.json").read_text())
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"},
-                                                              {"type": "Lowercase"}]}  # fmt: skip
-    (tmp_path / "kept" / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((tmp_path / "kept" / "tokenizer_config.json").read_text())
     (tmp_path / "kept" / "tokenizer_config.json").write_text(
         json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"})
     )
-    _, warned = load(tmp_path / "kept")
-    assert "stripping accents and marks" in warned and "in tokenizer.json's normalizer" in warned
+    for steps, warns in ((["NFD", "StripAccents", "Lowercase"], True), (["StripAccents", "Lowercase"], True),
+                         (["NFD", "NFC", "StripAccents", "Lowercase"], True), (["NFD", "Lowercase"], False),
+                         (["Lowercase"], False)):  # fmt: skip
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": step} for step in steps]}
+        (tmp_path / "kept" / "tokenizer.json").write_text(json.dumps(spec))
+        _, warned = load(tmp_path / "kept")
+        assert ("stripping accents and marks" in warned) is warns, steps
+        assert not warns or "in tokenizer.json's normalizer" in warned
+    # é alone, written whole: only a decomposing step before StripAccents reaches its accent.
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "café"])}
+    for steps, warns in ((["StripAccents", "Lowercase"], False), (["NFD", "StripAccents", "Lowercase"], True)):
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": step} for step in steps]}
+        (tmp_path / "kept" / "tokenizer.json").write_text(json.dumps(spec))
+        _, warned = load(tmp_path / "kept")
+        assert ("stripping accents and marks" in warned) is warns, steps
 
 
 def test_missing_tokenizer_names_the_weights_file(tmp_path):

@@ -6,6 +6,7 @@ the SQuAD pipeline imports this module and stays torch-free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -193,13 +194,12 @@ def _has_upper_case(tokens) -> bool:
     return any(not (t.startswith("[") and t.endswith("]")) and t != t.lower() for t in map(str.strip, tokens))
 
 
-def _has_marks(tokens) -> bool:
-    """Whether any word piece holds a mark that stripping accents removes (a nonspacing mark, Mn, once decomposed:
-    é's accent, Devanagari's virama and vowel signs above or below, Arabic's harakat, Thai's vowels above)."""
-    return any(
-        not t.isascii() and any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", t))
-        for t in tokens
-    )
+def _has_marks(tokens, decomposed: bool = True) -> bool:
+    """Whether any word piece holds a mark that stripping accents removes: a nonspacing mark (Mn), once decomposed
+    (é's accent) or as written (Devanagari's virama and vowel signs above or below, Arabic's harakat, Thai's vowels
+    above)."""
+    form = functools.partial(unicodedata.normalize, "NFD") if decomposed else str
+    return any(not t.isascii() and any(unicodedata.category(c) == "Mn" for c in form(t)) for t in tokens)
 
 
 def load_tokenizer(path: str | os.PathLike, do_lower_case: bool | None = None, config=None) -> BertTokenizer:
@@ -336,7 +336,10 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         if bert and not _as_written(cls):
             fix = 'with "strip_accents": false in tokenizer_config.json beside it (it wins over tokenizer.json\'s)'
         else:
-            fix = "in tokenizer.json's normalizer (strip_accents false, or no StripAccents step)"
+            fix = (
+                "in tokenizer.json's normalizer (a BertNormalizer's strip_accents false; in a sequence of steps, no "
+                "StripAccents, nor an NFD or NFKD step that nothing recomposes)"
+            )
         _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file,
                        strips, fix)  # fmt: skip
         return tokenizer
@@ -352,7 +355,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         strip_accents, chinese_chars = _normaliser_settings(folder)
-        _warn_if_cased(tokens, do_lower_case, vocab_file, do_lower_case if strip_accents is None else strip_accents,
+        strips = "decomposed" if (do_lower_case if strip_accents is None else strip_accents) else None
+        _warn_if_cased(tokens, do_lower_case, vocab_file, strips,
                        'with "strip_accents": false in tokenizer_config.json beside it')  # fmt: skip
         backend = _from_vocab(vocab_file, do_lower_case, strip_accents, chinese_chars)
         _check_added_tokens(folder, backend.get_vocab())
@@ -474,16 +478,25 @@ def _as_written(cls) -> bool:
     return cls in AS_WRITTEN_CLASSES or _family(cls) in AS_WRITTEN
 
 
-def _strips_accents(norm: dict) -> bool:
-    """Whether a tokenizers normaliser (its JSON) strips accents: a BertNormalizer whose `strip_accents` is true, or
-    null while it lower-cases, a StripAccents step, alone or within a Sequence."""
+def _strips_accents(norm: dict) -> str | None:
+    """How a tokenizers normaliser (its JSON) strips accents: "decomposed" (a BertNormalizer whose `strip_accents`
+    is true, or null while it lower-cases, or a StripAccents step after NFD or NFKD: the marks of é too), "as
+    written" (a StripAccents step on text not decomposed: the marks written apart, Devanagari's or Arabic's), or
+    None."""
     kind = norm.get("type")
     if kind == "BertNormalizer":
         strip = norm.get("strip_accents")
-        return _lowercases(norm) if strip is None else strip is True
-    if kind == "Sequence":
-        return any(_strips_accents(n or {}) for n in norm.get("normalizers") or [])
-    return kind == "StripAccents"
+        return "decomposed" if (_lowercases(norm) if strip is None else strip is True) else None
+    steps = norm.get("normalizers") or [] if kind == "Sequence" else [norm]
+    decomposed, mode = False, None
+    for step in steps:
+        kind = (step or {}).get("type")
+        decomposed = kind in ("NFD", "NFKD") or decomposed and kind not in ("NFC", "NFKC")
+        if kind == "StripAccents":
+            mode = "decomposed" if decomposed else mode or "as written"
+        elif kind == "BertNormalizer" and _strips_accents(step):
+            mode = "decomposed"
+    return mode
 
 
 def _lowercases(norm: dict) -> bool:
@@ -497,15 +510,15 @@ def _lowercases(norm: dict) -> bool:
     return kind == "Lowercase"
 
 
-def _warn_if_cased(tokens, lower: bool, source: Path, strips: bool = False, fix: str = "") -> None:
-    """A warning where the normaliser makes word pieces unreachable: it lower-cases, or `strips` accents, but the
-    vocabulary has capitals, or marks (`fix`: where to turn the stripping off)."""
+def _warn_if_cased(tokens, lower: bool, source: Path, strips: str | None = None, fix: str = "") -> None:
+    """A warning where the normaliser makes word pieces unreachable: it lower-cases, or `strips` accents (as
+    _strips_accents says), but the vocabulary has capitals, or marks (`fix`: where to turn the stripping off)."""
     if lower and _has_upper_case(tokens):
         log.warning("%s: lower-casing the input although the vocabulary has upper-case word pieces, which can then "
                     "never match; if the model is cased, pass --no-lower-case (train, evaluate, predict), or write "
                     "a cased copy for ask, serve, export and bench: bertqa convert MODEL NEW --no-lower-case",
                     source)  # fmt: skip
-    elif strips and _has_marks(tokens):
+    elif strips and _has_marks(tokens, strips == "decomposed"):
         log.warning("%s: stripping accents and marks from the input although the vocabulary has word pieces with "
                     "them (é, Devanagari's vowel signs, Arabic's harakat), which can then never match: right for a "
                     "model pretrained on text stripped of them, as transformers reads these files; for one pretrained "
