@@ -1112,6 +1112,44 @@ def test_stdout_that_cannot_be_written_is_one_line_or_quiet_not_pythons_noise(in
             1, ["bertqa: error: stdout: closed; give it a file (/dev/null to discard what bertqa prints)"])  # fmt: skip
 
 
+def test_a_command_started_with_stderr_closed_runs(inputs, tmp_path):
+    """`2>&-` (a daemon's, a cron job's): Python has no sys.stderr; the progress bar, writing to None, failed the
+    run, and the line saying so failed too: exit 1, no word, nothing written. The run goes on, what it would say
+    on stderr lost."""
+    data = Path(__file__).parent / "data" / "tiny-squad.json"
+    out = tmp_path / "predictions.json"
+    args = ["predict", "--model", inputs["tiny"], "--input", data, "--output", out, "--precision", "fp32",
+            "--cache-dir", "none"]  # fmt: skip
+    r = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "-", sys.executable, "-m", "bertqa", *map(str, args)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1]), r.stdout
+    assert len(json.loads(out.read_text())) == len(
+        [q for a in json.loads(data.read_text())["data"] for p in a["paragraphs"] for q in p["qas"]]
+    )
+
+
+def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch):
+    """stdout's notes and stderr's bar share a terminal or a log (`>log 2>&1`): a note during training (a step
+    skipped for a non-finite loss) was written at the end of the bar's line. The bar is cleared first, and drawn
+    again after; and in a file or a pipe it is drawn every 30 s at most, not ten times a second."""
+    from tqdm import tqdm
+
+    from bertqa.files import bar_interval, note
+
+    shared = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", shared)
+    monkeypatch.setattr(sys, "stderr", shared)
+    with tqdm(total=4, file=sys.stderr, mininterval=0) as bar:
+        bar.update(1)
+        note("bertqa: step 2: skipped")
+        bar.update(1)
+    before, after = shared.getvalue().split("bertqa: step 2: skipped\n")
+    assert before.endswith("\r") and "1/4" in before and "2/4" in after  # back at the line's start, then redrawn
+    assert bar_interval() == 30.0
+    monkeypatch.setattr(shared, "isatty", lambda: True, raising=False)
+    assert bar_interval() == 0.1
+
+
 class _Terminal(io.TextIOWrapper):
     def isatty(self):
         return True

@@ -609,15 +609,20 @@ def main(argv=None) -> int:
     """Run one command. A user's mistake is one line on stderr and exit 1 (a flag the parser rejects: exit 2);
     anything else is a bug: one line naming it, the traceback with --debug or BERTQA_DEBUG=1; Ctrl-C exits 130.
     Outputs are written atomically (bertqa.files), so none of these leaves a partial one behind."""
-    real = sys.stdout
+    real, real_err = sys.stdout, sys.stderr
     if real is None:  # started with stdout closed (`>&-`): Python has no sys.stdout, and print() drops everything
         _say("bertqa: error: stdout: closed; give it a file (/dev/null to discard what bertqa prints)")
         return 1
     sys.stdout = _Stdout(real)
+    if real_err is None:  # stderr closed (`2>&-`, a daemon's): what it would say is lost, not the run (a progress
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # bar, writing to None, failed it; its exit code stays)
     try:
         return _main(argv)
     finally:
         sys.stdout = real
+        if real_err is None:
+            sys.stderr.close()
+            sys.stderr = None
 
 
 def _main(argv) -> int:
@@ -715,6 +720,8 @@ def _exit_writing_stdout(code: int, failed: OSError | None = None) -> int:
 def _say(line: str) -> None:
     """`line` on stderr in one write: print() writes the text and its newline apart, and under torchrun, where
     every rank stopped by a failure says so at once, two ranks' lines then ran together into one."""
+    if sys.stderr is None:  # (started with stderr closed: nowhere to say it)
+        return
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 try:
@@ -252,7 +252,22 @@ def note(line: str) -> None:
         line = line.encode(encoding, "backslashreplace").decode(encoding)
     except LookupError:  # (a stream naming an encoding Python does not know: written as it is)
         pass
-    print(line, flush=True)
+    # A progress bar on stderr, where the two share a terminal or a log, is cleared first and drawn again after:
+    # the note was written at the end of the bar's line. (Asked only where tqdm is in use: its lock is a process's.)
+    tqdm = sys.modules.get("tqdm")
+    bars = tqdm is not None and getattr(tqdm.tqdm, "_instances", None)
+    with tqdm.tqdm.external_write_mode(file=sys.stdout) if bars else nullcontext():
+        print(line, flush=True)
+
+
+def bar_interval() -> float:
+    """The least seconds between a progress bar's updates (tqdm's mininterval): its default on a terminal; written
+    to a file or a pipe (a log, where every update stays as text on one line), one every 30 s."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return 0.1 if isatty is not None and isatty() else 30.0
+    except ValueError:  # (a closed stream)
+        return 30.0
 
 
 def soft_limit(name: str) -> float | None:

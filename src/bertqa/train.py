@@ -42,6 +42,7 @@ from .evaluate import (
 from .files import (
     _even_read_only,
     atomic_path,
+    bar_interval,
     exclusive,
     file_id,
     first_line,
@@ -821,7 +822,7 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
 
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-               disable=not (cfg.progress and d.is_main), dynamic_ncols=True)  # fmt: skip
+               disable=not (cfg.progress and d.is_main), dynamic_ncols=True, mininterval=bar_interval())  # fmt: skip
     held.callback(bar.close)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
 
