@@ -1128,26 +1128,48 @@ def test_a_command_started_with_stderr_closed_runs(inputs, tmp_path):
     )
 
 
-def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch):
+def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_path):
     """stdout's notes and stderr's bar share a terminal or a log (`>log 2>&1`): a note during training (a step
-    skipped for a non-finite loss) was written at the end of the bar's line. The bar is cleared first, and drawn
-    again after; and in a file or a pipe it is drawn every 30 s at most, not ten times a second."""
+    skipped for a non-finite loss) was written at the end of the bar's line. On a terminal (or a stream that draws
+    like one: a notebook's) the bar is cleared first and drawn again after; in a file the line is ended first, and
+    the bar drawn every 30 s at most, not ten times a second."""
     from tqdm import tqdm
 
-    from bertqa.files import bar_interval, note
+    from bertqa.files import bar_options, note
+
+    def run(shared):
+        monkeypatch.setattr(sys, "stdout", shared)
+        monkeypatch.setattr(sys, "stderr", shared)
+        with tqdm(total=4, file=sys.stderr, mininterval=0) as bar:
+            bar.update(1)
+            note("bertqa: step 2: skipped")
+            bar.update(1)
+        options = bar_options()
+        monkeypatch.undo()
+        return options
 
     shared = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", shared)
-    monkeypatch.setattr(sys, "stderr", shared)
-    with tqdm(total=4, file=sys.stderr, mininterval=0) as bar:
-        bar.update(1)
-        note("bertqa: step 2: skipped")
-        bar.update(1)
+    assert run(shared) == {}
     before, after = shared.getvalue().split("bertqa: step 2: skipped\n")
     assert before.endswith("\r") and "1/4" in before and "2/4" in after  # back at the line's start, then redrawn
-    assert bar_interval() == 30.0
-    monkeypatch.setattr(shared, "isatty", lambda: True, raising=False)
-    assert bar_interval() == 0.1
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        assert run(log) == {"mininterval": 30.0, "maxinterval": 30.0}
+    before, after = (tmp_path / "log").read_text(encoding="utf-8").split("bertqa: step 2: skipped\n")
+    assert before.endswith("\n") and "1/4" in before.splitlines()[-1] and "2/4" in after
+
+
+def test_the_loggers_handler_writes_to_stderr_as_it_is_when_it_writes(monkeypatch):
+    """Not to the stream it was made with: a run started with stderr closed has /dev/null only while it runs, and
+    a library caller (or a test) may give sys.stderr another stream later."""
+    from bertqa import cli
+
+    logger = logging.getLogger("bertqa")
+    monkeypatch.setattr(logger, "handlers", [])
+    cli._setup_logging()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logger.warning("written where stderr is now")
+    assert later.getvalue() == "bertqa: written where stderr is now\n"
 
 
 class _Terminal(io.TextIOWrapper):

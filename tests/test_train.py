@@ -1145,6 +1145,18 @@ def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_s
         matplotlib.use(backend)
 
 
+def test_the_progress_bar_in_a_log_file_is_drawn_at_its_start_and_end_only(tiny_dir, small_squad, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    """In a file (a log), every draw of the bar stays as text on one line: it was drawn at every --log-every
+    (the loss and learning rate beside it), whatever its interval. A run of seconds: at its start and its end."""
+    with open(tmp_path / "err.log", "w", encoding="utf-8") as err:
+        monkeypatch.setattr(sys, "stderr", err)
+        train(cfg_for(tiny_dir, small_squad, tmp_path / "run", max_steps=6, log_every=1, progress=True))
+        monkeypatch.undo()
+    text = (tmp_path / "err.log").read_bytes()
+    assert 1 <= text.count(b"\r") <= 3, text
+
+
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
     # Dropout on (the tiny model's 0.1) and length-grouped shuffling: everything random comes from the seed.
     runs = {}

@@ -800,11 +800,23 @@ class _OneLine(logging.Formatter):
         return one_line(super().format(record))
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is as it writes (as logging's last resort does), not the stream it
+    was made with: a run started with stderr closed has /dev/null only while it runs (main)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)  # (StreamHandler's would set the stream)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def _setup_logging() -> None:
     """Our modules' notes on stderr as `bertqa: ...`, without turning on every library's INFO logging."""
     logger = logging.getLogger("bertqa")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(_OneLine("bertqa: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

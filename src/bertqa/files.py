@@ -6,8 +6,10 @@ graphs) goes through here. No torch, so the pure-Python SQuAD code uses it too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
+import io
 import json
 import logging
 import math
@@ -252,22 +254,33 @@ def note(line: str) -> None:
         line = line.encode(encoding, "backslashreplace").decode(encoding)
     except LookupError:  # (a stream naming an encoding Python does not know: written as it is)
         pass
-    # A progress bar on stderr, where the two share a terminal or a log, is cleared first and drawn again after:
-    # the note was written at the end of the bar's line. (Asked only where tqdm is in use: its lock is a process's.)
+    # A progress bar drawn on stderr (the two share a terminal, or a `>log 2>&1`): the note was written at the end
+    # of the bar's line. In a terminal the bar is cleared first and drawn again after; in a file or a pipe, where
+    # clearing is more text on that line, the line is ended first. (Asked only where tqdm is in use: its lock is
+    # a process's.)
     tqdm = sys.modules.get("tqdm")
     bars = tqdm is not None and getattr(tqdm.tqdm, "_instances", None)
+    if bars and _os_stream(sys.stderr) and not sys.stderr.isatty():
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        bars = None
     with tqdm.tqdm.external_write_mode(file=sys.stdout) if bars else nullcontext():
         print(line, flush=True)
 
 
-def bar_interval() -> float:
-    """The least seconds between a progress bar's updates (tqdm's mininterval): its default on a terminal; written
-    to a file or a pipe (a log, where every update stays as text on one line), one every 30 s."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    try:
-        return 0.1 if isatty is not None and isatty() else 30.0
-    except ValueError:  # (a closed stream)
-        return 30.0
+def _os_stream(stream) -> bool:
+    """Whether `stream` is an open text file of the OS's (a terminal, a file, a pipe), not a notebook's or a test's."""
+    return isinstance(stream, io.TextIOWrapper) and not stream.closed
+
+
+def bar_options() -> dict:
+    """tqdm's options for a progress bar on stderr: its defaults, but in a file or a pipe (a log, where every update
+    stays as text on one line) one update every 30 s at most (tqdm's monitor thread draws after its maxinterval
+    too). A notebook's stream, which redraws the bar in place, is no file."""
+    if _os_stream(sys.stderr) and not sys.stderr.isatty():
+        return {"mininterval": 30.0, "maxinterval": 30.0}
+    return {}
 
 
 def soft_limit(name: str) -> float | None:
