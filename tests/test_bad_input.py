@@ -1131,31 +1131,42 @@ def test_a_command_started_with_stderr_closed_runs(inputs, tmp_path):
 def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_path):
     """stdout's notes and stderr's bar share a terminal or a log (`>log 2>&1`): a note during training (a step
     skipped for a non-finite loss) was written at the end of the bar's line. On a terminal (or a stream that draws
-    like one: a notebook's) the bar is cleared first and drawn again after; in a file the line is ended first, and
-    the bar drawn every 30 s at most, not ten times a second."""
+    like one: a notebook's) the bar is cleared first and drawn again after; in a file the line is ended first,
+    and the bar drawn again after the note (so that notes in a row leave no blank lines), and otherwise every 30 s
+    at most, not ten times a second. In a file of its own the bar's stream gets nothing more."""
     from tqdm import tqdm
 
     from bertqa.files import bar_options, note
 
-    def run(shared):
-        monkeypatch.setattr(sys, "stdout", shared)
-        monkeypatch.setattr(sys, "stderr", shared)
-        with tqdm(total=4, file=sys.stderr, mininterval=0) as bar:
+    def run(out, err, bar_on_stdout=False):
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        with tqdm(total=4, file=sys.stdout if bar_on_stdout else sys.stderr, mininterval=0) as bar:
             bar.update(1)
             note("bertqa: step 2: skipped")
+            note("bertqa: step 3: skipped")
             bar.update(1)
         options = bar_options()
         monkeypatch.undo()
         return options
 
     shared = io.StringIO()
-    assert run(shared) == {}
-    before, after = shared.getvalue().split("bertqa: step 2: skipped\n")
+    assert run(shared, shared) == {}
+    before, between, after = re.split(r"bertqa: step \d: skipped\n", shared.getvalue())
     assert before.endswith("\r") and "1/4" in before and "2/4" in after  # back at the line's start, then redrawn
-    with open(tmp_path / "log", "w", encoding="utf-8") as log:
-        assert run(log) == {"mininterval": 30.0, "maxinterval": 30.0}
-    before, after = (tmp_path / "log").read_text(encoding="utf-8").split("bertqa: step 2: skipped\n")
-    assert before.endswith("\n") and "1/4" in before.splitlines()[-1] and "2/4" in after
+    for bar_on_stdout in (False, True):  # (a library caller's bar may draw on stdout)
+        with open(tmp_path / "log", "w", encoding="utf-8") as log:
+            assert run(log, log, bar_on_stdout) == {"mininterval": 30.0, "maxinterval": 30.0}
+        with open(tmp_path / "log", encoding="utf-8", newline="") as log:  # (its "\r" kept)
+            text = log.read()
+        assert re.search(r"1/4[^\n]*\nbertqa: step 2: skipped\n[^\n]*1/4[^\n]*\nbertqa: step 3: skipped\n", text), text
+        assert "\n\n" not in text and "2/4" in text.split("\n")[-2]
+    with open(tmp_path / "out", "w", encoding="utf-8") as out, open(tmp_path / "err", "w", encoding="utf-8") as err:
+        run(out, err)
+    assert (tmp_path / "out").read_text(encoding="utf-8") == "bertqa: step 2: skipped\nbertqa: step 3: skipped\n"
+    with open(tmp_path / "err", encoding="utf-8", newline="") as err:
+        text = err.read()
+    assert text.count("\n") == 1 and not re.search("\r +\r", text)  # (its own close; not cleared, not ended)
 
 
 def test_the_loggers_handler_writes_to_stderr_as_it_is_when_it_writes(monkeypatch):
@@ -1170,6 +1181,10 @@ def test_the_loggers_handler_writes_to_stderr_as_it_is_when_it_writes(monkeypatc
     monkeypatch.setattr(sys, "stderr", later)
     logger.warning("written where stderr is now")
     assert later.getvalue() == "bertqa: written where stderr is now\n"
+    own = io.StringIO()
+    assert logger.handlers[0].setStream(own) is later  # (logging's own way to give it another: still works)
+    logger.warning("written to its own")
+    assert own.getvalue() == "bertqa: written to its own\n" and "own" not in later.getvalue()
 
 
 class _Terminal(io.TextIOWrapper):

@@ -802,14 +802,20 @@ class _OneLine(logging.Formatter):
 
 class _Stderr(logging.StreamHandler):
     """A handler writing to whatever sys.stderr is as it writes (as logging's last resort does), not the stream it
-    was made with: a run started with stderr closed has /dev/null only while it runs (main)."""
+    was made with: a run started with stderr closed has /dev/null only while it runs (main). Unless given one of
+    its own (setStream)."""
 
     def __init__(self):
-        logging.Handler.__init__(self)  # (StreamHandler's would set the stream)
+        logging.Handler.__init__(self)  # (StreamHandler's would fix the stream)
+        self._stream = None
 
     @property
     def stream(self):
-        return sys.stderr
+        return sys.stderr if self._stream is None else self._stream
+
+    @stream.setter
+    def stream(self, stream):
+        self._stream = stream
 
 
 def _setup_logging() -> None:

@@ -254,19 +254,41 @@ def note(line: str) -> None:
         line = line.encode(encoding, "backslashreplace").decode(encoding)
     except LookupError:  # (a stream naming an encoding Python does not know: written as it is)
         pass
-    # A progress bar drawn on stderr (the two share a terminal, or a `>log 2>&1`): the note was written at the end
-    # of the bar's line. In a terminal the bar is cleared first and drawn again after; in a file or a pipe, where
-    # clearing is more text on that line, the line is ended first. (Asked only where tqdm is in use: its lock is
-    # a process's.)
+    # A progress bar being drawn where the note goes (a terminal, a `>log 2>&1`): the note was written at the end of
+    # the bar's line. On a terminal the bar is cleared first; in a file or a pipe, where clearing is more text on
+    # that line, the line is ended first. Either way it is drawn again after, so that the next note finds it so.
+    # (Asked only where tqdm is in use: its lock is a process's.)
     tqdm = sys.modules.get("tqdm")
-    bars = tqdm is not None and getattr(tqdm.tqdm, "_instances", None)
-    if bars and _os_stream(sys.stderr) and not sys.stderr.isatty():
+    bars = list(getattr(tqdm.tqdm, "_instances", None) or []) if tqdm is not None else []
+    in_file = [bar for bar in bars if _same_file(bar.fp, sys.stdout)]
+    for bar in in_file:
         with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-        bars = None
-    with tqdm.tqdm.external_write_mode(file=sys.stdout) if bars else nullcontext():
+            bar.fp.write("\n")
+            bar.fp.flush()
+    # (a bar in a file of its own, `2>err.log`, is left alone: clearing it there is text too)
+    in_place = not in_file and any(_drawn_in_place(bar.fp) for bar in bars)
+    with tqdm.tqdm.external_write_mode(file=sys.stdout) if in_place else nullcontext():
         print(line, flush=True)
+    for bar in in_file:
+        with contextlib.suppress(OSError, ValueError):
+            bar.refresh()
+
+
+def _drawn_in_place(stream) -> bool:
+    """Whether a bar on `stream` is redrawn in place: a terminal's, or a stream of no file (a notebook's)."""
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: no file)
+        return True
+
+
+def _same_file(stream, other) -> bool:
+    """Whether two streams write to one file or pipe that is not a terminal (`>log 2>&1`, `2>&1 | tee`)."""
+    try:
+        a, b = stream.fileno(), other.fileno()
+        return not os.isatty(a) and os.path.samestat(os.fstat(a), os.fstat(b))
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: a StringIO's, a notebook's)
+        return False
 
 
 def _os_stream(stream) -> bool:

@@ -821,8 +821,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
     ddp = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else fwd
 
     model.train()
+    options = bar_options()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-               disable=not (cfg.progress and d.is_main), dynamic_ncols=True, **bar_options())  # fmt: skip
+               disable=not (cfg.progress and d.is_main), dynamic_ncols=True, **options)  # fmt: skip
     held.callback(bar.close)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
 
@@ -925,9 +926,9 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
                 if d.is_main:
                     metrics.log({"step": done, "epoch": done / steps_per_epoch, "loss": avg, "lr": lr,
                                  "sequences_per_second": seq_s, "skipped_steps": skipped})  # fmt: skip
-                    bar.set_postfix(
-                        loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}", refresh=False
-                    )  # (shown at the bar's next draw: as often as bar_options says)
+                    # (in a log file, shown at the bar's next draw, every 30 s: a draw at every line was noise)
+                    bar.set_postfix(loss=f"{avg:.3f}" if avg is not None else "nan", lr=f"{lr:.2e}",
+                                    refresh=not options)  # fmt: skip
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save(done, None if prior_seconds is None else prior_seconds + time.perf_counter() - t0)
             saved_step = done
