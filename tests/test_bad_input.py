@@ -1169,6 +1169,41 @@ def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_
     assert text.count("\n") == 1 and not re.search("\r +\r", text)  # (its own close; not cleared, not ended)
 
 
+def test_a_note_in_a_log_is_not_joined_to_a_bar_that_another_thread_draws(monkeypatch, tmp_path):
+    """tqdm's monitor thread draws a bar (holding tqdm's lock) whenever its interval passes: between the note's
+    ending of the bar's line and the note itself, the note went onto the end of the bar's line again."""
+    import threading
+
+    from tqdm import tqdm
+
+    from bertqa.files import note
+
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        monkeypatch.setattr(sys, "stdout", log)
+        monkeypatch.setattr(sys, "stderr", log)
+        bar, stop = tqdm(total=10, file=log, mininterval=30, maxinterval=30), threading.Event()
+
+        def monitor():  # (as tqdm's TMonitor draws)
+            while not stop.is_set():
+                with tqdm.get_lock():
+                    bar.refresh(nolock=True)
+
+        drawer = threading.Thread(target=monitor)
+        drawer.start()
+        try:
+            for i in range(300):
+                note(f"bertqa: step {i}: skipped")
+        finally:
+            stop.set()
+            drawer.join()
+            bar.close()
+            monkeypatch.undo()
+    with open(tmp_path / "log", encoding="utf-8", newline="") as log:
+        lines = log.read().split("\n")
+    assert sum(line.startswith("bertqa: step ") for line in lines) == 300
+    assert not [line for line in lines if "bertqa: step" in line and not line.startswith("bertqa: step")]
+
+
 def test_the_loggers_handler_writes_to_stderr_as_it_is_when_it_writes(monkeypatch):
     """Not to the stream it was made with: a run started with stderr closed has /dev/null only while it runs, and
     a library caller (or a test) may give sys.stderr another stream later."""

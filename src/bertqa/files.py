@@ -6,7 +6,6 @@ graphs) goes through here. No torch, so the pure-Python SQuAD code uses it too.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import io
@@ -23,7 +22,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 try:
@@ -255,54 +254,54 @@ def note(line: str) -> None:
     except LookupError:  # (a stream naming an encoding Python does not know: written as it is)
         pass
     # A progress bar being drawn where the note goes (a terminal, a `>log 2>&1`): the note was written at the end of
-    # the bar's line. On a terminal the bar is cleared first; in a file or a pipe, where clearing is more text on
-    # that line, the line is ended first. Either way it is drawn again after, so that the next note finds it so.
-    # (Asked only where tqdm is in use: its lock is a process's.)
+    # the bar's line. On a terminal (or a notebook) the bar is cleared first; in a file or a pipe, where clearing is
+    # more text on that line, the line is ended first. Either way it is drawn again after, so that the next note
+    # finds it so; all under tqdm's lock, which its monitor thread takes to draw. (Asked only where tqdm is in use:
+    # its lock is a process's.)
     tqdm = sys.modules.get("tqdm")
     bars = list(getattr(tqdm.tqdm, "_instances", None) or []) if tqdm is not None else []
-    in_file = [bar for bar in bars if _same_file(bar.fp, sys.stdout)]
-    for bar in in_file:
-        with contextlib.suppress(OSError, ValueError):
-            bar.fp.write("\n")
-            bar.fp.flush()
-    # (a bar in a file of its own, `2>err.log`, is left alone: clearing it there is text too)
-    in_place = not in_file and any(_drawn_in_place(bar.fp) for bar in bars)
-    with tqdm.tqdm.external_write_mode(file=sys.stdout) if in_place else nullcontext():
+    if not bars:
         print(line, flush=True)
-    for bar in in_file:
-        with contextlib.suppress(OSError, ValueError):
-            bar.refresh()
+        return
+    out = _log_file(sys.stdout)
+    in_file = [bar for bar in bars if out and (file := _log_file(bar.fp)) and os.path.samestat(file, out)]
+    if not in_file:  # (a bar in a log of its own, `2>err.log`, is left alone: clearing it there is text too)
+        in_place = any(_log_file(bar.fp) is None for bar in bars)
+        with tqdm.tqdm.external_write_mode(file=sys.stdout) if in_place else nullcontext():
+            print(line, flush=True)
+        return
+    with tqdm.tqdm.get_lock():
+        for bar in in_file:
+            with suppress(OSError, ValueError):
+                bar.fp.write("\n")
+                bar.fp.flush()
+        print(line, flush=True)
+        for bar in in_file:
+            with suppress(OSError, ValueError):
+                bar.refresh(nolock=True)
 
 
-def _drawn_in_place(stream) -> bool:
-    """Whether a bar on `stream` is redrawn in place: a terminal's, or a stream of no file (a notebook's)."""
+def _log_file(stream) -> os.stat_result | None:
+    """The file or pipe that `stream` writes to, where it is the OS's (a text file, seen through tqdm's and the
+    command line's wrappers) and no terminal; None for a terminal, a notebook's stream, a StringIO."""
+    for _ in range(3):  # (tqdm's DisableOnWriteError holds it as _wrapped, cli._Stdout as stream)
+        if isinstance(stream, io.TextIOWrapper):
+            break
+        stream = getattr(stream, "_wrapped", None) or getattr(stream, "stream", None)
+    if not isinstance(stream, io.TextIOWrapper) or stream.closed:
+        return None
     try:
-        return os.isatty(stream.fileno())
-    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: no file)
-        return True
-
-
-def _same_file(stream, other) -> bool:
-    """Whether two streams write to one file or pipe that is not a terminal (`>log 2>&1`, `2>&1 | tee`)."""
-    try:
-        a, b = stream.fileno(), other.fileno()
-        return not os.isatty(a) and os.path.samestat(os.fstat(a), os.fstat(b))
-    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: a StringIO's, a notebook's)
-        return False
-
-
-def _os_stream(stream) -> bool:
-    """Whether `stream` is an open text file of the OS's (a terminal, a file, a pipe), not a notebook's or a test's."""
-    return isinstance(stream, io.TextIOWrapper) and not stream.closed
+        fd = stream.fileno()
+        return None if os.isatty(fd) else os.fstat(fd)
+    except (OSError, ValueError):
+        return None
 
 
 def bar_options() -> dict:
     """tqdm's options for a progress bar on stderr: its defaults, but in a file or a pipe (a log, where every update
     stays as text on one line) one update every 30 s at most (tqdm's monitor thread draws after its maxinterval
     too). A notebook's stream, which redraws the bar in place, is no file."""
-    if _os_stream(sys.stderr) and not sys.stderr.isatty():
-        return {"mininterval": 30.0, "maxinterval": 30.0}
-    return {}
+    return {"mininterval": 30.0, "maxinterval": 30.0} if _log_file(sys.stderr) is not None else {}
 
 
 def soft_limit(name: str) -> float | None:
