@@ -1136,6 +1136,7 @@ def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_
     at most, not ten times a second. In a file of its own the bar's stream gets nothing more."""
     from tqdm import tqdm
 
+    from bertqa import cli
     from bertqa.files import bar_options, note
 
     def run(out, err, bar_on_stdout=False):
@@ -1150,13 +1151,16 @@ def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_
         monkeypatch.undo()
         return options
 
+    main, side = os.openpty()  # a terminal: the bar cleared, as in a notebook (a stream of no file, as below)
+    with open(side, "w", encoding="utf-8") as terminal, open(main, "rb", buffering=0):
+        assert run(terminal, terminal) == {}
     shared = io.StringIO()
     assert run(shared, shared) == {}
     before, between, after = re.split(r"bertqa: step \d: skipped\n", shared.getvalue())
     assert before.endswith("\r") and "1/4" in before and "2/4" in after  # back at the line's start, then redrawn
     for bar_on_stdout in (False, True):  # (a library caller's bar may draw on stdout)
-        with open(tmp_path / "log", "w", encoding="utf-8") as log:
-            assert run(log, log, bar_on_stdout) == {"mininterval": 30.0, "maxinterval": 30.0}
+        with open(tmp_path / "log", "w", encoding="utf-8") as log:  # (stdout as the command line wraps it)
+            assert run(cli._Stdout(log), log, bar_on_stdout) == {"mininterval": 30.0, "maxinterval": 30.0}
         with open(tmp_path / "log", encoding="utf-8", newline="") as log:  # (its "\r" kept)
             text = log.read()
         assert re.search(r"1/4[^\n]*\nbertqa: step 2: skipped\n[^\n]*1/4[^\n]*\nbertqa: step 3: skipped\n", text), text
@@ -1171,37 +1175,42 @@ def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_
 
 def test_a_note_in_a_log_is_not_joined_to_a_bar_that_another_thread_draws(monkeypatch, tmp_path):
     """tqdm's monitor thread draws a bar (holding tqdm's lock) whenever its interval passes: between the note's
-    ending of the bar's line and the note itself, the note went onto the end of the bar's line again."""
+    ending of the bar's line and the note itself, the note went onto the end of the bar's line again. Here a draw
+    is asked for at just that moment, every time (it waits for the lock: after the note)."""
     import threading
 
     from tqdm import tqdm
 
     from bertqa.files import note
 
-    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+    class Log(io.TextIOWrapper):
+        racing = False
+
+        def write(self, text):
+            written = super().write(text)
+            if text == "\n" and self.racing:  # the bar's line just ended: another thread draws it now
+                drawer = threading.Thread(target=draw)
+                drawer.start()
+                drawer.join(0.2)  # (drawn at once without the lock; with it, once the note is out)
+            return written
+
+    def draw():
+        with tqdm.get_lock():
+            bar.refresh(nolock=True)
+
+    with Log(open(tmp_path / "log", "wb"), encoding="utf-8") as log:
         monkeypatch.setattr(sys, "stdout", log)
         monkeypatch.setattr(sys, "stderr", log)
-        bar, stop = tqdm(total=10, file=log, mininterval=30, maxinterval=30), threading.Event()
-
-        def monitor():  # (as tqdm's TMonitor draws)
-            while not stop.is_set():
-                with tqdm.get_lock():
-                    bar.refresh(nolock=True)
-
-        drawer = threading.Thread(target=monitor)
-        drawer.start()
-        try:
-            for i in range(300):
-                note(f"bertqa: step {i}: skipped")
-        finally:
-            stop.set()
-            drawer.join()
-            bar.close()
-            monkeypatch.undo()
+        bar = tqdm(total=10, file=log, mininterval=30, maxinterval=30)
+        log.racing = True
+        for i in range(3):
+            note(f"bertqa: step {i}: skipped")
+        log.racing = False
+        bar.close()
+        monkeypatch.undo()
     with open(tmp_path / "log", encoding="utf-8", newline="") as log:
         lines = log.read().split("\n")
-    assert sum(line.startswith("bertqa: step ") for line in lines) == 300
-    assert not [line for line in lines if "bertqa: step" in line and not line.startswith("bertqa: step")]
+    assert [line for line in lines if "bertqa: step" in line] == [f"bertqa: step {i}: skipped" for i in range(3)]
 
 
 def test_the_loggers_handler_writes_to_stderr_as_it_is_when_it_writes(monkeypatch):

@@ -1157,13 +1157,13 @@ def test_the_progress_bar_in_a_log_file_is_drawn_at_its_start_and_end_only(tiny_
         monkeypatch.undo()
     text = (tmp_path / "err.log").read_bytes()
     assert 1 <= text.count(b"\r") <= 3, text
-    # On a terminal (or in a notebook) the loss and learning rate are drawn as each line is logged, not later.
-    terminal = io.StringIO()
-    terminal.isatty = lambda: True
-    monkeypatch.setattr(sys, "stderr", terminal)
+    # In a notebook (a stream of no file, as here), or on a terminal, the loss and learning rate are drawn as each
+    # line is logged, not later.
+    notebook = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", notebook)
     monkeypatch.setattr(bertqa.train, "tqdm", functools.partial(bertqa.train.tqdm, mininterval=1e9))  # (no other)
     train(cfg_for(tiny_dir, small_squad, tmp_path / "shown", max_steps=4, log_every=1, progress=True))
-    assert terminal.getvalue().count("loss=") >= 4, terminal.getvalue()
+    assert notebook.getvalue().count("loss=") >= 4, notebook.getvalue()
 
 
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):

@@ -288,12 +288,14 @@ def _log_file(stream) -> os.stat_result | None:
         if isinstance(stream, io.TextIOWrapper):
             break
         stream = getattr(stream, "_wrapped", None) or getattr(stream, "stream", None)
-    if not isinstance(stream, io.TextIOWrapper) or stream.closed:
+    if not isinstance(stream, io.TextIOWrapper):
         return None
     try:
+        if stream.closed:
+            return None
         fd = stream.fileno()
         return None if os.isatty(fd) else os.fstat(fd)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # (a wrapper whose buffer was detached, a stream of no file)
         return None
 
 
