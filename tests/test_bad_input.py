@@ -1151,7 +1151,7 @@ def test_a_note_during_a_progress_bar_starts_a_line_of_its_own(monkeypatch, tmp_
         monkeypatch.undo()
         return options
 
-    main, side = os.openpty()  # a terminal: the bar cleared, as in a notebook (a stream of no file, as below)
+    main, side = os.openpty()  # a terminal: drawn as usual (cleared for a note, as a notebook's stream is below)
     with open(side, "w", encoding="utf-8") as terminal, open(main, "rb", buffering=0):
         assert run(terminal, terminal) == {}
     shared = io.StringIO()

@@ -409,7 +409,8 @@ def test_ask_takes_the_windows_of_the_api_by_evaluates_flags(qa, qa_model_dir, t
     want = qa(question, context, top_k=3, **short)
     assert want != qa(question, context, top_k=3)  # (the windows change the scores)
     r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, "--precision", "fp32",
-                 "--top-k", 3, "--json", "--max-seq-length", 48, "--doc-stride", 8, "--max-query-length", 12)  # fmt: skip
+                 "--top-k", 3, "--json", "--max-seq-length", 48, "--doc-stride", 8,
+                 "--max-query-length", 12)  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout) == want, r.stderr
     positions = qa.config.max_position_embeddings
     for args, message in (
@@ -417,9 +418,9 @@ def test_ask_takes_the_windows_of_the_api_by_evaluates_flags(qa, qa_model_dir, t
         (["--max-seq-length", positions + 1], f"--max-seq-length {positions + 1} exceeds the model's {positions} "),
         (["--max-seq-length", 40, "--max-query-length", 37], "--max-seq-length 40 leaves no context tokens after a "
                                                              "37-token question (--max-query-length)"),
-        (["--max-seq-length", 40, "--doc-stride", 30], "--doc-stride 30 exceeds the 19 context tokens a window holds: "
-                                                       "--max-seq-length 40 less 18 question tokens (--max-query-length, "
-                                                       "by default) and 3 special tokens"),
+        (["--max-seq-length", 40, "--doc-stride", 30],
+         "--doc-stride 30 exceeds the 19 context tokens a window holds: --max-seq-length 40 less 18 question tokens "
+         "(--max-query-length, by default) and 3 special tokens"),
     ):  # fmt: skip
         r = run_here("ask", "--model", qa_model_dir, "--question", question, "--context", context, *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -1147,8 +1147,9 @@ def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_s
         matplotlib.use(backend)
 
 
-def test_the_progress_bar_in_a_log_file_is_drawn_at_its_start_and_end_only(tiny_dir, small_squad, tmp_path,
-                                                                             monkeypatch):  # fmt: skip
+def test_the_bar_in_a_log_is_drawn_at_start_and_end_and_in_a_notebook_at_each_logged_step(
+    tiny_dir, small_squad, tmp_path, monkeypatch
+):
     """In a file (a log), every draw of the bar stays as text on one line: it was drawn at every --log-every
     (the loss and learning rate beside it), whatever its interval. A run of seconds: at its start and its end."""
     with open(tmp_path / "err.log", "w", encoding="utf-8") as err:

@@ -340,8 +340,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
                 "in tokenizer.json's normalizer (a BertNormalizer's strip_accents false; in a sequence of steps, no "
                 "StripAccents, nor an NFD or NFKD step that nothing recomposes)"
             )
-        _warn_if_cased(tokenizer.backend.get_vocab(with_added_tokens=False), tokenizer.do_lower_case, json_file,
-                       strips, fix)  # fmt: skip
+        pieces = tokenizer.backend.get_vocab(with_added_tokens=False)
+        _warn_unreachable_pieces(pieces, tokenizer.do_lower_case, json_file, strips, fix)
         return tokenizer
     if vocab_file is not None and vocab_file.is_file():
         if do_lower_case is None:
@@ -355,8 +355,8 @@ def _read_tokenizer(path: str | os.PathLike, do_lower_case: bool | None) -> Bert
         if do_lower_case is None:
             do_lower_case = not _has_upper_case(tokens)
         strip_accents, chinese_chars = _normaliser_settings(folder)
-        strips = "decomposed" if (do_lower_case if strip_accents is None else strip_accents) else None
-        _warn_if_cased(tokens, do_lower_case, vocab_file, strips,
+        strips = _strips_accents({"type": "BertNormalizer", "lowercase": do_lower_case, "strip_accents": strip_accents})
+        _warn_unreachable_pieces(tokens, do_lower_case, vocab_file, strips,
                        'with "strip_accents": false in tokenizer_config.json beside it')  # fmt: skip
         backend = _from_vocab(vocab_file, do_lower_case, strip_accents, chinese_chars)
         _check_added_tokens(folder, backend.get_vocab())
@@ -510,7 +510,7 @@ def _lowercases(norm: dict) -> bool:
     return kind == "Lowercase"
 
 
-def _warn_if_cased(tokens, lower: bool, source: Path, strips: str | None = None, fix: str = "") -> None:
+def _warn_unreachable_pieces(tokens, lower: bool, source: Path, strips: str | None = None, fix: str = "") -> None:
     """A warning where the normaliser makes word pieces unreachable: it lower-cases, or `strips` accents (as
     _strips_accents says), but the vocabulary has capitals, or marks (`fix`: where to turn the stripping off)."""
     if lower and _has_upper_case(tokens):

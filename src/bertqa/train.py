@@ -242,7 +242,9 @@ def check_resumable(path: Path, state: dict, cfg: TrainConfig, d: Dist, resolved
     tokenizer's own lower-casing), the resolved values are compared: an explicit `--precision bf16` resumes an
     "auto" run that chose bf16, and an "auto" run resumed on a device where auto chooses otherwise is refused.
     Checkpoints without that record compare the values as given; those with the digests compare the model and
-    train file by them, not by the paths as typed (COMPARED_BY_CONTENT)."""
+    train file by them, not by the paths as typed (COMPARED_BY_CONTENT). Two keys may differ where they decide
+    nothing: `epochs` where both runs set `max_steps`, and `max_train_examples` where the windows' digest is the
+    same."""
     typed_then = json.loads(state["config"])
     typed_now = {k: getattr(cfg, k) for k in RESUME_KEYS}
     recorded = state["resolved"] if isinstance(state.get("resolved"), dict) else {}
