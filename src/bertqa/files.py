@@ -263,10 +263,10 @@ def note(line: str) -> None:
     if not bars:
         print(line, flush=True)
         return
-    out = _log_file(sys.stdout)
-    in_file = [bar for bar in bars if out and (file := _log_file(bar.fp)) and os.path.samestat(file, out)]
+    out, files = _log_file(sys.stdout), [_log_file(bar.fp) for bar in bars]
+    in_file = [bar for bar, file in zip(bars, files) if out and file and os.path.samestat(file, out)]
     if not in_file:  # (a bar in a log of its own, `2>err.log`, is left alone: clearing it there is text too)
-        in_place = any(_log_file(bar.fp) is None for bar in bars)
+        in_place = None in files
         with tqdm.tqdm.external_write_mode(file=sys.stdout) if in_place else nullcontext():
             print(line, flush=True)
         return
