@@ -618,7 +618,7 @@ def test_notes_naming_a_file_with_a_line_break_stay_one_line(inputs, tmp_path, c
     code, out, err = run_main(["convert", inputs["tiny"], tmp_path / "c\nd"], capsys, monkeypatch)
     assert code == 0 and (tmp_path / "c\nd" / "config.json").is_file(), err
     wrote = out.splitlines()[-1]
-    assert wrote.startswith(f"bertqa: wrote {tmp_path}/c\\nd (") and wrote.endswith(" parameters)"), out
+    assert wrote.startswith(f"bertqa: wrote {tmp_path}/c\\nd (") and wrote.endswith(" parameters in float32)"), out
 
 
 def test_negative_numbers_in_any_notation_are_values_not_flags():

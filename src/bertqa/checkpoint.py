@@ -7,6 +7,7 @@ missing, unexpected or mis-shaped key is a one-line error that lists the first o
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -36,11 +37,19 @@ KEY_RENAMES = [
     (r"\.beta$", ".bias"),
 ]
 # Keys present in BERT checkpoints that question answering does not use: dropped with a one-line note.
-UNUSED = re.compile(r"^(bert\.pooler\.|cls\.)")
+# (classifier.: the head of a sequence or token classification model, fine-tuned again for QA as transformers does)
+UNUSED = re.compile(r"^(bert\.pooler\.|cls\.|classifier\.)")
 # Buffers some HF versions save; they are recomputed, not learned.
 BUFFERS = re.compile(r"^bert\.embeddings\.(position_ids|token_type_ids)$")
 QA_HEAD = {"qa_outputs.weight", "qa_outputs.bias"}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# In transformers' order: a whole model's file, else the index of one sharded over several (save_pretrained's
+# max_shard_size: {"weight_map": {weight name: shard file}}).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 CONFIG_FILES = ("config.json", "bert_config.json")
 
 
@@ -80,10 +89,10 @@ def _group(keys) -> list[str]:
 
 # Weights in a folder that bertqa does not read, and what they are (for the error that names them).
 OTHER_FORMATS = [
-    ("*.index.json", "an index of weights sharded over several files"),
     ("*.ckpt.index", "a TensorFlow checkpoint"),
     ("tf_model.h5", "TensorFlow (Keras) weights"),
     ("flax_model.msgpack", "Flax weights"),
+    ("*.index.json", "an index of weights sharded over several files in a format other than safetensors or PyTorch"),
 ]
 
 
@@ -97,9 +106,14 @@ def _is_shard(name: str) -> bool:
     return found is not None and int(found[2]) > 1
 
 
+def _is_index(name: str) -> bool:
+    """Whether `name` is the index of safetensors or PyTorch weight shards (any prefix, as transformers' variants)."""
+    return name.endswith((".safetensors.index.json", ".bin.index.json"))
+
+
 def _other_format(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {what}; bertqa reads one safetensors or PyTorch weights file: convert the model "
-                           "to one first")  # fmt: skip
+    return CheckpointError(f"{path}: {what}; bertqa reads safetensors or PyTorch weights: load it with transformers "
+                           "and save_pretrained it to a new folder first")  # fmt: skip
 
 
 def _stubbing_pickle(stubbed: list):
@@ -211,6 +225,8 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
     check_bool(trust_pickle=trust_pickle)  # ("no" would unpickle in full: run the file's code)
     path = Path(path)
+    if _is_index(path.name):
+        return _read_shards(path, trust_pickle)
     with open(path, "rb") as f:  # a repository cloned without git-lfs holds a small text stub in its place
         head = f.read(max(len(LFS_POINTER), 9))
         if head.startswith(LFS_POINTER):
@@ -236,6 +252,42 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     return sd
 
 
+def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a model sharded over several files, by its index: each shard, a file beside the index, must
+    hold exactly the weights the index puts in it (a shard of another save, or one cut short, is refused)."""
+    try:
+        with open(index, "rb") as f:  # (a clone without git-lfs: the index is real JSON, the shards pointers)
+            weight_map = json.loads(f.read()).get("weight_map")
+    except (ValueError, AttributeError) as e:  # (invalid JSON or UTF-8; a list or string, not an object)
+        raise CheckpointError(f"{index}: not an index of weight shards ({first_line(e)})") from None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):  # fmt: skip
+        raise CheckpointError(f"{index}: no \"weight_map\" of weight names to shard files; not an index of weight "
+                              "shards")  # fmt: skip
+    names = defaultdict(set)  # shard file: the weights the index puts in it
+    for name, shard in weight_map.items():
+        names[shard].add(name)
+    for shard, want in names.items():  # (all before the first shard takes seconds to read)
+        if Path(shard).name != shard or shard in ("", ".", "..") or _is_index(shard):
+            raise CheckpointError(f"{index}: shard {shard!r} (of {min(want)}) is not a weights file beside the index")
+    sd = {}
+    for shard, want in sorted(names.items()):
+        path = first_present(index.parent, [shard])
+        if path is None:
+            raise CheckpointError(f"{index}: its shard {shard} (of {min(want)}, {len(want)} weights) is not in "
+                                  f"{index.parent}: a download or copy not finished?")  # fmt: skip
+        part = read_state_dict(path, trust_pickle)
+        if part.keys() != want:
+            odd = [f"{k} not in it" for k in sorted(want - part.keys())] + [
+                f"{k} in it, which the index puts elsewhere" if k in weight_map else f"{k} in it, not in the index"
+                for k in sorted(part.keys() - want)
+            ]
+            raise CheckpointError(f"{path}: not the shard {index.name} names ({len(odd)} weight(s) differ: "
+                                  f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''})")  # fmt: skip
+        sd.update(part)
+    return sd
+
+
 def _find(path: Path, config) -> tuple[Path, BertConfig]:
     """Resolve (weights file, config) from a folder or a file plus an optional config/path."""
     if path.is_dir():
@@ -244,11 +296,12 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
             other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
             if other is not None and (not pickles or other[0].name.endswith(".index.json")):
-                # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside a sharded model)
+                # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside the model)
                 raise _other_format(path, f"holds {other[0].name}, {other[1]}")
             shard = next((f for f in sorted(path.glob("*-of-*")) if _is_shard(f.name)), None)
-            if shard is not None and not pickles:
-                raise _other_format(path, f"holds {shard.name}, {SHARD}")
+            if shard is not None:
+                raise CheckpointError(f"{path}: holds {shard.name}, {SHARD}, but no index of them "
+                                      f"({' or '.join(n for n in WEIGHT_FILES if _is_index(n))})")  # fmt: skip
             if len(pickles) != 1:
                 raise CheckpointError(
                     f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder, and not exactly one .pt/.pth "
@@ -257,10 +310,10 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
             weights = pickles[0]  # an NVIDIA checkpoint folder: ckpt.pt + bert_config.json + vocab.txt
         folder = path
     elif path.is_file():
+        if _is_shard(path.name):
+            raise CheckpointError(f"{path}: {SHARD}; name the folder that holds the shards and their index")
         other = next((what for pattern, what in OTHER_FORMATS if path.match(pattern)), None)
-        if other is None and _is_shard(path.name):
-            other = SHARD
-        if other is not None:
+        if other is not None and not _is_index(path.name):
             raise _other_format(path, other)
         weights, folder = path, path.parent
     else:
@@ -412,6 +465,9 @@ def load_model(
     model.fresh_qa_head = missing_head  # the checkpoint had no QA head: qa_outputs is freshly initialised
     if missing_head:
         notes.append("no QA head in the checkpoint: qa_outputs initialised fresh (expected for a pretrained encoder)")
+    stored = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()} - {"float32"})
+    if stored:  # (load_state_dict copies them into the model's fp32 parameters)
+        notes.append(f"weights stored in {', '.join(stored)}, loaded in float32 (--precision sets the arithmetic)")
     model.load_state_dict(sd, strict=not missing_head)
     if missing_head:  # (what save_pretrained compares with: a head still this one was never trained)
         model.fresh_qa_head_state = {k: v.detach().clone() for k, v in model.qa_outputs.state_dict().items()}

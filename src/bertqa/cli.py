@@ -88,7 +88,9 @@ def cmd_convert(args):
     # A pretrained encoder's fresh QA head is random: saved, it would pass for a fine-tuned one.
     out = save_pretrained(model, tokenizer, dst, with_qa_head=not model.fresh_qa_head)
     head = "" if not model.fresh_qa_head else "; no QA head: fine-tune it (bertqa train) before asking it questions"
-    note(f"bertqa: wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters{head})")
+    written = sum(p.numel() for name, p in model.named_parameters()
+                  if not (model.fresh_qa_head and name.startswith("qa_outputs.")))  # fmt: skip
+    note(f"bertqa: wrote {out} ({written:,} parameters in float32{head})")
 
 
 def cmd_score(args):

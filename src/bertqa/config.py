@@ -124,8 +124,8 @@ class BertConfig:
 
     def to_dict(self) -> dict:
         d = self.settings()
-        # The source's weight dtype is not carried: bertqa saves fp32 weights, and transformers loads a model in
-        # the dtype its config.json names ("auto", its default, reads it there first).
+        # The source's weight dtype is not carried: load_model makes every weight fp32, and transformers loads a model
+        # in the dtype its config.json names ("auto", its default, reads it there first; else the weights' own).
         # Nor are its labels: transformers sizes qa_outputs by num_labels (len(id2label)), and bertqa's has 2.
         extra = {k: v for k, v in self.extra.items() if k not in DROPPED_ON_SAVE}
         return {**extra, **d, "model_type": "bert", "architectures": ["BertForQuestionAnswering"]}
