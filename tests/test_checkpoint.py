@@ -492,6 +492,25 @@ def test_weights_sharded_over_several_files_load_by_their_index(hf_qa_dir, real_
         model = load_model(path)
         assert all(torch.equal(a, b) for a, b in zip(qa_logits(model, real_batch), want)), path
         assert model.state_dict().keys() == whole.state_dict().keys()
+    # Beside a whole model's file, the index is not read (transformers' order), even one whose shards are gone.
+    shutil.copy(hf_qa_dir / "model.safetensors", tmp_path / "safetensors")
+    for file in (tmp_path / "safetensors").glob("*-of-*"):
+        file.unlink()
+    assert all(torch.equal(a, b) for a, b in zip(qa_logits(load_model(tmp_path / "safetensors"), real_batch), want))
+    # Shards without their index, beside a Trainer's pickles: not one of those read as the weights.
+    (tmp_path / "trainer" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="trainer: holds model-00001-of-00003.safetensors, one shard of weights "
+                                              "sharded over several files, but no index of them"):  # fmt: skip
+        load_model(tmp_path / "trainer")
+    # An index of a variant's weights (transformers' variant="fp16") is read where it is named.
+    index = tmp_path / "bin" / "pytorch_model.bin.index.json"
+    variant = index.rename(index.with_name("pytorch_model.fp16.bin.index.json"))
+    with pytest.raises(CheckpointError, match="bin: holds pytorch_model.fp16.bin.index.json, the index of a variant "
+                                              "of the model's weights sharded over several files; name the index file "
+                                              "itself$"):  # fmt: skip
+        load_model(tmp_path / "bin")
+    assert all(torch.equal(a, b) for a, b in zip(qa_logits(load_model(variant), real_batch), want))
+    variant.rename(index)
     # `convert` makes one file of them.
     r = subprocess.run([sys.executable, "-m", "bertqa", "convert", str(tmp_path / "bin"), str(tmp_path / "one")],
                        capture_output=True, text=True)  # fmt: skip
@@ -519,19 +538,24 @@ def test_an_index_and_shards_that_disagree_are_refused_naming_the_file(hf_qa_dir
         index.write_text(json.dumps({"weight_map": weight_map}))
 
     refused(f"^{shown}: not an index of weight shards \\(Expecting", "{not json")
-    refused(f"^{shown}: not an index of weight shards", "[1, 2]")
-    for bad in ({}, {"weight_map": []}, {"weight_map": {key: 3}}):
-        refused(f'^{shown}: no "weight_map" of weight names to shard files; not an index of weight shards$', bad)
-    for elsewhere in ("../m/" + first, "/etc/passwd", "model.safetensors.index.json", ""):
-        refused(
-            f"^{shown}: shard '{re.escape(elsewhere)}' \\(of {key}\\) is not a weights file beside the index$",
-            {"weight_map": {**weight_map, key: elsewhere}},
-        )
-    (folder / first).rename(tmp_path / first)  # a download not finished
+    refused(f"^{shown}: not an index of weight shards \\(JSON nested too deeply\\)$", "[" * 100_000)
     refused(
-        f"^{shown}: its shard {first} \\(of {key}, \\d+ weights\\) is not in {re.escape(str(folder))}: a "
-        "download or copy not finished\\?$"
+        f"^{shown}: a Git LFS pointer, not the index", "version https://git-lfs.github.com/spec/v1\noid sha256:4a\n"
     )
+    for bad in ({}, {"weight_map": []}, {"weight_map": {key: 3}}, [1, 2], "null"):
+        refused(f'^{shown}: no "weight_map" of weight names to shard files; not an index of weight shards$', bad)
+    # Only files beside the index, in its format (what `convert` checks that its output folder does not hold).
+    for elsewhere in ("../m/" + first, "/etc/passwd", "model.safetensors.index.json", "", "..", "part.data"):
+        refused(f"^{shown}: shard '{re.escape(elsewhere)}' \\(of {key}\\) is not a .safetensors file beside the "
+                "index$", {"weight_map": {**weight_map, key: elsewhere}})  # fmt: skip
+    (folder / first).rename(tmp_path / first)  # a download not finished
+    refused(f"^{shown}: its shard {first} \\(of {key}, \\d+ weights\\) is not in {re.escape(str(folder))}: a "
+            "download or copy not finished\\?$")  # fmt: skip
+    (folder / first).symlink_to(tmp_path / "blobs" / "4a1c")  # an HF cache whose blob was cleaned
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(folder / first))}: a symbolic link to "
+                                                f"{re.escape(str(tmp_path))}/blobs/4a1c, which does not exist"):  # fmt: skip
+        load_model(folder)  # (as a whole model.safetensors that is such a link)
+    (folder / first).unlink()
     (tmp_path / first).rename(folder / first)
     moved = {**weight_map, key: "model-00002-of-00003.safetensors"}  # the index of another save, say
     refused(

@@ -255,11 +255,17 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
 def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """The tensors of a model sharded over several files, by its index: each shard, a file beside the index, must
     hold exactly the weights the index puts in it (a shard of another save, or one cut short, is refused)."""
+    with open(index, "rb") as f:
+        data = f.read()
+    if data.startswith(LFS_POINTER):
+        raise CheckpointError(f"{index}: a Git LFS pointer, not the index; fetch it with `git lfs pull`")
     try:
-        with open(index, "rb") as f:  # (a clone without git-lfs: the index is real JSON, the shards pointers)
-            weight_map = json.loads(f.read()).get("weight_map")
-    except (ValueError, AttributeError) as e:  # (invalid JSON or UTF-8; a list or string, not an object)
+        data = json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{index}: not an index of weight shards (JSON nested too deeply)") from None
+    except ValueError as e:  # (invalid JSON or UTF-8)
         raise CheckpointError(f"{index}: not an index of weight shards ({first_line(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not (isinstance(weight_map, dict) and weight_map
             and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):  # fmt: skip
         raise CheckpointError(f"{index}: no \"weight_map\" of weight names to shard files; not an index of weight "
@@ -268,8 +274,10 @@ def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     for name, shard in weight_map.items():
         names[shard].add(name)
     for shard, want in names.items():  # (all before the first shard takes seconds to read)
-        if Path(shard).name != shard or shard in ("", ".", "..") or _is_index(shard):
-            raise CheckpointError(f"{index}: shard {shard!r} (of {min(want)}) is not a weights file beside the index")
+        # As save_pretrained names them: beside the index, in its format (what `convert` checks its output against)
+        if Path(shard).name != shard or not shard.endswith(index.suffixes[-3]):
+            raise CheckpointError(f"{index}: shard {shard!r} (of {min(want)}) is not a {index.suffixes[-3]} file "
+                                  "beside the index")  # fmt: skip
     sd = {}
     for shard, want in sorted(names.items()):
         path = first_present(index.parent, [shard])
@@ -295,6 +303,9 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
             other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
+            if other is not None and _is_index(other[0].name):  # (model.fp16.safetensors.index.json, say)
+                raise CheckpointError(f"{path}: holds {other[0].name}, the index of a variant of the model's weights "
+                                      "sharded over several files; name the index file itself")  # fmt: skip
             if other is not None and (not pickles or other[0].name.endswith(".index.json")):
                 # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside the model)
                 raise _other_format(path, f"holds {other[0].name}, {other[1]}")
