@@ -306,6 +306,26 @@ def bar_options() -> dict:
     return {"mininterval": 30.0, "maxinterval": 30.0} if _log_file(sys.stderr) is not None else {}
 
 
+class NoBar:
+    """A progress bar that is off. A disabled tqdm bar would still start tqdm's monitor thread, which stays for the
+    rest of the process: an API call with its bar off leaves no thread behind."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def soft_limit(name: str) -> float | None:
     """The process's soft limit `name` (a resource.RLIMIT_* name: what `ulimit` sets), math.inf where unlimited,
     None where the system has no such limit (Windows)."""

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .batching import to_batch
-from .files import bar_options
+from .files import NoBar, bar_options
 from .squad.features import check_positive
 
 
@@ -42,8 +42,9 @@ def batched_logits(features, indices, batch_size: int, run, progress: bool = Fal
     end = np.full((len(indices), L), -np.inf, dtype=np.float32)
     order = np.argsort(features.lengths[indices], kind="stable")
     # A context manager: the bar is closed on an error too, not printed after the error line.
-    with tqdm(total=len(indices), desc="evaluate", unit="seq", disable=not progress, dynamic_ncols=True,
-              **bar_options()) as bar:  # fmt: skip
+    bar = tqdm(total=len(indices), desc="evaluate", unit="seq", dynamic_ncols=True, **bar_options()) if progress \
+        else NoBar()  # fmt: skip
+    with bar:
         for i in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 raise Abandoned(f"abandoned after {i} of {len(order)} windows: nobody waits for them")

@@ -40,6 +40,7 @@ from .evaluate import (
     startup_line,
 )
 from .files import (
+    NoBar,
     _even_read_only,
     atomic_path,
     bar_options,
@@ -824,8 +825,8 @@ def _train(cfg: TrainConfig, d: Dist, precision: Precision, on_step, held: conte
 
     model.train()
     options = bar_options()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-               disable=not (cfg.progress and d.is_main), dynamic_ncols=True, **options)  # fmt: skip
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, **options) \
+        if cfg.progress and d.is_main else NoBar()  # fmt: skip
     held.callback(bar.close)
     saved_step = start_step or None  # the step of the checkpoint this run last wrote or resumed from
 
