@@ -502,15 +502,16 @@ def test_weights_sharded_over_several_files_load_by_their_index(hf_qa_dir, real_
     with pytest.raises(CheckpointError, match="trainer: holds model-00001-of-00003.safetensors, one shard of weights "
                                               "sharded over several files, but no index of them"):  # fmt: skip
         load_model(tmp_path / "trainer")
-    # An index of a variant's weights (transformers' variant="fp16") is read where it is named.
-    index = tmp_path / "bin" / "pytorch_model.bin.index.json"
-    variant = index.rename(index.with_name("pytorch_model.fp16.bin.index.json"))
-    with pytest.raises(CheckpointError, match="bin: holds pytorch_model.fp16.bin.index.json, the index of a variant "
+    # A variant's weights (variant="fp16": model.safetensors.index.fp16.json, model.fp16-00001-of-00003.safetensors)
+    # load where the index is named, as transformers reads them only when the variant is asked for.
+    ref.save_pretrained(tmp_path / "fp16", max_shard_size="4MB", variant="fp16")
+    variant = tmp_path / "fp16" / "model.safetensors.index.fp16.json"
+    assert variant.is_file() and list((tmp_path / "fp16").glob("model.fp16-00001-of-000*.safetensors"))
+    with pytest.raises(CheckpointError, match="fp16: holds model.safetensors.index.fp16.json, the index of a variant "
                                               "of the model's weights sharded over several files; name the index file "
                                               "itself$"):  # fmt: skip
-        load_model(tmp_path / "bin")
+        load_model(tmp_path / "fp16")
     assert all(torch.equal(a, b) for a, b in zip(qa_logits(load_model(variant), real_batch), want))
-    variant.rename(index)
     # `convert` makes one file of them.
     r = subprocess.run([sys.executable, "-m", "bertqa", "convert", str(tmp_path / "bin"), str(tmp_path / "one")],
                        capture_output=True, text=True)  # fmt: skip

@@ -1149,8 +1149,8 @@ def test_train_leaves_a_library_callers_global_state_as_it_was(tiny_dir, small_s
 
 def test_training_evaluating_and_answering_with_bars_off_leave_no_thread_behind(tiny_dir, small_squad, tmp_path):
     """(review) A disabled tqdm bar still starts tqdm's monitor thread, which stays for the rest of the process: every
-    API call (progress off, their default) left it in the caller's process. In a process of its own: tqdm's thread
-    is started once a process and this one's may have it already."""
+    API call with its bars off (progress=False; QuestionAnswerer draws none) left it in the caller's process. In a
+    process of its own: tqdm's thread is started once a process and this one's may have it already."""
     cfg = cfg_for(tiny_dir, small_squad, tmp_path / "run", max_steps=2, predict_file=str(small_squad[1]))
     code = f"""if True:
         import threading
@@ -1160,16 +1160,11 @@ def test_training_evaluating_and_answering_with_bars_off_leave_no_thread_behind(
         qa = QuestionAnswerer.from_pretrained({str(tmp_path / "run" / "model")!r})
         print(qa(question="Who?", context="Bob went home."))
         print("threads:", sorted(t.name for t in threading.enumerate()))
-        train(TrainConfig(**{{**{dataclasses.asdict(cfg)!r}, "output_dir": {str(tmp_path / "shown")!r},
-                              "progress": True}}))
-        print("threads:", sorted(t.name for t in threading.enumerate()))
     """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "predictions.json").is_file()
-    off, on = (line for line in r.stdout.splitlines() if line.startswith("threads: "))
-    assert off == "threads: ['MainThread']", r.stdout
-    assert "'tqdm_monitor'" in on  # (what the bars on start, as they would in the command line's process)
+    assert "threads: ['MainThread']" in r.stdout.splitlines(), r.stdout
 
 
 def test_the_bar_in_a_log_is_drawn_at_start_and_end_and_in_a_notebook_at_each_logged_step(

@@ -106,9 +106,13 @@ def _is_shard(name: str) -> bool:
     return found is not None and int(found[2]) > 1
 
 
+# The index of safetensors or PyTorch weight shards: save_pretrained's, or a variant's (variant="fp16":
+# model.safetensors.index.fp16.json, its shards model.fp16-00001-of-00002.safetensors). Group 1: the shards' format.
+_INDEX = re.compile(r".+\.(safetensors|bin)\.index(?:\.[^.]+)?\.json")
+
+
 def _is_index(name: str) -> bool:
-    """Whether `name` is the index of safetensors or PyTorch weight shards (any prefix, as transformers' variants)."""
-    return name.endswith((".safetensors.index.json", ".bin.index.json"))
+    return _INDEX.fullmatch(name) is not None
 
 
 def _other_format(path: Path, what: str) -> CheckpointError:
@@ -270,13 +274,14 @@ def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):  # fmt: skip
         raise CheckpointError(f"{index}: no \"weight_map\" of weight names to shard files; not an index of weight "
                               "shards")  # fmt: skip
+    kind = _INDEX.fullmatch(index.name)[1]
     names = defaultdict(set)  # shard file: the weights the index puts in it
     for name, shard in weight_map.items():
         names[shard].add(name)
     for shard, want in names.items():  # (all before the first shard takes seconds to read)
         # As save_pretrained names them: beside the index, in its format (what `convert` checks its output against)
-        if Path(shard).name != shard or not shard.endswith(index.suffixes[-3]):
-            raise CheckpointError(f"{index}: shard {shard!r} (of {min(want)}) is not a {index.suffixes[-3]} file "
+        if Path(shard).name != shard or not shard.endswith(f".{kind}"):
+            raise CheckpointError(f"{index}: shard {shard!r} (of {min(want)}) is not a .{kind} file "
                                   "beside the index")  # fmt: skip
     sd = {}
     for shard, want in sorted(names.items()):
@@ -302,10 +307,11 @@ def _find(path: Path, config) -> tuple[Path, BertConfig]:
         weights = first_present(path, WEIGHT_FILES)
         if weights is None:
             pickles = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
-            other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
-            if other is not None and _is_index(other[0].name):  # (model.fp16.safetensors.index.json, say)
-                raise CheckpointError(f"{path}: holds {other[0].name}, the index of a variant of the model's weights "
+            variant = next((f for f in sorted(path.glob("*.json")) if _is_index(f.name)), None)
+            if variant is not None:  # (model.safetensors.index.fp16.json, say)
+                raise CheckpointError(f"{path}: holds {variant.name}, the index of a variant of the model's weights "
                                       "sharded over several files; name the index file itself")  # fmt: skip
+            other = next(((f, what) for pattern, what in OTHER_FORMATS for f in sorted(path.glob(pattern))), None)
             if other is not None and (not pickles or other[0].name.endswith(".index.json")):
                 # (a Trainer's folder holds optimizer.pt, scheduler.pt and rng_state.pth beside the model)
                 raise _other_format(path, f"holds {other[0].name}, {other[1]}")
