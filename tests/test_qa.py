@@ -516,6 +516,10 @@ def test_align_to_words_widens_word_pieces_only(minilm_dir):
     assert text[slice(*align_to_words(text, i, i + 2, in_word))] == "naïve"
     assert align_to_words(text, 0, 3, in_word) == (0, 3)
     assert align_to_words(text, 0, len(text), in_word) == (0, len(text))
+    # (mutation review) From inside the context's first word, to its first character; across a soft hyphen (which
+    # the text cleaning deletes) after that first character too.
+    assert align_to_words("Xanadu rings", 1, 6, in_word) == (0, 6)
+    assert align_to_words("x\u00adylophone rings", 2, 11, in_word) == (0, 11)
 
 
 @pytest.mark.parametrize("lower_case", [True, False])
@@ -671,6 +675,57 @@ def test_word_pieces_of_one_character_each_count_in_the_softmax(minilm_dir):
     best = max(start[0, i] + end[0, j] for i in ctx for j in ctx if i <= j < i + 30)
     top = rank_answers(examples, features, start, end)[0][0]
     assert top["score"] == pytest.approx(np.exp(best - log_z), rel=1e-9)
+
+
+def test_scores_over_several_windows_are_the_documented_probabilities(minilm_dir):
+    """(mutation review) Restated from the module docstring over windows that overlap: P(start) a softmax over each
+    context token's start logit once (its max-context window's) and the null's ([CLS] of the window where start +
+    end is lowest), P(end) over each token's highest end logit and the same null's."""
+    from bertqa.tokenizer import load_tokenizer
+
+    context = " ".join(str(n) for n in range(100))  # one token a word
+    examples = [Example("n", "what ?", context, [], [])]
+    features = featurize(examples, load_tokenizer(minilm_dir), 32, 8, 8)
+    rows = range(len(features))
+    assert len(features) > 5
+    rng = np.random.default_rng(3)
+    start, end = rng.normal(size=(2, *features.input_ids.shape))
+    start[:, 0] = end[:, 0] = np.arange(len(features)) % 3 + 3.0  # [CLS] lowest in a middle window, and a null
+    start[2, 0] = end[2, 0] = 2.5  # answer that ranks among the spans
+    cols = [np.flatnonzero(features.offsets[r, :, 0] >= 0) for r in rows]
+    token = {(r, c): int(features.offsets[r, c, 0]) for r in rows for c in cols[r]}  # its character start
+    start_of = {token[r, c]: start[r, c] for r in rows for c in cols[r] if features.max_context[r, c]}
+    end_of = {}
+    for (r, c), t in token.items():
+        end_of[t] = max(end_of.get(t, -np.inf), end[r, c])
+    assert len(start_of) == len(end_of) == 100
+    w = int(np.argmin(start[:, 0] + end[:, 0]))
+    assert w == 2
+    log_z = np.log(np.exp([*start_of.values(), start[w, 0]]).sum()) + np.log(
+        np.exp([*end_of.values(), end[w, 0]]).sum()
+    )
+    best = max(start[r, i] + end[r, j] for r in rows for i in cols[r] for j in cols[r]
+               if features.max_context[r, i] and i <= j < i + 30)  # fmt: skip
+    ranked = rank_answers(examples, features, start, end, top_k=100, handle_impossible_answer=True)[0]
+    assert ranked[0]["score"] == pytest.approx(np.exp(best - log_z), rel=1e-9)
+    (null,) = [a for a in ranked if a["answer"] == ""]
+    assert null["score"] == pytest.approx(np.exp(start[w, 0] + end[w, 0] - log_z), rel=1e-9)
+
+
+def test_a_null_answer_that_ties_the_best_span_loses_to_it(minilm_dir):
+    """(mutation review) The null answer wins when it beats every span, as evaluate's v2.0 rule (threshold 0)
+    predicts a span on a tie: the same logits give the span first in both."""
+    from bertqa.tokenizer import load_tokenizer
+
+    examples = [Example("t", "where ?", "The capital is Paris in France .", [], [])]
+    features = featurize(examples, load_tokenizer(minilm_dir), 384, 128, 64)
+    col = int(np.flatnonzero(features.offsets[0, :, 0] == examples[0].context.index("Paris"))[0])
+    start, end = np.full((2, 1, 384), -20.0)
+    start[0, col] = end[0, col] = 4.0
+    start[0, 0] = end[0, 0] = 4.0  # null 8 = the span's 8
+    ranked = rank_answers(examples, features, start, end, top_k=2, handle_impossible_answer=True)[0]
+    assert [a["answer"] for a in ranked] == ["Paris", ""] and ranked[0]["score"] == ranked[1]["score"]
+    assert postprocess(examples, features, start, end, version_2=True)[0] == {"t": "Paris"}
 
 
 def test_a_deep_search_stays_within_its_pair_budget(minilm_dir, monkeypatch):

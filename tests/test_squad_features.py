@@ -206,6 +206,24 @@ def test_token_ends_cover_trailing_marks_within_their_own_context(tok):
     assert spans == [["Jose\u0301"], ["x", "Jose\u0301", "y"]]
 
 
+def test_a_label_starts_at_the_answers_token_not_the_one_that_ends_where_it_starts(tok):
+    """(mutation review) The punctuation token before "war" in "pre-war" ends where the answer starts: a label
+    taken from the first token ending at or after the answer's start would begin at "-"."""
+    context = "It ended the pre-war era."
+    f = featurize([Example("q", "when ?", context, ["war"], [17])], tok, is_training=True)
+    s, e = f.start_positions[0], f.end_positions[0]
+    assert (f.offsets[0, s, 0], f.offsets[0, e, 1]) == (17, 20) and s == e
+
+
+def test_a_token_end_takes_in_spacing_marks_too(tok):
+    """(mutation review) A spacing mark (Unicode category Mc, U+1734 after a Hanunoo letter), which the tokenizer
+    leaves out of every token, joins the token before it as a nonspacing one (Mn) does: an answer ending on it keeps
+    it."""
+    for mark in ("\u1734", "\u0301"):  # Mc, Mn
+        f = featurize([Example("q", "who ?", f"\u1720{mark} y", [], [])], tok)
+        assert f.offsets[0][f.offsets[0, :, 0] >= 0].tolist() == [[0, 2], [3, 4]], mark
+
+
 def test_each_distinct_question_and_context_is_tokenised_once(tok, monkeypatch):
     """One question asked of several contexts (a server's batch) and several questions of one context: the
     windows are those each example gets alone, and every distinct text is tokenised once (a long question
@@ -242,6 +260,16 @@ def test_invalid_parameters(tok, params, message):
     with pytest.raises(ValueError, match=message) as err:
         featurize([], tok, **params)
     assert "\n" not in str(err.value)
+
+
+def test_a_stride_of_a_whole_window_is_taken_and_one_more_is_refused(tok):
+    """(mutation review) At 384/64, windows of 317 context tokens side by side leave none unseen."""
+    ex = [Example("q", "who ?", " ".join(str(n % 100) for n in range(700)), [], [])]
+    f = featurize(ex, tok, max_seq_length=384, doc_stride=317, max_query_length=64)
+    starts = [f.offsets[r][f.offsets[r, :, 0] >= 0][0, 0] for r in range(len(f))]
+    assert len(f) == 3 and len(set(starts)) == 3
+    with pytest.raises(ValueError, match="doc_stride 318 is longer than the shortest context window \\(317 = "):
+        featurize(ex, tok, max_seq_length=384, doc_stride=318, max_query_length=64)
 
 
 # ---- cache

@@ -46,6 +46,8 @@ def dataset(*questions):
         ("‘curly’ quotes", "‘curly’ quotes"),  # only ASCII punctuation is removed
         ("rock & roll", "rock roll"),
         ("1,000.5 $", "10005"),
+        ("Santa Ana", "santa ana"),  # (mutation review) an article only after a word boundary: not "sant"
+        ("Ethan and Thea", "ethan and thea"),
     ],
 )
 def test_normalize_answer(text, expected):
@@ -116,12 +118,15 @@ def test_evaluate_v2_quirks():
     assert out["total"] == 4 and out["exact"] == 75.0 and out["HasAns_exact"] == 50.0
     with pytest.raises(ValueError, match="no-answer probabilities lack 1"):
         evaluate_v2(V2, V2_PREDS, {"q1": 0.1, "q2": 0.9, "q3": 0.8})
+    # (mutation review) A missing prediction scores 0 in the threshold sweep too, even an unanswerable question's.
+    out = evaluate_v2(dataset(("q1", ["Paris"]), ("q2", [])), {"q1": "Paris"}, {"q1": 0.1})
+    assert out["exact"] == out["best_exact"] == 50.0 and out["best_f1"] == 50.0
 
 
 @settings(max_examples=200)
 @given(
     st.lists(
-        st.tuples(st.sampled_from([[], ["Paris"], ["the Paris", "France"], ["the"]]),  # golds
+        st.tuples(st.sampled_from([[], ["Paris"], ["the Paris", "France"], ["the"], ["The", "Paris"]]),  # golds
                   st.sampled_from(["", "Paris", "paris.", "the", ".", "France", "Lyon"]),  # the prediction
                   st.sampled_from([0.0, 0.1, 0.3, 0.3, 0.5, 0.9, 1.0])),  # no-answer probability (ties)
         min_size=1, max_size=8),

@@ -241,6 +241,10 @@ def test_version_2_null_decision(setup):
     assert nbest["q"][0]["text"] == "" and len(nbest["q"]) == 20
     assert [x["probability"] for x in nbest["q"]] == pytest.approx(google_softmax(nbest["q"]), rel=1e-12)
     assert postprocess(ex, f, start, end, version_2=True, null_score_diff_threshold=2.5)[0]["q"] == "40 41"
+    start[2, 0] = end[2, 0] = 4.0  # (mutation review) a tie, null 8 = span 8: the span, ranked before the null
+    preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
+    assert preds["q"] == "40 41" and odds["q"] == 0.0
+    assert [x["text"] for x in nbest["q"][:2]] == ["40 41", ""]
     start[2, 0] = end[2, 0] = 3.0  # null 6 < 8: the span wins; the null entry ranks below it
     preds, nbest, odds = postprocess(ex, f, start, end, version_2=True)
     assert preds["q"] == "40 41" and odds["q"] == pytest.approx(-2.0)
