@@ -134,6 +134,33 @@ def test_realign_window_is_bounded(tmp_path):
     assert report["skipped"] == 1
 
 
+def test_realigning_covers_answers_ending_past_the_window_and_ties_go_to_the_earlier(tmp_path):
+    """(mutation review) The window runs REALIGN_WINDOW past the answer's end, not its start; an answer the same
+    distance before and after answer_start is moved to the earlier one."""
+    context = "." * 100 + "x" * 60 + "needle word" + "." * 29
+    doc = squad([qa("far", "needle word", start=100)], context=context)
+    report = {}
+    assert [e.answer_starts for e in read_squad(write(tmp_path, doc), True, report)] == [[160]]
+    assert report["realigned"] == 1
+    doc = squad([qa("tie", "ans", start=4)], context="ans_____ans")
+    assert [e.answer_starts for e in read_squad(write(tmp_path, doc), True)] == [[0]]
+
+
+def test_blank_questions_and_contexts_are_skipped_in_training_and_refused_in_evaluation(tmp_path):
+    """(mutation review) A question of whitespace and zero-width characters asks the model nothing: refused where an
+    evaluation reads it, skipped (counted) where training does; a blank context is skipped in training too."""
+    for question in (" \u200b ", "\u200b"):
+        doc = squad([{**qa("blank"), "question": question}, qa("ok")])
+        with pytest.raises(SquadFormatError, match="question id 'blank': 'question' is empty$"):
+            read_squad(write(tmp_path, doc), is_training=False)
+        report = {}
+        assert [e.qid for e in read_squad(write(tmp_path, doc), True, report)] == ["ok"]
+        assert report["skipped_ids"] == ["blank"]
+    doc = squad([qa("empty", "x", start=0)], context=" ")
+    report = {}
+    assert read_squad(write(tmp_path, doc), True, report) == [] and report["skipped"] == 1
+
+
 def mutate(fn):
     doc = squad([qa("q0"), qa("q1")])
     doc = copy.deepcopy(doc)

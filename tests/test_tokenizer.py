@@ -6,6 +6,7 @@ import re
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from bertqa.tokenizer import check_vocabulary, load_tokenizer
@@ -667,3 +668,76 @@ def test_added_tokens_with_capitals_do_not_make_an_uncased_tokenizer_look_cased(
         tok = load_tokenizer(tmp_path)
     assert tok.do_lower_case and "upper-case" not in caplog.text
     assert tok.tokenize(["flights to new york"])[0].tokens[-1] == "new york"
+
+
+def test_tokenizer_config_files_are_read_as_transformers_reads_them(tmp_path, caplog):
+    """(mutation review) What no test held: tokenizer_config.json's class before config.json's; a special token
+    listed at an id other than its vocab.txt line; a file nested too deeply for Python's JSON; a numpy bool for
+    do_lower_case; a null tokenize_chinese_chars (not given: tokenizer.json's setting stays); NFKC after NFKD
+    (composed again: no accents stripped, no warning); a bracketed piece that is no special token ("[X": cased)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    folder = small_folder(tmp_path / "order", tokenizer_config={"tokenizer_class": "BertJapaneseTokenizer"},
+                          config={"tokenizer_class": "BertTokenizer"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"order/tokenizer_config\.json: tokenizer_class 'BertJapaneseTokenizer'"):
+        load_tokenizer(folder)
+    moved = {"7": {"content": "[PAD]", "special": True}}  # [PAD] is line 0
+    folder = small_folder(tmp_path / "moved", tokenizer_config={"added_tokens_decoder": moved})
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: added token '\[PAD\]' \(id 7\)"):
+        load_tokenizer(folder)
+    folder = small_folder(tmp_path / "deep")
+    (folder / "tokenizer_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=r"deep/tokenizer_config\.json: not a JSON object$"):
+        load_tokenizer(folder)
+    folder = small_folder(tmp_path / "numpy")
+    assert our_encode(load_tokenizer(folder, do_lower_case=np.bool_(False)), ["Hello"]) == our_encode(
+        load_tokenizer(folder, do_lower_case=False), ["Hello"]
+    )
+
+    def with_json(name, normalizer, vocab=SMALL_VOCAB, **config):
+        folder = small_folder(
+            tmp_path / name, tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", **config}
+        )
+        backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        backend.normalizer = normalizer
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.save(str(folder / "tokenizer.json"))
+        return folder
+
+    cjk = with_json("cjk", normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=False),
+                    tokenizer_class="BertTokenizer", tokenize_chinese_chars=None)  # fmt: skip
+    vocab = SMALL_VOCAB + ["中", "##文", "文"]
+    (cjk / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    with_json("cjk2", normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=False), vocab)
+    (tmp_path / "cjk" / "tokenizer.json").write_bytes((tmp_path / "cjk2" / "tokenizer.json").read_bytes())
+    texts = ["中文"]  # (transformers' BertTokenizer refuses the null: a TypeError)
+    assert load_tokenizer(cjk).tokenize(texts)[0].tokens == ["中", "##文"]
+    accented = SMALL_VOCAB + ["é"]
+    steps = normalizers.Sequence([normalizers.NFKD(), normalizers.NFKC(), normalizers.StripAccents()])
+    folder = with_json("nfkc", steps, accented)
+    (folder / "vocab.txt").write_text("\n".join(accented) + "\n")
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        load_tokenizer(folder)
+    assert not [r for r in caplog.records if "accents" in r.getMessage()], caplog.text
+    folder = small_folder(tmp_path / "bracket")
+    (folder / "vocab.txt").write_text("\n".join(SMALL_VOCAB[:5] + ["the", "[X"]) + "\n")
+    assert load_tokenizer(folder).tokenize(["The"])[0].tokens == ["[UNK]"]  # cased: "The" is not "the"
+
+
+def test_a_tokenizer_without_text_cleaning_is_saved_as_one_read_as_written(tmp_path):
+    """(mutation review) transformers' BertTokenizer always cleans the text: a tokenizer.json that does not is saved
+    as PreTrainedTokenizerFast, which transformers reads as it is, keeping the ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    folder = small_folder(tmp_path / "raw")
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SMALL_VOCAB)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=False, lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.save(str(folder / "tokenizer.json"))
+    load_tokenizer(folder).save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    texts = ["hello\x00world"]
+    assert hf_encode(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved")), texts) == our_encode(
+        load_tokenizer(folder), texts
+    )

@@ -1187,6 +1187,28 @@ def test_the_bar_in_a_log_is_drawn_at_start_and_end_and_in_a_notebook_at_each_lo
     assert notebook.getvalue().count("loss=") >= 4, notebook.getvalue()
 
 
+def test_length_grouped_batches_pad_little_come_shuffled_and_differ_by_epoch():
+    """(mutation review) Nothing held what --group-by-length does: windows of similar length share a batch (sorted in
+    chunks of GROUP_CHUNK batches), the batches come in shuffled order, and each epoch is another shuffle."""
+    from bertqa.batching import epoch_batches
+
+    lengths = np.random.default_rng(0).integers(8, 385, 4096)
+
+    def padding(batches):
+        return int(sum(lengths[b].max() * len(b) - lengths[b].sum() for b in batches))
+
+    grouped = epoch_batches(4096, 32, 0, 0, lengths)
+    assert sorted(grouped.ravel().tolist()) == list(range(4096))
+    assert padding(grouped) < 0.1 * padding(epoch_batches(4096, 32, 0, 0))
+    maxima = [int(lengths[b].max()) for b in grouped]
+    assert sum(a > b for a, b in zip(maxima, maxima[1:])) > len(maxima) // 4  # not in runs of rising lengths
+    for with_lengths in (None, lengths):
+        assert np.array_equal(epoch_batches(4096, 32, 0, 1, with_lengths), epoch_batches(4096, 32, 0, 1, with_lengths))
+        assert not np.array_equal(
+            epoch_batches(4096, 32, 0, 0, with_lengths), epoch_batches(4096, 32, 0, 1, with_lengths)
+        )
+
+
 def test_the_same_seed_gives_the_same_loss_curve_bit_for_bit(tiny_dir, small_squad, tmp_path):
     # Dropout on (the tiny model's 0.1) and length-grouped shuffling: everything random comes from the seed.
     runs = {}
