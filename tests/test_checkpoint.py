@@ -889,6 +889,18 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
         QuestionAnswerer.from_pretrained(folder)
 
 
+def test_a_saved_config_names_no_dtype_or_labels_of_its_source():
+    """(mutation review) transformers loads a model in the dtype config.json names, and sizes qa_outputs by its
+    labels: neither is the saved model's."""
+    from bertqa.config import DROPPED_ON_SAVE, BertConfig
+
+    source = {"vocab_size": 100, "torch_dtype": "float16", "dtype": "bfloat16", "id2label": {"0": "a"},
+              "label2id": {"a": 0}, "num_labels": 1, "_num_labels": 1, "problem_type": "regression", "kept": 1}  # fmt: skip
+    saved = BertConfig.from_dict(source).to_dict()
+    assert not set(DROPPED_ON_SAVE) & set(saved) and saved["kept"] == 1
+    assert set(DROPPED_ON_SAVE) == set(source) - {"vocab_size", "kept"}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -898,6 +910,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(hf_qa_dir, tmp
         ({"model_type": "roberta"}, "model_type 'roberta' is not BERT; bertqa runs BERT-architecture models"),
         ({"is_decoder": True}, r"is_decoder true \(a causal decoder\) is not supported: bertqa runs BERT encoders"),
         ({"add_cross_attention": True}, r"add_cross_attention true \(cross-attention\) is not supported: .*"),
+        ({"position_embedding_type": "relative_key"}, "position_embedding_type 'relative_key' is not supported"),
+        ({"layer_norm_eps": float("inf")}, "'layer_norm_eps' must be a number >= 0, not Infinity"),  # (mutation review)
         (
             {"hidden_act": "gelu_fast"},
             r"unsupported hidden_act 'gelu_fast'; choose from \['gelu', 'gelu_new', .*'relu'\]",

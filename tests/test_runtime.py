@@ -67,6 +67,14 @@ def test_auto_on_cpus_follows_onednns_isa_cap(monkeypatch, caplog, variable, val
     assert ("bf16 will be emulated, far slower than fp32" in caplog.text) == (expected == "fp32")
 
 
+def test_onednns_own_variable_wins_over_its_old_name(monkeypatch):
+    """(mutation review) oneDNN reads ONEDNN_MAX_CPU_ISA first, DNNL_MAX_CPU_ISA only where that is unset."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "ALL")
+    p = Precision.resolve("auto", CPU, features={"avx512_bf16": True})
+    assert p.name == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2 keeps" in p.reason, p.reason
+
+
 def test_auto_on_a_torch_that_cannot_read_the_cpus_features(monkeypatch, caplog):
     """(review) The start-up line said the CPU lacked bf16 instructions, which it may have."""
     monkeypatch.delattr(torch.cpu, "get_capabilities")
@@ -166,15 +174,24 @@ def test_explicit_choices_are_kept_and_emulation_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="bertqa"):
         Precision.resolve("bf16", CPU, features={"avx512_bf16": True})
     assert caplog.text == ""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bertqa"):  # (mutation review) fp16 too
+        assert Precision.resolve("fp16", CPU, features={"avx2": True}).name == "fp16"
+    assert "fp16 will be emulated" in caplog.text
     with pytest.raises(ValueError, match="--precision 'fp8'"):
         Precision.resolve("fp8", CPU)
 
 
-def test_scope_restores_what_it_changed():
-    before = torch.get_float32_matmul_precision()
+@pytest.mark.parametrize("before", ["highest", "high", "medium"])
+def test_scope_restores_what_it_changed(fp32_settings, before):
+    """(mutation review: the caller's own setting, not only the default)"""
+    torch.set_float32_matmul_precision(before)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # (what torch makes of it)
     with Precision("tf32", CPU).scope():
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
-    assert torch.get_float32_matmul_precision() == before and not torch.backends.cuda.matmul.allow_tf32
+    with Precision("fp32", CPU).scope():
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.get_float32_matmul_precision() == before and torch.backends.cuda.matmul.allow_tf32 == tf32
     with pytest.raises(RuntimeError), Precision("tf32", CPU).scope():
         raise RuntimeError("boom")
     assert torch.get_float32_matmul_precision() == before

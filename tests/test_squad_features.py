@@ -219,7 +219,9 @@ def test_a_token_end_takes_in_spacing_marks_too(tok):
     """(mutation review) A spacing mark (Unicode category Mc, U+1734 after a Hanunoo letter), which the tokenizer
     leaves out of every token, joins the token before it as a nonspacing one (Mn) does: an answer ending on it keeps
     it."""
-    for mark in ("\u1734", "\u0301"):  # Mc, Mn
+    # (U+1734 is Mc from Unicode 14, Python 3.11's; the tokenizer's tables have it Mn and drop it. On an older Python
+    # it is Mn there too, and only the Mn case is left.)
+    for mark in ("\u1734", "\u0301")[unicodedata.category("\u1734") != "Mc" :]:
         f = featurize([Example("q", "who ?", f"\u1720{mark} y", [], [])], tok)
         assert f.offsets[0][f.offsets[0, :, 0] >= 0].tolist() == [[0, 2], [3, 4]], mark
 
@@ -263,11 +265,15 @@ def test_invalid_parameters(tok, params, message):
 
 
 def test_a_stride_of_a_whole_window_is_taken_and_one_more_is_refused(tok):
-    """(mutation review) At 384/64, windows of 317 context tokens side by side leave none unseen."""
-    ex = [Example("q", "who ?", " ".join(str(n % 100) for n in range(700)), [], [])]
+    """(mutation review) At 384/64 a question of 64 tokens leaves windows of 317 context tokens: a stride of 317 puts
+    them side by side, none unseen; 318 is refused."""
+    words = [str(n % 100) for n in range(700)]  # one token each
+    at = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])  # each word's first character
+    ex = [Example("q", "who " * 64, " ".join(words), [], [])]
     f = featurize(ex, tok, max_seq_length=384, doc_stride=317, max_query_length=64)
-    starts = [f.offsets[r][f.offsets[r, :, 0] >= 0][0, 0] for r in range(len(f))]
-    assert len(f) == 3 and len(set(starts)) == 3
+    held = [f.offsets[r][f.offsets[r, :, 0] >= 0][:, 0].tolist() for r in range(len(f))]
+    assert [len(h) for h in held] == [317, 317, 66]
+    assert sum(held, []) == at.tolist()
     with pytest.raises(ValueError, match="doc_stride 318 is longer than the shortest context window \\(317 = "):
         featurize(ex, tok, max_seq_length=384, doc_stride=318, max_query_length=64)
 

@@ -94,6 +94,7 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     assert schedule_steps(1.1, 100, None, 0.29) == (110, 31)  # int(0.29 * 110) = 31.9 -> 31
     assert schedule_steps(1.0, 100, None, 0.29) == (100, 29)
     assert schedule_steps(1.05, 100, None, 0.1) == (105, 10)  # a real fraction still rounds up / down
+    assert schedule_steps(1.5, 3, None, 0.1) == (5, 0)  # (mutation review) 4.5 steps round up
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
     assert schedule_steps(1e-9, 100, None, 0.1) == (
         1,
@@ -1187,6 +1188,71 @@ def test_the_bar_in_a_log_is_drawn_at_start_and_end_and_in_a_notebook_at_each_lo
     assert notebook.getvalue().count("loss=") >= 4, notebook.getvalue()
 
 
+def test_a_clean_fp16_run_skips_no_update_and_clips_unscaled_gradients(tiny_nodrop, small_squad, tmp_path):
+    """(mutation review) The loss scaler's updates are counted as skipped only where it lowered its scale, and the
+    gradients are unscaled before they are clipped (clipped scaled, they came out 2^16 times too small)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        summary = train(cfg_for(tiny_nodrop, small_squad, tmp_path / precision, max_steps=4, precision=precision,
+                                lr=1e-2, max_grad_norm=1.0))  # fmt: skip
+        runs[precision] = load_file(tmp_path / precision / "model" / "model.safetensors")
+        # (fp16's scaler may skip while it calibrates, from 2^16 down: once here; the rest were applied)
+        assert summary["skipped_steps"] == (precision == "fp16"), precision
+    start = load_file(tiny_nodrop / "model.safetensors")
+    for name in ("qa_outputs.weight", "bert.encoder.layer.0.attention.self.query.weight"):  # (3 updates of 4)
+        moved = {p: (runs[p][name] - start[name]).abs().max() for p in runs}
+        assert 0.5 * moved["fp32"] < moved["fp16"] < 1.5 * moved["fp32"], (name, moved)
+
+
+def test_the_optimizer_is_the_recipes_adamw():
+    """(mutation review) No weight decay on biases and LayerNorm weights, eps 1e-6 (NVIDIA's and HF's run_squad)."""
+    from bertqa.config import BertConfig
+    from bertqa.model import BertForQuestionAnswering
+    from bertqa.train import build_optimizer
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    opt = build_optimizer(
+        model, TrainConfig(model="m", train_file="x", output_dir="o", weight_decay=0.01), torch.device("cpu")
+    )
+    name = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ([name[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert no_decay and all(n.endswith(".bias") or "LayerNorm" in n for n in no_decay)
+    assert "bert.embeddings.LayerNorm.weight" in no_decay and "qa_outputs.weight" in decay
+    assert all(not n.endswith(".bias") and "LayerNorm" not in n for n in decay)
+    assert len(decay) + len(no_decay) == len(name)
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_accumulation_clipping_epochs_and_the_last_logged_step(tiny_nodrop, small_squad, tmp_path):
+    """(mutation review) A batch of 8 is two accumulated halves (the loss divided by the accumulation); a
+    --max-grad-norm of 0 is no clipping; --epochs 1 covers every window (the steps rounded up); the last step is
+    logged and is the summary's loss whatever --log-every."""
+    from safetensors.torch import load_file
+
+    def weights(name):
+        return load_file(tmp_path / name / "model" / "model.safetensors")
+
+    # (The same windows; each half padded to its own longest window, whose padding, as transformers', takes part in
+    # the loss's softmax: close, not equal.)
+    for name, batch, accum in (("one", 8, 1), ("two", 4, 2)):
+        train(cfg_for(tiny_nodrop, small_squad, tmp_path / name, max_steps=3, train_batch_size=batch, grad_accum=accum))
+    one, two = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=0.05)
+    for norm in (0.0, 1e9):
+        train(cfg_for(tiny_nodrop, small_squad, tmp_path / f"norm{norm}", max_steps=3, lr=5e-2, max_grad_norm=norm))
+    a, b = weights("norm0.0"), weights("norm1000000000.0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = train(cfg_for(tiny_nodrop, small_squad, tmp_path / "epoch", max_steps=None, epochs=1.0,
+                            train_batch_size=5, log_every=2))  # fmt: skip
+    assert summary["steps"] == math.ceil(summary["train_features"] / 5) and summary["train_features"] % 5
+    rows = read_jsonl(tmp_path / "epoch" / "metrics.jsonl")
+    assert [r["step"] for r in rows][-2:] == [6, 7] and rows[-1]["loss"] == pytest.approx(summary["final_loss"])
+
+
 def test_length_grouped_batches_pad_little_come_shuffled_and_differ_by_epoch():
     """(mutation review) Nothing held what --group-by-length does: windows of similar length share a batch (sorted in
     chunks of GROUP_CHUNK batches), the batches come in shuffled order, and each epoch is another shuffle."""
@@ -1260,6 +1326,13 @@ def test_a_non_finite_loss_skips_its_update(tiny_nodrop, small_squad, tmp_path, 
     rows = {r["step"]: r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")}
     assert rows[3]["loss"] is None and rows[3]["skipped_steps"] == 1 and rows[4]["loss"] > 0
     assert summary["skipped_steps"] == 1 and summary["final_loss"] > 0
+
+
+def test_updates_that_fail_apart_from_each_other_do_not_stop_the_run(tiny_nodrop, small_squad, tmp_path, poison):
+    """(mutation review) --max-nonfinite-steps counts updates skipped in a row: a good one between resets it."""
+    poison["bad"] = {2, 4, 6}
+    summary = train(cfg_for(tiny_nodrop, small_squad, tmp_path / "out", max_steps=8, max_nonfinite_steps=2))
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 3
 
 
 def test_a_skipped_first_update_does_not_make_torch_warn_about_the_schedule(tiny_nodrop, small_squad, tmp_path, poison):
@@ -1341,6 +1414,9 @@ def common_args(model, squad, out):
         ({"--epochs": -3}, "--epochs must be positive, got -3.0"),  # with --max-steps too
         ({"--warmup": 1.5}, "--warmup must be a fraction of the steps in [0, 1], got 1.5"),  # each flag named alone
         ({"--weight-decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
+        ({"--lr": 0}, "--lr must be positive, got 0.0"),  # (mutation review: the boundaries)
+        ({"--save-every": -1}, "--save-every must be >= 0, got -1"),
+        ({"--max-nonfinite-steps": 0}, "--max-nonfinite-steps must be a positive integer, got 0"),
         ({"--doc-stride": 94}, "--doc-stride 94 is longer than the shortest context window (93 = --max-seq-length -"),
         ({"--max-seq-length": 600}, "exceeds the model's 512 position embeddings"),
         ({"--device": "cuda:7"}, "--device cuda:7: not usable here"),
