@@ -95,6 +95,10 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     assert schedule_steps(1.0, 100, None, 0.29) == (100, 29)
     assert schedule_steps(1.05, 100, None, 0.1) == (105, 10)  # a real fraction still rounds up / down
     assert schedule_steps(1.5, 3, None, 0.1) == (5, 0)  # (mutation review) 4.5 steps round up
+    # (mutation review) A warm-up over every step is a schedule; none over none too.
+    for warmup in (0.0, 1.0):
+        TrainConfig(model="m", train_file="x", output_dir="o", warmup=warmup).check_values()
+    assert schedule_steps(1.0, 10, None, 1.0) == (10, 10)
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
     assert schedule_steps(1e-9, 100, None, 0.1) == (
         1,
