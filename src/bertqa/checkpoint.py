@@ -1,8 +1,9 @@
 """Load and save BERT question-answering weights: HF folders and NVIDIA DeepLearningExamples `.pt` files.
 
 Loading is strict. The QA head is the only thing allowed to be missing (a pretrained encoder gets a fresh
-head); weights the QA model has no use for (pooler, pretraining heads) are dropped with a note; every other
-missing, unexpected or mis-shaped key is a one-line error that lists the first of them, grouped by layer.
+head); weights the QA model has no use for (pooler, pretraining heads, a classifier's head) are dropped with a note;
+every other missing, unexpected or mis-shaped key is a one-line error that lists the first of them, grouped by
+layer.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def _read_pickle(path: Path, trust_pickle: bool):
 
 
 def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped."""
+    """The raw tensors of a weights file (safetensors or pickle), `ckpt["model"]` when wrapped; of every shard, given
+    their index (`*.safetensors.index.json`, `*.bin.index.json`)."""
     check_bool(trust_pickle=trust_pickle)  # ("no" would unpickle in full: run the file's code)
     path = Path(path)
     if _is_index(path.name):
@@ -377,7 +379,7 @@ def convert_state_dict(sd: dict, config: BertConfig, expected: dict, source: str
             out[word] = out[word][:want]
             notes.append(f"word embedding padded to {rows} rows, sliced back to the vocabulary's {want}")
     if dropped:
-        prefixes = sorted({".".join(k.split(".")[:2]) for k in dropped})
+        prefixes = sorted({".".join(k.split(".")[: 1 if k.startswith("classifier.") else 2]) for k in dropped})
         notes.append(f"dropped {len(dropped)} weights question answering does not use ({', '.join(prefixes)})")
     missing = sorted(set(expected) - set(out))
     unexpected = sorted(set(out) - set(expected))
@@ -453,7 +455,8 @@ def load_model(
     verbose: bool = True,
     require_qa_head: bool = False,
 ) -> BertForQuestionAnswering:
-    """Load a `BertForQuestionAnswering` from an HF folder, a safetensors/bin file or an NVIDIA `.pt`.
+    """Load a `BertForQuestionAnswering` from an HF folder, a safetensors/bin file, the index of such files' shards or
+    an NVIDIA `.pt`.
 
     `config` is a BertConfig, a path to a config.json, or a preset name; by default the `config.json` or
     `bert_config.json` beside the weights. A checkpoint without a QA head gets a fresh one (to fine-tune),
