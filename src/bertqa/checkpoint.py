@@ -231,12 +231,14 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     their index (`*.safetensors.index.json`, `*.bin.index.json`)."""
     check_bool(trust_pickle=trust_pickle)  # ("no" would unpickle in full: run the file's code)
     path = Path(path)
-    if _is_index(path.name):
-        return _read_shards(path, trust_pickle)
+    index = _is_index(path.name)
     with open(path, "rb") as f:  # a repository cloned without git-lfs holds a small text stub in its place
         head = f.read(max(len(LFS_POINTER), 9))
         if head.startswith(LFS_POINTER):
-            raise CheckpointError(f"{path}: a Git LFS pointer, not the weights; fetch them with `git lfs pull`")
+            what = "the index; fetch it" if index else "the weights; fetch them"
+            raise CheckpointError(f"{path}: a Git LFS pointer, not {what} with `git lfs pull`")
+    if index:
+        return _read_shards(path, trust_pickle)
     # safetensors under another name: an 8-byte little-endian header length, then the JSON header
     safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
     if path.suffix == ".safetensors" or safetensors:
@@ -261,12 +263,9 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
 def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """The tensors of a model sharded over several files, by its index: each shard, a file beside the index, must
     hold exactly the weights the index puts in it (a shard of another save, or one cut short, is refused)."""
-    with open(index, "rb") as f:
-        data = f.read()
-    if data.startswith(LFS_POINTER):
-        raise CheckpointError(f"{index}: a Git LFS pointer, not the index; fetch it with `git lfs pull`")
     try:
-        data = json.loads(data)
+        with open(index, "rb") as f:
+            data = json.loads(f.read())
     except RecursionError:
         raise CheckpointError(f"{index}: not an index of weight shards (JSON nested too deeply)") from None
     except ValueError as e:  # (invalid JSON or UTF-8)
