@@ -479,6 +479,18 @@ def small_folder(path, **files):
     return path
 
 
+def wordpiece_json(folder, normalizer, vocab=SMALL_VOCAB, unk_token="[UNK]"):
+    """A tokenizer.json in `folder`: WordPiece over `vocab` (ids in order) after `normalizer` and BERT's
+    pre-tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=unk_token))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def test_a_tokenizer_class_other_than_berts_is_refused(tmp_path, minilm_dir):
     """A Japanese BERT's folder (vocab.txt and tokenizer_class BertJapaneseTokenizer, MeCab or characters) was read
     as BERT's WordPiece: other ids than the model was trained on, and nothing said so."""
@@ -617,13 +629,11 @@ def test_broken_tokenizer_files_are_refused_in_one_line_when_read(tmp_path, capl
     error at the first word it could not split (after the server's warm-up); a non-string 'content' in
     added_tokens_decoder was an internal error; a vocab.txt with a byte-order mark warned, wrongly, that the
     vocabulary was cased before its error."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import normalizers
 
-    folder = small_folder(tmp_path / "unk")
-    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SMALL_VOCAB)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.save(str(folder / "tokenizer.json"))
+    folder = wordpiece_json(
+        small_folder(tmp_path / "unk"), normalizers.BertNormalizer(lowercase=True), unk_token="<unk>"
+    )
     with pytest.raises(ValueError, match=r"tokenizer\.json: the WordPiece model's unk_token '<unk>' is not in the voc"):
         load_tokenizer(folder)
     folder = small_folder(tmp_path / "decoder", tokenizer_config={"added_tokens_decoder": {"2": {"content": ["[CLS]"],
@@ -675,7 +685,7 @@ def test_tokenizer_config_edge_cases_are_read_as_the_files_say(tmp_path, caplog)
     listed at an id other than its vocab.txt line; a file nested too deeply for Python's JSON; a numpy bool for
     do_lower_case; a null tokenize_chinese_chars (not given: tokenizer.json's setting stays); NFKC after NFKD
     (composed again: no accents stripped, no warning); a bracketed piece that is no special token ("[X": cased)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import normalizers
 
     folder = small_folder(tmp_path / "order", tokenizer_config={"tokenizer_class": "BertJapaneseTokenizer"},
                           config={"tokenizer_class": "BertTokenizer"})  # fmt: skip
@@ -695,14 +705,8 @@ def test_tokenizer_config_edge_cases_are_read_as_the_files_say(tmp_path, caplog)
     )
 
     def with_json(name, normalizer, vocab=SMALL_VOCAB, **config):
-        folder = small_folder(
-            tmp_path / name, tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", **config}
-        )
-        backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-        backend.normalizer = normalizer
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.save(str(folder / "tokenizer.json"))
-        return folder
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+        return wordpiece_json(small_folder(tmp_path / name, tokenizer_config=config), normalizer, vocab)
 
     vocab = SMALL_VOCAB + ["中", "##文", "文"]
     cjk = with_json("cjk", normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=False), vocab,
@@ -726,13 +730,11 @@ def test_tokenizer_config_edge_cases_are_read_as_the_files_say(tmp_path, caplog)
 def test_a_tokenizer_without_text_cleaning_is_saved_as_one_read_as_written(tmp_path):
     """(mutation review) transformers' BertTokenizer always cleans the text: a tokenizer.json that does not is saved
     as PreTrainedTokenizerFast, which transformers reads as it is, keeping the ids."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import normalizers
 
-    folder = small_folder(tmp_path / "raw")
-    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SMALL_VOCAB)}, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(clean_text=False, lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.save(str(folder / "tokenizer.json"))
+    folder = wordpiece_json(
+        small_folder(tmp_path / "raw"), normalizers.BertNormalizer(clean_text=False, lowercase=True)
+    )
     load_tokenizer(folder).save(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
