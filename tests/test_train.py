@@ -1654,3 +1654,46 @@ def test_every_text_file_is_read_and_written_as_utf_8_whatever_the_locale(tiny_d
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     run_config = json.loads((out / "model" / "run_config.json").read_text(encoding="utf-8"))
     assert summary["exact_match"] >= 0 and run_config["output_dir"] == str(out)
+
+
+def test_a_resumed_run_logs_and_sums_its_throughput_over_the_steps_it_timed(tiny_dir, small_squad, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    """A fake clock where each step takes 1 s: the sequences/s logged after a resume count the steps since the resume
+    (not since step 0, over the resumed part's time), and the summary's rate is the whole run's where the checkpoint
+    recorded its time, the resumed part's alone where it did not."""
+    import types
+
+    import bertqa.train as train_module
+
+    clock = [0.0]
+    real_to_batch = train_module.to_batch
+
+    def timed_to_batch(*args, **kwargs):
+        clock[0] += 0.5  # two micro-batches a step: 1 s a step
+        return real_to_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "to_batch", timed_to_batch)
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def crash(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint at step 4
+
+    kw = dict(save_every=4, grad_accum=2, log_every=2, max_steps=8)  # 8 sequences a step
+    for recorded in (True, False):
+        out = tmp_path / f"recorded-{recorded}"
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg_for(tiny_dir, small_squad, out, **kw), on_step=crash)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert state["step"] == 4 and state["train_seconds"] == 4.0
+        if not recorded:  # a checkpoint from before train_seconds was kept
+            del state["train_seconds"]
+            torch.save(state, out / "checkpoint.pt")
+        clock[0] = 100.0  # a resume's clock starts anywhere
+        summary = train(cfg_for(tiny_dir, small_squad, out, resume=True, **kw))
+        logged = {r["step"]: r["sequences_per_second"] for r in read_jsonl(out / "metrics.jsonl")}
+        assert logged[6] == logged[8] == 8.0  # steps 5-6 in 2 s, 5-8 in 4 s: 8 sequences a second
+        if recorded:  # the whole run: 8 steps in 4 + 4 s
+            assert summary["e2e_train_time"] == 8.0 and summary["training_sequences_per_second"] == 8.0
+        else:  # this part alone: 4 steps in 4 s
+            assert summary["e2e_train_time"] == 4.0 and summary["training_sequences_per_second"] == 8.0
