@@ -1142,3 +1142,124 @@ def test_requests_that_stop_waiting_leave_the_queue_and_let_go_of_their_text():
         batcher.worker.shutdown()
 
     asyncio.run(scenario())
+
+
+class BatchedFakeQA(FakeQA):
+    """FakeQA that also records how many questions each model call had."""
+
+    def __init__(self, delay=0.0):
+        super().__init__(delay)
+        self.batches = []
+
+    def answer_pairs(self, pairs, top_k, *rest):
+        self.batches.append(len(pairs))
+        return super().answer_pairs(pairs, top_k, *rest)
+
+
+def test_requests_of_several_questions_batched_together_each_get_their_own_answers():
+    """(mutation review) The answers of one model call are cut back into requests by their question counts."""
+    fake = BatchedFakeQA()
+    app = create_app(fake, max_batch_size=5, max_wait_ms=3000)
+    payloads = [{"question": ["q", "q"], "context": ["Alpha won.", "Beta won."]},
+                {"question": ["q", "q", "q"], "context": ["Gamma won.", "Delta won.", "Omega won."]}]  # fmt: skip
+    with running(app) as (url, _), ThreadPoolExecutor(2) as pool:
+        wait_ready(url)
+        fake.batches.clear()
+        results = list(pool.map(lambda payload: post(url, "/v1/answer", payload), payloads))
+    assert fake.batches == [5]  # one model call for both
+    assert [[answers[0]["answer"] for answers in r["answers"]] for r in results] == [
+        ["Alpha", "Beta"],
+        ["Gamma", "Delta", "Omega"],
+    ]
+
+
+def test_each_request_limit_takes_what_is_at_it_and_refuses_one_past_it_naming_it():
+    """(mutation review) The limits are inclusive, and what is refused is named: a request of more questions than
+    the queue holds is a 413 (a 503 would have its client retry for ever)."""
+    limit = 400
+    app = create_app(FakeQA(), max_queue=2, max_body_bytes=limit, max_context_chars=11)
+
+    def body(size):  # a JSON request of exactly `size` bytes
+        raw = json.dumps({"inputs": {"question": "Who?", "context": "Denver won."}}).encode()
+        return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+    with running(app) as (url, _):
+        wait_ready(url)
+        assert call(url, "POST", "/", body(limit))[0] == 200
+        assert call(url, "POST", "/", iter([body(limit)]))[0] == 200  # chunked: no length up front
+        for sent in (body(limit + 1), iter([body(limit + 1)])):
+            status, headers, text = call(url, "POST", "/", sent)
+            assert_json_error(status, headers, text, 413)
+            assert json.loads(text)["error"] == f"request body exceeds the limit of {limit} bytes (--max-body-bytes)"
+        questions = {"question": ["Who?"] * 2, "context": "Denver won."}
+        assert len(post(url, "/v1/answer", questions)["answers"]) == 2
+        for payload, status, error in (
+            ({**questions, "question": ["Who?"] * 3}, 413,
+             "3 questions in one request exceed the limit of 2 (--max-queue)"),
+            ({"question": "Who?", "context": "Denver won!!"}, 413,
+             "a context of 12 characters exceeds the limit of 11 (--max-context-chars)"),
+            ({**questions, "parameters": {"top_k": 101}}, 400, "parameters.top_k 101 exceeds the limit of 100"),
+            ({"question": ["Who?", 3], "context": "Denver won."}, 400, "question[1] must be a string, not a number"),
+        ):  # fmt: skip
+            got = call(url, "POST", "/v1/answer", payload)
+            assert_json_error(*got, status)
+            assert json.loads(got[2])["error"] == error
+        assert [len(a) for a in post(url, "/v1/answer", {**questions, "parameters": {"top_k": 100}})["answers"]] == [
+            100,
+            100,
+        ]
+        got = call(url, "POST", "/", {"inputs": [{"question": "Who?", "context": "Denver won."}, {"context": "x"}]})
+        assert_json_error(*got, 400)
+        assert json.loads(got[2])["error"] == "inputs[1].question is missing"
+        got = call(url, "GET", "/nope")
+        assert_json_error(*got, 404)
+        assert json.loads(got[2])["error"] == "no such path: /nope"
+
+
+def test_what_hfs_clients_and_browsers_send_is_taken():
+    """(mutation review) JSON null for an option is its default (HF's clients send them); a `+json` media type is
+    JSON; a request a user typed into the address bar (Sec-Fetch-Site: none) is no other site's."""
+    with running(create_app(FakeQA())) as (url, _):
+        wait_ready(url)
+        payload = {"inputs": {"question": "Who?", "context": "Denver won."}, "parameters": {"top_k": None}}
+        assert post(url, "/", payload) == {"score": 1.0, "start": 0, "end": 6, "answer": "Denver"}  # top_k 1
+        body = json.dumps(payload).encode()
+        for headers in ({"Content-Type": "application/vnd.api+json"},
+                        {"Origin": "https://elsewhere.example", "Sec-Fetch-Site": "none"}):  # fmt: skip
+            assert call(url, "POST", "/", body, headers)[0] == 200, headers
+
+
+def test_the_metrics_time_only_answering_requests_and_the_page_has_its_security_headers():
+    """(mutation review) The latency histogram counts POST / and /v1/answer, nothing else; its last bucket is
+    Prometheus's +Inf; GET / sends the page with its Content-Security-Policy; Retry-After covers the batch running."""
+    app = create_app(FakeQA())
+    with running(app) as (url, _):
+        wait_ready(url)
+
+        def answered():
+            return metric(call(url, "GET", "/metrics")[2], "bertqa_request_duration_seconds_count")
+
+        before = answered()
+        status, headers, page = call(url, "GET", "/")
+        assert status == 200 and "<html" in page.lower()
+        assert headers["content-security-policy"].startswith("default-src 'none';")
+        assert "connect-src 'self'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-cache"
+        call(url, "GET", "/healthz")
+        assert answered() == before
+        post(url, "/", {"inputs": {"question": "Who?", "context": "Denver won."}})
+        call(url, "POST", "/v1/answer", {"question": "Who?"})  # a 400 is timed too
+        text = call(url, "GET", "/metrics")[2]
+        assert metric(text, "bertqa_request_duration_seconds_count") == before + 2
+        for name in ("bertqa_request_duration_seconds", "bertqa_batch_size"):
+            assert metric(text, f'{name}_bucket{{le="+Inf"}}') == metric(text, f"{name}_count")
+        batcher = app.state.server.batcher
+        batcher.seconds_per_batch = 3.0  # nothing queued: the batch running, then this one
+        assert batcher.retry_after() == 3
+
+
+def test_the_startup_url_of_an_ipv6_address_has_its_brackets():
+    from bertqa.serve import _url
+
+    assert _url("::1", 8000) == "http://[::1]:8000"
+    assert _url("127.0.0.1", 8000) == "http://127.0.0.1:8000"

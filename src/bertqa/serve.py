@@ -763,6 +763,11 @@ class _Edge:
                 self.metrics.latency.observe(time.perf_counter() - start)
 
 
+def _url(host: str, port: int) -> str:
+    """The URL of a server listening on `host` (an IPv6 address in brackets) and `port`."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def create_app(qa_or_loader, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
                timeout_s: float = 30.0, max_body_bytes: int = 1 << 20, max_context_chars: int = 100_000,
                on_load_error=None) -> Starlette:  # fmt: skip
@@ -902,8 +907,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     app = create_app(load, max_batch_size, max_wait_ms, max_queue, timeout_s, max_body_bytes, max_context_chars, stop)
     sock = _listen(host, port)
     server = uvicorn_server(app)
-    bound = sock.getsockname()[1]
-    url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+    url = _url(host, sock.getsockname()[1])
     note(
         f"bertqa: serving {model} on {url} (device {device}, precision {resolved.name}, "
         f"max batch {max_batch_size}, max wait {max_wait_ms:g} ms)"
