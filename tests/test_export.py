@@ -48,6 +48,9 @@ def test_export_writes_one_loadable_file(fp32_graph):
     assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no temporary or external-data files
     assert report["size_bytes"] == path.stat().st_size and not report["int8"]
     assert report["max_abs_diff"] <= 1e-4 and report["windows"] > 4
+    # (mutation review) Checked at a second shape: the shortest window alone, shorter than the first batch's.
+    (n, longest), (one, shortest) = [map(int, shape.split(" x ")) for shape in report["shapes"]]
+    assert n == report["windows"] and one == 1 and shortest < longest
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in session.get_inputs()}
     assert list(inputs) == ["input_ids", "token_type_ids", "attention_mask"]
@@ -62,6 +65,10 @@ def test_parity_at_other_batch_sizes_and_lengths(fp32_graph, tiny_dir):
     model = load_model(tiny_dir, verbose=False)
     real = features.attention_mask()
     runner = OnnxRunner(fp32_graph[0], threads=1)
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    for rows in (np.arange(len(features)), np.array([0, 1])):  # the graph's mask: exactly each window's tokens
+        T = int(features.lengths[rows].max())
+        assert np.array_equal(export._array_batch(features, rows)["attention_mask"], real[rows, :T])
     for batch_size in (1, 3):
         got = runner.predict_logits(features, batch_size=batch_size)
         ref = predict_logits(model, features, np.arange(len(features)), batch_size, torch.device("cpu"))
@@ -80,18 +87,27 @@ def test_int8_is_smaller_and_keeps_the_answers(reuse_trace, fp32_graph, tiny_dir
     path = tmp_path / "int8.onnx"
     # As in a process whose root logger has no handlers yet (pytest's own make logging.basicConfig do nothing):
     # onnxruntime's basicConfig is taken back, so that the caller's own still works.
-    root, handlers = logging.getLogger(), logging.getLogger().handlers[:]
+    root, handlers, level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level
     root.handlers.clear()
+    root.setLevel(logging.INFO)
     try:
         report = export_onnx(tiny_dir, path, int8=True, **WINDOWS)
-        assert root.handlers == []
+        assert root.handlers == [] and root.level == logging.INFO  # (its level is set while it quantises)
     finally:
         root.handlers[:] = handlers
+        root.setLevel(level)
     assert report["int8"] and report["size_bytes"] == path.stat().st_size
     assert report["fp32_size_bytes"] == fp32_graph[1]["size_bytes"]
     assert report["size_bytes"] < report["fp32_size_bytes"] / 2
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    # int8 weights (u8s8), with one scale per column, not one per matrix (which cost 1.8 F1).
+    graph = onnx.load(str(path)).graph
+    weights = {i.name: i for i in graph.initializer}
+    quantized = [weights[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in weights]
+    assert len(quantized) >= 12 and {i.data_type for i in quantized} == {onnx.TensorProto.INT8}  # 6 a layer
+    scales = [weights[i.name.removesuffix("_quantized") + "_scale"] for i in quantized]
+    assert all(len(s.dims) == 1 and s.dims[0] == i.dims[-1] > 1 for s, i in zip(scales, quantized))
     assert 0 < report["max_abs_diff"] < 0.1
     assert report["start_argmax_agreement"] >= 0.75 and report["end_argmax_agreement"] >= 0.75
     lines = capsys.readouterr().out.splitlines()
@@ -174,7 +190,10 @@ def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog, m
         export_onnx(tiny_dir, tmp_path / "model.onnx", opset=99, verbose=False, **WINDOWS)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [] and not [r for r in caplog.records if r.name.startswith("onnxscript")]
+    onnx_logger = logging.getLogger("torch.onnx")
+    monkeypatch.setattr(onnx_logger, "level", logging.DEBUG)
     report = export_onnx(tiny_dir, tmp_path / "model.onnx", opset=17, verbose=False, **WINDOWS)
+    assert onnx_logger.level == logging.DEBUG  # the exporter's loggers are quiet while it runs, then as they were
     assert report["opset"] == 17 and onnx.load(tmp_path / "model.onnx").opset_import[0].version == 17
 
 
@@ -302,6 +321,9 @@ def test_the_runner_names_a_batch_the_graph_cannot_run(fp32_graph, capfd):
     with pytest.raises(ValueError, match=r"^\S+model\.onnx: a batch of 600 tokens is longer than the graph's 512 "
                                          r"positions \(its model's max_position_embeddings\)$"):  # fmt: skip
         runner(ids, np.zeros_like(ids), np.ones_like(ids))
+    ids = np.full((1, 512), 1000, dtype=np.int64)  # as long as the graph goes
+    assert runner(ids, np.zeros_like(ids), np.ones_like(ids))[0].shape == (1, 512)
+    ids = np.full((2, 600), 1000, dtype=np.int64)
     runner.max_positions = None  # (a graph exported before it was recorded)
     with pytest.raises(ValueError, match=r"^\S+model\.onnx: onnxruntime cannot run a batch of 2 x 600 tokens \("):
         runner(ids, np.zeros_like(ids), np.ones_like(ids))
@@ -447,3 +469,22 @@ def test_export_command(tiny_dir, tmp_path):
     r = subprocess.run([*run, "--output", str(tmp_path / "m.txt")], capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "must end in .onnx" in lines[0]
+
+
+def test_a_window_longer_than_the_position_table_or_nan_parity_is_refused(reuse_trace, tiny_dir, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """(mutation review) --max-seq-length past the model's positions is named (it was an internal IndexError);
+    a NaN difference from PyTorch is a failed check, not a pass."""
+    with pytest.raises(ValueError, match=r"--max-seq-length 600 exceeds the model's 512 position embeddings"):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", verbose=False, **{**WINDOWS, "max_seq_length": 600})
+    real = export.compare
+
+    def compare(*args):
+        return {**real(*args), "max_abs_diff": float("nan")}
+
+    monkeypatch.setattr(export, "compare", compare)
+    with pytest.raises(
+        ValueError, match=r"^export onnx: the graph's logits differ from PyTorch's by nan .*not written$"
+    ):
+        export_onnx(tiny_dir, tmp_path / "model.onnx", verbose=False, **WINDOWS)
+    assert list(tmp_path.iterdir()) == []
