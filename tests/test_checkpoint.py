@@ -18,6 +18,7 @@ from skips import file_size_limit, platform_skip
 
 from bertqa import BertForQuestionAnswering, cli, load_model, load_tokenizer, save_pretrained
 from bertqa.checkpoint import CheckpointError, read_state_dict
+from bertqa.config import BertConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -189,7 +190,6 @@ def test_save_pretrained_refuses_to_replace_what_is_not_a_model_folder(hf_qa_dir
 def test_a_model_folder_that_cannot_be_written_names_the_file_and_keeps_the_old_folder(minilm_dir, tmp_path):
     """A write that fails (a full disk; here a file size limit) names the model folder's file, not the temporary
     folder's nor nothing (safetensors' error was an "internal error"), and leaves the previous folder whole."""
-    from bertqa.config import BertConfig
     from bertqa.model import BertForQuestionAnswering
 
     model = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
@@ -370,7 +370,6 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
 def test_a_checkpoint_cut_anywhere_is_named(tmp_path):
     """(review) At many cut points of a small .bin / .pt (a copy or download cut short) torch's archive reader raised
     OSError 'Invalid argument', naming no file: `bertqa: error: Invalid argument` (17 of these 39)."""
-    from bertqa.config import BertConfig
     from bertqa.model import BertForQuestionAnswering
 
     cfg = BertConfig(vocab_size=45, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -919,8 +918,6 @@ def test_a_saved_config_names_no_dtype_or_labels_of_its_source():
     ],
 )
 def test_config_values_the_model_cannot_take_name_the_file(change, message, tmp_path):
-    from bertqa.config import BertConfig
-
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"vocab_size": 1000, "hidden_size": 32, "num_attention_heads": 2, **change}))
     with pytest.raises(ValueError, match=f"^{path}: {message}$"):
@@ -931,7 +928,6 @@ def test_config_json_numbers_and_nesting_json_takes_but_python_cannot_read_name_
     """(review) An integer past float's range in a float field passed the check (it compares below inf) and failed
     in torch (an internal error); an integer of more digits than Python converts, or nesting past its recursion
     limit, in any key, failed without naming the file."""
-    from bertqa.config import BertConfig
     from bertqa.tokenizer import load_tokenizer
 
     path = tmp_path / "config.json"
@@ -963,8 +959,6 @@ def test_config_json_numbers_and_nesting_json_takes_but_python_cannot_read_name_
 def test_a_config_built_in_python_takes_no_dropout_rate_outside_0_to_1():
     """from_json checks the JSON's types first; a BertConfig built in Python took NaN or a negative rate, which
     failed only in training (NaN: "cannot convert float NaN to integer")."""
-    from bertqa.config import BertConfig
-
     for value, shown, message in ((float("nan"), "NaN", "a number >= 0"), (-0.1, "-0.1", "a number >= 0"),
                                   (1.0, "1.0", "at least 0 and below 1")):  # fmt: skip
         with pytest.raises(ValueError, match=rf"^'attention_probs_dropout_prob' must be {message}, not {shown}$"):
@@ -1045,3 +1039,69 @@ def test_weights_that_cannot_be_opened_are_named(tiny_dir, monkeypatch):
         CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read \(unable to open file .*Too many"
     ):
         read_state_dict(path)
+
+
+def test_a_model_wrapped_in_ddp_and_compile_in_either_order_saves_its_own_weights(tmp_path):
+    """(mutation review) DDP(torch.compile(model)) could not be saved: the wrapper under `.module` was tested for
+    truth, which torch.compile's passes to the model as len(), which it has not."""
+
+    class DDPLike(torch.nn.Module):  # as DDP holds a model: under `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    for i, wrapped in enumerate((DDPLike(torch.compile(model)), torch.compile(DDPLike(model)))):
+        out = save_pretrained(wrapped, None, tmp_path / str(i))
+        loaded = load_model(out).state_dict()
+        assert loaded.keys() == model.state_dict().keys()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_names_and_sizes_that_only_look_like_a_models_are_refused_and_those_that_are_load(hf_qa_dir, tmp_path):
+    """(mutation review) TensorFlow's LayerNorm names and saved buffers load; NVIDIA's padding is only up to the next
+    multiple of 8; half a QA head is a missing key, not a fresh head; a folder of two .pt files names neither; exactly
+    three mis-shaped keys are listed whole; one missing layer is said in one line."""
+    cfg = hf_qa_dir / "config.json"
+    sd = load_model(hf_qa_dir).state_dict()
+
+    def loads_as_it_was(weights, name):
+        torch.save(weights, tmp_path / name)
+        loaded = load_model(tmp_path / name, config=cfg).state_dict()
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+    tf = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+          for k, v in sd.items()}  # fmt: skip
+    assert sum(k.endswith(".beta") for k in tf) == 13
+    loads_as_it_was(tf, "tf.pt")
+    loads_as_it_was({**sd, "bert.embeddings.position_ids": torch.arange(512)[None],
+                     "bert.embeddings.token_type_ids": torch.zeros(1, 512, dtype=torch.long)}, "buffers.pt")  # fmt: skip
+    word = "bert.embeddings.word_embeddings.weight"
+    padded = torch.cat([sd[word], torch.randn(14, 384)])  # 30536 rows: a multiple of 8, but not the next one
+    torch.save({**sd, word: padded}, tmp_path / "more.pt")
+    with pytest.raises(CheckpointError, match=r"the weights have vocab 30536.*1 mis-shaped key\(s\): bert\.embeddings"):
+        load_model(tmp_path / "more.pt", config=cfg)
+    torch.save({k: v for k, v in sd.items() if k != "qa_outputs.bias"}, tmp_path / "half.pt")
+    with pytest.raises(CheckpointError, match=r": 1 missing key\(s\): qa_outputs\.bias$"):
+        load_model(tmp_path / "half.pt", config=cfg)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("ckpt_100.pt", "ckpt_200.pt"):
+        torch.save(sd, folder / name)
+    shutil.copy(cfg, folder / "bert_config.json")
+    with pytest.raises(CheckpointError, match=r"two: no .* in this folder, and not exactly one \.pt/\.pth \(2 found\)"):
+        load_model(folder)
+    three = ("qa_outputs.bias", "qa_outputs.weight", "bert.embeddings.LayerNorm.bias")
+    torch.save({**sd, **{k: torch.zeros(3) for k in three}}, tmp_path / "three.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "three.pt", config=cfg)
+    assert str(e.value).endswith(
+        ": 3 mis-shaped key(s): bert.embeddings.LayerNorm.bias: checkpoint (3,) vs model (384,), qa_outputs.bias: "
+        "checkpoint (3,) vs model (2,), qa_outputs.weight: checkpoint (3,) vs model (2, 384)"
+    )
+    config = json.loads(cfg.read_text())
+    (tmp_path / "seven.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
+    with pytest.raises(CheckpointError, match=r"\(the weights have layers 6: is this their config\?\): 1 missing "
+                                              r"layer\(s\): bert\.encoder\.layer\.6\.\*$"):  # fmt: skip
+        load_model(hf_qa_dir, config=tmp_path / "seven.json")

@@ -506,7 +506,9 @@ def print_load_notes(model) -> None:
 def _unwrap(model: torch.nn.Module) -> BertForQuestionAnswering:
     """The plain model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        # (not `or`: torch.compile's wrapper passes len() to the model, which has none, so it has no truth value)
+        inner = getattr(model, "module", None)
+        model = inner if inner is not None else model._orig_mod
     return model
 
 
