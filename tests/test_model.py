@@ -582,6 +582,11 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - 0.1) < 0.003  # 614,400 draws: 8 standard deviations
     assert torch.allclose(y[kept].float(), x[kept].float() / 0.9, rtol=2**-8, atol=0)  # scaled by 1 / (1 - p)
+    # Exactly 1 / P(keep), for p rounded to a multiple of 2^-16 (1 / 0.9 would bias the expectation by 4e-6).
+    x32 = x.detach().float()
+    torch.manual_seed(5)
+    y32 = dropout(x32, 0.1, True)
+    assert torch.equal(y32[y32 != 0], x32[y32 != 0] * (65536 / (65536 - round(0.1 * 65536))))
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad != 0, kept)  # the backward pass drops what the forward dropped
     torch.manual_seed(4)
@@ -1130,3 +1135,55 @@ def test_a_batch_of_no_windows_runs_forward_and_backward(attn):
         for dtype in (torch.float32, torch.bfloat16):
             with context(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 assert model(ids, attention_mask=mask).start_logits.shape == (0, 8)
+
+
+def test_dropout_where_bert_has_it_and_a_fresh_model_as_its_config_says():
+    """(mutation review) Each dropout runs once a training pass, on what BERT drops: the embeddings' LayerNorm
+    output, each sub-layer's projection before its residual add; set_attention_dropout sets the rate; the weights
+    start at the config's initializer_range, its pad_token_id's row at zero; token types default to 0; the logits
+    are fp32 under bf16 autocast."""
+    from bertqa.model import BertSelfAttention, Dropout
+
+    cfg = BertConfig(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                     hidden_dropout_prob=0.5, initializer_range=0.5, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(cfg).train()
+    ids = torch.randint(2, 101, (4, 32))
+    dropped = model.bert.embeddings(ids, torch.zeros_like(ids))  # (no hooks: the path training takes)
+    assert 0.45 < (dropped == 0).float().mean().item() < 0.55  # exact zeros: dropped after the LayerNorm
+    outputs, inputs = {}, {}
+    hooks = [m.register_forward_hook(lambda m, a, out, n=n: outputs.setdefault(n, []).append(out))
+             for n, m in model.named_modules()]  # fmt: skip
+    hooks += [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0]))
+              for n, m in model.named_modules() if isinstance(m, Dropout)]  # fmt: skip
+    model(ids).start_logits.sum().backward()
+    for h in hooks:
+        h.remove()
+    fed_by = {n: [k for k, outs in outputs.items() if any(o is x[0] for o in outs)] for n, x in inputs.items()}
+    expected = {"bert.embeddings.dropout": ["bert.embeddings.LayerNorm"]}
+    for i in range(2):
+        for part in ("attention.output", "output"):
+            expected[f"bert.encoder.layer.{i}.{part}.dropout"] = [f"bert.encoder.layer.{i}.{part}.dense"]
+    assert fed_by == expected and all(len(x) == 1 for x in inputs.values())
+    attention = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    for enabled, rate in ((False, 0.0), (True, cfg.attention_probs_dropout_prob), (False, 0.0)):
+        model.set_attention_dropout(enabled)
+        assert [m.dropout_p for m in attention] == [rate, rate]
+    assert 0.45 < model.bert.encoder.layer[0].attention.self.query.weight.std().item() < 0.55
+    words = model.bert.embeddings.word_embeddings
+    assert words.padding_idx == 1 and not words.weight[1].any() and words.weight[0].any()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).start_logits, model(ids, torch.zeros_like(ids)).start_logits)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids)
+    assert out.start_logits.dtype == out.end_logits.dtype == torch.float32
+
+
+def test_attention_with_dropout_is_the_blocked_form_on_a_cpu_without_a_backward_too():
+    """(mutation review) A training-mode pass under no_grad with attention dropout: SDPA's CPU dropout is its slow
+    math path, so auto keeps the blocked form as in training."""
+    import bertqa.model as model
+
+    assert model.auto_attention(torch.device("cpu"), 0.1, torch.float32, backward=False) == "blocked"
+    assert model.auto_attention(torch.device("cpu"), 0.0, torch.float32, backward=False) == "sdpa"

@@ -471,6 +471,13 @@ def test_evaluate_matches_the_official_scorer(tiny_dir, small_squad, tmp_path):
     official = official_v1(json.loads(small_squad[1].read_text())["data"], preds)
     assert official == pytest.approx({"exact_match": summary["exact_match"], "f1": summary["f1"]}, abs=1e-9)
     assert 0 < summary["f1"] < 100  # a random model: partial credit, so F1 is really computed
+    # (mutation review) n-best lists of NVIDIA's default 20; windows counted in the throughput, not questions.
+    nbest = json.loads((out / "nbest_predictions.json").read_text())
+    assert max(len(entries) for entries in nbest.values()) == EvalConfig.n_best_size == 20
+    assert summary["eval_features"] > len(preds)
+    assert summary["inference_sequences_per_second"] * summary["e2e_inference_time"] == pytest.approx(
+        summary["eval_features"]
+    )
 
 
 def test_evaluate_again_that_fails_to_write_leaves_the_earlier_set_and_its_summary(
@@ -497,6 +504,36 @@ def test_evaluate_again_that_fails_to_write_leaves_the_earlier_set_and_its_summa
     # The earlier predictions stay, whole, and their summary with them (it was deleted before the new set was
     # written: a failure lost it); no temporary file is left.
     assert written and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_evaluate_again_stopped_after_its_predictions_leaves_no_earlier_summary_beside_them(
+    tiny_dir, small_squad, tmp_path, monkeypatch, capsys
+):
+    """(mutation review) The earlier summary.json goes when the new predictions land: stopped before the new summary
+    is written, the folder holds no summary of other predictions. And evaluate prints what the load noted."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights = load_file(model / "model.safetensors")
+    weights.update({"bert.pooler.dense.weight": torch.zeros(32, 32), "bert.pooler.dense.bias": torch.zeros(32)})
+    save_file(weights, model / "model.safetensors")
+    out = tmp_path / "eval"
+    cfg = EvalConfig(model=str(model), predict_file=str(small_squad[1]), output_dir=str(out), max_seq_length=128,
+                     doc_stride=64, max_query_length=32, cache_dir=None, progress=False, precision="fp32")  # fmt: skip
+    evaluate(cfg)
+    assert (
+        "model.safetensors: dropped 2 weights question answering does not use (bert.pooler)" in capsys.readouterr().out
+    )
+    assert (out / "summary.json").exists()
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bertqa.evaluate, "score", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["nbest_predictions.json", "predictions.json"]
 
 
 def test_evaluate_v2_detects_null_answers(tiny_dir, small_squad, tmp_path):
