@@ -191,9 +191,13 @@ def test_an_opset_the_graph_cannot_take_is_refused(tiny_dir, tmp_path, caplog, m
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [] and not [r for r in caplog.records if r.name.startswith("onnxscript")]
     onnx_logger = logging.getLogger("torch.onnx")
-    monkeypatch.setattr(onnx_logger, "level", logging.DEBUG)
-    report = export_onnx(tiny_dir, tmp_path / "model.onnx", opset=17, verbose=False, **WINDOWS)
-    assert onnx_logger.level == logging.DEBUG  # the exporter's loggers are quiet while it runs, then as they were
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.DEBUG)
+    try:
+        report = export_onnx(tiny_dir, tmp_path / "model.onnx", opset=17, verbose=False, **WINDOWS)
+        assert onnx_logger.level == logging.DEBUG  # the exporter's loggers are quiet while it runs, then as they were
+    finally:
+        onnx_logger.setLevel(level)
     assert report["opset"] == 17 and onnx.load(tmp_path / "model.onnx").opset_import[0].version == 17
 
 

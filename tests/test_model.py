@@ -582,7 +582,7 @@ def test_cpu_dropout_mask_rate_scale_and_gradient():
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - 0.1) < 0.003  # 614,400 draws: 8 standard deviations
     assert torch.allclose(y[kept].float(), x[kept].float() / 0.9, rtol=2**-8, atol=0)  # scaled by 1 / (1 - p)
-    # Exactly 1 / P(keep), for p rounded to a multiple of 2^-16 (1 / 0.9 would bias the expectation by 4e-6).
+    # Exactly 1 / P(keep), for p rounded to a multiple of 2^-16 (1 / 0.9 would bias the expectation by 6.8e-6).
     x32 = x.detach().float()
     torch.manual_seed(5)
     y32 = dropout(x32, 0.1, True)

@@ -1231,7 +1231,7 @@ def test_what_hfs_clients_and_browsers_send_is_taken():
 
 def test_the_metrics_time_only_answering_requests_and_the_page_has_its_security_headers():
     """(mutation review) The latency histogram counts POST / and /v1/answer, nothing else; its last bucket is
-    Prometheus's +Inf; GET / sends the page with its Content-Security-Policy; Retry-After covers the batch running."""
+    Prometheus's +Inf; GET / sends the page with its Content-Security-Policy; Retry-After is at least one batch's time."""
     app = create_app(FakeQA())
     with running(app) as (url, _):
         wait_ready(url)
@@ -1254,7 +1254,7 @@ def test_the_metrics_time_only_answering_requests_and_the_page_has_its_security_
         for name in ("bertqa_request_duration_seconds", "bertqa_batch_size"):
             assert metric(text, f'{name}_bucket{{le="+Inf"}}') == metric(text, f"{name}_count")
         batcher = app.state.server.batcher
-        batcher.seconds_per_batch = 3.0  # nothing queued: the batch running, then this one
+        batcher.seconds_per_batch = 3.0  # nothing queued: one batch's time (a request's own)
         assert batcher.retry_after() == 3
 
 
