@@ -1528,3 +1528,31 @@ def test_the_api_configs_refuse_a_value_of_the_wrong_type_naming_the_field(input
     assert ok.model == Path(inputs["tiny"]) and type(ok.seed) is np.int64
     run = plain_copy(dataclasses.replace(ok, version_2_with_negative=np.bool_(True)))  # (`is True`: v2.0 scoring)
     assert (run.model, run.seed, run.version_2_with_negative, type(run.epochs)) == (str(inputs["tiny"]), 3, True, float)
+
+
+def test_an_error_without_a_message_is_a_bug_and_main_gives_stdout_back(capsys, monkeypatch):
+    """(mutation review) A ValueError with no message is no user's mistake (it would print `bertqa: error: ` and
+    nothing); after main, sys.stdout is the caller's own again."""
+
+    def bare(args):
+        raise ValueError()
+
+    monkeypatch.setattr(cli, "cmd_score", bare)
+    before = sys.stdout
+    code, _, err = run_main(["score", "a.json", "b.json"], capsys, monkeypatch)
+    assert sys.stdout is before
+    assert code == 1 and one_error_line(err).startswith(
+        "bertqa: error: internal error (ValueError); rerun with --debug"
+    )
+
+
+def test_cache_dir_none_is_no_cache():
+    """(mutation review) `--cache-dir none` turns the features cache off (it was a folder named "none")."""
+    import argparse
+
+    from bertqa.evaluate import EvalConfig
+
+    given = dict(model="m", predict_file="p.json", output_dir="o")
+    assert cli._config(EvalConfig, argparse.Namespace(**given, cache_dir="none")).cache_dir is None
+    assert cli._config(EvalConfig, argparse.Namespace(**given, cache_dir="cache")).cache_dir == "cache"
+    assert cli._config(EvalConfig, argparse.Namespace(**given)).cache_dir == EvalConfig(**given).cache_dir is not None

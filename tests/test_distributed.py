@@ -353,6 +353,7 @@ def test_ranks_end_cleanly_after_ddp_and_a_gather():
     ({"WORLD_SIZE": "2", "MASTER_PORT": "0"}, "environment variable MASTER_PORT='0': expected a port number, 1 to 65535"),
     # torch's store takes a C int ("incompatible constructor arguments", an internal error)
     ({"WORLD_SIZE": "2147483648"}, "environment variable WORLD_SIZE='2147483648': expected an integer from 1 to 2147483647"),
+    ({"WORLD_SIZE": "2147483647"}, None),  # (the largest torch takes: it goes on to meet the others)
 ])  # fmt: skip
 def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: pytest.fail("tried to meet"))
@@ -360,6 +361,10 @@ def test_bad_torchrun_variables_are_named(env, message, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    if message is None:
+        with pytest.raises(pytest.fail.Exception, match="tried to meet"), distributed("cpu"):
+            pass
+        return
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"), distributed("cpu"):
         pass
 
@@ -409,6 +414,14 @@ def test_a_local_rank_torch_cannot_hold_as_a_device_index_is_refused_where_it_wo
     for local_rank in (128, 256, 10**20):
         with pytest.raises(ValueError, match=f"^environment variable LOCAL_RANK={local_rank}: above 127, the highest"):
             resolve_device("cuda", local_rank)
+    # (mutation review) 127 is an index torch holds: cuda:127 is tried (and is not usable on this machine).
+    monkeypatch.setattr(torch, "zeros", lambda *args, device: pytest.fail(f"tried {device}"))
+    with pytest.raises(pytest.fail.Exception, match=r"^tried cuda:127$"):
+        resolve_device("cuda", 127)
+    monkeypatch.undo()
+    assert resolve_device("cpu:127") == torch.device("cpu", 127)
+    with pytest.raises(ValueError, match=r"^--device cpu:128: device index above 127, the highest torch can hold$"):
+        resolve_device("cpu:128")
     for key in ("WORLD_SIZE", "RANK", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("LOCAL_RANK", "300")
@@ -506,3 +519,17 @@ def test_devices_that_cannot_run_a_model_are_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(torch, "zeros", no_plugin)
     with pytest.raises(ValueError, match=r"^--device hpu: not usable here \(No module named 'torch\.hpu'\)$"):
         resolve_device("hpu")
+
+
+def test_each_way_gloo_and_nccl_say_a_peer_went_away_is_read_as_one():
+    """(mutation review) A rank whose peers never reach a collective (gloo's timeout) says another rank failed, not
+    an internal error."""
+    from bertqa.distributed import _peer_lost
+
+    for said in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5",
+                 "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer",
+                 "NCCL communicator was aborted on rank 1.",
+                 "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv "
+                 "operation to complete"):  # fmt: skip
+        assert _peer_lost(RuntimeError(said)) is not None, said
+    assert _peer_lost(RuntimeError("CUDA error: an illegal memory access was encountered")) is None

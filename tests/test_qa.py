@@ -1028,3 +1028,41 @@ def test_batched_logits_refuses_a_batch_size_that_is_not_a_positive_integer(batc
         batched_logits(features, [0, 1, 2], batch_size, run)
     start, end = batched_logits(features, [0, 1, 2], 2, run)
     assert np.isfinite(start).all() and start.shape == (3, 4)
+
+
+def test_batched_logits_refuses_nan_in_either_logit_and_counts_windows_on_its_bar(capsys):
+    """(mutation review) A NaN in the end logits alone (a corrupt end row of the QA head) is refused as one in both
+    is; the bar counts windows, not batches."""
+    import types
+
+    from bertqa.inference import NonFiniteLogits, batched_logits
+
+    features = types.SimpleNamespace(max_seq_length=4, lengths=np.array([3, 2, 4]))
+    for poisoned in (0, 1):
+
+        def run(rows, poisoned=poisoned):
+            logits = [np.zeros((len(rows), 4), np.float32), np.zeros((len(rows), 4), np.float32)]
+            logits[poisoned][rows == 2, 1] = np.nan
+            return tuple(logits)
+
+        with pytest.raises(NonFiniteLogits, match="NaN or infinite for window 2:"):
+            batched_logits(features, [0, 1, 2], 2, run)
+    zeros = lambda rows: (np.zeros((len(rows), 4), np.float32),) * 2  # noqa: E731
+    batched_logits(features, [0, 1, 2], 2, zeros, progress=True)
+    assert "3/3" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
+def test_logits_of_a_model_left_in_training_mode_are_its_evaluation_ones(tiny_dir):
+    """(mutation review) Training leaves the model in training mode and evaluates it: without eval() its dropout
+    would be on, and answers would differ from one call to the next."""
+    from bertqa.inference import default_batch_size
+
+    qa = QuestionAnswerer.from_pretrained(tiny_dir, device="cpu", precision="fp32")
+    context = "The lighthouse on the cape was kept by Marta Olsen for forty years."
+    expected = qa("Who kept the lighthouse?", context, top_k=3)
+    for _ in range(2):
+        qa.model.train()
+        assert qa("Who kept the lighthouse?", context, top_k=3) == expected
+        assert not qa.model.training
+    # Other accelerators than CUDA GPUs are unmeasured: the CPU's batch.
+    assert default_batch_size("mps") == default_batch_size("xpu") == default_batch_size("cpu") == 32

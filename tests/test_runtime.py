@@ -644,3 +644,39 @@ def test_a_folder_to_make_under_a_file_names_the_file(tmp_path):
     assert (
         sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gone"] and (tmp_path / "afile").read_text() == "mine"
     )
+
+
+def test_check_output_takes_a_name_of_the_longest_legal_length_and_refuses_one_byte_more(tmp_path):
+    """(mutation review) NAME_MAX (255 bytes) is the longest legal name, not one too long."""
+    from bertqa.files import check_output
+
+    for size, ok in ((255, True), (256, False)):
+        output = tmp_path / ("p" * (size - len(".json")) + ".json")
+        if ok:
+            assert check_output(output, ".json") == output
+        else:
+            with pytest.raises(ValueError, match="the name of the file is longer than 255 bytes"):
+                check_output(output, ".json")
+
+
+def test_a_folder_whose_new_version_cannot_be_renamed_into_place_is_put_back(tmp_path, monkeypatch):
+    """(mutation review) The second rename failing (a full disk, say) puts the previous folder back whole, and the
+    error is that rename's."""
+    import errno
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    rename = Path.rename
+
+    def full(self, dst):
+        if Path(dst).name == "model" and self.name.startswith(".model.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return rename(self, dst)
+
+    monkeypatch.setattr(Path, "rename", full)
+    with pytest.raises(OSError) as e, atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "mine.txt").read_text() == "mine"
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
