@@ -521,6 +521,10 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
     with bench.PeakMemory(torch.device("meta")) as mem:
         state["peak"] = 350  # what the measured code reached
     assert mem.base == 100 and mem.grown == 250
+    state["peak"] = 10**6
+    with bench.PeakMemory(torch.device("meta")) as mem:  # nothing allocated inside: no growth
+        pass
+    assert mem.grown == 0
 
 
 def test_numpy_numbers_and_paths_through_the_api_run_as_the_command_lines(tmp_path, capsys):
@@ -598,3 +602,168 @@ def test_bad_arguments_are_one_line(args, message):
     r = run_cli("bench", *args)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+# --- (mutation review) what each figure is computed from ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_the_rows_settings_figures_and_ratios_are_each_rows_own(monkeypatch, capsys, mode):
+    """hf-run_qa pads every window to --seq-len in data order, hf-best and bertqa group by length; a row's MFU
+    counts the forward FLOPs (three times them in training) over the peak; ratios are bertqa's over the row's, its
+    memory over theirs; a config without attention dropout trains no row with it. (Stand-in rows and transformers.)"""
+    import types
+
+    import bertqa.bench as bench
+
+    no_dropout = dataclasses.replace(TINY, attention_probs_dropout_prob=0.0)
+    monkeypatch.setattr(BertConfig, "preset", staticmethod(lambda name: no_dropout))
+    transformers = types.ModuleType("transformers")
+    transformers.__version__, transformers.BertForQuestionAnswering = "0.0-stand-in", None
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
+    figures = {"bertqa": (20.0, 100.0), "hf-run_qa": (4.0, 300.0), "hf-best": (16.0, 200.0)}  # windows/s, MB
+    built = []
+
+    class FakeRow:
+        def __init__(self, make, windows, mode, batch_size, grouped, warmup, flops, pad_to=None, **timing):
+            self.settings = dict(grouped=grouped, pad_to=pad_to, flops=flops)
+            self.name = list(figures)[len(built) - 2] if len(built) >= 2 else None  # (two untimed rows first)
+            built.append(self)
+
+        def start(self):
+            self.peak_memory_mb = 0.0
+            return self
+
+        def segment(self):
+            return figures[self.name][0]
+
+        def result(self):
+            rate, mb = figures[self.name]
+            return {"windows_per_s": rate, "tokens_per_s": rate, "segments": [rate], "peak_memory_mb": mb,
+                    "flops_per_s": self.settings["flops"](np.array([10, 20]))}  # fmt: skip
+
+    monkeypatch.setattr(bench, "Row", FakeRow)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, precision, seconds=1.0: 1e9)
+    monkeypatch.setattr(bench, "hf_model", lambda config, state: None)
+    result = bench.bench(bench.BenchConfig(preset="base", mode=mode, seq_len=32, segments=1, compare="hf", steps=5,
+                                           precision="fp32"))  # fmt: skip
+    rows = {row.name: row.settings for row in built[2:]}
+    assert {name: (s["grouped"], s["pad_to"]) for name, s in rows.items()} == {
+        "bertqa": (True, None), "hf-run_qa": (False, 32), "hf-best": (True, None)}  # fmt: skip
+    factor = 3 if mode == "train" else 1
+    assert result["rows"]["bertqa"]["mfu"] == factor * forward_flops(no_dropout, np.array([10, 20])) / 1e9
+    assert result["speedup_vs_hf-best"] == 1.25 and result["memory_vs_hf-best"] == 0.5
+    assert result["speedup_vs_hf-run_qa"] == 5.0 and result["memory_vs_hf-run_qa"] == pytest.approx(1 / 3)
+    assert "| hf-best | 16.00 | 16 |" in capsys.readouterr().out and "| 200 | 1.25x |" in bench.table(result)
+    assert result.get("attention_dropout") == ({"bertqa": False, "hf": False} if mode == "train" else None)
+
+
+def test_the_matmul_peak_is_two_flops_per_multiply_add_in_the_precisions_dtype(monkeypatch):
+    import contextlib
+    import types
+
+    import bertqa.bench as bench
+
+    dtypes = []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: dtypes.append(kw["dtype"]) or randn(*shape, **kw))
+    monkeypatch.setattr(bench, "sized_matmul", lambda device, probe: (256, probe(64)[0]))
+    monkeypatch.setattr(bench, "fastest", lambda call, seconds: 0.5)
+    bf16 = types.SimpleNamespace(autocast_dtype=torch.bfloat16, scope=contextlib.nullcontext)
+    assert bench.matmul_peak(torch.device("cpu"), bf16) == 2 * 256**3 / 0.5
+    assert dtypes == [torch.bfloat16] * 2
+    fp32 = types.SimpleNamespace(autocast_dtype=None, scope=contextlib.nullcontext)
+    bench.matmul_peak(torch.device("cpu"), fp32)
+    assert dtypes[2:] == [torch.float32] * 2
+
+
+def test_the_fastest_call_is_of_two_at_least_and_the_cpus_matmul_stops_at_2048():
+    import time
+
+    from bertqa.bench import fastest, sized_matmul
+
+    pauses = iter([0.05, 0.001])
+    assert fastest(lambda: time.sleep(next(pauses)), seconds=0) < 0.02  # the second call's
+    assert sized_matmul(torch.device("cpu"), lambda n: (n, 0.0)) == (2048, 2048)  # however fast the calls
+
+
+def test_a_rows_figure_is_the_median_of_three_segments_and_its_memory_what_it_kept_plus_a_segments_most(
+    monkeypatch,
+):
+    """Rates 10, 5 and 1: 5, not their mean. Warmed up it grew 100 MB and kept 80; a segment adding 50 to what it
+    kept makes its peak 130."""
+    import bertqa.bench as bench
+    from bertqa.model import BertForQuestionAnswering
+
+    grown = iter([100 * 2**20, 50 * 2**20, 0, 0])
+
+    class FakePeak:
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            self.base = 0
+            return self
+
+        def __exit__(self, *exc):
+            self.grown = next(grown)
+
+    monkeypatch.setattr(bench, "PeakMemory", FakePeak)
+    monkeypatch.setattr(bench, "memory_in_use", lambda device: 80 * 2**20)
+    clock = iter([0.0, 1.0, 10.0, 12.0, 20.0, 30.0])  # passes of 1, 2 and 10 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    windows = bench.random_windows(40, 16, TINY.vocab_size)
+    cpu = torch.device("cpu")
+    row = bench.Row(lambda: BertForQuestionAnswering(TINY), windows, "infer", 5, True,
+                    bench.Precision.resolve("fp32", cpu), cpu, warmup=0, steps=2, flops=len)  # fmt: skip
+    row.start()
+    assert [row.segment() for _ in range(3)] == [10.0, 5.0, 1.0]
+    r = row.result()
+    assert r["windows_per_s"] == 5.0 and r["peak_memory_mb"] == 130.0
+
+
+def test_batches_stand_for_the_set_by_the_length_they_are_padded_to_first():
+    """32 windows of 100 tokens and 23 of 120: one step takes the longer batch (the middle of two sorted by padded
+    length), though it holds fewer real tokens."""
+    import bertqa.bench as bench
+
+    windows = bench.random_windows(55, 128, TINY.vocab_size)
+    windows.lengths[:] = [100] * 32 + [120] * 23
+    (batch,) = bench._batches(windows, "infer", 32, True, 1)
+    assert len(batch) == 23 and set(windows.lengths[batch]) == {120}
+
+
+def test_the_argument_checks_edges(minilm_dir, tiny_squad, tmp_path, monkeypatch):
+    import bertqa.bench as bench
+
+    for seq_len in (16, 512):
+        bench._check(bench.BenchConfig(preset="base", seq_len=seq_len))
+    for cfg, message in (
+        (dict(preset="base", batch_size=2**31), r"^--batch-size 2147483648: must be below 2\^31$"),
+        (dict(preset="base", trust_pickle=True), "^--config and --trust-pickle are for --model weights, not --preset$"),
+        (dict(preset="base", data=str(tiny_squad)), r"^--data with --preset needs --tokenizer \(vocab.txt or"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            bench._check(bench.BenchConfig(**cfg))
+    # As many steps as the data has batches: taken (the bench goes on to its matmul peak).
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: pytest.fail("checked"))
+    with pytest.raises(pytest.fail.Exception, match="checked"):
+        bench.bench(bench.BenchConfig(model=str(minilm_dir), data=str(tiny_squad), mode="infer", seq_len=128, steps=2,
+                                      batch_size=16, device="cpu"))  # fmt: skip
+    # Training data without one question it can train on is named as such.
+    squad = json.loads(tiny_squad.read_text())
+    for article in squad["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["answers"] = [{"text": "nowhere in the context", "answer_start": 0}]
+    (tmp_path / "bad.json").write_text(json.dumps(squad))
+    from bertqa.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match=f"^--data {tmp_path / 'bad.json'}: no usable training questions$"):
+        bench.data_windows(tmp_path / "bad.json", load_tokenizer(minilm_dir), 128)
+    # Weights without the QA head would build transformers' model with a random one: refused.
+    from bertqa.model import BertForQuestionAnswering
+
+    state = {k: v for k, v in BertForQuestionAnswering(TINY).state_dict().items() if not k.startswith("qa_outputs")}
+    with pytest.raises(RuntimeError, match=r"weights do not map onto transformers' BERT: missing \['qa_outputs"):
+        bench.hf_model(TINY, state)
