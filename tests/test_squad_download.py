@@ -241,8 +241,9 @@ def test_errors(server, tmp_path, monkeypatch):
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_a_content_length_that_is_not_a_number_is_ignored(server, tmp_path):
-    Handler.length = "many"
+@pytest.mark.parametrize("length", ["many", "\u00b2"])  # ("²" is a digit to str.isdigit, not to int())
+def test_a_content_length_that_is_not_a_number_is_ignored(server, tmp_path, length):
+    Handler.length = length
     paths = download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
     assert [p.read_bytes() for p in paths] == [FILES[p.name] for p in paths]
 
@@ -343,6 +344,25 @@ def test_a_whole_file_sent_for_a_resume_continues_the_part_or_replaces_one_it_ca
     monkeypatch.setitem(download.SQUAD_SIZES, "train-v1.1.json", len(data))
     paths = download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
     assert paths[0].read_bytes() == data and not part.exists()
+    # (mutation review) One exactly as long is not longer: compared, and kept where it differs.
+    paths[0].unlink()
+    part.write_bytes(data[:-1] + b"?")
+    with pytest.raises(OSError, match=rf"with a whole file whose first {len(data)} bytes are not the .part's .*kept"):
+        download_squad("1.1", tmp_path, base_url=server, checksums={"dev-v1.1.json": SUMS["dev-v1.1.json"]})
+    assert part.read_bytes() == data[:-1] + b"?"
+
+
+def test_a_resumed_body_cut_short_without_a_content_length_is_kept_by_its_content_range(server, tmp_path):
+    """(mutation review) The file's size unknown (a mirror's sums), a 206 without Content-Length tells it in its
+    Content-Range: cut short, the download is interrupted and the .part kept, not checked whole and deleted."""
+    data = FILES["train-v1.1.json"]
+    part = tmp_path / "train-v1.1.json.part"
+    part.write_bytes(data[:100])
+    Handler.length, Handler.cut_after = False, 50
+    with pytest.raises(OSError, match=rf"download interrupted \(connection closed after 150 of {len(data)} bytes\); "
+                                      "run again to resume"):  # fmt: skip
+        download_squad("1.1", tmp_path, base_url=server, checksums=SUMS)
+    assert part.read_bytes() == data[:150]
 
 
 def test_a_body_cut_short_without_a_content_length_is_resumed_where_the_size_is_known(server, tmp_path,
