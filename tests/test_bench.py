@@ -160,6 +160,10 @@ def test_hf_rows_run_the_model_bertqa_runs_whatever_else_config_json_holds(tiny_
     out = hf(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
     assert out.loss is not None and out.attentions is None and out.hidden_states is None
     assert not any(getattr(m, "gradient_checkpointing", False) for m in hf.modules())
+    # (mutation review) Weights without the QA head would build transformers' model with a random one: refused.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("qa_outputs")}
+    with pytest.raises(RuntimeError, match=r"weights do not map onto transformers' BERT: missing \['qa_outputs"):
+        hf_model(model.config, state)
 
 
 def test_the_peak_memory_is_read_whatever_the_programs_name(monkeypatch):
@@ -522,7 +526,7 @@ def test_peak_memory_on_an_accelerator_is_its_allocators(monkeypatch):
         state["peak"] = 350  # what the measured code reached
     assert mem.base == 100 and mem.grown == 250
     state["peak"] = 10**6
-    with bench.PeakMemory(torch.device("meta")) as mem:  # nothing allocated inside: no growth
+    with bench.PeakMemory(torch.device("meta")) as mem:  # nothing allocated inside: the reset forgot the 10**6
         pass
     assert mem.grown == 0
 
@@ -682,8 +686,8 @@ def test_the_fastest_call_is_of_two_at_least_and_the_cpus_matmul_stops_at_2048()
 
     from bertqa.bench import fastest, sized_matmul
 
-    pauses = iter([0.05, 0.001])
-    assert fastest(lambda: time.sleep(next(pauses)), seconds=0) < 0.02  # the second call's
+    pauses = iter([0.2, 0.001])
+    assert fastest(lambda: time.sleep(next(pauses)), seconds=0) < 0.1  # the second call's
     assert sized_matmul(torch.device("cpu"), lambda n: (n, 0.0)) == (2048, 2048)  # however fast the calls
 
 
@@ -761,9 +765,3 @@ def test_the_argument_checks_edges(minilm_dir, tiny_squad, tmp_path, monkeypatch
 
     with pytest.raises(ValueError, match=f"^--data {tmp_path / 'bad.json'}: no usable training questions$"):
         bench.data_windows(tmp_path / "bad.json", load_tokenizer(minilm_dir), 128)
-    # Weights without the QA head would build transformers' model with a random one: refused.
-    from bertqa.model import BertForQuestionAnswering
-
-    state = {k: v for k, v in BertForQuestionAnswering(TINY).state_dict().items() if not k.startswith("qa_outputs")}
-    with pytest.raises(RuntimeError, match=r"weights do not map onto transformers' BERT: missing \['qa_outputs"):
-        bench.hf_model(TINY, state)

@@ -414,7 +414,7 @@ def test_a_local_rank_torch_cannot_hold_as_a_device_index_is_refused_where_it_wo
     for local_rank in (128, 256, 10**20):
         with pytest.raises(ValueError, match=f"^environment variable LOCAL_RANK={local_rank}: above 127, the highest"):
             resolve_device("cuda", local_rank)
-    # (mutation review) 127 is an index torch holds: cuda:127 is tried (and is not usable on this machine).
+    # (mutation review) 127 is an index torch holds: cuda:127 gets past the range check to be tried.
     monkeypatch.setattr(torch, "zeros", lambda *args, device: pytest.fail(f"tried {device}"))
     with pytest.raises(pytest.fail.Exception, match=r"^tried cuda:127$"):
         resolve_device("cuda", 127)

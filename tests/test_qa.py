@@ -878,6 +878,7 @@ def test_the_default_inference_batch_follows_the_device(monkeypatch, tmp_path, t
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
     assert (default_batch_size(cpu), default_batch_size(cuda), default_batch_size("cuda")) == (32, 128, 128)
+    assert default_batch_size("mps") == default_batch_size("xpu") == 32  # (mutation review) unmeasured: the CPU's
     fp32 = Precision.resolve("fp32", cpu)
     monkeypatch.setattr(bertqa.distributed, "api_device", lambda device: device)  # (no GPU runs a kernel here)
     model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
@@ -1031,8 +1032,8 @@ def test_batched_logits_refuses_a_batch_size_that_is_not_a_positive_integer(batc
 
 
 def test_batched_logits_refuses_nan_in_either_logit_and_counts_windows_on_its_bar(capsys):
-    """(mutation review) A NaN in the end logits alone (a corrupt end row of the QA head) is refused as one in both
-    is; the bar counts windows, not batches."""
+    """(mutation review) A NaN in the end logits alone (a corrupt end row of the QA head) is refused, as one in the
+    start logits is; the bar counts windows, not batches."""
     import types
 
     from bertqa.inference import NonFiniteLogits, batched_logits
@@ -1052,17 +1053,21 @@ def test_batched_logits_refuses_nan_in_either_logit_and_counts_windows_on_its_ba
     assert "3/3" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 
 
-def test_logits_of_a_model_left_in_training_mode_are_its_evaluation_ones(tiny_dir):
+def test_logits_of_a_model_left_in_training_mode_are_its_evaluation_ones(minilm_dir, tmp_path):
     """(mutation review) Training leaves the model in training mode and evaluates it: without eval() its dropout
-    would be on, and answers would differ from one call to the next."""
-    from bertqa.inference import default_batch_size
+    would be on, and answers would differ from one call to the next. (A tiny model built without transformers: the
+    dependency-floors job runs this file.)"""
+    from bertqa.checkpoint import save_pretrained
 
-    qa = QuestionAnswerer.from_pretrained(tiny_dir, device="cpu", precision="fp32")
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    assert model.config.hidden_dropout_prob > 0
+    folder = save_pretrained(model, load_tokenizer(minilm_dir), tmp_path / "model", with_qa_head=True)
+    qa = QuestionAnswerer.from_pretrained(folder, device="cpu", precision="fp32")
     context = "The lighthouse on the cape was kept by Marta Olsen for forty years."
     expected = qa("Who kept the lighthouse?", context, top_k=3)
     for _ in range(2):
         qa.model.train()
         assert qa("Who kept the lighthouse?", context, top_k=3) == expected
         assert not qa.model.training
-    # Other accelerators than CUDA GPUs are unmeasured: the CPU's batch.
-    assert default_batch_size("mps") == default_batch_size("xpu") == default_batch_size("cpu") == 32
