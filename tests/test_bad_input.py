@@ -826,6 +826,37 @@ def test_predict_into_a_folder_another_run_is_writing_stops(inputs, tmp_path, ca
             pytest.fail("held a folder that the run holding its parent replaces")  # (a run started after the checks)
 
 
+def test_predict_through_a_link_or_into_a_folder_claimed_while_it_ran_stops(inputs, tmp_path, capsys, monkeypatch):
+    """(mutation review) The folder judged is the one the files land in (a link's target's), and it is judged again
+    after the inference, where another run may have started meanwhile: nothing is written into it."""
+    import contextlib
+
+    import bertqa.evaluate
+    from bertqa.files import exclusive
+
+    target, link = tmp_path / "b", tmp_path / "a"
+    target.mkdir()
+    link.mkdir()
+    (link / "pred.json").symlink_to(target / "pred.json")
+    argv = ["predict", "--model", inputs["tiny"], "--input", inputs["squad"], "--output", link / "pred.json", *FAST]
+    claimed = f"{target} is a folder another run is writing (its --output-dir); wait for it or write elsewhere"
+    with exclusive(target):
+        code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and one_error_line(err).endswith(claimed)
+    assert tree(tmp_path) == ["a", "a/pred.json", "b"]
+    real, held = bertqa.evaluate.run_inference, contextlib.ExitStack()
+
+    def claimed_meanwhile(*args):
+        held.enter_context(exclusive(target))
+        return real(*args)
+
+    monkeypatch.setattr(bertqa.evaluate, "run_inference", claimed_meanwhile)
+    with held:
+        code, _, err = run_main(argv, capsys, monkeypatch)
+    assert code == 1 and err.strip().splitlines()[-1].endswith(claimed)  # (after the featurisation's note)
+    assert tree(tmp_path) == ["a", "a/pred.json", "b"]
+
+
 def test_a_train_whose_model_folder_another_run_is_writing_stops(inputs, tmp_path, capsys, monkeypatch):
     """(review) An evaluate writing into OUT/model (started first) was not looked for: a train into OUT replaced
     that folder at its end, and the evaluate wrote its predictions on into the new model folder; both exited 0."""
@@ -1279,13 +1310,26 @@ def test_blank_lines_on_stdin_end_the_questions_or_are_refused(inputs, capsys, m
     # Between questions a blank line is refused: the answer lines would no longer match the question lines.
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\n\nWho lost?\n"))
     code, out, err = run_main(argv, capsys, monkeypatch)
-    assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
+    assert (
+        code == 1
+        and out == ""
+        and one_error_line(err)
+        == ("bertqa: error: stdin line 2: empty question (one question per line, one answer line each)")
+    )
     # So is a line of invisible characters alone (zero-width, control): the model would see no question token.
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who won?\n\u200b\ufeff\nWho lost?\n"))
     code, out, err = run_main(argv, capsys, monkeypatch)
-    assert code == 1 and out == "" and one_error_line(err).startswith("bertqa: error: stdin line 2: empty question")
+    assert (
+        code == 1
+        and out == ""
+        and one_error_line(err) == ("bertqa: error: stdin line 2: empty question (only invisible characters)")
+    )
     code, out, err = run_main([*argv, "--question", "\u200b"], capsys, monkeypatch)
     assert code == 1 and out == "" and "--question: empty (only white space or invisible characters)" in err
+    # (mutation review) A context of invisible characters alone is answered (with nothing), not refused.
+    code, out, err = run_main([*argv[:3], "--context", "\u200b\u200b", *argv[5:], "--question", "Who?"], capsys,
+                              monkeypatch)  # fmt: skip
+    assert code == 0 and out.strip() == "", err
 
 
 def test_ask_prints_one_line_a_question_even_for_answers_across_line_breaks():

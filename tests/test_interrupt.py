@@ -204,6 +204,7 @@ def saved_state(reference):
         (lambda s: {**s, "skipped_steps": (1, -1)}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
         (lambda s: {**s, "loss_since_log": [(1.5,)]}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
         (lambda s: {**s, "loss_since_log": []}, r"damaged checkpoint \(bad skipped_steps or loss_since_log\)"),
+        (lambda s: {**s, "metrics_sha256": 5}, r"damaged checkpoint \(bad metrics_sha256\)"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_state, tmp_path):
@@ -219,6 +220,26 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(damage, message, saved_st
     text = str(e.value)
     assert "\n" not in text and text.startswith(f"{path}: ")
     assert text.endswith("; move it away to start over, or use another --output-dir")
+
+
+def test_a_checkpoint_of_another_length_or_of_no_step_is_refused_in_one_line(saved_state, tmp_path):
+    """(mutation review) The same settings over a train file since changed make another number of steps: no resume.
+    A checkpoint whose step is not a number is not run over afresh with an internal error."""
+    from bertqa.train import _model_run_id, refuse_to_replace
+
+    path = tmp_path / "checkpoint.pt"
+    cfg = TrainConfig(**json.loads(saved_state["config"]))
+    torch.save({**saved_state, "total_steps": STEPS + 10}, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot resume a different run \({STEPS + 10} "
+                                         rf"steps -> {STEPS}: the training data differ\); use another --output-dir$"):  # fmt: skip
+        load_checkpoint(path, cfg, Dist(), (STEPS, 0), saved_state["resolved"], (STEPS, 0))
+    torch.save({**saved_state, "step": None}, path)
+    with pytest.raises(ValueError, match=rf"how far its run got cannot be told \(step None of {STEPS}\); move it"):
+        refuse_to_replace(path, cfg, Dist())
+    # A model folder whose run_config.json is JSON but no object names no run (it crashed the check).
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "run_config.json").write_text("[1]")
+    assert _model_run_id(tmp_path / "model") is None
 
 
 def test_a_checkpoint_whose_bytes_rotted_is_refused_not_resumed_from(reference, saved_state, tmp_path, rot_record):

@@ -99,6 +99,10 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     for warmup in (0.0, 1.0):
         TrainConfig(model="m", train_file="x", output_dir="o", warmup=warmup).check_values()
     assert schedule_steps(1.0, 10, None, 1.0) == (10, 10)
+    # (mutation review) The ends of the ranges the messages give are in them.
+    TrainConfig(model="m", train_file="x", output_dir="o", warmup=1.0, seed=2**63 - 1).check_values()
+    with pytest.raises(ValueError, match=r"^--seed must be an integer in 0\.\.2\^63-1, got 9223372036854775808$"):
+        TrainConfig(model="m", train_file="x", output_dir="o", seed=2**63).check_values()
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
     assert schedule_steps(1e-9, 100, None, 0.1) == (
         1,
@@ -890,6 +894,11 @@ def test_a_finished_run_resumed_without_a_predict_file_keeps_its_evaluation(tiny
     again = train(cfg_for(tiny_dir, small_squad, out, max_steps=2, resume=True))
     assert (out / "predictions.json").read_bytes() == predictions and (out / "nbest_predictions.json").is_file()
     assert again["f1"] == first["f1"] and json.loads((out / "summary.json").read_text())["f1"] == first["f1"]
+    # (mutation review) Resumed again, with a summary.json that is no object: its final loss is still the run's (the
+    # checkpoint keeps it), and the unreadable summary is no crash.
+    (out / "summary.json").write_text("[1, 2]")
+    third = train(cfg_for(tiny_dir, small_squad, out, max_steps=2, resume=True))
+    assert third["final_loss"] == again["final_loss"] == first["final_loss"] is not None
 
 
 def test_a_failed_run_into_folders_it_made_leaves_none(tiny_dir, small_squad, tmp_path):
@@ -1609,6 +1618,23 @@ def test_curves_show_a_lone_point(tmp_path):
 
     assert blue_pixels([{"step": 1, "loss": 4.9, "lr": 1e-3}]) > 0
     assert blue_pixels([{"step": s, "loss": loss, "lr": 1e-3} for s, loss in ((1, None), (2, 4.7), (3, None))]) > 0
+
+
+def test_curves_of_no_finite_loss_say_so(tmp_path, monkeypatch):
+    """(mutation review) A run whose every logged loss was non-finite draws an empty loss panel, labelled."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from bertqa.train import plot_curves
+
+    texts, text = [], Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or text(self, x, y, s, *a, **k))
+    for losses, said in (((None, None), ["no finite loss logged"]), ((None, 4.7), [])):
+        rows = [{"step": s, "loss": loss, "lr": 1e-3} for s, loss in enumerate(losses, 1)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        texts.clear()
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+        assert texts == said and (tmp_path / "curves.png").is_file()
 
 
 @pytest.mark.parametrize("error, said", [
