@@ -1059,9 +1059,10 @@ def test_logits_of_a_model_left_in_training_mode_are_its_evaluation_ones(minilm_
     dependency-floors job runs this file.)"""
     from bertqa.checkpoint import save_pretrained
 
-    torch.manual_seed(0)
-    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                                num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64))  # fmt: skip
     assert model.config.hidden_dropout_prob > 0
     folder = save_pretrained(model, load_tokenizer(minilm_dir), tmp_path / "model", with_qa_head=True)
     qa = QuestionAnswerer.from_pretrained(folder, device="cpu", precision="fp32")

@@ -99,8 +99,9 @@ def test_step_counts_are_not_thrown_off_by_binary_fractions():
     for warmup in (0.0, 1.0):
         TrainConfig(model="m", train_file="x", output_dir="o", warmup=warmup).check_values()
     assert schedule_steps(1.0, 10, None, 1.0) == (10, 10)
-    # (mutation review) The ends of the ranges the messages give are in them.
-    TrainConfig(model="m", train_file="x", output_dir="o", warmup=1.0, seed=2**63 - 1).check_values()
+    # (mutation review) The ends of the seed's range are in it.
+    for seed in (0, 2**63 - 1):
+        TrainConfig(model="m", train_file="x", output_dir="o", seed=seed).check_values()
     with pytest.raises(ValueError, match=r"^--seed must be an integer in 0\.\.2\^63-1, got 9223372036854775808$"):
         TrainConfig(model="m", train_file="x", output_dir="o", seed=2**63).check_values()
     assert schedule_steps(2.0, 100, 7, 0.5) == (7, 3)  # --max-steps wins
