@@ -190,8 +190,6 @@ def test_save_pretrained_refuses_to_replace_what_is_not_a_model_folder(hf_qa_dir
 def test_a_model_folder_that_cannot_be_written_names_the_file_and_keeps_the_old_folder(minilm_dir, tmp_path):
     """A write that fails (a full disk; here a file size limit) names the model folder's file, not the temporary
     folder's nor nothing (safetensors' error was an "internal error"), and leaves the previous folder whole."""
-    from bertqa.model import BertForQuestionAnswering
-
     model = BertForQuestionAnswering(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                                 num_attention_heads=2, intermediate_size=32))  # fmt: skip
     tokenizer = load_tokenizer(minilm_dir)
@@ -370,8 +368,6 @@ def test_truncated_and_non_checkpoint_files(hf_qa_dir, tmp_path):
 def test_a_checkpoint_cut_anywhere_is_named(tmp_path):
     """(review) At many cut points of a small .bin / .pt (a copy or download cut short) torch's archive reader raised
     OSError 'Invalid argument', naming no file: `bertqa: error: Invalid argument` (17 of these 39)."""
-    from bertqa.model import BertForQuestionAnswering
-
     cfg = BertConfig(vocab_size=45, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     cfg.to_json(tmp_path / "config.json")
     torch.manual_seed(0)
